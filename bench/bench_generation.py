@@ -1,0 +1,121 @@
+"""Engine throughput against naive per-prompt generation, on the embedded model.
+
+Prints JSON: tokens/s of the engine (batched, length-sorted) and of a loop calling
+``model.generate`` once per prompt, their ratio (``generation_ratio``), the machine's
+float32 matmul GFLOP/s measured in the same run and the engine's share of that
+roofline (about 2 x parameters FLOPs per generated token); then ``score_options``
+pairs/s against generating the answer letter per pair (``scoring_ratio``).
+
+    python bench/bench_generation.py [--prompts 64] [--naive-prompts 16] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from cai_dpo.config import SamplingConfig
+from cai_dpo.data import load_prompts
+from cai_dpo.engine import Engine, set_threads
+from cai_dpo.models import load_model
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """Float32 matmul throughput of this machine with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def naive_generation(model, tokenizer, convs, sampling: SamplingConfig) -> tuple[int, float]:
+    """One ``model.generate`` call per prompt; returns (tokens up to EOS, seconds)."""
+    tokens, t0 = 0, time.perf_counter()
+    for conv in convs:
+        ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(
+                **ids, max_new_tokens=sampling.max_new_tokens, do_sample=True, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        tokens += new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
+    return tokens, time.perf_counter() - t0
+
+
+def naive_letter_scoring(model, tokenizer, contexts: list[str]) -> float:
+    """Generate the answer letter greedily per context; returns seconds."""
+    t0 = time.perf_counter()
+    for ctx in contexts:
+        ids = tokenizer(ctx, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--naive-prompts", type=int, default=16, help="prompts for the (slow) naive loop; a rate, so a subset suffices")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    threads = set_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    prompts = load_prompts("bundled:helpful")
+    convs = [p.conversation() for p in (prompts * 4)[: args.prompts]]
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95, seed=0, batch_size=args.batch_size)
+    engine = Engine(model, tokenizer, batch_size=args.batch_size, progress=False)
+
+    gflops = matmul_gflops()
+    engine.generate(convs[:2], SamplingConfig(max_new_tokens=4, batch_size=2))  # warm-up
+    engine.stats = type(engine.stats)()
+    t0 = time.perf_counter()
+    outs = engine.generate(convs, sampling)
+    engine_s = time.perf_counter() - t0
+    engine_tokens = sum(g.n_tokens for gens in outs for g in gens)
+    naive_tokens, naive_s = naive_generation(model, tokenizer, convs[: args.naive_prompts], sampling)
+
+    params = sum(p.numel() for p in model.parameters())
+    engine_tps, naive_tps = engine_tokens / engine_s, naive_tokens / naive_s
+
+    contexts = [
+        engine.render(c) + "Consider two answers. Which is more helpful?\n(A) a short answer\n(B) a long answer\nThe answer is:"
+        for c in convs[: args.pairs]
+    ]
+    t0 = time.perf_counter()
+    engine.score_options(contexts)
+    score_s = time.perf_counter() - t0
+    naive_score_s = naive_letter_scoring(model, tokenizer, contexts[: max(8, args.pairs // 4)])
+    naive_pairs = max(8, args.pairs // 4)
+
+    print(json.dumps({
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": threads,
+                    "cuda": torch.cuda.is_available()},
+        "model": args.model,
+        "parameters": params,
+        "setup": {"prompts": len(convs), "naive_prompts": args.naive_prompts, "max_new_tokens": args.new_tokens,
+                  "sampling": "temperature 0.8, top_p 0.95", "batch_size": args.batch_size},
+        "engine_tokens_per_s": round(engine_tps, 1),
+        "naive_tokens_per_s": round(naive_tps, 1),
+        "generation_ratio": round(engine_tps / naive_tps, 2),
+        "matmul_gflops": round(gflops, 1),
+        "engine_roofline_share": round(engine_tps * 2 * params / 1e9 / gflops, 3),
+        "score_pairs_per_s": round(len(contexts) / score_s, 1),
+        "naive_letter_pairs_per_s": round(naive_pairs / naive_score_s, 1),
+        "scoring_ratio": round((len(contexts) / score_s) / (naive_pairs / naive_score_s), 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The notebook chain: every stage notebook executed in order with papermill.
+
+``cai-dpo run --profile cpu-demo`` writes the run config to ``<run>/config.yaml`` and
+executes ``notebooks/NN_*.ipynb`` into ``<run>/notebooks/``. A stage whose notebook,
+config and upstream artifacts are unchanged since its last successful execution is
+skipped; a failure stops the chain, names the notebook and the cell, and keeps the
+executed notebook with its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai_dpo.config import REPO_ROOT, RunConfig, config_from_yaml_text, load_config, save_config, to_dict
+from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash
+
+log = logging.getLogger(__name__)
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+UNATTENDED_ENV = "CAI_DPO_UNATTENDED"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the chain and the run artifacts it reads and writes."""
+
+    name: str
+    notebook: str
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    volatile_inputs: tuple[str, ...] = field(default=())
+
+    def path(self) -> Path:
+        return NOTEBOOKS_DIR / self.notebook
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",)),
+    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",)),
+    Stage("sft", "02_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json",)),
+    Stage("feedback", "03_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json")),
+    Stage("labels", "04_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",)),
+    Stage("dpo", "05_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
+    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
+    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json")),
+)
+
+
+class PipelineError(RuntimeError):
+    """A stage notebook failed; the message names the notebook and the cell."""
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def open_run(profile: str = "cpu-demo", run_id: str | None = None, overrides: list[str] | None = None,
+             config_path: str | None = None) -> tuple[RunConfig, RunStore]:
+    """The run config and folder a notebook works in.
+
+    With ``config_path`` (what the pipeline passes) the saved config is used as is;
+    otherwise the profile plus overrides, saved to ``<run>/config.yaml``.
+    """
+    if config_path:
+        path = Path(config_path)
+        cfg = config_from_yaml_text(path.read_text(), source=str(path))
+    else:
+        extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
+        cfg = load_config(profile, extra)
+    run = RunStore(cfg.run_dir)
+    if not config_path:
+        save_config(cfg, run.path("config.yaml"))
+    return cfg, run
+
+
+def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
+    """Content of the human labels (so new labels make the labels stage rerun)."""
+    from cai_dpo.labels import LabelQueue
+
+    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.path("labels.sqlite")
+    if not db.exists():
+        return "none"
+    return content_hash(LabelQueue(db).labels())
+
+
+def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
+    """Hash of what a stage depends on: notebook, config, upstream manifests, labels."""
+    upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs}
+    volatile = {v: _labels_digest(run, cfg) for v in stage.volatile_inputs if v == "labels"}
+    cfg_dict = to_dict(cfg)
+    return content_hash(file_hash(stage.path()), cfg_dict, upstream, volatile)
+
+
+def _state_path(run: RunStore, stage: Stage) -> Path:
+    return run.path("pipeline", f"{stage.name}.json")
+
+
+def _is_fresh(stage: Stage, fingerprint: str, run: RunStore) -> bool:
+    import json
+
+    state = _state_path(run, stage)
+    if not state.exists():
+        return False
+    recorded = json.loads(state.read_text())
+    return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in stage.outputs)
+
+
+def select_stages(from_stage: str | None = None, only: str | None = None) -> list[Stage]:
+    """The stages to consider, in order, after ``--from`` / ``--only``."""
+    names = stage_names()
+    for given in (from_stage, only):
+        if given is not None and given not in names:
+            raise ValueError(f"unknown stage '{given}'; stages: {', '.join(names)}")
+    if only:
+        return [s for s in STAGES if s.name == only]
+    start = names.index(from_stage) if from_stage else 0
+    return list(STAGES[start:])
+
+
+def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str) -> None:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        pm.execute_notebook(str(stage.path()), str(out), parameters=params, kernel_name=kernel,
+                            progress_bar=False, cwd=str(Path.cwd()), log_output=False)
+    except PapermillExecutionError as exc:
+        raise PipelineError(
+            f"stage '{stage.name}' failed in {stage.notebook}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"{exc.ename}: {exc.evalue}\nThe executed notebook with the error is kept at {out}"
+        ) from exc
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str
+    seconds: float
+
+
+def run_pipeline(
+    profile: str = "cpu-demo",
+    overrides: list[str] | None = None,
+    run_id: str | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    kernel: str = "python3",
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[RunConfig, list[StageResult]]:
+    """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure."""
+    extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
+    cfg = load_config(profile, extra)
+    run = RunStore(cfg.run_dir)
+    config_path = run.path("config.yaml")
+    save_config(cfg, config_path)
+    os.environ[UNATTENDED_ENV] = "1"
+    stages = select_stages(from_stage, only)
+    chosen = {s.name for s in stages}
+    results: list[StageResult] = []
+    t_all = time.perf_counter()
+    for i, stage in enumerate(STAGES, 1):
+        if stage.name not in chosen:
+            continue
+        fingerprint = _fingerprint(stage, cfg, run)
+        label = f"[{i}/{len(STAGES)}] {stage.name} ({stage.notebook})"
+        if not force and only is None and from_stage is None and _is_fresh(stage, fingerprint, run):
+            echo(f"{label}: unchanged, skipped")
+            results.append(StageResult(stage.name, "skipped", 0.0))
+            continue
+        echo(f"{label}: running ...")
+        t0 = time.perf_counter()
+        out = run.path("notebooks", stage.notebook)
+        params = {"profile": profile, "run_id": cfg.run_id, "config_path": str(config_path.resolve())}
+        _execute(stage, out, params, kernel)
+        seconds = time.perf_counter() - t0
+        # record what the stage saw *after* running, so an unchanged rerun matches
+        atomic_write_json(_state_path(run, stage), {"fingerprint": _fingerprint(stage, cfg, run), "seconds": round(seconds, 1),
+                                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        echo(f"{label}: done in {seconds:.0f} s")
+        results.append(StageResult(stage.name, "ran", seconds))
+    total = time.perf_counter() - t_all
+    atomic_write_json(run.path("pipeline", "last_run.json"), {"profile": profile, "seconds": round(total, 1),
+                                                             "stages": [r.__dict__ for r in results], "python": sys.executable})
+    return cfg, results

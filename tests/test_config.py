@@ -1,0 +1,56 @@
+"""Run config: profiles, strict keys and types, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_dpo.config import ConfigError, RunConfig, config_from_yaml_text, list_profiles, load_config, save_config
+
+
+def test_profiles_load():
+    assert {"tiny", "cpu-demo", "gpu-qlora"} <= set(list_profiles())
+    assert load_config("tiny").policy.name == "tiny"
+    assert load_config("cpu-demo").policy.name == "embedded"
+    gpu = load_config("gpu-qlora")
+    assert gpu.policy.quantization == "4bit" and gpu.sl.rounds == 4
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\nsl:\n  roundz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'sl.roundz'"):
+        load_config(str(bad))
+
+
+def test_wrong_type_names_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\ndpo:\n  beta: fast\n")
+    with pytest.raises(ConfigError, match=r"'dpo.beta' must be a number"):
+        load_config(str(bad))
+
+
+def test_literal_values_checked():
+    with pytest.raises(ConfigError, match=r"policy.quantization.*allowed"):
+        load_config("tiny", {"policy.quantization": "3bit"})
+
+
+def test_unknown_profile_lists_available():
+    with pytest.raises(ConfigError, match="available: .*tiny"):
+        load_config("no-such-profile")
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config("tiny", ["sl.rounds=3", "judge.clamp=[0.3, 0.7]", "run_id=x"])
+    assert cfg.sl.rounds == 3 and cfg.judge.clamp == [0.3, 0.7] and cfg.run_id == "x"
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_yaml_text(path.read_text(), source=str(path))
+    assert again == cfg
+    assert isinstance(again, RunConfig)
+
+
+def test_user_file_extends_profile(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: cpu-demo\nrun_id: mine\nsl: {rounds: 1}\n")
+    cfg = load_config(str(f))
+    assert cfg.run_id == "mine" and cfg.sl.rounds == 1
+    assert cfg.sl.sampling.max_new_tokens == load_config("cpu-demo").sl.sampling.max_new_tokens
