@@ -90,6 +90,7 @@ class SLConfig:
     categories: list[str] | None = None
     few_shot: int = 1
     helpful_ratio: float = 0.5
+    chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
 
 
@@ -111,19 +112,34 @@ class SFTConfig:
 
 @dataclass
 class PairsConfig:
-    """Response pairs and their source."""
+    """Response pairs and their source.
+
+    ``source``: ``judged_samples`` (K samples per prompt from the SL-CAI model, paired and
+    judged), ``revision_vs_original`` (final revision vs initial answer from the SL
+    records) or ``mixed`` (both; ``mixed_ratio`` is the revision-vs-original share).
+    Temperatures cycle over the K samples; ``max_pairs_per_prompt`` caps the pairs
+    formed from one prompt's distinct samples.
+    """
 
     source: Literal["judged_samples", "revision_vs_original", "mixed"] = "judged_samples"
     mixed_ratio: float = 0.5
     samples_per_prompt: int = 2
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0])
     helpful_share: float = 0.25
+    max_pairs_per_prompt: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
 class JudgeConfig:
-    """Constitution-judged preference labels (RLAIF)."""
+    """Constitution-judged preference labels (RLAIF).
+
+    ``prompt_format``: ``chat`` puts the multiple-choice question in a user turn and
+    "The answer is:" at the start of the assistant turn; ``plain`` is raw text as in the
+    paper. ``clamp`` bounds chain-of-thought probabilities. The quality gate measures
+    accuracy on ``checkset`` (default: the bundled judge_checkset.jsonl) plus
+    ``gate_hhh_sample`` HHH items when ``gate_use_hhh`` and the file is present.
+    """
 
     model: ModelSpec | None = None
     principles: Literal["sample", "ensemble"] = "sample"
@@ -136,29 +152,51 @@ class JudgeConfig:
     score_revision_pairs: bool = False
     batch_size: int = 16
     hourly_price_usd: float = 2.0
+    prompt_format: Literal["chat", "plain"] = "chat"
+    cot_max_new_tokens: int = 96
+    gate: bool = True
     gate_threshold: float = 0.6
     gate_use_hhh: bool = True
+    gate_hhh_sample: int = 40
+    checkset: str | None = None
 
 
 @dataclass
 class LabelsConfig:
-    """Edge-case routing and the human label queue."""
+    """Edge-case routing and the human label queue.
+
+    ``db_path`` defaults to ``<run_dir>/labels.sqlite``. Each ``route_*`` switch turns
+    one routing rule on or off (see :func:`cai_dpo.labels.route_edge_cases`).
+    """
 
     db_path: str | None = None
     confidence_band: float = 0.1
+    route_low_confidence: bool = True
     route_order_disagreement: bool = True
     route_principle_disagreement: bool = True
     principle_disagreement_spread: float = 0.3
+    route_judge_prefers_original: bool = True
+    route_gate: bool = True
     gate_confidence_band: float = 0.2
 
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimisation on the preferences."""
+    """Direct preference optimisation on the preferences.
+
+    ``loss_type`` is any loss TRL's DPOTrainer offers; ``label_mode: soft`` trains on the
+    judge's per-pair ``p_chosen`` (conservative DPO, ``sigmoid`` loss only), ``hard`` treats
+    every pair as certain. ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
+    losses. ``adapter_mode``: ``merge`` folds the SFT adapter into the weights and trains a
+    fresh LoRA (reference = adapter off); ``continue`` trains the SFT adapter further against
+    a frozen copy of it; ``auto`` merges unless the policy is quantized.
+    """
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_mode: Literal["soft", "hard"] = "soft"
+    label_smoothing: float = 0.0
+    adapter_mode: Literal["auto", "merge", "continue"] = "auto"
     learning_rate: float = 5e-5
     epochs: float = 1.0
     max_steps: int = -1
@@ -177,15 +215,18 @@ class DPOConfig:
 class RMConfig:
     """Explicit preference (reward) model."""
 
-    backbone: str | None = None
+    backbone: str | None = None  # None/"sl-cai": policy + SFT merged; "base": policy only; else a model spec
     label_mode: Literal["soft", "hard"] = "soft"
-    helpful_mix: float = 0.0
+    helpful_mix: float | None = None  # share of helpfulness pairs after rebalancing; None keeps the data as is
     learning_rate: float = 1e-4
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 4
+    grad_accum: int = 1
     max_length: int = 384
     eval_fraction: float = 0.1
+    save_steps: int = 50
+    center_rewards_coefficient: float | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -208,8 +249,13 @@ class PPOConfig:
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
+    kl_horizon: int = 10000
     missing_eos_penalty: float = 1.0
-    ptx_coef: float = 0.0
+    ptx_coef: float = 0.0  # L = L_pg + vf_coef·L_vf + ptx_coef·L_LM(data/sl)
+    ptx_batch: int = 4
+    value_init: Literal["reward", "policy"] = "reward"
+    whiten_rewards: bool = False
+    rloo_k: int = 2
     save_steps: int = 4
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0))
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -225,6 +271,7 @@ class EvalConfig:
     extra_models: list[str] = field(default_factory=list)
     bootstrap: int = 200
     hourly_price_usd: float = 2.0
+    tie_band: float = 0.0  # judgments with |P(better) - 0.5| <= tie_band count as ties (half a win)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False))
 
 

@@ -1,0 +1,590 @@
+"""Human label queue: edge-case routing, a SQLite queue, and the merge into preferences.
+
+Pairs the AI judge is unsure about go to a queue (``<run_dir>/labels.sqlite`` by default)
+where a person labels them in :class:`cai_dpo.widgets.LabelingWidget`; :func:`merge_labels`
+then lets each human label override the AI label.
+
+Conventions
+-----------
+* A queued pair has ``response_a`` = the AI's ``chosen`` response and ``response_b`` = the
+  AI's ``rejected`` response; ``p_chosen`` is the judge's P(response_a better).
+* A label's ``choice`` names the *response*, not the screen side: ``"A"`` means the person
+  preferred ``response_a``, ``"B"`` ``response_b``; ``"tie"`` and ``"skip"`` prefer neither.
+  ``shown_order`` records what was on screen: ``"AB"`` = response_a on the left,
+  ``"BA"`` = response_b on the left.
+* Judge order scores follow the judge's ``Verdict``: ``score_ab`` is P(response A better)
+  when shown as (A, B) and ``score_ba`` is P(the *same* response A better) when the two are
+  shown swapped. The two orders disagree when ``(score_ab - .5) * (score_ba - .5) < 0``.
+* ``per_principle`` (optional list column) holds one such probability per principle, all
+  about the same response.
+
+The database has a ``meta`` table with ``schema_version``, runs in WAL mode and commits
+every label in its own transaction, so a killed labeling process loses nothing already
+clicked and several processes may label at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import math
+import sqlite3
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cai_dpo.config import LabelsConfig, RunConfig, to_dict
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, file_hash, read_manifest, write_jsonl
+
+if TYPE_CHECKING:  # datasets is imported lazily: the queue and the widget do not need it
+    import datasets
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CHOICES = ("A", "B", "tie", "skip")
+ORDERS = ("AB", "BA")
+REASONS = ("low_confidence", "order_disagreement", "principle_disagreement", "judge_prefers_original", "gate")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS pairs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        pair_id TEXT NOT NULL UNIQUE,
+        prompt TEXT NOT NULL,
+        response_a TEXT NOT NULL,
+        response_b TEXT NOT NULL,
+        p_chosen REAL,
+        principle_ids TEXT NOT NULL DEFAULT '[]',
+        reasons TEXT NOT NULL DEFAULT '[]',
+        source TEXT,
+        category TEXT,
+        extra TEXT NOT NULL DEFAULT '{}',
+        enqueued_at TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS labels (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        label_id TEXT NOT NULL UNIQUE,
+        pair_id TEXT NOT NULL REFERENCES pairs(pair_id),
+        choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie', 'skip')),
+        shown_order TEXT NOT NULL CHECK (shown_order IN ('AB', 'BA')),
+        labeler TEXT NOT NULL,
+        comment TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS labels_pair ON labels(pair_id)",
+    "CREATE INDEX IF NOT EXISTS labels_labeler ON labels(labeler, created_at)",
+)
+_PAIR_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "p_chosen", "principle_ids", "reasons",
+                "source", "category", "extra", "enqueued_at")
+_LABEL_FIELDS = ("label_id", "pair_id", "choice", "shown_order", "labeler", "comment", "created_at")
+
+
+_EPS = 1e-9  # band edges are exclusive: 0.6 is not inside a 0.1 band around 0.5 despite rounding
+
+
+def _inside(p: float, band: float) -> bool:
+    return abs(p - 0.5) < band - _EPS
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for missing / NaN values."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool = False) -> list[str]:
+    """Why one preference row needs a person (empty list: it does not).
+
+    Rules (each switchable in ``LabelsConfig``): ``low_confidence`` |p_chosen-0.5| <
+    confidence_band; ``order_disagreement`` the two display orders pick different
+    responses; ``principle_disagreement`` per-principle probabilities fall on both sides of
+    0.5 with max-min > principle_disagreement_spread; ``judge_prefers_original`` a
+    revision-vs-original pair whose judge score (``p_judge``, else the soft ``p_chosen``
+    when the pair was judged) is below 0.5; ``gate`` the judge-quality gate tripped and
+    |p_chosen-0.5| < gate_confidence_band. Rows already labeled by a person never route.
+    """
+    if row.get("source") == "human":
+        return []
+    reasons: list[str] = []
+    p = _num(row.get("p_chosen"))
+    if cfg.route_low_confidence and p is not None and _inside(p, cfg.confidence_band):
+        reasons.append("low_confidence")
+    ab, ba = _num(row.get("score_ab")), _num(row.get("score_ba"))
+    if cfg.route_order_disagreement and ab is not None and ba is not None and (ab - 0.5) * (ba - 0.5) < 0:
+        reasons.append("order_disagreement")
+    per = [v for v in (_num(x) for x in (row.get("per_principle") or [])) if v is not None]
+    if (cfg.route_principle_disagreement and len(per) >= 2 and min(per) < 0.5 < max(per)
+            and max(per) - min(per) > cfg.principle_disagreement_spread):
+        reasons.append("principle_disagreement")
+    if cfg.route_judge_prefers_original and row.get("source") == "revision_vs_original":
+        p_judge = _num(row.get("p_judge"))
+        if p_judge is None and ab is not None:  # judged pair: its soft label is the judge's score
+            p_judge = p
+        if p_judge is not None and p_judge < 0.5:
+            reasons.append("judge_prefers_original")
+    if cfg.route_gate and gate_tripped and p is not None and _inside(p, cfg.gate_confidence_band):
+        reasons.append("gate")
+    return reasons
+
+
+def route_edge_cases(rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *,
+                     gate_tripped: bool = False) -> list[tuple[dict[str, Any], list[str]]]:
+    """The rows that need a person, each with its reasons (see :func:`edge_reasons`)."""
+    out = []
+    for row in rows:
+        reasons = edge_reasons(row, cfg, gate_tripped=gate_tripped)
+        if reasons:
+            out.append((row, reasons))
+    return out
+
+
+def gate_tripped(manifest: dict[str, Any]) -> bool:
+    """Whether a preferences manifest says the judge-quality gate tripped.
+
+    Reads ``metrics.gate_tripped`` (bool), or ``metrics.gate.tripped`` / ``metrics.gate.passed``.
+    """
+    metrics = manifest.get("metrics") or {}
+    if "gate_tripped" in metrics:
+        return bool(metrics["gate_tripped"])
+    gate = metrics.get("gate")
+    if isinstance(gate, dict):
+        if "tripped" in gate:
+            return bool(gate["tripped"])
+        if "passed" in gate:
+            return not gate["passed"]
+    return False
+
+
+def _text(messages: Any) -> str:
+    """Plain text of a message list (or a plain string)."""
+    if isinstance(messages, str):
+        return messages
+    messages = list(messages or [])
+    if len(messages) == 1:
+        return str(messages[0].get("content", ""))
+    return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
+
+
+def pair_from_row(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    """A queue entry for one preference row (response_a = chosen, response_b = rejected)."""
+    if not row.get("pair_id"):
+        raise ValueError("preference row has no 'pair_id'; rerun the judge stage to write it")
+    extra = {k: row.get(k) for k in ("score_ab", "score_ba", "per_principle", "judge_model", "p_judge", "margin")
+             if row.get(k) is not None}
+    return {
+        "pair_id": row["pair_id"],
+        "prompt": _text(row.get("prompt")),
+        "response_a": _text(row.get("chosen")),
+        "response_b": _text(row.get("rejected")),
+        "p_chosen": _num(row.get("p_chosen")),
+        "principle_ids": list(row.get("principle_ids") or []),
+        "reasons": list(reasons),
+        "source": row.get("source"),
+        "category": row.get("category"),
+        "extra": extra,
+    }
+
+
+# --------------------------------------------------------------------------- queue
+
+
+class LabelQueueError(RuntimeError):
+    """The label database cannot be used as is; the message names the file and the fix."""
+
+
+class LabelQueue:
+    """A SQLite queue of pairs for people to label, and their labels.
+
+    Safe to open from several processes: WAL journal, a 30 s busy timeout, and one
+    short ``BEGIN IMMEDIATE`` transaction per write.
+    """
+
+    def __init__(self, db_path: str | Path):
+        self.path = Path(db_path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA busy_timeout = 30000")
+        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("%s: journal mode is %s, not WAL (is the file on a network drive?)", self.path, mode)
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"LabelQueue({str(self.path)!r})"
+
+    def __enter__(self) -> "LabelQueue":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One immediate write transaction, committed on exit."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _init_schema(self) -> None:
+        try:
+            with self._write() as db:
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (_now(),))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise LabelQueueError(
+                        f"{self.path}: meta.schema_version is {row[0]}, newer than this cai-dpo reads "
+                        f"({SCHEMA_VERSION}); upgrade cai-dpo or point labels.db_path at another file"
+                    )
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise LabelQueueError(f"{self.path}: not a usable label database ({exc}); "
+                                  "move it away or set labels.db_path to a new file") from exc
+
+    @property
+    def schema_version(self) -> int:
+        """The database's schema version (``meta.schema_version``)."""
+        with self._lock:
+            return int(self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # ---------------------------------------------------------------- pairs
+
+    def enqueue(self, pairs: Iterable[dict[str, Any]]) -> int:
+        """Add pairs (dicts with pair_id, prompt, response_a, response_b, p_chosen,
+        principle_ids, reasons; optional source, category, extra). Pairs whose ``pair_id`` is
+        queued already are left as they are. Returns how many were new."""
+        rows = []
+        for i, pair in enumerate(pairs):
+            missing = [k for k in ("pair_id", "prompt", "response_a", "response_b") if not isinstance(pair.get(k), str)]
+            if missing:
+                raise ValueError(f"enqueue: pair #{i} lacks string field(s) {', '.join(missing)}")
+            rows.append((
+                pair["pair_id"], pair["prompt"], pair["response_a"], pair["response_b"], _num(pair.get("p_chosen")),
+                json.dumps(list(pair.get("principle_ids") or [])), json.dumps(list(pair.get("reasons") or [])),
+                pair.get("source"), pair.get("category"), json.dumps(pair.get("extra") or {}, default=str),
+                pair.get("enqueued_at") or _now(),
+            ))
+        if not rows:
+            return 0
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany(
+                f"INSERT INTO pairs({', '.join(_PAIR_FIELDS)}) VALUES ({', '.join('?' * len(_PAIR_FIELDS))}) "
+                "ON CONFLICT(pair_id) DO NOTHING", rows)
+            added = db.total_changes - before
+        log.info("%s: %d new pair(s) queued (%d offered)", self.path, added, len(rows))
+        return added
+
+    @staticmethod
+    def _pair(row: sqlite3.Row | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        out = {k: row[k] for k in _PAIR_FIELDS}
+        for k in ("principle_ids", "reasons", "extra"):
+            out[k] = json.loads(out[k])
+        return out
+
+    def pair(self, pair_id: str) -> dict[str, Any] | None:
+        """One queued pair, or None."""
+        with self._lock:
+            return self._pair(self._conn.execute(
+                f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone())
+
+    def pairs(self) -> list[dict[str, Any]]:
+        """All queued pairs in queue order."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs ORDER BY seq").fetchall()
+        return [self._pair(r) for r in rows]
+
+    def next_unlabeled(self) -> dict[str, Any] | None:
+        """The oldest queued pair that has no label yet, or None when all are labeled."""
+        with self._lock:
+            return self._pair(self._conn.execute(
+                f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs p WHERE NOT EXISTS "
+                "(SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id) ORDER BY seq LIMIT 1").fetchone())
+
+    def pending_count(self) -> int:
+        """Queued pairs without a label."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS "
+                "(SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id)").fetchone()[0]
+
+    # ---------------------------------------------------------------- labels
+
+    def record_label(self, pair_id: str, choice: str, shown_order: str, labeler: str,
+                     comment: str = "") -> dict[str, Any]:
+        """Store one human label and commit it at once. ``choice`` is "A" | "B" (the
+        preferred response, see the module notes) | "tie" | "skip"; ``shown_order`` is "AB"
+        (response_a was on the left) or "BA". Returns the stored label."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
+        if shown_order not in ORDERS:
+            raise ValueError(f"shown_order {shown_order!r} is not 'AB' or 'BA'")
+        if not labeler or not isinstance(labeler, str):
+            raise ValueError("labeler must be a non-empty name")
+        label = {"label_id": uuid.uuid4().hex, "pair_id": pair_id, "choice": choice, "shown_order": shown_order,
+                 "labeler": labeler, "comment": comment or "", "created_at": _now()}
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone() is None:
+                raise KeyError(f"{self.path}: pair_id {pair_id!r} is not in the queue")
+            db.execute(f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))})",
+                       tuple(label[k] for k in _LABEL_FIELDS))
+        log.debug("label %s for %s: %s (shown %s) by %s", label["label_id"], pair_id, choice, shown_order, labeler)
+        return label
+
+    def undo_last(self, labeler: str) -> dict[str, Any] | None:
+        """Delete ``labeler``'s most recent label; returns it, or None when there is none."""
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT id, {', '.join(_LABEL_FIELDS)} FROM labels WHERE labeler = ? "
+                "ORDER BY created_at DESC, id DESC LIMIT 1", (labeler,)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM labels WHERE id = ?", (row["id"],))
+        return {k: row[k] for k in _LABEL_FIELDS}
+
+    def labels(self, pair_id: str | None = None) -> list[dict[str, Any]]:
+        """All labels (or one pair's), oldest first."""
+        query = f"SELECT {', '.join(_LABEL_FIELDS)} FROM labels"
+        args: tuple[Any, ...] = ()
+        if pair_id is not None:
+            query, args = query + " WHERE pair_id = ?", (pair_id,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY created_at, id", args).fetchall()
+        return [{k: r[k] for k in _LABEL_FIELDS} for r in rows]
+
+    def final_labels(self) -> dict[str, dict[str, Any]]:
+        """The latest label of every labeled pair, by pair_id."""
+        return {label["pair_id"]: label for label in self.labels()}
+
+    def status(self) -> dict[str, Any]:
+        """Counts: queued pairs, labeled / pending pairs, labels, final choices, reasons, labelers."""
+        with self._lock:
+            reason_lists = [json.loads(r[0]) for r in self._conn.execute("SELECT reasons FROM pairs")]
+        labels = self.labels()
+        final = {lab["pair_id"]: lab for lab in labels}
+        reasons = Counter(r for rs in reason_lists for r in rs)
+        return {
+            "db_path": str(self.path),
+            "schema_version": self.schema_version,
+            "queued": len(reason_lists),
+            "labeled": len(final),
+            "pending": len(reason_lists) - len(final),
+            "labels": len(labels),
+            "by_choice": dict(Counter(lab["choice"] for lab in final.values())),
+            "by_reason": dict(sorted(reasons.items())),
+            "labelers": dict(Counter(lab["labeler"] for lab in labels)),
+        }
+
+    # ---------------------------------------------------------------- exchange
+
+    def export_jsonl(self, path: str | Path) -> Path:
+        """Write every pair and label as JSON lines (``kind``: meta | pair | label), atomically."""
+        meta = {"kind": "meta", "schema_version": self.schema_version, "exported_at": _now(), "db_path": str(self.path)}
+        rows = [meta] + [{"kind": "pair", **p} for p in self.pairs()] + [{"kind": "label", **lab} for lab in self.labels()]
+        return write_jsonl(Path(path), rows)
+
+    def import_jsonl(self, path: str | Path) -> dict[str, int]:
+        """Read an export: new pairs and labels are added, known ones (same pair_id /
+        label_id) skipped, so importing twice adds nothing. Labels deleted with
+        ``undo_last`` at the source are not deleted here. Returns counts added."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: label export not found")
+        pairs, labels = [], []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+            kind = row.get("kind") if isinstance(row, dict) else None
+            if kind == "meta":
+                if int(row.get("schema_version", 0)) > SCHEMA_VERSION:
+                    raise ValueError(f"{path}: line {i}: schema_version {row['schema_version']} is newer than "
+                                     f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo")
+            elif kind == "pair":
+                pairs.append(row)
+            elif kind == "label":
+                missing = [k for k in _LABEL_FIELDS if k != "comment" and not row.get(k)]
+                if missing or row["choice"] not in CHOICES or row["shown_order"] not in ORDERS:
+                    raise ValueError(f"{path}: line {i}: bad label (missing {missing or 'nothing'}, "
+                                     f"choice {row.get('choice')!r}, shown_order {row.get('shown_order')!r})")
+                labels.append(row)
+            else:
+                raise ValueError(f"{path}: line {i}: field 'kind' must be meta, pair or label, got {kind!r}")
+        added_pairs = self.enqueue(pairs)
+        with self._write() as db:
+            known = {r[0] for r in db.execute("SELECT pair_id FROM pairs")}
+            orphans = sorted({lab["pair_id"] for lab in labels} - known)
+            if orphans:
+                raise ValueError(f"{path}: labels refer to pair(s) neither queued nor in the file: {orphans[:3]}")
+            before = db.total_changes
+            db.executemany(
+                f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))}) "
+                "ON CONFLICT(label_id) DO NOTHING",
+                [tuple(lab.get(k) or "" if k == "comment" else lab[k] for k in _LABEL_FIELDS) for lab in labels])
+            added_labels = db.total_changes - before
+        log.info("%s: imported %d pair(s) and %d label(s) from %s", self.path, added_pairs, added_labels, path)
+        return {"pairs": added_pairs, "labels": added_labels}
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> "datasets.Dataset":
+    import datasets
+
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+
+
+def merge_labels_with_counts(dataset: "datasets.Dataset", queue: LabelQueue) -> tuple["datasets.Dataset", dict[str, int]]:
+    """:func:`merge_labels`, also returning counts (labeled, overridden, swapped, excluded_tie,
+    excluded_skip, mismatched)."""
+    final = queue.final_labels()
+    pairs = {p["pair_id"]: p for p in queue.pairs()} if final else {}
+    counts = Counter({"labeled": 0, "overridden": 0, "swapped": 0, "excluded_tie": 0, "excluded_skip": 0,
+                      "mismatched": 0})
+    out = []
+    for row in dataset.to_list():
+        label = final.get(row.get("pair_id"))
+        if label is None:
+            out.append(row)
+            continue
+        counts["labeled"] += 1
+        if label["choice"] in ("tie", "skip"):
+            counts[f"excluded_{label['choice']}"] += 1
+            continue
+        pair = pairs[label["pair_id"]]
+        preferred = pair["response_a"] if label["choice"] == "A" else pair["response_b"]
+        if preferred == _text(row["chosen"]):
+            pass
+        elif preferred == _text(row["rejected"]):
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            counts["swapped"] += 1
+        else:
+            log.warning("pair %s: the queued responses no longer match the preference row; label not applied",
+                        row["pair_id"])
+            counts["mismatched"] += 1
+            out.append(row)
+            continue
+        row["p_chosen"] = 1.0
+        if "margin" in row:
+            row["margin"] = 1.0
+        if "source" in row:
+            row["source"] = "human"
+        counts["overridden"] += 1
+        out.append(row)
+    return _rows_to_dataset(out, dataset.features), dict(counts)
+
+
+def merge_labels(dataset: "datasets.Dataset", queue: LabelQueue) -> "datasets.Dataset":
+    """Apply the latest human label of each queued pair to the preference rows.
+
+    "A"/"B" become hard labels (p_chosen=1.0, margin=1.0, source="human", chosen/rejected
+    swapped when the person preferred the AI's rejected response); "tie" and "skip" remove
+    the row. Merging an already merged dataset changes nothing.
+    """
+    return merge_labels_with_counts(dataset, queue)[0]
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def queue_path(cfg: RunConfig) -> Path:
+    """The label database of a run: ``labels.db_path`` or ``<run_dir>/labels.sqlite``."""
+    return Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else cfg.run_dir / "labels.sqlite"
+
+
+def open_queue(cfg: RunConfig) -> LabelQueue:
+    """Open (creating if needed) the run's label queue."""
+    return LabelQueue(queue_path(cfg))
+
+
+def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
+    """Route edge cases of ``data/preferences`` into the queue, merge the labels so far and
+    write ``data/preferences_merged`` (with a manifest). Safe to rerun: pairs are queued once."""
+    import datasets
+
+    run = run or RunStore(cfg.run_dir)
+    src = run.root / "data" / "preferences"
+    if not (src / "dataset_info.json").exists():
+        raise FileNotFoundError(f"{src}: preference dataset not found; run the judge stage first (cai-dpo judge)")
+    with Timer() as timer:
+        prefs = datasets.load_from_disk(str(src))
+        try:
+            tripped = gate_tripped(read_manifest(src))
+        except FileNotFoundError:
+            tripped = False
+        rows = prefs.to_list()
+        routed = route_edge_cases(rows, cfg.labels, gate_tripped=tripped)
+        reasons_by_id = {row["pair_id"]: reasons for row, reasons in routed}
+        qpath = queue_path(cfg)
+        with LabelQueue(qpath) as queue:
+            added = queue.enqueue(pair_from_row(row, reasons) for row, reasons in routed)
+            if "edge_reasons" in prefs.column_names:
+                for row in rows:
+                    if row.get("pair_id") in reasons_by_id:
+                        row["edge_reasons"] = sorted(set(row.get("edge_reasons") or []) | set(reasons_by_id[row["pair_id"]]))
+            features = prefs.features.copy()
+            if "edge_reasons" in features:  # an all-empty column loads as a list of nulls
+                features["edge_reasons"] = datasets.List(datasets.Value("string"))
+            merged, counts = merge_labels_with_counts(_rows_to_dataset(rows, features), queue)
+            status = queue.status()
+    final = run.root / "data" / "preferences_merged"
+    with atomic_dir(final) as tmp:
+        merged.save_to_disk(str(tmp))
+        Manifest(
+            stage="labels",
+            config=to_dict(cfg.labels),
+            inputs={"preferences": file_hash(src), "labels_db": str(qpath)},
+            counts={
+                "rows_in": len(prefs), "rows_out": len(merged), "routed": len(routed), "queued_new": added,
+                "queued": status["queued"], "pending": status["pending"], "labeled": counts["labeled"],
+                "overridden": counts["overridden"], "swapped": counts["swapped"],
+                "excluded": counts["excluded_tie"] + counts["excluded_skip"], "excluded_tie": counts["excluded_tie"],
+                "excluded_skip": counts["excluded_skip"], "mismatched": counts["mismatched"],
+                "by_reason": dict(Counter(r for _, rs in routed for r in rs)),
+            },
+            timings={"seconds": timer.seconds},
+            metrics={"gate_tripped": tripped},
+        ).write(tmp / "manifest.json")
+    log.info("labels: %d routed (%d new), %d labeled, %d overridden, %d excluded -> %s", len(routed), added,
+             counts["labeled"], counts["overridden"], counts["excluded_tie"] + counts["excluded_skip"], final)
+    return final
