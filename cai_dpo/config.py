@@ -478,6 +478,14 @@ def load_config(profile: str = "cpu-demo", overrides: dict[str, Any] | list[str]
     return from_dict(RunConfig, raw, source=str(path))
 
 
+def apply_overrides(cfg: RunConfig, items: dict[str, Any], source: str = "<overrides>") -> RunConfig:
+    """A copy of ``cfg`` with dotted-key overrides applied (checked like a file)."""
+    raw = to_dict(cfg)
+    for key, value in items.items():
+        raw = _deep_merge(raw, _nest(key, value))
+    return from_dict(RunConfig, raw, source=source)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the config as YAML atomically."""
     from cai_dpo.store import atomic_write_text

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import REPO_ROOT, RunConfig, config_from_yaml_text, load_config, save_config, to_dict
+from cai_dpo.config import (
+    REPO_ROOT,
+    RunConfig,
+    apply_overrides,
+    config_from_yaml_text,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
 from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash
 
 log = logging.getLogger(__name__)
@@ -62,20 +71,26 @@ def stage_names() -> list[str]:
 
 
 def open_run(profile: str = "cpu-demo", run_id: str | None = None, overrides: list[str] | None = None,
-             config_path: str | None = None) -> tuple[RunConfig, RunStore]:
+             config_path: str | None = None, knobs: dict[str, Any] | None = None) -> tuple[RunConfig, RunStore]:
     """The run config and folder a notebook works in.
 
-    With ``config_path`` (what the pipeline passes) the saved config is used as is;
-    otherwise the profile plus overrides, saved to ``<run>/config.yaml``.
+    With ``config_path`` (what the pipeline passes) the saved config is the base;
+    otherwise the profile. ``overrides`` (``key=value`` strings) and ``knobs`` (dotted
+    keys; ``None`` values ignored) apply on top, and the result is saved to
+    ``<run>/config.yaml``.
     """
+    extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
+    extra_items: dict[str, Any] = dict(parse_override(o) for o in extra)
+    extra_items.update({k: v for k, v in (knobs or {}).items() if v is not None})
     if config_path:
         path = Path(config_path)
         cfg = config_from_yaml_text(path.read_text(), source=str(path))
+        if extra_items:
+            cfg = apply_overrides(cfg, extra_items, source=str(path))
     else:
-        extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
-        cfg = load_config(profile, extra)
+        cfg = load_config(profile, extra_items)
     run = RunStore(cfg.run_dir)
-    if not config_path:
+    if not config_path or extra_items:
         save_config(cfg, run.path("config.yaml"))
     return cfg, run
 

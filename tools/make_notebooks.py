@@ -1,0 +1,152 @@
+"""Write the stage notebooks in notebooks/ (no outputs). Edit here, then run:
+
+    python tools/make_notebooks.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+OUT = Path(__file__).resolve().parent.parent / "notebooks"
+
+PARAMS = '''# Parameters (papermill overrides these; edit them to step through by hand)
+profile = "cpu-demo"      # tiny | cpu-demo | gpu-qlora | path to a YAML config
+run_id = None             # default: the profile's run_id -> artifacts/runs/<run_id>/
+config_path = None        # the pipeline passes the run's saved config.yaml
+overrides = []            # e.g. ["sl.rounds=3", "judge.model.name=/models/judge-7b"]'''
+
+OPEN = "cfg, run = open_run(profile, run_id, overrides, config_path, knobs={knobs})\nprint(f\"run folder: {{run.root}}\")"
+
+
+def nb(name: str, intro: str, knobs: dict[str, str], cells: list[tuple[str, str]], imports: str) -> None:
+    params = PARAMS + ("\n" + "\n".join(f"{k} = None  # {v}" for k, v in knobs.items()) if knobs else "")
+    knob_map = "{" + ", ".join(f'"{v.split()[0]}": {k}' for k, v in knobs.items()) + "}" if knobs else "None"
+    cell_list = [new_markdown_cell(intro)]
+    pc = new_code_cell(params)
+    pc.metadata["tags"] = ["parameters"]
+    cell_list.append(pc)
+    cell_list.append(new_code_cell(imports + "\n\n" + OPEN.format(knobs=knob_map)))
+    for kind, text in cells:
+        cell_list.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    book = new_notebook(cells=cell_list, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"},
+    })
+    nbformat.write(book, OUT / f"{name}.ipynb")
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    nb("00_setup_and_constitution", """# 0 · Setup and the constitution
+
+Constitutional AI (Bai et al. 2022) trains a model to be harmless without human harm labels: a short
+written list of principles — the **constitution** — steers both the model's self-critiques (SL-CAI)
+and the AI judge that labels preferences (RLAIF). This notebook checks the machine, prepares the
+model, shows the constitution, and runs its **edge-case tests**: pairs where the better answer is
+obvious, so a judge that fails them is not to be trusted with the real pairs.""",
+       {}, [
+           ("code", "print(format_report(doctor_report()))"),
+           ("md", "The principles. Each has a critique request, a revision request and a comparison question for the judge."),
+           ("code", "constitution = load_constitution(cfg.constitution_path())\nprint(format_table(constitution))"),
+           ("code", "constitution_explorer(constitution)"),
+           ("md", "Edge-case tests: the judge's probability for the expected answer, both orders averaged. A small judge near 0.5 is guessing."),
+           ("code", "setup_dir = run_setup(cfg, run)\nprint((setup_dir / 'cases.txt').read_text() if (setup_dir / 'cases.txt').exists() else 'no edge-case file beside this constitution')"),
+       ], "from cai_dpo.constitution import format_table, load_constitution\nfrom cai_dpo.doctor import doctor_report, format_report\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.setup import run_setup\nfrom cai_dpo.widgets import constitution_explorer")
+
+    nb("01_sl_critique_revision", """# 1 · SL-CAI: critique and revision
+
+The helpful-only model answers red-team prompts. Then, for a few rounds, it **critiques** its own
+answer against one randomly drawn principle and **revises** it. The final revisions, mixed with
+ordinary helpful answers, become the fine-tuning data of the SL-CAI model. Every round is kept, and
+the run reports collapse signals (diversity, repetition, revisions identical to their input).""",
+       {"rounds": "sl.rounds  (critique/revision rounds)", "mode": "sl.mode  ('critique' or 'direct')"}, [
+           ("code", "sl_dir = run_sl(cfg, run)\nmanifest = read_manifest(sl_dir)\nmanifest['metrics']"),
+           ("md", "A few prompts, their first answer and their final revision:"),
+           ("code", "records = run.records('sl').records()\npd.DataFrame([{k: r[k] for k in ('category', 'prompt', 'initial', 'final')} for r in records[:6]])"),
+           ("code", "pd.DataFrame([dict(prompt_id=r['prompt_id'], **{k: x[k] for k in ('round', 'principle_id', 'critique', 'revision')}) for r in records[:2] for x in r['rounds']])"),
+       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sl import run_sl\nfrom cai_dpo.store import read_manifest")
+
+    nb("02_sft", """# 2 · Supervised fine-tuning: the SL-CAI model
+
+A LoRA adapter (QLoRA when the profile loads the model in 4-bit) is trained on the revisions with the
+loss on the assistant's tokens only. The result, `models/sft`, is the starting point of everything
+after it: it samples the response pairs, and DPO and PPO start from it.""",
+       {"max_steps": "sft.max_steps  (training steps; -1 = epochs)"}, [
+           ("code", "sft_dir = run_sft(cfg, run)\nmanifest = read_manifest(sft_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "log = pd.read_csv(run.metrics_dir('sft') / 'log.csv')\nlog[[c for c in ('step', 'loss', 'eval_loss') if c in log]].plot(x='step', marker='o', title='SFT loss');"),
+       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sft import run_sft\nfrom cai_dpo.store import read_manifest")
+
+    nb("03_pairs_and_ai_feedback", """# 3 · Response pairs and AI feedback (RLAIF)
+
+The SL-CAI model samples two answers per prompt; the **judge** reads the conversation, one
+constitutional principle and the two answers as options (A) and (B), and its soft label is the
+normalised probability of " (A)" vs " (B)" — averaged over both orders to cancel position bias.
+Before labelling, the judge's accuracy is measured on clear-cut pairs (the **quality gate**). A judge
+near chance (as the embedded 135M model is) cannot give a useful signal; then the pipeline leans on
+**revision-vs-original** pairs (chosen = the final revision, rejected = the first answer) and routes
+more pairs to a person.""",
+       {"source": "pairs.source  (judged_samples | revision_vs_original | mixed)"}, [
+           ("code", "pairs_dir = run_pairs(cfg, run)\nread_manifest(pairs_dir)['counts']"),
+           ("code", "prefs_dir = run_judge(cfg, run)\nmanifest = read_manifest(prefs_dir)\nprint('\\n'.join(manifest['notes']))\nmanifest['metrics']"),
+           ("code", "prefs = datasets.load_from_disk(str(prefs_dir)).to_pandas()\nprefs[['source', 'category', 'p_chosen', 'score_ab', 'score_ba']].describe(include='all')"),
+           ("code", "prefs['p_chosen'].plot.hist(bins=20, title='label confidence p(chosen)');"),
+       ], "import datasets\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.judge import run_judge\nfrom cai_dpo.stages.pairs import run_pairs\nfrom cai_dpo.store import read_manifest")
+
+    nb("04_label_edge_cases", """# 4 · Edge cases for a person
+
+Pairs the judge is unsure of (confidence near 0.5), whose two orders disagree, whose principles
+disagree, or where the judge prefers the original over the revision go to a **label queue** (SQLite in
+the run folder). Label them below: every click is saved at once, so closing the browser loses nothing.
+A person's label overrides the AI's; ties and skips leave the pair out. Run unattended, the widget
+does not wait: the run goes on with the labels that exist, and the next run merges new ones.""",
+       {}, [
+           ("code", "merged_dir = run_labels(cfg, run)\nread_manifest(merged_dir)['counts']"),
+           ("code", "labeling_ui(queue_path(cfg))"),
+           ("md", "After labelling, re-run the cell below (or the next pipeline run does it) to merge the new labels."),
+           ("code", "merged_dir = run_labels(cfg, run)\nread_manifest(merged_dir)['counts']"),
+       ], "from cai_dpo.labels import queue_path, run_labels\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.store import read_manifest\nfrom cai_dpo.widgets import labeling_ui")
+
+    nb("05_dpo", """# 5 · DPO: the shortcut
+
+Direct preference optimisation trains the policy on the preferences directly, with no reward model
+and no sampling during training. The reference model is the SL-CAI model itself (the new adapter
+switched off). With **soft labels** each pair's loss is weighted by the judge's confidence
+(conservative DPO with ε = 1 − p). With `dpo.rounds > 1`, each round samples fresh pairs from the
+current model, judges them and continues (iterative, on-policy DPO).""",
+       {"beta": "dpo.beta  (strength of the KL anchor)", "rounds": "dpo.rounds  (iterative DPO rounds)"}, [
+           ("code", "dpo_dir = run_iterative_dpo(cfg, run)\nmanifest = read_manifest(dpo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "log = pd.read_csv(run.metrics_dir('dpo') / 'log.csv')\ncols = [c for c in log.columns if c in ('loss', 'rewards/accuracies', 'rewards/margins')]\nlog.plot(x='step', y=cols, subplots=True, marker='o', figsize=(7, 6));"),
+       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.dpo import run_iterative_dpo\nfrom cai_dpo.store import read_manifest")
+
+    nb("06_preference_model_and_ppo", """# 6 · Preference model and PPO (the paper's RL-CAI)
+
+The same preferences train an explicit **preference model** (a scalar head on the SL-CAI model,
+soft cross-entropy on p(chosen)). **PPO** then samples from the policy, scores each answer with the
+preference model, subtracts a per-token KL penalty to the SL-CAI model, and updates with clipped
+policy and value losses over GAE advantages. DPO gets there without the reward model and the
+sampling loop; this notebook lets you compare the two.""",
+       {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"}, [
+           ("code", "rm_dir = run_rm(cfg, run)\nread_manifest(rm_dir)['metrics']"),
+           ("code", "ppo_dir = run_ppo(cfg, run)\nmanifest = read_manifest(ppo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "log = pd.read_csv(run.metrics_dir('ppo') / 'log.csv')\nlog.plot(x='step', y=[c for c in ('reward', 'kl', 'entropy') if c in log], subplots=True, marker='o', figsize=(7, 6));"),
+       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.ppo import run_ppo\nfrom cai_dpo.stages.rm import run_rm\nfrom cai_dpo.store import read_manifest")
+
+    nb("07_evaluate_and_compare", """# 7 · Evaluate and compare
+
+Base, SL-CAI, DPO and PPO answer the **held-out** prompts (never seen in training) with identical
+sampling: red-team prompts plain, with a safety system prompt, and wrapped in jailbreak templates,
+plus everyday helpful prompts. The judge compares models pairwise (both orders); the report gives
+harmlessness and helpfulness win rates with 95 % intervals, evasiveness, diversity, Elo ratings, cost,
+and the helpfulness–harmlessness plane. Every figure carries its sample size.""",
+       {}, [
+           ("code", "eval_dir = run_eval(cfg, run)\nreport = render_report(run.root)\nprint(f'report: {report}')"),
+           ("code", "display(Markdown(report.read_text()))"),
+           ("code", "for png in sorted(report.parent.glob('*.png')):\n    display(Image(filename=str(png)))"),
+       ], "from IPython.display import Image, Markdown, display\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.report import render_report\nfrom cai_dpo.stages.evaluate import run_eval")
+
+
+if __name__ == "__main__":
+    main()
