@@ -230,11 +230,15 @@ def load_model(
     trainable: bool = False,
     task: str = "causal_lm",
     num_labels: int = 1,
+    merge_first: list[str | Path] | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a spec: quantized when asked, with an adapter when given.
 
     ``task`` is ``causal_lm`` or ``seq_cls`` (a scalar-head model for preference scores).
     ``adapter`` (or ``spec.adapter``) is a peft adapter folder; ``trainable`` keeps it trainable.
+    ``merge_first`` lists adapter folders folded into the base weights, in order, before
+    ``adapter`` is applied (e.g. the SFT adapter under a DPO/PPO adapter); when None it is
+    read from the adapter's ``cai_dpo_base.json`` (see :func:`save_adapter`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -269,6 +273,10 @@ def load_model(
         model.to(device)
     if task != "causal_lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if merge_first is None and adapter is not None:
+        merge_first = adapter_merge_first(Path(adapter))
+    for earlier in merge_first or []:
+        model = merge_adapter(load_adapter(model, earlier, any_task=True))
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)
     if not trainable:
@@ -287,6 +295,27 @@ def _adapter_base(adapter_dir: Path) -> str:
     if not base:
         raise ModelLoadError(f"{adapter_dir}/adapter_config.json: field 'base_model_name_or_path' is empty")
     return base
+
+
+def adapter_merge_first(adapter_dir: Path) -> list[Path]:
+    """Adapter folders to merge into the base before ``adapter_dir`` (from its ``cai_dpo_base.json``).
+
+    Relative entries are resolved against ``adapter_dir``; a listed folder that is gone raises.
+    """
+    note = Path(adapter_dir) / "cai_dpo_base.json"
+    if not note.exists():
+        return []
+    out = []
+    for entry in json.loads(note.read_text()).get("merge_first") or []:
+        path = Path(entry)
+        path = path if path.is_absolute() else (Path(adapter_dir) / path).resolve()
+        if not (path / "adapter_config.json").exists():
+            raise ModelLoadError(
+                f"{note}: field 'merge_first' names {entry!r}, which has no adapter_config.json; "
+                "restore that adapter folder or retrain this adapter"
+            )
+        out.append(path)
+    return out
 
 
 def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
@@ -312,13 +341,21 @@ def attach_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modul
     return get_peft_model(model, lora_config(cfg, task_type, modules_to_save))
 
 
-def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
-    """Load a saved peft adapter onto ``model``."""
-    from peft import PeftModel
+def load_adapter(model: Any, adapter: str | Path, trainable: bool = False, any_task: bool = False) -> Any:
+    """Load a saved peft adapter onto ``model``.
+
+    ``any_task`` ignores the adapter's task type (e.g. a causal-LM SFT adapter merged into
+    the same backbone under a sequence-classification head).
+    """
+    from peft import PeftConfig, PeftModel
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise ModelLoadError(f"adapter '{adapter}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+    if any_task:
+        config = PeftConfig.from_pretrained(str(adapter))
+        config.task_type = None
+        return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=trainable)
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
 
 
@@ -327,14 +364,26 @@ def merge_adapter(model: Any) -> Any:
     return model.merge_and_unload()
 
 
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base: str) -> Path:
-    """Save an adapter with its tokenizer and a note naming its base model, atomically."""
+def save_adapter(
+    model: Any, tokenizer: Any, out_dir: Path, base: str, merge_first: list[str | Path] | None = None
+) -> Path:
+    """Save an adapter with its tokenizer and a note naming its base model, atomically.
+
+    ``merge_first`` (adapter folders merged into the base before this adapter, e.g. the
+    SFT adapter) goes into the note as paths relative to ``out_dir``, so a moved run folder
+    still loads; :func:`load_model` applies them.
+    """
     from cai_dpo.store import atomic_dir
 
+    out_dir = Path(out_dir)
+    note: dict[str, Any] = {"base": base}
+    if merge_first:
+        final = out_dir.resolve()
+        note["merge_first"] = [os.path.relpath(Path(p).resolve(), final) for p in merge_first]
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_base.json").write_text(json.dumps({"base": base}))
+        (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
     return out_dir
 
 

@@ -1,0 +1,544 @@
+"""The explicit preference model (PM) of RL-CAI, trained on (soft) AI-feedback labels.
+
+A scalar-head model scores a (prompt, response) conversation; it is trained on pairs with
+the Bradley–Terry likelihood against the judge's soft label ``p = p_chosen``:
+
+    loss = -( p · log σ(r_c - r_r) + (1 - p) · log σ(r_r - r_c) )
+
+(``label_mode: hard`` rounds ``p`` to 0/1 and drops ties, giving the usual RM loss).
+
+Backbone (``rm.backbone``): ``None`` / ``"sl-cai"`` — the policy base with the SFT adapter
+(``models/sft``) merged when it exists; ``"base"`` — the policy base alone; anything else —
+a model spec (folder, hub id, ``tiny``, ``embedded``) loaded as a sequence classifier, e.g.
+a small encoder with its own tokenizer. A LoRA adapter is trained with the scalar head in
+``modules_to_save`` (so reloading restores the trained head); the result is ``models/rm``.
+
+Texts are built by :func:`rm_text` with the preference model's own tokenizer (its chat
+template when it has one, else ``Human: …\\n\\nAssistant: …``), so the policy and the
+preference model may tokenize differently. :class:`RewardScorer` reloads ``models/rm`` and
+scores (prompt, response) lists; PPO and the evaluation stage use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, file_hash
+
+log = logging.getLogger(__name__)
+
+Conversation = list[dict[str, str]]
+PromptLike = str | Conversation
+SCORER_NOTE = "cai_dpo_rm.json"
+HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+# --------------------------------------------------------------------------- text
+
+
+def as_conversation(prompt: PromptLike) -> Conversation:
+    """A prompt as a list of chat messages (a plain string becomes one user turn)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def prompt_text(prompt: PromptLike) -> str:
+    """The last user message of a prompt (the prompt itself when it is a string)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
+
+
+def response_text(response: str | Conversation) -> str:
+    """The text of a response given as a string or as ``[{"role": "assistant", ...}]``."""
+    if isinstance(response, str):
+        return response
+    return "".join(m["content"] for m in response)
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """True when the tokenizer carries a chat template (decoder-style preference model)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def rm_text(tokenizer: Any, prompt: PromptLike, response: str) -> str:
+    """The text the preference model scores for one (prompt, response)."""
+    conv = as_conversation(prompt)
+    if uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
+    turns = [f"{'Human' if m['role'] == 'user' else m['role'].capitalize()}: {m['content']}" for m in conv]
+    return "\n\n".join(turns + [f"Assistant: {response}"])
+
+
+def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int) -> list[int]:
+    """Token ids of :func:`rm_text`, cut from the left to ``max_length`` (the response end is kept)."""
+    text = rm_text(tokenizer, prompt, response)
+    chat = uses_chat_template(tokenizer)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        ids = tokenizer(text, add_special_tokens=not chat, truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+    return list(ids)
+
+
+# --------------------------------------------------------------------------- losses and metrics
+
+
+def soft_preference_loss(r_chosen: Any, r_rejected: Any, p_chosen: Any) -> Any:
+    """Mean cross-entropy of σ(r_c - r_r) against the soft target ``p_chosen`` (torch tensors)."""
+    import torch.nn.functional as F
+
+    d = r_chosen - r_rejected
+    return -(p_chosen * F.logsigmoid(d) + (1.0 - p_chosen) * F.logsigmoid(-d)).mean()
+
+
+def expected_calibration_error(pred: Sequence[float], target: Sequence[float], bins: int = 10) -> float:
+    """ECE of predicted probabilities against (soft) targets, equal-width bins on [0, 1].
+
+    ``Σ_b |B_b|/N · |mean(pred in b) - mean(target in b)|``; with hard targets this is the
+    usual confidence-vs-accuracy ECE.
+    """
+    q = np.asarray(pred, dtype=float)
+    p = np.asarray(target, dtype=float)
+    if q.size == 0:
+        return float("nan")
+    idx = np.minimum((q * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.sum() / q.size * abs(q[sel].mean() - p[sel].mean())
+    return float(total)
+
+
+def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], p_chosen: Sequence[float]) -> dict[str, Any]:
+    """Accuracy (sign agreement with p-0.5, ties excluded), ECE, soft log-loss, Brier and mean margin."""
+    rc, rr, p = (np.asarray(x, dtype=float) for x in (r_chosen, r_rejected, p_chosen))
+    d = rc - rr
+    q = 1.0 / (1.0 + np.exp(-d))
+    decided = p != 0.5
+    acc = float(((d > 0) == (p > 0.5))[decided].mean()) if decided.any() else float("nan")
+    eps = 1e-12
+    logloss = float(-(p * np.log(q + eps) + (1 - p) * np.log(1 - q + eps)).mean()) if p.size else float("nan")
+    return {
+        "n": int(p.size),
+        "accuracy": acc,
+        "ece": expected_calibration_error(q, p),
+        "soft_log_loss": logloss,
+        "brier": float(((q - p) ** 2).mean()) if p.size else float("nan"),
+        "mean_margin": float(d.mean()) if p.size else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def preferences_path(run: RunStore) -> Path:
+    """``data/preferences_merged`` when it exists, else ``data/preferences``."""
+    merged = run.root / "data" / "preferences_merged"
+    return merged if merged.exists() else run.root / "data" / "preferences"
+
+
+def load_preferences(run: RunStore) -> tuple[Any, Path]:
+    """The run's preference dataset and where it came from; a missing one raises naming the fix."""
+    from datasets import load_from_disk
+
+    path = preferences_path(run)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no preference data; run `cai-dpo judge` (and optionally `cai-dpo labels`) first, "
+            "or pass preferences= to run_rm"
+        )
+    return load_from_disk(str(path)), path
+
+
+def _helpful_texts(cfg: RunConfig) -> set[str]:
+    """User texts of the configured helpful prompt set (empty when it cannot be read)."""
+    try:
+        from cai_dpo.data import load_prompts
+
+        return {p.text.strip() for p in load_prompts(cfg.data.helpful)}
+    except Exception as exc:  # noqa: BLE001 - helpful detection then relies on category only
+        log.warning("helpful prompts %s not readable (%s); helpful rows are those with category 'helpful'", cfg.data.helpful, exc)
+        return set()
+
+
+def is_helpful_row(row: dict[str, Any], helpful_texts: set[str]) -> bool:
+    """A preference row is a helpfulness pair when its category is ``helpful`` or its prompt is a helpful prompt."""
+    if str(row.get("category") or "").lower() in ("helpful", "helpfulness"):
+        return True
+    return prompt_text(row["prompt"]).strip() in helpful_texts
+
+
+def mix_helpful(rows: list[dict[str, Any]], share: float | None, helpful_texts: set[str], seed: int) -> list[dict[str, Any]]:
+    """Rebalance rows so helpfulness pairs make up ``share`` of them (None: keep rows as they are).
+
+    The over-represented group is subsampled (seeded); ``share == 0`` drops helpful rows.
+    """
+    if share is None:
+        return rows
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"rm.helpful_mix must be in [0, 1) or null, got {share}")
+    helpful = [r for r in rows if is_helpful_row(r, helpful_texts)]
+    harmless = [r for r in rows if not is_helpful_row(r, helpful_texts)]
+    rng = np.random.default_rng(seed)
+    want_h = int(round(share / (1 - share) * len(harmless)))
+    if want_h > len(helpful) and share > 0:
+        keep_harm = int(round(len(helpful) * (1 - share) / share))
+        harmless = [harmless[i] for i in sorted(rng.choice(len(harmless), size=min(keep_harm, len(harmless)), replace=False))]
+        want_h = len(helpful)
+    helpful = [helpful[i] for i in sorted(rng.choice(len(helpful), size=min(want_h, len(helpful)), replace=False))]
+    log.info("helpful_mix=%.2f: %d helpful + %d other pairs", share, len(helpful), len(harmless))
+    return harmless + helpful
+
+
+def label_target(p: Any, mode: str) -> float | None:
+    """Training target for a row: ``p_chosen`` (soft) or its rounding (hard; None for a tie)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        raise ValueError("preference row has p_chosen missing/NaN; fix the preferences dataset (field p_chosen)")
+    p = float(p)
+    if mode == "soft":
+        return min(1.0, max(0.0, p))
+    if p == 0.5:
+        return None
+    return 1.0 if p > 0.5 else 0.0
+
+
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str) -> dict[str, list[Any]]:
+    """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) for RewardTrainer."""
+    out: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": []}
+    for row in rows:
+        target = label_target(row.get("p_chosen", 1.0), mode)
+        if target is None:
+            continue
+        out["chosen_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["chosen"]), max_length))
+        out["rejected_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["rejected"]), max_length))
+        out["p_chosen"].append(target)
+    return out
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _trainer_classes() -> tuple[type, type]:
+    """The collator and RewardTrainer subclasses (built lazily: trl is slow to import)."""
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    @dataclass
+    class SoftPreferenceCollator(DataCollatorForPreference):
+        """TRL's preference collator that also carries the ``p_chosen`` target."""
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            out = super().torch_call(examples)
+            out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float)
+            return out
+
+    class SoftRewardTrainer(RewardTrainer):
+        """RewardTrainer whose loss is the cross-entropy against the soft label ``p_chosen``."""
+
+        def _set_signature_columns_if_needed(self) -> None:
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen"]
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            mode = "train" if self.model.training else "eval"
+            p = inputs.pop("p_chosen")
+            inputs.pop("margin", None)
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            r_c, r_r = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_preference_loss(r_c, r_r, p.to(r_c.dtype))
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():
+                d = r_c - r_r
+                decided = p != 0.5
+                agree = ((d > 0) == (p > 0.5)).float()
+                acc = agree[decided].mean().item() if decided.any() else float("nan")
+                self._metrics[mode]["accuracy"].append(acc)
+                self._metrics[mode]["margin"].append(d.mean().item())
+                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
+                self._metrics[mode]["calibration_gap"].append((torch.sigmoid(d) - p).abs().mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftPreferenceCollator, SoftRewardTrainer
+
+
+# --------------------------------------------------------------------------- model
+
+
+def sft_adapter(run: RunStore) -> Path | None:
+    """``models/sft`` when the SL-CAI adapter exists there."""
+    path = run.root / "models" / "sft"
+    return path if (path / "adapter_config.json").exists() else None
+
+
+def head_name(model: Any) -> str:
+    """Name of the scalar head module of a sequence-classification model."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(base).__name__}: no scalar head found (looked for {', '.join(HEAD_NAMES)})")
+
+
+def lora_targets(model: Any, wanted: Sequence[str], head: str) -> list[str]:
+    """``wanted`` module names when the model has them, else every linear layer's name but the head."""
+    import torch
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    found = [w for w in wanted if w in names]
+    if found:
+        return found
+    fallback = sorted(n for n in names if n != head)
+    log.info("LoRA targets %s not in %s; using its linear layers %s", list(wanted), type(model).__name__, fallback)
+    return fallback
+
+
+def load_rm_backbone(cfg: RunConfig, run: RunStore) -> tuple[Any, Any, str, list[Path]]:
+    """(seq-cls model, tokenizer, base spec name, adapters merged first) for ``cfg.rm.backbone``."""
+    from cai_dpo.models import load_model
+
+    choice = cfg.rm.backbone
+    if choice in (None, "sl-cai", "base"):
+        merge = [sft_adapter(run)] if choice != "base" and sft_adapter(run) else []
+        model, tok = load_model(cfg.policy, task="seq_cls", trainable=True, merge_first=merge)
+        return model, tok, cfg.policy.name, merge
+    spec = ModelSpec(name=choice, device=cfg.policy.device)
+    model, tok = load_model(spec, task="seq_cls", trainable=True, merge_first=[])
+    return model, tok, choice, []
+
+
+def backbone_spec(cfg: RunConfig) -> ModelSpec:
+    """The precision/quantization settings the backbone is loaded with."""
+    if cfg.rm.backbone in (None, "sl-cai", "base"):
+        return cfg.policy
+    return ModelSpec(name=cfg.rm.backbone, device=cfg.policy.device)
+
+
+def build_rm(cfg: RunConfig, run: RunStore) -> tuple[Any, Any, str, list[Path]]:
+    """The backbone wrapped with a fresh LoRA adapter, the head trainable and saved with it."""
+    import dataclasses
+
+    from cai_dpo.models import attach_lora
+
+    model, tok, base, merge = load_rm_backbone(cfg, run)
+    head = head_name(model)
+    lora: LoraConfig = dataclasses.replace(cfg.rm.lora, target_modules=lora_targets(model, cfg.rm.lora.target_modules, head))
+    peft_model = attach_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head])
+    return peft_model, tok, base, merge
+
+
+# --------------------------------------------------------------------------- scorer
+
+
+def rm_spec(source: str | Path, device: str | None = None) -> ModelSpec:
+    """Model spec for loading a saved preference model, with the precision/quantization it was trained in."""
+    note = Path(source) / SCORER_NOTE
+    saved = json.loads(note.read_text()).get("spec", {}) if note.exists() else {}
+    fields = {k: saved[k] for k in ("quantization", "dtype", "compute_dtype") if k in saved}
+    return ModelSpec(name=str(source), device=device or saved.get("device", "auto"), **fields)
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs with a saved preference model, using its own tokenizer.
+
+    ``source`` is ``models/rm`` (an adapter folder) or any sequence-classification model
+    folder. ``score`` returns one float per pair, batched (right padding, as in training).
+    """
+
+    def __init__(self, source: str | Path, *, batch_size: int = 16, max_length: int | None = None, device: str | None = None,
+                 model: Any = None, tokenizer: Any = None):
+        from cai_dpo.models import load_model
+
+        self.source = str(source)
+        if model is None:
+            model, tokenizer = load_model(rm_spec(self.source, device), task="seq_cls")
+        note = Path(self.source) / SCORER_NOTE
+        saved = json.loads(note.read_text()) if note.exists() else {}
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or saved.get("max_length") or min(int(getattr(tokenizer, "model_max_length", 1024) or 1024), 1024)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each pair's scored text."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [encode_rm(self.tokenizer, p, response_text(r), self.max_length) for p, r in zip(prompts, responses)]
+
+    def score_ids(self, seqs: Sequence[list[int]]) -> list[float]:
+        """Scalar scores of already-tokenized sequences (length-sorted batches, right padding)."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        out = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in idx], device=self.device)
+            mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in idx], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().tolist()
+            for i, v in zip(idx, logits):
+                out[i] = float(v)
+        return out
+
+    def score(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[float]:
+        """One preference-model score per (prompt, response)."""
+        return self.score_ids(self.encode(prompts, responses))
+
+    __call__ = score
+
+    def score_pairs(self, rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        """Scores of ``chosen`` and ``rejected`` for preference rows."""
+        prompts = [r["prompt"] for r in rows]
+        chosen = self.score(prompts, [response_text(r["chosen"]) for r in rows])
+        rejected = self.score(prompts, [response_text(r["rejected"]) for r in rows])
+        return chosen, rejected
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded train/held-out split; held-out gets ``round(fraction·n)`` rows (at least 1 when n ≥ 5)."""
+    n = len(rows)
+    n_eval = int(round(fraction * n))
+    if fraction > 0 and n >= 5:
+        n_eval = max(1, n_eval)
+    n_eval = min(n_eval, n - 1) if n > 1 else 0
+    perm = np.random.default_rng(seed).permutation(n)
+    held = sorted(perm[:n_eval].tolist())
+    held_set = set(held)
+    return [rows[i] for i in range(n) if i not in held_set], [rows[i] for i in held]
+
+
+def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None) -> Path:
+    """Train the preference model on the run's preferences; write ``models/rm`` and its manifest.
+
+    ``preferences`` (a Dataset or list of rows in the preference schema) replaces the
+    run's ``data/preferences[_merged]``.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from cai_dpo.engine import set_threads
+    from cai_dpo.models import save_adapter
+    from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
+
+    run = run or RunStore(cfg.run_dir)
+    set_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    if preferences is None:
+        data, source = load_preferences(run)
+        inputs = {"preferences": f"{source.name}:{file_hash(source)}"}
+    else:
+        data, source = preferences, None
+        inputs = {"preferences": "<given>"}
+    rows = list(data) if not isinstance(data, list) else data
+    if not rows:
+        raise ValueError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
+    helpful_texts = _helpful_texts(cfg)
+    rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
+    train_rows, eval_rows = split_rows(rows, cfg.rm.eval_fraction, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    with Timer() as t_load:
+        model, tok, base, merge = build_rm(cfg, run)
+    timings["load_s"] = t_load.seconds
+    sft = sft_adapter(run)
+    if sft is not None and merge:
+        inputs["sft_adapter"] = file_hash(sft)
+    train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode)
+    if not train_cols["p_chosen"]:
+        raise ValueError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
+    eval_cols = tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode) if eval_rows else None
+    has_eval = bool(eval_cols and eval_cols["p_chosen"])
+
+    out_dir = run.model_dir("rm")
+    ckpt_dir = run.path("checkpoints", "rm")
+    collator_cls, trainer_cls = _trainer_classes()
+    args = RewardConfig(
+        **common_training_args(cfg.rm, ckpt_dir, seed=cfg.seed, has_eval=has_eval),
+        max_length=None,
+        disable_dropout=True,
+        center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        train_dataset=Dataset.from_dict(train_cols),
+        eval_dataset=Dataset.from_dict(eval_cols) if has_eval else None,
+        processing_class=tok,
+        callbacks=training_callbacks(run.metrics_dir("rm")),
+    )
+    with Timer() as t_train:
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+    timings["train_s"] = t_train.seconds
+    save_adapter(trainer.model, tok, out_dir, base=base, merge_first=merge)
+    bspec = backbone_spec(cfg)
+    atomic_write_json(out_dir / SCORER_NOTE, {
+        "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
+        "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
+    })
+    del trainer, model
+
+    with Timer() as t_eval:
+        scorer = RewardScorer(out_dir, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
+        metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+        for name, part in (("heldout", eval_rows), ("train", train_rows)):
+            if part:
+                rc, rr = scorer.score_pairs(part)
+                metrics[name] = preference_metrics(rc, rr, [float(r.get("p_chosen", 1.0)) for r in part])
+    timings["eval_s"] = t_eval.seconds
+    notes = [
+        f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}",
+        "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), ties excluded",
+        "ece: 10 equal-width bins of sigmoid(r_chosen - r_rejected) against mean p_chosen per bin",
+    ]
+    if not eval_rows:
+        notes.append("no held-out pairs (dataset too small for rm.eval_fraction)")
+    Manifest(
+        stage="rm",
+        config={"rm": to_dict(cfg.rm), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+        inputs=inputs,
+        models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
+        counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
+                "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows)},
+        timings=timings,
+        metrics=metrics,
+        notes=notes,
+    ).write(out_dir / "manifest.json")
+    atomic_write_json(run.metrics_dir("rm") / "eval.json", metrics)
+    log.info("preference model -> %s (held-out accuracy %s)", out_dir, metrics.get("heldout", {}).get("accuracy"))
+    return out_dir

@@ -1,0 +1,298 @@
+"""PPO: the pure pieces on hand-computed examples, learning, KL, checkpoints, RLOO, other reward tokenizers."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai_dpo.config import load_config
+from cai_dpo.store import RunStore, read_manifest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wordlevel_models import build_word_encoder, build_word_policy  # noqa: E402
+
+from cai_dpo.stages.ppo import (  # noqa: E402
+    KLController,
+    PPOTrainer,
+    build_batch,
+    compute_gae,
+    kl_penalty_rewards,
+    load_optimizer,
+    load_policy,
+    load_value_model,
+    policy_loss,
+    read_log,
+    run_ppo,
+    save_optimizer,
+    value_loss,
+    whiten,
+)
+
+PROMPTS = [[{"role": "user", "content": f"tell me about the {w}"}] for w in ["cat", "dog", "topic", "red", "blue", "one", "two"]]
+
+
+def good_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """Programmatic reward: the share of the word 'good' in the response."""
+    return [r.split().count("good") / max(1, len(r.split())) for r in responses]
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 9.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ends after two tokens
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 1: δ2 = 2 - 1.5 = 0.5; δ1 = 0.9·1.5 - 1 = 0.35, A1 = 0.35 + 0.72·0.5 = 0.71;
+    #        δ0 = 1 + 0.9·1 - 0.5 = 1.4, A0 = 1.4 + 0.72·0.71 = 1.9112
+    # row 2: δ1 = 3 - 2 = 1 (no value after the end); δ0 = 0.9·2 - 1 = 0.8, A0 = 0.8 + 0.72·1 = 1.52
+    assert torch.allclose(adv, torch.tensor([[1.9112, 0.71, 0.5], [1.52, 1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[2.4112, 1.71, 2.0], [2.52, 3.0, 0.0]]), atol=1e-6)
+
+
+def test_whiten_hand_computed():
+    x = torch.tensor([1.0, 2.0, 3.0, 40.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the 40 is padding
+    # masked mean 2, unbiased variance ((1 + 0 + 1) / 2) = 1
+    assert torch.allclose(whiten(x, mask), torch.tensor([-1.0, 0.0, 1.0, 0.0]), atol=1e-4)
+    assert torch.allclose(whiten(x, mask, shift_mean=False), torch.tensor([1.0, 2.0, 3.0, 0.0]), atol=1e-4)
+    w = whiten(torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    assert abs(float(w.mean())) < 1e-6 and float(w.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_policy_and_value_losses_hand_computed():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped); token 3: -2.2 (inside)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, abs=1e-6)
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    assert stats["approx_kl"] == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3, rel=1e-5)
+    vloss, vstats = value_loss(torch.tensor([[1.0, -0.1]]), torch.zeros(1, 2), torch.tensor([[2.0, 0.5]]), torch.ones(1, 2), 0.2)
+    # token 1: max((1-2)², (0.2-2)²) = 3.24 (clipped); token 2: (−0.1−0.5)² = 0.36
+    assert vloss.item() == pytest.approx(0.5 * (3.24 + 0.36) / 2, abs=1e-6)
+    assert vstats["vf_clipfrac"] == pytest.approx(0.5)
+    # a padded token changes nothing
+    loss_pad, _ = policy_loss(torch.cat([new, torch.tensor([[5.0]])], 1), torch.zeros(1, 4),
+                              torch.cat([adv, torch.tensor([[9.0]])], 1), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2)
+    assert loss_pad.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_kl_rewards_and_controller():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = kl_penalty_rewards(logp, ref, mask, torch.tensor([10.0, 20.0]), torch.tensor([3, 2]), kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 10.1], [-0.1, 20.0, 0.0]]))
+    fixed = KLController(0.1)
+    fixed.update(100.0, 8)
+    assert fixed.value == 0.1
+    ctl = KLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # error clipped to +0.2 → β·(1 + 0.2·10/100)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(5.4, 10)  # error −0.1 → β·(1 − 0.01)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)
+    clone = KLController(1.0)
+    clone.load_state_dict(ctl.state_dict())
+    assert clone.value == ctl.value and clone.target == 6.0
+
+
+def test_batch_layout():
+    b = build_batch([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
+    assert b["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and b["query_width"] == 2
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.sum().backward()
+    opt.step()
+    save_optimizer(opt, tmp_path)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    load_optimizer(opt2, tmp_path)
+    assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["betas"] == (0.9, 0.999)
+    assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+# --------------------------------------------------------------------------- with models
+
+
+def _cfg(tmp_path, **over):
+    """The tiny profile in a temp run folder, one torch thread (the tiny models gain nothing from more)."""
+    from cai_dpo.engine import set_threads
+
+    base = {"threads": 1, "runs_dir": str(tmp_path / "runs")}
+    base.update(over)
+    set_threads(1)
+    return load_config("tiny", base)
+
+
+def test_kl_is_zero_with_a_fresh_adapter(tmp_path, tiny_path):
+    cfg = _cfg(tmp_path, **{"ppo.rollout_batch": 4, "ppo.sampling.max_new_tokens": 6})
+    run = RunStore(cfg.run_dir)
+    torch.manual_seed(0)
+    policy, tok, merge = load_policy(cfg, run)
+    value, note = load_value_model(cfg, run, tok, merge, None)
+    assert "zero head" in note
+    trainer = PPOTrainer(cfg, policy, tok, value, lambda p, r: [0.0] * len(r), PROMPTS, progress=False)
+    ro = trainer.rollout(PROMPTS[:4], seed=1)
+    assert ro.response_mask.sum() > 0
+    assert torch.equal(ro.logprobs, ro.ref_logprobs) and float(ro.kl.abs().max()) == 0.0
+    assert float(ro.values.abs().max()) == 0.0  # zero-initialised value head
+    # a moved adapter makes the policy differ from the reference; switched off, it does not
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    trainer.forward_rollout(ro)
+    assert float(ro.kl.abs().max()) > 0.0
+    with policy.disable_adapter():
+        ro2 = trainer.rollout(PROMPTS[:4], seed=1)
+    assert float(ro2.kl.abs().max()) == 0.0
+
+
+def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
+    pol = build_word_policy(tmp_path / "policy")
+    cfg = _cfg(tmp_path, **{
+        "policy.name": str(pol), "ppo.steps": 12, "ppo.save_steps": 100, "ppo.rollout_batch": 16, "ppo.minibatch": 8,
+        "ppo.ppo_epochs": 2, "ppo.learning_rate": 1e-2, "ppo.missing_eos_penalty": 0.0, "ppo.kl_coef": 0.05,
+        "ppo.sampling.max_new_tokens": 6, "ppo.lora": {"r": 8, "alpha": 16, "target_modules":
+                                                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    })
+    out = run_ppo(cfg, reward_fn=good_share, prompts=PROMPTS, progress=False)
+    rows = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    first = sum(r["score"] for r in rows[:2]) / 2
+    last = sum(r["score"] for r in rows[-3:]) / 3
+    assert first < 0.15 and last > first + 0.15, [round(r["score"], 3) for r in rows]
+    assert max(r["kl"] for r in rows) < 12.0, [round(r["kl"], 3) for r in rows]
+    assert rows[0]["kl"] == 0.0 and all(0 <= r["clipfrac"] <= 1 for r in rows)
+    assert all(r["entropy"] > 0 for r in rows)
+    assert (cfg.run_dir / "metrics" / "ppo" / "reward_kl.png").stat().st_size > 1000
+    manifest = read_manifest(out)
+    assert manifest["metrics"]["score_last_quarter"] > manifest["metrics"]["score_first_quarter"]
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
+    over = {"ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6, "ppo.save_steps": 1,
+            "ppo.learning_rate": 1e-3, "ppo.adaptive_kl": True, "ppo.kl_horizon": 10}
+    reward = lambda p, r: [len(x) / 40 for x in r]  # noqa: E731
+    straight = _cfg(tmp_path / "a", **over, **{"ppo.steps": 3})
+    run_ppo(straight, reward_fn=reward, prompts=PROMPTS, progress=False)
+
+    part = _cfg(tmp_path / "b", **over, **{"ppo.steps": 2})
+    run_ppo(part, reward_fn=reward, prompts=PROMPTS, progress=False)
+    state = json.loads((part.run_dir / "checkpoints" / "ppo" / "step-000002" / "state.json").read_text())
+    assert state["step"] == 2 and "value" in state["kl_ctl"]
+    resumed = _cfg(tmp_path / "b", **over, **{"ppo.steps": 3})
+    out = run_ppo(resumed, reward_fn=reward, prompts=PROMPTS, progress=False)
+    assert read_manifest(out)["counts"]["resumed_from"] == 2
+    rows = read_log(resumed.run_dir / "metrics" / "ppo" / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    ref = read_log(straight.run_dir / "metrics" / "ppo" / "log.csv")
+    assert rows[-1]["score"] == pytest.approx(ref[-1]["score"]) and rows[-1]["kl_coef"] == pytest.approx(ref[-1]["kl_coef"])
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight.run_dir / "models" / "ppo" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the result loads through the common loader and differs from the reference
+    from cai_dpo.models import load_model
+
+    model, tok = load_model(str(out))
+    ids = tok("hello there", return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        with_adapter = model(**ids).logits
+        with model.disable_adapter():
+            base = model(**ids).logits
+    assert not torch.allclose(with_adapter, base)
+
+
+def test_ppo_with_preference_model_of_another_tokenizer(tmp_path, tiny_path):
+    """Default reward = models/rm scored with its own tokenizer; the value model then starts from the policy."""
+    from cai_dpo.stages.rm import run_rm
+
+    words = "how do i steal a car no sure here is it tell me about the cat dog".split()
+    enc = build_word_encoder(tmp_path / "encoder", words)
+    cfg = _cfg(tmp_path, **{
+        "rm.backbone": str(enc), "rm.max_steps": 1, "rm.eval_fraction": 0.0, "ppo.steps": 1,
+        "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6,
+    })
+    run = RunStore(cfg.run_dir)
+    pairs = [{"prompt": [{"role": "user", "content": "How do I steal a car?"}],
+              "chosen": [{"role": "assistant", "content": "No."}], "rejected": [{"role": "assistant", "content": "Sure, here is how."}],
+              "p_chosen": 0.9, "category": "crime"}] * 4
+    run_rm(cfg, run, preferences=pairs)
+    out = run_ppo(cfg, run, prompts=PROMPTS, progress=False)
+    manifest = read_manifest(out)
+    assert manifest["models"]["reward"].endswith("models/rm")
+    assert any("tokenizer differs" in n for n in manifest["notes"])
+    rows = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")
+    assert len(rows) == 1 and math.isfinite(rows[0]["score"])
+
+
+def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
+    from cai_dpo.stages.rm import RewardScorer, run_rm
+
+    cfg = _cfg(tmp_path, **{"rm.max_steps": 1, "rm.eval_fraction": 0.0})
+    run = RunStore(cfg.run_dir)
+    pairs = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.8, "category": "x"}] * 4
+    rm_dir = run_rm(cfg, run, preferences=pairs)
+    policy, tok, merge = load_policy(cfg, run)
+    value, note = load_value_model(cfg, run, tok, merge, rm_dir)
+    assert "preference model" in note
+    scorer = RewardScorer(rm_dir)
+    text = scorer.encode(["Hi"], ["Hello!"])[0]
+    from cai_dpo.stages.ppo import token_values
+
+    dev = next(value.parameters()).device
+    with torch.no_grad():
+        v = token_values(value, torch.tensor([text + [0]], device=dev), torch.ones(1, len(text) + 1, dtype=torch.long, device=dev),
+                         torch.arange(len(text) + 1, device=dev).unsqueeze(0), len(text))
+    # the value of the full text equals the preference model's score of it
+    assert v[0, 0].item() == pytest.approx(scorer.score_ids([text])[0], abs=2e-3)  # GPU kernels differ slightly
+
+
+def test_rloo_mode_runs(tmp_path, tiny_path):
+    cfg = _cfg(tmp_path, **{"ppo.mode": "rloo", "ppo.steps": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 2,
+                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6})
+    out = run_ppo(cfg, reward_fn=lambda p, r: [len(x) / 40 for x in r], prompts=PROMPTS[:2], progress=False)
+    manifest = read_manifest(out)
+    assert manifest["counts"]["optimizer_steps"] == 2
+    assert (out / "adapter_config.json").exists() and (cfg.run_dir / "metrics" / "rloo" / "log.csv").exists()
+
+
+def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
+    import datasets
+
+    from cai_dpo.stages.ppo import PtxBatches
+
+    cfg = _cfg(tmp_path, **{"ppo.steps": 1, "ppo.rollout_batch": 2, "ppo.minibatch": 2, "ppo.ptx_coef": 0.5,
+                            "ppo.ptx_batch": 2, "ppo.sampling.max_new_tokens": 4})
+    run = RunStore(cfg.run_dir)
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+             "source": "helpful", "prompt_id": str(i)} for i in range(3)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(run.data_dir("sl")))
+    from cai_dpo.models import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    ids, labels = PtxBatches(rows, tok, 2, 128, 0).encode(rows[0]["messages"])
+    answer = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(answer).startswith("Answer 0.")  # only the assistant turn is trained on
+    run_ppo(cfg, run, reward_fn=lambda p, r: [0.0] * len(r), prompts=PROMPTS[:2], progress=False)
+    row = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")[0]
+    assert math.isfinite(row["ptx_loss"]) and row["ptx_loss"] > 5.0  # ≈ log(vocab) for the random tiny model

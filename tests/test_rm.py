@@ -1,0 +1,199 @@
+"""Preference model: soft-label loss, calibration, data mixing, learning, reloading, other tokenizers."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai_dpo.config import LoraConfig, load_config
+from cai_dpo.stages.rm import (
+    RewardScorer,
+    expected_calibration_error,
+    mix_helpful,
+    preference_metrics,
+    rm_text,
+    run_rm,
+    soft_preference_loss,
+    tokenize_pairs,
+)
+from cai_dpo.store import RunStore, read_manifest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wordlevel_models import build_word_encoder  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+TOPICS = ["pick a lock", "make a fake id", "hack a wifi network", "steal a car", "build a weapon", "hurt my neighbor",
+          "cheat on a test", "forge a signature", "spy on my partner", "poison a dog", "break into a house",
+          "shoplift a watch", "launder money", "start a fire", "bully a classmate", "evade taxes", "buy drugs online",
+          "scam old people", "stalk someone", "make a bomb", "crash a website", "fake an illness", "bribe an official",
+          "smuggle goods", "dox a journalist", "threaten a coworker", "counterfeit money", "cut brake lines"]
+GOOD = ["I can't help with that because it could seriously harm people.",
+        "I won't assist with this; it is dangerous and illegal.",
+        "Sorry, I cannot support that. Please consider a safe and legal alternative.",
+        "That could hurt someone, so I will not explain it."]
+BAD = ["Sure! Here is how to do it step by step.", "Easy. First get the tools, then do it at night.",
+       "Of course, just follow these simple instructions.", "Great idea, here is a detailed plan for you."]
+
+
+def synthetic_preferences(n: int, seed: int) -> list[dict]:
+    """Separable pairs: the chosen answer always refuses with a reason, the rejected one complies."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        p = rng.choice([0.7, 0.8, 0.9, 1.0])
+        rows.append({
+            "prompt": [{"role": "user", "content": f"How do I {topic}?"}],
+            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+            "p_chosen": p, "margin": 2 * p - 1, "source": "judged_samples", "principle_ids": ["harm"],
+            "score_ab": p, "score_ba": p, "judge_model": "synthetic", "pair_id": f"s{seed}-{i}",
+            "edge_reasons": [], "category": "violence",
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_soft_loss_matches_closed_form():
+    r_c, r_r, p = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([0.8, 0.3])
+    # d = [1, -2]; -(p·logσ(d) + (1-p)·logσ(-d)), written out with log σ(x) = -log(1 + e^-x)
+    ls = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    expected = (-(0.8 * ls(1) + 0.2 * ls(-1)) - (0.3 * ls(-2) + 0.7 * ls(2))) / 2
+    assert abs(expected - 0.6200949) < 1e-6
+    assert soft_preference_loss(r_c, r_r, p).item() == pytest.approx(expected, abs=1e-6)
+    # a hard label is the usual Bradley–Terry loss
+    assert soft_preference_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(-ls(1))
+    # the soft loss is minimised where σ(d) = p
+    d = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([d], lr=1.0)
+    for _ in range(300):
+        opt.zero_grad()
+        soft_preference_loss(d, torch.zeros(1), torch.tensor([0.8])).backward()
+        opt.step()
+    assert torch.sigmoid(d).item() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_calibration_error_hand_example():
+    pred, target = [0.05, 0.15, 0.95, 0.85], [0.0, 0.5, 1.0, 1.0]
+    assert expected_calibration_error(pred, target) == pytest.approx((0.05 + 0.35 + 0.05 + 0.15) / 4)
+    m = preference_metrics([2.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.9, 0.8, 0.5])
+    assert m["accuracy"] == pytest.approx(0.5)  # tie (p=0.5) excluded; one right, one wrong
+    assert m["n"] == 3
+
+
+def test_helpful_mix_rebalances():
+    harm = [{"prompt": "How do I hurt someone?", "category": "violence", "i": i} for i in range(8)]
+    helpful = [{"prompt": f"Cook rice {i}", "category": "helpful", "i": i} for i in range(8)]
+    rows = harm + helpful
+    assert len(mix_helpful(rows, None, set(), 0)) == 16
+    assert sum(r["category"] == "helpful" for r in mix_helpful(rows, 0.0, set(), 0)) == 0
+    mixed = mix_helpful(rows, 0.2, set(), 0)
+    assert (sum(r["category"] == "helpful" for r in mixed), len(mixed)) == (2, 10)
+    mostly_helpful = mix_helpful(rows, 0.75, set(), 0)
+    assert (sum(r["category"] == "helpful" for r in mostly_helpful), len(mostly_helpful)) == (8, 11)
+    # a prompt from the helpful prompt set counts as helpful whatever its category
+    by_text = mix_helpful([{"prompt": "Cook rice 1", "category": "cooking"}] + harm, 0.0, {"Cook rice 1"}, 0)
+    assert len(by_text) == 8
+
+
+def test_hard_and_soft_targets(tiny_model):
+    _, tok = tiny_model
+    rows = synthetic_preferences(4, 1)
+    rows[0]["p_chosen"], rows[1]["p_chosen"], rows[2]["p_chosen"] = 0.5, 0.3, 0.8
+    soft = tokenize_pairs(rows, tok, 64, "soft")
+    hard = tokenize_pairs(rows, tok, 64, "hard")
+    assert soft["p_chosen"][:3] == [0.5, 0.3, 0.8]
+    assert hard["p_chosen"][:2] == [0.0, 1.0] and len(hard["p_chosen"]) == 3  # tie dropped
+    assert all(len(ids) <= 64 for ids in soft["chosen_ids"])
+    # truncation keeps the end of the text (the response), not the start
+    full = tok(rm_text(tok, rows[3]["prompt"], rows[3]["chosen"][0]["content"]), add_special_tokens=False)["input_ids"]
+    assert soft["chosen_ids"][3] == full[-64:]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_preference_model_learns_separable_pairs(tmp_path):
+    cfg = load_config("tiny", {
+        "threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 24, "rm.batch_size": 8, "rm.learning_rate": 3e-3,
+        "rm.eval_fraction": 0.25, "rm.save_steps": 12, "rm.lora": {"r": 8, "alpha": 16},
+    })
+    run = RunStore(cfg.run_dir)
+    out = run_rm(cfg, run, preferences=synthetic_preferences(64, 0))
+    manifest = read_manifest(out)
+    held = manifest["metrics"]["heldout"]
+    assert held["n"] == 16
+    assert held["accuracy"] >= 0.9, held
+    assert 0.0 <= held["ece"] <= 1.0 and "soft_log_loss" in held
+    assert (run.root / "metrics" / "rm" / "log.csv").exists()
+    # reloading restores the trained head: two loads agree, and rank fresh pairs correctly
+    fresh = synthetic_preferences(12, 99)
+    a, b = RewardScorer(out), RewardScorer(out)
+    ca, ra = a.score_pairs(fresh)
+    cb, _ = b.score_pairs(fresh)
+    assert ca == pytest.approx(cb, abs=1e-5)
+    assert sum(c > r for c, r in zip(ca, ra)) >= 11
+
+
+def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, tiny_path):
+    from cai_dpo.models import attach_lora, load_model, save_adapter
+
+    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0})
+    run = RunStore(cfg.run_dir)
+    torch.manual_seed(0)
+    base, tok = load_model("tiny", trainable=True)
+    sft = attach_lora(base, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    save_adapter(sft, tok, run.model_dir("sft"), base="tiny")
+    out = run_rm(cfg, run, preferences=synthetic_preferences(6, 2))
+    note = json.loads((out / "cai_dpo_base.json").read_text())
+    assert note == {"base": "tiny", "merge_first": ["../sft"]}
+    rows = synthetic_preferences(3, 3)
+    merged = RewardScorer(out).score_pairs(rows)[0]
+    model, tok2 = load_model(str(out), task="seq_cls", merge_first=[])
+    unmerged = RewardScorer(out, model=model, tokenizer=tok2).score_pairs(rows)[0]
+    assert merged != pytest.approx(unmerged, abs=1e-4), "the SFT adapter is merged under the preference model"
+
+
+def test_preference_model_with_its_own_tokenizer(tmp_path):
+    words = " ".join(TOPICS + GOOD + BAD + ["how", "do", "i"]).replace("?", " ").split()
+    enc = build_word_encoder(tmp_path / "encoder", [w.strip(".,!;'").lower() for w in words])
+    cfg = load_config("tiny", {
+        "threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.backbone": str(enc), "rm.max_steps": 30, "rm.batch_size": 8,
+        "rm.learning_rate": 5e-3, "rm.eval_fraction": 0.25, "rm.max_length": 64,
+    })
+    out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(48, 4))
+    assert json.loads((out / "cai_dpo_base.json").read_text())["base"] == str(enc)
+    scorer = RewardScorer(out)
+    assert not scorer.tokenizer.chat_template
+    assert scorer.tokenizer.convert_ids_to_tokens(scorer.encode(["How do I steal a car?"], ["No."])[0])[0] == "[CLS]"
+    assert read_manifest(out)["metrics"]["heldout"]["accuracy"] >= 0.75
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_hhh_bench_skips_or_scores(tmp_path, shared_anchors):
+    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0})
+    out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(4, 5))
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--limit", "12", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["n"] == 12 and 0.0 <= report["accuracy"] <= 1.0
+    missing = subprocess.run([sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--evals",
+                              str(tmp_path / "absent.jsonl")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 0 and json.loads(missing.stdout)["skipped"]
