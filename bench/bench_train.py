@@ -1,0 +1,212 @@
+"""Training-speed measurements; prints one JSON object.
+
+Each measurement is a named function in :data:`MEASUREMENTS` returning a dict of figures;
+each runs in its own child process so its peak memory is its own. Add a measurement by
+writing a function and registering it.
+
+    python bench/bench_train.py                      # all measurements
+    python bench/bench_train.py --only dpo --steps 4 --model tiny
+
+Figures: seconds per optimizer step (first step reported apart as warm-up), peak RSS of the
+process (and CUDA max allocated on a GPU), with the batch size and lengths stated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+WORDS = ("the a small quiet green old new bright simple careful useful kind warm cold long short river "
+         "light paper stone water answer because safe help people often reason clear").split()
+
+
+def _peak_memory() -> dict[str, float]:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _synthetic_preferences(folder: Path, n: int, response_words: int, seed: int = 0) -> Path:
+    import datasets
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(response_words))
+        rows.append({
+            "prompt": [{"role": "user", "content": f"Question {i}: how should I deal with a difficult neighbour?"}],
+            "chosen": [{"role": "assistant", "content": f"{body} safely."}],
+            "rejected": [{"role": "assistant", "content": f"{body} dangerously."}],
+            "p_chosen": 0.8, "pair_id": str(i),
+        })
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+def _step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.durations.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
+def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
+    """DPO steps from a (random) SL-CAI adapter on synthetic pairs, cpu-demo lengths."""
+    import torch
+
+    from cai_dpo.config import load_config
+    from cai_dpo.models import attach_lora, load_model, save_adapter
+    from cai_dpo.stages.dpo import run_dpo
+    from cai_dpo.store import RunStore, read_manifest
+
+    batch, max_length, max_prompt = args.batch, 256, 128
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
+        cfg = load_config("cpu-demo", {
+            "runs_dir": tmp, "policy.name": args.model, "policy.quantization": quantization,
+            "dpo.max_steps": args.steps, "dpo.batch_size": batch, "dpo.max_length": max_length,
+            "dpo.max_prompt_length": max_prompt, "dpo.eval_fraction": 0.0, "dpo.save_steps": 10_000,
+            "threads": args.threads,
+        })
+        run = RunStore(cfg.run_dir)
+        _synthetic_preferences(run.data_dir("preferences"), args.steps * batch, args.response_words)
+        torch.manual_seed(0)
+        model, tok = load_model(args.model, trainable=True)
+        save_adapter(attach_lora(model, cfg.sft.lora), tok, run.model_dir("sft"), base=args.model)
+        del model
+        timer = _step_timer()
+        t0 = time.perf_counter()
+        out = run_dpo(cfg, run, callbacks=[timer])
+        total = time.perf_counter() - t0
+        manifest = read_manifest(out)
+    steady = timer.durations[1:] or timer.durations
+    return {
+        "model": args.model, "quantization": quantization, "adapter_mode": manifest["models"]["adapter_mode"],
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "batch_pairs": batch, "max_length": max_length, "max_prompt_length": max_prompt,
+        "response_words": args.response_words, "lora_r": cfg.dpo.lora.r, "steps": len(timer.durations),
+        "first_step_s": round(timer.durations[0], 2) if timer.durations else None,
+        "seconds_per_step": round(sum(steady) / len(steady), 2) if steady else None,
+        "stage_total_s": round(total, 1), "model_load_s": round(manifest["timings"]["model_load"], 2),
+        **{k: round(v, 1) for k, v in _peak_memory().items()},
+    }
+
+
+def bench_dpo(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO, unquantized policy (SFT merged, fresh LoRA, reference = adapter off)."""
+    return _dpo(args, "none")
+
+
+def bench_dpo_4bit(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO with the policy in 4-bit nf4 (QLoRA; SFT adapter trained on, frozen copy as reference)."""
+    return _dpo(args, "4bit")
+
+
+def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
+    """PPO steps (rollout and update timed apart) against a preference model, cpu-demo PPO settings.
+
+    The preference model is the policy base with a scalar head trained one step on synthetic
+    pairs (its scores are not meaningful; the cost of scoring is). The first step is warm-up.
+    """
+    import torch
+
+    from cai_dpo.config import load_config
+    from cai_dpo.stages.ppo import read_log, run_ppo
+    from cai_dpo.stages.rm import run_rm
+    from cai_dpo.store import RunStore, read_manifest
+
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        cfg = load_config("cpu-demo", {
+            "runs_dir": tmp, "threads": args.threads, "policy.name": args.model, "rm.max_steps": 1, "rm.eval_fraction": 0.0,
+            "rm.save_steps": 10_000, "ppo.steps": args.steps, "ppo.save_steps": 10_000,
+        })
+        run = RunStore(cfg.run_dir)
+        _synthetic_preferences(run.data_dir("preferences"), 8, args.response_words)
+        t0 = time.perf_counter()
+        run_rm(cfg, run)
+        rm_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = run_ppo(cfg, run, progress=False)
+        total = time.perf_counter() - t1
+        rows = read_log(run.root / "metrics" / "ppo" / "log.csv")
+        manifest = read_manifest(out)
+    steady = rows[1:] or rows
+    mean = lambda key: round(sum(r[key] for r in steady) / len(steady), 2) if steady else None  # noqa: E731
+    return {
+        "model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "rollout_batch": cfg.ppo.rollout_batch, "minibatch": cfg.ppo.minibatch, "ppo_epochs": cfg.ppo.ppo_epochs,
+        "max_new_tokens": cfg.ppo.sampling.max_new_tokens, "lora_r": cfg.ppo.lora.r, "steps": len(rows),
+        "first_step_rollout_s": round(rows[0]["rollout_s"], 2) if rows else None,
+        "first_step_update_s": round(rows[0]["update_s"], 2) if rows else None,
+        "rollout_s_per_step": mean("rollout_s"), "update_s_per_step": mean("update_s"),
+        "rollout_tokens_per_s": mean("tokens_per_s"), "mean_response_tokens": mean("response_length"),
+        "ppo_load_s": round(manifest["timings"]["load_s"], 2), "ppo_stage_total_s": round(total, 1),
+        "rm_stage_s": round(rm_s, 1), **{k: round(v, 1) for k, v in _peak_memory().items()},
+    }
+
+
+MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "dpo": bench_dpo,
+    "dpo_4bit": bench_dpo_4bit,
+    "ppo": bench_ppo,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run just these (repeatable)")
+    p.add_argument("--model", default="embedded", help="policy model spec (default: embedded)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement (first one is warm-up)")
+    p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
+    p.add_argument("--response-words", type=int, default=60, help="words per synthetic response")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        from cai_dpo.engine import set_threads
+
+        set_threads(args.threads)
+        print(json.dumps(MEASUREMENTS[args.child](args)))
+        return 0
+    results: dict[str, Any] = {}
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    for name in args.only or list(MEASUREMENTS):
+        cmd = [sys.executable, __file__, *passthrough, "--child", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+        else:
+            results[name] = json.loads(lines[-1])
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,687 @@
+"""DPO on the constitution-judged preferences: RL-CAI's shortcut, on TRL's ``DPOTrainer``.
+
+Starting point and reference model
+----------------------------------
+DPO starts from the SL-CAI model (base ``cfg.policy`` + the adapter ``models/sft``) and
+its reference must be that same SL-CAI model. No second model copy is kept; how the
+reference is obtained depends on ``cfg.dpo.adapter_mode``:
+
+- ``merge`` (``auto`` on an unquantized policy): the SFT adapter is folded into the base
+  weights in memory and a fresh LoRA (``cfg.dpo.lora``) is trained on top. The reference is
+  the same weights with the adapter switched off, i.e. exactly the SL-CAI model. The saved
+  adapter's ``cai_dpo_base.json`` lists the SFT adapter under ``merge_first``, so
+  ``models.load_model("models/dpo")`` rebuilds base → merge SFT → DPO adapter.
+- ``continue`` (``auto`` on a 4-/8-bit policy, QLoRA): merging into quantized weights would
+  re-round them and wash out most of the SFT change, so the SFT adapter itself is trained
+  further; TRL keeps a frozen copy of it as the adapter ``"ref"``, and the reference is the
+  base with that copy, again exactly the SL-CAI model. The saved adapter applies to the base
+  directly. Without an SFT adapter a fresh LoRA is trained and the reference is the base.
+
+Soft labels (conservative DPO)
+------------------------------
+TRL has no per-example soft target. :class:`SoftLabelDPOTrainer` carries the judge's
+``p_chosen`` through tokenization and collation and, in ``label_mode: soft``, minimises
+
+    loss_i = -( p_i · logσ(β·h_i) + (1 - p_i) · logσ(-β·h_i) ),
+    h_i = (log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x)),
+
+which is TRL's ``sigmoid`` loss when ``p_i = 1`` (``label_mode: hard`` uses TRL's own loss,
+any of its loss types). Human labels override AI labels: ``data/preferences_merged`` (written
+by :func:`cai_dpo.labels.run_labels`) is read when present, else ``data/preferences``.
+
+Metrics per step go to ``metrics/dpo/log.csv`` (and TensorBoard when installed): loss,
+reward accuracy, chosen/rejected implicit rewards, margins and ``kl_proxy`` = mean over the
+chosen responses of ``log π(y_c|x) - log π_ref(y_c|x)``. Checkpoints are resumed when the
+inputs are unchanged. :func:`run_iterative_dpo` repeats sample → judge → label → DPO rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai_dpo.config import DPOConfig, RunConfig, save_config, to_dict
+from cai_dpo.engine import Engine, set_threads
+from cai_dpo.models import (
+    ModelLoadError,
+    adapter_merge_first,
+    describe,
+    load_adapter,
+    load_model,
+    lora_config,
+    merge_adapter,
+    save_adapter,
+)
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
+from cai_dpo.training import common_training_args, last_checkpoint, read_metrics_csv, training_callbacks
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NOTE = "cai_dpo_inputs.json"
+# TRL 1.16's loss types; used only when they cannot be read from the installed DPOConfig.
+_FALLBACK_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen"}
+# config keys that only change how long training runs: a longer run may resume a shorter one
+_LENGTH_KEYS = ("epochs", "max_steps", "save_steps", "rounds", "merge")
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def trl_loss_types() -> tuple[str, ...]:
+    """The loss types the installed TRL's DPOTrainer accepts (read from its DPOConfig)."""
+    from trl import DPOConfig as TrlDPOConfig
+
+    help_text = TrlDPOConfig.__dataclass_fields__["loss_type"].metadata.get("help", "")
+    found = tuple(dict.fromkeys(re.findall(r"`'([a-z_]+)'`", help_text)))
+    return found or _FALLBACK_LOSS_TYPES
+
+
+def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
+    """Raise ``ValueError`` naming the key and the fix when the DPO section cannot train."""
+    allowed = trl_loss_types()
+    if d.loss_type not in allowed:
+        raise ValueError(f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}")
+    if d.label_mode == "soft" and d.loss_type != "sigmoid":
+        raise ValueError(
+            f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
+            f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
+        )
+    if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
+        raise ValueError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
+        raise ValueError(f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}")
+    checks = [
+        (d.beta > 0, "dpo.beta must be > 0"),
+        (d.learning_rate > 0, "dpo.learning_rate must be > 0"),
+        (d.batch_size >= 1, "dpo.batch_size must be >= 1"),
+        (d.grad_accum >= 1, "dpo.grad_accum must be >= 1"),
+        (d.rounds >= 1, "dpo.rounds must be >= 1"),
+        (0 <= d.eval_fraction < 1, "dpo.eval_fraction must be in [0, 1)"),
+        (d.max_steps > 0 or d.epochs > 0, "set dpo.max_steps > 0 or dpo.epochs > 0"),
+        (0 < d.max_prompt_length < d.max_length, "dpo.max_prompt_length must be > 0 and below dpo.max_length"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{source}: {message}")
+
+
+def resolve_adapter_mode(cfg: RunConfig) -> str:
+    """``merge`` or ``continue`` (``auto``: continue for a quantized policy, else merge)."""
+    if cfg.dpo.adapter_mode != "auto":
+        return cfg.dpo.adapter_mode
+    return "continue" if cfg.policy.quantization != "none" else "merge"
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def conservative_dpo_loss(
+    chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any, ref_rejected_logps: Any, p_chosen: Any, beta: float
+) -> Any:
+    """Per-pair soft-label DPO loss ``-(p·logσ(βh) + (1-p)·logσ(-βh))`` (tensors of shape [B])."""
+    import torch.nn.functional as F
+
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    p = p_chosen.to(h.dtype)
+    return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+
+
+def _collator_class() -> type:
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    @dataclass
+    class PreferenceCollatorWithLabels(DataCollatorForPreference):
+        """TRL's preference collator, plus a ``p_chosen`` tensor when the examples carry it."""
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            import torch
+
+            out = super().torch_call(examples)
+            if "p_chosen" in examples[0]:
+                out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float32)
+            return out
+
+    return PreferenceCollatorWithLabels
+
+
+def _trainer_class() -> type:
+    """Build the DPOTrainer subclass (TRL is imported lazily: it takes seconds)."""
+    from trl import DPOTrainer
+
+    class SoftLabelDPOTrainer(DPOTrainer):
+        """DPOTrainer with per-pair soft labels, prompt truncation and a KL proxy metric."""
+
+        def __init__(self, *args: Any, label_mode: str = "soft", max_prompt_length: int | None = None, **kwargs: Any):
+            self.label_mode = label_mode
+            self.max_prompt_length = max_prompt_length
+            self._p_chosen = None
+            super().__init__(*args, **kwargs)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if "p_chosen" not in self._signature_columns:
+                self._signature_columns = list(self._signature_columns) + ["p_chosen"]
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            limit = self.max_prompt_length
+            if limit:  # keep the end of long prompts (the question sits there)
+                dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-limit:]},
+                                      desc=f"Truncating {dataset_name} prompts to {limit} tokens")
+            return dataset
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = dict(inputs)
+            self._p_chosen = inputs.pop("p_chosen", None)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            if self.label_mode == "soft":
+                result = self._soft_label_loss(model, inputs, return_outputs)
+            else:
+                result = super()._compute_loss(model, inputs, return_outputs)
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            metrics["kl_proxy"].append(metrics["rewards/chosen"][-1] / self.beta)
+            return result
+
+        def _soft_label_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            import torch
+
+            mode = "train" if self.model.training else "eval"
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            model_kwargs["use_cache"] = False
+            completion_mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                    self.ref_model if self.ref_model is not None else model, inputs)
+            p = self._p_chosen if self._p_chosen is not None else torch.ones_like(chosen_logps)
+            p = p.to(chosen_logps.device)
+            loss = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, self.beta).mean()
+
+            gather = self.accelerator.gather
+            chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
+            rejected_rewards = self.beta * (rejected_logps - ref_rejected).detach()
+            m = self._metrics[mode]
+            m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            m["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+            m["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+            m["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            m["labels/p_chosen"].append(gather(p.float()).mean().item())
+            if return_outputs:
+                with torch.no_grad():
+                    outputs = model(**model_kwargs)
+                return loss, outputs
+            return loss
+
+    return SoftLabelDPOTrainer
+
+
+# --------------------------------------------------------------------------- data
+
+
+def preferences_path(run: RunStore) -> Path:
+    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
+    merged = run.root / "data" / "preferences_merged"
+    return merged if (merged / "dataset_info.json").exists() else run.root / "data" / "preferences"
+
+
+def dataset_hash(folder: Path) -> str:
+    """Hash of a saved dataset's data files (its manifest, which holds a timestamp, is left out)."""
+    folder = Path(folder)
+    parts = [(p.name, file_hash(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"]
+    return content_hash(parts)
+
+
+def _messages(value: Any, role: str) -> Any:
+    """A conversation list as stored, or a plain string wrapped as one message."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return value
+
+
+@dataclass
+class PreferenceRows:
+    """Preference pairs ready for DPO: conversational prompt/chosen/rejected and ``p_chosen``."""
+
+    rows: list[dict[str, Any]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: str = "preferences") -> PreferenceRows:
+    """Keep ``prompt``/``chosen``/``rejected``/``p_chosen``; in hard mode orient every pair by its label.
+
+    Soft mode keeps ``p_chosen`` as is. Hard mode sets it to 1, swaps a pair whose
+    ``p_chosen`` is below 0.5 and drops exact ties (they carry no hard preference).
+    """
+    rows, swapped, ties = [], 0, 0
+    for i, rec in enumerate(records):
+        for key in ("prompt", "chosen", "rejected"):
+            if rec.get(key) in (None, "", []):
+                raise ValueError(f"{source}: row {i} has no '{key}'; the judge stage writes prompt/chosen/rejected")
+        p = rec.get("p_chosen")
+        p = 1.0 if p is None else float(p)
+        if math.isnan(p) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{source}: row {i} (pair_id {rec.get('pair_id')}) has p_chosen={p}; it must be in [0, 1]")
+        chosen, rejected = _messages(rec["chosen"], "assistant"), _messages(rec["rejected"], "assistant")
+        if label_mode == "hard":
+            if p == 0.5:
+                ties += 1
+                continue
+            if p < 0.5:
+                chosen, rejected, swapped = rejected, chosen, swapped + 1
+            p = 1.0
+        rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p})
+    return PreferenceRows(rows, {"pairs_in": len(records), "pairs_used": len(rows), "hard_swapped": swapped,
+                                 "hard_ties_dropped": ties})
+
+
+def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out ``fraction`` of the prompts (every pair of a held-out prompt goes to eval)."""
+    keys = {content_hash(r["prompt"]) for r in rows}
+    if fraction <= 0 or len(keys) < 2 or len(rows) < 4:
+        return rows, []
+    order = sorted(keys, key=lambda k: content_hash(k, seed))
+    n_eval = min(len(order) - 1, max(1, round(fraction * len(order))))
+    held = set(order[:n_eval])
+    train = [r for r in rows if content_hash(r["prompt"]) not in held]
+    return train, [r for r in rows if content_hash(r["prompt"]) in held]
+
+
+def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Rows of the run's preference dataset (merged when present) or of ``preferences``."""
+    import datasets
+
+    path = Path(preferences) if preferences is not None else preferences_path(run)
+    if not (path / "dataset_info.json").exists():
+        raise FileNotFoundError(
+            f"{path}: preference dataset not found; run `cai-dpo judge` (and `cai-dpo labels` for human labels) first"
+        )
+    records = datasets.load_from_disk(str(path)).to_list()
+    if not records:
+        raise ValueError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
+    return records, path
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class StartPoint:
+    """The model DPO trains, how its reference is formed, and what the saved adapter needs."""
+
+    model: Any
+    tokenizer: Any
+    mode: str
+    start_adapter: Path | None
+    merge_first: list[Path]
+    peft_config: Any | None
+    reference: str
+
+
+def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
+    """Load the policy to train from the base and ``start_adapter`` (see the module notes)."""
+    spec = dataclasses.replace(cfg.policy, adapter=None)
+    mode = resolve_adapter_mode(cfg)
+    chain: list[Path] = []
+    if start_adapter is not None:
+        start_adapter = Path(start_adapter).resolve()
+        note = start_adapter / "cai_dpo_base.json"
+        base = _read_note(start_adapter).get("base", cfg.policy.name)
+        if base != cfg.policy.name:
+            raise ModelLoadError(
+                f"{note}: the adapter was trained on {base!r} but policy.name is {cfg.policy.name!r}; "
+                f"set policy.name={base} or retrain the adapter"
+            )
+        chain = adapter_merge_first(start_adapter)
+    quantized = cfg.policy.quantization != "none"
+    if mode == "merge" and quantized and start_adapter is not None:
+        log.warning("dpo.adapter_mode=merge on a %s policy re-rounds the merged SFT weights; "
+                    "dpo.adapter_mode=continue keeps the reference exact", cfg.policy.quantization)
+    merged = chain + ([start_adapter] if mode == "merge" and start_adapter is not None else [])
+    model, tokenizer = load_model(spec, trainable=True, merge_first=merged)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if mode == "continue" and start_adapter is not None:
+        model = load_adapter(model, start_adapter, trainable=True)
+        return StartPoint(model, tokenizer, mode, start_adapter, chain, None,
+                          f"base + frozen copy of {start_adapter.name} (adapter 'ref')")
+    reference = "base with the SFT adapter merged, DPO adapter off" if start_adapter is not None else "base (adapter off)"
+    return StartPoint(model, tokenizer, mode, start_adapter, merged, lora_config(cfg.dpo.lora), reference)
+
+
+def _read_note(adapter_dir: Path) -> dict[str, Any]:
+    """An adapter's ``cai_dpo_base.json`` (base model and merge chain), or {} when it has none."""
+    note = Path(adapter_dir) / "cai_dpo_base.json"
+    return json.loads(note.read_text()) if note.exists() else {}
+
+
+def _copy_adapter(src: Path, dst: Path) -> Path:
+    """Copy a saved adapter folder, rewriting its ``merge_first`` paths relative to ``dst``."""
+    import os
+
+    src, dst = Path(src).resolve(), Path(dst)
+    chain = adapter_merge_first(src)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        note = _read_note(src)
+        if chain:
+            note["merge_first"] = [os.path.relpath(p, dst.resolve()) for p in chain]
+        if note:
+            (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
+    return dst
+
+
+def save_merged(adapter_dir: Path, out_dir: Path) -> Path:
+    """Full merged weights of a saved adapter (its chain included) at ``out_dir``."""
+    model, tokenizer = load_model(str(adapter_dir))
+    merged = merge_adapter(model)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": "DPO adapter merged", "adapter": str(adapter_dir)}))
+    return out_dir
+
+
+# --------------------------------------------------------------------------- held-out check
+
+
+def implicit_reward_stats(policy: Engine, reference: Engine, rows: Sequence[dict[str, Any]], beta: float) -> dict[str, float]:
+    """Reward accuracy and mean margin ``β·h`` of ``rows`` under a policy and its reference."""
+    contexts, chosen, rejected = [], [], []
+    for r in rows:
+        prompt = _messages(r["prompt"], "user")
+        ctx = policy.render(prompt)
+        contexts.append(ctx)
+        for msgs, out in ((r["chosen"], chosen), (r["rejected"], rejected)):
+            full = policy.render(prompt + _messages(msgs, "assistant"), add_generation_prompt=False)
+            if not full.startswith(ctx):
+                raise ValueError("the chat template renders the prompt differently inside a conversation")
+            out.append(full[len(ctx):])
+    pc = [x.total for x in policy.logprob(contexts, chosen)]
+    pr = [x.total for x in policy.logprob(contexts, rejected)]
+    rc = [x.total for x in reference.logprob(contexts, chosen)]
+    rr = [x.total for x in reference.logprob(contexts, rejected)]
+    h = [(a - b) - (c - d) for a, b, c, d in zip(pc, rc, pr, rr)]
+    return {
+        "accuracy": sum(x > 0 for x in h) / len(h),
+        "margin": beta * sum(h) / len(h),
+        "kl_proxy": sum(a - b for a, b in zip(pc, rc)) / len(h),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _prepare_checkpoints(folder: Path, note: dict[str, Any]) -> str | None:
+    """The checkpoint to resume from, after clearing checkpoints made from other inputs."""
+    path = folder / CHECKPOINT_NOTE
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(note)):
+        log.info("DPO inputs changed since the checkpoints in %s were written; starting over", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, note)
+    return last_checkpoint(folder)
+
+
+def _final(rows: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def run_dpo(
+    cfg: RunConfig,
+    run: RunStore | None = None,
+    preferences: Path | None = None,
+    start_adapter: Path | None = None,
+    out_dir: Path | None = None,
+    *,
+    callbacks: list[Any] | None = None,
+) -> Path:
+    """Train a DPO adapter from the SL-CAI model on the run's preferences; returns ``models/dpo``.
+
+    ``preferences`` defaults to ``data/preferences_merged`` (else ``data/preferences``),
+    ``start_adapter`` to ``models/sft`` when present (else the base model). ``callbacks``
+    are extra ``transformers.TrainerCallback`` objects (live plots, tests).
+    """
+    import datasets
+    from trl import DPOConfig as TrlDPOConfig
+
+    run = run or RunStore(cfg.run_dir)
+    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    threads = set_threads(cfg.threads)
+    out_dir = Path(out_dir) if out_dir is not None else run.model_dir("dpo")
+    if start_adapter is None and (run.model_dir("sft") / "adapter_config.json").exists():
+        start_adapter = run.model_dir("sft")
+    records, pref_path = load_preferences(run, preferences)
+    prepared = training_rows(records, cfg.dpo.label_mode, source=str(pref_path))
+    if not prepared.rows:
+        raise ValueError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
+    train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
+    pref_hash = dataset_hash(pref_path)
+    start_hash = file_hash(start_adapter) if start_adapter is not None else ""
+
+    timings: dict[str, float] = {}
+    with Timer() as t_load:
+        start = prepare_policy(cfg, start_adapter)
+    timings["model_load"] = t_load.seconds
+
+    ckpt_dir = run.root / "checkpoints" / out_dir.name
+    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": start.mode}
+    resume = _prepare_checkpoints(ckpt_dir, note)
+    metrics_dir = run.metrics_dir("dpo")
+    args = TrlDPOConfig(
+        **common_training_args(cfg.dpo, ckpt_dir, seed=cfg.seed, has_eval=bool(eval_rows)),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+        label_smoothing=cfg.dpo.label_smoothing,
+        max_length=cfg.dpo.max_length,
+        remove_unused_columns=True,
+    )
+    trainer = _trainer_class()(
+        model=start.model,
+        args=args,
+        data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=start.tokenizer,
+        peft_config=start.peft_config,
+        callbacks=training_callbacks(metrics_dir) + list(callbacks or []),
+        label_mode=cfg.dpo.label_mode,
+        max_prompt_length=cfg.dpo.max_prompt_length,
+    )
+    resumed_step = 0
+    if resume:
+        resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
+        log.info("resuming DPO from %s (step %d)", resume, resumed_step)
+    with Timer() as t_train:
+        result = trainer.train(resume_from_checkpoint=resume)
+    timings["train"] = t_train.seconds
+    steps_here = trainer.state.global_step - resumed_step
+    timings["seconds_per_step"] = t_train.seconds / steps_here if steps_here > 0 else 0.0
+    eval_metrics: dict[str, Any] = {}
+    if eval_rows:
+        with Timer() as t_eval:
+            eval_metrics = trainer.evaluate()
+        timings["eval"] = t_eval.seconds
+
+    with Timer() as t_save:
+        model = trainer.model
+        if "ref" in getattr(model, "peft_config", {}):
+            model.delete_adapter("ref")
+        save_adapter(model, start.tokenizer, out_dir, base=cfg.policy.name, merge_first=start.merge_first)
+        merged_dir = None
+        if cfg.dpo.merge:
+            if cfg.policy.quantization != "none":
+                log.warning("dpo.merge: not merging into a %s base; load models/%s as an adapter instead",
+                            cfg.policy.quantization, out_dir.name)
+            else:
+                merged_dir = save_merged(out_dir, out_dir.parent / f"{out_dir.name}-merged")
+    timings["save"] = t_save.seconds
+
+    log_rows = read_metrics_csv(metrics_dir / "log.csv") if (metrics_dir / "log.csv").exists() else []
+    train_log = [r for r in log_rows if "loss" in r and "eval_loss" not in r]
+    metrics = {
+        "train_loss_mean": float(result.training_loss),
+        "train_loss_first": _final(train_log[:1], "loss"),
+        "train_loss_final": _final(train_log, "loss"),
+        "train_reward_accuracy_final": _final(train_log, "rewards/accuracies"),
+        "train_margin_final": _final(train_log, "rewards/margins"),
+        "train_kl_proxy_final": _final(train_log, "kl_proxy"),
+        **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+    }
+    Manifest(
+        stage="dpo",
+        config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+        inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
+                "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash},
+        models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
+                "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
+                **({"merged": str(merged_dir)} if merged_dir else {})},
+        counts={**prepared.counts, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                "train_pairs_after_tokenizing": len(trainer.train_dataset), "steps": trainer.state.global_step,
+                "resumed_from_step": resumed_step, "batch_size": cfg.dpo.batch_size,
+                "grad_accum": cfg.dpo.grad_accum, "threads": threads},
+        timings=timings,
+        metrics=metrics,
+        notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}",
+               "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
+    ).write(out_dir / "manifest.json")
+    log.info("DPO adapter saved to %s (%d steps, %.1f s/step)", out_dir, trainer.state.global_step,
+             timings["seconds_per_step"])
+    return out_dir
+
+
+# --------------------------------------------------------------------------- iterative DPO
+
+RoundStage = Callable[[RunConfig, RunStore], Any]
+
+
+def round_config(cfg: RunConfig, run: RunStore, round_no: int) -> RunConfig:
+    """The config of round ``round_no`` >= 2: its own run folder, fresh samples, the run's label queue."""
+    sub = copy.deepcopy(cfg)
+    sub.runs_dir = str(run.root / "dpo_rounds")
+    sub.run_id = f"round-{round_no}"
+    sub.seed = cfg.seed + round_no - 1
+    sub.pairs.source = "judged_samples"  # new on-policy samples; revision pairs do not depend on the policy
+    sub.pairs.sampling.seed = cfg.pairs.sampling.seed + round_no - 1
+    sub.labels.db_path = str(Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.root / "labels.sqlite")
+    return sub
+
+
+def _default_stage(module: str, name: str) -> RoundStage:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _round_figures(adapter: Path, pref_path: Path | None, seconds: dict[str, float]) -> dict[str, Any]:
+    import datasets
+
+    manifest = read_manifest(adapter)
+    figures: dict[str, Any] = {"adapter": str(adapter), "counts": manifest["counts"], "metrics": manifest["metrics"],
+                               "timings": {**manifest["timings"], **seconds}}
+    if pref_path is not None:
+        rows = datasets.load_from_disk(str(pref_path)).to_list()
+        ps = [float(r["p_chosen"]) for r in rows if r.get("p_chosen") is not None]
+        figures["preferences"] = str(pref_path)
+        figures["pairs"] = len(rows)
+        figures["mean_p_chosen"] = sum(ps) / len(ps) if ps else None
+        figures["edge_cases"] = sum(1 for r in rows if r.get("edge_reasons"))
+    return figures
+
+
+def run_iterative_dpo(
+    cfg: RunConfig,
+    run: RunStore | None = None,
+    *,
+    rounds: int | None = None,
+    sample: RoundStage | None = None,
+    judge: RoundStage | None = None,
+    label: RoundStage | None = None,
+    callbacks: list[Any] | None = None,
+) -> Path:
+    """DPO in ``rounds`` rounds (default ``cfg.dpo.rounds``); returns ``models/dpo``.
+
+    Round 1 is :func:`run_dpo` on the run's preferences. Each later round works in
+    ``dpo_rounds/round-<r>/``, whose ``models/sft`` is the previous round's policy: ``sample``
+    draws new pairs from it (default :func:`cai_dpo.stages.pairs.run_pairs`), ``judge`` labels
+    them (:func:`cai_dpo.stages.judge.run_judge`), ``label`` routes edge cases into the run's
+    label queue and applies human labels (:func:`cai_dpo.labels.run_labels`), and DPO
+    continues from the previous round with it as the reference. The last round's adapter is
+    copied to ``models/dpo`` with a manifest of per-round figures.
+    """
+    run = run or RunStore(cfg.run_dir)
+    total = rounds or cfg.dpo.rounds
+    if total < 1:
+        raise ValueError("dpo.rounds must be >= 1")
+    if total == 1:
+        return run_dpo(cfg, run, callbacks=callbacks)
+    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    sample = sample or _default_stage("cai_dpo.stages.pairs", "run_pairs")
+    judge = judge or _default_stage("cai_dpo.stages.judge", "run_judge")
+    label = label or _default_stage("cai_dpo.labels", "run_labels")
+
+    with Timer() as t_total:
+        first = RunStore(run.root / "dpo_rounds" / "round-1")
+        adapter = run_dpo(cfg, run, out_dir=first.model_dir("dpo"), callbacks=callbacks)
+        figures = [{"round": 1, **_round_figures(adapter, preferences_path(run), {})}]
+        for r in range(2, total + 1):
+            sub_cfg = round_config(cfg, run, r)
+            sub = RunStore(sub_cfg.run_dir)
+            save_config(sub_cfg, sub.path("config.yaml"))
+            _copy_adapter(adapter, sub.model_dir("sft"))
+            seconds: dict[str, float] = {}
+            for name, stage in (("sample", sample), ("judge", judge), ("label", label)):
+                with Timer() as t:
+                    stage(sub_cfg, sub)
+                seconds[name] = t.seconds
+            pref = preferences_path(sub)
+            adapter = run_dpo(sub_cfg, sub, preferences=pref, start_adapter=sub.model_dir("sft"),
+                              out_dir=sub.model_dir("dpo"), callbacks=callbacks)
+            figures.append({"round": r, **_round_figures(adapter, pref, seconds)})
+            log.info("DPO round %d/%d done: %s", r, total, adapter)
+
+    out = run.model_dir("dpo")
+    _copy_adapter(adapter, out)
+    merged_dir = save_merged(out, run.model_dir("dpo-merged")) if cfg.dpo.merge and cfg.policy.quantization == "none" else None
+    last = read_manifest(adapter)
+    Manifest(
+        stage="dpo",
+        config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+        inputs=last["inputs"],
+        models={**last["models"], "adapter": str(out), "final_round_adapter": str(adapter),
+                **({"merged": str(merged_dir)} if merged_dir else {})},
+        counts={"rounds": total, "pairs_total": sum(f["counts"]["pairs_used"] for f in figures),
+                "steps_total": sum(f["counts"]["steps"] for f in figures)},
+        timings={"total": t_total.seconds},
+        metrics={"rounds": figures, **last["metrics"]},
+        notes=[f"iterative DPO, {total} rounds; round r >= 2 samples and judges new pairs from round r-1's policy "
+               "and uses that policy as its reference"],
+    ).write(out / "manifest.json")
+    return out

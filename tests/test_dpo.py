@@ -1,0 +1,335 @@
+"""DPO stage: soft-label loss, reference = SL-CAI model, learning, resume, iterative rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai_dpo.config import load_config
+from cai_dpo.models import attach_lora, load_model, save_adapter
+from cai_dpo.store import RunStore, read_manifest
+
+TOPICS = ["rivers", "stars", "bread", "chess", "trains", "music", "clouds", "honey",
+          "maps", "glass", "wolves", "paper", "salt", "bells", "kites", "lamps"]
+HELD_OUT = ["boats", "tea", "owls", "snow", "coins", "roses", "drums", "caves"]
+WORDS = "the a small quiet green old new bright simple careful useful kind warm cold long short".split()
+
+
+def synthetic_pairs(topics: list[str], seed: int, p_chosen: float = 0.9) -> list[dict]:
+    """Pairs whose chosen response always ends in 'safely' and rejected in 'dangerously'."""
+    rng = random.Random(seed)
+    rows = []
+    for t in topics:
+        body = " ".join(rng.choice(WORDS) for _ in range(4))
+        rows.append({
+            "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+            "chosen": [{"role": "assistant", "content": f"{body} {t} safely"}],
+            "rejected": [{"role": "assistant", "content": f"{body} {t} dangerously"}],
+            "p_chosen": p_chosen, "pair_id": f"{t}-{seed}", "edge_reasons": [],
+        })
+    return rows
+
+
+def write_preferences(folder: Path, rows: list[dict]) -> Path:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+def make_sft_adapter(out: Path, seed: int = 0) -> Path:
+    """A LoRA on the tiny model with random (non-zero) B, so the SL-CAI model differs from the base."""
+    cfg = load_config("tiny")
+    torch.manual_seed(seed)
+    model, tok = load_model("tiny", trainable=True)
+    model = attach_lora(model, cfg.sft.lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return save_adapter(model, tok, out, base="tiny")
+
+
+def make_run(tmp_path: Path, rows: list[dict] | None = None, **overrides) -> tuple:
+    settings = {"runs_dir": str(tmp_path / "runs"), "dpo.max_length": 80, "dpo.max_prompt_length": 48,
+                "dpo.learning_rate": 5e-3, "dpo.beta": 0.5, "dpo.save_steps": 100, **overrides}
+    cfg = load_config("tiny", settings)
+    run = RunStore(cfg.run_dir)
+    write_preferences(run.data_dir("preferences"), rows if rows is not None else synthetic_pairs(TOPICS, 0))
+    make_sft_adapter(run.model_dir("sft"))
+    return cfg, run
+
+
+def sequence_logps(model, tok, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and rejected, computed with plain forwards."""
+    out = []
+    for key in ("chosen", "rejected"):
+        totals = []
+        for r in rows:
+            prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(full, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            lp = torch.log_softmax(logits, -1)
+            totals.append(sum(lp[i - 1, ids[i]] for i in range(len(p_ids), len(ids))))
+        out.append(torch.stack(totals))
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- loss and config
+
+
+def test_conservative_loss_closed_form():
+    from cai_dpo.stages.dpo import conservative_dpo_loss
+
+    pc, pr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    rc, rr = torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
+    p, beta = torch.tensor([0.8, 0.3]), 0.5
+    # h = (pc - rc) - (pr - rr) = [1 - (-0.5), 0.5 - (-1)] = [1.5, 1.5]; beta*h = 0.75
+    sig = 1 / (1 + math.exp(-0.75))
+    expected = [-(0.8 * math.log(sig) + 0.2 * math.log(1 - sig)), -(0.3 * math.log(sig) + 0.7 * math.log(1 - sig))]
+    got = conservative_dpo_loss(pc, pr, rc, rr, p, beta)
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)
+    # p = 1 is standard sigmoid DPO: -log sigma(beta h)
+    hard = conservative_dpo_loss(pc, pr, rc, rr, torch.ones(2), beta)
+    assert hard.tolist() == pytest.approx([-math.log(sig)] * 2, rel=1e-6)
+    # p = 0.5 is minimised at h = 0: zero gradient there
+    h0 = torch.zeros(1, requires_grad=True)
+    conservative_dpo_loss(h0, torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.tensor([0.5]), beta).sum().backward()
+    assert h0.grad.abs().item() < 1e-7
+
+
+def test_config_validation_names_key_and_fix():
+    from cai_dpo.stages.dpo import trl_loss_types, validate_dpo_config
+
+    allowed = trl_loss_types()
+    assert {"sigmoid", "ipo", "robust", "hinge"} <= set(allowed)
+    cfg = load_config("tiny", {"dpo.loss_type": "nonsense"})
+    with pytest.raises(ValueError, match="dpo.loss_type.*allows: sigmoid"):
+        validate_dpo_config(cfg.dpo)
+    with pytest.raises(ValueError, match="label_mode=hard"):
+        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo"}).dpo)
+    validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "hard"}).dpo)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard"}).dpo)
+
+
+def test_training_rows_hard_mode_orients_and_drops_ties():
+    from cai_dpo.stages.dpo import split_by_prompt, training_rows
+
+    rows = synthetic_pairs(TOPICS[:3], 0)
+    rows[0]["p_chosen"], rows[1]["p_chosen"], rows[2]["p_chosen"] = 0.2, 0.5, 0.7
+    hard = training_rows(rows, "hard")
+    assert hard.counts["hard_swapped"] == 1 and hard.counts["hard_ties_dropped"] == 1
+    assert hard.rows[0]["chosen"] == rows[0]["rejected"] and all(r["p_chosen"] == 1.0 for r in hard.rows)
+    soft = training_rows(rows, "soft")
+    assert [r["p_chosen"] for r in soft.rows] == [0.2, 0.5, 0.7]
+    bad = [dict(rows[0], p_chosen=float("nan"))]
+    with pytest.raises(ValueError, match="p_chosen"):
+        training_rows(bad, "soft")
+    train, held = split_by_prompt(training_rows(synthetic_pairs(TOPICS, 0), "soft").rows, 0.25, seed=0)
+    assert len(held) == 4 and not {json.dumps(r["prompt"]) for r in held} & {json.dumps(r["prompt"]) for r in train}
+
+
+# --------------------------------------------------------------------------- trainer: reference and loss
+
+
+def _trainer(cfg, run, rows, label_mode: str):
+    """A DPO trainer built like run_dpo's."""
+    import datasets
+    from trl import DPOConfig as TrlDPOConfig
+
+    from cai_dpo.stages.dpo import _collator_class, _trainer_class, prepare_policy
+    from cai_dpo.training import common_training_args
+
+    cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, label_mode=label_mode))
+    start = prepare_policy(cfg, run.model_dir("sft"))
+    args = TrlDPOConfig(**common_training_args(cfg.dpo, run.path("ckpt-" + label_mode), seed=0),
+                        beta=cfg.dpo.beta, max_length=cfg.dpo.max_length)
+    trainer = _trainer_class()(
+        model=start.model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
+        processing_class=start.tokenizer, peft_config=start.peft_config, label_mode=label_mode,
+        max_prompt_length=cfg.dpo.max_prompt_length)
+    return trainer, start
+
+
+def _perturb_lora(model, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name and ".default." in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+
+
+def test_soft_loss_in_trainer_matches_closed_form_and_reference_is_sft(tmp_path):
+    from cai_dpo.stages.dpo import conservative_dpo_loss, training_rows
+
+    cfg, run = make_run(tmp_path)
+    rows = training_rows(synthetic_pairs(TOPICS[:2], 0), "soft").rows
+    rows[0]["p_chosen"], rows[1]["p_chosen"] = 0.9, 0.3
+    sft_model, tok = load_model("tiny", adapter=str(run.model_dir("sft")))
+    ref_c, ref_r = sequence_logps(sft_model, tok, rows)
+    base_c, _ = sequence_logps(load_model("tiny")[0], tok, rows)
+    assert not torch.allclose(ref_c, base_c, atol=1e-3), "the SFT adapter must change the model for this test"
+
+    losses = {}
+    for mode in ("soft", "hard"):
+        trainer, start = _trainer(cfg, run, rows, mode)
+        assert start.mode == "merge" and start.peft_config is not None
+        batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+        assert batch["p_chosen"].tolist() == pytest.approx([0.9, 0.3])
+        # the reference (DPO adapter switched off) is the SL-CAI model
+        got_ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, {k: v for k, v in batch.items() if k != "p_chosen"}))
+        assert got_ref.tolist() == pytest.approx(torch.cat([ref_c, ref_r]).tolist(), abs=1e-3)
+        _perturb_lora(trainer.model)
+        trainer.model.eval()
+        pol_c, pol_r = sequence_logps(trainer.model, tok, rows)
+        with torch.no_grad():
+            losses[mode] = trainer.compute_loss(trainer.model, batch).item()
+        p = torch.tensor([0.9, 0.3]) if mode == "soft" else torch.ones(2)
+        expected = conservative_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, cfg.dpo.beta).mean().item()
+        assert losses[mode] == pytest.approx(expected, rel=1e-3), mode
+    assert losses["soft"] != pytest.approx(losses["hard"], rel=1e-3)
+
+
+def test_continue_mode_reference_is_frozen_copy_of_sft(tmp_path):
+    from cai_dpo.stages.dpo import training_rows
+
+    cfg, run = make_run(tmp_path, **{"dpo.adapter_mode": "continue"})
+    rows = training_rows(synthetic_pairs(TOPICS[:2], 0), "soft").rows
+    sft_model, tok = load_model("tiny", adapter=str(run.model_dir("sft")))
+    ref_c, ref_r = sequence_logps(sft_model, tok, rows)
+    trainer, start = _trainer(cfg, run, rows, "soft")
+    assert start.mode == "continue" and "ref" in trainer.model.peft_config
+    _perturb_lora(trainer.model)  # the trained adapter moves; the reference must not
+    batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+    got = torch.cat(trainer.compute_ref_log_probs(trainer.model, {k: v for k, v in batch.items() if k != "p_chosen"}))
+    assert got.tolist() == pytest.approx(torch.cat([ref_c, ref_r]).tolist(), abs=1e-3)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_dpo_learns_the_preferred_feature_on_held_out_pairs(tmp_path):
+    from cai_dpo.engine import Engine
+    from cai_dpo.stages.dpo import implicit_reward_stats, run_dpo, split_by_prompt, training_rows
+    from cai_dpo.training import read_metrics_csv
+
+    cfg, run = make_run(tmp_path, **{"dpo.max_steps": 6, "dpo.eval_fraction": 0.25})
+    out = run_dpo(cfg, run)
+    assert out == run.model_dir("dpo")
+    note = json.loads((out / "cai_dpo_base.json").read_text())
+    assert note["base"] == "tiny" and note["merge_first"] == ["../sft"]
+
+    rows = read_metrics_csv(run.metrics_dir("dpo") / "log.csv")
+    train = [r for r in rows if "rewards/accuracies" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl_proxy"} <= set(train[0])
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+
+    manifest = read_manifest(out)
+    assert manifest["counts"]["steps"] == 6 and manifest["counts"]["eval_pairs"] == 4
+    assert manifest["inputs"]["preferences"].endswith("data/preferences")
+
+    # the saved adapter loads through its chain (base -> merge SFT -> DPO) ...
+    policy = Engine(*load_model(str(out)), progress=False)
+    reference = Engine(*load_model("tiny", adapter=str(run.model_dir("sft"))), progress=False)
+    # ... and reproduces the trainer's final eval figures on the eval split
+    _, eval_rows = split_by_prompt(training_rows(synthetic_pairs(TOPICS, 0), "soft").rows, 0.25, cfg.seed)
+    stats = implicit_reward_stats(policy, reference, eval_rows, cfg.dpo.beta)
+    assert stats["margin"] == pytest.approx(manifest["metrics"]["eval_rewards/margins"], rel=1e-3, abs=1e-4)
+    # on prompts and bodies it never saw, the chosen feature now wins
+    held = training_rows(synthetic_pairs(HELD_OUT, seed=7), "soft").rows
+    before = implicit_reward_stats(reference, reference, held, cfg.dpo.beta)
+    after = implicit_reward_stats(policy, reference, held, cfg.dpo.beta)
+    assert before["margin"] == 0 and before["accuracy"] == 0
+    assert after["accuracy"] >= 0.85 and after["margin"] > 0.1
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_step_count_in_hard_mode(tmp_path):
+    from transformers import TrainerCallback
+
+    from cai_dpo.stages.dpo import run_dpo
+    from cai_dpo.training import read_metrics_csv
+
+    class CrashAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Crash
+
+    cfg, run = make_run(tmp_path, **{"dpo.max_steps": 4, "dpo.save_steps": 2, "dpo.eval_fraction": 0.0,
+                                     "dpo.label_mode": "hard", "dpo.loss_type": "ipo"})
+    with pytest.raises(_Crash):
+        run_dpo(cfg, run, callbacks=[CrashAtStep3()])
+    assert (run.root / "checkpoints" / "dpo" / "checkpoint-2").is_dir()
+    assert not (run.model_dir("dpo") / "adapter_config.json").exists()
+    out = run_dpo(cfg, run)
+    manifest = read_manifest(out)
+    assert manifest["counts"]["resumed_from_step"] == 2 and manifest["counts"]["steps"] == 4
+    steps = [r["step"] for r in read_metrics_csv(run.metrics_dir("dpo") / "log.csv") if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    # other inputs: the old checkpoints are not reused
+    write_preferences(run.data_dir("preferences_merged"), synthetic_pairs(TOPICS, 3))
+    out = run_dpo(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, max_steps=1)), run)
+    assert read_manifest(out)["counts"]["resumed_from_step"] == 0
+    assert read_manifest(out)["inputs"]["preferences"].endswith("preferences_merged")
+
+
+def test_iterative_round_consumes_fresh_pairs(tmp_path):
+    from cai_dpo.stages.dpo import run_iterative_dpo
+
+    cfg, run = make_run(tmp_path, **{"dpo.max_steps": 2, "dpo.eval_fraction": 0.0, "dpo.rounds": 2})
+    calls = []
+    fresh = synthetic_pairs(HELD_OUT, seed=11, p_chosen=0.8)
+
+    def sample(sub_cfg, sub):
+        # the round's policy is the previous round's DPO model, loadable through its chain
+        policy_dir = sub.model_dir("sft")
+        assert json.loads((policy_dir / "cai_dpo_base.json").read_text())["base"] == "tiny"
+        load_model(str(policy_dir))
+        calls.append(("sample", sub.root, sub_cfg.pairs.source, sub_cfg.labels.db_path))
+
+    def judge(sub_cfg, sub):
+        calls.append(("judge", sub.root))
+        return write_preferences(sub.data_dir("preferences"), fresh)
+
+    out = run_iterative_dpo(cfg, run, sample=sample, judge=judge, label=lambda c, r: None)
+    round2 = run.root / "dpo_rounds" / "round-2"
+    assert [c[0] for c in calls] == ["sample", "judge"]
+    assert calls[0][1] == round2 and calls[0][2] == "judged_samples"
+    assert calls[0][3] == str(run.root / "labels.sqlite")
+    manifest = read_manifest(out)
+    figures = manifest["metrics"]["rounds"]
+    assert [f["round"] for f in figures] == [1, 2]
+    assert figures[1]["pairs"] == len(fresh) and figures[1]["counts"]["pairs_used"] == len(fresh)
+    assert figures[1]["mean_p_chosen"] == pytest.approx(0.8)
+    assert manifest["counts"]["steps_total"] == 4
+    # the final adapter chains base -> SFT -> round-1 DPO -> round-2 DPO and loads from models/dpo
+    note = json.loads((out / "cai_dpo_base.json").read_text())
+    assert [Path(p).name for p in note["merge_first"]] == ["sft", "sft"]
+    assert (out / note["merge_first"][1]).resolve() == (round2 / "models" / "sft").resolve()
+    policy, tok = load_model(str(out))
+    assert policy is not None
+
+
+def test_cli_has_dpo_command():
+    import argparse
+
+    from cai_dpo.cli import _add_dpo_commands, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_dpo_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["dpo", "--profile", "tiny", "--rounds", "2", "-o", "dpo.beta=0.2"])
+    assert args.rounds == 2 and args.func.__name__ == "_cmd_dpo"
+    assert config_from_args(args).dpo.beta == 0.2
