@@ -1,0 +1,177 @@
+"""Shared pieces of every TRL training stage (SFT, DPO, preference model).
+
+- :func:`common_training_args` — the keyword arguments every TRL config needs here:
+  fp32 on CPU (``bf16=False``, ``use_cpu`` without a GPU), bf16 on a GPU that has it,
+  step-based logging/saving/evaluation, no hub, no gradient checkpointing on CPU;
+  pass the result (plus stage-specific keys) to ``SFTConfig``/``DPOConfig``/``RewardConfig``.
+- :func:`training_callbacks` — a :class:`CsvMetricsCallback` writing ``log.csv`` into a
+  metrics folder, plus TensorBoard event files there when tensorboard is installed.
+- :func:`last_checkpoint` — the newest ``checkpoint-*`` folder to resume from, or None.
+
+Example::
+
+    args = common_training_args(cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True)
+    trainer = DPOTrainer(..., args=DPOConfig(**args, beta=cfg.dpo.beta),
+                         callbacks=training_callbacks(run.metrics_dir("dpo")))
+    trainer.train(resume_from_checkpoint=last_checkpoint(args["output_dir"]))
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from cai_dpo.store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def has_gpu() -> bool:
+    """True when a CUDA device is visible."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def tensorboard_available() -> bool:
+    """True when torch's TensorBoard writer can be imported."""
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def common_training_args(
+    section: Any,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    has_eval: bool = False,
+    save_steps: int | None = None,
+    logging_steps: int = 1,
+    save_total_limit: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for a TRL ``*Config`` from a stage's config section.
+
+    ``section`` may carry ``learning_rate``, ``epochs``, ``max_steps``, ``batch_size``,
+    ``grad_accum`` and ``save_steps`` (missing ones get defaults). ``has_eval`` turns on
+    step-based evaluation at the save interval. ``overrides`` replace any key.
+    """
+    gpu = has_gpu()
+    bf16 = False
+    if gpu:
+        import torch
+
+        bf16 = bool(torch.cuda.is_bf16_supported())
+    steps = save_steps or getattr(section, "save_steps", None) or 50
+    batch = int(getattr(section, "batch_size", 4))
+    args: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "learning_rate": float(getattr(section, "learning_rate", 1e-4)),
+        "num_train_epochs": float(getattr(section, "epochs", 1.0)),
+        "max_steps": int(getattr(section, "max_steps", -1)),
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": batch,
+        "gradient_accumulation_steps": int(getattr(section, "grad_accum", 1) or 1),
+        "logging_strategy": "steps",
+        "logging_steps": logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": steps,
+        "save_total_limit": save_total_limit,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": steps if has_eval else None,
+        "bf16": bf16,
+        "fp16": False,
+        "use_cpu": not gpu,
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "push_to_hub": False,
+        "disable_tqdm": False,
+    }
+    args.update(overrides)
+    return args
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The ``checkpoint-<step>`` folder with the highest step under ``output_dir``, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+class CsvMetricsCallback(TrainerCallback):
+    """Write every log event (train and eval) as a row of ``path`` (CSV, rewritten atomically).
+
+    Columns are ``step``, ``epoch`` and the union of numeric keys seen. On resume, rows
+    logged after the checkpoint's step are dropped so the file never repeats a step.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows = []
+        if self.path.exists() and state.global_step > 0:
+            with open(self.path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if _num(r.get("step")) <= state.global_step]
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        columns = ["step", "epoch"]
+        for r in self.rows:
+            columns.extend(k for k in r if k not in columns)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def training_callbacks(metrics_dir: str | Path) -> list[TrainerCallback]:
+    """CSV metrics (``<metrics_dir>/log.csv``) and, when installed, TensorBoard (``<metrics_dir>/tb``)."""
+    metrics_dir = Path(metrics_dir)
+    callbacks: list[TrainerCallback] = [CsvMetricsCallback(metrics_dir / "log.csv")]
+    if tensorboard_available():
+        from transformers.integrations import TensorBoardCallback
+
+        tb = TensorBoardCallback()
+        tb.logging_dir = str(metrics_dir / "tb")
+        callbacks.append(tb)
+    return callbacks
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a metrics CSV with numbers parsed (empty cells dropped)."""
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(fh)]
