@@ -16,6 +16,7 @@ its key/value cache is computed once and reused for every item of every batch.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -117,7 +118,14 @@ class Engine:
         with torch.inference_mode():
             ids = torch.tensor([prefix_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
-        return out.cache
+        return getattr(out, "cache", None) or out.past_key_values
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """Name of the key/value-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params = inspect.signature(type(base).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @staticmethod
     def _expand_cache(cache: Any, batch: int) -> Any:
@@ -178,7 +186,7 @@ class Engine:
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if cache is not None:
-                kwargs["cache"] = self._expand_cache(cache, len(batch))
+                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(batch))
             torch.manual_seed(sampling.seed * 1_000_003 + b)
             with torch.inference_mode():
                 out = self.model.generate(**kwargs)
@@ -231,7 +239,7 @@ class Engine:
             mask = torch.tensor([[1] * (P + len(seqs[i])) + [0] * (width - len(seqs[i])) for i in idx], device=self.device)
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if cache is not None:
-                kwargs["cache"] = self._expand_cache(cache, len(idx))
+                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(idx))
                 kwargs["position_ids"] = (torch.arange(width, device=self.device) + P).unsqueeze(0).expand(len(idx), -1)
             with torch.inference_mode():
                 logits = self.model(**kwargs).logits.float()
@@ -356,7 +364,7 @@ class Engine:
             mask = torch.tensor([[1] * (P + len(rows[i])) + [0] * (width - len(rows[i])) for i in idx], device=self.device)
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if cache is not None:
-                kwargs["cache"] = self._expand_cache(cache, len(idx))
+                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(idx))
                 kwargs["position_ids"] = (torch.arange(width, device=self.device) + P).unsqueeze(0).expand(len(idx), -1)
             with torch.inference_mode():
                 logits = self.model(**kwargs).logits
@@ -385,7 +393,7 @@ def naive_option_probs(model: Any, tokenizer: Any, context: str, options: Sequen
         full = tokenizer(context + opt, add_special_tokens=False)["input_ids"]
         s = _common_prefix_len([ctx, full])
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([full])).logits[0].float()
+            logits = model(input_ids=torch.tensor([full], device=model.device)).logits[0].float()
         lp = torch.log_softmax(logits, -1)
         raw.append(sum(float(lp[p - 1, full[p]]) for p in range(s, len(full))))
     t = torch.tensor(raw)

@@ -90,7 +90,6 @@ def common_training_args(
         "bf16": bf16,
         "fp16": False,
         "use_cpu": not gpu,
-        "activation_checkpointing": False,
         "report_to": "none",
         "seed": seed,
         "data_seed": seed,

@@ -15,7 +15,7 @@ from cai_dpo.models import ModelLoadError, attach_lora, load_model, merge_adapte
 
 
 def _logits(model, tokenizer, text="Hello there, how are you?"):
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         return model(**ids).logits.float()
 
