@@ -22,7 +22,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     """Options every stage command shares: profile, run id and key=value overrides."""
     p.add_argument("--profile", default="cpu-demo", help="profile name (tiny, cpu-demo, gpu-qlora) or a YAML file")
     p.add_argument("--run-id", default=None, help="run folder name under runs_dir (default: the profile's)")
-    p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-o", "-p", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. -o sl.rounds=3 (repeatable)")
 
 
@@ -86,44 +86,368 @@ def _add_foundation_commands(sub: Any) -> None:
 # (constitution validate|show|import|test, sl, sft)
 
 
+def _cmd_sl(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.sl import run_sl
+
+    out = run_sl(config_from_args(args))
+    print(f"SL-CAI dataset: {out}")
+    print(f"records: {out.parent.parent / 'records' / 'sl'}")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.sft import run_sft
+
+    out = run_sft(config_from_args(args))
+    print(f"SL-CAI adapter: {out}")
+    return 0
+
+
+def _add_sl_stage_commands(sub: Any) -> None:
+    """``sl`` (critique -> revision data) and ``sft`` (LoRA fine-tuning on it)."""
+    p = sub.add_parser("sl", help="SL-CAI data: initial answers, critique -> revision rounds -> data/sl")
+    _config_args(p)
+    p.set_defaults(func=_cmd_sl)
+
+    p = sub.add_parser("sft", help="fine-tune a LoRA adapter on data/sl -> models/sft")
+    _config_args(p)
+    p.set_defaults(func=_cmd_sft)
+
+
+def _cmd_constitution_validate(args: argparse.Namespace) -> int:
+    from cai_dpo.constitution import ConstitutionError, load_constitution, summary_line
+
+    failed = 0
+    for path in args.files:
+        try:
+            print(f"ok: {summary_line(load_constitution(path))}")
+        except (ConstitutionError, FileNotFoundError) as exc:
+            failed += 1
+            print(f"invalid: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_constitution_show(args: argparse.Namespace) -> int:
+    from cai_dpo.constitution import format_table, load_constitution
+
+    print(format_table(load_constitution(args.file)))
+    return 0
+
+
+def _cmd_constitution_import(args: argparse.Namespace) -> int:
+    from cai_dpo.constitution import import_anthropic, save_constitution, summary_line
+
+    c = import_anthropic(args.prompts_dir, name=args.name)
+    out = save_constitution(c, args.output)
+    print(f"wrote {out}: {summary_line(c)}")
+    return 0
+
+
+def _add_constitution_commands(sub: Any) -> Any:
+    """``constitution validate|show|import``; returns the subparsers for more commands."""
+    cons = sub.add_parser("constitution", help="check, show and import constitutions")
+    csub = cons.add_subparsers(dest="constitution_cmd", required=True)
+    p = csub.add_parser("validate", help="validate constitution YAML files (exit 1 if any is invalid)")
+    p.add_argument("files", nargs="+", help="constitution files or bundled names (default, socratic)")
+    p.set_defaults(func=_cmd_constitution_validate)
+
+    p = csub.add_parser("show", help="table of a constitution's principles")
+    p.add_argument("file", help="constitution file or bundled name")
+    p.set_defaults(func=_cmd_constitution_show)
+
+    p = csub.add_parser("import", help="convert the CAI paper's JSON prompt files to a constitution YAML")
+    p.add_argument("prompts_dir", help="folder with CritiqueRevisionInstructions.json and RLMadisonInstructions.json")
+    p.add_argument("output", help="output .yaml")
+    p.add_argument("--name", default="anthropic-cai", help="constitution name")
+    p.set_defaults(func=_cmd_constitution_import)
+    return csub
+
+
 def _add_sl_commands(sub: Any) -> None:
-    pass
+    _add_constitution_test_command(_add_constitution_commands(sub))
+    _add_sl_stage_commands(sub)
 
 
 # --------------------------------------------------------------------------- AI feedback and labels
 # (pairs, judge, labels export|import|status)
 
 
+def _label_queue(args: argparse.Namespace) -> Any:
+    from cai_dpo.labels import LabelQueue, queue_path
+
+    return LabelQueue(args.db or queue_path(config_from_args(args)))
+
+
+def _cmd_labels_export(args: argparse.Namespace) -> int:
+    with _label_queue(args) as queue:
+        out = queue.export_jsonl(Path(args.path))
+        status = queue.status()
+    print(f"wrote {out}: {status['queued']} pair(s), {status['labels']} label(s)")
+    return 0
+
+
+def _cmd_labels_import(args: argparse.Namespace) -> int:
+    with _label_queue(args) as queue:
+        added = queue.import_jsonl(Path(args.path))
+    print(f"imported {added['pairs']} new pair(s) and {added['labels']} new label(s) into {queue.path}")
+    return 0
+
+
+def _cmd_labels_status(args: argparse.Namespace) -> int:
+    with _label_queue(args) as queue:
+        status = queue.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"{status['db_path']}: {status['queued']} queued, {status['labeled']} labeled, "
+              f"{status['pending']} pending; choices {status['by_choice']}; reasons {status['by_reason']}")
+    return 0
+
+
+def _add_labels_commands(sub: Any) -> None:
+    labels = sub.add_parser("labels", help="human label queue: export, import, status").add_subparsers(
+        dest="labels_cmd", required=True)
+    for name, func, help_text in (
+        ("export", _cmd_labels_export, "write the queue's pairs and labels to a JSONL file"),
+        ("import", _cmd_labels_import, "add pairs and labels from a JSONL export (idempotent)"),
+        ("status", _cmd_labels_status, "queued / labeled / pending counts"),
+    ):
+        p = labels.add_parser(name, help=help_text)
+        _config_args(p)
+        p.add_argument("--db", default=None, help="label database (default: labels.db_path or <run_dir>/labels.sqlite)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            p.add_argument("path", help="JSONL file")
+        p.set_defaults(func=func)
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.pairs import run_pairs
+
+    out = run_pairs(config_from_args(args))
+    print(f"pairs: {out}")
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from cai_dpo.store import read_manifest
+    from cai_dpo.stages.judge import run_judge
+
+    out = run_judge(config_from_args(args))
+    m = read_manifest(out)
+    gate = m["metrics"].get("judge_gate") or {}
+    print(f"preferences: {out} ({m['counts']['rows']} rows, {m['counts']['by_source']})")
+    if "accuracy" in gate:
+        print(f"judge gate: accuracy {gate['accuracy']:.3f} [{gate['lo']:.3f}, {gate['hi']:.3f}] n={gate['n']}, "
+              f"threshold {gate['threshold']:.2f}: {'TRIPPED' if gate['tripped'] else 'passed'}")
+    for note in m["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_pairs_judge_commands(sub: Any) -> None:
+    """``pairs`` (sampled / revision pairs) and ``judge`` (constitution-judged soft labels)."""
+    p = sub.add_parser("pairs", help="response pairs: K samples per prompt from the SL-CAI model and/or "
+                                     "revision-vs-original pairs -> data/pairs")
+    _config_args(p)
+    p.set_defaults(func=_cmd_pairs)
+
+    p = sub.add_parser("judge", help="constitution judge: soft labels for data/pairs -> data/preferences")
+    _config_args(p)
+    p.set_defaults(func=_cmd_judge)
+
+
+def _cmd_constitution_test(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from cai_dpo.config import ModelSpec
+    from cai_dpo.constitution import load_cases, load_constitution
+    from cai_dpo.engine import Engine, set_threads
+    from cai_dpo.models import load_model
+    from cai_dpo.stages.judge import format_case_table, test_constitution
+
+    cfg = config_from_args(args)
+    constitution = load_constitution(args.file)
+    cases = load_cases(args.cases, constitution)
+    set_threads(cfg.threads)
+    spec = ModelSpec(name=args.model) if args.model else cfg.judge_model()
+    model, tokenizer = load_model(spec)
+    engine = Engine(model, tokenizer, batch_size=cfg.judge.batch_size, progress=False)
+    jc = replace(cfg.judge, few_shot=False) if args.no_few_shot else cfg.judge
+    results = test_constitution(constitution, cases, engine, jc)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2, default=str))
+    else:
+        print(format_case_table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _add_constitution_test_command(csub: Any) -> None:
+    p = csub.add_parser("test", help="run the judge over test cases and print a pass/fail table (exit 1 on a failure)")
+    p.add_argument("file", help="constitution file or bundled name")
+    p.add_argument("cases", help="cases YAML (e.g. constitutions/default_cases.yaml)")
+    _config_args(p)
+    p.add_argument("--model", default=None, help="judge model spec (default: the profile's judge)")
+    p.add_argument("--no-few-shot", action="store_true", help="leave out the constitution's comparison demos")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_constitution_test)
+
+
 def _add_feedback_commands(sub: Any) -> None:
-    pass
+    _add_pairs_judge_commands(sub)
+    _add_labels_commands(sub)
 
 
 # --------------------------------------------------------------------------- DPO
 
 
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.dpo import run_iterative_dpo
+
+    cfg = config_from_args(args)
+    if args.rounds is not None:
+        cfg.dpo.rounds = args.rounds
+    out = run_iterative_dpo(cfg)
+    print(f"DPO adapter: {out}")
+    return 0
+
+
 def _add_dpo_commands(sub: Any) -> None:
-    pass
+    p = sub.add_parser("dpo", help="DPO from the SL-CAI model on data/preferences(_merged) -> models/dpo")
+    _config_args(p)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="iterative DPO rounds (default dpo.rounds); each later round samples and judges new pairs")
+    p.set_defaults(func=_cmd_dpo)
 
 
 # --------------------------------------------------------------------------- preference model and PPO
 
 
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.rm import run_rm
+    from cai_dpo.store import read_manifest
+
+    cfg = config_from_args(args)
+    if args.backbone:
+        cfg.rm.backbone = args.backbone
+    out = run_rm(cfg)
+    held = read_manifest(out)["metrics"].get("heldout") or {}
+    print(f"preference model: {out}")
+    if held:
+        print(f"held-out: accuracy {held['accuracy']:.3f}, ECE {held['ece']:.3f} over {held['n']} pairs")
+    return 0
+
+
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.ppo import run_ppo
+    from cai_dpo.store import read_manifest
+
+    cfg = config_from_args(args)
+    if args.mode:
+        cfg.ppo.mode = args.mode
+    if args.steps is not None:
+        cfg.ppo.steps = args.steps
+    out = run_ppo(cfg, resume=not args.restart)
+    manifest = read_manifest(out)
+    print(f"{cfg.ppo.mode.upper()} adapter: {out}")
+    metrics, timings = manifest.get("metrics") or {}, manifest.get("timings") or {}
+    if metrics:
+        print(f"score {metrics['score_first']:.3f} -> {metrics['score_last']:.3f}, KL {metrics['kl_last']:.3f}; "
+              f"{timings.get('rollout_s_per_step', float('nan')):.1f} s rollout + "
+              f"{timings.get('update_s_per_step', float('nan')):.1f} s update per step")
+    return 0
+
+
 def _add_ppo_commands(sub: Any) -> None:
-    pass
+    p = sub.add_parser("rm", help="preference model on data/preferences(_merged) (soft labels) -> models/rm")
+    _config_args(p)
+    p.add_argument("--backbone", default=None,
+                   help="sl-cai (default: policy + SFT merged), base, or a sequence-classification model folder")
+    p.set_defaults(func=_cmd_rm)
+
+    p = sub.add_parser("ppo", help="PPO (RL-CAI) of the SL-CAI model against models/rm -> models/ppo")
+    _config_args(p)
+    p.add_argument("--mode", choices=["ppo", "rloo"], default=None, help="own PPO (default) or TRL's RLOO")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps (default ppo.steps)")
+    p.add_argument("--restart", action="store_true", help="ignore checkpoints/ppo and start over")
+    p.set_defaults(func=_cmd_ppo)
 
 
 # --------------------------------------------------------------------------- evaluation and report
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cai_dpo.report import render_report
+    from cai_dpo.stages.evaluate import default_models, parse_model_arg, run_eval
+    from cai_dpo.store import RunStore
+
+    cfg = config_from_args(args)
+    run = RunStore(cfg.run_dir)
+    models = default_models(cfg, run)
+    for text in args.model:
+        name, spec = parse_model_arg(text)
+        if name in models:
+            raise ValueError(f"--model {text}: name '{name}' is already used ({', '.join(models)}); pick another NAME")
+        models[name] = spec
+    path = run_eval(cfg, run, models)
+    print(f"wrote {path}")
+    if not args.no_report:
+        print(f"wrote {render_report(cfg.run_dir)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cai_dpo.report import render_report
+
+    run_dir = Path(args.run_dir) if args.run_dir else config_from_args(args).run_dir
+    print(f"wrote {render_report(run_dir)}")
+    return 0
+
+
 def _add_eval_commands(sub: Any) -> None:
-    pass
+    p = sub.add_parser("eval", help="side-by-side evaluation: harmlessness, helpfulness, evasiveness, diversity, Elo, cost")
+    _config_args(p)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
+                   help="evaluate another model too: a folder, adapter folder or hub id (repeatable)")
+    p.add_argument("--no-report", action="store_true", help="write eval/results.json only, not report/")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="render report/ (Markdown, CSV, PNG) from eval/results.json")
+    _config_args(p)
+    p.add_argument("--run-dir", default=None, help="run folder (default: the one the config names)")
+    p.set_defaults(func=_cmd_report)
 
 
 # --------------------------------------------------------------------------- pipeline
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cai_dpo.pipeline import PipelineError, run_pipeline
+
+    try:
+        cfg, results = run_pipeline(args.profile, args.overrides, args.run_id, args.from_stage, args.only, args.kernel, args.force)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    ran = sum(r.seconds for r in results)
+    print(f"run '{cfg.run_id}' complete ({ran:.0f} s of stage work): {cfg.run_dir}")
+    report = cfg.run_dir / "report" / "report.md"
+    if report.exists():
+        print(f"report: {report}")
+    return 0
+
+
 def _add_pipeline_commands(sub: Any) -> None:
-    pass
+    from cai_dpo.pipeline import stage_names
+
+    p = sub.add_parser("run", help="execute the stage notebooks in order with papermill (the whole pipeline)")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", choices=stage_names(), help="rerun from this stage on")
+    p.add_argument("--only", choices=stage_names(), help="rerun just this stage")
+    p.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel (default: this environment's python3)")
+    p.set_defaults(func=_cmd_run)
 
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [

@@ -143,6 +143,7 @@ def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str) -> No
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
         pm.execute_notebook(str(stage.path()), str(out), parameters=params, kernel_name=kernel,
                             progress_bar=False, cwd=str(Path.cwd()), log_output=False)

@@ -1,0 +1,177 @@
+"""Response pairs: sampling with cycled temperatures, dedupe, revision pairs, the mixed ratio."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cai_dpo.engine import Generation
+from cai_dpo.stages.pairs import (
+    dedupe_samples,
+    load_pairs,
+    mixed_counts,
+    run_pairs,
+    temperature_plan,
+)
+from cai_dpo.store import RunStore, read_manifest
+
+
+class ScriptedPolicy:
+    """A fake policy: the answer depends on the prompt; some prompts give duplicates or nothing."""
+
+    def __init__(self, duplicate_ids: set[str] = frozenset(), empty_ids: set[str] = frozenset()):
+        self.duplicate_ids, self.empty_ids = duplicate_ids, empty_ids
+        self.calls: list[tuple[int, float, int]] = []
+
+    def generate(self, conversations, sampling, n=1, *, prefix=None, desc=""):
+        self.calls.append((len(conversations), sampling.temperature, n))
+        out = []
+        for conv in conversations:
+            text = conv[-1]["content"]
+            row = []
+            for j in range(n):
+                if any(text == t for t in self.duplicate_ids):
+                    answer = "The same answer."
+                elif any(text == t for t in self.empty_ids):
+                    answer = "" if sampling.temperature < 1 else "  only one real answer "
+                else:
+                    answer = f"answer to {text[:20]} at T={sampling.temperature} #{j}"
+                row.append(Generation(answer, len(answer.split()), True, 10))
+            out.append(row)
+        return out
+
+
+class Exploding:
+    def generate(self, *a, **k):
+        raise AssertionError("a resumed run must not sample again")
+
+
+def _cfg(tiny_cfg, **pairs):
+    return dataclasses.replace(tiny_cfg, pairs=dataclasses.replace(tiny_cfg.pairs, **pairs))
+
+
+def _sl_records(run: RunStore, n: int = 6) -> None:
+    recs = []
+    for i in range(n):
+        recs.append({"key": f"sl{i}", "prompt_id": f"rt-{i}", "prompt": f"red team prompt {i}", "category": "violence",
+                     "initial": f"harmful answer {i}", "final": f"revised safe answer {i}",
+                     "rounds": [{"round": 1, "principle_id": "harm-physical", "critique": "c", "revision": "r",
+                                 "flags": [], "tokens": {}}], "flags": []})
+    recs.append({"key": "same", "prompt_id": "rt-same", "prompt": "unchanged", "category": "x", "initial": "Same text.",
+                 "final": "same   text.", "rounds": [], "flags": ["identical"]})
+    recs.append({"key": "empty", "prompt_id": "rt-empty", "prompt": "empty", "category": "x", "initial": "something",
+                 "final": "", "rounds": [], "flags": ["empty"]})
+    run.records("sl").append(recs)
+
+
+def test_temperature_plan_cycles():
+    assert temperature_plan(5, [0.7, 1.0]) == [0.7, 1.0, 0.7, 1.0, 0.7]
+    with pytest.raises(ValueError, match="temperatures"):
+        temperature_plan(2, [])
+
+
+def test_dedupe_drops_identical_and_empty():
+    samples = [{"text": "Hello there."}, {"text": "hello   THERE."}, {"text": "  "}, {"text": "Other."}]
+    distinct, flags = dedupe_samples(samples)
+    assert [s["text"] for s in distinct] == ["Hello there.", "Other."]
+    assert flags == {"duplicate": 1, "empty": 1}
+
+
+def test_mixed_counts():
+    assert mixed_counts(6, 10, 0.75) == (6, 2)
+    assert mixed_counts(10, 2, 0.5) == (2, 2)
+    assert mixed_counts(4, 4, 1.0) == (4, 0)
+    assert mixed_counts(4, 4, 0.0) == (0, 4)
+
+
+def test_sampling_on_the_tiny_model_and_resume(tiny_cfg):
+    cfg = _cfg(tiny_cfg, samples_per_prompt=3, temperatures=[0.7, 1.0], helpful_share=0.25)
+    run = RunStore(cfg.run_dir)
+    out = run_pairs(cfg, run)
+    records = run.records("pairs").records()
+    assert len(records) == 5  # 4 red-team train prompts + round(0.25/0.75*4) helpful
+    assert sorted(r["prompt_source"] for r in records).count("helpful") == 1
+    for r in records:
+        assert [s["temperature"] for s in r["samples"]] == [0.7, 1.0, 0.7]
+    pairs = load_pairs(run)
+    assert pairs and all(p["source"] == "judged_samples" and p["selected"] for p in pairs)
+    for p in pairs:
+        assert p["response_a"].strip() and p["response_b"].strip()
+        assert " ".join(p["response_a"].lower().split()) != " ".join(p["response_b"].lower().split())
+        assert p["meta"]["temperatures"][0] != p["meta"]["temperatures"][1]  # mixed-temperature pairs first
+    m = read_manifest(out)
+    assert m["counts"]["samples"] == 15 and m["models"]["policy"] == "tiny"
+    shards = sorted((run.root / "records" / "pairs").glob("shard-*.jsonl"))
+    run_pairs(cfg, run, engine=Exploding())
+    assert sorted((run.root / "records" / "pairs").glob("shard-*.jsonl")) == shards
+    assert load_pairs(run) == pairs
+
+
+def test_identical_and_empty_samples_are_flagged(tiny_cfg):
+    from cai_dpo.stages.pairs import stage_prompts
+
+    cfg = _cfg(tiny_cfg, samples_per_prompt=2, helpful_share=0.0)
+    texts = [p.text for p, _ in stage_prompts(cfg)]
+    policy = ScriptedPolicy(duplicate_ids={texts[0]}, empty_ids={texts[1]})
+    run = RunStore(cfg.run_dir)
+    out = run_pairs(cfg, run, engine=policy)
+    assert {(n, t) for _, t, n in policy.calls} == {(1, 0.7), (1, 1.0)}  # one call per temperature
+    recs = {r["prompt"]: r for r in run.records("pairs").records()}
+    assert recs[texts[0]]["flags"] == {"duplicate": 1, "no_distinct_pair": 1}
+    assert recs[texts[1]]["flags"] == {"empty": 1, "no_distinct_pair": 1}
+    pairs = load_pairs(run)
+    assert {p["prompt"] for p in pairs} == set(texts[2:])
+    m = read_manifest(out)
+    assert m["counts"]["sample_flags"] == {"duplicate": 1, "empty": 1, "no_distinct_pair": 2}
+
+
+def test_max_pairs_per_prompt(tiny_cfg):
+    cfg = _cfg(tiny_cfg, samples_per_prompt=4, temperatures=[0.5, 1.0], max_pairs_per_prompt=3, helpful_share=0.0)
+    run = RunStore(cfg.run_dir)
+    run_pairs(cfg, run, engine=ScriptedPolicy())
+    pairs = load_pairs(run)
+    assert len(pairs) == 4 * 3 and len({p["pair_id"] for p in pairs}) == 12
+
+
+def test_revision_vs_original_pairs_from_sl_records(tiny_cfg):
+    cfg = _cfg(tiny_cfg, source="revision_vs_original")
+    run = RunStore(cfg.run_dir)
+    _sl_records(run)
+    out = run_pairs(cfg, run, engine=Exploding())
+    pairs = load_pairs(run)
+    assert len(pairs) == 6
+    for p in pairs:
+        i = p["prompt_id"].split("-")[1]
+        assert p["source"] == "revision_vs_original" and p["label"] == "A"
+        assert p["response_a"] == f"revised safe answer {i}" and p["response_b"] == f"harmful answer {i}"
+        assert p["meta"]["principle_ids"] == ["harm-physical"] and p["category"] == "violence"
+    assert read_manifest(out)["counts"]["revision_skipped"] == {"unchanged": 1, "empty": 1}
+
+
+def test_revision_pairs_need_sl_records(tiny_cfg):
+    cfg = _cfg(tiny_cfg, source="revision_vs_original")
+    with pytest.raises(ValueError, match=r"records/sl.*cai-dpo sl"):
+        run_pairs(cfg, RunStore(cfg.run_dir))
+
+
+def test_mixed_source_respects_its_ratio(tiny_cfg):
+    cfg = _cfg(tiny_cfg, source="mixed", mixed_ratio=0.75, helpful_share=0.0)
+    run = RunStore(cfg.run_dir)
+    _sl_records(run)
+    out = run_pairs(cfg, run, engine=ScriptedPolicy())
+    pairs = load_pairs(run)
+    selected = [p for p in pairs if p["selected"]]
+    by = {s: sum(p["source"] == s for p in selected) for s in ("revision_vs_original", "judged_samples")}
+    assert by == {"revision_vs_original": 6, "judged_samples": 2}
+    reserve = [p for p in pairs if not p["selected"]]
+    assert reserve and all(p["source"] == "judged_samples" for p in reserve)
+    m = read_manifest(out)
+    assert m["counts"]["revision_share_selected"] == pytest.approx(0.75)
+    assert m["counts"]["prompts"] == 3  # 2 needed + 1 spare; not every prompt is sampled
+    half = _cfg(tiny_cfg, source="mixed", mixed_ratio=0.5, helpful_share=0.0)
+    run2 = RunStore(half.run_dir.parent / "half")
+    _sl_records(run2)
+    run_pairs(half, run2, engine=ScriptedPolicy())
+    sel = [p for p in load_pairs(run2) if p["selected"]]
+    assert sum(p["source"] == "revision_vs_original" for p in sel) == sum(p["source"] == "judged_samples" for p in sel) == 4
