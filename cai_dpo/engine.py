@@ -222,41 +222,47 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    def _token_logprobs(self, seqs: list[list[int]], starts: list[int], prefix_ids: list[int], desc: str) -> list[list[float]]:
-        """Per-token log-probs of ``seq[start:]`` for each sequence (prefix excluded), batched."""
+    def _tail_logprobs(self, rows: list[list[int]], cache: Any, P: int, keep: int) -> Any:
+        """Log-softmax of the last ``keep`` positions of left-padded ``rows`` (after a prefix of ``P`` tokens).
+
+        Left padding puts every row's end at the same place, so the vocabulary projection
+        runs on ``keep`` positions only instead of the whole sequence.
+        """
         import torch
 
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        body = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        mask = torch.cat([torch.ones(len(rows), P, dtype=body.dtype, device=self.device), body], dim=1)
+        positions = (body.cumsum(-1) - 1).clamp(min=0) + P
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = self._expand_cache(cache, len(rows))
+        with torch.inference_mode():
+            logits = self.model(**kwargs).logits[:, -keep:].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def _token_logprobs(self, seqs: list[list[int]], starts: list[int], prefix_ids: list[int], desc: str) -> list[list[float]]:
+        """Per-token log-probs of ``seq[start:]`` for each sequence (prefix excluded), batched."""
         cache = self._prefix_cache(prefix_ids) if prefix_ids else None
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         out: list[list[float]] = [[] for _ in seqs]
         bar = _progress(len(seqs), desc, "seq", self.progress)
         P = len(prefix_ids)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in idx], device=self.device)
-            mask = torch.tensor([[1] * (P + len(seqs[i])) + [0] * (width - len(seqs[i])) for i in idx], device=self.device)
-            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-            if cache is not None:
-                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(idx))
-                kwargs["position_ids"] = (torch.arange(width, device=self.device) + P).unsqueeze(0).expand(len(idx), -1)
-            with torch.inference_mode():
-                logits = self.model(**kwargs).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            for row, i in enumerate(idx):
-                s = starts[i]
-                if P == 0 and s == 0:
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            for i in idx:
+                if P == 0 and starts[i] == 0:
                     raise ValueError("a completion needs a non-empty context to be scored")
-                # token t at position p is predicted by logits at p-1 (the prefix's last position for p == 0)
-                values = []
-                for p in range(s, len(seqs[i])):
-                    if p == 0:
-                        values.append(float("nan"))
-                    else:
-                        values.append(float(logp[row, p - 1, seqs[i][p]]))
-                if s == 0 and P:
-                    values[0] = self._prefix_last_logprob(prefix_ids, seqs[i][0])
+            keep = max(len(seqs[i]) - max(starts[i], 1) for i in idx) + 1
+            logp = self._tail_logprobs([seqs[i] for i in idx], cache, P, keep)
+            for row, i in enumerate(idx):
+                seq, s = seqs[i], starts[i]
+                # token p is predicted by the logits one position before it; kept index = keep - len + p - 1
+                values = [float("nan") if p == 0 else float(logp[row, keep - len(seq) + p - 1, seq[p]]) for p in range(s, len(seq))]
+                if s == 0:
+                    values[0] = self._prefix_last_logprob(prefix_ids, seq[0])
                 out[i] = values
             bar.update(len(idx))
         bar.close()
@@ -349,31 +355,18 @@ class Engine:
 
     def _last_logprobs(self, rows: list[list[int]], prefix_ids: list[int], desc: str) -> list[Any]:
         """Log-softmax of the next-token logits after each row (one forward pass per batch)."""
-        import torch
-
         cache = self._prefix_cache(prefix_ids) if prefix_ids else None
-        P = len(prefix_ids)
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
         out: list[Any] = [None] * len(rows)
         bar = _progress(len(rows), desc, "ctx", self.progress)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(rows[i]) for i in idx)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in idx], device=self.device)
-            mask = torch.tensor([[1] * (P + len(rows[i])) + [0] * (width - len(rows[i])) for i in idx], device=self.device)
-            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-            if cache is not None:
-                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(idx))
-                kwargs["position_ids"] = (torch.arange(width, device=self.device) + P).unsqueeze(0).expand(len(idx), -1)
-            with torch.inference_mode():
-                logits = self.model(**kwargs).logits
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            logp = self._tail_logprobs([rows[i] for i in idx], cache, len(prefix_ids), 1)
             for row, i in enumerate(idx):
-                out[i] = torch.log_softmax(logits[row, len(rows[i]) - 1].float(), -1).cpu()
+                out[i] = logp[row, -1].cpu()
             bar.update(len(idx))
         bar.close()
         return out
-
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
