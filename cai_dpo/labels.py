@@ -537,6 +537,12 @@ def open_queue(cfg: RunConfig) -> LabelQueue:
     return LabelQueue(queue_path(cfg))
 
 
+def preferences_path(run: RunStore) -> Path:
+    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
+    merged = run.root / "data" / "preferences_merged"
+    return merged if (merged / "dataset_info.json").exists() else run.root / "data" / "preferences"
+
+
 def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Route edge cases of ``data/preferences`` into the queue, merge the labels so far and
     write ``data/preferences_merged`` (with a manifest). Safe to rerun: pairs are queued once."""

@@ -61,6 +61,7 @@ from cai_dpo.models import (
     merge_adapter,
     save_adapter,
 )
+from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
 from cai_dpo.training import common_training_args, last_checkpoint, read_metrics_csv, training_callbacks
 
@@ -240,12 +241,6 @@ def _trainer_class() -> type:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def preferences_path(run: RunStore) -> Path:
-    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
-    merged = run.root / "data" / "preferences_merged"
-    return merged if (merged / "dataset_info.json").exists() else run.root / "data" / "preferences"
 
 
 def dataset_hash(folder: Path) -> str:

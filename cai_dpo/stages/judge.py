@@ -359,13 +359,10 @@ def judge_comparisons(engine: Any, constitution: Any, comparisons: Sequence[Comp
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion (``(0, 1)`` when n is 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from cai_dpo.metrics import rate_ci
+
+    _, lo, hi = rate_ci(successes, n, z)
+    return lo, hi
 
 
 def parse_hhh(row: dict[str, Any]) -> dict[str, Any]:

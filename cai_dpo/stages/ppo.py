@@ -382,7 +382,8 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     """Training prompts: those of the preference data, else of ``data/sl``, else the configured prompt sets (train split)."""
     from datasets import load_from_disk
 
-    from cai_dpo.stages.rm import as_conversation, preferences_path
+    from cai_dpo.labels import preferences_path
+    from cai_dpo.stages.rm import as_conversation
 
     seen: dict[str, Conversation] = {}
     pref = preferences_path(run)

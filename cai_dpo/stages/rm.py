@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
+from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, file_hash
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,6 @@ def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], p
 
 
 # --------------------------------------------------------------------------- data
-
-
-def preferences_path(run: RunStore) -> Path:
-    """``data/preferences_merged`` when it exists, else ``data/preferences``."""
-    merged = run.root / "data" / "preferences_merged"
-    return merged if merged.exists() else run.root / "data" / "preferences"
 
 
 def load_preferences(run: RunStore) -> tuple[Any, Path]:
