@@ -33,6 +33,8 @@ from cai_dpo.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_NOTE = "cai_dpo_inputs.json"
+
 
 def has_gpu() -> bool:
     """True when a CUDA device is visible."""
@@ -99,6 +101,27 @@ def common_training_args(
     }
     args.update(overrides)
     return args
+
+
+def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
+    """The checkpoint in ``folder`` to resume from, after clearing checkpoints made from other inputs.
+
+    ``note`` describes the inputs and settings (JSON-safe); it is stored beside the
+    checkpoints, and a different note means they cannot be resumed.
+    """
+    import json
+    import shutil
+
+    from cai_dpo.store import atomic_write_json
+
+    folder = Path(folder)
+    path = folder / CHECKPOINT_NOTE
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(note)):
+        log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, note)
+    return last_checkpoint(folder)
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

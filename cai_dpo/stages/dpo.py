@@ -63,11 +63,10 @@ from cai_dpo.models import (
 )
 from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
-from cai_dpo.training import common_training_args, last_checkpoint, read_metrics_csv, training_callbacks
+from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NOTE = "cai_dpo_inputs.json"
 # TRL 1.16's loss types; used only when they cannot be read from the installed DPOConfig.
 _FALLBACK_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -432,17 +431,6 @@ def implicit_reward_stats(policy: Engine, reference: Engine, rows: Sequence[dict
 # --------------------------------------------------------------------------- the stage
 
 
-def _prepare_checkpoints(folder: Path, note: dict[str, Any]) -> str | None:
-    """The checkpoint to resume from, after clearing checkpoints made from other inputs."""
-    path = folder / CHECKPOINT_NOTE
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(note)):
-        log.info("DPO inputs changed since the checkpoints in %s were written; starting over", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, note)
-    return last_checkpoint(folder)
-
-
 def _final(rows: list[dict[str, float]], key: str) -> float | None:
     values = [r[key] for r in rows if key in r]
     return values[-1] if values else None
@@ -488,7 +476,7 @@ def run_dpo(
     ckpt_dir = run.root / "checkpoints" / out_dir.name
     note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
             "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": start.mode}
-    resume = _prepare_checkpoints(ckpt_dir, note)
+    resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
     args = TrlDPOConfig(
         **common_training_args(cfg.dpo, ckpt_dir, seed=cfg.seed, has_eval=bool(eval_rows)),

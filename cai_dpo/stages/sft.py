@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, save_adapter
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
-from cai_dpo.training import common_training_args, last_checkpoint, read_metrics_csv, training_callbacks
+from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NOTE = "cai_dpo_inputs.json"
 
 
 def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
@@ -101,17 +99,6 @@ def _load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
     set_peft_model_state_dict(model, load_file(str(weights)))
 
 
-def _prepare_checkpoints(folder: Path, note: dict[str, Any]) -> str | None:
-    """The checkpoint to resume from, after clearing checkpoints made from other inputs."""
-    path = folder / CHECKPOINT_NOTE
-    if folder.exists() and path.exists() and json.loads(path.read_text()) != note:
-        log.info("SFT inputs changed since the checkpoints in %s were written; starting over", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, note)
-    return last_checkpoint(folder)
-
-
 def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Train the SL-CAI adapter on ``data/sl``; returns ``models/sft``."""
     import datasets
@@ -147,7 +134,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 
     ckpt_dir = run.root / "checkpoints" / "sft"
-    resume = _prepare_checkpoints(ckpt_dir, note)
+    resume = resume_checkpoint(ckpt_dir, note)
     args = common_training_args(cfg.sft, ckpt_dir, seed=cfg.seed, has_eval=eval_ds is not None)
     sft_args = SFTConfig(
         **args,
