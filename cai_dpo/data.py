@@ -228,7 +228,13 @@ def load_jsonl(path: str | Path, source: str | None = None, text_field: str | No
     """Prompts from a JSON-lines file."""
     path = Path(path)
     src = source or path.stem
-    out = []
+    out = [_row_to_prompt(row, path, i, src, text_field) for i, row in _jsonl_objects(path)]
+    return _finish(out, path)
+
+
+def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line; errors name the file and line."""
+    rows = []
     for i, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -238,8 +244,8 @@ def load_jsonl(path: str | Path, source: str | None = None, text_field: str | No
             raise PromptFileError(f"not valid JSON ({exc.msg}, column {exc.colno})", file=path, line=i) from exc
         if not isinstance(row, dict):
             raise PromptFileError(f"expected a JSON object, got {type(row).__name__}", file=path, line=i)
-        out.append(_row_to_prompt(row, path, i, src, text_field))
-    return _finish(out, path)
+        rows.append((i, row))
+    return rows
 
 
 def load_json_array(path: str | Path, source: str | None = None, text_field: str | None = None) -> list[Prompt]:
@@ -460,15 +466,7 @@ def load_checkset(spec: str | Path = "bundled:judge_checkset") -> list[CheckPair
     if not path.exists():
         raise FileNotFoundError(f"{spec}: check set not found")
     out = []
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(f"not valid JSON ({exc.msg})", file=path, line=i) from exc
-        if not isinstance(row, dict):
-            raise PromptFileError("expected a JSON object", file=path, line=i)
+    for i, row in _jsonl_objects(path):
         for key in ("prompt", "better", "worse", "category"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise PromptFileError("missing or empty", file=path, line=i, field=key)
