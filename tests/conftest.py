@@ -41,6 +41,28 @@ def tiny_model(tiny_path):
 
 
 @pytest.fixture()
+def perturbed_lora(tiny_path):
+    """Factory: the tiny model with a LoRA adapter whose B matrices are random, so it changes outputs."""
+
+    def make(scale: float = 0.5, seed: int = 0):
+        import torch
+
+        from cai_dpo.config import LoraConfig
+        from cai_dpo.models import attach_lora, load_model
+
+        torch.manual_seed(seed)
+        model, tok = load_model("tiny", trainable=True)
+        peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * scale)
+        return peft_model, tok
+
+    return make
+
+
+@pytest.fixture()
 def tiny_cfg(tmp_path):
     """The tiny profile with its run folder under a temp dir."""
     from cai_dpo.config import load_config

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from cai_dpo.config import LoraConfig, ModelSpec
-from cai_dpo.models import ModelLoadError, attach_lora, load_model, merge_adapter, save_adapter
+from cai_dpo.config import ModelSpec
+from cai_dpo.models import ModelLoadError, load_model, merge_adapter, save_adapter
 
 
 def _logits(model, tokenizer, text="Hello there, how are you?"):
@@ -50,14 +50,8 @@ def test_quantized_loading_on_cpu(tiny_path, quant):
     assert torch.isfinite(logits).all()
 
 
-def test_lora_attach_save_load_merge(tmp_path, tiny_path):
-    torch.manual_seed(0)
-    model, tok = load_model("tiny", trainable=True)
-    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.5)
+def test_lora_attach_save_load_merge(tmp_path, perturbed_lora):
+    peft_model, tok = perturbed_lora()
     peft_model.eval()
     expected = _logits(peft_model, tok)
     with peft_model.disable_adapter():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai_dpo.config import LoraConfig, load_config
+from cai_dpo.config import load_config
 from cai_dpo.stages.rm import (
     RewardScorer,
     expected_calibration_error,
@@ -145,18 +145,12 @@ def test_preference_model_learns_separable_pairs(tmp_path):
     assert sum(c > r for c, r in zip(ca, ra)) >= 11
 
 
-def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, tiny_path):
-    from cai_dpo.models import attach_lora, load_model, save_adapter
+def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, perturbed_lora):
+    from cai_dpo.models import load_model, save_adapter
 
     cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0})
     run = RunStore(cfg.run_dir)
-    torch.manual_seed(0)
-    base, tok = load_model("tiny", trainable=True)
-    sft = attach_lora(base, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in sft.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.5)
+    sft, tok = perturbed_lora()
     save_adapter(sft, tok, run.model_dir("sft"), base="tiny")
     out = run_rm(cfg, run, preferences=synthetic_preferences(6, 2))
     note = json.loads((out / "cai_dpo_base.json").read_text())
