@@ -4,7 +4,9 @@ Prints JSON: tokens/s of the engine (batched, length-sorted) and of a loop calli
 ``model.generate`` once per prompt, their ratio (``generation_ratio``), the machine's
 float32 matmul GFLOP/s measured in the same run and the engine's share of that
 roofline (about 2 x parameters FLOPs per generated token); then ``score_options``
-pairs/s against generating the answer letter per pair (``scoring_ratio``).
+pairs/s against generating the answer letter per pair (``scoring_ratio``), both on the
+judge's real multiple-choice contexts (few-shot demos of the default constitution, the
+bundled judge check pairs in both orders, principles in turn).
 
     python bench/bench_generation.py [--prompts 64] [--naive-prompts 16] [--new-tokens 64]
 """
@@ -18,10 +20,12 @@ import time
 
 import torch
 
-from cai_dpo.config import SamplingConfig
-from cai_dpo.data import load_prompts
+from cai_dpo.config import JudgeConfig, SamplingConfig
+from cai_dpo.constitution import load_constitution
+from cai_dpo.data import load_checkset, load_prompts
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.models import load_model
+from cai_dpo.stages.judge import OPTIONS, JudgePrompter
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -49,11 +53,24 @@ def naive_generation(model, tokenizer, convs, sampling: SamplingConfig) -> tuple
     return tokens, time.perf_counter() - t0
 
 
-def naive_letter_scoring(model, tokenizer, contexts: list[str]) -> float:
-    """Generate the answer letter greedily per context; returns seconds."""
+def judge_contexts(engine: Engine, n: int) -> tuple[str | None, list[str]]:
+    """The judge's few-shot prefix and ``n`` contexts: check pairs in both orders, principles in turn."""
+    constitution = load_constitution("default")
+    prompter = JudgePrompter(engine, constitution, JudgeConfig(few_shot=True))
+    pairs, principles = load_checkset(), constitution.principles
+    contexts = []
+    for k in range(n):
+        pair, pid = pairs[k % len(pairs)], principles[k % len(principles)].id
+        a, b = (pair.better, pair.worse) if (k // len(pairs)) % 2 == 0 else (pair.worse, pair.better)
+        contexts.append(prompter.context(pair.prompt, a, b, pid))
+    return prompter.prefix, contexts
+
+
+def naive_letter_scoring(model, tokenizer, texts: list[str]) -> float:
+    """Generate the answer letter greedily per full judge text; returns seconds."""
     t0 = time.perf_counter()
-    for ctx in contexts:
-        ids = tokenizer(ctx, return_tensors="pt", add_special_tokens=False)
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return time.perf_counter() - t0
@@ -89,15 +106,12 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     engine_tps, naive_tps = engine_tokens / engine_s, naive_tokens / naive_s
 
-    contexts = [
-        engine.render(c) + "Consider two answers. Which is more helpful?\n(A) a short answer\n(B) a long answer\nThe answer is:"
-        for c in convs[: args.pairs]
-    ]
+    prefix, contexts = judge_contexts(engine, args.pairs)
     t0 = time.perf_counter()
-    engine.score_options(contexts)
+    engine.score_options(contexts, OPTIONS, prefix=prefix)
     score_s = time.perf_counter() - t0
-    naive_score_s = naive_letter_scoring(model, tokenizer, contexts[: max(8, args.pairs // 4)])
     naive_pairs = max(8, args.pairs // 4)
+    naive_score_s = naive_letter_scoring(model, tokenizer, [(prefix or "") + c for c in contexts[:naive_pairs]])
 
     print(json.dumps({
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": threads,
@@ -111,6 +125,8 @@ def main() -> None:
         "generation_ratio": round(engine_tps / naive_tps, 2),
         "matmul_gflops": round(gflops, 1),
         "engine_roofline_share": round(engine_tps * 2 * params / 1e9 / gflops, 3),
+        "judge_context_tokens": {"prefix": len(engine.encode(prefix or "")),
+                                 "mean_context": round(sum(len(engine.encode(c)) for c in contexts) / len(contexts), 1)},
         "score_pairs_per_s": round(len(contexts) / score_s, 1),
         "naive_letter_pairs_per_s": round(naive_pairs / naive_score_s, 1),
         "scoring_ratio": round((len(contexts) / score_s) / (naive_pairs / naive_score_s), 2),

@@ -5,12 +5,15 @@ Every stage talks to models through :class:`Engine`:
 - :meth:`Engine.generate` — sampled or greedy completions for chat conversations,
   length-sorted into batches, left-padded, stopped at EOS, seeded per batch;
 - :meth:`Engine.score_options` — normalised probabilities of option continuations
-  (``" (A)"`` vs ``" (B)"``) from one forward pass per context when the options differ
-  in a single token;
+  (``" (A)"`` vs ``" (B)"``): one forward pass per context, the options' differing
+  tokens branched from its key/value cache;
 - :meth:`Engine.logprob` — summed and per-token log-probs of completions.
 
-A long shared prefix (few-shot examples, a system prompt) can be passed as ``prefix``:
-its key/value cache is computed once and reused for every item of every batch.
+Shared prefixes are computed once: an explicit ``prefix`` (few-shot examples, a system
+prompt) and, per batch, whatever leading tokens all of its rows have in common (the chat
+template's system prompt, a judge's instructions). Decoding is the engine's own loop:
+rows that reach EOS leave the batch, and nucleus sampling avoids a full-vocabulary sort
+(:mod:`cai_dpo.sampling`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import SamplingConfig
+from cai_dpo.sampling import next_tokens
 
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
+
+MIN_SHARED_TOKENS = 8  # below this, recomputing a common prefix per row costs less than caching it
 
 
 @dataclass
@@ -68,6 +74,16 @@ class EngineStats:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
+@dataclass
+class _Prefill:
+    """A batch after its prompt pass: kept logits, the cache, attention mask and last positions."""
+
+    logits: Any
+    cache: Any
+    mask: Any
+    last_position: Any
+
+
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -77,11 +93,14 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
 class Engine:
     """Generation and scoring for one model + tokenizer pair."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = True, max_length: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = True, max_length: int | None = None,
+                 max_batch_tokens: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+        # scoring batches are also capped in tokens: on CPU, passes much larger than this run slower per token
+        self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
         self.stats = EngineStats()
         cfg = getattr(model, "config", None)
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 2048
@@ -111,14 +130,7 @@ class Engine:
                 "shorten the prompt or lower max_new_tokens"
             )
 
-    def _prefix_cache(self, prefix_ids: list[int]) -> Any:
-        """Key/value cache of ``prefix_ids`` (batch of one)."""
-        import torch
-
-        with torch.inference_mode():
-            ids = torch.tensor([prefix_ids], device=self.device)
-            out = self.model(input_ids=ids, use_cache=True)
-        return getattr(out, "cache", None) or out.past_key_values
+    # ------------------------------------------------------------------ forward passes
 
     @property
     def _cache_kwarg(self) -> str:
@@ -127,11 +139,84 @@ class Engine:
         params = inspect.signature(type(base).forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
-    @staticmethod
-    def _expand_cache(cache: Any, batch: int) -> Any:
-        expanded = copy.deepcopy(cache)
-        expanded.batch_repeat_interleave(batch)
-        return expanded
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, keep: int) -> tuple[Any, Any]:
+        """Logits of the last ``keep`` positions and the (extended) key/value cache."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                  "use_cache": True, "logits_to_keep": keep}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        out = self.model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        return out.logits, new_cache if new_cache is not None else out.past_key_values
+
+    @property
+    def _branching_masks(self) -> bool:
+        """Whether the attention takes custom 4D masks (sdpa and eager do; flash-attention kernels do not)."""
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        return impl in ("sdpa", "eager")
+
+    def _prefill(self, rows: list[list[int]], limits: list[int], keep: int, shared: _SharedPrefixes,
+                 branches: list[list[list[int]]] | None = None) -> _Prefill:
+        """One forward pass over left-padded ``rows``, reusing the cache of their common prefix.
+
+        ``limits[i]`` is how many leading tokens of row ``i`` may come from a cache (the
+        positions whose logits are needed must be computed here). ``branches[i]`` are
+        continuations of row ``i`` placed after it side by side: each attends to the row and
+        to its own earlier tokens only, so K option tails cost K short branches, not K rows.
+        Returns the logits of the row's last ``keep`` positions followed by every branch position.
+        """
+        import torch
+
+        dev = self.device
+        c = min(_common_prefix_len(rows), *limits)
+        c = c if c >= MIN_SHARED_TOKENS else 0
+        cache = shared.get(rows[0][:c], len(rows)) if c else None
+        rest = [r[c:] for r in rows]
+        width = max(len(r) for r in rest)
+        pad = self.tokenizer.pad_token_id
+        body = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=dev)
+        mask = torch.cat([torch.ones(len(rows), c, dtype=body.dtype, device=dev), body], dim=1)
+        positions = (body.cumsum(-1) - 1).clamp(min=0) + c
+        ids = [[pad] * (width - len(r)) + r for r in rest]
+        n_branch = 0
+        attention: Any = mask
+        if branches:
+            n_branch = max(sum(len(t) for t in per) for per in branches)
+            attention, branch_positions = self._branch_layout(ids, body, branches, c, n_branch)
+            positions = torch.cat([positions, positions[:, -1:] + branch_positions], dim=1)
+        logits, cache = self._forward(torch.tensor(ids, device=dev), attention, positions, cache, keep + n_branch)
+        return _Prefill(logits[:, -(keep + n_branch):], cache, mask, positions[:, width - 1])
+
+    def _branch_layout(self, ids: list[list[int]], body: Any, branches: list[list[list[int]]], c: int,
+                       n_branch: int) -> tuple[Any, Any]:
+        """Append each row's branches to ``ids`` (in place); return the 4D additive mask and branch position offsets."""
+        import torch
+
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        group, order, offset = [], [], []  # per branch column: which branch (-1 padding), index inside it
+        for row, per in zip(ids, branches):
+            g, o = [], []
+            for k, tail in enumerate(per):
+                g += [k + 1] * len(tail)
+                o += list(range(len(tail)))
+            row += [t for tail in per for t in tail] + [pad] * (n_branch - len(g))
+            group.append(g + [-1] * (n_branch - len(g)))
+            order.append(o + [0] * (n_branch - len(o)))
+            offset.append([x + 1 for x in o] + [0] * (n_branch - len(o)))
+        width = body.shape[1]
+        cols = torch.arange(width, device=dev).expand_as(body)
+        q_group = torch.cat([torch.where(body.bool(), 0, -1), torch.tensor(group, device=dev)], dim=1)
+        q_order = torch.cat([cols, torch.tensor(order, device=dev)], dim=1)
+        k_group = torch.cat([torch.zeros(len(ids), c, dtype=q_group.dtype, device=dev), q_group], dim=1)
+        k_order = torch.cat([torch.full((len(ids), c), -1, device=dev), q_order], dim=1)
+        same = (q_group[:, :, None] == k_group[:, None, :]) & (k_order[:, None, :] <= q_order[:, :, None])
+        context_for_branch = (k_group[:, None, :] == 0) & (q_group[:, :, None] > 0)
+        allowed = (k_group[:, None, :] >= 0) & (same | context_for_branch)
+        allowed[:, torch.arange(allowed.shape[1]), c + torch.arange(allowed.shape[1])] = True  # padding sees itself
+        dtype = self.model.get_input_embeddings().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        return additive[:, None], torch.tensor(offset, device=dev)
 
     # ------------------------------------------------------------------ generation
 
@@ -149,8 +234,6 @@ class Engine:
         ``prefix`` (rendered text) is prepended to every rendered conversation and its
         cache computed once. Results are reproducible for the same inputs, seed and batch size.
         """
-        import torch
-
         sampling = sampling or SamplingConfig()
         prefix_ids = self.encode(prefix) if prefix else []
         items = []
@@ -158,58 +241,75 @@ class Engine:
             ids = self.encode(self.render(conv))
             self._check_length(len(prefix_ids) + len(ids), sampling.max_new_tokens, f"conversation {ci}")
             for si in range(n):
-                items.append((ci, si, ids))
+                items.append((ci, si, prefix_ids + ids))
         order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))
         results: list[list[Generation | None]] = [[None] * n for _ in conversations]
-        cache = self._prefix_cache(prefix_ids) if prefix_ids else None
-        eos_ids = self._eos_ids()
+        shared = _SharedPrefixes(self)
+        eos_ids = set(self._eos_ids())
         bar = _progress(len(items), desc, "seq", self.progress)
         bs = max(1, sampling.batch_size or self.batch_size)
         for b, start in enumerate(range(0, len(order), bs)):
             batch = [items[i] for i in order[start : start + bs]]
             t0 = time.perf_counter()
-            width = max(len(it[2]) for it in batch)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([prefix_ids + [pad] * (width - len(it[2])) + it[2] for it in batch], device=self.device)
-            mask = torch.tensor(
-                [[1] * len(prefix_ids) + [0] * (width - len(it[2])) + [1] * len(it[2]) for it in batch], device=self.device
-            )
-            kwargs: dict[str, Any] = dict(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos_ids,
-            )
-            if sampling.do_sample and sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if cache is not None:
-                kwargs[self._cache_kwarg] = self._expand_cache(cache, len(batch))
-            torch.manual_seed(sampling.seed * 1_000_003 + b)
-            with torch.inference_mode():
-                out = self.model.generate(**kwargs)
-            new = out[:, input_ids.shape[1] :].tolist()
+            new = self._decode([it[2] for it in batch], sampling, eos_ids, seed=sampling.seed * 1_000_003 + b, shared=shared)
             n_new = 0
-            for (ci, si, ids), toks in zip(batch, new):
-                cut, finished = len(toks), False
-                for j, t in enumerate(toks):
-                    if t in eos_ids:
-                        cut, finished = j, True
-                        break
-                text = self.tokenizer.decode(toks[:cut], skip_special_tokens=True).strip()
-                results[ci][si] = Generation(text, cut, finished, len(prefix_ids) + len(ids))
-                n_new += cut
-            dt = time.perf_counter() - t0
+            for (ci, si, ids), (toks, finished) in zip(batch, new):
+                text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                results[ci][si] = Generation(text, len(toks), finished, len(ids))
+                n_new += len(toks)
             self.stats.generated_tokens += n_new
-            self.stats.prompt_tokens += sum(len(it[2]) + len(prefix_ids) for it in batch)
-            self.stats.generate_seconds += dt
+            self.stats.prompt_tokens += sum(len(it[2]) for it in batch)
+            self.stats.generate_seconds += time.perf_counter() - t0
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self.stats.tokens_per_second():.1f}")
         bar.close()
         log.info("%s: %d sequences, %d tokens, %.1f tok/s", desc, len(items), self.stats.generated_tokens, self.stats.tokens_per_second())
         return results  # type: ignore[return-value]
+
+    def _decode(self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int,
+                shared: _SharedPrefixes) -> list[tuple[list[int], bool]]:
+        """New tokens (EOS excluded) and whether EOS was reached, per row; finished rows leave the batch."""
+        import torch
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        tokens: list[list[int]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        alive = list(range(len(rows)))
+        with torch.inference_mode():
+            state = self._prefill(rows, [len(r) - 1 for r in rows], 1, shared)
+            logits, cache, mask, position = state.logits[:, -1], state.cache, state.mask, state.last_position
+            for step in range(sampling.max_new_tokens):
+                chosen = next_tokens(logits, sampling, generator)
+                keep = []
+                for j, (r, t) in enumerate(zip(alive, chosen.tolist())):
+                    if t in eos_ids:
+                        finished[r] = True
+                    else:
+                        tokens[r].append(t)
+                        keep.append(j)
+                if not keep or step == sampling.max_new_tokens - 1:
+                    break
+                if len(keep) < len(alive):
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask, position, chosen = mask[idx], position[idx], chosen[idx]
+                    alive = [alive[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+                position = position + 1
+                logits, cache = self._forward(chosen[:, None], mask, position[:, None], cache, 1)
+                logits = logits[:, -1]
+        return list(zip(tokens, finished))
+
+    def _scoring_batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """``order`` (longest first) cut into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens."""
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and len(batches[-1]) < self.batch_size and \
+                    (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.max_batch_tokens:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -222,72 +322,19 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    def _tail_logprobs(self, rows: list[list[int]], cache: Any, P: int, keep: int) -> Any:
-        """Log-softmax of the last ``keep`` positions of left-padded ``rows`` (after a prefix of ``P`` tokens).
-
-        Left padding puts every row's end at the same place, so the vocabulary projection
-        runs on ``keep`` positions only instead of the whole sequence.
-        """
-        import torch
-
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        body = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        mask = torch.cat([torch.ones(len(rows), P, dtype=body.dtype, device=self.device), body], dim=1)
-        positions = (body.cumsum(-1) - 1).clamp(min=0) + P
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
-        if cache is not None:
-            kwargs[self._cache_kwarg] = self._expand_cache(cache, len(rows))
-        with torch.inference_mode():
-            logits = self.model(**kwargs).logits[:, -keep:].float()
-        return torch.log_softmax(logits, dim=-1)
-
-    def _token_logprobs(self, seqs: list[list[int]], starts: list[int], prefix_ids: list[int], desc: str) -> list[list[float]]:
-        """Per-token log-probs of ``seq[start:]`` for each sequence (prefix excluded), batched."""
-        cache = self._prefix_cache(prefix_ids) if prefix_ids else None
-        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-        out: list[list[float]] = [[] for _ in seqs]
-        bar = _progress(len(seqs), desc, "seq", self.progress)
-        P = len(prefix_ids)
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
-            for i in idx:
-                if P == 0 and starts[i] == 0:
-                    raise ValueError("a completion needs a non-empty context to be scored")
-            keep = max(len(seqs[i]) - max(starts[i], 1) for i in idx) + 1
-            logp = self._tail_logprobs([seqs[i] for i in idx], cache, P, keep)
-            for row, i in enumerate(idx):
-                seq, s = seqs[i], starts[i]
-                # token p is predicted by the logits one position before it; kept index = keep - len + p - 1
-                values = [float("nan") if p == 0 else float(logp[row, keep - len(seq) + p - 1, seq[p]]) for p in range(s, len(seq))]
-                if s == 0:
-                    values[0] = self._prefix_last_logprob(prefix_ids, seq[0])
-                out[i] = values
-            bar.update(len(idx))
-        bar.close()
-        return out
-
-    def _prefix_last_logprob(self, prefix_ids: list[int], token: int) -> float:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([prefix_ids], device=self.device)).logits[0, -1].float()
-        return float(torch.log_softmax(logits, -1)[token])
-
     def _split(self, context: str, completion: str) -> tuple[list[int], int]:
         """Token ids of context+completion and where the completion's tokens start."""
         ctx = self.encode(context)
         full = self.encode(context + completion)
-        start = 0
-        while start < min(len(ctx), len(full)) and ctx[start] == full[start]:
-            start += 1
+        start = _common_prefix_len([ctx, full]) if ctx else 0
         if start == len(full):
             raise ValueError(f"completion {completion!r} adds no tokens to its context")
         return full, start
 
     def logprob(self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob") -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context."""
+        import torch
+
         if len(contexts) != len(completions):
             raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
         prefix_ids = self.encode(prefix) if prefix else []
@@ -295,10 +342,26 @@ class Engine:
         for c, x in zip(contexts, completions):
             ids, s = self._split(c, x)
             self._check_length(len(prefix_ids) + len(ids), 0, "logprob input")
-            seqs.append(ids)
-            starts.append(s)
+            if not prefix_ids and s == 0:
+                raise ValueError("a completion needs a non-empty context to be scored")
+            seqs.append(prefix_ids + ids)
+            starts.append(len(prefix_ids) + s)
         t0 = time.perf_counter()
-        per_token = self._token_logprobs(seqs, starts, prefix_ids, desc)
+        shared = _SharedPrefixes(self)
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        per_token: list[list[float]] = [[] for _ in seqs]
+        bar = _progress(len(seqs), desc, "seq", self.progress)
+        with torch.inference_mode():
+            for idx in self._scoring_batches(order, [len(x) - len(prefix_ids) for x in seqs]):
+                keep = max(len(seqs[i]) - starts[i] for i in idx) + 1
+                state = self._prefill([seqs[i] for i in idx], [starts[i] - 1 for i in idx], keep, shared)
+                logp = torch.log_softmax(state.logits.float(), dim=-1)
+                for row, i in enumerate(idx):
+                    seq = seqs[i]
+                    # token p is predicted by the logits one position before it; kept index = keep - len + p - 1
+                    per_token[i] = [float(logp[row, keep - len(seq) + p - 1, seq[p]]) for p in range(starts[i], len(seq))]
+                bar.update(len(idx))
+        bar.close()
         self.stats.scored_items += len(seqs)
         self.stats.score_seconds += time.perf_counter() - t0
         return [LogProb(float(sum(v)), v) for v in per_token]
@@ -313,9 +376,9 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised probabilities ``[N, K]`` of each option after each context, and raw log-probs.
 
-        When the options share their tokens up to one final token that differs (as
-        ``" (A)"``/``" (B)"`` do), each context costs one forward pass; otherwise every
-        context+option sequence is scored.
+        Each context (with the tokens its options share, e.g. ``" ("``) takes one forward
+        pass; the options' remaining tokens (``"A)"`` vs ``"B)"``) are scored from its
+        key/value cache, all options of a batch in one more short pass.
         """
         import torch
 
@@ -323,52 +386,127 @@ class Engine:
             raise ValueError("score_options needs at least two options")
         prefix_ids = self.encode(prefix) if prefix else []
         t0 = time.perf_counter()
-        raw = np.zeros((len(contexts), len(options)))
-        single_seqs, single_last, multi = [], [], []
-        for i, ctx in enumerate(contexts):
+        items = []
+        for ctx in contexts:
             splits = [self._split(ctx, opt) for opt in options]
-            seqs = [s[0] for s in splits]
+            seqs = [prefix_ids + ids for ids, _ in splits]
             common = _common_prefix_len(seqs)
-            if all(len(s) == common + 1 for s in seqs) and common >= 1:
-                single_seqs.append((i, seqs[0][:common]))
-                single_last.append([s[common] for s in seqs])
-            else:
-                multi.append((i, splits))
-        if single_seqs:
-            rows = [s for _, s in single_seqs]
-            for r in rows:
-                self._check_length(len(prefix_ids) + len(r) + 1, 0, "score_options input")
-            last = self._last_logprobs(rows, prefix_ids, desc)
-            for (i, _), lp, toks in zip(single_seqs, last, single_last):
-                raw[i] = [float(lp[t]) for t in toks]
-        if multi:
-            seqs = [sp[0] for _, splits in multi for sp in splits]
-            starts = [sp[1] for _, splits in multi for sp in splits]
-            per = self._token_logprobs(seqs, starts, prefix_ids, desc)
-            k = len(options)
-            for j, (i, _) in enumerate(multi):
-                raw[i] = [sum(per[j * k + o]) for o in range(k)]
+            starts = [len(prefix_ids) + s for _, s in splits]
+            if min(starts) == 0:
+                raise ValueError("score_options needs a non-empty context")
+            self._check_length(max(len(s) for s in seqs), 0, "score_options input")
+            items.append((seqs, starts, common))
+        raw = np.zeros((len(contexts), len(options)))
+        shared = _SharedPrefixes(self)
+        order = sorted(range(len(items)), key=lambda i: (-items[i][2], i))
+        bar = _progress(len(items), desc, "ctx", self.progress)
+        with torch.inference_mode():
+            for idx in self._scoring_batches(order, [max(len(x) for x in seqs) - len(prefix_ids) for seqs, _, _ in items]):
+                for i, row in zip(idx, self._score_batch([items[i] for i in idx], shared)):
+                    raw[i] = row
+                bar.update(len(idx))
+        bar.close()
         probs = torch.softmax(torch.tensor(raw), dim=-1).numpy()
         self.stats.scored_items += len(contexts)
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
 
-    def _last_logprobs(self, rows: list[list[int]], prefix_ids: list[int], desc: str) -> list[Any]:
-        """Log-softmax of the next-token logits after each row (one forward pass per batch)."""
-        cache = self._prefix_cache(prefix_ids) if prefix_ids else None
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
-        out: list[Any] = [None] * len(rows)
-        bar = _progress(len(rows), desc, "ctx", self.progress)
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
-            logp = self._tail_logprobs([rows[i] for i in idx], cache, len(prefix_ids), 1)
-            for row, i in enumerate(idx):
-                out[i] = logp[row, -1].cpu()
-            bar.update(len(idx))
-        bar.close()
+    def _score_batch(self, items: list[tuple[list[list[int]], list[int], int]], shared: _SharedPrefixes) -> list[list[float]]:
+        """Summed option log-probs for a batch of ``(option sequences, option starts, common length)``.
+
+        The options' tokens after the branch point go into the same forward pass as
+        branches (:meth:`_prefill`); where the attention kernel takes no custom masks they
+        are scored from the context's cache instead, one option at a time.
+        """
+        import torch
+
+        keep = max(common - min(starts) + 1 for _, starts, common in items)
+        tails = [[seq[common:-1] for seq in seqs] for seqs, _, common in items]
+        branched = self._branching_masks and any(t for per in tails for t in per)
+        state = self._prefill([seqs[0][:common] for seqs, _, common in items], [min(starts) - 1 for _, starts, _ in items],
+                              keep, shared, branches=tails if branched else None)
+        logp = torch.log_softmax(state.logits.float(), dim=-1)
+        out = []
+        for row, (seqs, starts, common) in enumerate(items):
+            scores, offset = [], keep
+            for seq, s in zip(seqs, starts):
+                # tokens before the branch point, then the first token after it (last context position)
+                total = sum(float(logp[row, keep - common + p - 1, seq[p]]) for p in range(s, min(common, len(seq))))
+                if len(seq) > common:
+                    total += float(logp[row, keep - 1, seq[common]])
+                if branched:  # the option's own branch predicts the rest of its tokens
+                    n = max(0, len(seq) - common - 1)
+                    total += sum(float(logp[row, offset + t, seq[common + 1 + t]]) for t in range(n))
+                    offset += n
+                scores.append(total)
+            out.append(scores)
+        if not branched:
+            self._score_tails_from_cache(items, tails, state, out)
         return out
 
-def _common_prefix_len(seqs: list[list[int]]) -> int:
+    def _score_tails_from_cache(self, items: list[tuple[list[list[int]], list[int], int]], tails: list[list[list[int]]],
+                                state: _Prefill, out: list[list[float]]) -> None:
+        """Add each option's remaining log-probs, one pass per option over the contexts' cache (cropped back after)."""
+        import torch
+
+        dev, pad, cache = self.device, self.tokenizer.pad_token_id, state.cache
+        for o in range(len(items[0][0])):
+            width = max(len(per[o]) for per in tails)
+            if width == 0:
+                continue
+            ids = torch.tensor([per[o] + [pad] * (width - len(per[o])) for per in tails], device=dev)
+            mask = torch.cat([state.mask, state.mask.new_ones(len(items), width)], dim=1)
+            positions = state.last_position[:, None] + 1 + torch.arange(width, device=dev)
+            logits, cache = self._forward(ids, mask, positions, cache, width)
+            tail_logp = torch.log_softmax(logits[:, -width:].float(), dim=-1)
+            for row, (seqs, _, common) in enumerate(items):
+                seq = seqs[o]
+                out[row][o] += sum(float(tail_logp[row, t, seq[common + 1 + t]]) for t in range(len(seq) - common - 1))
+            cache.crop(-width)
+
+
+class _SharedPrefixes:
+    """Key/value caches of token prefixes shared by a batch, each extended from the longest one already computed."""
+
+    def __init__(self, engine: Engine, capacity: int = 4):
+        self.engine = engine
+        self.capacity = capacity
+        self.entries: list[tuple[tuple[int, ...], Any]] = []
+
+    def get(self, tokens: list[int], batch: int) -> Any:
+        """A fresh cache of ``tokens`` repeated for ``batch`` rows."""
+        expanded = copy.deepcopy(self._single(tuple(tokens)))
+        layers = getattr(expanded, "layers", None)
+        if layers and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+            for layer in layers:  # broadcast views: the first update copies them once, into the grown cache
+                layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+                layer.values = layer.values.expand(batch, *layer.values.shape[1:])
+        else:
+            expanded.batch_repeat_interleave(batch)
+        return expanded
+
+    def _single(self, key: tuple[int, ...]) -> Any:
+        import torch
+
+        base: tuple[tuple[int, ...], Any] | None = None
+        for entry in self.entries:
+            if key[: len(entry[0])] == entry[0] and (base is None or len(entry[0]) > len(base[0])):
+                base = entry
+        if base is not None and base[0] == key:
+            return base[1]
+        done = len(base[0]) if base else 0
+        cache = copy.deepcopy(base[1]) if base else None
+        dev = self.engine.device
+        ids = torch.tensor([key[done:]], device=dev)
+        mask = torch.ones(1, len(key), dtype=torch.long, device=dev)
+        positions = torch.arange(done, len(key), device=dev)[None]
+        with torch.inference_mode():
+            _, cache = self.engine._forward(ids, mask, positions, cache, 1)
+        self.entries = [(key, cache)] + self.entries[: self.capacity - 1]
+        return cache
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     n = min(len(s) for s in seqs)
     i = 0
     while i < n and all(s[i] == seqs[0][i] for s in seqs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cai_dpo import engine as engine_module
 from cai_dpo.config import SamplingConfig
 from cai_dpo.engine import Engine, naive_option_probs
 
@@ -58,6 +59,67 @@ def test_score_options_matches_naive(engine, tiny_model):
     for ctx, p in zip(contexts, multi):
         assert np.allclose(p, naive_option_probs(model, tok, ctx, [" yes, clearly", " no", " maybe not"]), atol=1e-4)
     assert np.allclose(probs.sum(1), 1.0)
+
+
+def test_score_options_without_branch_masks_matches_naive(engine, tiny_model, monkeypatch):
+    """Attention kernels without custom masks score option tails from the context's cache instead."""
+    model, tok = tiny_model
+    monkeypatch.setattr(Engine, "_branching_masks", property(lambda self: False))
+    contexts = [engine.render(c) + "Which is better? (A) one (B) two\nThe answer is:" for c in CONVS]
+    for options in ([" (A)", " (B)"], [" yes, clearly", " no", " maybe not"]):
+        probs, _ = engine.score_options(contexts, options)
+        for ctx, p in zip(contexts, probs):
+            assert np.allclose(p, naive_option_probs(model, tok, ctx, options), atol=1e-4)
+
+
+def test_common_prefix_of_a_batch_is_computed_once(engine, tiny_model, monkeypatch):
+    model, tok = tiny_model
+    shared = "Consider this long shared instruction that every judge context in the batch begins with. " * 2
+    contexts = [shared + f"Question {i}: is {i} even? (A) yes (B) no\nThe answer is:" for i in range(4)]
+    seen = []
+    original = engine_module._SharedPrefixes.get
+    monkeypatch.setattr(engine_module._SharedPrefixes, "get", lambda self, tokens, batch: seen.append(len(tokens)) or original(self, tokens, batch))
+    probs, _ = engine.score_options(contexts)
+    assert seen and min(seen) >= len(tok(shared)["input_ids"]) - 2  # the shared text came from the cache
+    for ctx, p in zip(contexts, probs):
+        assert np.allclose(p, naive_option_probs(model, tok, ctx, [" (A)", " (B)"]), atol=1e-4)
+    seen.clear()
+    plain = engine.generate(contexts, SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=4))
+    assert seen, "generation should reuse the batch's common prefix too"
+    alone = [engine.generate([c], SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=1))[0] for c in contexts]
+    assert [g[0].text for g in plain] == [g[0].text for g in alone]
+
+
+def test_greedy_generation_matches_transformers_generate(engine, tiny_model):
+    model, tok = tiny_model
+    ours = engine.generate(CONVS, SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=3))
+    for conv, gens in zip(CONVS, ours):
+        assert gens[0].text == tok.decode(_greedy_ids(model, tok, conv, 10), skip_special_tokens=True).strip()
+
+
+def _greedy_ids(model, tok, conv, n: int) -> list[int]:
+    import torch
+
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def test_rows_that_stop_early_leave_the_others_unchanged(engine, tiny_model, monkeypatch):
+    """A row reaching EOS leaves the batch; the remaining rows decode exactly as before."""
+    model, tok = tiny_model
+    s = SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=3)
+    before = engine.generate(CONVS, s)
+    row0 = _greedy_ids(model, tok, CONVS[0], 10)
+    stop = row0[2]  # make row 0's third token an end-of-sequence token
+    others = [_greedy_ids(model, tok, c, 10) for c in CONVS[1:]]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, stop])
+    after = engine.generate(CONVS, s)
+    assert after[0][0].finished and after[0][0].n_tokens == row0.index(stop)
+    for ids, b, a in zip(others, before[1:], after[1:]):
+        if stop not in ids:
+            assert a[0].text == b[0].text and not a[0].finished
 
 
 def test_score_options_with_prefix_matches(engine):
