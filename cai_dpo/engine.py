@@ -19,6 +19,7 @@ rows that reach EOS leave the batch, and nucleus sampling avoids a full-vocabula
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -100,7 +101,7 @@ class Engine:
         self.batch_size = batch_size
         self.progress = progress
         # scoring batches are also capped in tokens: on CPU, passes much larger than this run slower per token
-        self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
+        self.max_batch_tokens = max_batch_tokens or (1024 if self.device.type == "cpu" else 32768)
         self.stats = EngineStats()
         cfg = getattr(model, "config", None)
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 2048
@@ -163,7 +164,7 @@ class Engine:
         positions whose logits are needed must be computed here). ``branches[i]`` are
         continuations of row ``i`` placed after it side by side: each attends to the row and
         to its own earlier tokens only, so K option tails cost K short branches, not K rows.
-        Returns the logits of the row's last ``keep`` positions followed by every branch position.
+        Returns the logits of each row's last ``keep`` positions followed by every branch position.
         """
         import torch
 
@@ -175,19 +176,20 @@ class Engine:
         width = max(len(r) for r in rest)
         pad = self.tokenizer.pad_token_id
         body = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=dev)
-        mask = torch.cat([torch.ones(len(rows), c, dtype=body.dtype, device=dev), body], dim=1)
+        head = torch.ones(len(rows), c, dtype=body.dtype, device=dev)
+        mask = torch.cat([head, body], dim=1)
         positions = (body.cumsum(-1) - 1).clamp(min=0) + c
         ids = [[pad] * (width - len(r)) + r for r in rest]
         n_branch = 0
         attention: Any = mask
         if branches:
             n_branch = max(sum(len(t) for t in per) for per in branches)
-            attention, branch_positions = self._branch_layout(ids, body, branches, c, n_branch)
+            attention, branch_positions = self._branch_layout(ids, head, body, branches, n_branch)
             positions = torch.cat([positions, positions[:, -1:] + branch_positions], dim=1)
         logits, cache = self._forward(torch.tensor(ids, device=dev), attention, positions, cache, keep + n_branch)
         return _Prefill(logits[:, -(keep + n_branch):], cache, mask, positions[:, width - 1])
 
-    def _branch_layout(self, ids: list[list[int]], body: Any, branches: list[list[list[int]]], c: int,
+    def _branch_layout(self, ids: list[list[int]], head: Any, body: Any, branches: list[list[list[int]]],
                        n_branch: int) -> tuple[Any, Any]:
         """Append each row's branches to ``ids`` (in place); return the 4D additive mask and branch position offsets."""
         import torch
@@ -207,12 +209,12 @@ class Engine:
         cols = torch.arange(width, device=dev).expand_as(body)
         q_group = torch.cat([torch.where(body.bool(), 0, -1), torch.tensor(group, device=dev)], dim=1)
         q_order = torch.cat([cols, torch.tensor(order, device=dev)], dim=1)
-        k_group = torch.cat([torch.zeros(len(ids), c, dtype=q_group.dtype, device=dev), q_group], dim=1)
-        k_order = torch.cat([torch.full((len(ids), c), -1, device=dev), q_order], dim=1)
+        k_group = torch.cat([torch.where(head.bool(), 0, -1), q_group], dim=1)  # cached columns: context or padding
+        k_order = torch.cat([torch.full(head.shape, -1, device=dev), q_order], dim=1)
         same = (q_group[:, :, None] == k_group[:, None, :]) & (k_order[:, None, :] <= q_order[:, :, None])
         context_for_branch = (k_group[:, None, :] == 0) & (q_group[:, :, None] > 0)
         allowed = (k_group[:, None, :] >= 0) & (same | context_for_branch)
-        allowed[:, torch.arange(allowed.shape[1]), c + torch.arange(allowed.shape[1])] = True  # padding sees itself
+        allowed[:, torch.arange(allowed.shape[1]), head.shape[1] + torch.arange(allowed.shape[1])] = True  # padding sees itself
         dtype = self.model.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
         additive = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -278,6 +280,7 @@ class Engine:
         with torch.inference_mode():
             state = self._prefill(rows, [len(r) - 1 for r in rows], 1, shared)
             logits, cache, mask, position = state.logits[:, -1], state.cache, state.mask, state.last_position
+            _grow_in_place(cache, spare=sampling.max_new_tokens)
             for step in range(sampling.max_new_tokens):
                 chosen = next_tokens(logits, sampling, generator)
                 keep = []
@@ -504,6 +507,52 @@ class _SharedPrefixes:
             _, cache = self.engine._forward(ids, mask, positions, cache, 1)
         self.entries = [(key, cache)] + self.entries[: self.capacity - 1]
         return cache
+
+
+def _grow_in_place(cache: Any, spare: int) -> None:
+    """Let the cache's plain layers append decoded tokens into reserved room instead of re-concatenating per step."""
+    from transformers.cache_utils import DynamicLayer
+
+    growing = _growing_layer_class()
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = growing
+            layer.spare, layer.buffers = spare, None
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A key/value cache layer with spare room: appending writes in place.
+
+        The plain layer concatenates the whole cache for every decoded token, a copy that
+        grows with the sequence; this one copies once into a buffer ``spare`` tokens longer
+        (and again only after the batch shrinks) and hands out views of it.
+        """
+
+        spare: int = 64
+        buffers: tuple[Any, Any] | None = None
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized or self.keys.numel() == 0:
+                return super().update(key_states, value_states, *args, **kwargs)
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            bufs = self.buffers
+            if bufs is None or self.keys.data_ptr() != bufs[0].data_ptr() or self.keys.shape[0] != bufs[0].shape[0] \
+                    or n + m > bufs[0].shape[-2]:
+                shape = (*self.keys.shape[:-2], n + m + self.spare, self.keys.shape[-1])
+                bufs = (self.keys.new_empty(shape), self.values.new_empty(shape))
+                bufs[0][..., :n, :] = self.keys
+                bufs[1][..., :n, :] = self.values
+                self.buffers = bufs
+            bufs[0][..., n : n + m, :] = key_states
+            bufs[1][..., n : n + m, :] = value_states
+            self.keys, self.values = bufs[0][..., : n + m, :], bufs[1][..., : n + m, :]
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
