@@ -232,15 +232,14 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 def _cmd_judge(args: argparse.Namespace) -> int:
     from cai_dpo.store import read_manifest
-    from cai_dpo.stages.judge import run_judge
+    from cai_dpo.stages.judge import GateResult, run_judge
 
     out = run_judge(config_from_args(args))
     m = read_manifest(out)
     gate = m["metrics"].get("judge_gate") or {}
     print(f"preferences: {out} ({m['counts']['rows']} rows, {m['counts']['by_source']})")
     if "accuracy" in gate:
-        print(f"judge gate: accuracy {gate['accuracy']:.3f} [{gate['lo']:.3f}, {gate['hi']:.3f}] n={gate['n']}, "
-              f"threshold {gate['threshold']:.2f}: {'TRIPPED' if gate['tripped'] else 'passed'}")
+        print(f"judge gate: {GateResult(**gate).summary()}")
     for note in m["notes"]:
         print(f"note: {note}")
     return 0

@@ -138,7 +138,9 @@ class JudgeConfig:
     "The answer is:" at the start of the assistant turn; ``plain`` is raw text as in the
     paper. ``clamp`` bounds chain-of-thought probabilities. The quality gate measures
     accuracy on ``checkset`` (default: the bundled judge_checkset.jsonl) plus
-    ``gate_hhh_sample`` HHH items when ``gate_use_hhh`` and the file is present.
+    ``gate_hhh_sample`` HHH items when ``gate_use_hhh`` and the file is present; it trips
+    when ``gate_on`` (the Wilson interval's ``lower_bound``, or the point ``estimate``) is
+    below ``gate_threshold``.
     """
 
     model: ModelSpec | None = None
@@ -156,6 +158,7 @@ class JudgeConfig:
     cot_max_new_tokens: int = 96
     gate: bool = True
     gate_threshold: float = 0.6
+    gate_on: Literal["lower_bound", "estimate"] = "lower_bound"
     gate_use_hhh: bool = True
     gate_hhh_sample: int = 40
     checkset: str | None = None

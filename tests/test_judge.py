@@ -200,7 +200,7 @@ def test_wilson_interval():
 
 def _checkset(path: Path) -> Path:
     rows = [{"prompt": f"q{i}", "better": f"good reply {i}", "worse": f"bad reply {i}", "category": "helpfulness"}
-            for i in range(4)]
+            for i in range(12)]  # 12 of 12 right: the interval's lower bound (0.76) clears 0.6
     write_jsonl(path, rows)
     return path
 
@@ -209,9 +209,15 @@ def test_gate_accuracy_on_check_pairs(tiny_model, constitution, jc, tmp_path):
     model, tokenizer = tiny_model
     rows = load_checkset(_checkset(tmp_path / "c.jsonl"))
     good = judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, jc, checkset=rows, hhh=[])
-    assert good.accuracy == 1.0 and not good.tripped and good.n == 4
+    assert good.accuracy == 1.0 and not good.tripped and good.n == 12
     bad = judge_gate(ContentScorer(model, tokenizer, bias=0.0, good="bad"), constitution, jc, checkset=rows, hhh=[])
     assert bad.accuracy == 0.0 and bad.tripped and bad.hi < jc.gate_threshold
+    few = rows[:4]  # 4 of 4 right: a perfect estimate, but too few items to show the judge clears 0.6
+    unproven = judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, jc, checkset=few, hhh=[])
+    assert unproven.accuracy == 1.0 and unproven.lo < jc.gate_threshold and unproven.tripped
+    assert "lower bound" in unproven.summary() and "TRIPPED" in unproven.summary()
+    estimate = dataclasses.replace(jc, gate_on="estimate")
+    assert not judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, estimate, checkset=few, hhh=[]).tripped
 
 
 def _write_pairs(run: RunStore) -> None:
@@ -292,9 +298,10 @@ def test_gate_trips_and_switches_to_revision_pairs(tiny_model, tiny_cfg, tmp_pat
     assert all("judge_prefers_original" in r for r in ds["edge_reasons"])
     m = read_manifest(out)
     gate = m["metrics"]["judge_gate"]
-    assert gate["tripped"] and gate["accuracy"] == 0.0 and gate["n"] == 4 and gate["lo"] <= gate["accuracy"] <= gate["hi"]
+    assert gate["tripped"] and gate["accuracy"] == 0.0 and gate["n"] == 12 and gate["lo"] <= gate["accuracy"] <= gate["hi"]
     assert gate_tripped(m)
-    assert any(n.startswith("pair source: revision_vs_original because judge accuracy 0.000 [") for n in m["notes"])
+    assert any(n.startswith("pair source: revision_vs_original because judge accuracy 0.000 [") and "TRIPPED" in n
+               for n in m["notes"])
 
 
 def test_run_judge_on_the_tiny_model(tiny_cfg, tmp_path):

@@ -116,7 +116,11 @@ class Calibration:
 
 @dataclass
 class GateResult:
-    """Judge accuracy on clear-cut pairs, with a Wilson 95 % interval."""
+    """Judge accuracy on clear-cut pairs, with a Wilson 95 % interval.
+
+    ``statistic`` is what met the threshold: the interval's lower bound (the judge must be
+    shown to clear it) or the point estimate.
+    """
 
     accuracy: float
     lo: float
@@ -126,6 +130,14 @@ class GateResult:
     tripped: bool
     by_source: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: str | None = None
+    statistic: str = "lower_bound"
+
+    def summary(self) -> str:
+        """One line: accuracy, interval, the compared statistic and the outcome."""
+        against = f"lower bound {self.lo:.3f}" if self.statistic == "lower_bound" else f"estimate {self.accuracy:.3f}"
+        verdict = "TRIPPED" if self.tripped else "passed"
+        return (f"judge accuracy {self.accuracy:.3f} [{self.lo:.3f}, {self.hi:.3f}] on {self.n} items; "
+                f"{against} vs threshold {self.threshold:.2f}: {verdict}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -454,8 +466,8 @@ def judge_gate(engine: Any, constitution: Any, cfg: JudgeConfig, *, calibration:
     for src, cs in credit.items():
         slo, shi = wilson_interval(sum(cs), len(cs))
         by_source[src] = {"accuracy": float(np.mean(cs)), "lo": slo, "hi": shi, "n": len(cs)}
-    tripped = acc < cfg.gate_threshold
-    return GateResult(acc, lo, hi, len(allc), cfg.gate_threshold, tripped, by_source)
+    tripped = (lo if cfg.gate_on == "lower_bound" else acc) < cfg.gate_threshold
+    return GateResult(acc, lo, hi, len(allc), cfg.gate_threshold, tripped, by_source, statistic=cfg.gate_on)
 
 
 # --------------------------------------------------------------------------- constitution tests
@@ -571,7 +583,7 @@ def select_pairs(pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult |
     active = [p for p in pairs if p.get("selected", True)]
     if gate is None or not gate.tripped:
         return active
-    msg = f"judge accuracy {gate.accuracy:.3f} [{gate.lo:.3f}, {gate.hi:.3f}] < threshold {gate.threshold:.2f}"
+    msg = gate.summary()
     if cfg.pairs.source == "mixed":
         rvo = [p for p in pairs if p["source"] == "revision_vs_original"]
         if rvo:
@@ -658,9 +670,8 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     })
     metrics.update(_cost_metrics(stats, jc))
     if gate and gate.tripped:
-        log.warning("judge-quality gate tripped: accuracy %.3f [%.3f, %.3f] on %d items is below %.2f; "
-                    "AI labels are unreliable and more pairs will be routed to people",
-                    gate.accuracy, gate.lo, gate.hi, gate.n, gate.threshold)
+        log.warning("judge-quality gate: %s; AI labels are unreliable and more pairs will be routed to people",
+                    gate.summary())
     counts = {
         "pairs_in": len(pairs),
         "rows": len(rows),
@@ -703,8 +714,7 @@ def _run_gate(engine: Any, constitution: Any, cfg: RunConfig, calibration: Calib
         notes.append(f"judge gate skipped: {gate.skipped}")
         return None
     sources = ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in gate.by_source.items())
-    notes.append(f"judge gate: accuracy {gate.accuracy:.3f} [{gate.lo:.3f}, {gate.hi:.3f}] on {gate.n} items "
-                 f"({sources}); threshold {gate.threshold:.2f}: {'TRIPPED' if gate.tripped else 'passed'}")
+    notes.append(f"judge gate: {gate.summary()} (by source: {sources})")
     return gate
 
 
