@@ -16,7 +16,8 @@ PARAMS = '''# Parameters (papermill overrides these; edit them to step through b
 profile = "cpu-demo"      # tiny | cpu-demo | gpu-qlora | path to a YAML config
 run_id = None             # default: the profile's run_id -> artifacts/runs/<run_id>/
 config_path = None        # the pipeline passes the run's saved config.yaml
-overrides = []            # e.g. ["sl.rounds=3", "judge.model.name=/models/judge-7b"]'''
+# overrides: "key=value" strings, e.g. ["sl.rounds=3", "judge.model.name=/models/judge-7b"]
+overrides = []'''
 
 OPEN = "cfg, run = open_run(profile, run_id, overrides, config_path, knobs={knobs})\nprint(f\"run folder: {{run.root}}\")"
 
@@ -31,6 +32,8 @@ def nb(name: str, intro: str, knobs: dict[str, str], cells: list[tuple[str, str]
     cell_list.append(new_code_cell(imports + "\n\n" + OPEN.format(knobs=knob_map)))
     for kind, text in cells:
         cell_list.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    for i, cell in enumerate(cell_list):
+        cell.id = f"{name[:2]}-{i:02d}"  # stable ids: regenerating changes only what changed
     book = new_notebook(cells=cell_list, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
         "language_info": {"name": "python"},
@@ -74,7 +77,7 @@ the run reports collapse signals (diversity, repetition, revisions identical to 
 A LoRA adapter (QLoRA when the profile loads the model in 4-bit) is trained on the revisions with the
 loss on the assistant's tokens only. The result, `models/sft`, is the starting point of everything
 after it: it samples the response pairs, and DPO and PPO start from it.""",
-       {"max_steps": "sft.max_steps  (training steps; -1 = epochs)"}, [
+       {"max_steps": "sft.max_steps  (training steps; -1 means whole epochs)"}, [
            ("code", "sft_dir = run_sft(cfg, run)\nmanifest = read_manifest(sft_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
            ("code", "log = pd.read_csv(run.metrics_dir('sft') / 'log.csv')\nlog[[c for c in ('step', 'loss', 'eval_loss') if c in log]].plot(x='step', marker='o', title='SFT loss');"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sft import run_sft\nfrom cai_dpo.store import read_manifest")
