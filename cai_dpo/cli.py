@@ -239,7 +239,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     gate = m["metrics"].get("judge_gate") or {}
     print(f"preferences: {out} ({m['counts']['rows']} rows, {m['counts']['by_source']})")
     if "accuracy" in gate:
-        print(f"judge gate: {GateResult(**gate).summary()}")
+        print(f"judge gate: {GateResult(**{'statistic': 'estimate', **gate}).summary()}")  # older runs compared the estimate
     for note in m["notes"]:
         print(f"note: {note}")
     return 0

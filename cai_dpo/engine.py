@@ -133,7 +133,7 @@ class Engine:
 
     # ------------------------------------------------------------------ forward passes
 
-    @property
+    @functools.cached_property
     def _cache_kwarg(self) -> str:
         """Name of the key/value-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
