@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from cai_dpo.errors import CaiDpoInputError
-from cai_dpo.yamlio import load_yaml
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 PROFILES_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -570,7 +570,7 @@ def _parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of keys to values")
     return data
@@ -666,8 +666,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, load_yaml(raw)
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"override '{text}': the value of '{key}' is not valid YAML ({first}); "
+        raise ConfigError(f"override '{text}': the value of '{key}' is not valid YAML ({describe_yaml_error(exc)}); "
                           "quote it, e.g. key='value'") from exc
 
 

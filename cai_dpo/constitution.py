@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from cai_dpo.errors import CaiDpoInputError
-from cai_dpo.yamlio import load_yaml
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ def load_constitution(path: str | Path) -> Constitution:
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({exc})", file=p) from exc
+        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
     except UnicodeDecodeError as exc:
         raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
     if data is None:
@@ -780,7 +780,7 @@ def load_cases(path: str | Path, constitution: Constitution | None = None) -> li
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({exc})", file=p) from exc
+        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
     except UnicodeDecodeError as exc:
         raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
     if isinstance(data, Mapping):

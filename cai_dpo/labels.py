@@ -229,7 +229,14 @@ class LabelQueue:
         self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA busy_timeout = 30000")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise LabelQueueError(f"{self.path}: not a usable label database ({exc}); "
+                                  "move it away or set labels.db_path to a new file") from exc
         if str(mode).lower() != "wal":
             log.warning("%s: journal mode is %s, not WAL (is the file on a network drive?)", self.path, mode)
         self._conn.execute("PRAGMA synchronous = FULL")

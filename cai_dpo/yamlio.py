@@ -32,6 +32,15 @@ Yaml12SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, lis
 YAMLError = yaml.YAMLError
 
 
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line L, column C: problem (context)``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text safely (no object construction), with YAML 1.2 floats.
 

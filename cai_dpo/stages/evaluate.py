@@ -57,7 +57,7 @@ from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash, file_hash, write_jsonl
-from cai_dpo.yamlio import load_yaml
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def load_jailbreaks(path: Path = JAILBREAKS_PATH) -> tuple[str, list[dict[str, s
     try:
         data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+        raise InputError(f"{path}: not valid YAML ({describe_yaml_error(exc)})") from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(data, dict):
