@@ -2,8 +2,11 @@
 
 A run is described by one :class:`RunConfig`. Profiles (``tiny``, ``cpu-demo``,
 ``gpu-qlora``) are YAML files in ``cai_dpo/configs/``; a user file may name a profile
-under ``base:`` and override any key. Unknown keys and wrong types raise
-:class:`ConfigError` naming the file and the dotted key.
+under ``base:`` and override any key. Unknown keys, wrong types and out-of-range values
+(each section's ``problems()``) raise :class:`ConfigError` naming the file and the dotted
+key, when the config is loaded. YAML is read with YAML 1.2 floats (``5e-5`` is a number);
+text keys such as ``run_id`` given as ``-o`` overrides are taken verbatim. ``run_id`` must be
+one folder name (:data:`RUN_ID_RE`), so a run folder never lies outside ``runs_dir``.
 """
 
 from __future__ import annotations
@@ -528,7 +531,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
+            hint = f"; quote it to keep it as text: {key.rsplit('.', 1)[-1]}: '…'" if isinstance(value, (int, float)) else ""
+            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}{hint}")
         return value
     return value
 

@@ -214,8 +214,9 @@ class LabelQueue:
 
     Safe to open from several processes: WAL journal, a 30 s busy timeout, and one
     short ``BEGIN IMMEDIATE`` transaction per write. ``read_only=True`` opens an existing
-    database without creating or changing anything (SQLite ``mode=ro``); a missing file
-    then raises :class:`LabelQueueError` naming it.
+    database without creating or changing it (SQLite ``mode=ro``; SQLite may still leave its
+    usual ``-wal``/``-shm`` companion files); a missing file raises :class:`LabelQueueError`
+    naming it.
     """
 
     def __init__(self, db_path: str | Path, read_only: bool = False):

@@ -653,3 +653,23 @@ def test_state_dict_mismatch_fails_naming_keys():
     assert torch.equal(model.head.weight, torch.ones(5, 3))
     with pytest.raises(ModelLoadError, match="renamed.weight"):
         load_state_checked(Tied(), {"renamed.weight": torch.ones(5, 3)}, "src")
+
+
+def test_run_id_number_in_yaml_asks_for_quotes(ctx):
+    path = ctx.config("run_id: 007\n", name="num.yaml")
+    with pytest.raises(ConfigError, match=r"run_id.*quote it"):
+        load_config(str(path))
+    quoted = ctx.config("run_id: '007'\n", name="quoted.yaml")
+    assert load_config(str(quoted)).run_id == "007"
+
+
+def test_ppo_prompts_without_prompt_column_name_the_field(tiny_cfg):
+    import datasets
+
+    from cai_dpo.stages.ppo import ppo_prompts
+    from cai_dpo.store import RunStore
+
+    run = RunStore(tiny_cfg.run_dir)
+    datasets.Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}).save_to_disk(str(run.root / "data" / "preferences"))
+    with pytest.raises(CaiDpoInputError, match="'prompt'"):
+        ppo_prompts(tiny_cfg, run)

@@ -54,7 +54,7 @@ import yaml
 from cai_dpo import metrics as M
 from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.errors import InputError
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash, file_hash, write_jsonl
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
@@ -232,7 +232,14 @@ def generate_responses(
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
             t0 = time.perf_counter()
-            outs = engine.generate([items[i].conversation for i in idx], sampling, desc=f"eval {name}")
+            try:
+                outs = engine.generate([items[i].conversation for i in idx], sampling, desc=f"eval {name}")
+            except ContextLengthError as exc:
+                if exc.index is None:
+                    raise
+                it = items[idx[exc.index]]
+                raise ContextLengthError(f"eval {name}: {it.source} prompt id {it.prompt_id} (condition "
+                                         f"{it.condition}): {exc}", index=exc.index) from exc
             per = (time.perf_counter() - t0) / len(idx)
             store.append([
                 {

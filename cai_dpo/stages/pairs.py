@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
-from cai_dpo.errors import InputError
+from cai_dpo.data import name_prompt_error
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,10 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
                 for gi, (temp, idxs) in enumerate(sorted(groups.items())):
                     sampling = dataclasses.replace(pc.sampling, temperature=temp, do_sample=temp > 0,
                                                    seed=int(content_hash(pc.sampling.seed, cfg.seed, temp, start, length=8), 16))
-                    gens = engine.generate(convs, sampling, n=len(idxs), desc=f"pairs T={temp}")
+                    try:
+                        gens = engine.generate(convs, sampling, n=len(idxs), desc=f"pairs T={temp}")
+                    except ContextLengthError as exc:
+                        raise name_prompt_error(exc, [p for _, p, _ in part]) from exc
                     for row, gs in enumerate(gens):
                         for si, g in zip(idxs, gs):
                             samples[row][si] = {"index": si, "temperature": temp, "text": g.text, "n_tokens": g.n_tokens,

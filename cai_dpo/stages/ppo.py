@@ -389,7 +389,11 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     seen: dict[str, Conversation] = {}
     pref = preferences_path(run)
     if pref.exists():
-        for p in load_from_disk(str(pref))["prompt"]:
+        ds = load_from_disk(str(pref))
+        if "prompt" not in ds.column_names:
+            raise InputError(f"{pref}: field 'prompt' is missing (columns: {', '.join(ds.column_names)}); "
+                             "rerun the judge stage to write prompt/chosen/rejected")
+        for p in ds["prompt"]:
             conv = as_conversation(p)
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     elif (run.root / "data" / "sl").exists():
