@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # bad input (the project's own error types): one line naming the file/argument and field
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
