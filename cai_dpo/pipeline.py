@@ -79,12 +79,13 @@ def open_run(profile: str = "cpu-demo", run_id: str | None = None, overrides: li
     keys; ``None`` values ignored) apply on top, and the result is saved to
     ``<run>/config.yaml``.
     """
-    extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
-    extra_items: dict[str, Any] = dict(parse_override(o) for o in extra)
+    extra_items: dict[str, Any] = dict(parse_override(o) for o in overrides or [])
+    if run_id is not None and run_id != "":
+        extra_items["run_id"] = str(run_id)  # a run id is text: never read as YAML
     extra_items.update({k: v for k, v in (knobs or {}).items() if v is not None})
     if config_path:
         path = Path(config_path)
-        cfg = config_from_yaml_text(path.read_text(), source=str(path))
+        cfg = config_from_yaml_text(path.read_text(encoding="utf-8"), source=str(path))
         if extra_items:
             cfg = apply_overrides(cfg, extra_items, source=str(path))
     else:
@@ -102,7 +103,8 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
     db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.path("labels.sqlite")
     if not db.exists():
         return "none"
-    return content_hash(LabelQueue(db).labels())
+    with LabelQueue(db, read_only=True) as queue:
+        return content_hash(queue.labels())
 
 
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
@@ -172,8 +174,10 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
 ) -> tuple[RunConfig, list[StageResult]]:
     """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure."""
-    extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
-    cfg = load_config(profile, extra)
+    items: dict[str, Any] = dict(parse_override(o) for o in overrides or [])
+    if run_id is not None and run_id != "":
+        items["run_id"] = str(run_id)  # a run id is text: never read as YAML
+    cfg = load_config(profile, items)
     run = RunStore(cfg.run_dir)
     config_path = run.path("config.yaml")
     save_config(cfg, config_path)

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cai_dpo.errors import CaiDpoInputError
 from cai_dpo.store import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ ELO_AXES = ("overall", "harmlessness", "helpfulness")
 TRAINING_STAGES = ("dpo", "ppo", "rloo")
 
 
-class ReportError(ValueError):
+class ReportError(CaiDpoInputError):
     """The results file is missing or malformed; the message names the file and field."""
 
 

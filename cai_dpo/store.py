@@ -92,22 +92,55 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: Characters ``str.splitlines()`` (and some editors) treat as line breaks that JSON allows raw in a
+#: string; a JSON line escapes them so every reader sees one record a line. (The C0 ones, such as
+#: ``\x0b`` and ``\x1c``, are always escaped by ``json.dumps``.)
+_RAW_LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_dumps(obj: Any) -> str:
+    """One JSON line for ``obj`` (no trailing newline): UTF-8 text kept readable, but U+0085,
+    U+2028 and U+2029 escaped, so no reader can split the record; ``json.loads`` restores them."""
+    text = json.dumps(obj, ensure_ascii=False, default=_json_default)
+    for char, escaped in _RAW_LINE_BREAKS.items():
+        if char in text:
+            text = text.replace(char, escaped)  # only possible inside a JSON string
+    return text
+
+
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of JSON-lines text, split on ``\n`` only (``\r\n`` accepted).
+
+    Never ``str.splitlines()``: that also splits on U+2028, U+0085 and other characters
+    that are valid raw inside a JSON string. Blank lines are skipped.
+    """
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
+        if line.strip():
+            yield i, line
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Atomically write rows as JSON lines."""
-    text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in rows)
+    """Atomically write rows as JSON lines (see :func:`jsonl_dumps`)."""
+    text = "".join(jsonl_dumps(r) + "\n" for r in rows)
     return atomic_write_text(path, text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read JSON lines; a malformed line raises naming the file and line."""
+    """Read JSON lines (split on ``\n`` only); a malformed line raises naming the file and line."""
+    from cai_dpo.errors import InputError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, line in jsonl_lines(text):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+            raise InputError(f"{path}: line {i} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
     return rows
 
 

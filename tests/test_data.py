@@ -39,12 +39,13 @@ def test_jsonl(tmp_path):
         {"chosen": HH, "rejected": HH},
     ])
     ps = load_prompts(path)
-    assert [p.text for p in ps] == ["How do I boil an egg?", "What is a list?", "Hi there", "My tap keeps dripping."]
+    assert [p.text for p in ps] == ["How do I boil an egg?", "What is a list?", "Hi there", "Yes."]
     assert ps[0].id == "a" and ps[0].category == "cooking" and ps[0].split == "heldout"
     assert ps[1].category == "general" and ps[1].split is None and ps[1].meta == {"extra": 3}
     assert ps[1].id == load_prompts(path)[1].id  # stable hash ids
     assert all(p.source == "p" for p in ps)
-    assert ps[3].transcript[-1] == {"role": "assistant", "content": "Then the cartridge probably needs replacing."}
+    assert ps[3].transcript[-1] == {"role": "user", "content": "Yes."}  # the prompt ends with the last human turn
+    assert ps[3].meta["reference_reply"] == "Then the cartridge probably needs replacing."
     assert load_prompts(path, source="helpful", limit=2)[1].source == "helpful"
     assert len(load_prompts(path, limit=2)) == 2
 
@@ -80,10 +81,10 @@ def test_transcripts(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(HH.strip() + "\n---\nHuman: What is 2+2?\n\nAssistant:\n")
     ps = load_prompts(path)
-    assert [p.text for p in ps] == ["My tap keeps dripping.", "What is 2+2?"]
-    assert [m["role"] for m in ps[0].transcript] == ["user", "assistant", "user", "assistant"]
+    assert [p.text for p in ps] == ["Yes.", "What is 2+2?"]
+    assert [m["role"] for m in ps[0].transcript] == ["user", "assistant", "user"]
     assert ps[0].conversation(full=True, system="sys")[0] == {"role": "system", "content": "sys"}
-    assert ps[0].conversation() == [{"role": "user", "content": "My tap keeps dripping."}]
+    assert ps[0].conversation() == [{"role": "user", "content": "Yes."}]
     assert ps[1].transcript == [{"role": "user", "content": "What is 2+2?"}]
     other = tmp_path / "t.transcripts"
     other.write_text(path.read_text())

@@ -41,7 +41,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -49,8 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import DPOConfig, RunConfig, save_config, to_dict
+from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_dict
 from cai_dpo.engine import Engine, set_threads
+from cai_dpo.errors import InputError
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -90,19 +90,19 @@ def trl_loss_types() -> tuple[str, ...]:
 
 
 def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
-    """Raise ``ValueError`` naming the key and the fix when the DPO section cannot train."""
+    """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
     allowed = trl_loss_types()
     if d.loss_type not in allowed:
-        raise ValueError(f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}")
+        raise ConfigError(f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}")
     if d.label_mode == "soft" and d.loss_type != "sigmoid":
-        raise ValueError(
+        raise ConfigError(
             f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
             f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
         )
     if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
-        raise ValueError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
+        raise ConfigError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
     if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
-        raise ValueError(f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}")
+        raise ConfigError(f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}")
     checks = [
         (d.beta > 0, "dpo.beta must be > 0"),
         (d.learning_rate > 0, "dpo.learning_rate must be > 0"),
@@ -115,7 +115,7 @@ def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(f"{source}: {message}")
+            raise ConfigError(f"{source}: {message}")
 
 
 def resolve_adapter_mode(cfg: RunConfig) -> str:
@@ -268,17 +268,16 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
     """Keep ``prompt``/``chosen``/``rejected``/``p_chosen``; in hard mode orient every pair by its label.
 
     Soft mode keeps ``p_chosen`` as is. Hard mode sets it to 1, swaps a pair whose
-    ``p_chosen`` is below 0.5 and drops exact ties (they carry no hard preference).
+    ``p_chosen`` is below 0.5 and drops exact ties (they carry no hard preference). Rows are
+    first checked by :func:`cai_dpo.preferences.check_preference_rows` (identical or empty
+    responses dropped and counted; a malformed row raises naming the row and field).
     """
+    from cai_dpo.preferences import check_preference_rows
+
+    checked, check_counts = check_preference_rows(records, source)
     rows, swapped, ties = [], 0, 0
-    for i, rec in enumerate(records):
-        for key in ("prompt", "chosen", "rejected"):
-            if rec.get(key) in (None, "", []):
-                raise ValueError(f"{source}: row {i} has no '{key}'; the judge stage writes prompt/chosen/rejected")
-        p = rec.get("p_chosen")
-        p = 1.0 if p is None else float(p)
-        if math.isnan(p) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"{source}: row {i} (pair_id {rec.get('pair_id')}) has p_chosen={p}; it must be in [0, 1]")
+    for rec in checked:
+        p = float(rec["p_chosen"])
         chosen, rejected = _messages(rec["chosen"], "assistant"), _messages(rec["rejected"], "assistant")
         if label_mode == "hard":
             if p == 0.5:
@@ -289,7 +288,8 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
             p = 1.0
         rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p})
     return PreferenceRows(rows, {"pairs_in": len(records), "pairs_used": len(rows), "hard_swapped": swapped,
-                                 "hard_ties_dropped": ties})
+                                 "hard_ties_dropped": ties, "dropped_identical": check_counts["dropped_identical"],
+                                 "dropped_empty": check_counts["dropped_empty"]})
 
 
 def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -315,7 +315,7 @@ def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[li
         )
     records = datasets.load_from_disk(str(path)).to_list()
     if not records:
-        raise ValueError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
+        raise InputError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
     return records, path
 
 
@@ -463,7 +463,7 @@ def run_dpo(
     records, pref_path = load_preferences(run, preferences)
     prepared = training_rows(records, cfg.dpo.label_mode, source=str(pref_path))
     if not prepared.rows:
-        raise ValueError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
+        raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
     pref_hash = dataset_hash(pref_path)
     start_hash = file_hash(start_adapter) if start_adapter is not None else ""
@@ -622,7 +622,7 @@ def run_iterative_dpo(
     run = run or RunStore(cfg.run_dir)
     total = rounds or cfg.dpo.rounds
     if total < 1:
-        raise ValueError("dpo.rounds must be >= 1")
+        raise ConfigError("dpo.rounds must be >= 1")
     if total == 1:
         return run_dpo(cfg, run, callbacks=callbacks)
     validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))

@@ -54,8 +54,10 @@ import yaml
 from cai_dpo import metrics as M
 from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import Engine, set_threads
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash, file_hash, write_jsonl
+from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +106,28 @@ class EvalItem:
 
 
 def load_jailbreaks(path: Path = JAILBREAKS_PATH) -> tuple[str, list[dict[str, str]]]:
-    """The safety system prompt and the jailbreak templates (each with ``{prompt}`` once)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """The safety system prompt and the jailbreak templates (each with ``{prompt}`` once).
+
+    Raises :class:`~cai_dpo.errors.InputError` naming the file and the field for a file that
+    is not YAML, not a mapping, or lacks a field.
+    """
+    try:
+        data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({describe_yaml_error(exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: top level must be a mapping with 'safety_system_prompt' and 'templates'")
     system = data.get("safety_system_prompt")
     templates = data.get("templates") or []
     if not isinstance(system, str) or not system.strip():
-        raise ValueError(f"{path}: field 'safety_system_prompt' must be a non-empty string")
-    if not templates:
-        raise ValueError(f"{path}: field 'templates' must list at least one template")
+        raise InputError(f"{path}: field 'safety_system_prompt' must be a non-empty string")
+    if not isinstance(templates, list) or not templates:
+        raise InputError(f"{path}: field 'templates' must list at least one template")
     for i, t in enumerate(templates):
         if not isinstance(t, dict) or not isinstance(t.get("text"), str) or t["text"].count("{prompt}") != 1:
-            raise ValueError(f"{path}: templates[{i}].text must contain {{prompt}} exactly once")
+            raise InputError(f"{path}: field 'templates[{i}].text' must contain {{prompt}} exactly once")
         t.setdefault("id", f"template-{i}")
     return system.strip(), templates
 
@@ -130,7 +143,7 @@ def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Seq
 
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown or not conditions:
-        raise ValueError(f"eval.conditions: unknown or empty {unknown or list(conditions)}; choose from {', '.join(CONDITIONS)}")
+        raise InputError(f"eval.conditions: unknown or empty {unknown or list(conditions)}; choose from {', '.join(CONDITIONS)}")
     system, templates = load_jailbreaks()
     items = []
     for p in red_team:
@@ -152,7 +165,7 @@ def _heldout(spec: str, limit: int | None, what: str) -> list[Any]:
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
-        raise ValueError(f"{spec}: no held-out {what} prompts (split 'heldout'); add some or point data.{what} elsewhere")
+        raise InputError(f"{spec}: no held-out {what} prompts (split 'heldout'); add some or point data.{what} elsewhere")
     return prompts
 
 
@@ -165,7 +178,7 @@ def parse_model_arg(text: str) -> tuple[str, ModelSpec]:
         name = Path(text.rstrip("/")).name or text
     name, spec = name.strip(), spec.strip()
     if not name or not spec:
-        raise ValueError(f"model '{text}': expected NAME=SPEC, e.g. mine=artifacts/runs/x/models/dpo")
+        raise InputError(f"model '{text}': expected NAME=SPEC, e.g. mine=artifacts/runs/x/models/dpo")
     return name, ModelSpec(name=spec)
 
 
@@ -180,7 +193,7 @@ def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
     for extra in cfg.eval.extra_models:
         name, spec = parse_model_arg(extra)
         if name in models:
-            raise ValueError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={spec.name}")
+            raise InputError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={spec.name}")
         models[name] = spec
     return models
 
@@ -219,7 +232,14 @@ def generate_responses(
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
             t0 = time.perf_counter()
-            outs = engine.generate([items[i].conversation for i in idx], sampling, desc=f"eval {name}")
+            try:
+                outs = engine.generate([items[i].conversation for i in idx], sampling, desc=f"eval {name}")
+            except ContextLengthError as exc:
+                if exc.index is None:
+                    raise
+                it = items[idx[exc.index]]
+                raise ContextLengthError(f"eval {name}: {it.source} prompt id {it.prompt_id} (condition "
+                                         f"{it.condition}): {exc}", index=exc.index) from exc
             per = (time.perf_counter() - t0) / len(idx)
             store.append([
                 {
@@ -532,7 +552,7 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
     set_threads(cfg.threads)
     specs = dict(models) if models is not None else default_models(cfg, run)
     if not specs:
-        raise ValueError("run_eval: no models to evaluate; pass models= or train an adapter first")
+        raise InputError("run_eval: no models to evaluate; pass models= or train an adapter first")
     names = list(specs)
     reference = REFERENCE if REFERENCE in specs else names[0]
     timings: dict[str, float] = {}

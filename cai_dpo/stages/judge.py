@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import REPO_ROOT, JudgeConfig, RunConfig, SamplingConfig, resolve_path, to_dict
+from cai_dpo.errors import InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -655,7 +656,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         verdicts, stats = _judge_pairs(engine, constitution, to_judge, cfg, judge_name, calibration, run) if to_judge else ({}, {})
         rows = [_pref_row(p, judge_name, verdicts.get(p["pair_id"])) for p in active]
     if not rows:
-        raise ValueError(f"{pairs_path(run)}: no pairs to label; check pairs.source and that the pairs stage produced pairs")
+        raise InputError(f"{pairs_path(run)}: no pairs to label; check pairs.source and that the pairs stage produced pairs")
     judged = [verdicts[p["pair_id"]] for p in to_judge]
     both = [v for v in judged if not math.isnan(v.score_ba)]
     consistent = [(v.score_ab - 0.5) * (v.score_ba - 0.5) > 0 for v in both]

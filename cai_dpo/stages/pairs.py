@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.data import name_prompt_error
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def pair_id(source: str, prompt: str, response_a: str, response_b: str) -> str:
 def temperature_plan(k: int, temperatures: list[float]) -> list[float]:
     """Temperature of each of the K samples (the list cycled)."""
     if not temperatures:
-        raise ValueError("pairs.temperatures is empty; give at least one temperature, e.g. [0.7, 1.0]")
+        raise InputError("pairs.temperatures is empty; give at least one temperature, e.g. [0.7, 1.0]")
     return [temperatures[i % len(temperatures)] for i in range(k)]
 
 
@@ -121,10 +123,10 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
     if cfg.data.red_team_limit is not None:
         red = red[: cfg.data.red_team_limit]
     if not red:
-        raise ValueError(f"{cfg.data.red_team}: no red-team prompts in the 'train' split; point data.red_team at train prompts")
+        raise InputError(f"{cfg.data.red_team}: no red-team prompts in the 'train' split; point data.red_team at train prompts")
     share = cfg.pairs.helpful_share
     if not 0 <= share < 1:
-        raise ValueError(f"pairs.helpful_share must be in [0, 1), got {share}")
+        raise InputError(f"pairs.helpful_share must be in [0, 1), got {share}")
     helpful: list[Any] = []
     if share > 0:
         pool = split_prompts(load_prompts(cfg.data.helpful), "train")
@@ -152,7 +154,7 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
 
     pc = cfg.pairs
     if pc.samples_per_prompt < 2:
-        raise ValueError(f"pairs.samples_per_prompt must be >= 2 to form pairs, got {pc.samples_per_prompt}")
+        raise InputError(f"pairs.samples_per_prompt must be >= 2 to form pairs, got {pc.samples_per_prompt}")
     temps = temperature_plan(pc.samples_per_prompt, pc.temperatures)
     spec, adapter, model_id = _policy(cfg, run)
     store = run.records("pairs")
@@ -182,7 +184,10 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
                 for gi, (temp, idxs) in enumerate(sorted(groups.items())):
                     sampling = dataclasses.replace(pc.sampling, temperature=temp, do_sample=temp > 0,
                                                    seed=int(content_hash(pc.sampling.seed, cfg.seed, temp, start, length=8), 16))
-                    gens = engine.generate(convs, sampling, n=len(idxs), desc=f"pairs T={temp}")
+                    try:
+                        gens = engine.generate(convs, sampling, n=len(idxs), desc=f"pairs T={temp}")
+                    except ContextLengthError as exc:
+                        raise name_prompt_error(exc, [p for _, p, _ in part]) from exc
                     for row, gs in enumerate(gens):
                         for si, g in zip(idxs, gs):
                             samples[row][si] = {"index": si, "temperature": temp, "text": g.text, "n_tokens": g.n_tokens,
@@ -240,7 +245,7 @@ def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
 def mixed_counts(n_revision: int, n_sampled: int, ratio: float) -> tuple[int, int]:
     """How many revision and sampled pairs make the largest mix with ``ratio`` revision share."""
     if not 0 <= ratio <= 1:
-        raise ValueError(f"pairs.mixed_ratio must be in [0, 1], got {ratio}")
+        raise InputError(f"pairs.mixed_ratio must be in [0, 1], got {ratio}")
     if ratio == 0:
         return 0, n_sampled
     if ratio == 1:
@@ -291,7 +296,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             counts["revision_skipped"] = dict(skipped)
             sl_dir = run.root / "records" / "sl"
             if not revision:
-                raise ValueError(f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
+                raise InputError(f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
                                  f"run the SL stage first (cai-dpo sl) or set pairs.source=judged_samples")
             inputs["sl_records"] = file_hash(sl_dir)
         if pc.source in ("judged_samples", "mixed"):
@@ -314,7 +319,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             select_mixed(revision, sampled, pc.mixed_ratio, cfg.seed)
     rows = revision + sampled
     if not rows:
-        raise ValueError("pairs: no pairs formed (every prompt gave fewer than two distinct responses); "
+        raise InputError("pairs: no pairs formed (every prompt gave fewer than two distinct responses); "
                          "raise pairs.samples_per_prompt or the temperatures")
     selected = [r for r in rows if r["selected"]]
     counts.update({

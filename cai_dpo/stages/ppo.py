@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.errors import InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, file_hash
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class PtxBatches:
     def __init__(self, dataset: Any, tokenizer: Any, batch_size: int, max_length: int, seed: int):
         self.rows = [r["messages"] for r in dataset]
         if not self.rows:
-            raise ValueError("data/sl is empty; the ptx term needs SFT examples (set ppo.ptx_coef=0 to skip it)")
+            raise InputError("data/sl is empty; the ptx term needs SFT examples (set ppo.ptx_coef=0 to skip it)")
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
@@ -388,7 +389,11 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     seen: dict[str, Conversation] = {}
     pref = preferences_path(run)
     if pref.exists():
-        for p in load_from_disk(str(pref))["prompt"]:
+        ds = load_from_disk(str(pref))
+        if "prompt" not in ds.column_names:
+            raise InputError(f"{pref}: field 'prompt' is missing (columns: {', '.join(ds.column_names)}); "
+                             "rerun the judge stage to write prompt/chosen/rejected")
+        for p in ds["prompt"]:
             conv = as_conversation(p)
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     elif (run.root / "data" / "sl").exists():
@@ -404,7 +409,7 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
                 conv = to_conversation(p.text)
                 seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     if not seen:
-        raise ValueError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")
+        raise InputError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")
     return list(seen.values())
 
 
@@ -895,7 +900,7 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
     pc = cfg.ppo
     k = max(2, pc.rloo_k)
     if pc.rollout_batch % k or pc.rollout_batch % pc.minibatch:
-        raise ValueError(f"ppo.rollout_batch ({pc.rollout_batch}) must be divisible by ppo.rloo_k ({k}) and ppo.minibatch ({pc.minibatch}) in RLOO mode")
+        raise InputError(f"ppo.rollout_batch ({pc.rollout_batch}) must be divisible by ppo.rloo_k ({k}) and ppo.minibatch ({pc.minibatch}) in RLOO mode")
     steps_per_gen = pc.rollout_batch // pc.minibatch
     merge = [sft_adapter(run)] if sft_adapter(run) else []
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)

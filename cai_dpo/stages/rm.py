@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
+from cai_dpo.errors import InputError
 from cai_dpo.labels import preferences_path
+from cai_dpo.preferences import check_preference_rows
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, file_hash
 
 log = logging.getLogger(__name__)
@@ -186,7 +188,7 @@ def mix_helpful(rows: list[dict[str, Any]], share: float | None, helpful_texts: 
     if share is None:
         return rows
     if not 0.0 <= share < 1.0:
-        raise ValueError(f"rm.helpful_mix must be in [0, 1) or null, got {share}")
+        raise InputError(f"rm.helpful_mix must be in [0, 1) or null, got {share}")
     helpful = [r for r in rows if is_helpful_row(r, helpful_texts)]
     harmless = [r for r in rows if not is_helpful_row(r, helpful_texts)]
     rng = np.random.default_rng(seed)
@@ -203,7 +205,7 @@ def mix_helpful(rows: list[dict[str, Any]], share: float | None, helpful_texts: 
 def label_target(p: Any, mode: str) -> float | None:
     """Training target for a row: ``p_chosen`` (soft) or its rounding (hard; None for a tie)."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
-        raise ValueError("preference row has p_chosen missing/NaN; fix the preferences dataset (field p_chosen)")
+        raise InputError("preference row has p_chosen missing/NaN; fix the preferences dataset (field p_chosen)")
     p = float(p)
     if mode == "soft":
         return min(1.0, max(0.0, p))
@@ -216,7 +218,7 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, 
     """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) for RewardTrainer."""
     out: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": []}
     for row in rows:
-        target = label_target(row.get("p_chosen", 1.0), mode)
+        target = label_target(row.get("p_chosen"), mode)
         if target is None:
             continue
         out["chosen_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["chosen"]), max_length))
@@ -294,7 +296,7 @@ def head_name(model: Any) -> str:
     for name in HEAD_NAMES:
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return name
-    raise ValueError(f"{type(base).__name__}: no scalar head found (looked for {', '.join(HEAD_NAMES)})")
+    raise InputError(f"{type(base).__name__}: no scalar head found (looked for {', '.join(HEAD_NAMES)})")
 
 
 def lora_targets(model: Any, wanted: Sequence[str], head: str) -> list[str]:
@@ -461,7 +463,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         inputs = {"preferences": "<given>"}
     rows = list(data) if not isinstance(data, list) else data
     if not rows:
-        raise ValueError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
+        raise InputError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
+    rows, check_counts = check_preference_rows(rows, str(source or "preferences"))
     helpful_texts = _helpful_texts(cfg)
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
     train_rows, eval_rows = split_rows(rows, cfg.rm.eval_fraction, cfg.seed)
@@ -475,7 +478,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         inputs["sft_adapter"] = file_hash(sft)
     train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode)
     if not train_cols["p_chosen"]:
-        raise ValueError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
+        raise InputError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
     eval_cols = tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode) if eval_rows else None
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
@@ -529,6 +532,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         inputs=inputs,
         models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
         counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
+                "dropped_identical": check_counts["dropped_identical"], "dropped_empty": check_counts["dropped_empty"],
                 "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows)},
         timings=timings,
         metrics=metrics,

@@ -25,6 +25,7 @@ from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.engine import set_threads
+from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, save_adapter
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
 from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
@@ -37,7 +38,7 @@ def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
     """``messages`` → ``prompt`` (every turn before the last) and ``completion`` (the last, an assistant turn)."""
     messages = example["messages"]
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("data/sl: every row's 'messages' must end with an assistant turn")
+        raise InputError("data/sl: every row's 'messages' must end with an assistant turn")
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
@@ -129,7 +130,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
 
     dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)  # no cache files written into data/sl
     if len(dataset) == 0:
-        raise ValueError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
+        raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
     dataset, loss_mode = prepare_dataset(dataset, tokenizer)
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 

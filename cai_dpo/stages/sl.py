@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, SamplingConfig, to_dict
+from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
 
@@ -270,7 +272,7 @@ class _SLRun:
         self.constitution = load_constitution(cfg.constitution_path())
         self.red = _limit(split_prompts(load_prompts(cfg.data.red_team), "train"), cfg.data.red_team_limit)
         if not self.red:
-            raise ValueError(
+            raise InputError(
                 f"{cfg.data.red_team}: no red-team prompts in the 'train' split; "
                 "point data.red_team at a prompt file with train prompts"
             )
@@ -316,15 +318,18 @@ class _SLRun:
 
     # generation ------------------------------------------------------------
 
-    def _generate(self, phase: str, conversations: list[Conversation], shared: Conversation) -> list[Any]:
+    def _generate(self, phase: str, conversations: list[Conversation], shared: Conversation,
+                  prompts: Sequence[Any] = ()) -> list[Any]:
+        """Generate for ``conversations`` (made from ``prompts``, which a too-long error then names)."""
         engine = self.engine.get()
         prefix, texts = split_prefix(engine.render, shared, conversations)
         sampling: SamplingConfig = dataclasses.replace(self.cfg.sl.sampling, seed=_phase_seed(self.cfg, phase))
         try:
             outs = engine.generate(texts, sampling, prefix=prefix, desc=f"sl {phase}")
-        except ValueError as exc:
-            raise ValueError(f"SL {phase}: {exc} (data.red_team={self.cfg.data.red_team}; fix: shorter prompts, "
-                             "fewer sl.few_shot demos or a lower sl.sampling.max_new_tokens)") from exc
+        except ContextLengthError as exc:
+            named = name_prompt_error(exc, prompts)
+            raise ContextLengthError(f"SL {phase}: {named} (fix: shorter prompts, fewer sl.few_shot demos or a "
+                                     "lower sl.sampling.max_new_tokens)", index=exc.index) from exc
         self.generated[phase] += len(texts)
         return [o[0] for o in outs]
 
@@ -344,7 +349,8 @@ class _SLRun:
             self.engine.get()
         with Timer() as t:
             for chunk in self._chunks(todo):
-                gens = self._generate("initial", [_prompt_turns(p) for _, _, p in chunk], [])
+                gens = self._generate("initial", [_prompt_turns(p) for _, _, p in chunk], [],
+                                      [p for _, _, p in chunk])
                 rows = []
                 for (key, kind, p), g in zip(chunk, gens):
                     c = clean_output(g.text, finished=g.finished)
@@ -382,7 +388,7 @@ class _SLRun:
                             critique = self.store.get(self.phase_key(p, "critique", rnd))["text"]
                         convs.append(revision_turns(principle, _prompt_turns(p), response, critique))
                     meta.append((p, principle, response))
-                gens = self._generate(f"r{rnd}-{phase}", convs, shared)
+                gens = self._generate(f"r{rnd}-{phase}", convs, shared, [m[0] for m in meta])
                 rows = []
                 for (p, principle, response), g in zip(meta, gens):
                     c = clean_output(g.text, finished=g.finished, previous=response)
