@@ -432,8 +432,9 @@ def cluster_rate_summary(
     denominator, ``k`` the numerator. JSON-safe (NaN → None)."""
     r, lo, hi = cluster_ratio_ci(clusters, num, den, n_boot=n_boot, seed=seed)
     n = float(sum(den)) if den is not None else float(len(num))
+    used = set(clusters) if den is None else {c for c, d in zip(clusters, den) if d}
     return {"rate": _finite(r), "lo": _finite(lo), "hi": _finite(hi), "n": int(round(n)), "k": float(sum(num)),
-            "n_clusters": len(set(clusters))}
+            "n_clusters": len(used)}
 
 
 def paired_difference(
