@@ -124,7 +124,8 @@ def test_conditions_shape_the_conversations(evaluated):
     cfg, run, _ = evaluated
     system, _ = load_jailbreaks()
     rows = read_jsonl(run.root / "eval" / "responses.jsonl")
-    assert len(rows) == 2 * (cfg.eval.red_team_limit * len(cfg.eval.conditions) + cfg.eval.helpful_limit)
+    assert len(rows) == 2 * (cfg.eval.red_team_limit * len(cfg.eval.conditions) + cfg.eval.helpful_limit + 4 + 2)
+    assert {r["label"] for r in rows} <= {"explained_decline", "bare_refusal", "complies"}
     by = {(r["model"], r["prompt_id"], r["condition"]): r for r in rows if r["source"] == "red_team"}
     pid = next(iter(by))[1]
     plain, jb, sysr = by[("base", pid, "plain")], by[("base", pid, "jailbreak")], by[("base", pid, "system")]

@@ -409,7 +409,6 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
     constitution = load_constitution(cfg.constitution_path())
     key = content_hash("eval-gate", model_fingerprint(spec), constitution.fingerprint(), to_dict(cfg.judge), cfg.seed)
     if key not in store:
-        from cai_dpo.data import load_checkset
         from cai_dpo.stages.judge import JudgePrompter, judge_gate, measure_calibration
 
         jc = cfg.judge
@@ -417,8 +416,7 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
         engine = Engine(lm, tok, batch_size=jc.batch_size, progress=False)
         calibration = measure_calibration(engine, constitution, jc, prompter=JudgePrompter(engine, constitution, jc)) \
             if jc.calibrate else None
-        checkset = load_checkset(jc.checkset or "bundled:judge_checkset")
-        result = judge_gate(engine, constitution, jc, calibration=calibration, seed=cfg.seed, checkset=checkset)
+        result = judge_gate(engine, constitution, jc, calibration=calibration, seed=cfg.seed)
         store.append([{"key": key, **result.to_dict()}])
         del engine, lm, tok
         gc.collect()
