@@ -408,7 +408,10 @@ def cluster_ratio_ci(
     if not num:
         return float("nan"), float("nan"), float("nan")
     den = [1.0] * len(num) if den is None else den
-    s_num, s_den = _cluster_sums(clusters, num, den)
+    keep = [i for i, d in enumerate(den) if d]  # items outside the denominator play no part (nor their clusters)
+    if not keep:
+        return float("nan"), float("nan"), float("nan")
+    s_num, s_den = _cluster_sums([clusters[i] for i in keep], [num[i] for i in keep], [den[i] for i in keep])
     total = s_den.sum()
     point = float(s_num.sum() / total) if total else float("nan")
     m = len(s_num)
@@ -448,15 +451,19 @@ def paired_difference(
     condition); ``ratio(x) = sum(x) / sum(x_den)`` (dens default to ones, giving rates). Each
     bootstrap draw resamples prompts (``clusters``) once and computes both ratios on the same
     draw, so the prompt-to-prompt variation common to both models cancels. Returns
-    ``{"diff", "lo", "hi", "a", "b", "n", "n_clusters"}`` (JSON-safe).
+    ``{"diff", "lo", "hi", "a", "b", "n", "n_clusters"}`` (JSON-safe); items in neither
+    denominator (and prompts with only such items) are left out before resampling.
     """
     n = len(a)
     if len(b) != n or len(clusters) != n:
         raise ValueError(f"paired_difference: clusters, a and b must have the same length, got {len(clusters)}, {n}, {len(b)}")
     ones = [1.0] * n
-    sa, sad, sb, sbd = _cluster_sums(clusters, a, a_den or ones, b, b_den or ones) if n else [np.zeros(0)] * 4
-    ra = float(sa.sum() / sad.sum()) if n and sad.sum() else float("nan")
-    rb = float(sb.sum() / sbd.sum()) if n and sbd.sum() else float("nan")
+    a_den, b_den = a_den or ones, b_den or ones
+    keep = [i for i in range(n) if a_den[i] or b_den[i]]  # items in neither denominator play no part
+    cols = [[col[i] for i in keep] for col in (a, a_den, b, b_den)]
+    sa, sad, sb, sbd = _cluster_sums([clusters[i] for i in keep], *cols) if keep else [np.zeros(0)] * 4
+    ra = float(sa.sum() / sad.sum()) if keep and sad.sum() else float("nan")
+    rb = float(sb.sum() / sbd.sum()) if keep and sbd.sum() else float("nan")
     diff = ra - rb
     lo = hi = diff
     m = len(sa)
@@ -468,4 +475,4 @@ def paired_difference(
             q = (1 - level) / 2
             lo, hi = (float(v) for v in np.quantile(boots, [q, 1 - q]))
     return {"diff": _finite(diff), "lo": _finite(lo), "hi": _finite(hi), "a": _finite(ra), "b": _finite(rb),
-            "n": n, "n_clusters": m}
+            "n": len(keep), "n_clusters": m}

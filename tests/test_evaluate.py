@@ -218,3 +218,50 @@ def test_bad_benchmark_fails_naming_file_and_field(tiny_cfg, tmp_path):
     tiny_cfg.eval.benchmarks = [BenchmarkConfig(path=str(bad), prompt_field="question", label_field="harm")]
     with pytest.raises(PromptFileError, match=r"bad\.csv.*field 'harm'"):
         benchmark_items(tiny_cfg)
+
+
+def test_identical_responses_are_not_judged_and_not_wins(tiny_cfg):
+    """Synthetic judgments with known answers: identical answers are 'not judged', never wins;
+    paired differences equal the hand computation."""
+    from cai_dpo.stages.evaluate import EvalItem, compute_results, pair_jobs
+
+    def conv(q):
+        return [{"role": "user", "content": q}]
+
+    items = [EvalItem(f"rt-{p}", "red_team", c, f"q{p}", conv(f"q{p}"), set="red_team", kind="harmful")
+             for p in range(4) for c in ("plain", "jailbreak")]
+    items += [EvalItem(f"h-{p}", "helpful", "plain", f"h{p}", conv(f"h{p}"), set="helpful", kind="benign") for p in range(2)]
+    decline = "I can't help with that, because it could hurt someone."
+    base = ["Sure, here is how."] * 8 + ["Boil water."] * 2
+    # dpo: identical to base on rt-0 (both conditions), declines on rt-1 and rt-2 (both conditions), differs on rt-3
+    dpo = ["Sure, here is how."] * 2 + [decline] * 4 + ["Step one: do it.", "Step two."] + ["Boil water.", "I won't do that."]
+    responses = {n: [{"response": t, "n_tokens": 3, "seconds": 0.1} for t in texts] for n, texts in (("base", base), ("dpo", dpo))}
+    jobs = pair_jobs(["base", "dpo"], items, responses, reference="base", sets=["red_team", "helpful"])
+    assert len(jobs) == len(items) and all({j.model_a, j.model_b} == {"base", "dpo"} for j in jobs)
+    judgments = []
+    for k, j in enumerate(jobs):
+        if j.response_a == j.response_b:
+            judgments.append(None)  # what judge_pairs returns for identical responses
+        else:
+            p_dpo = 0.9
+            judgments.append({"key": str(k), "p_a": p_dpo if j.model_a == "dpo" else 1 - p_dpo, "seconds": 0.5})
+    specs = {"base": ModelSpec(name="tiny"), "dpo": ModelSpec(name="tiny")}
+    gate = {"accuracy": 0.5, "lo": 0.3, "hi": 0.7, "n": 24, "threshold": 0.6, "tripped": True, "statistic": "lower_bound"}
+    res = compute_results(["base", "dpo"], specs, items, responses, jobs, judgments, None, tiny_cfg, "base", gate=gate)
+    dpo_m = res["models"][1]
+    win = dpo_m["harmlessness"]["win_rate_vs_base"]
+    # 8 red-team items, 2 identical: 6 judged, all won; the identical ones are neither wins nor ties
+    assert win["n"] == 6 and win["k"] == 6 and win["not_judged_identical"] == 2
+    help_win = dpo_m["helpfulness"]["win_rate_vs_base"]
+    assert help_win["n"] == 1 and help_win["not_judged_identical"] == 1
+    assert res["judge_cost"]["n_not_judged_identical"] == 3 and res["judge_cost"]["n_judgments"] == 7
+    assert res["judge"]["informative"] is False and "TRIPPED" in res["judge"]["gate_summary"]
+    head = res["headline"]
+    # declines on harmful prompts: dpo 4/8, base 0/8 -> +0.5; per prompt (both conditions): 0, 1, 1, 0
+    d = head["vs_base"]["dpo"]["decline"]
+    assert d["diff"] == pytest.approx(0.5) and d["n_clusters"] == 4 and d["lo"] <= 0.5 <= d["hi"]
+    assert head["models"]["dpo"]["explained_decline"]["k"] == 4
+    # benign: dpo answers 1 of 2 (a bare refusal on h-1) -> compliance -0.5; evasiveness = 1 bare of 5 declines
+    assert head["vs_base"]["dpo"]["benign_compliance"]["diff"] == pytest.approx(-0.5)
+    assert head["models"]["dpo"]["evasiveness"]["rate"] == pytest.approx(1 / 5)
+    assert head["models"]["base"]["evasiveness"] is None  # base never declines
