@@ -159,7 +159,8 @@ def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Seq
 
 
 def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
-    """The curated held-out split (``eval.curated``) as items, ``eval.curated_limit`` per kind.
+    """The curated held-out split (``eval.curated``) as items, ``eval.curated_limit`` per kind
+    (sensitive-sounding and other benign prompts taken alternately).
 
     A missing set is not an error: the evaluation runs without it and ``notes`` says so.
     """
@@ -178,7 +179,11 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
         return []
     out = []
     for kind in ("harmful", "benign"):
-        chosen = [e for e in examples if e.kind == kind][: cfg.eval.curated_limit]
+        of_kind = [e for e in examples if e.kind == kind]
+        # sensitive-sounding and plain benign prompts alternate, so a limit keeps both
+        groups = [[e for e in of_kind if e.sensitive_sounding], [e for e in of_kind if not e.sensitive_sounding]]
+        mixed = [e for pair in itertools.zip_longest(*groups) for e in pair if e is not None]
+        chosen = mixed[: cfg.eval.curated_limit]
         out += [EvalItem(e.id, "curated", "plain", e.prompt, to_conversation(e.prompt), set="curated", kind=kind,
                          sensitive=e.sensitive_sounding) for e in chosen]
     notes.append(f"curated held-out split: {sum(i.kind == 'harmful' for i in out)} harmful, "
