@@ -412,7 +412,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_eval_commands(sub: Any) -> None:
-    p = sub.add_parser("eval", help="side-by-side evaluation: harmlessness, helpfulness, evasiveness, diversity, Elo, cost")
+    p = sub.add_parser("eval", help="side-by-side evaluation: independent classifier figures with paired differences vs base, gated judge figures, benchmark files, cost")
     _config_args(p)
     p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
                    help="evaluate another model too: a folder, adapter folder or hub id (repeatable)")

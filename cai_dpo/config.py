@@ -397,8 +397,40 @@ class PPOConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """A user-supplied labelled prompt file evaluated like the held-out sets (nothing is downloaded).
+
+    ``path``: a CSV/TSV, JSONL/JSON file or a ``Dataset.save_to_disk`` folder. ``format``:
+    ``auto`` (by suffix; a folder is a saved dataset), ``csv``, ``jsonl`` or ``hf``.
+    ``prompt_field`` holds the prompt text, ``label_field`` the label; a label is harmful
+    when its lowercased text is in ``harmful_values``, benign when in ``benign_values`` (or,
+    with ``benign_values`` empty, whenever it is not harmful). ``name`` defaults to the file
+    stem; ``limit`` keeps the first N prompts.
+    """
+
+    path: str = ""
+    format: Literal["auto", "csv", "jsonl", "hf"] = "auto"
+    prompt_field: str = "prompt"
+    label_field: str = "label"
+    harmful_values: list[str] = field(default_factory=lambda: ["harmful", "unsafe", "1", "true", "yes"])
+    benign_values: list[str] = field(default_factory=list)
+    name: str | None = None
+    limit: int | None = None
+
+
+@dataclass
 class EvalConfig:
-    """Side-by-side evaluation of base, SL-CAI, PPO and DPO."""
+    """Side-by-side evaluation of base, SL-CAI, PPO and DPO.
+
+    Independent figures (rule-based response classifier, :mod:`cai_dpo.classify`) on the
+    held-out red-team and helpful prompts, the curated held-out split (``curated``: a spec for
+    :func:`cai_dpo.curated.load_curated`, ``null`` to leave it out; ``curated_limit`` per kind)
+    and every ``benchmarks`` file. Judge figures: ``judge`` (default: the judge stage's model,
+    i.e. the policy's base model unless ``judge.model`` is set; a different, stronger model is
+    recommended), pairwise against ``base`` only, on ``judge_sets``; ``judge_enabled: false``
+    skips them; ``judge_when_gate_trips: false`` skips them when the eval judge's quality gate
+    tripped.
+    """
 
     red_team_limit: int | None = None
     helpful_limit: int | None = None
@@ -408,6 +440,13 @@ class EvalConfig:
     hourly_price_usd: float = 2.0
     tie_band: float = 0.0  # judgments with |P(better) - 0.5| <= tie_band count as ties (half a win)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False))
+    curated: str | None = "bundled:curated"
+    curated_limit: int | None = None
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    judge: ModelSpec | None = None
+    judge_enabled: bool = True
+    judge_when_gate_trips: bool = True
+    judge_sets: list[str] = field(default_factory=lambda: ["red_team", "helpful"])
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -463,6 +502,10 @@ class RunConfig:
         if self.judge.model is not None:
             return self.judge.model
         return dataclasses.replace(self.policy, adapter=None)
+
+    def eval_judge_model(self) -> ModelSpec:
+        """The evaluation judge: ``eval.judge`` when given, else :meth:`judge_model`."""
+        return self.eval.judge if self.eval.judge is not None else self.judge_model()
 
     def constitution_path(self) -> Path:
         """The constitution file, resolved against the working directory, then the repo."""

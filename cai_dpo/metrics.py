@@ -20,7 +20,10 @@ Definitions
   "illegal", "dangerous", "unsafe", "unethical", "privacy", "against the law", ...)
   occurs anywhere in the response. A refusal that names why it refuses is *not* evasive.
 - **Intervals**: Wilson score interval for rates (:func:`rate_ci`); percentile bootstrap
-  for means (:func:`mean_ci`).
+  for means (:func:`mean_ci`). Where items share a prompt (conditions of one red-team
+  prompt), the *cluster bootstrap* (:func:`cluster_ratio_ci`, :func:`cluster_rate_summary`)
+  resamples prompts, not items; :func:`paired_difference` gives model-minus-model differences
+  on the same prompts with the same resampling; :func:`elo_with_ci` takes ``clusters`` too.
 - **Elo** (:func:`elo_ratings`): by default the Bradley–Terry maximum-likelihood strengths
   (minorisation–maximisation, Hunter 2004) on the Elo scale, ``400·log10(γ)``, centred so
   the players' mean is ``base``. Soft scores count as fractional wins. Each player also
@@ -311,17 +314,31 @@ def elo_with_ci(
     n_boot: int = 200,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Sequence[object] | None = None,
     **kwargs: float | str | int,
 ) -> dict[str, tuple[float, float, float]]:
-    """``{player: (elo, lo, hi)}``: point ratings and percentile intervals from resampled matches."""
+    """``{player: (elo, lo, hi)}``: point ratings and percentile intervals from resampled matches.
+
+    With ``clusters`` (one id per match, e.g. the prompt id) whole clusters are resampled
+    (a cluster bootstrap: every match on a drawn prompt, all conditions and opponents, enters
+    together); without, single matches are resampled.
+    """
     matches = list(matches)
     point = elo_ratings(matches, **kwargs)  # type: ignore[arg-type]
     if not point:
         return {}
+    if clusters is not None and len(clusters) != len(matches):
+        raise ValueError(f"elo_with_ci: {len(clusters)} cluster ids for {len(matches)} matches")
+    groups: list[list[int]] = [[i] for i in range(len(matches))]
+    if clusters is not None:
+        by: dict[object, list[int]] = {}
+        for i, c in enumerate(clusters):
+            by.setdefault(c, []).append(i)
+        groups = list(by.values())
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {p: [] for p in point}
     for _ in range(max(0, n_boot)):
-        idx = rng.integers(0, len(matches), size=len(matches))
+        idx = [i for g in rng.integers(0, len(groups), size=len(groups)) for i in groups[g]]
         r = elo_ratings([matches[i] for i in idx], **kwargs)  # type: ignore[arg-type]
         for p in point:
             if p in r:
@@ -354,3 +371,108 @@ def mean_summary(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> 
     """``{"mean", "lo", "hi", "n"}`` with a percentile-bootstrap 95 % interval."""
     m, lo, hi = mean_ci(values, n_boot=n_boot, seed=seed)
     return {"mean": _finite(m), "lo": _finite(lo), "hi": _finite(hi), "n": len(values)}
+
+
+# --------------------------------------------------------------------------- prompt-level (cluster) statistics
+
+
+def _cluster_sums(clusters: Sequence[object], *columns: Sequence[float]) -> list[np.ndarray]:
+    """Per-cluster sums of each column, clusters in first-seen order."""
+    index: dict[object, int] = {}
+    for c in clusters:
+        index.setdefault(c, len(index))
+    ids = np.fromiter((index[c] for c in clusters), dtype=int, count=len(clusters))
+    return [np.bincount(ids, weights=np.asarray(col, dtype=float), minlength=len(index)) for col in columns]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def cluster_ratio_ci(
+    clusters: Sequence[object], num: Sequence[float], den: Sequence[float] | None = None,
+    n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``sum(num) / sum(den)`` with a percentile interval from a **cluster bootstrap**.
+
+    ``clusters[i]`` is the cluster (prompt id) of item ``i``; whole clusters are resampled
+    with replacement, so items that share a prompt (the same prompt under several conditions)
+    move together and are not counted as independent. ``den`` defaults to ones (a plain
+    mean/rate). ``(nan, nan, nan)`` without items or with a zero denominator; a single cluster
+    gives a zero-width interval.
+    """
+    if len(clusters) != len(num) or (den is not None and len(den) != len(num)):
+        raise ValueError(f"clusters, num and den must have the same length, got {len(clusters)}, {len(num)}, "
+                         f"{None if den is None else len(den)}")
+    if not num:
+        return float("nan"), float("nan"), float("nan")
+    den = [1.0] * len(num) if den is None else den
+    keep = [i for i, d in enumerate(den) if d]  # items outside the denominator play no part (nor their clusters)
+    if not keep:
+        return float("nan"), float("nan"), float("nan")
+    s_num, s_den = _cluster_sums([clusters[i] for i in keep], [num[i] for i in keep], [den[i] for i in keep])
+    total = s_den.sum()
+    point = float(s_num.sum() / total) if total else float("nan")
+    m = len(s_num)
+    if m < 2 or n_boot < 1 or not total:
+        return point, point, point
+    idx = np.random.default_rng(seed).integers(0, m, size=(n_boot, m))
+    boots = _ratio(s_num[idx].sum(axis=1), s_den[idx].sum(axis=1))
+    boots = boots[np.isfinite(boots)]
+    if not boots.size:
+        return point, float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(boots, [a, 1 - a])
+    return point, float(lo), float(hi)
+
+
+def cluster_rate_summary(
+    clusters: Sequence[object], num: Sequence[float], den: Sequence[float] | None = None, n_boot: int = 1000, seed: int = 0,
+) -> dict[str, float | int | None]:
+    """``{"rate", "lo", "hi", "n", "k", "n_clusters"}``: a rate (or ratio ``sum(num)/sum(den)``) with a
+    95 % cluster-bootstrap interval over prompts (:func:`cluster_ratio_ci`); ``n`` counts the
+    denominator, ``k`` the numerator. JSON-safe (NaN → None)."""
+    r, lo, hi = cluster_ratio_ci(clusters, num, den, n_boot=n_boot, seed=seed)
+    n = float(sum(den)) if den is not None else float(len(num))
+    used = set(clusters) if den is None else {c for c, d in zip(clusters, den) if d}
+    return {"rate": _finite(r), "lo": _finite(lo), "hi": _finite(hi), "n": int(round(n)), "k": float(sum(num)),
+            "n_clusters": len(used)}
+
+
+def paired_difference(
+    clusters: Sequence[object], a: Sequence[float], b: Sequence[float],
+    a_den: Sequence[float] | None = None, b_den: Sequence[float] | None = None,
+    n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+) -> dict[str, float | int | None]:
+    """Paired difference ``ratio(a) - ratio(b)`` on the same items, with a cluster-bootstrap interval.
+
+    Items ``i`` are paired (model A and model B answered the same prompt under the same
+    condition); ``ratio(x) = sum(x) / sum(x_den)`` (dens default to ones, giving rates). Each
+    bootstrap draw resamples prompts (``clusters``) once and computes both ratios on the same
+    draw, so the prompt-to-prompt variation common to both models cancels. Returns
+    ``{"diff", "lo", "hi", "a", "b", "n", "n_clusters"}`` (JSON-safe); items in neither
+    denominator (and prompts with only such items) are left out before resampling.
+    """
+    n = len(a)
+    if len(b) != n or len(clusters) != n:
+        raise ValueError(f"paired_difference: clusters, a and b must have the same length, got {len(clusters)}, {n}, {len(b)}")
+    ones = [1.0] * n
+    a_den, b_den = a_den or ones, b_den or ones
+    keep = [i for i in range(n) if a_den[i] or b_den[i]]  # items in neither denominator play no part
+    cols = [[col[i] for i in keep] for col in (a, a_den, b, b_den)]
+    sa, sad, sb, sbd = _cluster_sums([clusters[i] for i in keep], *cols) if keep else [np.zeros(0)] * 4
+    ra = float(sa.sum() / sad.sum()) if keep and sad.sum() else float("nan")
+    rb = float(sb.sum() / sbd.sum()) if keep and sbd.sum() else float("nan")
+    diff = ra - rb
+    lo = hi = diff
+    m = len(sa)
+    if m >= 2 and n_boot >= 1 and math.isfinite(diff):
+        idx = np.random.default_rng(seed).integers(0, m, size=(n_boot, m))
+        boots = _ratio(sa[idx].sum(axis=1), sad[idx].sum(axis=1)) - _ratio(sb[idx].sum(axis=1), sbd[idx].sum(axis=1))
+        boots = boots[np.isfinite(boots)]
+        if boots.size:
+            q = (1 - level) / 2
+            lo, hi = (float(v) for v in np.quantile(boots, [q, 1 - q]))
+    return {"diff": _finite(diff), "lo": _finite(lo), "hi": _finite(hi), "a": _finite(ra), "b": _finite(rb),
+            "n": len(keep), "n_clusters": m}

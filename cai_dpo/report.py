@@ -5,35 +5,53 @@
 ``<run>/metrics/ppo/*.csv`` and ``<run>/metrics/rloo/*.csv`` (a ``step`` column and any
 numeric metric columns), and the
 optional preference-data manifest ``<run>/data/preferences/manifest.json``, and writes
-``<run>/report/`` in one atomic folder swap: ``report.md``, ``comparison.csv``,
-``red_team_conditions.csv``, ``elo.csv``, ``cost.csv`` and PNG figures. Every figure names
-its sample size; every rate carries its 95 % interval.
+``<run>/report/`` in one atomic folder swap: ``report.md``, ``headline.csv``,
+``differences.csv``, ``by_set.csv``, ``judge.csv``, ``elo.csv``, ``cost.csv`` and PNG figures.
+The report opens with a "How to read this" block generated from the run (which judge, its
+gate result, what the PM score is, sample sizes, which figures are independent of the trained
+models), then the independent headline table (rule-based classifier) and paired differences
+vs base; judge figures follow and are marked uninformative when the judge's gate tripped.
+Every figure names its sample size; every rate carries its 95 % interval.
 
-Results schema (``schema: "cai-dpo/eval-results/1"``)
+Results schema (``schema: "cai-dpo/eval-results/2"``)
 -----------------------------------------------------
-``Rate = {rate, lo, hi, n, k}`` (Wilson 95 %), ``Mean = {mean, lo, hi, n}`` (bootstrap 95 %),
-``Elo = {elo, lo, hi}`` (bootstrap 95 %); any of them may be ``null`` where not measured::
+``Rate = {rate, lo, hi, n, k, n_clusters}`` (95 % cluster bootstrap over prompts; ``n`` items
+in the denominator, ``n_clusters`` prompts), ``Diff = {diff, lo, hi, a, b, n, n_clusters}``
+(model minus base on the same prompts, 95 % cluster bootstrap), ``Mean = {mean, lo, hi, n}``
+(bootstrap 95 %), ``Elo = {elo, lo, hi}`` (bootstrap over prompts); any may be ``null``
+where not measured. ``Win = Rate + {mean_p, not_judged_identical}``.
+``Figures = {n_prompts, n_harmful, n_benign, n_sensitive,
+models: {name: {decline, explained_decline, bare_refusal, benign_compliance, over_refusal,
+sensitive_compliance, evasiveness: Rate, diversity: {harmful|benign: {distinct_1, distinct_2,
+repetition, mean_length, n}}}}, vs_base: {name: {same figure names: Diff}}}``::
 
-    run_id, created,
-    settings: {conditions, n_red_team_prompts, n_helpful_prompts, sampling, judge_model,
-               constitution, bootstrap, tie_band, hourly_price_usd, elo_method, reference_model},
+    schema, run_id, created,
+    settings: {conditions, sets, headline_sets, n_red_team_prompts, n_helpful_prompts,
+               n_curated_prompts: {harmful, benign}, sampling, judge_model, constitution, bootstrap,
+               tie_band, hourly_price_usd, elo_method, reference_model, pm_trained},
     definitions: {metric name: one-sentence definition},
+    notes: [str],                               # e.g. curated split missing, judge = policy base
+    classifier: {handwritten_test: Acc | null, real: Acc | null},
+        # Acc = {accuracy, lo, hi, n, k, confusion: {"gold -> predicted": count}, errors: [id]}
+    headline: Figures,                          # red_team (all conditions) + helpful + curated
+    by_set: {set name: Figures},                # red_team, helpful, curated, benchmark:<name>
+    by_condition: {condition: Figures},         # red-team prompts per condition
+    judge: {model, configured, is_policy_base, gate: {accuracy, lo, hi, n, threshold, tripped,
+            statistic, source, ...} | {skipped, tripped: null}, gate_summary, informative,
+            status, sets},
     models: [{
-        name, spec, adapter,
-        harmlessness: {overall: Rate, win_rate_vs_base: Rate, mean_p_vs_base: Mean,
-                       by_condition: {condition: {harmless: Rate, win_rate_vs_base: Rate,
-                                                  refusal: Rate, explained_refusal: Rate,
-                                                  evasive: Rate, pm_score: Mean}}},
-        helpfulness: {win_rate_vs_base: Rate, mean_p_vs_base: Mean},
-        evasiveness: Rate, over_refusal: Rate,
+        name, spec, adapter, label_counts: {explained_decline, bare_refusal, complies},
+        harmlessness: {win_rate_vs_base: Win, by_condition: {condition: {win_rate_vs_base: Win}}},
+        helpfulness: {win_rate_vs_base: Win},
         pm_score: {red_team: Mean, helpful: Mean} | null,
-        diversity: {red_team: {distinct_1, distinct_2, repetition, mean_length, n}, helpful: {...}},
         elo: {overall: Elo, harmlessness: Elo, helpfulness: Elo},
         cost: {n_responses, tokens_per_response, seconds_per_response, cost_per_1k_responses_usd}}],
     elo_matches: {overall: int, harmlessness: int, helpfulness: int},
-    judge_cost: {n_judgments, seconds_per_judgment, tokens_per_judgment, scoring_passes_per_judgment,
-                 cost_per_1k_judgments_usd, hourly_price_usd},
-    examples: [{prompt_id, source, condition, prompt, shown, responses: {model name: text}}]
+    judge_cost: {n_judgments, n_comparisons, n_not_judged_identical, seconds_per_judgment,
+                 tokens_per_judgment, scoring_passes_per_judgment, cost_per_1k_judgments_usd,
+                 hourly_price_usd},
+    examples: [{prompt_id, source, condition, prompt, shown, responses: {model: text},
+                labels: {model: label}}]
 """
 
 from __future__ import annotations
@@ -52,7 +70,7 @@ from cai_dpo.store import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "cai-dpo/eval-results/1"
+SCHEMA = "cai-dpo/eval-results/2"
 ELO_AXES = ("overall", "harmlessness", "helpfulness")
 #: ``metrics/<stage>/*.csv`` folders plotted as training curves (rloo: the PPO stage's RLOO mode).
 TRAINING_STAGES = ("dpo", "ppo", "rloo")
@@ -147,13 +165,36 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # --------------------------------------------------------------------------- tables
 
+HEADLINE_COLUMNS = (
+    ("decline", "declines (harmful)"),
+    ("explained_decline", "explained decline (harmful)"),
+    ("bare_refusal", "bare refusal (harmful)"),
+    ("benign_compliance", "complies (benign)"),
+    ("sensitive_compliance", "complies (sensitive-sounding benign)"),
+    ("evasiveness", "evasive (share of declines)"),
+)
 
-def fmt_win(r: dict[str, Any] | None, mean_p: dict[str, Any] | None) -> str:
-    """A win rate with the judge's mean probability beside it."""
+
+def fmt_win(r: dict[str, Any] | None, mean_p: dict[str, Any] | float | None = None) -> str:
+    """A win rate with the judge's mean probability and the not-judged count beside it."""
     text = fmt_rate(r)
-    if mean_p and mean_p.get("mean") is not None:
-        text += f" (mean P {mean_p['mean']:.2f})"
+    mp = mean_p.get("mean") if isinstance(mean_p, dict) else mean_p
+    if mp is None and r:
+        mp = r.get("mean_p")
+    if mp is not None:
+        text += f" (mean P {mp:.2f})"
+    if r and r.get("not_judged_identical"):
+        text += f"; {r['not_judged_identical']} identical, not judged"
     return text
+
+
+def fmt_diff(d: dict[str, Any] | None) -> str:
+    """``+31 pts [18, 44]`` (percentage points, 95 % cluster-bootstrap interval), or ``—``."""
+    if not d or d.get("diff") is None:
+        return "—"
+    lo, hi = d.get("lo"), d.get("hi")
+    rng = f" [{lo * 100:+.0f}, {hi * 100:+.0f}]" if lo is not None and hi is not None else ""
+    return f"{d['diff'] * 100:+.0f} pts{rng}"
 
 
 def _rate_cols(r: dict[str, Any] | None) -> list[Any]:
@@ -161,74 +202,165 @@ def _rate_cols(r: dict[str, Any] | None) -> list[Any]:
     return [r.get("rate"), r.get("lo"), r.get("hi"), r.get("n")]
 
 
-def comparison_tables(results: dict[str, Any]) -> tuple[str, str]:
-    """(Markdown, CSV) of the main per-model comparison."""
+def _model_names(results: dict[str, Any]) -> list[str]:
+    return [m["name"] for m in results["models"]]
+
+
+def figures_table(figs: dict[str, Any] | None, names: Sequence[str]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """(Markdown rows, CSV rows) of the independent figures of each model in a ``Figures`` block."""
     md_rows, csv_rows = [], []
-    for m in results["models"]:
-        h = m.get("harmlessness") or {}
-        help_ = m.get("helpfulness") or {}
-        div = _get(m, "diversity", "red_team") or {}
-        pm = _get(m, "pm_score", "red_team")
-        elo = _get(m, "elo", "overall")
-        md_rows.append([
-            m["name"], fmt_rate(h.get("overall")), fmt_win(h.get("win_rate_vs_base"), h.get("mean_p_vs_base")),
-            fmt_win(help_.get("win_rate_vs_base"), help_.get("mean_p_vs_base")), fmt_mean(pm), fmt_rate(m.get("evasiveness")),
-            fmt_rate(m.get("over_refusal")), _num(div.get("distinct_2")), _num(div.get("repetition")),
-            _num(div.get("mean_length"), 1), fmt_elo(elo),
-        ])
-        csv_rows.append([
-            m["name"], m.get("spec"), *_rate_cols(h.get("overall")), *_rate_cols(h.get("win_rate_vs_base")),
-            *_rate_cols(help_.get("win_rate_vs_base")), *( [pm.get("mean"), pm.get("lo"), pm.get("hi"), pm.get("n")] if pm else [None] * 4),
-            *_rate_cols(m.get("evasiveness")), *_rate_cols(m.get("over_refusal")),
-            div.get("distinct_1"), div.get("distinct_2"), div.get("repetition"), div.get("mean_length"),
-            *([elo.get("elo"), elo.get("lo"), elo.get("hi")] if elo else [None] * 3),
-        ])
-    md = md_table(
-        ["model", "harmless rate", "harmless win vs base", "helpful win vs base", "PM score (red team)",
-         "evasive", "over-refusal", "distinct-2", "repetition", "mean length", "Elo (overall)"],
-        md_rows,
-    )
-    cols = ["model", "spec"]
-    for name in ("harmless", "harmless_win_vs_base", "helpful_win_vs_base", "pm_score", "evasive", "over_refusal"):
-        cols += [name, f"{name}_lo", f"{name}_hi", f"{name}_n"]
-    cols += ["distinct_1", "distinct_2", "repetition", "mean_length", "elo", "elo_lo", "elo_hi"]
-    return md, csv_text(cols, csv_rows)
+    models = (figs or {}).get("models") or {}
+    for n in names:
+        f = models.get(n)
+        if not f:
+            continue
+        div = f.get("diversity") or {}
+        both = [div.get("harmful") or {}, div.get("benign") or {}]
+        d2 = [d.get("distinct_2") for d in both if d.get("n")]
+        rep = [d.get("repetition") for d in both if d.get("n")]
+        md_rows.append([n] + [fmt_rate(f.get(k)) for k, _ in HEADLINE_COLUMNS]
+                       + [" / ".join(_num(x) for x in d2) or "—", " / ".join(_num(x) for x in rep) or "—"])
+        csv_rows.append([n] + [c for k, _ in HEADLINE_COLUMNS for c in _rate_cols(f.get(k))]
+                        + [(div.get("harmful") or {}).get("distinct_2"), (div.get("benign") or {}).get("distinct_2"),
+                           (div.get("harmful") or {}).get("repetition"), (div.get("benign") or {}).get("repetition")])
+    return md_rows, csv_rows
 
 
-def condition_tables(results: dict[str, Any]) -> tuple[str, str]:
-    """(Markdown, CSV) of harmlessness per red-team condition."""
+_FIG_HEADER = ["model"] + [h for _, h in HEADLINE_COLUMNS] + ["distinct-2 (harmful / benign)", "repetition (harmful / benign)"]
+_FIG_CSV = ["model"] + [c for k, _ in HEADLINE_COLUMNS for c in (k, f"{k}_lo", f"{k}_hi", f"{k}_n")] + [
+    "distinct_2_harmful", "distinct_2_benign", "repetition_harmful", "repetition_benign"]
+
+
+def headline_tables(results: dict[str, Any]) -> tuple[str, str]:
+    """(Markdown, CSV) of the independent headline figures (classifier labels on the labelled held-out sets)."""
+    md_rows, csv_rows = figures_table(results.get("headline"), _model_names(results))
+    return md_table(_FIG_HEADER, md_rows), csv_text(_FIG_CSV, csv_rows)
+
+
+def difference_tables(results: dict[str, Any]) -> tuple[str, str]:
+    """(Markdown, CSV) of paired differences vs base (headline sets), in percentage points."""
+    vs = _get(results, "headline", "vs_base") or {}
+    md_rows, csv_rows = [], []
+    for n in _model_names(results):
+        d = vs.get(n)
+        if not d:
+            continue
+        md_rows.append([n] + [fmt_diff(d.get(k)) for k, _ in HEADLINE_COLUMNS])
+        for k, _ in HEADLINE_COLUMNS:
+            e = d.get(k) or {}
+            csv_rows.append([n, k, e.get("diff"), e.get("lo"), e.get("hi"), e.get("a"), e.get("b"), e.get("n_clusters")])
+    ref = _get(results, "settings", "reference_model") or "base"
+    md = md_table([f"model − {ref}"] + [h for _, h in HEADLINE_COLUMNS], md_rows) if md_rows else \
+        f"No model besides {ref}: no paired differences."
+    return md, csv_text(["model", "figure", "diff", "lo", "hi", "model_rate", "base_rate", "n_prompts"], csv_rows)
+
+
+def set_tables(results: dict[str, Any]) -> tuple[str, str]:
+    """(Markdown, CSV) of the independent figures per prompt set (benchmarks included) and per red-team condition."""
+    names = _model_names(results)
+    parts, csv_rows = [], []
+    blocks = [(f"set `{k}`", k, v) for k, v in (results.get("by_set") or {}).items()]
+    blocks += [(f"red team, condition `{k}`", f"red_team/{k}", v) for k, v in (results.get("by_condition") or {}).items()]
+    for title, key, figs in blocks:
+        md_rows, rows = figures_table(figs, names)
+        diffs = (figs or {}).get("vs_base") or {}
+        for r in md_rows:
+            d = diffs.get(r[0]) or {}
+            r.append(f"declines {fmt_diff(d.get('decline'))}; complies {fmt_diff(d.get('benign_compliance'))}" if d else "—")
+        parts.append(f"**{title}** — {figs.get('n_prompts', '?')} prompts ({figs.get('n_harmful', '?')} harmful items, "
+                     f"{figs.get('n_benign', '?')} benign)\n\n" + md_table(_FIG_HEADER + ["vs base"], md_rows))
+        csv_rows += [[key] + r for r in rows]
+    return "\n\n".join(parts) or "No prompt sets recorded.", csv_text(["set"] + _FIG_CSV, csv_rows)
+
+
+def judge_tables(results: dict[str, Any]) -> tuple[str, str]:
+    """(Markdown, CSV) of the judge figures: gate line first, then win rates vs base per axis and condition."""
+    j = results.get("judge") or {}
+    lines = [f"Eval judge: **{j.get('model', _get(results, 'settings', 'judge_model') or '?')}**"
+             + (" (configured as eval.judge)" if j.get("configured") else " (default: the judge stage's model)")
+             + f". Gate: {j.get('gate_summary', 'not recorded')}"
+             + (f" — {j['gate']['source']}" if isinstance(j.get("gate"), dict) and j["gate"].get("source") else "") + "."]
+    if not j.get("informative"):
+        lines.append("**These judge figures are uninformative** (the judge did not pass its quality gate) and are left out of "
+                     "the headline.")
+    if j.get("status") and j["status"] != "judged":
+        lines.append(f"Judge figures {j['status']}.")
+    md_rows, csv_rows = [], []
     conditions = list(_get(results, "settings", "conditions") or [])
     for m in results["models"]:
-        for c in _get(m, "harmlessness", "by_condition") or {}:
-            if c not in conditions:
-                conditions.append(c)
-    md_rows, csv_rows = [], []
-    for m in results["models"]:
-        by = _get(m, "harmlessness", "by_condition") or {}
-        md_rows.append([m["name"]] + [fmt_rate(_get(by, c, "harmless")) for c in conditions])
-        for c in conditions:
-            e = by.get(c) or {}
-            pm = e.get("pm_score") or {}
-            csv_rows.append([
-                m["name"], c, *_rate_cols(e.get("harmless")), *_rate_cols(e.get("win_rate_vs_base")),
-                *_rate_cols(e.get("refusal")), *_rate_cols(e.get("explained_refusal")), *_rate_cols(e.get("evasive")),
-                pm.get("mean"), pm.get("lo"), pm.get("hi"),
-            ])
-    md = md_table(["model"] + conditions, md_rows)
-    if any(_get(m, "harmlessness", "by_condition") for m in results["models"]):
-        detail_rows = []
-        for m in results["models"]:
-            by = _get(m, "harmlessness", "by_condition") or {}
-            for c in conditions:
-                e = by.get(c) or {}
-                detail_rows.append([m["name"], c, fmt_rate(e.get("win_rate_vs_base")), fmt_rate(e.get("refusal")),
-                                    fmt_rate(e.get("explained_refusal")), fmt_rate(e.get("evasive")), fmt_mean(e.get("pm_score"))])
-        md += "\n\n" + md_table(["model", "condition", "harmless win vs base", "refusal", "explained refusal", "evasive", "PM score"], detail_rows)
-    cols = ["model", "condition"]
-    for name in ("harmless", "harmless_win_vs_base", "refusal", "explained_refusal", "evasive"):
-        cols += [name, f"{name}_lo", f"{name}_hi", f"{name}_n"]
-    cols += ["pm_score", "pm_score_lo", "pm_score_hi"]
-    return md, csv_text(cols, csv_rows)
+        h, hp = m.get("harmlessness") or {}, m.get("helpfulness") or {}
+        if not h.get("win_rate_vs_base") and not hp.get("win_rate_vs_base"):
+            continue
+        by = h.get("by_condition") or {}
+        md_rows.append([m["name"], fmt_win(h.get("win_rate_vs_base")), fmt_win(hp.get("win_rate_vs_base"))]
+                       + [fmt_win(_get(by, c, "win_rate_vs_base")) for c in conditions])
+        csv_rows.append([m["name"], *_rate_cols(h.get("win_rate_vs_base")), *_rate_cols(hp.get("win_rate_vs_base"))])
+    if md_rows:
+        lines.append(md_table(["model", "harmless win vs base", "helpful win vs base"] + [f"harmless win ({c})" for c in conditions],
+                              md_rows))
+    cols = ["model"] + [f"{n}{s}" for n in ("harmless_win_vs_base", "helpful_win_vs_base") for s in ("", "_lo", "_hi", "_n")]
+    return "\n\n".join(lines), csv_text(cols, csv_rows)
+
+
+def pm_table(results: dict[str, Any]) -> str:
+    """The preference model's mean score per model, flagged as PPO's own objective."""
+    rows = [[m["name"], fmt_mean(_get(m, "pm_score", "red_team")), fmt_mean(_get(m, "pm_score", "helpful"))]
+            for m in results["models"] if m.get("pm_score")]
+    if not rows:
+        return "No preference model in this run."
+    return ("The preference model's score is the reward PPO maximised: a high PPO score here is expected by construction "
+            "and says nothing independent about the PPO model.\n\n" + md_table(["model", "PM score (red team)", "PM score (helpful)"], rows))
+
+
+def how_to_read(results: dict[str, Any]) -> str:
+    """The "How to read this" block, generated from the run's results."""
+    s = results.get("settings") or {}
+    j = results.get("judge") or {}
+    head = results.get("headline") or {}
+    cls = results.get("classifier") or {}
+    lines = []
+    lines.append(f"- **Independent figures (headline)**: every response is labelled by a rule-based classifier that uses no "
+                 f"trained model (explained decline / bare refusal / complies). Sets: {', '.join(s.get('headline_sets') or []) or '?'} "
+                 f"— {head.get('n_prompts', '?')} prompts, {head.get('n_harmful', '?')} harmful items (red-team prompts × "
+                 f"{len(s.get('conditions') or [])} conditions + curated) and {head.get('n_benign', '?')} benign items "
+                 f"({head.get('n_sensitive', 0)} sensitive-sounding).")
+    acc_parts = []
+    for key, what in (("handwritten_test", "hand-written test half"), ("real", "hand-labelled responses of the embedded model")):
+        a = cls.get(key)
+        if a and a.get("accuracy") is not None:
+            acc_parts.append(f"{a['accuracy']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] on the {what} (n={a['n']})")
+    if acc_parts:
+        lines.append("- Classifier accuracy: " + "; ".join(acc_parts) + ". 'Complies' means 'does not decline': it says "
+                     "nothing about whether the answer is correct or safe.")
+    lines.append("- Intervals are 95 % cluster-bootstrap intervals over prompts (the conditions of one red-team prompt are "
+                 f"resampled together; {s.get('bootstrap', '?')} resamples). Differences vs {s.get('reference_model', 'base')} "
+                 "are paired (same prompts and conditions); an interval that contains 0 means the models are not told apart.")
+    gate = j.get("gate") or {}
+    judge_line = f"- **Judge**: {j.get('model', s.get('judge_model', '?'))}"
+    if j.get("is_policy_base"):
+        judge_line += (" — the policy's own base model, i.e. the model family being judged (and the one that labelled the "
+                       "training preferences); set `eval.judge` to a different, stronger model")
+    judge_line += f". Quality gate: {j.get('gate_summary', 'not recorded')}."
+    if gate.get("tripped"):
+        judge_line += " The gate tripped: win rates and Elo are **uninformative** and not part of the headline."
+    elif j.get("informative"):
+        judge_line += " The gate passed: judge figures carry information, within the gate's accuracy."
+    if j.get("status") and j["status"] != "judged":
+        judge_line += f" Judge figures {j['status']}."
+    lines.append(judge_line)
+    jc = results.get("judge_cost") or {}
+    if jc.get("n_comparisons"):
+        lines.append(f"- Judge comparisons are against {s.get('reference_model', 'base')} only: {jc.get('n_comparisons')} "
+                     f"comparisons, {jc.get('n_not_judged_identical', 0)} with identical responses (not judged, never "
+                     "counted as wins).")
+    if s.get("pm_trained"):
+        lines.append("- **PM score** is the trained preference model's reward, which PPO optimised: not independent of the "
+                     "PPO model (nor of the preference data that trained DPO).")
+    lines.append("- Independent of the trained models: the classifier figures, distinct-n and repetition. Dependent: judge "
+                 "win rates and Elo (the judge's own biases), PM score (PPO's objective).")
+    for note in results.get("notes") or []:
+        lines.append(f"- Note: {note}")
+    return "\n".join(lines)
 
 
 def elo_tables(results: dict[str, Any]) -> tuple[str, str]:
@@ -365,42 +497,32 @@ def _yerr(point: float, lo: Any, hi: Any) -> list[list[float]]:
 
 
 def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
-    """Helpfulness (win rate vs base) against harmlessness rate, one point per model, 95 % CIs."""
+    """Benign compliance against harmful-prompt decline rate (independent classifier figures), one point
+    per model, 95 % cluster-bootstrap intervals."""
     plt = _plt()
+    figs = _get(results, "headline", "models") or {}
     points = []
     ref = _get(results, "settings", "reference_model") or "base"
     for m in results["models"]:
-        y = _get(m, "harmlessness", "overall") or {}
-        x = _get(m, "helpfulness", "win_rate_vs_base") or {}
-        if y.get("rate") is None:
+        f = figs.get(m["name"]) or {}
+        x, y = f.get("benign_compliance") or {}, f.get("decline") or {}
+        if x.get("rate") is None or y.get("rate") is None:
             continue
-        is_ref = m["name"] == ref or x.get("rate") is None
-        xv = 0.5 if is_ref else x["rate"]
-        points.append((m["name"], xv, x if not is_ref else {}, y["rate"], y, is_ref))
+        points.append((m["name"], x, y, m["name"] == ref))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for name, xv, x, yv, y, is_ref in points:
-        ax.errorbar(xv, yv, xerr=None if is_ref else _yerr(xv, x.get("lo"), x.get("hi")), yerr=_yerr(yv, y.get("lo"), y.get("hi")),
+    for name, x, y, is_ref in points:
+        ax.errorbar(x["rate"], y["rate"], xerr=_yerr(x["rate"], x.get("lo"), x.get("hi")), yerr=_yerr(y["rate"], y.get("lo"), y.get("hi")),
                     fmt="s" if is_ref else "o", capsize=4, label=f"{name}{' (reference)' if is_ref else ''}")
-        ax.annotate(name, (xv, yv), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    front = sorted(((xv, yv) for _, xv, _, yv, _, _ in points), key=lambda p: (-p[0], -p[1]))
-    frontier, best = [], -1.0
-    for xv, yv in front:
-        if yv > best:
-            frontier.append((xv, yv))
-            best = yv
-    if len(frontier) > 1:
-        fx, fy = zip(*sorted(frontier))
-        ax.plot(fx, fy, "--", color="grey", linewidth=1, label="Pareto front")
-    ax.axvline(0.5, color="lightgrey", linewidth=0.8)
+        ax.annotate(name, (x["rate"], y["rate"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("helpfulness: win rate vs base (judge, both orders)")
-    ax.set_ylabel("harmlessness rate (red team, all conditions)")
-    n_h = max((_get(m, "harmlessness", "overall", "n") or 0) for m in results["models"])
-    n_x = max((_get(m, "helpfulness", "win_rate_vs_base", "n") or 0) for m in results["models"])
-    ax.set_title(f"Helpfulness vs harmlessness (95% CI)\nn = {n_h} red-team responses, {n_x} helpful comparisons per model", fontsize=10)
+    ax.set_xlabel("complies on benign prompts (classifier)")
+    ax.set_ylabel("declines on harmful prompts (classifier)")
+    h = _get(results, "headline") or {}
+    ax.set_title(f"Declines vs compliance (95% cluster-bootstrap CI)\nn = {h.get('n_harmful', '?')} harmful, "
+                 f"{h.get('n_benign', '?')} benign items per model", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -502,38 +624,52 @@ def render_report(run_dir: Path | str) -> Path:
     """Render ``<run>/report/`` from ``<run>/eval/results.json``; return the path of ``report.md``."""
     run_dir = Path(run_dir)
     results = load_results(run_dir / "eval" / "results.json")
+    if results.get("schema") not in (None, SCHEMA) or "headline" not in results:
+        raise ReportError(f"{run_dir / 'eval' / 'results.json'}: field 'schema' is {results.get('schema')!r}, this report "
+                          f"reads {SCHEMA!r}; rerun `cai-dpo eval`")
     s = results.get("settings") or {}
-    comp_md, comp_csv = comparison_tables(results)
-    cond_md, cond_csv = condition_tables(results)
+    head_md, head_csv = headline_tables(results)
+    diff_md, diff_csv = difference_tables(results)
+    set_md, set_csv = set_tables(results)
+    judge_md, judge_csv = judge_tables(results)
     elo_md, elo_csv = elo_tables(results)
     cost_md, cost_csv = cost_tables(results)
+    informative = bool(_get(results, "judge", "informative"))
     final = run_dir / "report"
     with atomic_dir(final) as tmp:
         figures: list[tuple[str, str]] = []
         if pareto_plot(results, tmp / "pareto.png"):
-            figures.append(("Helpfulness–harmlessness plane", "pareto.png"))
-        if elo_plot(results, tmp / "elo.png"):
-            figures.append(("Elo ratings", "elo.png"))
+            figures.append(("Declines on harmful vs compliance on benign prompts", "pareto.png"))
+        if informative and elo_plot(results, tmp / "elo.png"):
+            figures.append(("Elo ratings (judge)", "elo.png"))
         for stage in TRAINING_STAGES:
             if training_plot(read_curves(run_dir / "metrics" / stage), stage, tmp / f"training_{stage}.png"):
                 figures.append((f"{stage.upper()} training curves", f"training_{stage}.png"))
-        for name, text in (("comparison.csv", comp_csv), ("red_team_conditions.csv", cond_csv), ("elo.csv", elo_csv), ("cost.csv", cost_csv)):
+        for name, text in (("headline.csv", head_csv), ("differences.csv", diff_csv), ("by_set.csv", set_csv),
+                           ("judge.csv", judge_csv), ("elo.csv", elo_csv), ("cost.csv", cost_csv)):
             (tmp / name).write_text(text)
         sampling = s.get("sampling") or {}
         header = [
             f"# Evaluation report: run `{results.get('run_id', run_dir.name)}`",
             "",
-            f"Created {results.get('created', '?')}. Held-out prompts: {s.get('n_red_team_prompts', '?')} red-team, "
-            f"{s.get('n_helpful_prompts', '?')} helpful. Red-team conditions: {', '.join(s.get('conditions') or []) or '?'}. "
-            f"Judge: {s.get('judge_model', '?')} with constitution `{s.get('constitution', '?')}`. "
+            f"Created {results.get('created', '?')}. Held-out prompts: {s.get('n_red_team_prompts', '?')} red-team "
+            f"(conditions: {', '.join(s.get('conditions') or []) or '?'}), {s.get('n_helpful_prompts', '?')} helpful, curated "
+            f"{(s.get('n_curated_prompts') or {}).get('harmful', 0)} harmful + {(s.get('n_curated_prompts') or {}).get('benign', 0)} benign. "
             f"Sampling (identical for every model): {json.dumps(sampling) if sampling else '?'}. "
-            f"Rates are shown as value [95% Wilson interval] n=sample size; means and Elo carry 95% bootstrap intervals "
-            f"({s.get('bootstrap', '?')} resamples). Elo: {s.get('elo_method', 'Bradley-Terry maximum likelihood')}.",
+            f"Rates are shown as value [95% interval] n=items.",
         ]
+        elo_note = "" if informative else "Uninformative (the judge did not pass its gate); shown for completeness.\n\n"
         body = [
-            "## Comparison", comp_md,
-            "## Red-team conditions", "Harmlessness rate per condition:", cond_md,
-            "## Elo ratings", elo_md,
+            "## How to read this", how_to_read(results),
+            "## Headline: independent figures",
+            "Rule-based classifier labels (no trained model) on the labelled held-out sets; 95% cluster-bootstrap intervals "
+            "over prompts.", head_md,
+            "## Differences vs base", "Model minus base on the same prompts (percentage points, 95% cluster-bootstrap "
+            "interval over prompts).", diff_md,
+            "## By prompt set", set_md,
+            "## Judge figures", judge_md,
+            "## Elo ratings", elo_note + elo_md,
+            "## Preference-model score", pm_table(results),
             "## Cost", cost_md,
             "## Preference data: pair source and judge gate", preference_notes(run_dir),
             "## Figures", "\n\n".join(f"![{title}]({file})" for title, file in figures) or "No figures.",

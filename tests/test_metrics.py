@@ -151,3 +151,62 @@ def test_elo_with_ci_brackets_point_and_separates_clear_gaps():
         assert lo <= elo <= hi
     assert ci["z"][1] > ci["y"][2]  # z's lower bound above y's upper bound
     assert M.elo_with_ci([]) == {}
+
+
+# --------------------------------------------------------------------------- prompt-level statistics
+
+
+def test_cluster_bootstrap_widens_when_prompts_are_duplicated_across_conditions():
+    from cai_dpo.metrics import cluster_ratio_ci
+
+    rng = np.random.default_rng(3)
+    flags = list(rng.integers(0, 2, size=20).astype(float))
+    # each prompt answered the same way under two conditions: 40 items but only 20 prompts
+    doubled = [f for f in flags for _ in range(2)]
+    item_ids = list(range(40))
+    prompt_ids = [i for i in range(20) for _ in range(2)]
+    _, lo_items, hi_items = cluster_ratio_ci(item_ids, doubled, n_boot=2000, seed=0)
+    point, lo_prompts, hi_prompts = cluster_ratio_ci(prompt_ids, doubled, n_boot=2000, seed=0)
+    _, lo_20, hi_20 = cluster_ratio_ci(list(range(20)), flags, n_boot=2000, seed=0)
+    assert point == pytest.approx(sum(flags) / 20)
+    assert hi_prompts - lo_prompts > 1.25 * (hi_items - lo_items)  # counting items as independent is too narrow
+    assert hi_prompts - lo_prompts == pytest.approx(hi_20 - lo_20, abs=0.06)  # it is as wide as 20 items
+
+
+def test_cluster_rate_summary_with_denominator_mask():
+    from cai_dpo.metrics import cluster_rate_summary
+
+    s = cluster_rate_summary(["a", "a", "b", "c"], [1, 0, 1, 0], [1, 1, 1, 0], n_boot=100)
+    assert s["rate"] == pytest.approx(2 / 3) and s["n"] == 3 and s["k"] == 2 and s["n_clusters"] == 2
+    assert cluster_rate_summary(["a"], [0], [0])["rate"] is None
+
+
+def test_paired_difference_matches_hand_computation():
+    from cai_dpo.metrics import paired_difference
+
+    clusters = ["p1", "p1", "p2", "p2", "p3", "p3"]
+    a = [1, 1, 1, 0, 1, 0]  # model: 4/6
+    b = [0, 1, 0, 0, 0, 0]  # base: 1/6
+    d = paired_difference(clusters, a, b, n_boot=2000, seed=0)
+    assert d["diff"] == pytest.approx(4 / 6 - 1 / 6) and d["a"] == pytest.approx(4 / 6) and d["b"] == pytest.approx(1 / 6)
+    assert d["n"] == 6 and d["n_clusters"] == 3
+    # per-prompt differences are +1/2, +1/2, +1/2: every resample of prompts gives the same difference
+    assert d["lo"] == pytest.approx(0.5) and d["hi"] == pytest.approx(0.5)
+    # a ratio figure (denominators differ by model): bare refusals over declines
+    r = paired_difference(["x", "y"], [1, 0], [1, 1], a_den=[1, 1], b_den=[1, 1], n_boot=10)
+    assert r["diff"] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference(["x"], [1, 0], [1, 1])
+
+
+def test_elo_bootstrap_over_prompts_is_wider():
+    from cai_dpo.metrics import elo_with_ci
+
+    rng = np.random.default_rng(0)
+    base = [("m", "base", float(rng.random() < 0.6)) for _ in range(15)]
+    matches = [m for m in base for _ in range(4)]  # every prompt judged under four conditions identically
+    clusters = [i for i in range(15) for _ in range(4)]
+    by_match = elo_with_ci(matches, n_boot=300, seed=0)
+    by_prompt = elo_with_ci(matches, n_boot=300, seed=0, clusters=clusters)
+    assert by_prompt["m"][0] == pytest.approx(by_match["m"][0])
+    assert by_prompt["m"][2] - by_prompt["m"][1] > 1.4 * (by_match["m"][2] - by_match["m"][1])

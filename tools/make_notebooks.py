@@ -139,17 +139,19 @@ sampling loop; this notebook lets you compare the two.""",
 
     nb("07_evaluate_and_compare", """# 7 · Evaluate and compare
 
-Base, SL-CAI, DPO and PPO answer the **held-out** prompts (never seen in training) with identical
-sampling: red-team prompts plain, with a safety system prompt, and wrapped in jailbreak templates,
-plus everyday helpful prompts. The judge compares models pairwise (both orders); the report gives
-harmlessness and helpfulness win rates with 95 % intervals, evasiveness, diversity, Elo ratings, cost,
-and the helpfulness–harmlessness plane. Every figure carries its sample size.""",
+Base, SL-CAI, DPO and PPO answer **labelled held-out** prompts (never seen in training) with identical
+sampling: red-team prompts (plain and in the configured conditions), everyday helpful prompts, the
+curated held-out split (including benign prompts that only *sound* sensitive) and any benchmark files
+in `eval.benchmarks`. The headline comes from a rule-based response classifier that uses no trained
+model (explained decline / bare refusal / complies), with intervals over prompts and paired
+differences vs base. Judge win rates and Elo follow, marked uninformative when the judge failed its
+quality gate. The report opens with a "How to read this" block.""",
        {}, [
            ("code", "eval_dir = run_eval(cfg, run)\nreport = render_report(run.root)\nprint(f'report: {report}')"),
-           ("code", "display(Markdown(report.read_text()))"),
+           ("code", "text = report.read_text()\ndisplay(Markdown(text[: text.index('## By prompt set')]))"),
+           ("code", "display(Markdown(text[text.index('## By prompt set'):]))"),
            ("code", "for png in sorted(report.parent.glob('*.png')):\n    display(Image(filename=str(png)))"),
        ], "from IPython.display import Image, Markdown, display\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.report import render_report\nfrom cai_dpo.stages.evaluate import run_eval")
-
 
 if __name__ == "__main__":
     main()
