@@ -14,11 +14,12 @@ Errors are :class:`cai_dpo.data.PromptFileError` naming the file, the row and th
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_dpo.config import BenchmarkConfig, resolve_path
+from cai_dpo.config import BenchmarkConfig, ConfigError, resolve_path
 from cai_dpo.data import Prompt, PromptFileError, _read_text, load_csv, load_dataset_dir, load_jsonl
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _format(path: Path, fmt: str) -> str:
 def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
     """The labelled prompts of one benchmark file (at most ``spec.limit``)."""
     if not spec.path:
-        raise ValueError("eval.benchmarks: an entry has no 'path'")
+        raise ConfigError("eval.benchmarks: an entry has no 'path'")
     path = resolve_path(spec.path)
     if not path.exists():
         raise FileNotFoundError(f"{spec.path}: benchmark file not found (eval.benchmarks path); nothing is downloaded, "
@@ -57,7 +58,8 @@ def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
     fmt = _format(path, spec.format)
     source = f"benchmark:{benchmark_name(spec)}"
     if fmt == "csv":
-        header = next(csv.reader(_read_text(path).splitlines()), [])
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        header = next(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter), [])
         if spec.label_field not in header:
             raise PromptFileError(f"no label column {spec.label_field!r} in the header {header}; set label_field",
                                   file=path, line=1, field=spec.label_field, row_kind="row")
@@ -67,7 +69,7 @@ def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
     elif fmt == "hf":
         prompts = load_dataset_dir(path, source=source, text_field=spec.prompt_field)
     else:
-        raise ValueError(f"eval.benchmarks: format {spec.format!r} for {path}; use auto, csv, jsonl or hf")
+        raise ConfigError(f"eval.benchmarks: format {spec.format!r} for {path}; use auto, csv, jsonl or hf")
     harmful = {v.strip().lower() for v in spec.harmful_values}
     benign = {v.strip().lower() for v in spec.benign_values}
     out = []

@@ -35,7 +35,6 @@ The rules were written from the development half of the hand-written labelled se
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cai_dpo.data import PromptFileError, _jsonl_objects
 from cai_dpo.metrics import REASON_PATTERNS
 
 LABELS: tuple[str, ...] = ("explained_decline", "bare_refusal", "complies")
@@ -209,22 +209,17 @@ class LabelledResponse:
 def load_labelled(path: str | Path) -> list[LabelledResponse]:
     """Rows of a labelled JSONL file (fields id, prompt, response, label, split; optional case, model, condition).
 
-    Raises ``ValueError`` naming the file, line and field for a malformed row.
+    Raises :class:`~cai_dpo.data.PromptFileError` naming the file, line and field for a malformed row.
     """
     path = Path(path)
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+    for line_no, row in _jsonl_objects(path):
         for key in ("id", "prompt", "response", "label", "split"):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{line_no}: field '{key}' is missing or not a string")
+                raise PromptFileError("missing or not a string", file=path, line=line_no, field=key)
         if row["label"] not in LABELS:
-            raise ValueError(f"{path}:{line_no}: field 'label' is {row['label']!r}; allowed: {', '.join(LABELS)}")
+            raise PromptFileError(f"is {row['label']!r}; allowed: {', '.join(LABELS)}", file=path, line=line_no,
+                                  field="label")
         rows.append(LabelledResponse(row["id"], row["prompt"], row["response"], row["label"], row["split"],
                                      str(row.get("case", "")), str(row.get("model", "")), str(row.get("condition", ""))))
     return rows

@@ -48,8 +48,8 @@ def test_tricky_cases(text, label):
 def test_loader_names_file_line_and_field(tmp_path):
     p = tmp_path / "labels.jsonl"
     p.write_text(json.dumps({"id": "x", "prompt": "p", "response": "r", "label": "maybe", "split": "dev"}) + "\n")
-    with pytest.raises(ValueError, match=r"labels\.jsonl:1: field 'label'"):
+    with pytest.raises(ValueError, match=r"labels\.jsonl: line 1: field 'label'"):
         load_labelled(p)
     p.write_text(json.dumps({"id": "x", "prompt": "p", "label": "complies", "split": "dev"}) + "\n")
-    with pytest.raises(ValueError, match=r"labels\.jsonl:1: field 'response'"):
+    with pytest.raises(ValueError, match=r"labels\.jsonl: line 1: field 'response'"):
         load_labelled(p)
