@@ -83,7 +83,11 @@ class DataConfig:
 
 @dataclass
 class SLConfig:
-    """Critique → revision data generation (SL-CAI)."""
+    """Critique → revision data generation (SL-CAI).
+
+    ``teacher``: the model that writes critiques and revisions (distillation: a larger or
+    served model); None means the policy itself. The initial answer always comes from the policy.
+    """
 
     rounds: int = 2
     mode: Literal["critique", "direct"] = "critique"
@@ -92,6 +96,7 @@ class SLConfig:
     helpful_ratio: float = 0.5
     chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    teacher: ModelSpec | None = None
 
 
 @dataclass
