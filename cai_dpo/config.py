@@ -175,6 +175,8 @@ class LabelsConfig:
 
     ``db_path`` defaults to ``<run_dir>/labels.sqlite``. Each ``route_*`` switch turns
     one routing rule on or off (see :func:`cai_dpo.labels.route_edge_cases`).
+    ``route_gate_sample``: when the judge gate tripped, this many more pairs (a seeded
+    sample of those no rule routed) go to people; 0 turns it off.
     """
 
     db_path: str | None = None
@@ -186,6 +188,7 @@ class LabelsConfig:
     route_judge_prefers_original: bool = True
     route_gate: bool = True
     gate_confidence_band: float = 0.2
+    route_gate_sample: int = 8
 
 
 @dataclass
