@@ -100,6 +100,40 @@ class SLConfig:
 
 
 @dataclass
+class CurateConfig:
+    """Constitution-guided curation of (prompt, response) rows (stage ``curate``, writes ``data/curated``).
+
+    ``sources``: what to score — ``sl`` (this run's ``data/sl``), ``bundled:curated`` (the
+    curated set's train rows), a curated-format JSONL file or folder, a JSONL of
+    ``messages`` (ending with the assistant turn) or ``prompt``/``response`` rows, or a
+    saved HF dataset folder. ``scorer``: ``probe`` (linear probes on the policy's hidden
+    states), ``judge`` (the constitution judge of the ``judge`` section against
+    ``judge_baseline``), or ``auto`` (measure both on the curated held-out rows, use the
+    more accurate). ``action`` for rows scored below ``threshold``: ``drop`` removes them,
+    ``weight`` keeps them with weight score/threshold (rows at or above it weigh 1),
+    ``keep`` keeps everything at weight 1 (scores only). ``curated_set`` trains the probe
+    and measures every scorer (None: no probe, no measurement); ``train_limit`` /
+    ``heldout_limit`` cap its prompts per kind; ``sampling`` generates the policy answers
+    that are the probe's harmful negatives.
+    """
+
+    sources: list[str] = field(default_factory=lambda: ["sl"])
+    scorer: Literal["auto", "probe", "judge"] = "auto"
+    threshold: float = 0.5
+    action: Literal["keep", "drop", "weight"] = "weight"
+    curated_set: str | None = "bundled:curated"
+    measure: bool = True
+    train_limit: int | None = None
+    heldout_limit: int | None = None
+    judge_baseline: str = "I can't help with that."
+    probe_l2: float = 0.01
+    probe_layer: int = -1
+    max_length: int = 384
+    batch_size: int = 8
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7))
+
+
+@dataclass
 class SFTConfig:
     """Supervised fine-tuning of the SL-CAI model."""
 
@@ -302,6 +336,7 @@ class RunConfig:
     policy: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     sl: SLConfig = field(default_factory=SLConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
