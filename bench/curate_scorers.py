@@ -17,7 +17,6 @@ by prompt, model, sampling and seed), so a rerun does not generate them again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import random
@@ -52,6 +51,11 @@ def _per_kind(examples: list[Any], n: int | None) -> list[Any]:
     return out
 
 
+def _dump(out: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="policy model spec (features, answers; default: embedded)")
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--constitution", default="default")
     ap.add_argument("--no-judge", action="store_true", help="measure the probe only")
     ap.add_argument("--cache", default="artifacts/bench/curate_scorers", help="folder for the policy answers")
+    ap.add_argument("--judge-heldout-limit", type=int, default=None,
+                    help="judge only the first N held-out prompts per kind (the judge is the slow scorer)")
+    ap.add_argument("--out", default=None, help="also write the JSON here after each section (partial results)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -115,18 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                args.threshold)
     timings["probe_heldout"] = round(time.perf_counter() - t, 1)
 
-    judge = None
-    if not args.no_judge:
-        constitution = load_constitution(args.constitution)
-        jcfg = JudgeConfig(batch_size=args.batch_size, few_shot=True)
-        judge = JudgeScorer(engine, constitution, jcfg, seed=args.seed, model_id=model_id)
-        t = time.perf_counter()
-        out["heldout"]["judge"] = measure(judge.score([e.row for e in held_ex]), held_ex, args.threshold)
-        timings["judge_heldout"] = round(time.perf_counter() - t, 1)
-        out["judge_settings"] = {k: getattr(jcfg, k) for k in ("few_shot", "both_orders", "calibrate", "principles",
-                                                               "prompt_format")} | {"baseline": judge.baseline}
+    out["timings_seconds"] = timings
+    _dump(out, args.out)
 
     path = Path(args.file)
+    hhh: list[Any] = []
     if not path.exists():
         out["hhh"] = {"skipped": f"{path} not present"}
     else:
@@ -134,26 +134,45 @@ def main(argv: list[str] | None = None) -> int:
         if args.hhh_limit is not None and args.hhh_limit < len(items):
             items = [items[i] for i in sorted(random.Random(args.seed).sample(range(len(items)), args.hhh_limit))]
         hhh = hhh_examples(items)
+        out["hhh"]["n_comparisons"] = len(items)
+        out["hhh"]["of"] = 438
         t = time.perf_counter()
         rows = [e.row for e in hhh]
         out["hhh"]["probe"] = measure(probe.score(rows), hhh, args.threshold)
         guessed = probe.kinds(rows[::2])
         out["hhh"]["probe"]["kind_guess_harmful_share"] = round(float(np.mean([k == "harmful" for k in guessed])), 4)
         timings["probe_hhh"] = round(time.perf_counter() - t, 1)
-        if judge is not None:
-            t = time.perf_counter()
-            out["hhh"]["judge"] = measure(judge.score(rows), hhh, args.threshold)
-            timings["judge_hhh"] = round(time.perf_counter() - t, 1)
-        out["hhh"]["n_comparisons"] = len(items)
-        out["hhh"]["of"] = 438
+        _dump(out, args.out)
 
-    out["timings_seconds"] = timings
+    if not args.no_judge:
+        constitution = load_constitution(args.constitution)
+        jcfg = JudgeConfig(batch_size=args.batch_size, few_shot=True)
+        judge = JudgeScorer(engine, constitution, jcfg, seed=args.seed, model_id=model_id)
+        out["judge_settings"] = {k: getattr(jcfg, k) for k in ("few_shot", "both_orders", "calibrate", "principles",
+                                                               "prompt_format")} | {"baseline": judge.baseline}
+        jheld = held_ex
+        if args.judge_heldout_limit is not None:
+            keep = {e.id for e in _per_kind(heldout, args.judge_heldout_limit)}
+            jheld = [e for e in held_ex if e.group in keep]
+            # the probe on exactly the judge's subset, for a like-for-like comparison
+            idx = [i for i, e in enumerate(held_ex) if e.group in keep]
+            out["heldout"]["probe_on_judge_subset"] = measure(probe.score_features(x_held[idx], [kinds[i] for i in idx]),
+                                                              jheld, args.threshold)
+        t = time.perf_counter()
+        out["heldout"]["judge"] = measure(judge.score([e.row for e in jheld]), jheld, args.threshold)
+        timings["judge_heldout"] = round(time.perf_counter() - t, 1)
+        _dump(out, args.out)
+        if hhh:
+            t = time.perf_counter()
+            out["hhh"]["judge"] = measure(judge.score([e.row for e in hhh]), hhh, args.threshold)
+            timings["judge_hhh"] = round(time.perf_counter() - t, 1)
     summary_line = {name: (m.get("pairwise") or {}).get("accuracy") for name, m in out["heldout"].items()}
     out["heldout_pairwise_accuracy"] = summary_line
     if isinstance(out["hhh"], dict) and "probe" in out["hhh"]:
         out["hhh_pairwise_accuracy"] = {n: out["hhh"][n]["pairwise"]["accuracy"] for n in ("probe", "judge")
                                         if n in out["hhh"]}
-    print(json.dumps(out, indent=2, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+    _dump(out, args.out)
+    print(json.dumps(out, indent=2, default=str))
     return 0
 
 

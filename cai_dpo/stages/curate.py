@@ -180,11 +180,13 @@ def policy_answers(engine: Any, examples: Sequence[Any], cfg: RunConfig, run: Ru
     keys = {e.id: content_hash("curate-negative", e.prompt, model_id, params, cfg.seed) for e in harmful}
     done = store.load() if store is not None else {}
     todo = [e for e in harmful if keys[e.id] not in done]
-    if todo:
-        gens = engine.generate([[{"role": "user", "content": e.prompt}] for e in todo], sampling,
+    size = max(1, sampling.batch_size or 32)
+    for start in range(0, len(todo), size):  # stored per chunk: a kill loses at most the chunk in flight
+        part = todo[start:start + size]
+        gens = engine.generate([[{"role": "user", "content": e.prompt}] for e in part], sampling,
                                desc="curate policy answers")
         new = [{"key": keys[e.id], "id": e.id, "text": g[0].text.strip(), "finished": g[0].finished,
-                "tokens": g[0].n_tokens} for e, g in zip(todo, gens)]
+                "tokens": g[0].n_tokens} for e, g in zip(part, gens)]
         if store is not None:
             store.append(new)
         done = {**done, **{r["key"]: r for r in new}}
@@ -392,6 +394,9 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
                 "probe (trained)" if name == "probe" else "judge (no curated set to train a probe)")
         else:
             name, reason = c.scorer, "set by curate.scorer"
+        if name not in candidates:
+            raise ValueError(f"{c.curated_set}: no train rows to fit the probe on (curate.scorer={c.scorer}); "
+                             "add train rows to the curated set or use scorer judge")
         scorer = candidates[name]
         notes.append(f"scorer {name}: {reason}")
 
