@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curated", default="bundled:curated", help="curated set: bundled:curated, a JSONL file or a folder")
     ap.add_argument("--file", default=str(HHH_FILE), help="438HHHEvaluations.jsonl")
     ap.add_argument("--hhh-limit", type=int, default=None, help="a seeded sample of N HHH comparisons (default: all)")
-    ap.add_argument("--small-train", type=int, default=48, help="also train the probe on this many prompts per kind")
+    ap.add_argument("--train-limit", type=int, default=None, help="curated train prompts per kind (default: all)")
+    ap.add_argument("--heldout-limit", type=int, default=None, help="curated held-out prompts per kind (default: all)")
+    ap.add_argument("--small-train", type=int, default=None,
+                    help="also train the probe on only this many prompts per kind (the size a CPU demo affords)")
+    ap.add_argument("--max-length", type=int, default=384, help="tokens per row for the probe's features")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="length of the policy's answers (negatives)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--constitution", default="default")
     ap.add_argument("--no-judge", action="store_true", help="measure the probe only")
+    ap.add_argument("--no-judge-hhh", action="store_true", help="leave the judge out of the HHH part (the slowest)")
     ap.add_argument("--cache", default="artifacts/bench/curate_scorers", help="folder for the policy answers")
     ap.add_argument("--judge-heldout-limit", type=int, default=None,
                     help="judge only the first N held-out prompts per kind (the judge is the slow scorer)")
@@ -79,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = set_threads(args.threads)
     examples = load_curated(args.curated)
-    train = [e for e in examples if e.split == "train"]
-    heldout = [e for e in examples if e.split == "heldout"]
+    train = _per_kind([e for e in examples if e.split == "train"], args.train_limit)
+    heldout = _per_kind([e for e in examples if e.split == "heldout"], args.heldout_limit)
     spec = ModelSpec(name=args.model)
     model_id = describe(spec)
     t0 = time.perf_counter()
@@ -97,18 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
     train_ex = labelled_examples(train, answers)
     held_ex = labelled_examples(heldout, answers)
-    opts = {"max_length": 384, "batch_size": args.batch_size}
+    opts = {"max_length": args.max_length, "batch_size": args.batch_size}
     t = time.perf_counter()
     x_train = hidden_features(model, tok, [e.row.conversation() for e in train_ex], desc="train features", **opts)
     probe = train_probe(model, tok, train_ex, model_id=model_id, features=x_train, **opts)
     timings["probe_train"] = round(time.perf_counter() - t, 1)
-    small_ids = {e.id for e in _per_kind(train, args.small_train)}
-    small_idx = [i for i, e in enumerate(train_ex) if e.group in small_ids]
-    probe_small = train_probe(model, tok, [train_ex[i] for i in small_idx], model_id=model_id,
-                              features=x_train[small_idx], **opts)
+    probe_small = None
+    if args.small_train is not None:
+        small_ids = {e.id for e in _per_kind(train, args.small_train)}
+        small_idx = [i for i, e in enumerate(train_ex) if e.group in small_ids]
+        probe_small = train_probe(model, tok, [train_ex[i] for i in small_idx], model_id=model_id,
+                                  features=x_train[small_idx], **opts)
 
     out: dict[str, Any] = {
         "model": model_id, "curated": args.curated, "curated_counts": summary(examples), "threads": threads,
+        "used_prompts": {"train": summary(train), "heldout": summary(heldout)}, "max_length": args.max_length,
         "negatives": {"policy_answers": len(answers), "max_new_tokens": args.max_new_tokens,
                       "policy_answer_refusal_rate": round(float(np.mean([is_refusal(a) for a in answers.values()])), 4)},
         "chance": 0.5, "heldout": {}, "hhh": {},
@@ -118,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [e.row.kind for e in held_ex]
     out["heldout"]["probe"] = measure(probe.score_features(x_held, kinds), held_ex, args.threshold)
     out["heldout"]["probe"]["train_accuracy"] = round(probe.meta["train_accuracy"], 4)
-    out["heldout"][f"probe_train{args.small_train}"] = measure(probe_small.score_features(x_held, kinds), held_ex,
-                                                               args.threshold)
+    if probe_small is not None:
+        out["heldout"][f"probe_train{args.small_train}"] = measure(probe_small.score_features(x_held, kinds), held_ex,
+                                                                   args.threshold)
     timings["probe_heldout"] = round(time.perf_counter() - t, 1)
 
     out["timings_seconds"] = timings
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         out["heldout"]["judge"] = measure(judge.score([e.row for e in jheld]), jheld, args.threshold)
         timings["judge_heldout"] = round(time.perf_counter() - t, 1)
         _dump(out, args.out)
-        if hhh:
+        if hhh and not args.no_judge_hhh:
             t = time.perf_counter()
             out["hhh"]["judge"] = measure(judge.score([e.row for e in hhh]), hhh, args.threshold)
             timings["judge_hhh"] = round(time.perf_counter() - t, 1)

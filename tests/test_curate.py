@@ -63,7 +63,8 @@ def user_file(tmp_path) -> Path:
 
 def _cfg(tiny_cfg, curated_file: Path, sources: list[str], **over):
     cfg = replace(tiny_cfg, threads=1)
-    c = replace(cfg.curate, sources=sources, curated_set=str(curated_file), batch_size=4,
+    c = replace(cfg.curate, sources=sources, curated_set=str(curated_file), batch_size=4, train_limit=None,
+                heldout_limit=None,
                 sampling=replace(cfg.curate.sampling, max_new_tokens=8, batch_size=8), **over)
     return replace(cfg, curate=c)
 
@@ -162,9 +163,13 @@ def test_stage_trains_probe_thresholds_and_writes_dataset(tiny_cfg, curated_file
     assert m["counts"]["below_threshold"] == int(np.sum(scores < 0.5))
     assert m["metrics"]["scorer"] == "probe"
     acc = m["metrics"]["accuracy"]["pairwise"]
-    assert acc["n"] == 6 and 0.0 <= acc["lo"] <= acc["accuracy"] <= acc["hi"] <= 1.0
+    answered = sum(bool(r["text"].strip()) for r in run.records("curate-negatives").records() if "-heldout-" in r["id"])
+    assert acc["n"] == 3 + answered  # benign pairs always; harmful ones where the policy answered at all
+    assert m["metrics"]["accuracy"]["by_kind"]["benign"]["pairwise"]["n"] == 3
+    assert 0.0 <= acc["lo"] <= acc["accuracy"] <= acc["hi"] <= 1.0
     probe_manifest = read_manifest(run.model_dir("curate_probe"))
-    assert probe_manifest["counts"]["harmful_positives"] == 6 and probe_manifest["counts"]["benign_negatives"] == 6
+    assert probe_manifest["counts"]["benign_positives"] == 6 and probe_manifest["counts"]["benign_negatives"] == 6
+    assert probe_manifest["counts"]["harmful_positives"] == probe_manifest["counts"]["harmful_negatives"] >= 1
     assert (run.model_dir("curate_probe") / "probe.safetensors").exists()
 
     # drop with a threshold between the scores: kept = rows at or above it; probe and answers reused
