@@ -101,6 +101,25 @@ def _cmd_sl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.curate import run_curate
+    from cai_dpo.store import read_manifest
+
+    if args.sources:
+        args.overrides = list(args.overrides) + [f"curate.sources={json.dumps(args.sources)}"]
+    out = run_curate(config_from_args(args))
+    m = read_manifest(out)
+    counts, metrics = m["counts"], m["metrics"]
+    acc = (metrics.get("accuracy") or {}).get("pairwise") or {}
+    measured = (f"{acc['accuracy']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {acc['n']} held-out pairs"
+                if acc.get("accuracy") is not None else "not measured")
+    print(f"curated dataset: {out}")
+    print(f"rows {counts['rows_in']}: kept {counts['kept']}, dropped {counts['dropped']}, "
+          f"below threshold {counts['below_threshold']} ({metrics['action']} at {metrics['threshold']})")
+    print(f"scorer: {metrics['scorer']} ({metrics['scorer_reason']}); accuracy {measured}")
+    return 0
+
+
 def _cmd_sft(args: argparse.Namespace) -> int:
     from cai_dpo.stages.sft import run_sft
 
@@ -110,10 +129,18 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _add_sl_stage_commands(sub: Any) -> None:
-    """``sl`` (critique -> revision data) and ``sft`` (LoRA fine-tuning on it)."""
+    """``sl`` (critique -> revision data), ``curate`` (scored, thresholded rows) and ``sft`` (LoRA fine-tuning)."""
     p = sub.add_parser("sl", help="SL-CAI data: initial answers, critique -> revision rounds -> data/sl")
     _config_args(p)
     p.set_defaults(func=_cmd_sl)
+
+    p = sub.add_parser("curate", help="score (prompt, response) rows against the constitution; keep, drop or "
+                       "weight them -> data/curated")
+    _config_args(p)
+    p.add_argument("--source", dest="sources", action="append", default=[], metavar="SPEC",
+                   help="rows to curate: sl, bundled:curated, a JSONL file or a dataset folder (repeatable; "
+                        "default: curate.sources)")
+    p.set_defaults(func=_cmd_curate)
 
     p = sub.add_parser("sft", help="fine-tune a LoRA adapter on data/sl -> models/sft")
     _config_args(p)

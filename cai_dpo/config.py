@@ -123,7 +123,11 @@ class DataConfig:
 
 @dataclass
 class SLConfig:
-    """Critique → revision data generation (SL-CAI)."""
+    """Critique → revision data generation (SL-CAI).
+
+    ``teacher``: the model that writes critiques and revisions (distillation: a larger or
+    served model); None means the policy itself. The initial answer always comes from the policy.
+    """
 
     rounds: int = 2
     mode: Literal["critique", "direct"] = "critique"
@@ -132,6 +136,41 @@ class SLConfig:
     helpful_ratio: float = 0.5
     chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    teacher: ModelSpec | None = None
+
+
+@dataclass
+class CurateConfig:
+    """Constitution-guided curation of (prompt, response) rows (stage ``curate``, writes ``data/curated``).
+
+    ``sources``: what to score — ``sl`` (this run's ``data/sl``), ``bundled:curated`` (the
+    curated set's train rows), a curated-format JSONL file or folder, a JSONL of
+    ``messages`` (ending with the assistant turn) or ``prompt``/``response`` rows, or a
+    saved HF dataset folder. ``scorer``: ``probe`` (linear probes on the policy's hidden
+    states), ``judge`` (the constitution judge of the ``judge`` section against
+    ``judge_baseline``), or ``auto`` (measure both on the curated held-out rows, use the
+    more accurate). ``action`` for rows scored below ``threshold``: ``drop`` removes them,
+    ``weight`` keeps them with weight score/threshold (rows at or above it weigh 1),
+    ``keep`` keeps everything at weight 1 (scores only). ``curated_set`` trains the probe
+    and measures every scorer (None: no probe, no measurement); ``train_limit`` /
+    ``heldout_limit`` cap its prompts per kind; ``sampling`` generates the policy answers
+    that are the probe's harmful negatives.
+    """
+
+    sources: list[str] = field(default_factory=lambda: ["sl"])
+    scorer: Literal["auto", "probe", "judge"] = "auto"
+    threshold: float = 0.5
+    action: Literal["keep", "drop", "weight"] = "weight"
+    curated_set: str | None = "bundled:curated"
+    measure: bool = True
+    train_limit: int | None = None
+    heldout_limit: int | None = None
+    judge_baseline: str = "I can't help with that."
+    probe_l2: float = 0.01
+    probe_layer: int = -1
+    max_length: int = 384
+    batch_size: int = 8
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7))
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -255,6 +294,8 @@ class LabelsConfig:
 
     ``db_path`` defaults to ``<run_dir>/labels.sqlite``. Each ``route_*`` switch turns
     one routing rule on or off (see :func:`cai_dpo.labels.route_edge_cases`).
+    ``route_gate_sample``: when the judge gate tripped, this many more pairs (a seeded
+    sample of those no rule routed) go to people; 0 turns it off.
     """
 
     db_path: str | None = None
@@ -266,6 +307,7 @@ class LabelsConfig:
     route_judge_prefers_original: bool = True
     route_gate: bool = True
     gate_confidence_band: float = 0.2
+    route_gate_sample: int = 8
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -474,6 +516,7 @@ class RunConfig:
     policy: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     sl: SLConfig = field(default_factory=SLConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)

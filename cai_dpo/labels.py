@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CHOICES = ("A", "B", "tie", "skip")
 ORDERS = ("AB", "BA")
-REASONS = ("low_confidence", "order_disagreement", "principle_disagreement", "judge_prefers_original", "gate")
+REASONS = ("low_confidence", "order_disagreement", "principle_disagreement", "judge_prefers_original", "gate",
+           "gate_sample")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -144,14 +145,32 @@ def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool =
     return reasons
 
 
-def route_edge_cases(rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *,
-                     gate_tripped: bool = False) -> list[tuple[dict[str, Any], list[str]]]:
-    """The rows that need a person, each with its reasons (see :func:`edge_reasons`)."""
+def route_edge_cases(rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *, gate_tripped: bool = False,
+                     seed: int = 0) -> list[tuple[dict[str, Any], list[str]]]:
+    """The rows that need a person, each with its reasons (see :func:`edge_reasons`).
+
+    When the judge gate tripped, ``cfg.route_gate_sample`` more rows that no rule routed
+    (and no person labeled) are added with the reason ``gate_sample``: a sample seeded by
+    ``seed`` and the pair id, so a rerun picks the same pairs. The rules alone route nothing
+    when the AI labels are certain by construction (revision-vs-original pairs have
+    ``p_chosen`` 1 and no judge scores), which is exactly when the gate says they cannot be
+    trusted; the sample gives the label queue work there.
+    """
+    rows = list(rows)
     out = []
+    rest = []
     for row in rows:
         reasons = edge_reasons(row, cfg, gate_tripped=gate_tripped)
         if reasons:
             out.append((row, reasons))
+        elif row.get("source") != "human" and row.get("pair_id"):
+            rest.append(row)
+    if gate_tripped and cfg.route_gate_sample > 0 and rest:
+        from cai_dpo.store import content_hash
+
+        picked = sorted(rest, key=lambda r: content_hash("gate_sample", seed, r["pair_id"]))[: cfg.route_gate_sample]
+        chosen = {id(r) for r in picked}
+        out.extend((r, ["gate_sample"]) for r in rest if id(r) in chosen)
     return out
 
 
@@ -664,7 +683,7 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
         except FileNotFoundError:
             tripped = False
         rows = prefs.to_list()
-        routed = route_edge_cases(rows, cfg.labels, gate_tripped=tripped)
+        routed = route_edge_cases(rows, cfg.labels, gate_tripped=tripped, seed=cfg.seed)
         reasons_by_id = {row["pair_id"]: reasons for row, reasons in routed}
         qpath = queue_path(cfg)
         with LabelQueue(qpath) as queue:

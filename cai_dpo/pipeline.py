@@ -53,12 +53,13 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",)),
     Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",)),
-    Stage("sft", "02_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json",)),
-    Stage("feedback", "03_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json")),
-    Stage("labels", "04_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",)),
-    Stage("dpo", "05_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json")),
+    Stage("curate", "02_curate.ipynb", ("data/curated/manifest.json",), ("data/sl/manifest.json",)),
+    Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json")),
+    Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json")),
+    Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",)),
+    Stage("dpo", "06_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
+    Stage("ppo", "07_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
+    Stage("eval", "08_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json")),
 )
 
 

@@ -411,7 +411,10 @@ def test_cli_labels_export_import_status(tmp_path, capsys):
 def test_run_labels_widens_band_when_gate_tripped(tmp_cfg_path):
     from cai_dpo.store import Manifest
 
+    from dataclasses import replace
+
     cfg, run = tmp_cfg_path
+    cfg = replace(cfg, labels=replace(cfg.labels, route_gate_sample=0))
     src = run.data_dir("preferences")
     _dataset([make_row("a", 0.65), make_row("b", 0.95)]).save_to_disk(str(src))
     Manifest(stage="judge", metrics={"gate_tripped": True}).write(src / "manifest.json")
@@ -419,6 +422,46 @@ def test_run_labels_widens_band_when_gate_tripped(tmp_cfg_path):
     assert manifest["metrics"]["gate_tripped"] is True
     assert manifest["counts"]["by_reason"] == {"gate": 1}
     assert [p["pair_id"] for p in LabelQueue(run.root / "labels.sqlite").pairs()] == ["a"]
+
+
+def _rvo_rows(n: int) -> list[dict]:
+    """Revision-vs-original rows as the judge writes them when the gate tripped: p_chosen 1, no judge scores."""
+    return [make_row(f"r{i}", 1.0, source="revision_vs_original", p_judge=float("nan")) for i in range(n)]
+
+
+def test_gate_sample_routes_n_pairs_only_when_tripped():
+    cfg = LabelsConfig(route_gate_sample=3)
+    rows = _rvo_rows(10)
+    assert route_edge_cases(rows, cfg, gate_tripped=False) == []
+    routed = route_edge_cases(rows, cfg, gate_tripped=True, seed=1)
+    assert len(routed) == 3 and all(reasons == ["gate_sample"] for _, reasons in routed)
+    again = route_edge_cases(list(reversed(rows)), cfg, gate_tripped=True, seed=1)
+    assert {r["pair_id"] for r, _ in again} == {r["pair_id"] for r, _ in routed}  # seeded by pair id, not order
+    # rows a rule already routes are not counted in the sample; human rows never route
+    rows2 = [make_row("low", 0.52)] + _rvo_rows(5) + [dict(make_row("h", 1.0), source="human")]
+    routed2 = route_edge_cases(rows2, cfg, gate_tripped=True)
+    reasons = {r["pair_id"]: rs for r, rs in routed2}
+    assert "low_confidence" in reasons["low"] and "h" not in reasons
+    assert sum(rs == ["gate_sample"] for rs in reasons.values()) == 3
+    assert route_edge_cases(rows, LabelsConfig(route_gate_sample=0), gate_tripped=True) == []
+
+
+def test_run_labels_queues_gate_sample_when_tripped(tmp_cfg_path):
+    from dataclasses import replace
+
+    from cai_dpo.store import Manifest
+
+    cfg, run = tmp_cfg_path
+    cfg = replace(cfg, labels=replace(cfg.labels, route_gate_sample=4))
+    src = run.data_dir("preferences")
+    _dataset(_rvo_rows(9)).save_to_disk(str(src))
+    Manifest(stage="judge", metrics={"gate_tripped": True}).write(src / "manifest.json")
+    manifest = read_manifest(run_labels(cfg, run))
+    assert manifest["counts"]["by_reason"] == {"gate_sample": 4}
+    queued = LabelQueue(run.root / "labels.sqlite").pairs()
+    assert len(queued) == 4 and all(p["reasons"] == ["gate_sample"] for p in queued)
+    run_labels(cfg, run)  # a rerun queues the same pairs, nothing new
+    assert len(LabelQueue(run.root / "labels.sqlite").pairs()) == 4
 
 
 CHILD = "from cai_dpo.widgets import is_unattended; print(is_unattended())"

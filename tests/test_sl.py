@@ -303,3 +303,64 @@ def test_resume_after_sigkill(tiny_cfg, tmp_path):
     rows = _phase_rows(run)
     assert len(rows) == len({r["key"] for r in rows}) == 3 + 3
     assert len(run.records("sl").records()) == 3
+
+
+# --------------------------------------------------------------------------- teacher (distillation)
+
+
+@pytest.fixture(scope="module")
+def second_tiny(tiny_path, tmp_path_factory) -> Path:
+    """A second tiny random model (other seed and shape, same tokenizer): the teacher."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("teacher")
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(7)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_teacher_writes_critiques_and_revisions(tiny_cfg, second_tiny, monkeypatch):
+    from cai_dpo.config import ModelSpec
+
+    cfg = _cfg(tiny_cfg, rounds=1, helpful_ratio=0.5, teacher=ModelSpec(name=str(second_tiny)))
+    calls: list[tuple[int, str]] = []  # (hidden size of the engine's model, phase)
+    original = sl.Engine.generate
+
+    def spy(self, conversations, *args, **kwargs):
+        calls.append((self.model.config.hidden_size, kwargs.get("desc", "")))
+        return original(self, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(sl.Engine, "generate", spy)
+    out = sl.run_sl(cfg)
+    policy_h, teacher_h = 64, 32
+    assert calls == [(policy_h, "sl initial"), (teacher_h, "sl r1-critique"), (teacher_h, "sl r1-revision")]
+
+    run = RunStore(cfg.run_dir)
+    records = run.records("sl").records()
+    assert records and all(r["teacher"] == str(second_tiny) and r["model"] != r["teacher"] for r in records)
+    phases = _phase_rows(run)
+    assert all(r["teacher"] == str(second_tiny) for r in phases if r["phase"] != "initial")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["teacher"] == str(second_tiny)
+    assert manifest["models"]["policy"] != manifest["models"]["teacher"]
+
+
+def test_teacher_change_regenerates_revisions_not_initial_answers(tiny_cfg, second_tiny, count_generate):
+    from dataclasses import replace
+
+    from cai_dpo.config import ModelSpec
+
+    cfg = _cfg(tiny_cfg, rounds=1, helpful_ratio=0.0, mode="direct")
+    sl.run_sl(cfg)
+    default_records = RunStore(cfg.run_dir).records("sl").records()
+    assert all(r["teacher"] == r["model"] for r in default_records)
+    count_generate.clear()
+    sl.run_sl(replace(cfg, sl=replace(cfg.sl, teacher=ModelSpec(name=str(second_tiny)))))
+    assert count_generate == ["sl r1-revision"]  # the policy's initial answers are reused

@@ -72,7 +72,25 @@ the run reports collapse signals (diversity, repetition, revisions identical to 
            ("code", "pd.DataFrame([dict(prompt_id=r['prompt_id'], **{k: x[k] for k in ('round', 'principle_id', 'critique', 'revision')}) for r in records[:2] for x in r['rounds']])"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sl import run_sl\nfrom cai_dpo.store import read_manifest")
 
-    nb("02_sft", """# 2 · Supervised fine-tuning: the SL-CAI model
+    nb("02_curate", """# 2 · Curation: score the data against the constitution
+
+At small scale the model's own revisions are often garbled, so the fine-tuning data is **curated**
+before SFT: every (prompt, response) row — the SL-CAI revisions, the project's curated set, a file
+of your own — is scored against the constitution, and rows below a threshold are dropped or
+down-weighted. Two scorers are measured on held-out curated examples (the curated response vs the
+policy's own answer to a harmful request, or a needless decline of a benign one): the constitution
+**judge**, and a light **probe** (logistic regression on the policy's hidden states) that works
+where the judge is at chance. `curate.scorer: auto` uses the more accurate one.""",
+       {"scorer": "curate.scorer  (auto | probe | judge)", "action": "curate.action  (keep | drop | weight)",
+        "threshold": "curate.threshold  (rows scored below it are dropped or down-weighted)"}, [
+           ("code", "curated_dir = run_curate(cfg, run)\nmanifest = read_manifest(curated_dir)\nprint('\\n'.join(manifest['notes']))\nmanifest['counts']"),
+           ("md", "Each scorer's accuracy on the held-out curated pairs (Wilson 95 % intervals; chance is 0.5):"),
+           ("code", "pd.DataFrame({name: {'pairwise': m['pairwise']['accuracy'], 'low': m['pairwise']['lo'], 'high': m['pairwise']['hi'], 'n pairs': m['pairwise']['n'], 'classification': m['classification']['accuracy']} for name, m in manifest['metrics']['candidates'].items()}).T"),
+           ("md", "The lowest- and highest-scored rows:"),
+           ("code", "rows = datasets.load_from_disk(str(curated_dir)).to_pandas()\nrows['prompt'] = rows['messages'].map(lambda m: m[-2]['content'][:80])\nrows['response'] = rows['messages'].map(lambda m: m[-1]['content'][:120])\nrows.sort_values('curate_score')[['source', 'kind', 'curate_score', 'weight', 'prompt', 'response']].iloc[list(range(3)) + list(range(-3, 0))]"),
+       ], "import datasets\nimport pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.curate import run_curate\nfrom cai_dpo.store import read_manifest")
+
+    nb("03_sft", """# 3 · Supervised fine-tuning: the SL-CAI model
 
 A LoRA adapter (QLoRA when the profile loads the model in 4-bit) is trained on the revisions with the
 loss on the assistant's tokens only. The result, `models/sft`, is the starting point of everything
@@ -82,7 +100,7 @@ after it: it samples the response pairs, and DPO and PPO start from it.""",
            ("code", "log = pd.read_csv(run.metrics_dir('sft') / 'log.csv')\nlog[[c for c in ('step', 'loss', 'eval_loss') if c in log]].plot(x='step', marker='o', title='SFT loss');"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sft import run_sft\nfrom cai_dpo.store import read_manifest")
 
-    nb("03_pairs_and_ai_feedback", """# 3 · Response pairs and AI feedback (RLAIF)
+    nb("04_pairs_and_ai_feedback", """# 4 · Response pairs and AI feedback (RLAIF)
 
 The SL-CAI model samples two answers per prompt; the **judge** reads the conversation, one
 constitutional principle and the two answers as options (A) and (B), and its soft label is the
@@ -98,7 +116,7 @@ more pairs to a person.""",
            ("code", "prefs['p_chosen'].plot.hist(bins=20, title='label confidence p(chosen)');"),
        ], "import datasets\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.judge import run_judge\nfrom cai_dpo.stages.pairs import run_pairs\nfrom cai_dpo.store import read_manifest")
 
-    nb("04_label_edge_cases", """# 4 · Edge cases for a person
+    nb("05_label_edge_cases", """# 5 · Edge cases for a person
 
 Pairs the judge is unsure of (confidence near 0.5), whose two orders disagree, whose principles
 disagree, or where the judge prefers the original over the revision go to a **label queue** (SQLite in
@@ -112,7 +130,7 @@ does not wait: the run goes on with the labels that exist, and the next run merg
            ("code", "merged_dir = run_labels(cfg, run)\nread_manifest(merged_dir)['counts']"),
        ], "from cai_dpo.labels import queue_path, run_labels\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.store import read_manifest\nfrom cai_dpo.widgets import labeling_ui")
 
-    nb("05_dpo", """# 5 · DPO: the shortcut
+    nb("06_dpo", """# 6 · DPO: the shortcut
 
 Direct preference optimisation trains the policy on the preferences directly, with no reward model
 and no sampling during training. The reference model is the SL-CAI model itself (the new adapter
@@ -124,7 +142,7 @@ current model, judges them and continues (iterative, on-policy DPO).""",
            ("code", "log = pd.read_csv(run.metrics_dir('dpo') / 'log.csv')\ncols = [c for c in log.columns if c in ('loss', 'rewards/accuracies', 'rewards/margins')]\nlog.plot(x='step', y=cols, subplots=True, marker='o', figsize=(7, 6));"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.dpo import run_iterative_dpo\nfrom cai_dpo.store import read_manifest")
 
-    nb("06_preference_model_and_ppo", """# 6 · Preference model and PPO (the paper's RL-CAI)
+    nb("07_preference_model_and_ppo", """# 7 · Preference model and PPO (the paper's RL-CAI)
 
 The same preferences train an explicit **preference model** (a scalar head on the SL-CAI model,
 soft cross-entropy on p(chosen)). **PPO** then samples from the policy, scores each answer with the
@@ -137,7 +155,7 @@ sampling loop; this notebook lets you compare the two.""",
            ("code", "log = pd.read_csv(run.metrics_dir('ppo') / 'log.csv')\nlog.plot(x='step', y=[c for c in ('reward', 'kl', 'entropy') if c in log], subplots=True, marker='o', figsize=(7, 6));"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.ppo import run_ppo\nfrom cai_dpo.stages.rm import run_rm\nfrom cai_dpo.store import read_manifest")
 
-    nb("07_evaluate_and_compare", """# 7 · Evaluate and compare
+    nb("08_evaluate_and_compare", """# 8 · Evaluate and compare
 
 Base, SL-CAI, DPO and PPO answer **labelled held-out** prompts (never seen in training) with identical
 sampling: red-team prompts (plain and in the configured conditions), everyday helpful prompts, the

@@ -1,12 +1,16 @@
 """SL-CAI data: initial answer → N rounds of critique → revision, one sampled principle per round.
 
-For every red-team train prompt the helpful-only base model answers; then, each round,
-a principle is drawn from the constitution (seeded by ``(seed, prompt id, round)``) and
-the model is asked, as chat turns after the few-shot demonstrations,
+For every red-team train prompt the helpful-only base model (the policy) answers; then,
+each round, a principle is drawn from the constitution (seeded by ``(seed, prompt id,
+round)``) and the **teacher** is asked, as chat turns after the few-shot demonstrations,
 
 - ``critique`` mode: to critique its last answer under the principle, then to revise it
   in the light of that critique;
 - ``direct`` mode: to revise its last answer under the principle straight away.
+
+The teacher is ``sl.teacher`` (any model spec: a larger local model, a served one for
+distillation), by default the policy itself. Its id is kept in every record and in the
+manifest (``models.teacher``); a teacher other than the policy is part of the record keys.
 
 Each round starts from ``[user: prompt, assistant: current answer]``, so the context
 stays short however many rounds run. All prompts of a phase go through one batched
@@ -21,7 +25,7 @@ the previous text).
 Resumable: each phase's results are appended to ``records/sl-phases`` under keys hashed
 from (prompt, model, constitution, stage parameters, seed), so a rerun skips finished work
 and a kill loses at most the generate call in flight. ``records/sl`` then holds one
-record per prompt (``prompt_id, prompt, category, initial, rounds, final, flags``) and
+record per prompt (``prompt_id, prompt, category, initial, rounds, final, flags, model, teacher``) and
 ``data/sl`` the SFT dataset (``messages, source, prompt_id``), red-team revisions mixed
 with the base model's answers to helpful prompts at ``sl.helpful_ratio``.
 """
@@ -244,18 +248,18 @@ def _phase_seed(cfg: RunConfig, phase: str) -> int:
 
 
 class _LazyEngine:
-    """Loads the base policy (no adapter) the first time a phase has work to do."""
+    """Loads a model (the base policy, or the teacher) the first time a phase has work to do."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, spec: Any = None):
         self.cfg = cfg
+        self.spec = spec if spec is not None else dataclasses.replace(cfg.policy, adapter=None)
         self.engine: Engine | None = None
         self.load_seconds = 0.0
 
     def get(self) -> Engine:
         if self.engine is None:
             with Timer() as t:
-                spec = dataclasses.replace(self.cfg.policy, adapter=None)
-                model, tokenizer = load_model(spec)
+                model, tokenizer = load_model(self.spec)
                 self.engine = Engine(model, tokenizer, batch_size=self.cfg.sl.sampling.batch_size)
             self.load_seconds = t.seconds
         return self.engine
@@ -284,6 +288,10 @@ class _SLRun:
         self.helpful = [helpful_all[i] for i in picked]
         self.spec = dataclasses.replace(cfg.policy, adapter=None)
         self.model_id = describe(self.spec)
+        # the teacher writes critiques and revisions; by default it is the policy itself
+        self.teacher_spec = cfg.sl.teacher if cfg.sl.teacher is not None else self.spec
+        self.teacher_id = describe(self.teacher_spec)
+        self.distilled = self.teacher_spec != self.spec
         self.constitution_hash = self.constitution.fingerprint()
         sampling = dataclasses.asdict(cfg.sl.sampling)
         sampling.pop("batch_size", None)
@@ -296,7 +304,8 @@ class _SLRun:
             "revision_suffix": REVISION_SUFFIX,
         }
         self.store = run.records(PHASES_STORE)
-        self.engine = _LazyEngine(cfg)
+        self.engine = _LazyEngine(cfg, self.spec)
+        self.teacher = _LazyEngine(cfg, self.teacher_spec) if self.distilled else self.engine
         self.timings: dict[str, float] = {}
         self.generated = Counter()
 
@@ -307,8 +316,10 @@ class _SLRun:
         return content_hash("sl-initial", _prompt_turns(p), self.model_id, self.sampling_params, self.cfg.seed)
 
     def base_key(self, p: Any) -> str:
-        """Key of a prompt's critique/revision chain: prompt, model, constitution, stage parameters, seed."""
-        return content_hash("sl", _prompt_turns(p), self.model_id, self.constitution_hash, self.params, self.cfg.seed)
+        """Key of a prompt's critique/revision chain: prompt, model (and teacher), constitution, stage parameters, seed."""
+        teacher = [self.teacher_id] if self.distilled else []  # keys of policy-only runs stay as they were
+        return content_hash("sl", _prompt_turns(p), self.model_id, self.constitution_hash, self.params, self.cfg.seed,
+                            *teacher)
 
     def phase_key(self, p: Any, phase: str, rnd: int) -> str:
         return content_hash(self.base_key(p), phase, rnd)
@@ -320,8 +331,11 @@ class _SLRun:
 
     def _generate(self, phase: str, conversations: list[Conversation], shared: Conversation,
                   prompts: Sequence[Any] = ()) -> list[Any]:
-        """Generate for ``conversations`` (made from ``prompts``, which a too-long error then names)."""
-        engine = self.engine.get()
+        """Generate one phase: the initial answer with the policy, critiques and revisions with the teacher.
+
+        ``conversations`` are made from ``prompts``, which a too-long error then names.
+        """
+        engine = (self.engine if phase == "initial" else self.teacher).get()
         prefix, texts = split_prefix(engine.render, shared, conversations)
         sampling: SamplingConfig = dataclasses.replace(self.cfg.sl.sampling, seed=_phase_seed(self.cfg, phase))
         try:
@@ -372,7 +386,7 @@ class _SLRun:
         if not todo:
             return
         shared = demo_turns(self.constitution, self.cfg.sl.few_shot, mode, phase)
-        self.engine.get()
+        self.teacher.get()
         with Timer() as t:
             for chunk in self._chunks(todo):
                 convs, meta = [], []
@@ -398,7 +412,8 @@ class _SLRun:
                         flags.append("kept_previous")
                     rows.append({"key": self.phase_key(p, phase, rnd), "phase": phase, "round": rnd,
                                  "prompt_id": p.id, "principle_id": principle.id, "input": response, "text": text,
-                                 "raw": c.raw, "flags": flags, "tokens": g.n_tokens, "prompt_tokens": g.prompt_tokens})
+                                 "raw": c.raw, "flags": flags, "tokens": g.n_tokens, "prompt_tokens": g.prompt_tokens,
+                                 "teacher": self.teacher_id})
                 self.store.append(rows)
         self.timings[f"r{rnd}_{phase}"] = t.seconds
 
@@ -425,7 +440,8 @@ class _SLRun:
         final = rounds[-1]["revision"] if rounds else init["text"]
         return {"key": self.base_key(p), "prompt_id": p.id, "prompt": p.text, "category": p.category,
                 "initial": init["text"], "initial_flags": init["flags"], "rounds": rounds, "final": final,
-                "flags": sorted(flags), "model": self.model_id, "constitution": self.constitution.name,
+                "flags": sorted(flags), "model": self.model_id, "teacher": self.teacher_id,
+                "constitution": self.constitution.name,
                 "mode": self.cfg.sl.mode}
 
 
@@ -457,6 +473,15 @@ def _quality(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
             flag_counts.update(x["flags"])
     out["flag_counts"] = dict(sorted(flag_counts.items()))
     return out
+
+
+def _sum_stats(stats: list[Any]) -> Any:
+    """Engine statistics of the policy and the teacher added together."""
+    total = dataclasses.replace(stats[0])
+    for s in stats[1:]:
+        for f in dataclasses.fields(total):
+            setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+    return total
 
 
 def _prompts_hash(prompts: list[Any]) -> str:
@@ -496,8 +521,8 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
         random.Random(cfg.seed).shuffle(rows)
         dataset = datasets.Dataset.from_list(rows)
 
-        engine = state.engine.engine
-        stats = engine.stats if engine else None
+        engines = [e.engine for e in dict.fromkeys([state.engine, state.teacher]) if e.engine is not None]
+        stats = _sum_stats([e.stats for e in engines]) if engines else None
         quality = _quality(records, cfg.sl.rounds)
         out = run.data_dir("sl")
         manifest = Manifest(
@@ -509,7 +534,7 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "red_team": f"{cfg.data.red_team}#{_prompts_hash(state.red)}",
                 "helpful": f"{cfg.data.helpful}#{_prompts_hash(state.helpful)}",
             },
-            models={"policy": state.model_id},
+            models={"policy": state.model_id, "teacher": state.teacher_id},
             counts={
                 "red_team_prompts": len(state.red),
                 "helpful_prompts": len(state.helpful),
@@ -527,7 +552,8 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 },
                 "helpful_flags": dict(helpful_flags),
             },
-            timings={**state.timings, "model_load": state.engine.load_seconds,
+            timings={**state.timings, "model_load": state.engine.load_seconds
+                     + (state.teacher.load_seconds if state.distilled else 0.0),
                      "generate": stats.generate_seconds if stats else 0.0},
             metrics={**quality, "tokens_per_second": stats.tokens_per_second() if stats else 0.0, "threads": threads},
         )
