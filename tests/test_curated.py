@@ -66,3 +66,23 @@ def test_bundled_set_when_present():
     assert len(ids) == len(set(ids))
     held = [e for e in ex if e.split == "heldout"]
     assert len(held) >= 0.25 * len(ex)
+
+
+def _jaccard(a: str, b: str) -> float:
+    wa, wb = set(a.lower().split()), set(b.lower().split())
+    return len(wa & wb) / max(1, len(wa | wb))
+
+
+def test_bundled_set_does_not_overlap_other_sets_or_itself():
+    from cai_dpo.curated import CURATED_DIR
+    from cai_dpo.data import load_prompts
+
+    if not list(CURATED_DIR.glob("*.jsonl")):
+        pytest.skip("bundled curated set not written yet")
+    ex = load_curated()
+    others = [p.text for p in load_prompts("bundled:red_team") + load_prompts("bundled:helpful")]
+    train = [e.prompt for e in ex if e.split == "train"]
+    for e in ex:
+        assert max(_jaccard(e.prompt, o) for o in others) < 0.6, e.id
+        if e.split == "heldout":
+            assert max(_jaccard(e.prompt, t) for t in train) < 0.6, e.id
