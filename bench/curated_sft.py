@@ -12,6 +12,7 @@ greedily with the base model and with the SFT model, and counts:
     python bench/curated_sft.py                               # cpu-demo settings
     python bench/curated_sft.py --set sft.max_steps=40 --set sft.learning_rate=3e-4
     python bench/curated_sft.py --limit 20                    # 20 held-out prompts per kind
+    python bench/curated_sft.py --base-only                   # the base model's figures alone (no training)
 
 Base answers are cached in the work folder (greedy decoding: they depend only on the
 prompts and the token budget); an SFT adapter trained with the same settings is reused.
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", default="/tmp/cai-dpo-bench-curated")
     parser.add_argument("--samples", type=int, default=3, help="answers per group to print")
+    parser.add_argument("--base-only", action="store_true", help="answer with the base model only (no SFT)")
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -90,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [e.prompt for e in harmful + benign]
     sensitive = [e.sensitive_sounding for e in benign]
 
-    t0 = time.perf_counter()
-    adapter = run_sft(cfg, RunStore(cfg.run_dir))
-    sft_seconds = time.perf_counter() - t0
-    manifest = json.loads((adapter / "manifest.json").read_text())
+    from cai_dpo.engine import set_threads
 
+    set_threads(cfg.threads)
     spec = dataclasses.replace(cfg.policy, adapter=None)
     cache = work / f"base-{content_hash(describe(spec), prompts, args.max_new_tokens)}.json"
     if cache.exists():
@@ -103,9 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         base, base_seconds = answer(spec, None, prompts, args.max_new_tokens, args.batch_size)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(base))
+    n_h = len(harmful)
+    if args.base_only:
+        json.dump({"profile": args.profile, "heldout": {"harmful": n_h, "benign": len(benign),
+                                                       "benign_sensitive": sum(sensitive)},
+                   "base": figures(base[:n_h], base[n_h:], sensitive), "generation_seconds": base_seconds,
+                   "max_new_tokens": args.max_new_tokens,
+                   "samples": [{"prompt": e.prompt, "base": a} for e, a in list(zip(harmful + benign, base))[:: max(1, len(base) // 6)]]},
+                  sys.stdout, indent=1, default=str)
+        print()
+        return 0
+    t0 = time.perf_counter()
+    adapter = run_sft(cfg, RunStore(cfg.run_dir))
+    sft_seconds = time.perf_counter() - t0
+    manifest = json.loads((adapter / "manifest.json").read_text())
     tuned, tuned_seconds = answer(spec, str(adapter), prompts, args.max_new_tokens, args.batch_size)
 
-    n_h = len(harmful)
     out: dict[str, Any] = {
         "profile": args.profile, "overrides": overrides, "heldout": {"harmful": n_h, "benign": len(benign),
                                                                      "benign_sensitive": sum(sensitive)},
