@@ -138,6 +138,14 @@ class SLConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
     teacher: ModelSpec | None = None
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("rounds", self.rounds >= (1 if self.mode == "critique" else 0),
+                        "must be >= 1 in critique mode (>= 0 in direct mode)"),
+                       ("few_shot", self.few_shot >= 0, "must be >= 0"),
+                       ("helpful_ratio", 0 <= self.helpful_ratio <= 1, "must be in [0, 1]"),
+                       ("chunk_size", self.chunk_size >= 1, "must be >= 1"))
+
 
 @dataclass
 class CurateConfig:
@@ -174,17 +182,41 @@ class CurateConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("rounds", self.rounds >= (1 if self.mode == "critique" else 0),
-                        "must be >= 1 in critique mode (>= 0 in direct mode)"),
-                       ("few_shot", self.few_shot >= 0, "must be >= 0"),
-                       ("helpful_ratio", 0 <= self.helpful_ratio <= 1, "must be in [0, 1]"),
-                       ("chunk_size", self.chunk_size >= 1, "must be >= 1"))
+        return _failed(("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
+                       ("sources", bool(self.sources), "must name at least one source"),
+                       ("train_limit", _optional_at_least(self.train_limit, 1), "must be >= 1 or null"),
+                       ("heldout_limit", _optional_at_least(self.heldout_limit, 1), "must be >= 1 or null"),
+                       ("probe_l2", self.probe_l2 >= 0, "must be >= 0"),
+                       ("max_length", self.max_length >= 16, "must be >= 16"),
+                       ("batch_size", self.batch_size >= 1, "must be >= 1"))
 
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning of the SL-CAI model."""
+    """Supervised fine-tuning of the SL-CAI model.
 
+    ``data`` chooses the training rows: ``sl`` (``data/sl``, the SL-CAI revisions and any
+    human-written revisions), ``curated`` (the ``train`` split of the curated set ``curated``:
+    ``bundled:curated``, a JSONL file or a folder; ``heldout`` rows never train), ``both``, or
+    ``curate`` (the curation stage's output ``data/curated``: the rows it kept, each with the
+    curation score as its ``weight``).
+    ``curated_harmful_ratio`` rebalances the curated rows to that harmful share by
+    subsampling the over-represented kind (null keeps them as they are); ``sl_share`` caps
+    the SL rows at that share of the combined set in ``both`` (null keeps every SL row).
+    Every row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``.
+
+    ``weighting``: ``none`` trains on TRL's token-averaged loss; ``principle`` trains on
+    ``Σ_i w_i·NLL_i / Σ_i w_i`` over the batch, ``NLL_i`` the mean negative log-likelihood
+    of example i's completion tokens, ``w_i`` its ``weight`` column when set, else the mean
+    of ``principle_weights`` over its principle ids (1.0 for unlisted ids or none).
+    """
+
+    data: Literal["sl", "curated", "both", "curate"] = "sl"
+    curated: str = "bundled:curated"
+    curated_harmful_ratio: float | None = None
+    sl_share: float | None = None
+    weighting: Literal["none", "principle"] = "none"
+    principle_weights: dict[str, float] = field(default_factory=dict)
     learning_rate: float = 2e-4
     epochs: float = 1.0
     max_steps: int = -1
@@ -219,13 +251,23 @@ class PairsConfig:
 
     ``source``: ``judged_samples`` (K samples per prompt from the SL-CAI model, paired and
     judged), ``revision_vs_original`` (final revision vs initial answer from the SL
-    records) or ``mixed`` (both; ``mixed_ratio`` is the revision-vs-original share).
+    records), ``curated`` (chosen = the curated response, rejected = the SL-CAI model's own
+    answer to the same curated ``train`` prompt, at ``curated_temperature``; 0 is greedy)
+    or ``mixed``: the sources named in ``mix`` with their shares (e.g. ``{curated: 0.6,
+    revision_vs_original: 0.4}``), or, without ``mix``, revision-vs-original and judged
+    samples with ``mixed_ratio`` the revision-vs-original share.
     Temperatures cycle over the K samples; ``max_pairs_per_prompt`` caps the pairs
-    formed from one prompt's distinct samples.
+    formed from one prompt's distinct samples. ``curated_kinds`` and ``curated_limit``
+    (per kind) choose the curated prompts.
     """
 
-    source: Literal["judged_samples", "revision_vs_original", "mixed"] = "judged_samples"
+    source: Literal["judged_samples", "revision_vs_original", "curated", "mixed"] = "judged_samples"
     mixed_ratio: float = 0.5
+    mix: dict[str, float] | None = None
+    curated: str = "bundled:curated"
+    curated_kinds: list[str] = field(default_factory=lambda: ["harmful", "benign"])
+    curated_limit: int | None = None
+    curated_temperature: float = 0.0
     samples_per_prompt: int = 2
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0])
     helpful_share: float = 0.25
@@ -264,6 +306,8 @@ class JudgeConfig:
     clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
     calibrate: bool = True
     score_revision_pairs: bool = False
+    score_curated_pairs: bool = False  # judge curated pairs too (p_chosen stays curated_p_chosen; the judge's view goes to p_judge)
+    curated_p_chosen: float = 0.9  # soft label of a curated-vs-policy pair
     batch_size: int = 16
     hourly_price_usd: float = 2.0
     prompt_format: Literal["chat", "plain"] = "chat"
@@ -323,7 +367,10 @@ class DPOConfig:
 
     ``loss_type`` is any loss TRL's DPOTrainer offers; ``label_mode: soft`` trains on the
     judge's per-pair ``p_chosen`` (conservative DPO, ``sigmoid`` loss only), ``hard`` treats
-    every pair as certain. ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
+    every pair as certain. ``weighting: principle`` minimises
+    ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss below, ``w_i`` the pair's
+    ``weight`` when set, else the mean of ``principle_weights`` over its principle ids, 1.0
+    by default); it needs ``loss_type: sigmoid``. ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
     losses. ``adapter_mode``: ``merge`` folds the SFT adapter into the weights and trains a
     fresh LoRA (reference = adapter off); ``continue`` trains the SFT adapter further against
     a frozen copy of it; ``auto`` merges unless the policy is quantized.
@@ -345,6 +392,8 @@ class DPOConfig:
     save_steps: int = 50
     rounds: int = 1
     merge: bool = False
+    weighting: Literal["none", "principle"] = "none"
+    principle_weights: dict[str, float] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> Problems:
@@ -361,7 +410,12 @@ class DPOConfig:
 
 @dataclass
 class RMConfig:
-    """Explicit preference (reward) model."""
+    """Explicit preference (reward) model.
+
+    ``weighting: principle`` weights each pair's soft Bradley-Terry loss by its ``weight``
+    (else the mean of ``principle_weights`` over its principle ids, 1.0 by default) and
+    normalises by the batch's sum of weights.
+    """
 
     backbone: str | None = None  # None/"sl-cai": policy + SFT merged; "base": policy only; else a model spec
     label_mode: Literal["soft", "hard"] = "soft"
@@ -375,6 +429,8 @@ class RMConfig:
     eval_fraction: float = 0.1
     save_steps: int = 50
     center_rewards_coefficient: float | None = None
+    weighting: Literal["none", "principle"] = "none"
+    principle_weights: dict[str, float] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> Problems:
@@ -593,6 +649,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: key '{key}' is {value!r}; allowed: {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
+        if not args:
+            return dict(value)
+        return {_convert(k, args[0], f"{key}", source): _convert(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__}")

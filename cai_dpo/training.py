@@ -29,6 +29,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from cai_dpo.errors import InputError
 from cai_dpo.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -197,3 +198,57 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     """Rows of a metrics CSV with numbers parsed (empty cells dropped)."""
     with open(path, newline="") as fh:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(fh)]
+
+
+# --------------------------------------------------------------------------- per-example weights
+
+
+def principle_weight(principle_ids: Any, principle_weights: dict[str, float]) -> float:
+    """Mean of ``principle_weights`` over ``principle_ids`` (1.0 for an unlisted id; 1.0 for none)."""
+    ids = [p for p in (principle_ids or []) if p]
+    if not ids:
+        return 1.0
+    return sum(float(principle_weights.get(p, 1.0)) for p in ids) / len(ids)
+
+
+def example_weights(rows: Any, weighting: str, principle_weights: dict[str, float] | None = None,
+                    source: str = "data") -> list[float]:
+    """One training weight per row (dicts with optional ``weight`` and ``principle_ids``).
+
+    ``weighting == "none"``: every weight is 1.0. ``"principle"``: the row's ``weight`` when
+    set (the curation stage writes its score there), else :func:`principle_weight` of its
+    ``principle_ids``. Raises :class:`~cai_dpo.errors.InputError` naming ``source``, the row and the field for a
+    negative or non-finite weight, and for an unknown ``weighting``.
+    """
+    if weighting not in ("none", "principle"):
+        raise InputError(f"{source}: weighting must be 'none' or 'principle', got {weighting!r}")
+    out: list[float] = []
+    for i, row in enumerate(rows):
+        if weighting == "none":
+            out.append(1.0)
+            continue
+        w = row.get("weight")
+        if w is None or (isinstance(w, float) and math.isnan(w)):
+            w = principle_weight(row.get("principle_ids"), principle_weights or {})
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise InputError(f"{source}: row {i} field 'weight' is {w!r}; it must be a number >= 0") from None
+        if not math.isfinite(w) or w < 0:
+            raise InputError(f"{source}: row {i} field 'weight' is {w}; it must be a finite number >= 0")
+        out.append(w)
+    for name, w in (principle_weights or {}).items():
+        if not math.isfinite(float(w)) or float(w) < 0:
+            raise InputError(f"{source}: principle_weights.{name} is {w}; it must be a finite number >= 0")
+    return out
+
+
+def weighted_mean(losses: Any, weights: Any | None) -> Any:
+    """``Σ_i w_i·loss_i / Σ_i w_i`` over a batch (torch tensors of shape [B]); the plain mean without weights.
+
+    All-zero weights give a loss of 0 with zero gradient (the sum is clamped at 1e-12).
+    """
+    if weights is None:
+        return losses.mean()
+    w = weights.to(device=losses.device, dtype=losses.dtype)
+    return (w * losses).sum() / w.sum().clamp_min(1e-12)

@@ -54,3 +54,20 @@ def test_user_file_extends_profile(tmp_path):
     cfg = load_config(str(f))
     assert cfg.run_id == "mine" and cfg.sl.rounds == 1
     assert cfg.sl.sampling.max_new_tokens == load_config("cpu-demo").sl.sampling.max_new_tokens
+
+
+def test_mappings_of_weights_and_shares(tmp_path):
+    cfg = load_config("tiny", {"pairs.mix": {"curated": 3, "revision_vs_original": 1},
+                               "sft.principle_weights": {"harm-physical": 2}})
+    assert cfg.pairs.mix == {"curated": 3.0, "revision_vs_original": 1.0}
+    assert cfg.sft.principle_weights == {"harm-physical": 2.0} and cfg.dpo.principle_weights == {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\ndpo:\n  principle_weights: {harm-physical: lots}\n")
+    with pytest.raises(ConfigError, match=r"'dpo.principle_weights.harm-physical' must be a number"):
+        load_config(str(bad))
+    bad.write_text("base: tiny\nrm:\n  principle_weights: [harm-physical]\n")
+    with pytest.raises(ConfigError, match=r"'rm.principle_weights' must be a mapping"):
+        load_config(str(bad))
+    cpu = load_config("cpu-demo")
+    assert cpu.sft.data == "curated" and cpu.pairs.source == "curated"
+    assert cpu.sft.weighting == cpu.dpo.weighting == cpu.rm.weighting == "principle"

@@ -141,7 +141,7 @@ def test_training_rows_hard_mode_orients_and_drops_ties():
 # --------------------------------------------------------------------------- trainer: reference and loss
 
 
-def _trainer(cfg, run, rows, label_mode: str):
+def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none"):
     """A DPO trainer built like run_dpo's."""
     import datasets
     from trl import DPOConfig as TrlDPOConfig
@@ -157,7 +157,7 @@ def _trainer(cfg, run, rows, label_mode: str):
         model=start.model, args=args, train_dataset=datasets.Dataset.from_list(rows),
         data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
         processing_class=start.tokenizer, peft_config=start.peft_config, label_mode=label_mode,
-        max_prompt_length=cfg.dpo.max_prompt_length)
+        max_prompt_length=cfg.dpo.max_prompt_length, weighting=weighting)
     return trainer, start
 
 
@@ -333,3 +333,77 @@ def test_cli_has_dpo_command():
     args = parser.parse_args(["dpo", "--profile", "tiny", "--rounds", "2", "-o", "dpo.beta=0.2"])
     assert args.rounds == 2 and args.func.__name__ == "_cmd_dpo"
     assert config_from_args(args).dpo.beta == 0.2
+
+
+# --------------------------------------------------------------------------- principle weights
+
+
+def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
+    from cai_dpo.stages.dpo import weighted_dpo_loss
+
+    pc = torch.tensor([-10.0, -4.0, -6.0], requires_grad=True)
+    pr = torch.tensor([-12.0, -3.0, -5.0], requires_grad=True)
+    rc, rr = torch.tensor([-11.0, -4.5, -6.0]), torch.tensor([-11.5, -2.0, -5.0])
+    p, w, beta = torch.tensor([0.8, 1.0, 0.6]), torch.tensor([3.0, 1.0, 0.0]), 0.5
+    # m = (pc - rc) - (pr - rr) = [1.5, 1.5, 0]; loss_i = -(p logσ(βm) + (1-p) logσ(-βm))
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    losses = [-(0.8 * ls(0.75) + 0.2 * ls(-0.75)), -ls(0.75), -(0.6 * ls(0.0) + 0.4 * ls(0.0))]
+    expected = (3.0 * losses[0] + 1.0 * losses[1] + 0.0 * losses[2]) / 4.0
+    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    got.backward()
+    assert pc.grad[2].item() == 0.0 and pr.grad[2].item() == 0.0  # weight 0: no gradient from that pair
+    assert pc.grad[0].item() != 0.0
+    # without weights it is the plain mean
+    assert weighted_dpo_loss(pc.detach(), pr.detach(), rc, rr, p, None, beta).item() == pytest.approx(sum(losses) / 3)
+
+
+def test_training_rows_weights_from_column_or_principles():
+    from cai_dpo.stages.dpo import training_rows
+
+    recs = synthetic_pairs(TOPICS[:3], 0)
+    recs[0]["weight"], recs[0]["principle_ids"] = 0.25, ["harm-physical"]  # the data's weight wins
+    recs[1]["weight"], recs[1]["principle_ids"] = None, ["harm-physical", "help-answer"]
+    recs[2]["principle_ids"] = []
+    pw = {"harm-physical": 3.0}
+    got = training_rows(recs, "soft", weighting="principle", principle_weights=pw).rows
+    assert [r["weight"] for r in got] == pytest.approx([0.25, 2.0, 1.0])
+    assert [r["weight"] for r in training_rows(recs, "soft", principle_weights=pw).rows] == [1.0, 1.0, 1.0]
+    recs[0]["weight"] = -1.0
+    with pytest.raises(ValueError, match=r"prefs: row 0 field 'weight'"):
+        training_rows(recs, "soft", "prefs", weighting="principle")
+
+
+def test_weighting_needs_the_sigmoid_loss():
+    from cai_dpo.config import DPOConfig
+    from cai_dpo.stages.dpo import validate_dpo_config
+
+    with pytest.raises(ValueError, match=r"dpo.weighting=principle .* dpo.loss_type=sigmoid"):
+        validate_dpo_config(DPOConfig(loss_type="ipo", label_mode="hard", weighting="principle"))
+
+
+def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
+    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+
+    cfg, run = make_run(tmp_path)
+    recs = synthetic_pairs(TOPICS[:2], 0)  # one batch of the tiny profile (batch_size 2)
+    for rec, w, p in zip(recs, (2.0, 0.5), (0.9, 0.3)):
+        rec["weight"], rec["p_chosen"] = w, p
+    sft_model, tok = load_model("tiny", adapter=str(run.model_dir("sft")))
+    for mode in ("soft", "hard"):
+        rows = training_rows(recs, mode, weighting="principle").rows
+        ref_c, ref_r = sequence_logps(sft_model, tok, rows)
+        trainer, _ = _trainer(cfg, run, rows, mode, weighting="principle")
+        batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+        assert batch["weight"].tolist() == [r["weight"] for r in rows]
+        _perturb_lora(trainer.model)
+        trainer.model.eval()
+        pol_c, pol_r = sequence_logps(trainer.model, tok, rows)
+        with torch.no_grad():
+            got = trainer.compute_loss(trainer.model, batch).item()
+        p = torch.tensor([r["p_chosen"] for r in rows])
+        expected = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, torch.tensor([r["weight"] for r in rows]),
+                                     cfg.dpo.beta).item()
+        unweighted = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, None, cfg.dpo.beta).item()
+        assert got == pytest.approx(expected, rel=1e-3), mode
+        assert got != pytest.approx(unweighted, rel=1e-3)

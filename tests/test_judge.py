@@ -365,3 +365,59 @@ def test_parse_hhh(shared_anchors):
         shown = row["prompt"].split(f" ({letter}) [[[", 1)[1].split("]]]\n", 1)[0]
         assert shown.strip() == p["correct"]
         assert p["prompt"] and p["incorrect"] and p["correct"] != p["incorrect"]
+
+
+def _write_curated_pairs(run: RunStore) -> None:
+    rows = []
+    for i in range(3):
+        rows.append({"pair_id": f"cur{i}", "prompt_id": f"cur-h-{i}", "prompt": f"curated prompt {i}", "category": "weapons",
+                     "prompt_source": "red_team", "response_a": f"curated good {i}", "response_b": f"policy bad {i}",
+                     "source": "curated", "label": "A", "selected": True, "flags": [], "weight": 0.5 if i == 0 else None,
+                     "meta": {"principle_ids": ["harm-physical", "help-not-evasive"], "kind": "harmful"}})
+    rows.append({"pair_id": "smp0", "prompt_id": "s0", "prompt": "sampled 0", "category": "general",
+                 "prompt_source": "helpful", "response_a": "bad sample 0", "response_b": "good sample 0",
+                 "source": "judged_samples", "label": None, "selected": True, "flags": [], "meta": {}})
+    write_jsonl(run.root / "data" / "pairs" / "pairs.jsonl", rows)
+
+
+def test_curated_pairs_pass_through_with_configured_confidence(tiny_model, tiny_cfg, tmp_path):
+    import datasets
+
+    from cai_dpo.stages.judge import run_judge
+
+    model, tokenizer = tiny_model
+    cfg = _judge_cfg(tiny_cfg, tmp_path, curated_p_chosen=0.8)
+    run = RunStore(cfg.run_dir)
+    _write_curated_pairs(run)
+    engine = ContentScorer(model, tokenizer, bias=1.0)
+    out = run_judge(cfg, run, engine=engine)
+    rows = {r["pair_id"]: r for r in datasets.load_from_disk(str(out)).to_list()}
+    judged_texts = [c for call in engine.calls for c in call]
+    assert not any("curated good" in c for c in judged_texts)  # curated pairs are not judged by default
+    for i in range(3):
+        r = rows[f"cur{i}"]
+        assert r["source"] == "curated" and r["p_chosen"] == pytest.approx(0.8)
+        assert r["chosen"][0]["content"] == f"curated good {i}" and r["rejected"][0]["content"] == f"policy bad {i}"
+        assert r["principle_ids"] == ["harm-physical", "help-not-evasive"] and math.isnan(r["p_judge"])
+    assert rows["cur0"]["weight"] == 0.5 and rows["cur1"]["weight"] is None and rows["smp0"]["weight"] is None
+
+    scored = _judge_cfg(tiny_cfg, tmp_path, score_curated_pairs=True)
+    run2 = RunStore(scored.run_dir.parent / "scored")
+    _write_curated_pairs(run2)
+    rows = {r["pair_id"]: r for r in datasets.load_from_disk(str(run_judge(scored, run2, engine=engine))).to_list()}
+    assert rows["cur0"]["p_chosen"] == pytest.approx(0.9) and rows["cur0"]["p_judge"] > 0.5
+    assert read_manifest(run2.data_dir("preferences"))["counts"]["judged"] == 4
+
+
+def test_gate_trip_on_a_curated_mix_keeps_the_curated_pairs(tiny_model, tiny_cfg, tmp_path):
+    import datasets
+
+    from cai_dpo.stages.judge import run_judge
+
+    model, tokenizer = tiny_model
+    cfg = _judge_cfg(tiny_cfg, tmp_path)
+    run = RunStore(cfg.run_dir)
+    _write_curated_pairs(run)
+    out = run_judge(cfg, run, engine=ContentScorer(model, tokenizer, bias=0.0, good="bad"))
+    ds = datasets.load_from_disk(str(out))
+    assert set(ds["source"]) == {"curated"} and len(ds) == 3

@@ -175,3 +175,101 @@ def test_mixed_source_respects_its_ratio(tiny_cfg):
     run_pairs(half, run2, engine=ScriptedPolicy())
     sel = [p for p in load_pairs(run2) if p["selected"]]
     assert sum(p["source"] == "revision_vs_original" for p in sel) == sum(p["source"] == "judged_samples" for p in sel) == 4
+
+
+# --------------------------------------------------------------------------- curated pairs and multi-source mixes
+
+
+def _write_curated(folder, n: int = 4) -> str:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        for kind in ("harmful", "benign"):
+            for split in ("train", "heldout"):
+                rows.append({"id": f"cur-{kind}-{split}-{i}", "kind": kind, "category": "test", "split": split,
+                             "principle_ids": ["harm-physical"] if kind == "harmful" else ["help-answer"],
+                             "messages": [{"role": "user", "content": f"{kind} {split} prompt {i}"},
+                                          {"role": "assistant", "content": f"curated {kind} answer {i}"}]})
+    (folder / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+class EchoCurated(ScriptedPolicy):
+    """Answers one curated prompt with its curated response (an identical pair, to be skipped)."""
+
+    def __init__(self, copy_prompt: str):
+        super().__init__()
+        self.copy_prompt = copy_prompt
+
+    def generate(self, conversations, sampling, n=1, *, prefix=None, desc=""):
+        out = super().generate(conversations, sampling, n, prefix=prefix, desc=desc)
+        for conv, row in zip(conversations, out):
+            if conv[-1]["content"] == self.copy_prompt:
+                row[0] = Generation("Curated  HARMFUL answer 0", 4, True, 10)
+        return out
+
+
+def test_curated_pairs_chosen_is_curated_rejected_is_policy(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, source="curated", curated=_write_curated(tmp_path / "cur"))
+    run = RunStore(cfg.run_dir)
+    policy = EchoCurated("harmful train prompt 0")
+    out = run_pairs(cfg, run, engine=policy)
+    assert {t for _, t, _ in policy.calls} == {0.0}  # greedy by default
+    pairs = load_pairs(run)
+    assert len(pairs) == 7  # 8 train prompts, one policy answer identical to the curated response
+    for p in pairs:
+        assert p["source"] == "curated" and p["label"] == "A" and p["selected"] and "weight" in p
+        assert "heldout" not in p["prompt"]
+        kind, _, _, i = p["prompt"].split()
+        assert p["response_a"] == f"curated {kind} answer {i}" and p["response_b"].startswith("answer to")
+        assert p["meta"]["principle_ids"] == (["harm-physical"] if kind == "harmful" else ["help-answer"])
+        assert p["prompt_source"] == ("red_team" if kind == "harmful" else "helpful")
+    m = read_manifest(out)
+    assert m["counts"]["curated_skipped"] == {"identical": 1}
+    assert m["counts"]["curated_prompts"] == 8
+    # resumable: a rerun generates nothing
+    run_pairs(cfg, run, engine=Exploding())
+    assert load_pairs(run) == pairs
+    # per-kind limit and kinds
+    one = _cfg(tiny_cfg, source="curated", curated=cfg.pairs.curated, curated_kinds=["harmful"], curated_limit=2)
+    run2 = RunStore(one.run_dir.parent / "one")
+    run_pairs(one, run2, engine=ScriptedPolicy())
+    assert len(load_pairs(run2)) == 2 and all(p["meta"]["kind"] == "harmful" for p in load_pairs(run2))
+
+
+def test_mix_of_curated_and_revision_pairs(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, source="mixed", mix={"curated": 0.6, "revision_vs_original": 0.4},
+               curated=_write_curated(tmp_path / "cur", n=6))
+    run = RunStore(cfg.run_dir)
+    _sl_records(run)  # 6 usable revision pairs
+    out = run_pairs(cfg, run, engine=ScriptedPolicy())
+    sel = [p for p in load_pairs(run) if p["selected"]]
+    by = {s: sum(p["source"] == s for p in sel) for s in ("curated", "revision_vs_original", "judged_samples")}
+    assert by == {"curated": 9, "revision_vs_original": 6, "judged_samples": 0}  # 12 curated, 6 revision available
+    m = read_manifest(out)
+    assert m["counts"]["share_selected"] == {"curated": pytest.approx(0.6), "revision_vs_original": pytest.approx(0.4)}
+    assert "prompts" not in m["counts"]  # nothing sampled for judged pairs
+
+
+def test_mix_with_judged_samples_samples_only_what_it_needs(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, source="mixed", mix={"curated": 2, "judged_samples": 1}, helpful_share=0.0,
+               curated=_write_curated(tmp_path / "cur", n=2))
+    run = RunStore(cfg.run_dir)
+    out = run_pairs(cfg, run, engine=ScriptedPolicy())
+    sel = [p for p in load_pairs(run) if p["selected"]]
+    assert sum(p["source"] == "curated" for p in sel) == 4 and sum(p["source"] == "judged_samples" for p in sel) == 2
+    assert read_manifest(out)["counts"]["prompts"] == 3  # 2 needed + 1 spare
+
+
+def test_mix_config_errors(tiny_cfg):
+    from cai_dpo.stages.pairs import mix_counts, mix_ratios
+
+    with pytest.raises(ValueError, match="pairs.mix: unknown source 'human'"):
+        mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"human": 1.0}))
+    with pytest.raises(ValueError, match=r"pairs.mix.curated"):
+        mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"curated": -1.0}))
+    assert mix_ratios(_cfg(tiny_cfg, source="mixed", mixed_ratio=0.25)) == {"revision_vs_original": 0.25,
+                                                                             "judged_samples": 0.75}
+    assert mix_counts({"a": 10, "b": 3, "c": 100}, {"a": 0.5, "b": 0.25, "c": 0.25}) == {"a": 6, "b": 3, "c": 3}

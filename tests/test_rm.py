@@ -191,3 +191,65 @@ def test_hhh_bench_skips_or_scores(tmp_path, shared_anchors):
     missing = subprocess.run([sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--evals",
                               str(tmp_path / "absent.jsonl")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 0 and json.loads(missing.stdout)["skipped"]
+
+
+# --------------------------------------------------------------------------- principle weights
+
+
+def test_weighted_soft_loss_closed_form_and_zero_weight_gradient():
+    r_c = torch.tensor([1.0, 0.0, 0.5], requires_grad=True)
+    r_r = torch.tensor([0.0, 2.0, 0.0], requires_grad=True)
+    p, w = torch.tensor([0.8, 0.3, 1.0]), torch.tensor([1.0, 3.0, 0.0])
+    ls = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    l0, l1 = -(0.8 * ls(1) + 0.2 * ls(-1)), -(0.3 * ls(-2) + 0.7 * ls(2))
+    loss = soft_preference_loss(r_c, r_r, p, w)
+    assert loss.item() == pytest.approx((1.0 * l0 + 3.0 * l1) / 4.0, abs=1e-6)
+    loss.backward()
+    assert r_c.grad[2].item() == 0.0 and r_r.grad[2].item() == 0.0  # weight 0: no gradient
+    assert r_c.grad[1].item() != 0.0
+
+
+def test_weighted_trainer_loss_matches_closed_form(tmp_path):
+    from trl import RewardConfig
+
+    from datasets import Dataset
+
+    from cai_dpo.stages.rm import _trainer_classes, build_rm, head_name
+    from cai_dpo.training import common_training_args, example_weights
+
+    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.weighting": "principle",
+                               "rm.principle_weights": {"harm": 0.5}})
+    run = RunStore(cfg.run_dir)
+    torch.manual_seed(0)
+    model, tok, _, _ = build_rm(cfg, run)
+    rows = synthetic_preferences(2, 5)
+    rows[0]["weight"] = 3.0  # the data's weight; row 1 falls back to principle 'harm' -> 0.5
+    weights = example_weights(rows, cfg.rm.weighting, cfg.rm.principle_weights)
+    assert weights == [3.0, 0.5]
+    cols = tokenize_pairs(rows, tok, 64, "soft", weights)
+    collator_cls, trainer_cls = _trainer_classes()
+    trainer = trainer_cls(model=model, args=RewardConfig(**common_training_args(cfg.rm, tmp_path / "ck"), max_length=None),
+                          data_collator=collator_cls(pad_token_id=tok.pad_token_id), train_dataset=Dataset.from_dict(cols),
+                          processing_class=tok, weighting="principle")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        # a random head, so the two pairs get clearly different rewards
+        getattr(model.get_base_model(), head_name(model)).modules_to_save["default"].weight.normal_(0, 1.0)
+        model.eval()
+        got = trainer.compute_loss(model, dict(batch)).item()
+        score = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, 0]  # noqa: E731
+        r_c = torch.stack([score(ids) for ids in cols["chosen_ids"]])
+        r_r = torch.stack([score(ids) for ids in cols["rejected_ids"]])
+    p = torch.tensor(cols["p_chosen"])
+    expected = soft_preference_loss(r_c, r_r, p, torch.tensor(weights)).item()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert got != pytest.approx(soft_preference_loss(r_c, r_r, p).item(), rel=1e-4)
+
+
+def test_rm_manifest_records_weighting(tmp_path):
+    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1,
+                               "rm.eval_fraction": 0.0, "rm.weighting": "principle",
+                               "rm.principle_weights": {"harm": 2.0}})
+    out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(4, 6))
+    m = read_manifest(out)
+    assert m["config"]["rm"]["weighting"] == "principle" and m["counts"]["weight_mean"] == pytest.approx(2.0)

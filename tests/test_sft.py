@@ -167,3 +167,149 @@ def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
     monkeypatch.setattr(sft, "load_model", no_load)
     assert sft.run_sft(cfg, run) == out
     assert json.loads((out / "manifest.json").read_text())["created"] == manifest["created"]
+
+
+# --------------------------------------------------------------------------- curated data and weighted loss
+
+
+def _curated_row(i: int, kind: str, split: str, principles: list[str]) -> dict:
+    prompt = f"{kind} request {i} ({split})"
+    answer = (f"I won't help with {kind} request {i}: it could hurt someone. I can point you to a safer option."
+              if kind == "harmful" else f"Here is a direct answer to request {i}.")
+    return {"id": f"cur-{kind[0]}-{split}-{i}", "kind": kind, "category": "test", "sensitive_sounding": False,
+            "principle_ids": principles, "split": split,
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def write_curated(folder, n_harmful: int = 6, n_benign: int = 3, n_heldout: int = 2):
+    """A small curated set: train rows of both kinds plus held-out rows of both kinds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    harmful = [_curated_row(i, "harmful", "train", ["harm-physical", "help-not-evasive"]) for i in range(n_harmful)]
+    harmful += [_curated_row(i, "harmful", "heldout", ["harm-physical"]) for i in range(n_heldout)]
+    benign = [_curated_row(i, "benign", "train", ["help-answer"]) for i in range(n_benign)]
+    benign += [_curated_row(i, "benign", "heldout", ["help-answer"]) for i in range(n_heldout)]
+    for name, rows in (("harmful", harmful), ("benign", benign)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_build_rows_curated_train_split_only_with_ratio_and_weights(tiny_cfg, tmp_path):
+    from cai_dpo.stages.sft import build_rows
+
+    cur = write_curated(tmp_path / "cur")
+    cfg = _cfg(tiny_cfg, data="curated", curated=str(cur), weighting="principle",
+               principle_weights={"harm-physical": 3.0, "help-answer": 0.5})
+    run = RunStore(cfg.run_dir)
+    rows, info = build_rows(cfg, run)  # no data/sl needed for sft.data=curated
+    assert len(rows) == 9 and all(r["source"] == "curated" for r in rows)
+    assert not any("heldout" in r["id"] or "heldout" in r["messages"][0]["content"] for r in rows)
+    by_id = {r["id"]: r["weight"] for r in rows}
+    assert by_id["cur-h-train-0"] == pytest.approx((3.0 + 1.0) / 2)  # mean over principle ids, unlisted = 1.0
+    assert by_id["cur-b-train-0"] == pytest.approx(0.5)
+    assert info["counts"] == {"curated_harmful": 6, "curated_benign": 3, "rows_curated": 9, "rows_sl": 0,
+                              "rows_human_revision": 0, "weight_mean": pytest.approx(sum(by_id.values()) / 9)}
+
+    # the harmful share is rebalanced by subsampling the over-represented kind
+    half = _cfg(tiny_cfg, data="curated", curated=str(cur), curated_harmful_ratio=0.5)
+    rows, _ = build_rows(half, run)
+    assert sum(r["kind"] == "harmful" for r in rows) == sum(r["kind"] == "benign" for r in rows) == 3
+    assert all(r["weight"] == 1.0 for r in rows)  # weighting: none
+    few = _cfg(tiny_cfg, data="curated", curated=str(cur), curated_harmful_ratio=0.75)
+    rows, _ = build_rows(few, run)
+    assert (sum(r["kind"] == "harmful" for r in rows), sum(r["kind"] == "benign" for r in rows)) == (6, 2)
+
+
+def test_build_rows_both_sources_and_data_weight_column(tiny_cfg, tmp_path):
+    import datasets
+
+    from cai_dpo.stages.sft import build_rows
+
+    cur = write_curated(tmp_path / "cur")
+    cfg = _cfg(tiny_cfg, data="both", curated=str(cur), weighting="principle", sl_share=0.25)
+    run = RunStore(cfg.run_dir)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+             "source": "human" if i == 0 else "red_team", "prompt_id": f"p{i}", "weight": 0.25 * i}
+            for i in range(8)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(run.data_dir("sl")))
+    got, info = build_rows(cfg, run)
+    sl = [r for r in got if r["source"] != "curated"]
+    assert len(sl) == 3  # 0.25 share next to 9 curated rows
+    assert {r["source"] for r in sl} <= {"sl", "human_revision"}
+    assert all(r["weight"] == pytest.approx(0.25 * int(r["id"][1:])) for r in sl)  # the data's weight column wins
+    assert "data/sl" in info["inputs"] and "curated" in info["inputs"]
+    every = _cfg(tiny_cfg, data="both", curated=str(cur))
+    got, _ = build_rows(every, run)
+    assert sum(r["source"] == "human_revision" for r in got) == 1 and len(got) == 17
+
+
+def test_weighted_sft_loss_closed_form_and_zero_weight_gradient():
+    import torch
+
+    from cai_dpo.stages.sft import weighted_sft_loss
+
+    logps = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0], [-0.5, -0.5, -2.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    w = torch.tensor([2.0, 1.0, 0.0])
+    # NLL_i = mean over completion tokens: [2.0, 2.0, 1.0]; L = (2*2 + 1*2 + 0*1) / (2 + 1 + 0) = 2.0
+    loss = weighted_sft_loss(logps, mask, w)
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    assert torch.all(logps.grad[2] == 0)  # weight 0: the example has no gradient
+    assert logps.grad[0].tolist() == pytest.approx([-2 / 3 / 2, -2 / 3 / 2, 0.0])  # d/dlogp = -w_i/T_i/Σw
+    w2 = torch.tensor([1.0, 1.0, 1.0])
+    assert weighted_sft_loss(logps.detach(), mask, w2).item() == pytest.approx(5.0 / 3)
+    assert weighted_sft_loss(logps.detach(), mask, torch.zeros(3)).item() == 0.0
+
+
+def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
+    """The trainer's loss on a batch equals the closed form computed from plain forwards."""
+    import datasets
+    import torch
+    from trl import SFTConfig
+
+    from cai_dpo.models import attach_lora, load_model
+    from cai_dpo.stages.sft import _trainer_classes, prepare_dataset
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny", trainable=True)
+    tok.padding_side = "right"
+    model = attach_lora(model, tiny_cfg.sft.lora)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "weight": w}
+            for (q, a), w in zip(PAIRS[:3], (2.0, 0.5, 0.0))]
+    ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tok)
+    collator_cls, trainer_cls = _trainer_classes()
+    args = SFTConfig(**common_training_args(tiny_cfg.sft, tmp_path / "ck"), max_length=128, completion_only_loss=True)
+    trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok, weighting="principle",
+                          data_collator=collator_cls(pad_token_id=tok.pad_token_id))
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(sorted(examples, key=lambda e: -e["weight"]))
+    model.eval()
+    with torch.no_grad():
+        got = trainer.compute_loss(model, dict(batch)).item()
+        nll = []
+        for i in range(3):
+            ids = batch["input_ids"][i][batch["attention_mask"][i] == 1]
+            labels = batch["labels"][i][: len(ids)]
+            lp = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+            tok_lp = [lp[t - 1, labels[t]] for t in range(1, len(ids)) if labels[t] != -100]
+            nll.append(-sum(tok_lp) / len(tok_lp))
+    w = batch["weight"].tolist()
+    assert w == [2.0, 0.5, 0.0]
+    expected = (w[0] * nll[0] + w[1] * nll[1]) / (w[0] + w[1])
+    assert got == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_sft_on_curated_data_records_weighting(tiny_cfg, tmp_path):
+    from cai_dpo.stages.sft import run_sft
+
+    cur = write_curated(tmp_path / "cur")
+    cfg = _cfg(tiny_cfg, data="curated", curated=str(cur), weighting="principle", max_steps=2,
+               principle_weights={"harm-physical": 2.0})
+    run = RunStore(cfg.run_dir)
+    out = run_sft(cfg, run)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["data"] == "curated" and m["counts"]["weighting"] == "principle"
+    assert m["config"]["sft"]["principle_weights"] == {"harm-physical": 2.0}
+    assert m["counts"]["rows_curated"] == 9 and "curated" in m["inputs"]
+    rows = read_metrics_csv(run.metrics_dir("sft") / "log.csv")
+    assert any("weight_mean" in r for r in rows)

@@ -92,10 +92,13 @@ where the judge is at chance. `curate.scorer: auto` uses the more accurate one."
 
     nb("03_sft", """# 3 · Supervised fine-tuning: the SL-CAI model
 
-A LoRA adapter (QLoRA when the profile loads the model in 4-bit) is trained on the revisions with the
-loss on the assistant's tokens only. The result, `models/sft`, is the starting point of everything
-after it: it samples the response pairs, and DPO and PPO start from it.""",
-       {"max_steps": "sft.max_steps  (training steps; -1 means whole epochs)"}, [
+A LoRA adapter (QLoRA when the profile loads the model in 4-bit) is trained on the revisions, the
+curated set's train split (explained declines and direct answers, `sft.data`), or both, with the
+loss on the assistant's tokens only; `sft.weighting: principle` weights each example by its
+principles. The result, `models/sft`, is the starting point of everything after it: it samples the
+response pairs, and DPO and PPO start from it.""",
+       {"max_steps": "sft.max_steps  (training steps; -1 means whole epochs)",
+        "data": "sft.data  (sl | curated | both)"}, [
            ("code", "sft_dir = run_sft(cfg, run)\nmanifest = read_manifest(sft_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
            ("code", "log = pd.read_csv(run.metrics_dir('sft') / 'log.csv')\nlog[[c for c in ('step', 'loss', 'eval_loss') if c in log]].plot(x='step', marker='o', title='SFT loss');"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sft import run_sft\nfrom cai_dpo.store import read_manifest")
@@ -108,8 +111,9 @@ normalised probability of " (A)" vs " (B)" — averaged over both orders to canc
 Before labelling, the judge's accuracy is measured on clear-cut pairs (the **quality gate**). A judge
 near chance (as the embedded 135M model is) cannot give a useful signal; then the pipeline leans on
 **revision-vs-original** pairs (chosen = the final revision, rejected = the first answer) and routes
-more pairs to a person.""",
-       {"source": "pairs.source  (judged_samples | revision_vs_original | mixed)"}, [
+more pairs to a person. **Curated** pairs (chosen = the curated answer, rejected = what the SL-CAI
+model says now to the same prompt) carry signal at any scale and pass through with a fixed confidence.""",
+       {"source": "pairs.source  (judged_samples | revision_vs_original | curated | mixed)"}, [
            ("code", "pairs_dir = run_pairs(cfg, run)\nread_manifest(pairs_dir)['counts']"),
            ("code", "prefs_dir = run_judge(cfg, run)\nmanifest = read_manifest(prefs_dir)\nprint('\\n'.join(manifest['notes']))\nmanifest['metrics']"),
            ("code", "prefs = datasets.load_from_disk(str(prefs_dir)).to_pandas()\nprefs[['source', 'category', 'p_chosen', 'score_ab', 'score_ba']].describe(include='all')"),

@@ -34,6 +34,7 @@ import numpy as np
 
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import PromptFileError
+from cai_dpo.errors import InputError
 from cai_dpo.scorers import KINDS, JudgeScorer, Labelled, ProbeScorer, ScoredRow, choose, labelled_examples, measure, train_probe
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
 
@@ -153,7 +154,7 @@ def _row(r: dict[str, Any]) -> ScoredRow:
 
 
 def apply_threshold(scores: Sequence[float], threshold: float, action: str) -> tuple[np.ndarray, np.ndarray]:
-    """Weights and a keep mask for ``scores`` (see the module doc); raises ValueError for an unknown action."""
+    """Weights and a keep mask for ``scores`` (see the module doc); raises InputError for an unknown action."""
     s = np.asarray(scores, dtype=float)
     below = s < threshold
     if action == "drop":
@@ -163,7 +164,7 @@ def apply_threshold(scores: Sequence[float], threshold: float, action: str) -> t
         return w, np.ones(len(s), dtype=bool)
     if action == "keep":
         return np.ones_like(s), np.ones(len(s), dtype=bool)
-    raise ValueError(f"curate.action is {action!r}; allowed: keep, drop, weight")
+    raise InputError(f"curate.action is {action!r}; allowed: keep, drop, weight")
 
 
 # --------------------------------------------------------------------------- policy answers (probe negatives)
@@ -327,7 +328,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
 
     ``engine`` / ``judge_engine`` reuse already loaded models (tests, notebooks). Raises
     FileNotFoundError for a missing source or (scorer ``probe``) a missing curated set,
-    :class:`PromptFileError` for a malformed row, ValueError for bad settings.
+    :class:`PromptFileError` for a malformed row, InputError for bad settings.
     """
     from cai_dpo.constitution import load_constitution
     from cai_dpo.engine import set_threads
@@ -335,9 +336,9 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
     run = run or RunStore(cfg.run_dir)
     c = cfg.curate
     if not c.sources:
-        raise ValueError("curate.sources is empty; name at least one source (e.g. sl)")
+        raise InputError("curate.sources is empty; name at least one source (e.g. sl)")
     if not 0.0 <= c.threshold <= 1.0:
-        raise ValueError(f"curate.threshold is {c.threshold}; it must be between 0 and 1")
+        raise InputError(f"curate.threshold is {c.threshold}; it must be between 0 and 1")
     apply_threshold([], c.threshold, c.action)  # checks the action before any work
     threads = set_threads(cfg.threads)
     notes: list[str] = []
@@ -365,7 +366,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
             curated_train = _per_kind([e for e in examples if e.split == "train"], c.train_limit)
             curated_heldout = _per_kind([e for e in examples if e.split == "heldout"], c.heldout_limit)
         elif c.scorer == "probe":
-            raise ValueError("curate.scorer=probe needs curate.curated_set to train on")
+            raise InputError("curate.scorer=probe needs curate.curated_set to train on")
 
         candidates: dict[str, Any] = {}
         probe_manifest: dict[str, Any] | None = None
@@ -395,7 +396,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
         else:
             name, reason = c.scorer, "set by curate.scorer"
         if name not in candidates:
-            raise ValueError(f"{c.curated_set}: no train rows to fit the probe on (curate.scorer={c.scorer}); "
+            raise InputError(f"{c.curated_set}: no train rows to fit the probe on (curate.scorer={c.scorer}); "
                              "add train rows to the curated set or use scorer judge")
         scorer = candidates[name]
         notes.append(f"scorer {name}: {reason}")
@@ -408,7 +409,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
                      "principle_ids": r["principle_ids"], "curate_score": float(s), "weight": float(w)}
                     for r, s, w, k in zip(rows, scores, weights, keep) if k]
         if not out_rows:
-            raise ValueError(f"curate: every row scored below curate.threshold={c.threshold} with action drop; "
+            raise InputError(f"curate: every row scored below curate.threshold={c.threshold} with action drop; "
                              "lower the threshold or use action weight")
         below = int(np.sum(scores < c.threshold))
         counts = {

@@ -26,7 +26,15 @@ TRL has no per-example soft target. :class:`SoftLabelDPOTrainer` carries the jud
     h_i = (log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x)),
 
 which is TRL's ``sigmoid`` loss when ``p_i = 1`` (``label_mode: hard`` uses TRL's own loss,
-any of its loss types). Human labels override AI labels: ``data/preferences_merged`` (written
+any of its loss types).
+
+Principle weights (``dpo.weighting: principle``): the batch loss is
+
+    L = Σ_i w_i · loss_i / Σ_i w_i,
+
+``w_i`` the pair's ``weight`` when set (the curation stage's score), else the mean of
+``dpo.principle_weights`` over the pair's ``principle_ids`` (1.0 for unlisted ids or none);
+in hard label mode ``loss_i`` is the same expression with ``p_i = 1``. Human labels override AI labels: ``data/preferences_merged`` (written
 by :func:`cai_dpo.labels.run_labels`) is read when present, else ``data/preferences``.
 
 Metrics per step go to ``metrics/dpo/log.csv`` (and TensorBoard when installed): loss,
@@ -63,7 +71,14 @@ from cai_dpo.models import (
 )
 from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
-from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
+from cai_dpo.training import (
+    common_training_args,
+    example_weights,
+    read_metrics_csv,
+    resume_checkpoint,
+    training_callbacks,
+    weighted_mean,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +87,7 @@ _FALLBACK_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen"}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"}
 # config keys that only change how long training runs: a longer run may resume a shorter one
 _LENGTH_KEYS = ("epochs", "max_steps", "save_steps", "rounds", "merge")
 
@@ -98,6 +113,11 @@ def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
             f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
+        )
+    if d.weighting == "principle" and d.loss_type != "sigmoid":
+        raise ConfigError(
+            f"{source}: dpo.weighting=principle (per-pair weights) is defined for dpo.loss_type=sigmoid only; "
+            f"set dpo.weighting=none to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
         )
     if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
         raise ConfigError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
@@ -139,19 +159,29 @@ def conservative_dpo_loss(
     return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
 
 
+def weighted_dpo_loss(
+    chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any, ref_rejected_logps: Any, p_chosen: Any,
+    weights: Any | None, beta: float,
+) -> Any:
+    """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights)."""
+    losses = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, p_chosen, beta)
+    return weighted_mean(losses, weights)
+
+
 def _collator_class() -> type:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     @dataclass
     class PreferenceCollatorWithLabels(DataCollatorForPreference):
-        """TRL's preference collator, plus a ``p_chosen`` tensor when the examples carry it."""
+        """TRL's preference collator, plus ``p_chosen`` and ``weight`` tensors when the examples carry them."""
 
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             import torch
 
             out = super().torch_call(examples)
-            if "p_chosen" in examples[0]:
-                out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float32)
+            for key in ("p_chosen", "weight"):
+                if key in examples[0]:
+                    out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
             return out
 
     return PreferenceCollatorWithLabels
@@ -162,18 +192,22 @@ def _trainer_class() -> type:
     from trl import DPOTrainer
 
     class SoftLabelDPOTrainer(DPOTrainer):
-        """DPOTrainer with per-pair soft labels, prompt truncation and a KL proxy metric."""
+        """DPOTrainer with per-pair soft labels and weights, prompt truncation and a KL proxy metric."""
 
-        def __init__(self, *args: Any, label_mode: str = "soft", max_prompt_length: int | None = None, **kwargs: Any):
+        def __init__(self, *args: Any, label_mode: str = "soft", max_prompt_length: int | None = None,
+                     weighting: str = "none", **kwargs: Any):
             self.label_mode = label_mode
             self.max_prompt_length = max_prompt_length
+            self.weighting = weighting
             self._p_chosen = None
+            self._weight = None
             super().__init__(*args, **kwargs)
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
-            if "p_chosen" not in self._signature_columns:
-                self._signature_columns = list(self._signature_columns) + ["p_chosen"]
+            extra = [c for c in ("p_chosen", "weight") if c not in self._signature_columns]
+            if extra:
+                self._signature_columns = list(self._signature_columns) + extra
 
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -187,10 +221,11 @@ def _trainer_class() -> type:
                          num_items_in_batch: Any = None) -> Any:
             inputs = dict(inputs)
             self._p_chosen = inputs.pop("p_chosen", None)
+            self._weight = inputs.pop("weight", None)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            if self.label_mode == "soft":
+            if self.label_mode == "soft" or self.weighting == "principle":
                 result = self._soft_label_loss(model, inputs, return_outputs)
             else:
                 result = super()._compute_loss(model, inputs, return_outputs)
@@ -217,7 +252,8 @@ def _trainer_class() -> type:
                     self.ref_model if self.ref_model is not None else model, inputs)
             p = self._p_chosen if self._p_chosen is not None else torch.ones_like(chosen_logps)
             p = p.to(chosen_logps.device)
-            loss = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, self.beta).mean()
+            w = self._weight if self.weighting == "principle" else None
+            loss = weighted_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, w, self.beta)
 
             gather = self.accelerator.gather
             chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
@@ -230,6 +266,8 @@ def _trainer_class() -> type:
             m["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
             m["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
             m["labels/p_chosen"].append(gather(p.float()).mean().item())
+            if w is not None:
+                m["weight_mean"].append(gather(w.float().to(p.device)).mean().item())
             if return_outputs:
                 with torch.no_grad():
                     outputs = model(**model_kwargs)
@@ -264,19 +302,23 @@ class PreferenceRows:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: str = "preferences") -> PreferenceRows:
-    """Keep ``prompt``/``chosen``/``rejected``/``p_chosen``; in hard mode orient every pair by its label.
+def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: str = "preferences", *,
+                  weighting: str = "none", principle_weights: dict[str, float] | None = None) -> PreferenceRows:
+    """Keep ``prompt``/``chosen``/``rejected``/``p_chosen`` and a training ``weight``; in hard mode orient pairs.
 
     Soft mode keeps ``p_chosen`` as is. Hard mode sets it to 1, swaps a pair whose
     ``p_chosen`` is below 0.5 and drops exact ties (they carry no hard preference). Rows are
     first checked by :func:`cai_dpo.preferences.check_preference_rows` (identical or empty
     responses dropped and counted; a malformed row raises naming the row and field).
+    ``weight`` is :func:`cai_dpo.training.example_weights` of the record (1.0 with
+    ``weighting="none"``).
     """
     from cai_dpo.preferences import check_preference_rows
 
     checked, check_counts = check_preference_rows(records, source)
+    weights = example_weights(checked, weighting, principle_weights, source=source)
     rows, swapped, ties = [], 0, 0
-    for rec in checked:
+    for i, rec in enumerate(checked):
         p = float(rec["p_chosen"])
         chosen, rejected = _messages(rec["chosen"], "assistant"), _messages(rec["rejected"], "assistant")
         if label_mode == "hard":
@@ -286,7 +328,8 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
             if p < 0.5:
                 chosen, rejected, swapped = rejected, chosen, swapped + 1
             p = 1.0
-        rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p})
+        rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p,
+                     "weight": weights[i]})
     return PreferenceRows(rows, {"pairs_in": len(records), "pairs_used": len(rows), "hard_swapped": swapped,
                                  "hard_ties_dropped": ties, "dropped_identical": check_counts["dropped_identical"],
                                  "dropped_empty": check_counts["dropped_empty"]})
@@ -461,7 +504,8 @@ def run_dpo(
     if start_adapter is None and (run.model_dir("sft") / "adapter_config.json").exists():
         start_adapter = run.model_dir("sft")
     records, pref_path = load_preferences(run, preferences)
-    prepared = training_rows(records, cfg.dpo.label_mode, source=str(pref_path))
+    prepared = training_rows(records, cfg.dpo.label_mode, source=str(pref_path), weighting=cfg.dpo.weighting,
+                             principle_weights=cfg.dpo.principle_weights)
     if not prepared.rows:
         raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
@@ -497,6 +541,7 @@ def run_dpo(
         callbacks=training_callbacks(metrics_dir) + list(callbacks or []),
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
+        weighting=cfg.dpo.weighting,
     )
     resumed_step = 0
     if resume:
@@ -547,12 +592,15 @@ def run_dpo(
                 "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
                 **({"merged": str(merged_dir)} if merged_dir else {})},
         counts={**prepared.counts, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                "weighting": cfg.dpo.weighting,
+                "weight_mean": sum(r["weight"] for r in prepared.rows) / len(prepared.rows),
                 "train_pairs_after_tokenizing": len(trainer.train_dataset), "steps": trainer.state.global_step,
                 "resumed_from_step": resumed_step, "batch_size": cfg.dpo.batch_size,
                 "grad_accum": cfg.dpo.grad_accum, "threads": threads},
         timings=timings,
         metrics=metrics,
-        notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}",
+        notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, "
+               f"weighting={cfg.dpo.weighting}",
                "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
     ).write(out_dir / "manifest.json")
     log.info("DPO adapter saved to %s (%d steps, %.1f s/step)", out_dir, trainer.state.global_step,

@@ -14,7 +14,12 @@ the normalised probability of " (A)" vs " (B)" from one scoring pass
   content-free inputs divides the scores out, which are then renormalised;
 - a quality gate: accuracy (Wilson 95 % interval) on clear-cut check pairs and HHH items
   before labeling; below ``gate_threshold`` the run says so and, for ``pairs.source:
-  mixed``, labels come from revision-vs-original pairs instead.
+  mixed``, labels come from revision-vs-original (and curated) pairs instead.
+
+Revision-vs-original and curated pairs already know their preferred response: they pass
+through with ``p_chosen`` 1.0 (revision) or ``judge.curated_p_chosen`` (curated), and are
+judged only with ``judge.score_revision_pairs`` / ``judge.score_curated_pairs`` (the
+judge's view then goes to ``p_judge``). Every row keeps the pair's ``weight``.
 
 :func:`run_judge` writes ``data/preferences`` (TRL conversational preference format).
 """
@@ -50,6 +55,8 @@ CONTENT_FREE = (("N/A", "N/A", "N/A"), ("N/A", "N/A", ""))
 DEFAULT_QUESTION = "Which response is better?"
 HHH_FILE = REPO_ROOT.parent / "shared" / "anchors" / "anthropic-cai" / "evals" / "438HHHEvaluations.jsonl"
 HUMAN_COST_PER_JUDGMENT_USD = (10.0, 50.0)
+#: Pair sources whose first response is the preferred one (passed through unless configured to be judged).
+REFERENCE_SOURCES = ("revision_vs_original", "curated")
 #: Principle categories used for each prompt source when the constitution has them.
 SOURCE_CATEGORIES = {"red_team": ["harmlessness", "ethics"], "helpful": ["helpfulness", "honesty"]}
 
@@ -511,14 +518,23 @@ def _judge_settings(cfg: JudgeConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None) -> dict[str, Any]:
-    """One ``data/preferences`` row from a pair and (when judged) its verdict."""
+def _wants_verdict(pair: dict[str, Any], jc: JudgeConfig) -> bool:
+    """True when the judge scores this pair (sampled pairs always; revision and curated pairs when configured)."""
+    if pair["source"] == "revision_vs_original":
+        return jc.score_revision_pairs
+    if pair["source"] == "curated":
+        return jc.score_curated_pairs
+    return True
+
+
+def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None, curated_p: float = 1.0) -> dict[str, Any]:
+    """One ``data/preferences`` row from a pair and (when judged) its verdict (``curated_p``: a curated pair's label)."""
     nan = float("nan")
     a, b = pair["response_a"], pair["response_b"]
     edge: list[str] = []
     p_judge = nan
-    if pair["source"] == "revision_vs_original":
-        chosen, rejected, p = a, b, 1.0
+    if pair["source"] in REFERENCE_SOURCES:
+        chosen, rejected, p = a, b, (curated_p if pair["source"] == "curated" else 1.0)
         ids = list(pair.get("meta", {}).get("principle_ids") or [])
         ab = ba = nan
         per: list[float] = []
@@ -554,6 +570,7 @@ def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None) ->
         "pair_id": pair["pair_id"],
         "edge_reasons": edge,
         "category": pair.get("category") or "",
+        "weight": None if pair.get("weight") is None else float(pair["weight"]),
     }
 
 
@@ -568,6 +585,7 @@ def preference_features() -> Any:
         "principle_ids": List(Value("string")), "score_ab": Value("float64"), "score_ba": Value("float64"),
         "per_principle": List(Value("float64")), "p_judge": Value("float64"), "judge_model": Value("string"),
         "pair_id": Value("string"), "edge_reasons": List(Value("string")), "category": Value("string"),
+        "weight": Value("float64"),
     })
 
 
@@ -586,12 +604,13 @@ def select_pairs(pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult |
         return active
     msg = gate.summary()
     if cfg.pairs.source == "mixed":
-        rvo = [p for p in pairs if p["source"] == "revision_vs_original"]
+        rvo = [p for p in pairs if p["source"] in REFERENCE_SOURCES]
         if rvo:
-            notes.append(f"pair source: revision_vs_original because {msg} (judged sample pairs left out)")
-            log.warning("judge gate tripped: using %d revision-vs-original pairs as the pair source", len(rvo))
+            names = " and ".join(sorted({p["source"] for p in rvo}))
+            notes.append(f"pair source: {names} because {msg} (judged sample pairs left out)")
+            log.warning("judge gate tripped: using %d %s pairs as the pair source", len(rvo), names)
             return rvo
-        notes.append(f"gate tripped ({msg}) but no revision-vs-original pairs exist; judged sample pairs kept")
+        notes.append(f"gate tripped ({msg}) but no revision-vs-original or curated pairs exist; judged sample pairs kept")
     elif cfg.pairs.source == "judged_samples":
         notes.append(f"gate tripped ({msg}); pairs.source=judged_samples keeps judged pairs, "
                      "the labels stage widens its routing band")
@@ -622,6 +641,8 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
 
     run = run or RunStore(cfg.run_dir)
     jc = cfg.judge
+    if not 0.5 < jc.curated_p_chosen <= 1.0:
+        raise ValueError(f"judge.curated_p_chosen must be in (0.5, 1], got {jc.curated_p_chosen}")
     pairs = load_pairs(run)
     constitution = load_constitution(cfg.constitution_path())
     spec = cfg.judge_model()
@@ -629,7 +650,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     notes: list[str] = []
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    wants_judge = any(p["source"] == "judged_samples" for p in pairs) or jc.score_revision_pairs
+    wants_judge = any(_wants_verdict(p, jc) for p in pairs)
     calibration: Calibration | None = None
     gate: GateResult | None = None
     with Timer() as total:
@@ -649,12 +670,12 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
                     gate = _run_gate(engine, constitution, cfg, calibration, notes)
                 timings["gate_seconds"] = t.seconds
         else:
-            notes.append("no pair needs the judge (revision-vs-original pairs with score_revision_pairs off): "
+            notes.append("no pair needs the judge (revision-vs-original / curated pairs with score_*_pairs off): "
                          "judge model, calibration and gate skipped")
         active = select_pairs(pairs, cfg, gate, notes)
-        to_judge = [p for p in active if p["source"] == "judged_samples" or jc.score_revision_pairs]
+        to_judge = [p for p in active if _wants_verdict(p, jc)]
         verdicts, stats = _judge_pairs(engine, constitution, to_judge, cfg, judge_name, calibration, run) if to_judge else ({}, {})
-        rows = [_pref_row(p, judge_name, verdicts.get(p["pair_id"])) for p in active]
+        rows = [_pref_row(p, judge_name, verdicts.get(p["pair_id"]), jc.curated_p_chosen) for p in active]
     if not rows:
         raise InputError(f"{pairs_path(run)}: no pairs to label; check pairs.source and that the pairs stage produced pairs")
     judged = [verdicts[p["pair_id"]] for p in to_judge]

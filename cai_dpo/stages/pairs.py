@@ -8,13 +8,21 @@ Sources (``pairs.source``):
   paired, to be judged by the constitution judge;
 - ``revision_vs_original``: chosen = final revision, rejected = initial answer, from the
   SL records (``records/sl``); nothing is sampled;
-- ``mixed``: both, ``mixed_ratio`` being the revision-vs-original share. Pairs not
-  selected for the ratio are kept as a reserve (``selected: false``) for the judge stage,
-  which uses them when its quality gate trips.
+- ``curated``: chosen = the curated response, rejected = the SL-CAI model's own answer
+  (``pairs.curated_temperature``; 0 is greedy) to the same curated ``train`` prompt, so
+  preference learning sees "the constitution's answer over what the model does now";
+  pairs whose two responses are identical (or whose answer is empty) are skipped;
+- ``mixed``: any of the above with configured shares (``pairs.mix``, e.g. ``{curated: 0.6,
+  revision_vs_original: 0.4}``; without it ``mixed_ratio`` is the revision-vs-original
+  share and the rest judged samples). The largest selection with those shares is marked
+  ``selected: true``; the other pairs are kept as a reserve (``selected: false``) for the
+  judge stage, which uses them when its quality gate trips.
 
-Prompts are the red-team train split plus ``helpful_share`` helpful prompts. Sampling is
-resumable: one record per prompt in ``records/pairs``, keyed by a content hash.
-Output: ``data/pairs/pairs.jsonl`` (one pair per line, with provenance) and a manifest.
+Prompts for sampled pairs are the red-team train split plus ``helpful_share`` helpful
+prompts. Generation is resumable: one record per prompt in ``records/pairs`` (sampled)
+and ``records/pairs-curated`` (curated), keyed by a content hash.
+Output: ``data/pairs/pairs.jsonl`` (one pair per line, with provenance: ``source``, and
+``weight``, the data's own weight when it carries one, else null) and a manifest.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, f
 log = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.jsonl"
+#: Pair sources; ``mixed`` combines them.
+SOURCES: tuple[str, ...] = ("judged_samples", "revision_vs_original", "curated")
+#: Sources whose first response is the preferred one (not judged unless configured).
+ORDERED_SOURCES: tuple[str, ...] = ("revision_vs_original", "curated")
 
 
 def _norm(text: str) -> str:
@@ -56,8 +68,8 @@ def load_pairs(run: RunStore) -> list[dict[str, Any]]:
 
 
 def pair_id(source: str, prompt: str, response_a: str, response_b: str) -> str:
-    """Content hash of a pair (sampled pairs are unordered, revision pairs ordered)."""
-    responses = [response_a, response_b] if source == "revision_vs_original" else sorted([response_a, response_b])
+    """Content hash of a pair (sampled pairs are unordered, revision and curated pairs ordered)."""
+    responses = [response_a, response_b] if source in ORDERED_SOURCES else sorted([response_a, response_b])
     return content_hash("pair", source, prompt, responses)
 
 
@@ -108,6 +120,7 @@ def pairs_from_samples(record: dict[str, Any], max_pairs: int, seed: int = 0) ->
             "source": "judged_samples",
             "label": None,
             "selected": True,
+            "weight": None,
             "flags": sorted(set(a.get("flags", [])) | set(b.get("flags", []))),
             "meta": {"temperatures": [a["temperature"], b["temperature"]], "sample_index": [a["index"], b["index"]],
                      "model": record["model"]},
@@ -147,16 +160,24 @@ def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
     return cfg.policy, adapter, model_id
 
 
-def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """K samples per prompt from the SL-CAI model, resumable; one record per prompt."""
+def policy_engine(cfg: RunConfig, run: RunStore) -> Any:
+    """An engine on the SL-CAI model (the policy with ``models/sft`` when present)."""
     from cai_dpo.engine import Engine, set_threads
     from cai_dpo.models import load_model
 
+    spec, adapter, _ = _policy(cfg, run)
+    set_threads(cfg.threads)
+    model, tokenizer = load_model(spec, adapter=adapter)
+    return Engine(model, tokenizer, batch_size=cfg.pairs.sampling.batch_size)
+
+
+def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """K samples per prompt from the SL-CAI model, resumable; one record per prompt."""
     pc = cfg.pairs
     if pc.samples_per_prompt < 2:
         raise InputError(f"pairs.samples_per_prompt must be >= 2 to form pairs, got {pc.samples_per_prompt}")
     temps = temperature_plan(pc.samples_per_prompt, pc.temperatures)
-    spec, adapter, model_id = _policy(cfg, run)
+    model_id = _policy(cfg, run)[2]
     store = run.records("pairs")
     params = {"k": pc.samples_per_prompt, "temperatures": temps, "sampling": to_dict(pc.sampling), "seed": cfg.seed}
 
@@ -169,9 +190,7 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
     stats: dict[str, Any] = {"sampled_prompts": len(todo), "resumed_prompts": len(keyed) - len(todo), "tokens": 0, "seconds": 0.0}
     if todo:
         if engine is None:
-            set_threads(cfg.threads)
-            model, tokenizer = load_model(spec, adapter=adapter)
-            engine = Engine(model, tokenizer, batch_size=pc.sampling.batch_size)
+            engine = policy_engine(cfg, run)
         groups: dict[float, list[int]] = {}
         for i, t in enumerate(temps):
             groups.setdefault(t, []).append(i)
@@ -235,6 +254,7 @@ def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
             "source": "revision_vs_original",
             "label": "A",
             "selected": True,
+            "weight": r.get("weight"),
             "flags": list(r.get("flags") or []),
             "meta": {"principle_ids": [x.get("principle_id") for x in rounds if x.get("principle_id")],
                      "rounds": len(rounds), "sl_model": r.get("model")},
@@ -242,17 +262,149 @@ def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
     return out, skipped
 
 
+# --------------------------------------------------------------------------- curated pairs
+
+
+def curated_prompts(cfg: RunConfig) -> list[Any]:
+    """The curated ``train`` examples for pairs: ``pairs.curated_kinds``, at most ``curated_limit`` per kind (seeded pick)."""
+    from cai_dpo.curated import KINDS, load_curated
+
+    pc = cfg.pairs
+    unknown = [k for k in pc.curated_kinds if k not in KINDS]
+    if unknown or not pc.curated_kinds:
+        raise InputError(f"pairs.curated_kinds is {pc.curated_kinds!r}; allowed: a non-empty list of {', '.join(KINDS)}")
+    if pc.curated_limit is not None and pc.curated_limit < 1:
+        raise InputError(f"pairs.curated_limit must be >= 1 or null, got {pc.curated_limit}")
+    examples = load_curated(pc.curated, split="train")
+    out: list[Any] = []
+    for kind in pc.curated_kinds:
+        of_kind = [e for e in examples if e.kind == kind]
+        if pc.curated_limit is not None and len(of_kind) > pc.curated_limit:
+            keep = set(sorted(range(len(of_kind)), key=lambda i: content_hash(cfg.seed, of_kind[i].id))[: pc.curated_limit])
+            of_kind = [e for i, e in enumerate(of_kind) if i in keep]
+        out.extend(of_kind)
+    if not out:
+        raise InputError(f"{pc.curated}: no curated 'train' examples of kind {', '.join(pc.curated_kinds)}")
+    return out
+
+
+def curated_records(cfg: RunConfig, run: RunStore, examples: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The SL-CAI model's own answer to each curated prompt, resumable; one record per example."""
+    pc = cfg.pairs
+    if pc.curated_temperature < 0:
+        raise InputError(f"pairs.curated_temperature must be >= 0 (0 is greedy), got {pc.curated_temperature}")
+    sampling = dataclasses.replace(pc.sampling, temperature=pc.curated_temperature, do_sample=pc.curated_temperature > 0,
+                                   seed=int(content_hash(pc.sampling.seed, cfg.seed, "curated", length=8), 16))
+    model_id = _policy(cfg, run)[2]
+    store = run.records("pairs-curated")
+    params = {"sampling": to_dict(sampling), "seed": cfg.seed}
+    keyed = [(content_hash("pairs-curated", e.prompt, model_id, params), e) for e in examples]
+    done = store.done_keys()
+    todo = [(k, e) for k, e in keyed if k not in done]
+    stats: dict[str, Any] = {"generated": len(todo), "resumed": len(keyed) - len(todo), "tokens": 0, "seconds": 0.0}
+    if todo:
+        if engine is None:
+            engine = policy_engine(cfg, run)
+        chunk = max(1, pc.sampling.batch_size)
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            with Timer() as t:
+                gens = engine.generate([[{"role": "user", "content": e.prompt}] for _, e in part], sampling, n=1,
+                                       desc="pairs curated")
+            stats["seconds"] += t.seconds
+            records = []
+            for (k, e), (g, *_) in zip(part, gens):
+                stats["tokens"] += g.n_tokens
+                records.append({"key": k, "curated_id": e.id, "prompt": e.prompt, "model": model_id, "text": g.text,
+                                "n_tokens": g.n_tokens, "finished": g.finished})
+            store.append(records)
+            log.info("pairs: answered %d/%d curated prompts (%.1f tok/s)", start + len(part), len(todo),
+                     stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0)
+    recs = store.load()
+    return [recs[k] for k, _ in keyed], stats
+
+
+def curated_pairs(examples: list[Any], records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Chosen = curated response, rejected = the policy's answer; skip counts (``empty``, ``identical``)."""
+    out, skipped = [], Counter()
+    for e, rec in zip(examples, records):
+        answer = rec.get("text") or ""
+        if not _norm(answer):
+            skipped["empty"] += 1
+            continue
+        if _norm(answer) == _norm(e.response):
+            skipped["identical"] += 1
+            continue
+        out.append({
+            "pair_id": pair_id("curated", e.prompt, e.response, answer),
+            "prompt_id": e.id,
+            "prompt": e.prompt,
+            "category": e.category,
+            "prompt_source": "red_team" if e.kind == "harmful" else "helpful",
+            "response_a": e.response,
+            "response_b": answer,
+            "source": "curated",
+            "label": "A",
+            "selected": True,
+            "weight": e.meta.get("weight"),
+            "flags": [] if rec.get("finished", True) else ["truncated"],
+            "meta": {"principle_ids": list(e.principle_ids), "kind": e.kind, "sensitive_sounding": e.sensitive_sounding,
+                     "model": rec.get("model")},
+        })
+    return out, skipped
+
+
+# --------------------------------------------------------------------------- mixing
+
+
+def mix_ratios(cfg: RunConfig) -> dict[str, float]:
+    """Source shares of the selection, summing to 1, in the order they are filled.
+
+    ``pairs.source`` other than ``mixed``: that source alone. ``mixed``: ``pairs.mix``
+    normalised, else ``{revision_vs_original: mixed_ratio, judged_samples: 1 - mixed_ratio}``.
+    Raises ``InputError`` naming the key for an unknown source or a bad share.
+    """
+    pc = cfg.pairs
+    if pc.source != "mixed":
+        return {pc.source: 1.0}
+    if pc.mix is None:
+        if not 0 <= pc.mixed_ratio <= 1:
+            raise InputError(f"pairs.mixed_ratio must be in [0, 1], got {pc.mixed_ratio}")
+        return {"revision_vs_original": pc.mixed_ratio, "judged_samples": 1.0 - pc.mixed_ratio}
+    for name, share in pc.mix.items():
+        if name not in SOURCES:
+            raise InputError(f"pairs.mix: unknown source {name!r}; sources: {', '.join(SOURCES)}")
+        if not math.isfinite(share) or share < 0:
+            raise InputError(f"pairs.mix.{name} must be a share >= 0, got {share}")
+    total = sum(pc.mix.values())
+    if total <= 0:
+        raise InputError("pairs.mix: give at least one source a share > 0, e.g. {curated: 0.6, revision_vs_original: 0.4}")
+    return {name: share / total for name, share in pc.mix.items()}
+
+
+def mix_counts(available: dict[str, int], ratios: dict[str, float]) -> dict[str, int]:
+    """How many pairs of each source make the largest selection with ``ratios`` (shares summing to 1)."""
+    positive = [s for s, r in ratios.items() if r > 0]
+    if not positive:
+        raise InputError("pairs: every source share is 0; nothing to select")
+    total = math.floor(min(available.get(s, 0) / ratios[s] for s in positive) + 1e-9)
+    out = {s: 0 for s in ratios}
+    assigned = 0
+    for s in positive[:-1]:
+        out[s] = min(available.get(s, 0), int(round(total * ratios[s])))
+        assigned += out[s]
+    last = positive[-1]
+    out[last] = max(0, min(available.get(last, 0), total - assigned))
+    return out
+
+
 def mixed_counts(n_revision: int, n_sampled: int, ratio: float) -> tuple[int, int]:
     """How many revision and sampled pairs make the largest mix with ``ratio`` revision share."""
     if not 0 <= ratio <= 1:
         raise InputError(f"pairs.mixed_ratio must be in [0, 1], got {ratio}")
-    if ratio == 0:
-        return 0, n_sampled
-    if ratio == 1:
-        return n_revision, 0
-    total = math.floor(min(n_revision / ratio, n_sampled / (1 - ratio)) + 1e-9)
-    n_rev = min(n_revision, int(round(total * ratio)))
-    return n_rev, min(n_sampled, total - n_rev)
+    got = mix_counts({"revision_vs_original": n_revision, "judged_samples": n_sampled},
+                     {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio})
+    return got["revision_vs_original"], got["judged_samples"]
 
 
 def sampled_prompts_needed(n_revision: int, ratio: float, n_available: int) -> int:
@@ -261,17 +413,30 @@ def sampled_prompts_needed(n_revision: int, ratio: float, n_available: int) -> i
         return n_available
     if ratio >= 1:
         return 0
-    need = math.ceil(n_revision * (1 - ratio) / ratio)
+    return _prompts_for(n_revision / ratio, 1 - ratio, n_available)
+
+
+def _prompts_for(total: float, share: float, n_available: int) -> int:
+    """Prompts to sample for ``share`` of a selection of ``total`` pairs (a quarter spare), capped."""
+    need = math.ceil(total * share - 1e-9)
     return min(n_available, need + max(1, math.ceil(need / 4)))
+
+
+def select_mix(by_source: dict[str, list[dict[str, Any]]], ratios: dict[str, float], seed: int) -> None:
+    """Mark ``selected`` on a seeded subset of each source so the selection has the shares ``ratios``."""
+    counts = mix_counts({s: len(by_source.get(s, [])) for s in ratios}, ratios)
+    for source, rows in by_source.items():
+        n = counts.get(source, 0)
+        tag = {"revision_vs_original": "rev", "judged_samples": "smp"}.get(source, source)
+        keep = set(random.Random(content_hash(seed, tag)).sample(range(len(rows)), n))
+        for i, row in enumerate(rows):
+            row["selected"] = i in keep
 
 
 def select_mixed(revision: list[dict[str, Any]], sampled: list[dict[str, Any]], ratio: float, seed: int) -> None:
     """Mark ``selected`` on a seeded subset of each kind so revision pairs are ``ratio`` of the selection."""
-    n_rev, n_smp = mixed_counts(len(revision), len(sampled), ratio)
-    for rows, n, tag in ((revision, n_rev, "rev"), (sampled, n_smp, "smp")):
-        keep = set(random.Random(content_hash(seed, tag)).sample(range(len(rows)), n))
-        for i, row in enumerate(rows):
-            row["selected"] = i in keep
+    select_mix({"revision_vs_original": revision, "judged_samples": sampled},
+               {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio}, seed)
 
 
 # --------------------------------------------------------------------------- stage
@@ -284,14 +449,23 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     """
     run = run or RunStore(cfg.run_dir)
     pc = cfg.pairs
+    ratios = mix_ratios(cfg)
+    wanted = [s for s, r in ratios.items() if r > 0 or (pc.source == "mixed" and pc.mix is None)]
     notes: list[str] = []
     counts: dict[str, Any] = {}
     inputs: dict[str, str] = {}
-    revision: list[dict[str, Any]] = []
-    sampled: list[dict[str, Any]] = []
+    by_source: dict[str, list[dict[str, Any]]] = {}
     stats: dict[str, Any] = {}
+    tokens, gen_seconds = 0, 0.0
+    box = [engine]
+
+    def shared_engine() -> Any:
+        if box[0] is None:
+            box[0] = policy_engine(cfg, run)
+        return box[0]
+
     with Timer() as total:
-        if pc.source in ("revision_vs_original", "mixed"):
+        if "revision_vs_original" in wanted:
             revision, skipped = revision_pairs(run)
             counts["revision_skipped"] = dict(skipped)
             sl_dir = run.root / "records" / "sl"
@@ -299,25 +473,45 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
                 raise InputError(f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
                                  f"run the SL stage first (cai-dpo sl) or set pairs.source=judged_samples")
             inputs["sl_records"] = file_hash(sl_dir)
-        if pc.source in ("judged_samples", "mixed"):
+            by_source["revision_vs_original"] = revision
+        if "curated" in wanted:
+            examples = curated_prompts(cfg)
+            recs, cstats = curated_records(cfg, run, examples, engine=_Lazy(shared_engine))
+            tokens, gen_seconds = tokens + cstats["tokens"], gen_seconds + cstats["seconds"]
+            curated, skipped = curated_pairs(examples, recs)
+            counts.update({"curated_prompts": len(examples), "curated_skipped": dict(skipped),
+                           "curated_kinds": dict(Counter(e.kind for e in examples))})
+            if not curated:
+                raise InputError(f"{pc.curated}: no curated pair formed (the policy repeated every curated response "
+                                 "or answered nothing); check pairs.curated and pairs.sampling.max_new_tokens")
+            inputs["curated"] = content_hash([(e.id, e.prompt, e.response) for e in examples])
+            by_source["curated"] = curated
+        if "judged_samples" in wanted:
             prompts = stage_prompts(cfg)
-            if pc.source == "mixed":
-                n = sampled_prompts_needed(len(revision), pc.mixed_ratio, len(prompts))
+            others = [s for s in wanted if s != "judged_samples" and ratios[s] > 0]
+            if pc.source == "mixed" and others and ratios["judged_samples"] < 1:
+                fixed_total = min(len(by_source[s]) / ratios[s] for s in others)
+                n = _prompts_for(fixed_total, ratios["judged_samples"], len(prompts)) if ratios["judged_samples"] > 0 else 0
                 order = sorted(range(len(prompts)), key=lambda i: content_hash(cfg.seed, prompts[i][0].id))
                 prompts = [prompts[i] for i in sorted(order[:n])]
-                notes.append(f"mixed: sampled {n} prompt(s), enough for a {pc.mixed_ratio:.2f} revision share "
-                             f"with {len(revision)} revision pairs")
-            records, stats = sample_records(cfg, run, prompts, engine=engine)
-            flag_counts: Counter[str] = Counter()
-            for rec in records:
-                flag_counts.update(rec.get("flags") or {})
-                sampled.extend(pairs_from_samples(rec, pc.max_pairs_per_prompt, cfg.seed))
-            counts.update({"prompts": len(records), "prompt_sources": dict(Counter(r["prompt_source"] for r in records)),
-                           "sample_flags": dict(flag_counts), "samples": sum(len(r["samples"]) for r in records)})
-            inputs["prompts"] = content_hash([r["key"] for r in records])
+                notes.append(f"mixed: sampled {n} prompt(s), enough for a {ratios['judged_samples']:.2f} judged-sample "
+                             f"share next to {', '.join(f'{len(by_source[s])} {s}' for s in others)} pairs")
+            sampled: list[dict[str, Any]] = []
+            if prompts:
+                records, stats = sample_records(cfg, run, prompts, engine=_Lazy(shared_engine))
+                tokens, gen_seconds = tokens + stats["tokens"], gen_seconds + stats["seconds"]
+                flag_counts: Counter[str] = Counter()
+                for rec in records:
+                    flag_counts.update(rec.get("flags") or {})
+                    sampled.extend(pairs_from_samples(rec, pc.max_pairs_per_prompt, cfg.seed))
+                counts.update({"prompts": len(records),
+                               "prompt_sources": dict(Counter(r["prompt_source"] for r in records)),
+                               "sample_flags": dict(flag_counts), "samples": sum(len(r["samples"]) for r in records)})
+                inputs["prompts"] = content_hash([r["key"] for r in records])
+            by_source["judged_samples"] = sampled
         if pc.source == "mixed":
-            select_mixed(revision, sampled, pc.mixed_ratio, cfg.seed)
-    rows = revision + sampled
+            select_mix(by_source, ratios, cfg.seed)
+    rows = [r for s in ("revision_vs_original", "curated", "judged_samples") for r in by_source.get(s, [])]
     if not rows:
         raise InputError("pairs: no pairs formed (every prompt gave fewer than two distinct responses); "
                          "raise pairs.samples_per_prompt or the temperatures")
@@ -330,18 +524,29 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     })
     if selected:
         counts["revision_share_selected"] = sum(r["source"] == "revision_vs_original" for r in selected) / len(selected)
+        counts["share_selected"] = {s: n / len(selected) for s, n in counts["selected_by_source"].items()}
     out = run.data_dir("pairs")
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / PAIRS_FILE, rows)
         Manifest(
             stage="pairs",
-            config={"pairs": to_dict(pc), "data": to_dict(cfg.data), "seed": cfg.seed},
+            config={"pairs": to_dict(pc), "data": to_dict(cfg.data), "seed": cfg.seed, "mix": ratios},
             inputs=inputs,
-            models={"policy": _policy(cfg, run)[2]} if sampled else {},
+            models={"policy": _policy(cfg, run)[2]} if by_source.get("judged_samples") or by_source.get("curated") else {},
             counts=counts,
-            timings={"seconds": total.seconds, "sampling_seconds": stats.get("seconds", 0.0),
-                     "tokens_per_second": (stats["tokens"] / stats["seconds"]) if stats.get("seconds") else 0.0},
+            timings={"seconds": total.seconds, "sampling_seconds": gen_seconds,
+                     "tokens_per_second": (tokens / gen_seconds) if gen_seconds else 0.0},
             notes=notes,
         ).write(tmp / "manifest.json")
     log.info("pairs: %d pairs (%s selected) -> %s", len(rows), counts["selected_by_source"], out)
     return out
+
+
+class _Lazy:
+    """Stands in for an engine and loads the real one on the first ``generate`` call (resumed runs load nothing)."""
+
+    def __init__(self, get: Any):
+        self._get = get
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get().generate(*args, **kwargs)

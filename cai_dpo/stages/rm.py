@@ -6,6 +6,9 @@ the Bradley–Terry likelihood against the judge's soft label ``p = p_chosen``:
     loss = -( p · log σ(r_c - r_r) + (1 - p) · log σ(r_r - r_c) )
 
 (``label_mode: hard`` rounds ``p`` to 0/1 and drops ties, giving the usual RM loss).
+With ``rm.weighting: principle`` the batch loss is ``Σ_i w_i·loss_i / Σ_i w_i``, ``w_i`` the
+pair's ``weight`` when set, else the mean of ``rm.principle_weights`` over its
+``principle_ids`` (1.0 for unlisted ids or none).
 
 Backbone (``rm.backbone``): ``None`` / ``"sl-cai"`` — the policy base with the SFT adapter
 (``models/sft``) merged when it exists; ``"base"`` — the policy base alone; anything else —
@@ -100,12 +103,17 @@ def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int
 # --------------------------------------------------------------------------- losses and metrics
 
 
-def soft_preference_loss(r_chosen: Any, r_rejected: Any, p_chosen: Any) -> Any:
-    """Mean cross-entropy of σ(r_c - r_r) against the soft target ``p_chosen`` (torch tensors)."""
+def soft_preference_loss(r_chosen: Any, r_rejected: Any, p_chosen: Any, weights: Any | None = None) -> Any:
+    """Cross-entropy of σ(r_c - r_r) against the soft target ``p_chosen`` (torch tensors of shape [B]).
+
+    The plain mean over the batch, or with ``weights`` ``Σ_i w_i·loss_i / Σ_i w_i``.
+    """
     import torch.nn.functional as F
 
+    from cai_dpo.training import weighted_mean
+
     d = r_chosen - r_rejected
-    return -(p_chosen * F.logsigmoid(d) + (1.0 - p_chosen) * F.logsigmoid(-d)).mean()
+    return weighted_mean(-(p_chosen * F.logsigmoid(d) + (1.0 - p_chosen) * F.logsigmoid(-d)), weights)
 
 
 def expected_calibration_error(pred: Sequence[float], target: Sequence[float], bins: int = 10) -> float:
@@ -214,16 +222,21 @@ def label_target(p: Any, mode: str) -> float | None:
     return 1.0 if p > 0.5 else 0.0
 
 
-def tokenize_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str) -> dict[str, list[Any]]:
-    """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) for RewardTrainer."""
-    out: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": []}
-    for row in rows:
-        target = label_target(row.get("p_chosen"), mode)
+def tokenize_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str,
+                   weights: Sequence[float] | None = None) -> dict[str, list[Any]]:
+    """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) and ``weight`` for RewardTrainer.
+
+    ``weights`` (one per row; default 1.0) fill the ``weight`` column.
+    """
+    out: dict[str, list[Any]] = {"chosen_ids": [], "rejected_ids": [], "p_chosen": [], "weight": []}
+    for i, row in enumerate(rows):
+        target = label_target(row.get("p_chosen", 1.0), mode)
         if target is None:
             continue
         out["chosen_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["chosen"]), max_length))
         out["rejected_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["rejected"]), max_length))
         out["p_chosen"].append(target)
+        out["weight"].append(float(weights[i]) if weights is not None else 1.0)
     return out
 
 
@@ -238,28 +251,36 @@ def _trainer_classes() -> tuple[type, type]:
 
     @dataclass
     class SoftPreferenceCollator(DataCollatorForPreference):
-        """TRL's preference collator that also carries the ``p_chosen`` target."""
+        """TRL's preference collator that also carries the ``p_chosen`` target and the ``weight``."""
 
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             out = super().torch_call(examples)
             out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float)
+            if "weight" in examples[0]:
+                out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float)
             return out
 
     class SoftRewardTrainer(RewardTrainer):
-        """RewardTrainer whose loss is the cross-entropy against the soft label ``p_chosen``."""
+        """RewardTrainer whose loss is the (weighted) cross-entropy against the soft label ``p_chosen``."""
+
+        def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
+            self.weighting = weighting
+            super().__init__(*args, **kwargs)
 
         def _set_signature_columns_if_needed(self) -> None:
             if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen"]
+                self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen", "weight"]
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             mode = "train" if self.model.training else "eval"
             p = inputs.pop("p_chosen")
+            weight = inputs.pop("weight", None)
             inputs.pop("margin", None)
             inputs["use_cache"] = False
             outputs = model(**inputs)
             r_c, r_r = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = soft_preference_loss(r_c, r_r, p.to(r_c.dtype))
+            w = weight if self.weighting == "principle" else None
+            loss = soft_preference_loss(r_c, r_r, p.to(r_c.dtype), w)
             if self.args.center_rewards_coefficient is not None:
                 loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)
             if mode == "train":
@@ -274,6 +295,8 @@ def _trainer_classes() -> tuple[type, type]:
                 self._metrics[mode]["margin"].append(d.mean().item())
                 self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
                 self._metrics[mode]["calibration_gap"].append((torch.sigmoid(d) - p).abs().mean().item())
+                if w is not None:
+                    self._metrics[mode]["weight_mean"].append(w.float().mean().item())
             return (loss, outputs) if return_outputs else loss
 
     return SoftPreferenceCollator, SoftRewardTrainer
@@ -450,7 +473,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
 
     from cai_dpo.engine import set_threads
     from cai_dpo.models import save_adapter
-    from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
+    from cai_dpo.training import common_training_args, example_weights, last_checkpoint, training_callbacks
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
@@ -476,10 +499,14 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     sft = sft_adapter(run)
     if sft is not None and merge:
         inputs["sft_adapter"] = file_hash(sft)
-    train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode)
+    where = str(source or "preferences")
+    train_w = example_weights(train_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where)
+    train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode, train_w)
     if not train_cols["p_chosen"]:
         raise InputError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
-    eval_cols = tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode) if eval_rows else None
+    eval_cols = (tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode,
+                                example_weights(eval_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where))
+                 if eval_rows else None)
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
     out_dir = run.model_dir("rm")
@@ -499,6 +526,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         eval_dataset=Dataset.from_dict(eval_cols) if has_eval else None,
         processing_class=tok,
         callbacks=training_callbacks(run.metrics_dir("rm")),
+        weighting=cfg.rm.weighting,
     )
     with Timer() as t_train:
         result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
@@ -520,7 +548,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
                 metrics[name] = preference_metrics(rc, rr, [float(r.get("p_chosen", 1.0)) for r in part])
     timings["eval_s"] = t_eval.seconds
     notes = [
-        f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}",
+        f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}"
+        + (", weighted per pair (sum w_i loss_i / sum w_i)" if cfg.rm.weighting == "principle" else ""),
         "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), ties excluded",
         "ece: 10 equal-width bins of sigmoid(r_chosen - r_rejected) against mean p_chosen per bin",
     ]
@@ -533,7 +562,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
         counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
                 "dropped_identical": check_counts["dropped_identical"], "dropped_empty": check_counts["dropped_empty"],
-                "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows)},
+                "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows),
+                "weighting": cfg.rm.weighting, "weight_mean": sum(train_cols["weight"]) / len(train_cols["weight"])},
         timings=timings,
         metrics=metrics,
         notes=notes,

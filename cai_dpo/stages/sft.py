@@ -1,9 +1,19 @@
 """SL-CAI supervised fine-tuning: a LoRA (or QLoRA) adapter on the revised answers.
 
-Reads ``data/sl`` (conversational ``messages``), trains with TRL's ``SFTTrainer`` on the
-assistant tokens only and writes the adapter to ``models/sft`` (``load_model`` on that
-folder finds the base model), plus merged weights at ``models/sft-merged`` when
-``sft.merge`` is set.
+Reads the rows chosen by ``sft.data`` — ``data/sl`` (conversational ``messages``), the
+curated set's ``train`` split, or both (:func:`build_rows`) — trains with TRL's
+``SFTTrainer`` on the assistant tokens only and writes the adapter to ``models/sft``
+(``load_model`` on that folder finds the base model), plus merged weights at
+``models/sft-merged`` when ``sft.merge`` is set.
+
+Per-example weights (``sft.weighting: principle``): each row's ``weight`` (its own, or the
+mean of ``sft.principle_weights`` over its principle ids) scales its loss; the batch loss is
+
+    L = Σ_i w_i · NLL_i / Σ_i w_i,   NLL_i = -(1/T_i) Σ_t log π(y_{i,t} | x_i, y_{i,<t}),
+
+T_i the number of completion (assistant) tokens of example i, so every example counts by
+its weight whatever its length (``weighting: none`` keeps TRL's loss, the mean over all
+completion tokens of the batch). With ``grad_accum`` > 1 the micro-batch losses are averaged.
 
 Loss masking: when the tokenizer's chat template has ``{% generation %}`` markers the
 ``messages`` are trained with ``assistant_only_loss``; otherwise (SmolLM2's ChatML
@@ -28,10 +38,19 @@ from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, save_adapter
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
-from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
+from cai_dpo.training import (
+    common_training_args,
+    example_weights,
+    read_metrics_csv,
+    resume_checkpoint,
+    training_callbacks,
+    weighted_mean,
+)
 
 log = logging.getLogger(__name__)
 
+#: ``source`` of a training row: the curated set, SL-CAI revisions, revisions written by a person.
+ROW_SOURCES = ("curated", "sl", "human_revision")
 
 
 def to_prompt_completion(example: dict[str, Any]) -> dict[str, Any]:
@@ -47,11 +66,213 @@ def prepare_dataset(dataset: Any, tokenizer: Any) -> tuple[Any, str]:
     from trl.chat_template_utils import has_generation_markers
 
     template = getattr(tokenizer, "chat_template", None)
-    keep = ["messages"]
+    keep = ["messages", "weight"]
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     if template and has_generation_markers(template):
         return dataset, "assistant_only"
     return dataset.map(to_prompt_completion, remove_columns=["messages"]), "completion_only"
+
+
+def _subsample(rows: list[dict[str, Any]], n: int, seed: int, tag: str) -> list[dict[str, Any]]:
+    """A seeded subset of ``n`` rows, in their original order."""
+    if n >= len(rows):
+        return rows
+    keep = set(sorted(range(len(rows)), key=lambda i: content_hash(seed, tag, i))[:n])
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def rebalance_kinds(rows: list[dict[str, Any]], harmful_ratio: float | None, seed: int) -> list[dict[str, Any]]:
+    """Curated rows subsampled so ``harmful`` rows are ``harmful_ratio`` of them (None: unchanged).
+
+    The over-represented kind is subsampled (seeded), the other kept whole.
+    """
+    if harmful_ratio is None:
+        return rows
+    if not 0.0 <= harmful_ratio <= 1.0:
+        raise InputError(f"sft.curated_harmful_ratio must be in [0, 1] or null, got {harmful_ratio}")
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    benign = [r for r in rows if r["kind"] != "harmful"]
+    if harmful_ratio == 0.0:
+        return benign
+    if harmful_ratio == 1.0:
+        return harmful
+    want_h = int(round(harmful_ratio / (1 - harmful_ratio) * len(benign)))
+    if want_h <= len(harmful):
+        harmful = _subsample(harmful, want_h, seed, "harmful")
+    else:
+        benign = _subsample(benign, int(round((1 - harmful_ratio) / harmful_ratio * len(harmful))), seed, "benign")
+    keep = {id(r) for r in harmful + benign}
+    return [r for r in rows if id(r) in keep]
+
+
+def _sl_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """``data/sl`` as training rows (``source``: ``human_revision`` for a person's revision, else ``sl``)."""
+    import datasets
+
+    if not (data_dir / "dataset_info.json").exists():
+        raise FileNotFoundError(f"{data_dir}: SL-CAI dataset not found; run `cai-dpo sl` (stages.sl.run_sl) first, "
+                                "or set sft.data=curated")
+    dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)  # no cache files written into data/sl
+    rows = []
+    for r in dataset.to_list():
+        src = str(r.get("source") or "")
+        rows.append({"messages": r["messages"], "source": "human_revision" if src in ("human", "human_revision") else "sl",
+                     "kind": "", "id": str(r.get("prompt_id") or ""), "principle_ids": list(r.get("principle_ids") or []),
+                     "weight": r.get("weight")})
+    return rows
+
+
+def _curate_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """``data/curated`` (the curation stage's output) as training rows; ``weight`` is the curation weight."""
+    import datasets
+
+    if not (data_dir / "dataset_info.json").exists():
+        raise FileNotFoundError(f"{data_dir}: curated dataset not found; run `cai-dpo curate` "
+                                "(stages.curate.run_curate) first, or set sft.data=curated")
+    dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)
+    rows = []
+    for r in dataset.to_list():
+        src = str(r.get("source") or "")
+        source = ("human_revision" if src.endswith(("human", "human_revision"))
+                  else "sl" if src.startswith("sl") else "curated")
+        rows.append({"messages": r["messages"], "source": source, "kind": str(r.get("kind") or ""),
+                     "id": str(r.get("prompt_id") or ""), "principle_ids": list(r.get("principle_ids") or []),
+                     "weight": r.get("weight")})
+    return rows
+
+
+def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The SFT training rows for ``sft.data`` and what they came from.
+
+    Each row: ``messages`` (user turn, assistant turn), ``source`` (one of
+    :data:`ROW_SOURCES`), ``id``, ``kind`` (curated rows), ``principle_ids`` and ``weight``
+    (the training weight, see :func:`cai_dpo.training.example_weights`). Curated rows come
+    from the ``train`` split only; ``heldout`` rows never train. Returns (rows, info) with
+    ``info`` holding input hashes and counts for the manifest. Raises ``FileNotFoundError``
+    for missing data and ``InputError`` for an empty selection or a bad setting.
+    """
+    from cai_dpo.curated import curated_files, load_curated
+
+    sc = cfg.sft
+    info: dict[str, Any] = {"inputs": {}, "counts": {}}
+    rows: list[dict[str, Any]] = []
+    curated: list[dict[str, Any]] = []
+    if sc.data in ("curated", "both"):
+        examples = load_curated(sc.curated, split="train")
+        curated = [{"messages": e.messages(), "source": "curated", "kind": e.kind, "id": e.id,
+                    "principle_ids": list(e.principle_ids), "weight": e.meta.get("weight")} for e in examples]
+        curated = rebalance_kinds(curated, sc.curated_harmful_ratio, cfg.seed)
+        if not curated:
+            raise InputError(f"{sc.curated}: no curated 'train' rows left (sft.curated_harmful_ratio={sc.curated_harmful_ratio})")
+        info["inputs"]["curated"] = content_hash([file_hash(f) for f in curated_files(sc.curated)])
+        info["counts"]["curated_harmful"] = sum(r["kind"] == "harmful" for r in curated)
+        info["counts"]["curated_benign"] = sum(r["kind"] == "benign" for r in curated)
+    if sc.data == "curate":
+        data_dir = run.data_dir("curated")
+        rows = _curate_rows(data_dir)
+        kinds = [r for r in rows if r["kind"] in ("harmful", "benign")]
+        kept = {id(r) for r in rebalance_kinds(kinds, sc.curated_harmful_ratio, cfg.seed)}
+        rows = [r for r in rows if r["kind"] not in ("harmful", "benign") or id(r) in kept]
+        info["inputs"]["data/curated"] = dataset_hash(data_dir)
+        info["counts"]["curated_harmful"] = sum(r["kind"] == "harmful" for r in rows)
+        info["counts"]["curated_benign"] = sum(r["kind"] == "benign" for r in rows)
+    if sc.data in ("sl", "both"):
+        data_dir = run.data_dir("sl")
+        sl = _sl_rows(data_dir)
+        info["inputs"]["data/sl"] = dataset_hash(data_dir)
+        if sc.data == "both" and sc.sl_share is not None:
+            if not 0.0 <= sc.sl_share <= 1.0:
+                raise InputError(f"sft.sl_share must be in [0, 1] or null, got {sc.sl_share}")
+            if sc.sl_share < 1.0:
+                sl = _subsample(sl, int(round(sc.sl_share / (1 - sc.sl_share) * len(curated))), cfg.seed, "sl")
+        if sc.data == "sl" and not sl:
+            raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
+        rows.extend(sl)
+    rows.extend(curated)
+    if not rows:
+        raise InputError(f"sft.data={sc.data}: no training rows")
+    weights = example_weights(rows, sc.weighting, sc.principle_weights, source=f"sft.data={sc.data}")
+    for r, w in zip(rows, weights):
+        r["weight"] = w
+    info["counts"].update({f"rows_{s}": sum(r["source"] == s for r in rows) for s in ROW_SOURCES})
+    info["counts"]["weight_mean"] = sum(weights) / len(weights)
+    info["data_hash"] = content_hash([(r["messages"], r["weight"]) for r in rows])
+    return rows, info
+
+
+def weighted_sft_loss(token_logps: Any, label_mask: Any, weights: Any) -> Any:
+    """``Σ_i w_i·NLL_i / Σ_i w_i`` with ``NLL_i`` example i's mean negative log-prob over its completion tokens.
+
+    ``token_logps`` and ``label_mask`` are [B, T] (log-probs of the next tokens, zero where
+    masked; 1 on completion tokens), ``weights`` is [B]. An example with no completion token
+    has NLL 0; all-zero weights give 0.
+    """
+    mask = label_mask.to(token_logps.dtype)
+    nll = -(token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return weighted_mean(nll, weights)
+
+
+def _trainer_classes() -> tuple[type, type]:
+    """(collator, SFTTrainer subclass) carrying per-example weights (TRL is imported lazily)."""
+    import torch
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    @dataclasses.dataclass
+    class WeightedLMCollator(DataCollatorForLanguageModeling):
+        """TRL's language-modeling collator, plus a ``weight`` tensor [B] when the examples carry it."""
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            out = super().torch_call(examples)
+            if "weight" in examples[0]:
+                out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+            return out
+
+    class WeightedSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss, with ``weighting='principle'``, is :func:`weighted_sft_loss`."""
+
+        def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
+            self.weighting = weighting
+            super().__init__(*args, **kwargs)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if "weight" not in self._signature_columns:
+                self._signature_columns = list(self._signature_columns) + ["weight"]
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = dict(inputs)
+            weight = inputs.pop("weight", None)
+            if self.weighting != "principle" or weight is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            loss = weighted_sft_loss(outputs.log_probs, outputs.label_mask, weight)
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                    self.compute_loss_func is not None
+            if scaled and mode == "train":  # Trainer will not divide by the accumulation steps: do it here
+                loss = loss / self.current_gradient_accumulation_steps
+            m = self._metrics[mode]
+            valid = outputs.label_mask.sum()
+            if outputs.entropy is not None:
+                m["entropy"].append((outputs.entropy.detach().sum() / valid).item() if valid > 0 else 0.0)
+            if outputs.is_top1 is not None:
+                m["mean_token_accuracy"].append((outputs.is_top1.sum() / valid).item() if valid > 0 else 0.0)
+            m["weight_mean"].append(weight.float().mean().item())
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+            m["num_tokens"] = [self._total_train_tokens]
+            if return_outputs:
+                with torch.no_grad():
+                    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                return loss, outputs
+            return loss
+
+    return WeightedLMCollator, WeightedSFTTrainer
 
 
 def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
@@ -101,16 +322,14 @@ def _load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
 
 
 def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
-    """Train the SL-CAI adapter on ``data/sl``; returns ``models/sft``."""
+    """Train the SL-CAI adapter on the rows of ``sft.data`` (see :func:`build_rows`); returns ``models/sft``."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     run = run or RunStore(cfg.run_dir)
     threads = set_threads(cfg.threads)
-    data_dir = run.data_dir("sl")
-    if not (data_dir / "dataset_info.json").exists():
-        raise FileNotFoundError(f"{data_dir}: SL-CAI dataset not found; run `cai-dpo sl` (stages.sl.run_sl) first")
-    data_hash = dataset_hash(data_dir)
+    rows, data_info = build_rows(cfg, run)
+    data_hash = data_info["data_hash"]
     spec = dataclasses.replace(cfg.policy, adapter=None)
     # what the checkpoints depend on; training longer (max_steps, epochs) may continue from them
     settings = {k: v for k, v in to_dict(cfg.sft).items() if k not in ("max_steps", "epochs", "save_steps", "merge")}
@@ -128,9 +347,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         model = attach_lora(model, cfg.sft.lora)
     timings["model_load"] = t_load.seconds
 
-    dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)  # no cache files written into data/sl
-    if len(dataset) == 0:
-        raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
+    dataset = datasets.Dataset.from_list([{"messages": r["messages"], "weight": float(r["weight"])} for r in rows])
     dataset, loss_mode = prepare_dataset(dataset, tokenizer)
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 
@@ -144,9 +361,12 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         completion_only_loss=True if loss_mode == "completion_only" else None,
         assistant_only_loss=loss_mode == "assistant_only",
     )
-    trainer = SFTTrainer(
+    collator_cls, trainer_cls = _trainer_classes()
+    trainer = trainer_cls(
         model=model,
         args=sft_args,
+        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sft_args.pad_to_multiple_of),
+        weighting=cfg.sft.weighting,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -182,13 +402,13 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     Manifest(
         stage="sft",
         config=to_dict(cfg),
-        inputs={"data/sl": data_hash, "settings": content_hash(note),
+        inputs={**data_info["inputs"], "rows": data_hash, "settings": content_hash(note),
                 "target": content_hash(cfg.sft.max_steps, cfg.sft.epochs, cfg.sft.merge)},
         models={"base": describe(spec), "base_spec": cfg.policy.name, "adapter": str(out),
                 **({"merged": str(merged)} if merged else {})},
         counts={"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                 "steps": steps, "resumed_from": resume or "", "loss_mode": loss_mode,
-                "threads": threads},
+                "threads": threads, "data": cfg.sft.data, "weighting": cfg.sft.weighting, **data_info["counts"]},
         timings=timings,
         metrics={
             "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
