@@ -28,7 +28,7 @@ from cai_dpo.config import (
     save_config,
     to_dict,
 )
-from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash
+from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,21 @@ def run_pipeline(
     force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> tuple[RunConfig, list[StageResult]]:
-    """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure."""
+    """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure.
+
+    Holds the run's lock throughout (:func:`cai_dpo.store.run_lock`; the stage notebooks
+    inherit it): a second pipeline or stage command on the same run fails with
+    :class:`cai_dpo.store.RunInUseError` instead of racing.
+    """
     extra = list(overrides or []) + ([f"run_id={run_id}"] if run_id else [])
     cfg = load_config(profile, extra)
     run = RunStore(cfg.run_dir)
+    with run_lock(run.root):
+        return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo)
+
+
+def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | None, only: str | None, kernel: str,
+                force: bool, echo: Callable[[str], None]) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.path("config.yaml")
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
