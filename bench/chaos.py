@@ -17,7 +17,7 @@ path, starts the stage in a child process, kills it with SIGKILL after a random 
 Children are forked from a fork server that imported the libraries once (an import takes
 ~20 s here; a tiny stage a few seconds). Prints one JSON object per stage::
 
-    python bench/chaos.py --trials 20 [--stages sl,dpo] [--seed 0] [--work DIR]
+    python bench/chaos.py --trials 20 [--stages sl,dpo] [--seed 0] [--work DIR] [--max-minutes M]
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ COMPARED = {
 TRAINED = {"sft": "models/sft", "dpo": "models/dpo", "rm": "models/rm", "ppo": "models/ppo"}
 VOLATILE = {"seconds", "created", "timings"}  # wall-clock fields: differ between any two runs
 RUN_ID = "chaos"
-PRELOAD = sorted({module for module, _ in ENTRY_POINTS.values()} | {"cai_dpo.models"})
+# imported once by the fork server, so a child pays no import time (the stage modules import
+# these lazily, ~10 s each time on two cores)
+PRELOAD = sorted({module for module, _ in ENTRY_POINTS.values()} | {
+    "cai_dpo.models", "datasets", "peft", "trl", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer",
+    "trl.trainer.reward_trainer", "trl.chat_template_utils"})
 
 
 # --------------------------------------------------------------------------- child processes
@@ -143,15 +147,16 @@ class Runner:
         proc.join()
         return proc.exitcode, time.perf_counter() - t0
 
-    def kill_after(self, stage: str, run_dir: Path, log: Path, delay: float) -> bool:
-        """Start a stage and SIGKILL it after ``delay`` s; True when it was still running."""
+    def kill_after(self, stage: str, run_dir: Path, log: Path, delay: float) -> tuple[bool, float]:
+        """Start a stage and SIGKILL it after ``delay`` s; (still running then, seconds it ran)."""
+        t0 = time.perf_counter()
         proc = self.start(stage, run_dir, log)
         proc.join(delay)
         alive = proc.is_alive()
         if alive:
             proc.kill()
         proc.join()
-        return alive
+        return alive, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- reference run
@@ -313,15 +318,17 @@ def leftovers(run: Path) -> list[str]:
 # --------------------------------------------------------------------------- trials
 
 
-def trial(stage: str, work: Path, runner: Runner, rng: random.Random, duration: float, n: int) -> dict[str, Any]:
-    """One kill-and-rerun of ``stage``; the findings of that trial."""
+def trial(stage: str, work: Path, runner: Runner, rng: random.Random, durations: dict[str, float], n: int) -> dict[str, Any]:
+    """One kill-and-rerun of ``stage`` (killed after a random delay in (0, ``durations[stage]``)); its findings."""
     live = work / "runs" / RUN_ID
     shutil.rmtree(live, ignore_errors=True)
     shutil.copytree(work / "snapshots" / _before(stage), live, symlinks=True)
-    delay = rng.uniform(0.0, duration)
+    delay = rng.uniform(0.0, durations[stage])
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    killed = runner.kill_after(stage, live, logs / f"{stage}-{n}-killed.log", delay)
+    killed, ran = runner.kill_after(stage, live, logs / f"{stage}-{n}-killed.log", delay)
+    if not killed:  # it finished before the kill: later trials draw from its actual duration
+        durations[stage] = min(durations[stage], ran)
     result_path = logs / f"{stage}-{n}-result.json"
     code, _ = runner.run(stage, live, logs / f"{stage}-{n}-rerun.log", result_path)
     reference = work / "snapshots" / f"after-{stage}"
@@ -373,8 +380,12 @@ def ok(stage: str, t: dict[str, Any]) -> bool:
 
 
 def chaos(stages: tuple[str, ...] = STAGES, trials: int = 20, work: Path | None = None, seed: int = 0,
-          echo: Any = None) -> dict[str, dict[str, Any]]:
-    """Run ``trials`` kill-and-rerun trials per stage; per-stage summaries (see :func:`summarize`)."""
+          echo: Any = None, max_seconds: float | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``trials`` kill-and-rerun trials per stage; per-stage summaries (see :func:`summarize`).
+
+    ``max_seconds``: start no new round of trials (one per stage) after this long; the
+    summaries then report the trials actually run.
+    """
     for stage in stages:
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}")
@@ -387,14 +398,19 @@ def chaos(stages: tuple[str, ...] = STAGES, trials: int = 20, work: Path | None 
     t0 = time.perf_counter()
     durations = prepare(work, runner, stages)
     rng = random.Random(seed)
+    reference_s = dict(durations)
+    results: dict[str, list[dict[str, Any]]] = {stage: [] for stage in stages}
+    for n in range(trials):  # round-robin, so a time limit leaves every stage with as many trials
+        if max_seconds is not None and n and time.perf_counter() - t0 > max_seconds:
+            break
+        for stage in stages:
+            results[stage].append(trial(stage, work, runner, rng, durations, n))
     out: dict[str, dict[str, Any]] = {}
     for stage in stages:
-        results = [trial(stage, work, runner, rng, durations[stage], n) for n in range(trials)]
-        out[stage] = {**summarize(stage, results), "reference_s": round(durations[stage], 1)}
+        out[stage] = {**summarize(stage, results[stage]), "reference_s": round(reference_s[stage], 1),
+                      "bench_s": round(time.perf_counter() - t0, 1)}
         if echo:
             echo(out[stage])
-    for summary in out.values():
-        summary["bench_s"] = round(time.perf_counter() - t0, 1)
     return out
 
 
@@ -404,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (default all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     parser.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="start no new round of trials after this long")
     args = parser.parse_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     results = chaos(stages, args.trials, Path(args.work) if args.work else None, args.seed,
-                    echo=lambda s: print(json.dumps(s), flush=True))
+                    echo=lambda s: print(json.dumps(s), flush=True),
+                    max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     return 0 if all(r["completed"] == r["trials"] and "failures" not in r for r in results.values()) else 1
 
 
