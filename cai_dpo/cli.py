@@ -504,12 +504,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that write into a run folder: they hold the run's lock while they work
+RUN_COMMANDS = frozenset({"sl", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"})
+
+
+def _command_lock(args: argparse.Namespace) -> Any:
+    """The run lock a command holds (:func:`cai_dpo.store.run_lock`), or a no-op context."""
+    import contextlib
+
+    from cai_dpo.store import run_lock
+
+    if args.command not in RUN_COMMANDS:
+        return contextlib.nullcontext()
+    return run_lock(config_from_args(args).run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cai-dpo`` console script."""
+    from cai_dpo.store import RunInUseError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _command_lock(args):
+            return int(args.func(args) or 0)
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # bad input (the project's own error types): one line naming the file/argument and field
         print(f"error: {_one_line(exc)}", file=sys.stderr)

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LabelsConfig, RunConfig, to_dict
 from cai_dpo.errors import CaiDpoInputError
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, file_hash, jsonl_lines, read_manifest, write_jsonl
+from cai_dpo.store import (Manifest, RunStore, Timer, atomic_dir, file_hash, jsonl_lines, locked_stage, read_manifest,
+                           write_jsonl)
 
 if TYPE_CHECKING:  # datasets is imported lazily: the queue and the widget do not need it
     import datasets
@@ -667,6 +668,7 @@ def preferences_path(run: RunStore) -> Path:
     return merged if (merged / "dataset_info.json").exists() else run.root / "data" / "preferences"
 
 
+@locked_stage
 def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Route edge cases of ``data/preferences`` into the queue, merge the labels so far and
     write ``data/preferences_merged`` (with a manifest). Safe to rerun: pairs are queued once."""

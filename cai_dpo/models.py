@@ -392,20 +392,34 @@ def save_adapter(
 
     ``merge_first`` (adapter folders merged into the base before this adapter, e.g. the
     SFT adapter) goes into the note as paths relative to ``out_dir``, so a moved run folder
-    still loads; :func:`load_model` applies them.
+    still loads; :func:`load_model` applies them. A stage with side files (manifest, notes)
+    calls :func:`write_adapter` inside its own :func:`~cai_dpo.store.atomic_dir` instead.
     """
     from cai_dpo.store import atomic_dir
 
-    out_dir = Path(out_dir)
+    with atomic_dir(Path(out_dir)) as tmp:
+        write_adapter(model, tokenizer, tmp, base, merge_first, final=out_dir)
+    return Path(out_dir)
+
+
+def write_adapter(
+    model: Any, tokenizer: Any, folder: Path, base: str, merge_first: list[str | Path] | None = None,
+    final: Path | None = None,
+) -> Path:
+    """Write an adapter, its tokenizer and ``cai_dpo_base.json`` into ``folder`` (not atomic by itself).
+
+    ``final`` is where the folder will live once an :func:`~cai_dpo.store.atomic_dir` swaps it
+    into place (default ``folder``); ``merge_first`` paths are written relative to it.
+    """
+    folder = Path(folder)
     note: dict[str, Any] = {"base": base}
     if merge_first:
-        final = out_dir.resolve()
-        note["merge_first"] = [os.path.relpath(Path(p).resolve(), final) for p in merge_first]
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
-    return out_dir
+        where = Path(final or folder).resolve()
+        note["merge_first"] = [os.path.relpath(Path(p).resolve(), where) for p in merge_first]
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "cai_dpo_base.json").write_text(json.dumps(note))
+    return folder
 
 
 def describe(spec: ModelSpec) -> str:

@@ -28,7 +28,7 @@ from cai_dpo.config import (
     save_config,
     to_dict,
 )
-from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash
+from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +174,23 @@ def run_pipeline(
     force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> tuple[RunConfig, list[StageResult]]:
-    """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure."""
+    """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure.
+
+    Holds the run's lock throughout (:func:`cai_dpo.store.run_lock`; the stage notebooks
+    inherit it): a second pipeline or stage command on the same run fails with
+    :class:`cai_dpo.store.RunInUseError` instead of racing.
+    """
     items: dict[str, Any] = dict(parse_override(o) for o in overrides or [])
     if run_id is not None and run_id != "":
         items["run_id"] = str(run_id)  # a run id is text: never read as YAML
     cfg = load_config(profile, items)
     run = RunStore(cfg.run_dir)
+    with run_lock(run.root):
+        return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo)
+
+
+def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | None, only: str | None, kernel: str,
+                force: bool, echo: Callable[[str], None]) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.path("config.yaml")
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"

@@ -10,6 +10,8 @@ every key already present.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -17,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -44,6 +47,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -75,19 +79,23 @@ def _json_default(obj: Any) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename."""
+    """Yield a temp folder beside ``final``; on success it replaces ``final`` in one atomic step.
+
+    Write the artifact *and every side file* (notes, manifest) into the yielded folder:
+    a process killed at any moment leaves either the old ``final`` or the new one, never
+    a mix. The files are fsynced, then the swap is one ``renameat2(RENAME_EXCHANGE)`` on
+    Linux (two renames elsewhere, which :func:`recover_dir` repairs after a kill between
+    them), then the parent folder is fsynced. Leftovers of killed writers are cleared first.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    recover_dir(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _fsync_tree(tmp)
+        _swap_dir(tmp, final)
+        _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -118,6 +126,143 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
         line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             yield i, line
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange_function() -> Any:
+    """glibc's ``renameat2`` (Linux), or None where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _exchange_function()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names ``a`` and ``b``; False where the system cannot."""
+    if _renameat2 is None:
+        return False
+    import ctypes
+
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system or kernel without RENAME_EXCHANGE
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _old_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old-{os.getpid()}")
+
+
+def _swap_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``; what was there ends up in ``tmp`` (then removed)."""
+    if final.exists() and _exchange(tmp, final):
+        return
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # fallback: two renames; a kill between them leaves ``final`` missing and ``.<name>.old-<pid>``
+    # present, which recover_dir() renames back
+    old = _old_name(final)
+    os.replace(final, old)
+    _fsync_dir(final.parent)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(final: Path) -> bool:
+    """Repair what a writer of ``final`` killed mid-swap left; True when ``final`` was restored.
+
+    ``final`` missing and ``.<name>.old-<pid>`` present (killed between the two renames of
+    the fallback swap): the old folder is renamed back. Old folders beside an existing
+    ``final`` and temp folders of writers no longer alive are removed.
+    """
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return False
+    restored = False
+    olds = sorted(parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        os.replace(olds[-1], final)
+        _fsync_dir(parent)
+        log.warning("%s: restored from %s (a writer was killed while replacing it)", final, olds[-1].name)
+        olds, restored = olds[:-1], True
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2:].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return restored
+
+
+def recover_tree(root: Path) -> list[Path]:
+    """:func:`recover_dir` for every interrupted swap under ``root``; returns the folders restored."""
+    root = Path(root)
+    restored = []
+    if not root.is_dir():
+        return restored
+    for old in sorted(root.rglob(".*.old-*")):
+        name = old.name[1:].rsplit(".old-", 1)[0]
+        final = old.with_name(name)
+        if recover_dir(final):
+            restored.append(final)
+    return restored
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so renames inside it survive a crash (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (before it is renamed into place)."""
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -339,3 +484,108 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------- run lock
+
+LOCK_ENV = "CAI_DPO_RUN_LOCK"
+LOCK_FILE = ".lock"
+LOCK_INFO = ".lock.json"
+
+_held: dict[str, int] = {}
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run's lock; the message names its pid and start time."""
+
+
+def _inherited_tokens() -> dict[str, str]:
+    try:
+        tokens = json.loads(os.environ.get(LOCK_ENV) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return tokens if isinstance(tokens, dict) else {}
+
+
+def _lock_info(root: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((root / LOCK_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _holds_by_inheritance(root: Path) -> bool:
+    """True when a live ancestor process holds the lock of ``root`` and passed its token down."""
+    token = _inherited_tokens().get(str(root))
+    info = _lock_info(root)
+    return bool(token) and info.get("token") == token and _pid_alive(int(info.get("pid", 0) or 0))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[Path]:
+    """Hold the run folder's lock (``<run>/.lock``) for the block; yields the run folder.
+
+    One process at a time works in a run: a second pipeline or stage command on the same
+    run raises :class:`RunInUseError` ("run <id> is in use by pid N since ...") at once
+    instead of racing. Re-entrant within a process, and inherited by child processes
+    (papermill kernels) through the ``CAI_DPO_RUN_LOCK`` environment variable, so a
+    stage notebook executed by the pipeline does not wait on its parent. On taking the
+    lock, swaps a killed writer left half done are repaired (:func:`recover_tree`).
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(run_dir).resolve()
+    key = str(root)
+    if key in _held or _holds_by_inheritance(root):
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield root
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        info = _lock_info(root)
+        raise RunInUseError(
+            f"run {root.name} is in use by pid {info.get('pid', '?')} since {info.get('since', '?')} "
+            f"({info.get('command', 'unknown command')}); wait for it to finish or stop it ({root})"
+        ) from None
+    token = os.urandom(8).hex()
+    previous_env = os.environ.get(LOCK_ENV)
+    try:
+        atomic_write_json(root / LOCK_INFO, {"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                             "command": " ".join(sys.argv) or "python", "token": token})
+        os.environ[LOCK_ENV] = json.dumps({**_inherited_tokens(), key: token})
+        _held[key] = 1
+        for folder in recover_tree(root):
+            log.warning("run %s: %s restored after an interrupted write", root.name, folder)
+        yield root
+    finally:
+        _held.pop(key, None)
+        if previous_env is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous_env
+        with contextlib.suppress(OSError):
+            (root / LOCK_INFO).unlink()
+        lock.release()
+
+
+def locked_stage(func: Any) -> Any:
+    """Decorator for a stage entry point ``f(cfg, run=None, ...)``: run it under :func:`run_lock`."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        run = kwargs.get("run", args[0] if args else None)
+        root = run.root if isinstance(run, RunStore) else Path(cfg.run_dir)
+        with run_lock(root):
+            return func(cfg, *args, **kwargs)
+
+    return wrapper

@@ -102,3 +102,147 @@ def test_manifest_has_versions_and_config(tmp_path):
     assert body["stage"] == "sl" and body["counts"]["records"] == 3
     assert "torch" in body["versions"] and body["config"]["rounds"] == 2
     assert path.exists()
+
+
+# --------------------------------------------------------------------------- atomic folder swap
+
+
+def _write_dir(final, text):
+    with atomic_dir(final) as tmp:
+        (tmp / "weights").write_text(text)
+        (tmp / "note.json").write_text(json.dumps({"text": text}))
+
+
+def test_atomic_dir_replaces_whole_folder_and_leaves_nothing_behind(tmp_path):
+    final = tmp_path / "adapter"
+    _write_dir(final, "v1")
+    (final / "stale-extra").write_text("only in v1")
+    _write_dir(final, "v2")
+    assert sorted(p.name for p in final.iterdir()) == ["note.json", "weights"]
+    assert (final / "weights").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_atomic_dir_fallback_swap_without_exchange(tmp_path, monkeypatch):
+    from cai_dpo import store
+
+    monkeypatch.setattr(store, "_renameat2", None)
+    final = tmp_path / "adapter"
+    _write_dir(final, "v1")
+    _write_dir(final, "v2")
+    assert (final / "weights").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_kill_between_fallback_renames_is_recovered(tmp_path, monkeypatch):
+    """The state a kill between the two renames leaves: ``final`` missing, ``.final.old-<pid>`` present."""
+    from cai_dpo import store
+
+    final = tmp_path / "adapter"
+    _write_dir(final, "v1")
+    monkeypatch.setattr(store, "_renameat2", None)
+    calls = []
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the process "dies" right after moving the old folder aside
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace_then_die)
+    try:
+        _write_dir(final, "v2")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(store.os, "replace", real_replace)
+    assert not final.exists() and list(tmp_path.glob(".adapter.old-*"))
+    # the next writer (or the run lock) repairs it: the old complete artifact is back
+    assert store.recover_tree(tmp_path) == [final]
+    assert (final / "weights").read_text() == "v1"
+    assert json.loads((final / "note.json").read_text()) == {"text": "v1"}
+    _write_dir(final, "v3")
+    assert (final / "weights").read_text() == "v3"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_next_writer_recovers_leftover_old_folder(tmp_path):
+    final = tmp_path / "adapter"
+    old = tmp_path / ".adapter.old-999999"
+    old.mkdir()
+    (old / "weights").write_text("v1")
+    dead_tmp = tmp_path / ".adapter.999999.abcd.tmp"  # a killed writer's half-written folder
+    dead_tmp.mkdir()
+    from cai_dpo.store import recover_dir
+
+    assert recover_dir(final) is True
+    assert (final / "weights").read_text() == "v1"
+    assert not old.exists() and not dead_tmp.exists()
+
+
+# --------------------------------------------------------------------------- run lock
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from cai_dpo.store import run_lock
+    with run_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_second_process_on_a_run_fails_clearly(tmp_path):
+    from cai_dpo.store import RunInUseError, run_lock
+
+    run_dir = tmp_path / "runs" / "r1"
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        try:
+            with run_lock(run_dir):
+                raise AssertionError("a second holder got the lock")
+        except RunInUseError as exc:
+            assert f"run r1 is in use by pid {proc.pid} since " in str(exc)
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(run_dir):  # a killed holder releases it
+        pass
+
+
+def test_run_lock_is_reentrant_and_inherited_by_children(tmp_path):
+    from cai_dpo.store import LOCK_ENV, run_lock
+
+    run_dir = tmp_path / "r2"
+    child = "import sys; from cai_dpo.store import run_lock\nwith run_lock(sys.argv[1]): print('child ok')"
+    with run_lock(run_dir):
+        with run_lock(run_dir):  # same process: re-entrant
+            pass
+        out = subprocess.run([sys.executable, "-c", child, str(run_dir)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "child ok" in out.stdout
+        # a process not started by the holder (no token) is refused
+        env = {k: v for k, v in os.environ.items() if k != LOCK_ENV}
+        out = subprocess.run([sys.executable, "-c", child, str(run_dir)], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode != 0 and "is in use by pid" in out.stderr
+    assert LOCK_ENV not in os.environ
+
+
+def test_cli_stage_command_on_busy_run_exits_with_message(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    run_dir = tmp_path / "runs" / "busy"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        out = subprocess.run([sys.executable, "-m", "cai_dpo.cli", "sl", "--profile", "tiny", "--run-id", "busy",
+                              "-o", f"runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.returncode == 3, out.stderr
+    assert f"run busy is in use by pid {proc.pid}" in out.stderr and "Traceback" not in out.stderr

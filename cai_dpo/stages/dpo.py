@@ -67,10 +67,11 @@ from cai_dpo.models import (
     load_model,
     lora_config,
     merge_adapter,
-    save_adapter,
+    write_adapter,
 )
 from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
+from cai_dpo.store import locked_stage
 from cai_dpo.training import (
     common_training_args,
     example_weights,
@@ -419,28 +420,39 @@ def _read_note(adapter_dir: Path) -> dict[str, Any]:
 
 def _copy_adapter(src: Path, dst: Path) -> Path:
     """Copy a saved adapter folder, rewriting its ``merge_first`` paths relative to ``dst``."""
-    import os
-
     src, dst = Path(src).resolve(), Path(dst)
-    chain = adapter_merge_first(src)
     with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-        note = _read_note(src)
-        if chain:
-            note["merge_first"] = [os.path.relpath(p, dst.resolve()) for p in chain]
-        if note:
-            (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
+        _copy_adapter_into(src, tmp, dst)
     return dst
 
 
-def save_merged(adapter_dir: Path, out_dir: Path) -> Path:
-    """Full merged weights of a saved adapter (its chain included) at ``out_dir``."""
+def _copy_adapter_into(src: Path, tmp: Path, dst: Path) -> None:
+    """Copy adapter ``src`` (manifest left out) into ``tmp``, which becomes ``dst``; ``merge_first`` rewritten for ``dst``."""
+    import os
+
+    src = Path(src).resolve()
+    chain = adapter_merge_first(src)
+    shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+    note = _read_note(src)
+    if chain:
+        note["merge_first"] = [os.path.relpath(p, Path(dst).resolve()) for p in chain]
+    if note:
+        (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
+
+
+def save_merged(adapter_dir: Path, out_dir: Path, source: Path | None = None) -> Path:
+    """Full merged weights of a saved adapter (its chain included) at ``out_dir``.
+
+    ``source`` is the adapter's final folder named in the note, when ``adapter_dir`` is
+    where it is staged before an atomic swap (default ``adapter_dir``).
+    """
     model, tokenizer = load_model(str(adapter_dir))
     merged = merge_adapter(model)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": "DPO adapter merged", "adapter": str(adapter_dir)}))
+        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": "DPO adapter merged",
+                                                             "adapter": str(source or adapter_dir)}))
     return out_dir
 
 
@@ -479,6 +491,7 @@ def _final(rows: list[dict[str, float]], key: str) -> float | None:
     return values[-1] if values else None
 
 
+@locked_stage
 def run_dpo(
     cfg: RunConfig,
     run: RunStore | None = None,
@@ -558,20 +571,6 @@ def run_dpo(
             eval_metrics = trainer.evaluate()
         timings["eval"] = t_eval.seconds
 
-    with Timer() as t_save:
-        model = trainer.model
-        if "ref" in getattr(model, "peft_config", {}):
-            model.delete_adapter("ref")
-        save_adapter(model, start.tokenizer, out_dir, base=cfg.policy.name, merge_first=start.merge_first)
-        merged_dir = None
-        if cfg.dpo.merge:
-            if cfg.policy.quantization != "none":
-                log.warning("dpo.merge: not merging into a %s base; load models/%s as an adapter instead",
-                            cfg.policy.quantization, out_dir.name)
-            else:
-                merged_dir = save_merged(out_dir, out_dir.parent / f"{out_dir.name}-merged")
-    timings["save"] = t_save.seconds
-
     log_rows = read_metrics_csv(metrics_dir / "log.csv") if (metrics_dir / "log.csv").exists() else []
     train_log = [r for r in log_rows if "loss" in r and "eval_loss" not in r]
     metrics = {
@@ -583,26 +582,42 @@ def run_dpo(
         "train_kl_proxy_final": _final(train_log, "kl_proxy"),
         **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
     }
-    Manifest(
-        stage="dpo",
-        config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
-                "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash},
-        models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
-                "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
-                **({"merged": str(merged_dir)} if merged_dir else {})},
-        counts={**prepared.counts, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-                "weighting": cfg.dpo.weighting,
-                "weight_mean": sum(r["weight"] for r in prepared.rows) / len(prepared.rows),
-                "train_pairs_after_tokenizing": len(trainer.train_dataset), "steps": trainer.state.global_step,
-                "resumed_from_step": resumed_step, "batch_size": cfg.dpo.batch_size,
-                "grad_accum": cfg.dpo.grad_accum, "threads": threads},
-        timings=timings,
-        metrics=metrics,
-        notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, "
-               f"weighting={cfg.dpo.weighting}",
-               "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
-    ).write(out_dir / "manifest.json")
+    # adapter, merged weights and manifest: one atomic step (a kill leaves the old artifact or the new one)
+    with atomic_dir(out_dir) as tmp:
+        with Timer() as t_save:
+            model = trainer.model
+            if "ref" in getattr(model, "peft_config", {}):
+                model.delete_adapter("ref")
+            write_adapter(model, start.tokenizer, tmp, base=cfg.policy.name, merge_first=start.merge_first, final=out_dir)
+            merged_dir = None
+            if cfg.dpo.merge:
+                if cfg.policy.quantization != "none":
+                    log.warning("dpo.merge: not merging into a %s base; load models/%s as an adapter instead",
+                                cfg.policy.quantization, out_dir.name)
+                else:
+                    merged_dir = save_merged(tmp, out_dir.parent / f"{out_dir.name}-merged", source=out_dir)
+        timings["save"] = t_save.seconds
+
+        Manifest(
+            stage="dpo",
+            config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+            inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
+                    "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash},
+            models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
+                    "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
+                    **({"merged": str(merged_dir)} if merged_dir else {})},
+            counts={**prepared.counts, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                    "weighting": cfg.dpo.weighting,
+                    "weight_mean": sum(r["weight"] for r in prepared.rows) / len(prepared.rows),
+                    "train_pairs_after_tokenizing": len(trainer.train_dataset), "steps": trainer.state.global_step,
+                    "resumed_from_step": resumed_step, "batch_size": cfg.dpo.batch_size,
+                    "grad_accum": cfg.dpo.grad_accum, "threads": threads},
+            timings=timings,
+            metrics=metrics,
+            notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, "
+                   f"weighting={cfg.dpo.weighting}",
+                   "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
+        ).write(tmp / "manifest.json")
     log.info("DPO adapter saved to %s (%d steps, %.1f s/step)", out_dir, trainer.state.global_step,
              timings["seconds_per_step"])
     return out_dir
@@ -647,6 +662,7 @@ def _round_figures(adapter: Path, pref_path: Path | None, seconds: dict[str, flo
     return figures
 
 
+@locked_stage
 def run_iterative_dpo(
     cfg: RunConfig,
     run: RunStore | None = None,
@@ -699,20 +715,21 @@ def run_iterative_dpo(
             log.info("DPO round %d/%d done: %s", r, total, adapter)
 
     out = run.model_dir("dpo")
-    _copy_adapter(adapter, out)
-    merged_dir = save_merged(out, run.model_dir("dpo-merged")) if cfg.dpo.merge and cfg.policy.quantization == "none" else None
-    last = read_manifest(adapter)
-    Manifest(
-        stage="dpo",
-        config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs=last["inputs"],
-        models={**last["models"], "adapter": str(out), "final_round_adapter": str(adapter),
-                **({"merged": str(merged_dir)} if merged_dir else {})},
-        counts={"rounds": total, "pairs_total": sum(f["counts"]["pairs_used"] for f in figures),
-                "steps_total": sum(f["counts"]["steps"] for f in figures)},
-        timings={"total": t_total.seconds},
-        metrics={"rounds": figures, **last["metrics"]},
-        notes=[f"iterative DPO, {total} rounds; round r >= 2 samples and judges new pairs from round r-1's policy "
-               "and uses that policy as its reference"],
-    ).write(out / "manifest.json")
+    with atomic_dir(out) as tmp:  # adapter, merged weights and manifest in one atomic step
+        _copy_adapter_into(adapter, tmp, out)
+        merged_dir = save_merged(tmp, run.model_dir("dpo-merged"), source=out) if cfg.dpo.merge and cfg.policy.quantization == "none" else None
+        last = read_manifest(adapter)
+        Manifest(
+            stage="dpo",
+            config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+            inputs=last["inputs"],
+            models={**last["models"], "adapter": str(out), "final_round_adapter": str(adapter),
+                    **({"merged": str(merged_dir)} if merged_dir else {})},
+            counts={"rounds": total, "pairs_total": sum(f["counts"]["pairs_used"] for f in figures),
+                    "steps_total": sum(f["counts"]["steps"] for f in figures)},
+            timings={"total": t_total.seconds},
+            metrics={"rounds": figures, **last["metrics"]},
+            notes=[f"iterative DPO, {total} rounds; round r >= 2 samples and judges new pairs from round r-1's policy "
+                   "and uses that policy as its reference"],
+        ).write(tmp / "manifest.json")
     return out

@@ -56,7 +56,7 @@ from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_model
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash, file_hash, write_jsonl
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, locked_stage, write_jsonl
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
@@ -743,6 +743,7 @@ def pair_jobs(names: Sequence[str], items: Sequence[EvalItem], responses: dict[s
     return jobs
 
 
+@locked_stage
 def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, ModelSpec] | None = None, *, progress: bool = True) -> Path:
     """Evaluate the models side by side; write ``eval/results.json``, responses, judgments and a manifest.
 
@@ -820,39 +821,40 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
     results = compute_results(names, specs, items, responses, jobs, judgments, pm, cfg, reference,
                               gate=gate, judge_status=status, notes=notes)
     out_dir = run.root / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "responses.jsonl", [
-        {k: v for k, v in r.items() if k != "conversation"} | {"set": it.set, "kind": it.kind, "sensitive": it.sensitive,
-                                                               "shown": r["conversation"][-1]["content"],
-                                                               "system": any(m["role"] == "system" for m in r["conversation"])}
-        for n in names for it, r in zip(items, responses[n])
-    ])
-    write_jsonl(out_dir / "judgments.jsonl", [
-        dataclasses.asdict(j) | {"p_a": None if rec is None else rec["p_a"], "identical": rec is None,
-                                 "principle_ids": [] if rec is None else rec.get("principle_ids", [])}
-        for j, rec in zip(jobs, judgments)
-    ])
-    path = atomic_write_json(out_dir / "results.json", results)
-    head = results["headline"]["models"]
-    Manifest(
-        stage="eval",
-        config={"eval": to_dict(cfg.eval), "judge": to_dict(cfg.judge), "constitution": cfg.constitution, "seed": cfg.seed},
-        inputs={
-            "red_team": content_hash([(p.id, p.text) for p in red]),
-            "helpful": content_hash([(p.id, p.text) for p in helpful]),
-            "labelled_items": content_hash([(it.set, it.prompt_id, it.kind, it.prompt) for it in items]),
-            "jailbreaks": file_hash(JAILBREAKS_PATH),
-            "constitution": file_hash(cfg.constitution_path()),
-            **({"rm": file_hash(rm_dir)} if pm is not None else {}),
-        },
-        models={**{n: model_fingerprint(s) for n, s in specs.items()}, "judge": describe(judge_spec)},
-        counts={"models": len(names), "conversations": len(items), "comparisons": len(jobs),
-                "judgments": results["judge_cost"]["n_judgments"]},
-        timings=timings,
-        metrics={n: {"decline_harmful": (head[n]["decline"] or {}).get("rate"),
-                     "benign_compliance": (head[n]["benign_compliance"] or {}).get("rate"),
-                     "judge_informative": results["judge"]["informative"]} for n in names},
-        notes=notes + [f"{k}: {v}" for k, v in DEFINITIONS.items()],
-    ).write(out_dir / "manifest.json")
+    with atomic_dir(out_dir) as tmp:  # responses, judgments, results and manifest in one atomic step
+        write_jsonl(tmp / "responses.jsonl", [
+            {k: v for k, v in r.items() if k != "conversation"} | {"set": it.set, "kind": it.kind, "sensitive": it.sensitive,
+                                                                   "shown": r["conversation"][-1]["content"],
+                                                                   "system": any(m["role"] == "system" for m in r["conversation"])}
+            for n in names for it, r in zip(items, responses[n])
+        ])
+        write_jsonl(tmp / "judgments.jsonl", [
+            dataclasses.asdict(j) | {"p_a": None if rec is None else rec["p_a"], "identical": rec is None,
+                                     "principle_ids": [] if rec is None else rec.get("principle_ids", [])}
+            for j, rec in zip(jobs, judgments)
+        ])
+        atomic_write_json(tmp / "results.json", results)
+        head = results["headline"]["models"]
+        Manifest(
+            stage="eval",
+            config={"eval": to_dict(cfg.eval), "judge": to_dict(cfg.judge), "constitution": cfg.constitution, "seed": cfg.seed},
+            inputs={
+                "red_team": content_hash([(p.id, p.text) for p in red]),
+                "helpful": content_hash([(p.id, p.text) for p in helpful]),
+                "labelled_items": content_hash([(it.set, it.prompt_id, it.kind, it.prompt) for it in items]),
+                "jailbreaks": file_hash(JAILBREAKS_PATH),
+                "constitution": file_hash(cfg.constitution_path()),
+                **({"rm": file_hash(rm_dir)} if pm is not None else {}),
+            },
+            models={**{n: model_fingerprint(s) for n, s in specs.items()}, "judge": describe(judge_spec)},
+            counts={"models": len(names), "conversations": len(items), "comparisons": len(jobs),
+                    "judgments": results["judge_cost"]["n_judgments"]},
+            timings=timings,
+            metrics={n: {"decline_harmful": (head[n]["decline"] or {}).get("rate"),
+                         "benign_compliance": (head[n]["benign_compliance"] or {}).get("rate"),
+                         "judge_informative": results["judge"]["informative"]} for n in names},
+            notes=notes + [f"{k}: {v}" for k, v in DEFINITIONS.items()],
+        ).write(tmp / "manifest.json")
+    path = out_dir / "results.json"
     log.info("eval results written to %s", path)
     return path

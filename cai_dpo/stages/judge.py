@@ -42,6 +42,7 @@ import numpy as np
 from cai_dpo.config import REPO_ROOT, JudgeConfig, RunConfig, SamplingConfig, resolve_path, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl
+from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -626,6 +627,7 @@ def _load_engine(cfg: RunConfig) -> Any:
     return Engine(model, tokenizer, batch_size=cfg.judge.batch_size)
 
 
+@locked_stage
 def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None) -> Path:
     """Label the pairs of ``data/pairs`` with the constitution judge; write ``data/preferences``.
 

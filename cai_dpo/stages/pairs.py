@@ -40,6 +40,7 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl, write_jsonl
+from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +443,7 @@ def select_mixed(revision: list[dict[str, Any]], sampled: list[dict[str, Any]], 
 # --------------------------------------------------------------------------- stage
 
 
+@locked_stage
 def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None) -> Path:
     """Build the run's response pairs; write ``data/pairs`` (JSONL + manifest) and return its folder.
 

@@ -61,6 +61,7 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, file_hash
+from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -763,6 +764,7 @@ def _reward_adapter(reward_fn: RewardFn | None, scorer: Any) -> Callable[[list[C
 # --------------------------------------------------------------------------- stage
 
 
+@locked_stage
 def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | None = None,
             prompts: list[Conversation] | None = None, *, resume: bool = True, progress: bool = True) -> Path:
     """RL-CAI: PPO (or RLOO with ``ppo.mode: rloo``) of the SL-CAI policy against the preference model.
@@ -827,10 +829,9 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
     if trainer.history:
         plot_log(metrics_dir / "reward_kl.png", trainer.history)
 
-    from cai_dpo.models import save_adapter
+    from cai_dpo.models import write_adapter
 
     out_dir = run.model_dir("ppo")
-    save_adapter(trainer.policy, tok, out_dir, base=cfg.policy.name, merge_first=merge)
     hist = trainer.history
     new_rows = [r for r in hist if resumed_from is None or r["step"] > resumed_from]
     timings.update({
@@ -853,7 +854,7 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
         inputs["rm"] = file_hash(rm_dir)
     if merge:
         inputs["sft_adapter"] = file_hash(merge[0])
-    Manifest(
+    manifest = Manifest(
         stage="ppo",
         config={"ppo": to_dict(cfg.ppo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
         inputs=inputs,
@@ -868,7 +869,10 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
             "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM (paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
             "responses re-tokenized from the engine's text; log-probs recomputed on those ids",
         ],
-    ).write(out_dir / "manifest.json")
+    )
+    with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
+        write_adapter(trainer.policy, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir)
+        manifest.write(tmp / "manifest.json")
     log.info("PPO: %d steps -> %s", trainer.step, out_dir)
     return out_dir
 
@@ -893,7 +897,7 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    from cai_dpo.models import load_model, lora_config, save_adapter
+    from cai_dpo.models import load_model, lora_config, write_adapter
     from cai_dpo.stages.rm import sft_adapter
     from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
 
@@ -932,8 +936,7 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
     with Timer() as t:
         trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
     out_dir = run.model_dir("ppo")
-    save_adapter(trainer.model, tok, out_dir, base=cfg.policy.name, merge_first=merge)
-    Manifest(
+    manifest = Manifest(
         stage="ppo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
         inputs={"prompts": str(len(prompts)), **({"rm": file_hash(rm_dir)} if rm_dir else {})},
@@ -942,5 +945,8 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
         counts={"optimizer_steps": int(trainer.state.global_step)},
         timings={"train_s": t.seconds},
         notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv"],
-    ).write(out_dir / "manifest.json")
+    )
+    with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
+        write_adapter(trainer.model, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir)
+        manifest.write(tmp / "manifest.json")
     return out_dir

@@ -38,7 +38,7 @@ from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.labels import preferences_path
 from cai_dpo.preferences import check_preference_rows
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, file_hash
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, file_hash, locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,7 @@ def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[
     return [rows[i] for i in range(n) if i not in held_set], [rows[i] for i in held]
 
 
+@locked_stage
 def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None) -> Path:
     """Train the preference model on the run's preferences; write ``models/rm`` and its manifest.
 
@@ -472,7 +473,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     from trl import RewardConfig
 
     from cai_dpo.engine import set_threads
-    from cai_dpo.models import save_adapter
+    from cai_dpo.models import write_adapter
     from cai_dpo.training import common_training_args, example_weights, last_checkpoint, training_callbacks
 
     run = run or RunStore(cfg.run_dir)
@@ -531,43 +532,46 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     with Timer() as t_train:
         result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
     timings["train_s"] = t_train.seconds
-    save_adapter(trainer.model, tok, out_dir, base=base, merge_first=merge)
-    bspec = backbone_spec(cfg)
-    atomic_write_json(out_dir / SCORER_NOTE, {
-        "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
-        "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
-    })
-    del trainer, model
+    # adapter, scorer note and manifest: one atomic step, so a kill never leaves an adapter
+    # that loads with default scorer settings, nor a manifest describing another adapter
+    with atomic_dir(out_dir) as tmp:
+        write_adapter(trainer.model, tok, tmp, base=base, merge_first=merge, final=out_dir)
+        bspec = backbone_spec(cfg)
+        atomic_write_json(tmp / SCORER_NOTE, {
+            "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
+            "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
+        })
+        del trainer, model
 
-    with Timer() as t_eval:
-        scorer = RewardScorer(out_dir, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
-        metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
-        for name, part in (("heldout", eval_rows), ("train", train_rows)):
-            if part:
-                rc, rr = scorer.score_pairs(part)
-                metrics[name] = preference_metrics(rc, rr, [float(r.get("p_chosen", 1.0)) for r in part])
-    timings["eval_s"] = t_eval.seconds
-    notes = [
-        f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}"
-        + (", weighted per pair (sum w_i loss_i / sum w_i)" if cfg.rm.weighting == "principle" else ""),
-        "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), ties excluded",
-        "ece: 10 equal-width bins of sigmoid(r_chosen - r_rejected) against mean p_chosen per bin",
-    ]
-    if not eval_rows:
-        notes.append("no held-out pairs (dataset too small for rm.eval_fraction)")
-    Manifest(
-        stage="rm",
-        config={"rm": to_dict(cfg.rm), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs=inputs,
-        models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
-        counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
-                "dropped_identical": check_counts["dropped_identical"], "dropped_empty": check_counts["dropped_empty"],
-                "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows),
-                "weighting": cfg.rm.weighting, "weight_mean": sum(train_cols["weight"]) / len(train_cols["weight"])},
-        timings=timings,
-        metrics=metrics,
-        notes=notes,
-    ).write(out_dir / "manifest.json")
+        with Timer() as t_eval:
+            scorer = RewardScorer(tmp, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
+            metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+            for name, part in (("heldout", eval_rows), ("train", train_rows)):
+                if part:
+                    rc, rr = scorer.score_pairs(part)
+                    metrics[name] = preference_metrics(rc, rr, [float(r.get("p_chosen", 1.0)) for r in part])
+        timings["eval_s"] = t_eval.seconds
+        notes = [
+            f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}"
+            + (", weighted per pair (sum w_i loss_i / sum w_i)" if cfg.rm.weighting == "principle" else ""),
+            "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), ties excluded",
+            "ece: 10 equal-width bins of sigmoid(r_chosen - r_rejected) against mean p_chosen per bin",
+        ]
+        if not eval_rows:
+            notes.append("no held-out pairs (dataset too small for rm.eval_fraction)")
+        Manifest(
+            stage="rm",
+            config={"rm": to_dict(cfg.rm), "policy": to_dict(cfg.policy), "seed": cfg.seed},
+            inputs=inputs,
+            models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
+            counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
+                    "dropped_identical": check_counts["dropped_identical"], "dropped_empty": check_counts["dropped_empty"],
+                    "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows),
+                    "weighting": cfg.rm.weighting, "weight_mean": sum(train_cols["weight"]) / len(train_cols["weight"])},
+            timings=timings,
+            metrics=metrics,
+            notes=notes,
+        ).write(tmp / "manifest.json")
     atomic_write_json(run.metrics_dir("rm") / "eval.json", metrics)
     log.info("preference model -> %s (held-out accuracy %s)", out_dir, metrics.get("heldout", {}).get("accuracy"))
     return out_dir

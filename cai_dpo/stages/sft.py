@@ -36,8 +36,9 @@ from typing import Any
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, save_adapter
+from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
+from cai_dpo.store import locked_stage
 from cai_dpo.training import (
     common_training_args,
     example_weights,
@@ -321,6 +322,7 @@ def _load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
     set_peft_model_state_dict(model, load_file(str(weights)))
 
 
+@locked_stage
 def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Train the SL-CAI adapter on the rows of ``sft.data`` (see :func:`build_rows`); returns ``models/sft``."""
     import datasets
@@ -392,42 +394,47 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
             eval_metrics = trainer.evaluate()
         timings["eval"] = t_eval.seconds
 
-    with Timer() as t_save:
-        save_adapter(trainer.model, tokenizer, out, base=cfg.policy.name)
-        merged = _save_merged(cfg, trainer.model, tokenizer, out, run) if cfg.sft.merge else None
-    timings["save"] = t_save.seconds
-
     log_rows = read_metrics_csv(run.metrics_dir("sft") / "log.csv") if (run.metrics_dir("sft") / "log.csv").exists() else []
     train_losses = [r["loss"] for r in log_rows if "loss" in r]
-    Manifest(
-        stage="sft",
-        config=to_dict(cfg),
-        inputs={**data_info["inputs"], "rows": data_hash, "settings": content_hash(note),
-                "target": content_hash(cfg.sft.max_steps, cfg.sft.epochs, cfg.sft.merge)},
-        models={"base": describe(spec), "base_spec": cfg.policy.name, "adapter": str(out),
-                **({"merged": str(merged)} if merged else {})},
-        counts={"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
-                "steps": steps, "resumed_from": resume or "", "loss_mode": loss_mode,
-                "threads": threads, "data": cfg.sft.data, "weighting": cfg.sft.weighting, **data_info["counts"]},
-        timings=timings,
-        metrics={
-            "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
-            "train_loss_first": train_losses[0] if train_losses else None,
-            "train_loss_final": train_losses[-1] if train_losses else None,
-            "eval_loss": eval_metrics.get("eval_loss"),
-            "train_runtime": train_metrics.get("train_runtime"),
-            "train_samples_per_second": train_metrics.get("train_samples_per_second"),
-        },
-    ).write(out / "manifest.json")
+    # adapter, merged weights and manifest: one atomic step (a kill leaves the old artifact or the new one)
+    with atomic_dir(out) as tmp:
+        with Timer() as t_save:
+            write_adapter(trainer.model, tokenizer, tmp, base=cfg.policy.name, final=out)
+            merged = _save_merged(cfg, trainer.model, tokenizer, out, run, staged=tmp) if cfg.sft.merge else None
+        timings["save"] = t_save.seconds
+        Manifest(
+            stage="sft",
+            config=to_dict(cfg),
+            inputs={**data_info["inputs"], "rows": data_hash, "settings": content_hash(note),
+                    "target": content_hash(cfg.sft.max_steps, cfg.sft.epochs, cfg.sft.merge)},
+            models={"base": describe(spec), "base_spec": cfg.policy.name, "adapter": str(out),
+                    **({"merged": str(merged)} if merged else {})},
+            counts={"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+                    "steps": steps, "resumed_from": resume or "", "loss_mode": loss_mode,
+                    "threads": threads, "data": cfg.sft.data, "weighting": cfg.sft.weighting, **data_info["counts"]},
+            timings=timings,
+            metrics={
+                "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
+                "train_loss_first": train_losses[0] if train_losses else None,
+                "train_loss_final": train_losses[-1] if train_losses else None,
+                "eval_loss": eval_metrics.get("eval_loss"),
+                "train_runtime": train_metrics.get("train_runtime"),
+                "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+            },
+        ).write(tmp / "manifest.json")
     log.info("SL-CAI adapter saved to %s (%d steps)", out, steps)
     return out
 
 
-def _save_merged(cfg: RunConfig, model: Any, tokenizer: Any, adapter_dir: Path, run: RunStore) -> Path:
-    """Merged full weights at ``models/sft-merged`` (a quantized base is reloaded unquantized first)."""
+def _save_merged(cfg: RunConfig, model: Any, tokenizer: Any, adapter_dir: Path, run: RunStore,
+                 staged: Path | None = None) -> Path:
+    """Merged full weights at ``models/sft-merged`` (a quantized base is reloaded unquantized first).
+
+    ``staged`` is the folder the adapter is being written to before it moves to ``adapter_dir``.
+    """
     if cfg.policy.quantization != "none":
         spec = dataclasses.replace(cfg.policy, adapter=None, quantization="none")
-        model, tokenizer = load_model(spec, adapter=str(adapter_dir))
+        model, tokenizer = load_model(spec, adapter=str(staged or adapter_dir))
     merged = merge_adapter(model)
     out = run.model_dir("sft-merged")
     with atomic_dir(out) as tmp:

@@ -49,6 +49,7 @@ from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_model
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
+from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,7 @@ def _prompts_hash(prompts: list[Any]) -> str:
     return content_hash([(p.id, p.text, p.category) for p in prompts])
 
 
+@locked_stage
 def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Generate the SL-CAI data of ``cfg``'s run: ``records/sl`` and the dataset ``data/sl``; returns ``data/sl``."""
     import datasets
