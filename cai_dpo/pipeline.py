@@ -158,7 +158,8 @@ def select_stages(from_stage: str | None = None, only: str | None = None) -> lis
 def _kernel_manager_class() -> type:
     """The kernel manager of executed stage notebooks: CurveZMQ-encrypted transport when
     pyzmq and the kernelspec support it (the ipykernel default spec does), else IPC (local
-    sockets) — so the kernel's channels are never plain TCP and it has nothing to warn about."""
+    sockets) — so the kernel's channels are never plain TCP and it has nothing to warn about —
+    and no interrupt signal before its shutdown."""
     import zmq
     from jupyter_client import AsyncKernelManager
 
@@ -170,6 +171,13 @@ def _kernel_manager_class() -> type:
             elif sys.platform != "win32":
                 self.transport = "ipc"
             return await super()._async_pre_start_kernel(**kw)
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts before every shutdown; the stage kernel is idle by then, and the
+            # SIGINT only makes it log "KeyboardInterrupt caught in kernel". A hung kernel is still killed.
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
 
     return StageKernelManager
 

@@ -88,3 +88,15 @@ def test_notebook_opens_the_existing_run_and_says_where_it_looked_when_there_is_
     cfg, run = open_run("tiny", create=False)
     assert run.root == made.run_dir and cfg.sft.max_steps == 7  # the run's own config, not the profile's
     assert not (notebooks / "artifacts").exists()
+
+
+def test_train_report_to_resolves_and_rejects_unknown_trackers(tmp_path):
+    from cai_dpo.training import resolve_report_to, tensorboard_available, training_callbacks
+
+    assert load_config("tiny").train.report_to == "auto"
+    assert resolve_report_to("auto") == (["tensorboard"] if tensorboard_available() else [])
+    assert resolve_report_to("none") == [] and resolve_report_to(["none"]) == []
+    assert resolve_report_to("tensorboard, wandb") == ["tensorboard", "wandb"]
+    assert load_config("tiny", {"train.report_to": ["mlflow"]}).train.report_to == ["mlflow"]
+    with pytest.raises(ConfigError, match="train.report_to"):
+        training_callbacks(tmp_path, "no-such-tracker")

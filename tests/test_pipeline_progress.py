@@ -108,7 +108,7 @@ def test_tiny_run_streams_progress_is_quiet_and_ends_with_a_summary(tmp_path, ti
     report and the exported model; train.report_to=tensorboard writes event files for SFT, DPO and PPO."""
     runs = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k != PROGRESS_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    env.update(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "cai_dpo.cli", "run", "--profile", "tiny", "-o", f"runs_dir={runs}",
          "-o", "train.report_to=tensorboard"],
