@@ -137,3 +137,25 @@ def _stderr_lines(path: Path) -> list[str]:
     book = nbformat.read(path, as_version=4)
     return [line for cell in book.cells for out in cell.get("outputs", [])
             if out.get("output_type") == "stream" and out.get("name") == "stderr" for line in out["text"].splitlines()]
+
+
+def test_stage_kernels_are_not_interrupted_on_shutdown(monkeypatch):
+    """jupyter_client interrupts before each shutdown; the runner's kernel manager skips that
+    (the stage kernel is idle then), so the kernel never logs "KeyboardInterrupt caught in kernel"."""
+    import asyncio
+
+    from jupyter_client import AsyncKernelManager
+
+    called: list[str] = []
+
+    async def interrupt(self) -> None:
+        called.append("interrupt")
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", interrupt)
+    km = pipeline._kernel_manager_class()(kernel_name="python3")
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())
+    assert called == []
+    km.shutting_down = False
+    asyncio.run(km._async_interrupt_kernel())  # a user's interrupt while running still goes through
+    assert called == ["interrupt"]
