@@ -276,17 +276,18 @@ def export_model(cfg: RunConfig, run: RunStore | None = None, model: str | None 
     """
     from cai_dpo.models import adapter_merge_first
 
-    run = run or RunStore(cfg.run_dir)
+    root = run.root if run is not None else cfg.run_dir
     if model is None:
-        model, why = choose_model(run.root)
+        model, why = choose_model(root)
     else:
         why = "chosen by name"
     if model not in EXPORTABLE:
         raise ExportError(f"model '{model}': choose one of {', '.join(EXPORTABLE)}")
-    adapter = run.root / "models" / model
+    adapter = root / "models" / model
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(f"{adapter}: no adapter there; run the {model} stage first "
                           f"(cai-dpo {model} or cai-dpo run) or export another model (--model)")
+    run = run or RunStore(root)
     chain = [os.path.relpath(p, run.root) for p in adapter_merge_first(adapter)] + [f"models/{model}"]
     folder = Path(out_dir) if out_dir else run.root / "export" / model
     merged, tok = merged_model(cfg, adapter)
