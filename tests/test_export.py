@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -116,6 +117,10 @@ def test_missing_adapter_names_the_folder_and_the_stage(tiny_run):
     with pytest.raises(ExportError, match=r"models/ppo: no adapter there; run the ppo stage"):
         export_model(cfg, run, model="ppo")
     assert not (run.root / "export" / "ppo").exists()
+    elsewhere = dataclasses.replace(cfg, runs_dir=str(run.root.parent / "no-such-runs"))
+    with pytest.raises(ExportError, match="no-such-runs/tiny/models/dpo: no adapter there"):
+        export_model(elsewhere)
+    assert not (run.root.parent / "no-such-runs").exists()  # nothing written
 
 
 def _results(**models: tuple[float, float]) -> dict:
