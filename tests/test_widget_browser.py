@@ -175,6 +175,8 @@ def test_shipped_labeling_notebook_click_lands_in_sqlite_and_merge_counts_it(lab
             button = widget.get_by_role("button", name="A better", exact=True)
             button.wait_for(timeout=30_000)
             widget.get_by_text(re.compile(r"^0 / [1-9]\d* labeled$")).wait_for(timeout=15_000)  # the queued pairs
+            if os.environ.get("CAI_DPO_SCREENSHOTS"):  # README pictures: CAI_DPO_SCREENSHOTS=docs pytest -m browser
+                widget.screenshot(path=str(Path(os.environ["CAI_DPO_SCREENSHOTS"]) / "labeling_widget.png"))
             button.click()
             widget.get_by_text(re.compile(r"^1 / [1-9]\d* labeled$")).wait_for(timeout=15_000)
             merge = cells.nth(4)
