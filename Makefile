@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROFILE ?= cpu-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench kernel clean
+.PHONY: install demo lab test test-fast bench kernel clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ kernel: install
 
 demo: install
 	$(BIN)/cai-dpo run --profile $(PROFILE)
+
+# the notebooks in JupyterLab; they open the run `make demo` wrote, whatever folder the kernel starts in
+lab: install
+	$(BIN)/jupyter lab notebooks/
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -457,18 +457,39 @@ def _add_eval_commands(sub: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cai_dpo.pipeline import PipelineError, run_pipeline
+    from cai_dpo.progress import ProgressPrinter
+
+    printer = ProgressPrinter(sys.stdout)
+
+    def echo(line: str) -> None:
+        printer.end_line()
+        print(line, flush=True)
 
     try:
-        cfg, results = run_pipeline(args.profile, args.overrides, args.run_id, args.from_stage, args.only, args.kernel, args.force)
+        cfg, results = run_pipeline(args.profile, args.overrides, args.run_id, args.from_stage, args.only, args.kernel,
+                                    args.force, echo=echo, progress=printer)
     except PipelineError as exc:
+        printer.end_line()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(run_summary(cfg, results))
+    return 0
+
+
+def run_summary(cfg: RunConfig, results: list[Any]) -> str:
+    """The end-of-run table (stage, status, seconds) and where the report and exported model are."""
+    rows = [f"{'stage':<14}{'status':<10}{'seconds':>9}"]
+    rows += [f"{r.name:<14}{r.status:<10}{r.seconds:>9.0f}" for r in results]
     ran = sum(r.seconds for r in results)
-    print(f"run '{cfg.run_id}' complete ({ran:.0f} s of stage work): {cfg.run_dir}")
+    rows.append(f"{'total':<14}{'':<10}{ran:>9.0f}")
+    lines = [f"run '{cfg.run_id}' complete: {cfg.run_dir}", *rows]
     report = cfg.run_dir / "report" / "report.md"
     if report.exists():
-        print(f"report: {report}")
-    return 0
+        lines.append(f"report: {report}")
+    exports = sorted((cfg.run_dir / "export").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if exports:
+        lines.append(f"exported model: {exports[-1].parent}")
+    return "\n".join(lines)
 
 
 def _add_pipeline_commands(sub: Any) -> None:
@@ -483,6 +504,34 @@ def _add_pipeline_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cai_dpo.export import ExportError, export_model, push_to_hub
+
+    cfg = config_from_args(args)
+    try:
+        result = export_model(cfg, model=args.model, out_dir=args.output)
+        print(f"exported {result.model} ({result.reason}): {result.folder}")
+        print(f"files: {', '.join(result.files)}")
+        if args.push_to_hub:
+            print(f"pushed: {push_to_hub(result.folder, args.push_to_hub, private=not args.public)}")
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_export_commands(sub: Any) -> None:
+    p = sub.add_parser("export", help="merge a run's model into one folder (safetensors, tokenizer, chat template, model card)")
+    _config_args(p)
+    p.add_argument("--model", choices=["sft", "dpo", "ppo"], default=None,
+                   help="model to export (default: the highest harmful-prompt decline rate with benign compliance "
+                        ">= 90%% in the evaluation, else dpo)")
+    p.add_argument("--output", default=None, help="output folder (default: <run>/export/<model>)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the folder to this hub repo")
+    p.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo (default private)")
+    p.set_defaults(func=_cmd_export)
+
+
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
     _add_foundation_commands,
     _add_sl_commands,
@@ -491,6 +540,7 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [
     _add_ppo_commands,
     _add_eval_commands,
     _add_pipeline_commands,
+    _add_export_commands,
 ]
 
 

@@ -12,6 +12,7 @@ one folder name (:data:`RUN_ID_RE`), so a run folder never lies outside ``runs_d
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -26,6 +27,8 @@ from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 PROFILES_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNS_ENV = "CAI_DPO_RUNS"  # folder of runs when the config keeps the default runs_dir
+DEFAULT_RUNS_DIR = "artifacts/runs"
 
 
 class ConfigError(CaiDpoInputError):
@@ -556,6 +559,21 @@ class EvalConfig:
                        ("tie_band", 0 <= self.tie_band < 0.5, "must be in [0, 0.5)"))
 
 
+@dataclass
+class TrainConfig:
+    """Settings shared by every trainer (SFT, DPO, preference model, PPO, RLOO).
+
+    ``report_to``: experiment trackers, passed through to transformers/TRL's ``report_to``
+    (``none``, ``tensorboard``, ``trackio``, ``wandb``, ``mlflow``, ``comet_ml``, ... — a
+    name or a list). ``auto`` (default) stays offline: TensorBoard event files in
+    ``metrics/<stage>/tb`` when tensorboard is installed, nothing else. ``metrics/<stage>/log.csv``
+    is written whatever is chosen. PPO's own loop logs the same way (CSV always,
+    TensorBoard when chosen or ``auto``).
+    """
+
+    report_to: str | list[str] = "auto"
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -565,7 +583,7 @@ class RunConfig:
 
     profile: str = "custom"
     run_id: str = "demo"
-    runs_dir: str = "artifacts/runs"
+    runs_dir: str = DEFAULT_RUNS_DIR
     seed: int = 0
     threads: int | None = None
     constitution: str = "constitutions/default.yaml"
@@ -581,6 +599,7 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each invalid top-level value (empty when valid)."""
@@ -593,8 +612,14 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        """The run's output folder (relative paths resolve against the working directory)."""
-        return Path(self.runs_dir) / self.run_id
+        """The run's output folder, the same whatever the working directory.
+
+        An absolute ``runs_dir`` is used as is. The default ``artifacts/runs`` is replaced by
+        ``$CAI_DPO_RUNS`` when set. Any other relative ``runs_dir`` resolves against the
+        project root (the folder holding ``pyproject.toml``), never the working directory,
+        so the CLI, the pipeline and a notebook opened from ``notebooks/`` see one run.
+        """
+        return runs_root(self.runs_dir) / self.run_id
 
     def judge_model(self) -> ModelSpec:
         """The judge's model spec: its own when given, else the policy's base model."""
@@ -609,6 +634,24 @@ class RunConfig:
     def constitution_path(self) -> Path:
         """The constitution file, resolved against the working directory, then the repo."""
         return resolve_path(self.constitution)
+
+
+def project_root() -> Path:
+    """The project's root folder (where ``pyproject.toml`` is); the working directory
+    when the package is installed outside a checkout."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
+
+
+def runs_root(runs_dir: str = DEFAULT_RUNS_DIR) -> Path:
+    """The folder holding the runs: ``runs_dir`` if absolute, ``$CAI_DPO_RUNS`` for the
+    default, else ``runs_dir`` under the project root."""
+    path = Path(runs_dir).expanduser()
+    if path.is_absolute():
+        return path
+    env = os.environ.get(RUNS_ENV)
+    if env and runs_dir == DEFAULT_RUNS_DIR:
+        return Path(env).expanduser().resolve()
+    return project_root() / path
 
 
 def resolve_path(path: str | Path) -> Path:

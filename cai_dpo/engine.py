@@ -87,9 +87,9 @@ class _Prefill:
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from cai_dpo.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
+    return progress_bar(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
 
 
 class Engine:

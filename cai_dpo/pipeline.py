@@ -20,6 +20,7 @@ from typing import Any
 
 from cai_dpo.config import (
     REPO_ROOT,
+    RUNS_ENV,
     RunConfig,
     apply_overrides,
     config_from_yaml_text,
@@ -72,18 +73,33 @@ def stage_names() -> list[str]:
 
 
 def open_run(profile: str = "cpu-demo", run_id: str | None = None, overrides: list[str] | None = None,
-             config_path: str | None = None, knobs: dict[str, Any] | None = None) -> tuple[RunConfig, RunStore]:
+             config_path: str | None = None, knobs: dict[str, Any] | None = None, *,
+             create: bool = True) -> tuple[RunConfig, RunStore]:
     """The run config and folder a notebook works in.
 
-    With ``config_path`` (what the pipeline passes) the saved config is the base;
-    otherwise the profile. ``overrides`` (``key=value`` strings) and ``knobs`` (dotted
-    keys; ``None`` values ignored) apply on top, and the result is saved to
-    ``<run>/config.yaml``.
+    With ``config_path`` (what the pipeline passes) the saved config is the base. Otherwise
+    the profile names the run folder (``<runs_dir>/<run_id>``, resolved from the project
+    root, see :attr:`RunConfig.run_dir`): with ``create`` (the first notebook) the profile
+    is the base; without it the run's saved ``config.yaml`` is, and a missing run raises
+    FileNotFoundError naming the folder looked in and the command that creates it.
+    ``overrides`` (``key=value`` strings) and ``knobs`` (dotted keys; ``None`` values
+    ignored) apply on top, and the result is saved to ``<run>/config.yaml``.
     """
     extra_items: dict[str, Any] = dict(parse_override(o) for o in overrides or [])
     if run_id is not None and run_id != "":
         extra_items["run_id"] = str(run_id)  # a run id is text: never read as YAML
     extra_items.update({k: v for k, v in (knobs or {}).items() if v is not None})
+    if not config_path and not create:
+        run_dir = load_config(profile, extra_items).run_dir
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise FileNotFoundError(
+                f"no run at {run_dir} (no config.yaml there). Create it with `cai-dpo run --profile {profile}"
+                f"{f' --run-id {run_id}' if run_id else ''}` from the project folder, or run "
+                "notebooks/00_setup_and_constitution.ipynb first with the same profile and run_id "
+                f"(set {RUNS_ENV} or runs_dir to use another runs folder)."
+            )
+        config_path = str(saved)
     if config_path:
         path = Path(config_path)
         cfg = config_from_yaml_text(path.read_text(encoding="utf-8"), source=str(path))
@@ -142,19 +158,86 @@ def select_stages(from_stage: str | None = None, only: str | None = None) -> lis
     return list(STAGES[start:])
 
 
-def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str) -> None:
+def _kernel_manager_class() -> type:
+    """The kernel manager of executed stage notebooks: CurveZMQ-encrypted transport when
+    pyzmq and the kernelspec support it (the ipykernel default spec does), else IPC (local
+    sockets) — so the kernel's channels are never plain TCP and it has nothing to warn about —
+    and no interrupt signal before its shutdown."""
+    import zmq
+    from jupyter_client import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw: Any) -> Any:
+            supports_curve = getattr(self, "_kernel_supports_curve_encryption", lambda: False)
+            if zmq.has("curve") and supports_curve():
+                self.transport_encryption = "auto"
+            elif sys.platform != "win32":
+                self.transport = "ipc"
+            return await super()._async_pre_start_kernel(**kw)
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts before every shutdown; the stage kernel is idle by then, and the
+            # SIGINT only makes it log "KeyboardInterrupt caught in kernel". A hung kernel is still killed.
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return StageKernelManager
+
+
+def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str,
+             on_progress: Callable[[dict[str, Any]], None] | None = None, progress_file: Path | None = None) -> None:
+    """Run one stage notebook with papermill; its progress events go to ``on_progress`` while it runs.
+
+    The kernel inherits ``$CAI_DPO_PROGRESS = progress_file``, so every
+    :func:`cai_dpo.progress.progress_bar` and trainer in the notebook appends events there;
+    a thread tails the file every half second and the rest is drained after the run.
+    """
+    import threading
+
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from cai_dpo.progress import PROGRESS_ENV, ProgressTail
+
     logging.getLogger("papermill").setLevel(logging.WARNING)
+    previous = os.environ.get(PROGRESS_ENV)
+    stop = threading.Event()
+    tail = ProgressTail(progress_file) if progress_file else None
+    watcher = None
+    if tail is not None:
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+        progress_file.write_text("")
+        os.environ[PROGRESS_ENV] = str(progress_file)
+
+        def watch() -> None:
+            while not stop.wait(0.5):
+                for event in tail.poll():
+                    if on_progress:
+                        on_progress(event)
+
+        watcher = threading.Thread(target=watch, name=f"progress-{stage.name}", daemon=True)
+        watcher.start()
     try:
         pm.execute_notebook(str(stage.path()), str(out), parameters=params, kernel_name=kernel,
-                            progress_bar=False, cwd=str(Path.cwd()), log_output=False)
+                            progress_bar=False, cwd=str(Path.cwd()), log_output=False,
+                            kernel_manager_class=_kernel_manager_class())
     except PapermillExecutionError as exc:
         raise PipelineError(
             f"stage '{stage.name}' failed in {stage.notebook}, cell {exc.cell_index} (execution count {exc.exec_count}): "
             f"{exc.ename}: {exc.evalue}\nThe executed notebook with the error is kept at {out}"
         ) from exc
+    finally:
+        if tail is not None:
+            stop.set()
+            watcher.join()
+            for event in tail.poll():
+                if on_progress:
+                    on_progress(event)
+            if previous is None:
+                os.environ.pop(PROGRESS_ENV, None)
+            else:
+                os.environ[PROGRESS_ENV] = previous
 
 
 @dataclass
@@ -173,24 +256,32 @@ def run_pipeline(
     kernel: str = "python3",
     force: bool = False,
     echo: Callable[[str], None] = print,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[RunConfig, list[StageResult]]:
     """Execute the stage notebooks in order; skip the unchanged ones; stop at a failure.
 
     Holds the run's lock throughout (:func:`cai_dpo.store.run_lock`; the stage notebooks
     inherit it): a second pipeline or stage command on the same run fails with
-    :class:`cai_dpo.store.RunInUseError` instead of racing.
+    :class:`cai_dpo.store.RunInUseError` instead of racing. ``echo`` gets one line per stage
+    start and end; ``progress`` gets the running stage's progress events (see
+    :mod:`cai_dpo.progress`; default: each event formatted as a line and passed to ``echo``).
+    Each stage's events are kept in ``<run>/pipeline/progress/<stage>.jsonl``.
     """
+    from cai_dpo.progress import format_event
+
+    on_progress = progress or (lambda event: echo("    " + format_event(event)))
     items: dict[str, Any] = dict(parse_override(o) for o in overrides or [])
     if run_id is not None and run_id != "":
         items["run_id"] = str(run_id)  # a run id is text: never read as YAML
     cfg = load_config(profile, items)
     run = RunStore(cfg.run_dir)
     with run_lock(run.root):
-        return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo)
+        return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo, on_progress)
 
 
 def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | None, only: str | None, kernel: str,
-                force: bool, echo: Callable[[str], None]) -> tuple[RunConfig, list[StageResult]]:
+                force: bool, echo: Callable[[str], None],
+                on_progress: Callable[[dict[str, Any]], None]) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.path("config.yaml")
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
@@ -211,7 +302,7 @@ def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | N
         t0 = time.perf_counter()
         out = run.path("notebooks", stage.notebook)
         params = {"profile": profile, "run_id": cfg.run_id, "config_path": str(config_path.resolve())}
-        _execute(stage, out, params, kernel)
+        _execute(stage, out, params, kernel, on_progress, run.path("pipeline", "progress", f"{stage.name}.jsonl"))
         seconds = time.perf_counter() - t0
         # record what the stage saw *after* running, so an unchanged rerun matches
         atomic_write_json(_state_path(run, stage), {"fingerprint": _fingerprint(stage, cfg, run), "seconds": round(seconds, 1),

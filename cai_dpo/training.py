@@ -5,14 +5,16 @@
   step-based logging/saving/evaluation, no hub, no gradient checkpointing on CPU;
   pass the result (plus stage-specific keys) to ``SFTConfig``/``DPOConfig``/``RewardConfig``.
 - :func:`training_callbacks` — a :class:`CsvMetricsCallback` writing ``log.csv`` into a
-  metrics folder, plus TensorBoard event files there when tensorboard is installed.
+  metrics folder, progress events for the runner, and the trackers of ``train.report_to``
+  (TensorBoard event files there by default when tensorboard is installed).
+- :class:`StepLogger` — the same trackers for loops of our own (PPO).
 - :func:`last_checkpoint` — the newest ``checkpoint-*`` folder to resume from, or None.
 
 Example::
 
     args = common_training_args(cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True)
     trainer = DPOTrainer(..., args=DPOConfig(**args, beta=cfg.dpo.beta),
-                         callbacks=training_callbacks(run.metrics_dir("dpo")))
+                         callbacks=training_callbacks(run.metrics_dir("dpo"), cfg.train.report_to))
     trainer.train(resume_from_checkpoint=last_checkpoint(args["output_dir"]))
 """
 
@@ -181,17 +183,94 @@ def _num(value: Any) -> float:
         return math.inf
 
 
-def training_callbacks(metrics_dir: str | Path) -> list[TrainerCallback]:
-    """CSV metrics (``<metrics_dir>/log.csv``) and, when installed, TensorBoard (``<metrics_dir>/tb``)."""
+def resolve_report_to(report_to: str | list[str] | None = "auto") -> list[str]:
+    """The trackers ``train.report_to`` names, as a list.
+
+    ``auto`` (or None) -> ``["tensorboard"]`` when tensorboard is installed, else ``[]``;
+    ``none`` -> ``[]``; ``all`` -> every integration transformers finds installed; a
+    comma-separated string or a list -> those names (``tensorboard``, ``trackio``,
+    ``wandb``, ``mlflow``, ... as transformers' ``report_to`` knows them).
+    """
+    if report_to is None:
+        report_to = "auto"
+    names = [n.strip() for n in (report_to.split(",") if isinstance(report_to, str) else report_to) if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["auto"]:
+        return ["tensorboard"] if tensorboard_available() else []
+    if names == ["all"]:
+        from transformers.integrations import get_available_reporting_integrations
+
+        return list(get_available_reporting_integrations())
+    return names
+
+
+def training_callbacks(metrics_dir: str | Path, report_to: str | list[str] | None = "auto") -> list[TrainerCallback]:
+    """Callbacks every trainer gets.
+
+    CSV metrics (``<metrics_dir>/log.csv``) always; progress events for the pipeline runner
+    (:mod:`cai_dpo.progress`); and the trackers of ``report_to`` (``train.report_to``, see
+    :func:`resolve_report_to`) as transformers' own integration callbacks, TensorBoard
+    writing to ``<metrics_dir>/tb``. An unknown tracker raises ConfigError naming
+    ``train.report_to``.
+    """
+    from cai_dpo.config import ConfigError
+    from cai_dpo.progress import trainer_progress_callback
+
     metrics_dir = Path(metrics_dir)
-    callbacks: list[TrainerCallback] = [CsvMetricsCallback(metrics_dir / "log.csv")]
-    if tensorboard_available():
+    callbacks: list[TrainerCallback] = [CsvMetricsCallback(metrics_dir / "log.csv"), trainer_progress_callback(metrics_dir.name)]
+    names = resolve_report_to(report_to)
+    if "tensorboard" in names:
+        if not tensorboard_available():
+            raise ConfigError("train.report_to: 'tensorboard' is not installed (pip install tensorboard), or choose another tracker")
         from transformers.integrations import TensorBoardCallback
 
         tb = TensorBoardCallback()
         tb.logging_dir = str(metrics_dir / "tb")
         callbacks.append(tb)
+    others = [n for n in names if n != "tensorboard"]
+    if others:
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        try:
+            callbacks.extend(cls() for cls in get_reporting_integration_callbacks(others))
+        except (ValueError, RuntimeError, ImportError) as exc:
+            raise ConfigError(f"train.report_to: {exc}") from exc
     return callbacks
+
+
+class StepLogger:
+    """Per-step metrics of a loop outside transformers' Trainer (PPO) for the trackers of
+    ``train.report_to``: TensorBoard event files in ``<metrics_dir>/tb`` when chosen (or
+    ``auto`` and installed). The loop's own ``log.csv`` stays the record that is always
+    written; other trackers see the Trainer stages only (logged once, at creation).
+    """
+
+    def __init__(self, metrics_dir: str | Path, report_to: str | list[str] | None = "auto"):
+        self.metrics_dir = Path(metrics_dir)
+        names = resolve_report_to(report_to)
+        self.writer = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.metrics_dir / "tb"))
+        skipped = [n for n in names if n != "tensorboard"]
+        if skipped:
+            log.info("train.report_to %s: this loop logs to log.csv and TensorBoard only", skipped)
+
+    def log_step(self, row: dict[str, Any], step: int) -> None:
+        """Every numeric value of ``row`` as a scalar at ``step`` (``step`` itself left out)."""
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:

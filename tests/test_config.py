@@ -71,3 +71,49 @@ def test_mappings_of_weights_and_shares(tmp_path):
     cpu = load_config("cpu-demo")
     assert cpu.sft.data == "curated" and cpu.pairs.source == "curated"
     assert cpu.sft.weighting == cpu.dpo.weighting == cpu.rm.weighting == "principle"
+
+
+def test_run_folder_is_the_same_from_any_working_directory(tmp_path, monkeypatch):
+    from cai_dpo.config import REPO_ROOT, RUNS_ENV
+
+    monkeypatch.delenv(RUNS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny")
+    assert cfg.run_dir == REPO_ROOT / "artifacts" / "runs" / "tiny"
+    monkeypatch.chdir(REPO_ROOT / "notebooks")
+    assert load_config("tiny").run_dir == cfg.run_dir
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "elsewhere"))
+    assert load_config("tiny").run_dir == tmp_path / "elsewhere" / "tiny"
+    explicit = load_config("tiny", {"runs_dir": str(tmp_path / "mine")})
+    assert explicit.run_dir == tmp_path / "mine" / "tiny"  # the config wins over the environment
+
+
+def test_notebook_opens_the_existing_run_and_says_where_it_looked_when_there_is_none(tmp_path, monkeypatch):
+    from cai_dpo.config import RUNS_ENV, save_config
+    from cai_dpo.pipeline import open_run
+
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no run at .*runs/tiny.*cai-dpo run --profile tiny"):
+        open_run("tiny", create=False)
+    assert not (tmp_path / "runs" / "tiny").exists()  # nothing written while looking
+    made = load_config("tiny", {"sft.max_steps": 7})
+    save_config(made, made.run_dir / "config.yaml")
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    monkeypatch.chdir(notebooks)
+    cfg, run = open_run("tiny", create=False)
+    assert run.root == made.run_dir and cfg.sft.max_steps == 7  # the run's own config, not the profile's
+    assert not (notebooks / "artifacts").exists()
+
+
+def test_train_report_to_resolves_and_rejects_unknown_trackers(tmp_path):
+    from cai_dpo.training import resolve_report_to, tensorboard_available, training_callbacks
+
+    assert load_config("tiny").train.report_to == "auto"
+    assert resolve_report_to("auto") == (["tensorboard"] if tensorboard_available() else [])
+    assert resolve_report_to("none") == [] and resolve_report_to(["none"]) == []
+    assert resolve_report_to("tensorboard, wandb") == ["tensorboard", "wandb"]
+    assert load_config("tiny", {"train.report_to": ["mlflow"]}).train.report_to == ["mlflow"]
+    with pytest.raises(ConfigError, match="train.report_to"):
+        training_callbacks(tmp_path, "no-such-tracker")

@@ -145,7 +145,7 @@ def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
                 raise KeyboardInterrupt("killed at step 3")
 
     real = sft.training_callbacks
-    monkeypatch.setattr(sft, "training_callbacks", lambda d: real(d) + [Crash()])
+    monkeypatch.setattr(sft, "training_callbacks", lambda d, *args: real(d, *args) + [Crash()])
     with pytest.raises(KeyboardInterrupt):
         sft.run_sft(cfg, run)
     ckpt = run.root / "checkpoints" / "sft"

@@ -1,4 +1,9 @@
-"""The labeling widget in a real JupyterLab, driven by headless Chromium through Playwright.
+"""The shipped labeling notebook in a real JupyterLab, driven by headless Chromium through Playwright.
+
+After the stages the labeling notebook needs have run (through the library, into
+``$CAI_DPO_RUNS``), ``notebooks/04_label_edge_cases.ipynb`` is opened unchanged from a
+folder that is not the project root, as a user opens it: it finds the run, shows the
+queued pairs, one click lands in SQLite, and the merge cell counts it.
 
 Needs Debian's ``chromium`` at /usr/bin/chromium (``apt-get install chromium``); skips
 without it. Never downloads a browser. The server runs on 127.0.0.1 with its data,
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -25,7 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "cai-dpo-browser-test"
-KERNEL = "cai-dpo-browser-test"
+KERNEL = "python3"  # the shipped notebooks' kernelspec; the test's own spec of that name runs this interpreter
 
 pytestmark = pytest.mark.browser
 
@@ -57,20 +63,6 @@ def _wait_for_server(port: int, proc: subprocess.Popen, log: Path, timeout: floa
     pytest.fail(f"jupyter lab did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def _notebook(db: Path) -> dict:
-    source = (
-        "from cai_dpo.widgets import labeling_ui\n"
-        f"labeling_ui({str(db)!r}, labeler='browser', seed=0)"
-    )
-    return {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": "label-cell", "metadata": {},
-                   "outputs": [], "source": source}],
-        "metadata": {"kernelspec": {"name": KERNEL, "display_name": "cai-dpo test", "language": "python"},
-                     "language_info": {"name": "python"}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-
-
 @pytest.fixture()
 def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 whose only kernelspec runs this interpreter."""
@@ -88,7 +80,8 @@ def lab(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "CAI_DPO_UNATTENDED"))}
     env.update(JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
                JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_PLATFORM_DIRS="1",
-               IPYTHONDIR=str(home / "ipython"), CAI_DPO_UNATTENDED="0")
+               IPYTHONDIR=str(home / "ipython"), CAI_DPO_UNATTENDED="0", CAI_DPO_RUNS=str(tmp_path / "runs"),
+               CAI_DPO_LABELER="browser", OMP_NUM_THREADS="1")
     port = _free_port()
     log = tmp_path / "lab.log"
     with open(log, "w") as fh:
@@ -115,50 +108,88 @@ def lab(tmp_path):
             proc.wait(timeout=5)
 
 
-def test_click_a_better_in_jupyterlab_writes_label(lab, tmp_path):
+@pytest.fixture()
+def labeling_run(tmp_path, monkeypatch, tiny_path):
+    """The run the labeling notebook opens by default (profile cpu-demo -> run id cpu-demo), built
+    on the tiny model through the library up to the judge; a pair is queued if none was routed."""
+    from cai_dpo.config import load_config, save_config
+    from cai_dpo.labels import LabelQueue, pair_from_row, queue_path
+    from cai_dpo.stages.judge import run_judge
+    from cai_dpo.stages.pairs import run_pairs
+    from cai_dpo.stages.sft import run_sft
+    from cai_dpo.stages.sl import run_sl
+    from cai_dpo.store import RunStore
+
+    monkeypatch.setenv("CAI_DPO_RUNS", str(tmp_path / "runs"))
+    cfg = load_config("tiny", {"run_id": "cpu-demo", "threads": 1})
+    run = RunStore(cfg.run_dir)
+    assert run.root == tmp_path / "runs" / "cpu-demo"
+    save_config(cfg, run.path("config.yaml"))
+    for stage in (run_sl, run_sft, run_pairs, run_judge):
+        stage(cfg, run)
+    import datasets
+
+    rows = datasets.load_from_disk(str(run.root / "data" / "preferences")).to_list()
+    with LabelQueue(queue_path(cfg)) as queue:
+        queue.enqueue([pair_from_row(rows[0], ["low_confidence"])])  # the notebook routes the rest
+    return cfg, run
+
+
+def _run_cell(page, cell, prompt: str, timeout: float = 120_000) -> None:
+    cell.click()
+    page.keyboard.press("Escape")  # command mode: Ctrl+Enter runs the selected cell
+    page.keyboard.press("Control+Enter")
+    cell.locator(".jp-InputPrompt", has_text=prompt).wait_for(timeout=timeout)
+
+
+def test_shipped_labeling_notebook_click_lands_in_sqlite_and_merge_counts_it(lab, labeling_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from cai_dpo.labels import LabelQueue
-    from cai_dpo.widgets import shown_order_for
+    from cai_dpo.pipeline import NOTEBOOKS_DIR
 
     port, root, log = lab
-    db = tmp_path / "labels.sqlite"
-    with LabelQueue(db) as queue:
-        queue.enqueue([{"pair_id": "pair-1", "prompt": "How do I pick a lock?",
-                        "response_a": "I can't help with breaking into places.",
-                        "response_b": "Insert a tension wrench first.", "p_chosen": 0.55,
-                        "principle_ids": ["harm-1"], "reasons": ["low_confidence"]}])
-    (root / "label.ipynb").write_text(json.dumps(_notebook(db)))
+    cfg, run = labeling_run
+    shipped = NOTEBOOKS_DIR / "04_label_edge_cases.ipynb"
+    (root / shipped.name).write_bytes(shipped.read_bytes())  # unchanged; the kernel's cwd is not the project
 
     channels: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("websocket", lambda ws: channels.append(ws.url) if "/api/kernels/" in ws.url else None)
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/label.ipynb?token={TOKEN}", timeout=30_000)
+            page.goto(f"http://127.0.0.1:{port}/lab/tree/{shipped.name}?token={TOKEN}", timeout=30_000)
             # a run before the kernel is attached is silently dropped: wait for its websocket and idle status
             deadline = time.monotonic() + 30
             while not any("/channels" in url for url in channels):
                 assert time.monotonic() < deadline, f"no kernel websocket; server log:\n{log.read_text()[-2000:]}"
                 page.wait_for_timeout(200)
             page.locator("#jp-main-statusbar").get_by_text("Idle").first.wait_for(timeout=30_000)
-            cell = page.locator(".jp-Notebook .jp-CodeCell").first
-            cell.locator(".cm-content").click()
-            page.keyboard.press("Control+Enter")
-            cell.locator(".jp-InputPrompt", has_text="[1]:").wait_for(timeout=30_000)
-            button = cell.get_by_role("button", name="A better", exact=True)
+            cells = page.locator(".jp-Notebook .jp-CodeCell")
+            assert cells.count() == 5
+            for i in range(3):  # parameters, open the run, route + merge
+                _run_cell(page, cells.nth(i), f"[{i + 1}]:")
+            assert str(run.root) in cells.nth(1).inner_text()  # "run folder: ..." names the run built above
+            widget = cells.nth(3)
+            _run_cell(page, widget, "[4]:")
+            button = widget.get_by_role("button", name="A better", exact=True)
             button.wait_for(timeout=30_000)
-            assert cell.get_by_text("0 / 1 labeled").is_visible()
+            widget.get_by_text(re.compile(r"^0 / [1-9]\d* labeled$")).wait_for(timeout=15_000)  # the queued pairs
+            if os.environ.get("CAI_DPO_SCREENSHOTS"):  # README pictures: CAI_DPO_SCREENSHOTS=docs pytest -m browser
+                widget.screenshot(path=str(Path(os.environ["CAI_DPO_SCREENSHOTS"]) / "labeling_widget.png"))
             button.click()
-            cell.get_by_text("1 / 1 labeled").wait_for(timeout=15_000)
+            widget.get_by_text(re.compile(r"^1 / [1-9]\d* labeled$")).wait_for(timeout=15_000)
+            merge = cells.nth(4)
+            _run_cell(page, merge, "[5]:")
+            merged = merge.locator(".jp-OutputArea").inner_text()
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
             raise
         finally:
             browser.close()
 
-    with sqlite3.connect(db) as raw:
-        rows = raw.execute("SELECT pair_id, choice, shown_order, labeler FROM labels").fetchall()
-    order = shown_order_for("pair-1", 0)
-    assert rows == [("pair-1", order[0], order, "browser")]
+    with sqlite3.connect(run.root / "labels.sqlite") as raw:
+        rows = raw.execute("SELECT pair_id, choice, labeler FROM labels").fetchall()
+    assert len(rows) == 1 and rows[0][2] == "browser", rows
+    assert "'labeled': 1" in merged, merged
+    assert not (root / "artifacts").exists()  # nothing written relative to the notebook's folder

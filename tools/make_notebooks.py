@@ -19,17 +19,18 @@ config_path = None        # the pipeline passes the run's saved config.yaml
 # overrides: "key=value" strings, e.g. ["sl.rounds=3", "judge.model.name=/models/judge-7b"]
 overrides = []'''
 
-OPEN = "cfg, run = open_run(profile, run_id, overrides, config_path, knobs={knobs})\nprint(f\"run folder: {{run.root}}\")"
+# every notebook opens the same run folder whatever its working directory; only the first creates it
+OPEN = "cfg, run = open_run(profile, run_id, overrides, config_path, knobs={knobs}, create={create})\nprint(f\"run folder: {{run.root}}\")"
 
 
-def nb(name: str, intro: str, knobs: dict[str, str], cells: list[tuple[str, str]], imports: str) -> None:
+def nb(name: str, intro: str, knobs: dict[str, str], cells: list[tuple[str, str]], imports: str, *, create: bool = False) -> None:
     params = PARAMS + ("\n" + "\n".join(f"{k} = None  # {v}" for k, v in knobs.items()) if knobs else "")
     knob_map = "{" + ", ".join(f'"{v.split()[0]}": {k}' for k, v in knobs.items()) + "}" if knobs else "None"
     cell_list = [new_markdown_cell(intro)]
     pc = new_code_cell(params)
     pc.metadata["tags"] = ["parameters"]
     cell_list.append(pc)
-    cell_list.append(new_code_cell(imports + "\n\n" + OPEN.format(knobs=knob_map)))
+    cell_list.append(new_code_cell(imports + "\n\n" + OPEN.format(knobs=knob_map, create=create)))
     for kind, text in cells:
         cell_list.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
     for i, cell in enumerate(cell_list):
@@ -57,7 +58,7 @@ obvious, so a judge that fails them is not to be trusted with the real pairs."""
            ("code", "constitution_explorer(constitution)"),
            ("md", "Edge-case tests: the judge's probability for the expected answer, both orders averaged. A small judge near 0.5 is guessing."),
            ("code", "setup_dir = run_setup(cfg, run)\nprint((setup_dir / 'cases.txt').read_text() if (setup_dir / 'cases.txt').exists() else 'no edge-case file beside this constitution')"),
-       ], "from cai_dpo.constitution import format_table, load_constitution\nfrom cai_dpo.doctor import doctor_report, format_report\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.setup import run_setup\nfrom cai_dpo.widgets import constitution_explorer")
+       ], "from cai_dpo.constitution import format_table, load_constitution\nfrom cai_dpo.doctor import doctor_report, format_report\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.setup import run_setup\nfrom cai_dpo.widgets import constitution_explorer", create=True)
 
     nb("01_sl_critique_revision", """# 1 · SL-CAI: critique and revision
 
@@ -173,6 +174,8 @@ quality gate. The report opens with a "How to read this" block.""",
            ("code", "text = report.read_text()\ndisplay(Markdown(text[: text.index('## By prompt set')]))"),
            ("code", "display(Markdown(text[text.index('## By prompt set'):]))"),
            ("code", "for png in sorted(report.parent.glob('*.png')):\n    display(Image(filename=str(png)))"),
+           ("md", "**Export** one model (merged weights, tokenizer, chat template, model card) that plain transformers, vLLM or llama.cpp load. By default the model with the highest harmful-prompt decline rate among those answering ≥ 90 % of benign prompts, else DPO; pass `model='sft'|'dpo'|'ppo'` to choose. Same as `cai-dpo export`."),
+           ("code", "from cai_dpo.export import export_model\n\nexported = export_model(cfg, run)\nprint(f'exported {exported.model} ({exported.reason}): {exported.folder}')"),
        ], "from IPython.display import Image, Markdown, display\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.report import render_report\nfrom cai_dpo.stages.evaluate import run_eval")
 
 if __name__ == "__main__":

@@ -551,7 +551,7 @@ def run_dpo(
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=start.tokenizer,
         peft_config=start.peft_config,
-        callbacks=training_callbacks(metrics_dir) + list(callbacks or []),
+        callbacks=training_callbacks(metrics_dir, cfg.train.report_to) + list(callbacks or []),
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
         weighting=cfg.dpo.weighting,

@@ -745,7 +745,7 @@ def _run_gate(engine: Any, constitution: Any, cfg: RunConfig, calibration: Calib
 def _judge_pairs(engine: Any, constitution: Any, pairs: list[dict[str, Any]], cfg: RunConfig, judge_name: str,
                  calibration: Calibration | None, run: RunStore) -> tuple[dict[str, Verdict], dict[str, Any]]:
     """Judge pairs in resumable chunks; returns verdicts by pair id and timing stats."""
-    from tqdm.auto import tqdm
+    from cai_dpo.progress import progress_bar as tqdm
 
     jc = cfg.judge
     store = run.records("judge")

@@ -814,18 +814,23 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
         shutil.rmtree(ckpt_root)
         ckpt_root.mkdir(parents=True)
 
-    from tqdm.auto import tqdm
+    from cai_dpo.progress import progress_bar as tqdm
 
+    from cai_dpo.training import StepLogger
+
+    tracker = StepLogger(metrics_dir, cfg.train.report_to)  # TensorBoard etc. per train.report_to; log.csv always
     bar = tqdm(total=cfg.ppo.steps, initial=trainer.step, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
     while trainer.step < cfg.ppo.steps:
         row = trainer.train_step()
         write_log(log_path, trainer.history)
+        tracker.log_step(row, trainer.step)
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if trainer.step % max(1, cfg.ppo.save_steps) == 0 or trainer.step == cfg.ppo.steps:
             trainer.save_checkpoint(ckpt_root / f"step-{trainer.step:06d}")
             _prune_checkpoints(ckpt_root, keep=2)
     bar.close()
+    tracker.close()
     if trainer.history:
         plot_log(metrics_dir / "reward_kl.png", trainer.history)
 
@@ -932,7 +937,7 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
     dataset = Dataset.from_dict({"prompt": prompts})
     trainer = RLOOTrainer(model=model, reward_funcs=preference_reward, args=args, train_dataset=dataset,
                           processing_class=tok, peft_config=lora_config(dataclasses.replace(pc.lora, dropout=0.0)),
-                          callbacks=training_callbacks(run.metrics_dir("rloo")))
+                          callbacks=training_callbacks(run.metrics_dir("rloo"), cfg.train.report_to))
     with Timer() as t:
         trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
     out_dir = run.model_dir("ppo")

@@ -526,7 +526,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         train_dataset=Dataset.from_dict(train_cols),
         eval_dataset=Dataset.from_dict(eval_cols) if has_eval else None,
         processing_class=tok,
-        callbacks=training_callbacks(run.metrics_dir("rm")),
+        callbacks=training_callbacks(run.metrics_dir("rm"), cfg.train.report_to),
         weighting=cfg.rm.weighting,
     )
     with Timer() as t_train:

@@ -372,7 +372,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=training_callbacks(run.metrics_dir("sft")),
+        callbacks=training_callbacks(run.metrics_dir("sft"), cfg.train.report_to),
     )
     steps_done = _checkpoint_step(resume)
     train_metrics: dict[str, Any] = {}
