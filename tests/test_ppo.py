@@ -222,6 +222,42 @@ def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
     assert not torch.allclose(with_adapter, base)
 
 
+def test_ppo_retrains_when_its_inputs_change(tmp_path, tiny_path):
+    """A new kl_coef or new preference model retrains PPO from step 0; unchanged inputs skip it."""
+    from safetensors.torch import load_file
+
+    from cai_dpo.stages.rm import run_rm
+
+    over = {"ppo.steps": 2, "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6,
+            "ppo.learning_rate": 1e-2, "rm.max_steps": 1, "rm.eval_fraction": 0.0}
+    cfg = _cfg(tmp_path, **over)
+    run = RunStore(cfg.run_dir)
+    pairs = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.8, "category": "x"}] * 4
+    run_rm(cfg, run, preferences=pairs)
+    out = run_ppo(cfg, run, prompts=PROMPTS, progress=False)
+    first = read_manifest(out)
+    w1 = load_file(str(out / "adapter_model.safetensors"))
+
+    # unchanged inputs, or only an evaluation knob: skipped
+    assert run_ppo(cfg, run, prompts=PROMPTS, progress=False) == out
+    assert run_ppo(_cfg(tmp_path, **over, **{"eval.bootstrap": 7}), run, prompts=PROMPTS, progress=False) == out
+    assert read_manifest(out)["created"] == first["created"]
+
+    # its own section changed: trained again from step 0, with other weights
+    out = run_ppo(_cfg(tmp_path, **over, **{"ppo.kl_coef": 0.2}), run, prompts=PROMPTS, progress=False)
+    second = read_manifest(out)
+    assert second["counts"]["resumed_from"] == 0 and second["counts"]["steps"] == 2
+    assert second["config"]["ppo"]["kl_coef"] == 0.2
+    w2 = load_file(str(out / "adapter_model.safetensors"))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+    # new labels retrain the preference model, and PPO follows it
+    run_rm(cfg, run, preferences=[{**p, "p_chosen": 0.1} for p in pairs])
+    out = run_ppo(_cfg(tmp_path, **over, **{"ppo.kl_coef": 0.2}), run, prompts=PROMPTS, progress=False)
+    third = read_manifest(out)
+    assert third["counts"]["resumed_from"] == 0 and third["inputs"]["rm"] != second["inputs"]["rm"]
+
+
 def test_ppo_with_preference_model_of_another_tokenizer(tmp_path, tiny_path):
     """Default reward = models/rm scored with its own tokenizer; the value model then starts from the policy."""
     from cai_dpo.stages.rm import run_rm

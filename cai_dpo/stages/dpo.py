@@ -63,7 +63,16 @@ from cai_dpo.models import (
 )
 from cai_dpo.labels import preferences_path
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
-from cai_dpo.training import common_training_args, read_metrics_csv, resume_checkpoint, training_callbacks
+from cai_dpo.training import (
+    artifact_current,
+    common_training_args,
+    read_metrics_csv,
+    resume_checkpoint,
+    train_to_target,
+    training_callbacks,
+    training_inputs,
+    artifact_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +475,14 @@ def run_dpo(
         raise ValueError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
     pref_hash = dataset_hash(pref_path)
-    start_hash = file_hash(start_adapter) if start_adapter is not None else ""
+    start_hash = artifact_hash(start_adapter) if start_adapter is not None else ""
+
+    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": resolve_adapter_mode(cfg)}
+    target = {k: getattr(cfg.dpo, k) for k in _LENGTH_KEYS}
+    if artifact_current(out_dir, note, target):
+        log.info("DPO adapter in %s is up to date (same preferences, start adapter and settings); nothing to train", out_dir)
+        return out_dir
 
     timings: dict[str, float] = {}
     with Timer() as t_load:
@@ -474,8 +490,6 @@ def run_dpo(
     timings["model_load"] = t_load.seconds
 
     ckpt_dir = run.root / "checkpoints" / out_dir.name
-    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
-            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": start.mode}
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
     args = TrlDPOConfig(
@@ -498,12 +512,8 @@ def run_dpo(
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
     )
-    resumed_step = 0
-    if resume:
-        resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
-        log.info("resuming DPO from %s (step %d)", resume, resumed_step)
     with Timer() as t_train:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result, resumed_step = train_to_target(trainer, resume, cfg.dpo.max_steps)
     timings["train"] = t_train.seconds
     steps_here = trainer.state.global_step - resumed_step
     timings["seconds_per_step"] = t_train.seconds / steps_here if steps_here > 0 else 0.0
@@ -530,7 +540,7 @@ def run_dpo(
     log_rows = read_metrics_csv(metrics_dir / "log.csv") if (metrics_dir / "log.csv").exists() else []
     train_log = [r for r in log_rows if "loss" in r and "eval_loss" not in r]
     metrics = {
-        "train_loss_mean": float(result.training_loss),
+        "train_loss_mean": float(result.training_loss) if result is not None else _final(train_log, "loss"),
         "train_loss_first": _final(train_log[:1], "loss"),
         "train_loss_final": _final(train_log, "loss"),
         "train_reward_accuracy_final": _final(train_log, "rewards/accuracies"),
@@ -542,7 +552,8 @@ def run_dpo(
         stage="dpo",
         config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
         inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
-                "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash},
+                "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash,
+                **training_inputs(note, target)},
         models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
                 "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
                 **({"merged": str(merged_dir)} if merged_dir else {})},

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import RunConfig, to_dict
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, file_hash
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -634,13 +634,13 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
 
-def last_ppo_checkpoint(folder: Path) -> Path | None:
-    """The ``step-<n>`` checkpoint with the highest n under ``folder``, or None."""
+def last_ppo_checkpoint(folder: Path, max_step: int | None = None) -> Path | None:
+    """The ``step-<n>`` checkpoint with the highest n (at most ``max_step`` when given) under ``folder``, or None."""
     found = []
     if folder.is_dir():
         for p in folder.iterdir():
             m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and (p / "state.json").exists():
+            if m and (p / "state.json").exists() and (max_step is None or int(m.group(1)) <= max_step):
                 found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
 
@@ -736,13 +736,19 @@ def load_value_model(cfg: RunConfig, run: RunStore, policy_tok: Any, merge: list
     )
 
 
+def reward_model_dir(run: RunStore) -> Path:
+    """``models/rm``; a missing one raises naming the fix."""
+    rm_dir = run.root / "models" / "rm"
+    if not rm_dir.exists():
+        raise FileNotFoundError(f"{rm_dir}: no preference model; run `cai-dpo rm` first (or pass reward_fn=)")
+    return rm_dir
+
+
 def default_reward(run: RunStore, cfg: RunConfig) -> tuple[Any, Path]:
     """The RewardScorer of ``models/rm``; a missing one raises naming the fix."""
     from cai_dpo.stages.rm import RewardScorer
 
-    rm_dir = run.root / "models" / "rm"
-    if not rm_dir.exists():
-        raise FileNotFoundError(f"{rm_dir}: no preference model; run `cai-dpo rm` first (or pass reward_fn=)")
+    rm_dir = reward_model_dir(run)
     return RewardScorer(rm_dir, batch_size=max(1, cfg.ppo.sampling.batch_size), device=cfg.policy.device), rm_dir
 
 
@@ -757,6 +763,33 @@ def _reward_adapter(reward_fn: RewardFn | None, scorer: Any) -> Callable[[list[C
 
 # --------------------------------------------------------------------------- stage
 
+# PPO config keys that only change how long training runs: a longer run may resume a shorter one
+_LENGTH_KEYS = ("steps", "save_steps")
+
+
+def training_note(cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm_dir: Path | None,
+                  merge: list[Path], mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs note, length target) of a PPO or RLOO run, for checkpoint resumption and skipping.
+
+    The note holds every input the weights depend on: the ``ppo`` settings (less
+    ``steps``/``save_steps``), the policy spec, the seed, the prompts, the SFT adapter, the
+    preference model (``"programmatic"`` for an injected ``reward_fn``) and, with a
+    pretraining mix, ``data/sl``.
+    """
+    from cai_dpo.training import artifact_hash
+
+    settings = {k: v for k, v in to_dict(cfg.ppo).items() if k not in _LENGTH_KEYS}
+    note: dict[str, Any] = {
+        "mode": mode, "ppo": settings, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+        "prompts": content_hash(prompts),
+        "sft_adapter": [artifact_hash(m) for m in merge],
+        "reward": artifact_hash(rm_dir) if rm_dir is not None else "programmatic",
+    }
+    sl_dir = run.root / "data" / "sl"
+    if mode == "ppo" and cfg.ppo.ptx_coef > 0 and sl_dir.exists():
+        note["ptx_data"] = artifact_hash(sl_dir)
+    return note, {k: getattr(cfg.ppo, k) for k in _LENGTH_KEYS}
+
 
 def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | None = None,
             prompts: list[Conversation] | None = None, *, resume: bool = True, progress: bool = True) -> Path:
@@ -770,13 +803,23 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     from cai_dpo.engine import set_threads
 
+    from cai_dpo.stages.rm import sft_adapter
+    from cai_dpo.training import artifact_current, clear_stale_checkpoints, training_inputs
+
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
     prompts = prompts or ppo_prompts(cfg, run)
-    scorer, rm_dir = (None, None) if reward_fn is not None else default_reward(run, cfg)
-    reward = _reward_adapter(reward_fn, scorer)
     if cfg.ppo.mode == "rloo":
-        return run_rloo(cfg, run, reward, prompts, rm_dir)
+        return run_rloo(cfg, run, reward_fn, prompts, resume=resume)
+    rm_dir = None if reward_fn is not None else reward_model_dir(run)
+    merge = [sft_adapter(run)] if sft_adapter(run) else []
+    note, target = training_note(cfg, run, prompts, rm_dir, merge, "ppo")
+    out_dir = run.model_dir("ppo")
+    if resume and artifact_current(out_dir, note, target):
+        log.info("PPO adapter in %s is up to date (same prompts, preference model, SFT adapter and settings)", out_dir)
+        return out_dir
+    scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
+    reward = _reward_adapter(reward_fn, scorer)
 
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -798,14 +841,14 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
     metrics_dir = run.metrics_dir("ppo")
     log_path = metrics_dir / "log.csv"
     resumed_from = None
-    if resume and (last := last_ppo_checkpoint(ckpt_root)) is not None:
+    if not resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    clear_stale_checkpoints(ckpt_root, note)
+    if resume and (last := last_ppo_checkpoint(ckpt_root, cfg.ppo.steps)) is not None:
         trainer.load_checkpoint(last)
         resumed_from = trainer.step
         trainer.history = [r for r in read_log(log_path) if r.get("step", math.inf) <= trainer.step]
         log.info("PPO resumes from %s (step %d)", last, trainer.step)
-    elif not resume and ckpt_root.exists():
-        shutil.rmtree(ckpt_root)
-        ckpt_root.mkdir(parents=True)
 
     from tqdm.auto import tqdm
 
@@ -824,7 +867,6 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     from cai_dpo.models import save_adapter
 
-    out_dir = run.model_dir("ppo")
     save_adapter(trainer.policy, tok, out_dir, base=cfg.policy.name, merge_first=merge)
     hist = trainer.history
     new_rows = [r for r in hist if resumed_from is None or r["step"] > resumed_from]
@@ -843,11 +885,11 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
             "kl_coef_last": hist[-1]["kl_coef"], "entropy_last": hist[-1]["entropy"],
             "response_length_last": hist[-1]["response_length"],
         }
-    inputs = {"prompts": str(len(prompts))}
+    inputs = {"prompts": str(len(prompts)), **training_inputs(note, target)}
     if rm_dir is not None:
-        inputs["rm"] = file_hash(rm_dir)
+        inputs["rm"] = note["reward"]
     if merge:
-        inputs["sft_adapter"] = file_hash(merge[0])
+        inputs["sft_adapter"] = note["sft_adapter"][0]
     Manifest(
         stage="ppo",
         config={"ppo": to_dict(cfg.ppo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
@@ -877,8 +919,8 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
 # --------------------------------------------------------------------------- RLOO
 
 
-def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation], list[str]], Sequence[float]],
-             prompts: list[Conversation], rm_dir: Path | None) -> Path:
+def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *,
+             resume: bool = True) -> Path:
     """RLOO (TRL's ``RLOOTrainer``) on the same policy, reference and reward, for comparison with PPO.
 
     Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
@@ -890,14 +932,29 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
 
     from cai_dpo.models import load_model, lora_config, save_adapter
     from cai_dpo.stages.rm import sft_adapter
-    from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
+    from cai_dpo.training import (
+        artifact_current,
+        common_training_args,
+        resume_checkpoint,
+        train_to_target,
+        training_callbacks,
+        training_inputs,
+    )
 
     pc = cfg.ppo
     k = max(2, pc.rloo_k)
     if pc.rollout_batch % k or pc.rollout_batch % pc.minibatch:
         raise ValueError(f"ppo.rollout_batch ({pc.rollout_batch}) must be divisible by ppo.rloo_k ({k}) and ppo.minibatch ({pc.minibatch}) in RLOO mode")
-    steps_per_gen = pc.rollout_batch // pc.minibatch
+    rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
+    note, target = training_note(cfg, run, prompts, rm_dir, merge, "rloo")
+    out_dir = run.model_dir("ppo")
+    if resume and artifact_current(out_dir, note, target):
+        log.info("RLOO adapter in %s is up to date; nothing to train", out_dir)
+        return out_dir
+    scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
+    reward = _reward_adapter(reward_fn, scorer)
+    steps_per_gen = pc.rollout_batch // pc.minibatch
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
 
     def preference_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
@@ -906,10 +963,14 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
 
     section = dataclasses.replace(pc, save_steps=pc.save_steps * steps_per_gen * pc.ppo_epochs)
     ckpt = run.path("checkpoints", "rloo")
+    if not resume and ckpt.exists():
+        shutil.rmtree(ckpt)
+    resume_from = resume_checkpoint(ckpt, note)
+    max_steps = pc.steps * steps_per_gen * pc.ppo_epochs
     args = RLOOConfig(
         **common_training_args(section, ckpt, seed=cfg.seed, save_steps=section.save_steps,
                                per_device_train_batch_size=pc.minibatch,
-                               max_steps=pc.steps * steps_per_gen * pc.ppo_epochs, num_train_epochs=1.0),
+                               max_steps=max_steps, num_train_epochs=1.0),
         num_generations=k,
         generation_batch_size=pc.rollout_batch,
         num_iterations=pc.ppo_epochs,
@@ -925,16 +986,15 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
                           processing_class=tok, peft_config=lora_config(dataclasses.replace(pc.lora, dropout=0.0)),
                           callbacks=training_callbacks(run.metrics_dir("rloo")))
     with Timer() as t:
-        trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
-    out_dir = run.model_dir("ppo")
+        _, resumed_step = train_to_target(trainer, resume_from, max_steps)
     save_adapter(trainer.model, tok, out_dir, base=cfg.policy.name, merge_first=merge)
     Manifest(
         stage="ppo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs={"prompts": str(len(prompts)), **({"rm": file_hash(rm_dir)} if rm_dir else {})},
+        inputs={"prompts": str(len(prompts)), **({"rm": note["reward"]} if rm_dir else {}), **training_inputs(note, target)},
         models={"base": cfg.policy.name, "merged_first": ", ".join(str(m) for m in merge) or "none",
                 "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)"},
-        counts={"optimizer_steps": int(trainer.state.global_step)},
+        counts={"optimizer_steps": int(trainer.state.global_step), "resumed_from_step": resumed_step},
         timings={"train_s": t.seconds},
         notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv"],
     ).write(out_dir / "manifest.json")

@@ -33,7 +33,7 @@ import numpy as np
 
 from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
 from cai_dpo.labels import preferences_path
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, file_hash
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ Conversation = list[dict[str, str]]
 PromptLike = str | Conversation
 SCORER_NOTE = "cai_dpo_rm.json"
 HEAD_NAMES = ("score", "classifier", "v_head")
+# config keys that only change how long training runs: a longer run may resume a shorter one
+_LENGTH_KEYS = ("epochs", "max_steps", "save_steps")
 
 
 # --------------------------------------------------------------------------- text
@@ -448,21 +450,42 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
 
     from cai_dpo.engine import set_threads
     from cai_dpo.models import save_adapter
-    from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
+    from cai_dpo.training import (
+        artifact_current,
+        artifact_hash,
+        common_training_args,
+        resume_checkpoint,
+        train_to_target,
+        training_callbacks,
+        training_inputs,
+    )
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
     timings: dict[str, float] = {}
     if preferences is None:
         data, source = load_preferences(run)
-        inputs = {"preferences": f"{source.name}:{file_hash(source)}"}
+        rows = list(data)
+        pref_hash = artifact_hash(source)
+        inputs = {"preferences": f"{source.name}:{pref_hash}"}
     else:
         data, source = preferences, None
-        inputs = {"preferences": "<given>"}
-    rows = list(data) if not isinstance(data, list) else data
+        rows = list(data) if not isinstance(data, list) else data
+        pref_hash = content_hash(rows)
+        inputs = {"preferences": f"<given>:{pref_hash}"}
     if not rows:
         raise ValueError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
     helpful_texts = _helpful_texts(cfg)
+    sft = sft_adapter(run) if cfg.rm.backbone in (None, "sl-cai") else None
+    note = {"preferences": pref_hash, "sft_adapter": artifact_hash(sft) if sft is not None else "",
+            "helpful_prompts": content_hash(sorted(helpful_texts)) if cfg.rm.helpful_mix is not None else "",
+            "rm": {k: v for k, v in to_dict(cfg.rm).items() if k not in _LENGTH_KEYS},
+            "policy": to_dict(cfg.policy), "seed": cfg.seed}
+    target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
+    out_dir = run.model_dir("rm")
+    if artifact_current(out_dir, note, target):
+        log.info("preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir)
+        return out_dir
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
     train_rows, eval_rows = split_rows(rows, cfg.rm.eval_fraction, cfg.seed)
 
@@ -470,17 +493,17 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     with Timer() as t_load:
         model, tok, base, merge = build_rm(cfg, run)
     timings["load_s"] = t_load.seconds
-    sft = sft_adapter(run)
     if sft is not None and merge:
-        inputs["sft_adapter"] = file_hash(sft)
+        inputs["sft_adapter"] = note["sft_adapter"]
+    inputs.update(training_inputs(note, target))
     train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode)
     if not train_cols["p_chosen"]:
         raise ValueError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
     eval_cols = tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode) if eval_rows else None
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    out_dir = run.model_dir("rm")
     ckpt_dir = run.path("checkpoints", "rm")
+    resume = resume_checkpoint(ckpt_dir, note)
     collator_cls, trainer_cls = _trainer_classes()
     args = RewardConfig(
         **common_training_args(cfg.rm, ckpt_dir, seed=cfg.seed, has_eval=has_eval),
@@ -498,8 +521,9 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         callbacks=training_callbacks(run.metrics_dir("rm")),
     )
     with Timer() as t_train:
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+        result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
+    steps = int(trainer.state.global_step)
     save_adapter(trainer.model, tok, out_dir, base=base, merge_first=merge)
     bspec = backbone_spec(cfg)
     atomic_write_json(out_dir / SCORER_NOTE, {
@@ -510,7 +534,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
 
     with Timer() as t_eval:
         scorer = RewardScorer(out_dir, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
-        metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+        metrics: dict[str, Any] = {"train_loss": float(result.training_loss) if result is not None else None,
+                                   "steps": steps, "resumed_from_step": resumed_step}
         for name, part in (("heldout", eval_rows), ("train", train_rows)):
             if part:
                 rc, rr = scorer.score_pairs(part)
