@@ -38,27 +38,68 @@ UNATTENDED_ENV = "CAI_DPO_UNATTENDED"
 
 @dataclass(frozen=True)
 class Stage:
-    """One notebook of the chain and the run artifacts it reads and writes."""
+    """One notebook of the chain and what its result depends on.
+
+    ``inputs``: run artifacts it reads (their manifests are hashed); ``outputs``: what it
+    writes; ``volatile_inputs``: state outside the artifacts (``labels``: the label queue).
+    ``sections``: the :class:`RunConfig` sections (and top-level fields) it reads;
+    ``conditional``: ``(condition, sections)`` pairs read only when ``condition(cfg)`` holds
+    (e.g. iterative DPO rounds run the pair, judge and label stages). ``files``: input files
+    whose contents it reads, by kind (see :func:`input_files`).
+    """
 
     name: str
     notebook: str
     outputs: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     volatile_inputs: tuple[str, ...] = field(default=())
+    sections: tuple[str, ...] = ()
+    conditional: tuple[tuple[Callable[[RunConfig], bool], tuple[str, ...]], ...] = ()
+    files: tuple[str, ...] = ()
 
     def path(self) -> Path:
         return NOTEBOOKS_DIR / self.notebook
 
+    def sections_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The config sections this stage reads under ``cfg``, in declaration order."""
+        out = list(self.sections)
+        for condition, extra in self.conditional:
+            if condition(cfg):
+                out += [s for s in extra if s not in out]
+        return tuple(out)
 
+    def all_sections(self) -> set[str]:
+        """Every section this stage may read, whatever the config."""
+        return set(self.sections).union(*(extra for _, extra in self.conditional))
+
+
+def _dpo_rounds(cfg: RunConfig) -> bool:
+    return cfg.dpo.rounds > 1
+
+
+def _ppo_ptx(cfg: RunConfig) -> bool:
+    return cfg.ppo.ptx_coef > 0
+
+
+_MODEL = ("policy", "seed", "threads")
 STAGES: tuple[Stage, ...] = (
-    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",)),
-    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",)),
-    Stage("sft", "02_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json",)),
-    Stage("feedback", "03_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json")),
-    Stage("labels", "04_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",)),
-    Stage("dpo", "05_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json")),
+    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",),
+          sections=("constitution", "policy", "judge"), files=("constitution", "constitution_cases")),
+    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",),
+          sections=("sl", "constitution", "data", *_MODEL), files=("constitution", "prompts")),
+    Stage("sft", "02_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json",), sections=("sft", *_MODEL)),
+    Stage("feedback", "03_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json"),
+          sections=("pairs", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset")),
+    Stage("labels", "04_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",),
+          sections=("labels",)),
+    Stage("dpo", "05_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+          sections=("dpo", *_MODEL),
+          conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
+          files=("constitution?rounds", "prompts?rounds", "checkset?rounds")),
+    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+          sections=("rm", "ppo", "data", *_MODEL), conditional=((_ppo_ptx, ("sft",)),), files=("prompts",)),
+    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json"),
+          sections=("eval", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "jailbreaks")),
 )
 
 
@@ -105,12 +146,71 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
     return content_hash(LabelQueue(db).labels())
 
 
+def _spec_hash(spec: str | None) -> str | None:
+    """Content hash of a prompt-set spec (``bundled:NAME``, a file or a folder); the spec itself when not local."""
+    from cai_dpo.config import resolve_path
+    from cai_dpo.data import bundled_path
+
+    if spec is None:
+        return None
+    try:
+        path = bundled_path(spec.split(":", 1)[1]) if str(spec).startswith("bundled:") else resolve_path(spec)
+    except FileNotFoundError:
+        return f"missing:{spec}"
+    return file_hash(path) if path.exists() else f"missing:{spec}"
+
+
+def input_files(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
+    """Content hashes of the files a stage reads, by kind.
+
+    Kinds: ``constitution`` (the constitution file), ``constitution_cases`` (its edge-case
+    file), ``prompts`` (the prompt sets named in ``data``), ``checkset`` (the judge check
+    set), ``jailbreaks`` (the evaluation's templates), ``curated`` (the curated sets under
+    ``cai_dpo/prompts/curated/``). A ``?rounds`` suffix reads the kind only with ``dpo.rounds > 1``.
+    """
+    from cai_dpo.data import PROMPTS_DIR
+
+    out: dict[str, str | None] = {}
+    for kind in stage.files:
+        kind, _, when = kind.partition("?")
+        if when == "rounds" and not _dpo_rounds(cfg):
+            continue
+        if kind == "constitution":
+            path = cfg.constitution_path()
+            out[kind] = file_hash(path) if path.exists() else f"missing:{cfg.constitution}"
+        elif kind == "constitution_cases":
+            path = cfg.constitution_path()
+            cases = path.with_name(f"{path.stem}_cases.yaml")
+            out[kind] = file_hash(cases) if cases.exists() else None
+        elif kind == "prompts":
+            out["red_team"] = _spec_hash(cfg.data.red_team)
+            out["helpful"] = _spec_hash(cfg.data.helpful)
+        elif kind == "checkset":
+            out[kind] = _spec_hash(cfg.judge.checkset or "bundled:judge_checkset")
+        elif kind == "jailbreaks":
+            out[kind] = file_hash(PROMPTS_DIR / "jailbreaks.yaml")
+        elif kind == "curated":
+            folder = PROMPTS_DIR / "curated"
+            out[kind] = file_hash(folder) if folder.exists() else None
+        else:
+            raise ValueError(f"stage '{stage.name}': unknown input file kind {kind!r}")
+    return out
+
+
+def stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
+    """The parts of ``cfg`` a stage reads (its sections and the shared fields it uses)."""
+    out: dict[str, Any] = {}
+    for name in stage.sections_for(cfg):
+        value = getattr(cfg, name)
+        out[name] = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    return out
+
+
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
-    """Hash of what a stage depends on: notebook, config, upstream manifests, labels."""
+    """Hash of what a stage depends on: its notebook, its config sections, its input files, upstream manifests, labels."""
     upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs}
     volatile = {v: _labels_digest(run, cfg) for v in stage.volatile_inputs if v == "labels"}
-    cfg_dict = to_dict(cfg)
-    return content_hash(file_hash(stage.path()), cfg_dict, upstream, volatile)
+    return content_hash(file_hash(stage.path()), stage_config(stage, cfg), input_files(stage, cfg), upstream, volatile)
 
 
 def _state_path(run: RunStore, stage: Stage) -> Path:
