@@ -164,6 +164,40 @@ def test_kl_is_zero_with_a_fresh_adapter(tmp_path, tiny_path):
     assert float(ro2.kl.abs().max()) == 0.0
 
 
+def test_ppo_trains_on_the_sampled_token_ids(tmp_path, tiny_path):
+    """The ids in the batch are the engine's sampled ids (+EOS when it ended), and the reward sees their exact text."""
+    cfg = _cfg(tmp_path, **{"ppo.rollout_batch": 6, "ppo.sampling.max_new_tokens": 10})
+    run = RunStore(cfg.run_dir)
+    torch.manual_seed(0)
+    policy, tok, merge = load_policy(cfg, run)
+    value, _ = load_value_model(cfg, run, tok, merge, None)
+    seen: dict[str, list] = {}
+
+    def reward(prompts, responses):
+        seen["responses"] = list(responses)
+        return [0.0] * len(responses)
+
+    trainer = PPOTrainer(cfg, policy, tok, value, reward, PROMPTS, progress=False)
+    real = trainer.engine.generate
+
+    def spy(*args, **kwargs):
+        seen["gens"] = real(*args, **kwargs)
+        return seen["gens"]
+
+    trainer.engine.generate = spy
+    ro = trainer.rollout(PROMPTS[:6], seed=3)
+    gens = [g[0] for g in seen["gens"]]
+    P = ro.query_width
+    assert any(g.token_ids and not g.finished for g in gens)  # some hit max_new_tokens: no EOS appended
+    for i, g in enumerate(gens):
+        assert len(g.token_ids) == g.n_tokens
+        n = int(ro.lengths[i])
+        trained = ro.input_ids[i, P : P + n].tolist()
+        assert trained == g.token_ids + ([tok.eos_token_id] if g.finished or not g.token_ids else [])
+        assert int(ro.response_mask[i].sum()) == n
+        assert seen["responses"][i] == tok.decode(g.token_ids)
+
+
 def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
     pol = build_word_policy(tmp_path / "policy")
     cfg = _cfg(tmp_path, **{

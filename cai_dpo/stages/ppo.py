@@ -14,10 +14,11 @@ Models
 
 One step
     1. rollout: ``rollout_batch`` prompts, one sample each, through :class:`~cai_dpo.engine.Engine`
-       on the policy. The engine returns text, which is re-tokenized with the policy tokenizer
-       (EOS appended when the sample ended with EOS); log-probs are recomputed on those ids,
-       so the ratio at the first epoch is exactly 1.
-    2. score: the preference model's score of (prompt, response) — or an injected
+       on the policy. The engine returns the sampled token ids, which are trained on as they
+       are (EOS appended when the sample ended with EOS); log-probs are recomputed on those
+       ids, so the ratio at the first epoch is exactly 1.
+    2. score: the preference model's score of (prompt, response), the response being the
+       decoded sampled ids (not stripped, not truncated) — or an injected
        ``reward_fn(prompts, responses)`` — minus ``missing_eos_penalty`` for responses that
        hit ``max_new_tokens`` without EOS;
     3. per-token reward ``r_t = -β·(log π(a_t) - log π_ref(a_t))``, plus the score on the
@@ -455,16 +456,24 @@ class PPOTrainer:
             out.append(self.prompts[int(order[pos])])
         return out
 
-    def encode_responses(self, gens: list[Any]) -> list[list[int]]:
-        """Policy-token ids of each generated text, EOS appended when the sample ended with EOS."""
-        limit = self.pc.sampling.max_new_tokens
+    def response_ids(self, gens: list[Any]) -> list[list[int]]:
+        """The sampled token ids of each generation, EOS appended when the sample ended with it.
+
+        These are exactly the ids the policy emitted (no decode/re-encode round trip), so the
+        log-probs, KL and gradients are those of the sampled actions. A sample with no token
+        at all (possible only with ``max_new_tokens`` 0) gets EOS so it has one action.
+        """
         out = []
         for g in gens:
-            ids = self.tokenizer(g.text, add_special_tokens=False)["input_ids"][:limit] if g.text else []
+            ids = list(g.token_ids)
             if g.finished or not ids:
-                ids = ids[: limit - 1] + [self.eos_id] if limit > 1 else [self.eos_id]
+                ids.append(self.eos_id)
             out.append(ids)
         return out
+
+    def response_texts(self, gens: list[Any]) -> list[str]:
+        """The text the reward sees: the decoded sampled ids (EOS excluded), not stripped or re-tokenized."""
+        return [self.tokenizer.decode(g.token_ids, skip_special_tokens=False) for g in gens]
 
     def rollout(self, prompts: list[Conversation], seed: int) -> Rollout:
         """Sample one response per prompt; score it; compute log-probs, reference log-probs and values."""
@@ -474,9 +483,9 @@ class PPOTrainer:
         self.policy.eval()
         gens = [g[0] for g in self.engine.generate(prompts, sampling, desc="ppo rollout")]
         query_ids = [self.engine.encode(self.engine.render(p)) for p in prompts]
-        response_ids = self.encode_responses(gens)
+        response_ids = self.response_ids(gens)
         b = build_batch(query_ids, response_ids, self.tokenizer.pad_token_id, self.device)
-        ro = Rollout(prompts=prompts, responses=[g.text for g in gens], finished=[g.finished for g in gens],
+        ro = Rollout(prompts=prompts, responses=self.response_texts(gens), finished=[g.finished for g in gens],
                      input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                      response_mask=b["response_mask"], lengths=b["lengths"], query_width=b["query_width"])
         raw = torch.tensor([float(s) for s in self.reward(prompts, ro.responses)], dtype=torch.float, device=self.device)
@@ -903,7 +912,7 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
             value_note,
             "reference = policy with its LoRA adapter disabled; KL per token = log pi - log pi_ref (k1), summed per response",
             "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM (paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
-            "responses re-tokenized from the engine's text; log-probs recomputed on those ids",
+            "trained on the sampled token ids; the reward scores the decoded text of exactly those ids",
         ],
     ).write(out_dir / "manifest.json")
     log.info("PPO: %d steps -> %s", trainer.step, out_dir)
