@@ -60,6 +60,14 @@ class Stage:
     def path(self) -> Path:
         return NOTEBOOKS_DIR / self.notebook
 
+    def outputs_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """``outputs`` with ``{ppo_mode}`` filled in (``ppo`` or ``rloo``: the RL stage's own result)."""
+        return tuple(o.format(ppo_mode=cfg.ppo.mode) for o in self.outputs)
+
+    def inputs_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """``inputs`` with ``{ppo_mode}`` filled in."""
+        return tuple(i.format(ppo_mode=cfg.ppo.mode) for i in self.inputs)
+
     def sections_for(self, cfg: RunConfig) -> tuple[str, ...]:
         """The config sections this stage reads under ``cfg``, in declaration order."""
         out = list(self.sections)
@@ -96,9 +104,9 @@ STAGES: tuple[Stage, ...] = (
           sections=("dpo", *_MODEL),
           conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
           files=("constitution?rounds", "prompts?rounds", "checkset?rounds")),
-    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+    Stage("ppo", "06_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
           sections=("rm", "ppo", "data", *_MODEL), conditional=((_ppo_ptx, ("sft",)),), files=("prompts",)),
-    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json"),
+    Stage("eval", "07_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/{ppo_mode}/manifest.json", "models/rm/manifest.json"),
           sections=("eval", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "jailbreaks")),
 )
 
@@ -208,7 +216,7 @@ def stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
 
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
     """Hash of what a stage depends on: its notebook, its config sections, its input files, upstream manifests, labels."""
-    upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs}
+    upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs_for(cfg)}
     volatile = {v: _labels_digest(run, cfg) for v in stage.volatile_inputs if v == "labels"}
     return content_hash(file_hash(stage.path()), stage_config(stage, cfg), input_files(stage, cfg), upstream, volatile)
 
@@ -217,14 +225,15 @@ def _state_path(run: RunStore, stage: Stage) -> Path:
     return run.path("pipeline", f"{stage.name}.json")
 
 
-def _is_fresh(stage: Stage, fingerprint: str, run: RunStore) -> bool:
+def _is_fresh(stage: Stage, fingerprint: str, run: RunStore, cfg: RunConfig | None = None) -> bool:
     import json
 
     state = _state_path(run, stage)
     if not state.exists():
         return False
     recorded = json.loads(state.read_text())
-    return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in stage.outputs)
+    outputs = stage.outputs_for(cfg) if cfg is not None else stage.outputs
+    return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in outputs)
 
 
 def select_stages(from_stage: str | None = None, only: str | None = None) -> list[Stage]:
@@ -287,7 +296,7 @@ def run_pipeline(
             continue
         fingerprint = _fingerprint(stage, cfg, run)
         label = f"[{i}/{len(STAGES)}] {stage.name} ({stage.notebook})"
-        if not force and only is None and from_stage is None and _is_fresh(stage, fingerprint, run):
+        if not force and only is None and from_stage is None and _is_fresh(stage, fingerprint, run, cfg):
             echo(f"{label}: unchanged, skipped")
             results.append(StageResult(stage.name, "skipped", 0.0))
             continue

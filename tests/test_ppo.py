@@ -339,11 +339,43 @@ def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
 
 def test_rloo_mode_runs(tmp_path, tiny_path):
     cfg = _cfg(tmp_path, **{"ppo.mode": "rloo", "ppo.steps": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 2,
-                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6})
-    out = run_ppo(cfg, reward_fn=lambda p, r: [len(x) / 40 for x in r], prompts=PROMPTS[:2], progress=False)
+                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6,
+                            "ppo.missing_eos_penalty": 5.0})
+    seen = []
+
+    def reward(prompts, responses):
+        seen.extend(responses)
+        return [len(x) / 40 for x in responses]
+
+    out = run_ppo(cfg, reward_fn=reward, prompts=PROMPTS[:2], progress=False)
+    assert out == cfg.run_dir / "models" / "rloo"  # its own result, not models/ppo
+    assert not (cfg.run_dir / "models" / "ppo").exists()
     manifest = read_manifest(out)
+    assert manifest["stage"] == "rloo"
     assert manifest["counts"]["optimizer_steps"] == 2
     assert (out / "adapter_config.json").exists() and (cfg.run_dir / "metrics" / "rloo" / "log.csv").exists()
+    assert len(seen) == 4
+    # 6 new tokens on a random model: most completions miss EOS, and the logged reward carries the penalty
+    from cai_dpo.training import read_metrics_csv
+
+    logged = [r["reward"] for r in read_metrics_csv(cfg.run_dir / "metrics" / "rloo" / "log.csv") if "reward" in r]
+    assert logged and logged[0] < -1.0, logged  # without the penalty every reward is >= 0
+
+
+def test_rloo_reward_inputs_and_config_errors(tiny_path):
+    from cai_dpo.config import ConfigError, PPOConfig
+    from cai_dpo.models import load_tokenizer
+    from cai_dpo.stages.ppo import rloo_rewards_inputs, validate_rloo
+
+    tok = load_tokenizer("tiny")
+    ids = tok(" hello there", add_special_tokens=False)["input_ids"]
+    texts, penalties = rloo_rewards_inputs(tok, [ids + [tok.eos_token_id], ids], {tok.eos_token_id}, 1.5)
+    assert texts == [tok.decode(ids), tok.decode(ids)] and penalties == [0.0, 1.5]
+    with pytest.raises(ConfigError, match=r"ppo.rloo_k is 1.*rloo_k=2"):
+        validate_rloo(PPOConfig(rloo_k=1, rollout_batch=4, minibatch=2), "run/config.yaml")
+    with pytest.raises(ConfigError, match=r"run/config.yaml.*ppo.rollout_batch \(4\).*ppo.rloo_k \(3\)"):
+        validate_rloo(PPOConfig(rloo_k=3, rollout_batch=4, minibatch=2), "run/config.yaml")
+    validate_rloo(PPOConfig(rloo_k=4, rollout_batch=8, minibatch=4))
 
 
 def test_ptx_term_uses_sl_data(tmp_path, tiny_path):

@@ -38,7 +38,8 @@ Objective (per minibatch)
 Outputs: ``models/ppo`` (adapter; its note lists ``models/sft`` under ``merge_first``),
 ``metrics/ppo/log.csv`` and ``metrics/ppo/reward_kl.png``, checkpoints in
 ``checkpoints/ppo/step-*`` (policy and value adapters, optimizer, step, KL controller) that
-a rerun resumes from. ``ppo.mode: rloo`` runs TRL's ``RLOOTrainer`` with the same reward.
+a rerun resumes from. ``ppo.mode: rloo`` runs TRL's ``RLOOTrainer`` with the same reward
+(missing-EOS penalty included) and writes its own result, ``models/rloo``.
 """
 
 from __future__ import annotations
@@ -806,7 +807,8 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     ``reward_fn(prompts, responses) -> list[float]`` (prompts as user-text strings) replaces
     the preference model; ``prompts`` (conversations) replace the run's prompts. Writes
-    ``models/ppo`` and returns it; resumes from ``checkpoints/ppo`` unless ``resume=False``.
+    ``models/ppo`` (``models/rloo`` in RLOO mode) and returns it; resumes from its checkpoints
+    unless ``resume=False``. Raises ``ConfigError`` for an RLOO setup that cannot run.
     """
     import torch
 
@@ -928,11 +930,48 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
 # --------------------------------------------------------------------------- RLOO
 
 
+def validate_rloo(pc: Any, source: str = "config") -> None:
+    """Raise :class:`~cai_dpo.config.ConfigError` naming the key and the fix when RLOO cannot run with ``pc``."""
+    from cai_dpo.config import ConfigError
+
+    if pc.rloo_k < 2:
+        raise ConfigError(f"{source}: ppo.rloo_k is {pc.rloo_k}; RLOO's leave-one-out baseline needs at least 2 "
+                          "completions per prompt: set ppo.rloo_k=2 or more")
+    if pc.rollout_batch % pc.rloo_k:
+        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.rloo_k "
+                          f"({pc.rloo_k}) in RLOO mode; set ppo.rollout_batch={pc.rloo_k * max(1, pc.rollout_batch // pc.rloo_k)}")
+    if pc.minibatch < 1 or pc.rollout_batch % pc.minibatch:
+        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.minibatch "
+                          f"({pc.minibatch}) in RLOO mode")
+
+
+def _generation_eos(model: Any) -> set[int]:
+    """EOS ids of a model's generation config (an int or a list), as a set."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def rloo_rewards_inputs(tokenizer: Any, completion_ids: Sequence[Sequence[int]], eos_ids: set[int],
+                        missing_eos_penalty: float) -> tuple[list[str], list[float]]:
+    """Texts the reward scores (the decoded ids, EOS excluded) and each completion's missing-EOS penalty."""
+    texts, penalties = [], []
+    for ids in completion_ids:
+        ids = list(ids)
+        finished = bool(ids) and ids[-1] in eos_ids
+        texts.append(tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False))
+        penalties.append(0.0 if finished else float(missing_eos_penalty))
+    return texts, penalties
+
+
 def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *,
              resume: bool = True) -> Path:
     """RLOO (TRL's ``RLOOTrainer``) on the same policy, reference and reward, for comparison with PPO.
 
-    Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
+    Writes ``models/rloo`` (manifest stage ``rloo``), metrics in ``metrics/rloo``, checkpoints
+    in ``checkpoints/rloo``. The reward is the preference score minus ``missing_eos_penalty``
+    for completions without EOS, as in PPO. Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
     (``rloo_k`` per prompt), ``ppo_epochs`` passes in minibatches of ``minibatch``;
     ``beta = kl_coef``, ``epsilon = clip_range``.
     """
@@ -951,13 +990,12 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
     )
 
     pc = cfg.ppo
-    k = max(2, pc.rloo_k)
-    if pc.rollout_batch % k or pc.rollout_batch % pc.minibatch:
-        raise ValueError(f"ppo.rollout_batch ({pc.rollout_batch}) must be divisible by ppo.rloo_k ({k}) and ppo.minibatch ({pc.minibatch}) in RLOO mode")
+    validate_rloo(pc, source=str(run.root / "config.yaml"))
+    k = pc.rloo_k
     rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
     note, target = training_note(cfg, run, prompts, rm_dir, merge, "rloo")
-    out_dir = run.model_dir("ppo")
+    out_dir = run.model_dir("rloo")
     if resume and artifact_current(out_dir, note, target):
         log.info("RLOO adapter in %s is up to date; nothing to train", out_dir)
         return out_dir
@@ -966,9 +1004,14 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
     steps_per_gen = pc.rollout_batch // pc.minibatch
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
 
-    def preference_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-        texts = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
-        return [float(s) for s in reward(prompts, texts)]
+    eos_ids = {tok.eos_token_id} | _generation_eos(model)
+
+    def preference_reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None,
+                          **_: Any) -> list[float]:
+        if completion_ids is None:
+            raise RuntimeError("RLOOTrainer passed no completion_ids; this TRL version is not supported for ppo.mode=rloo")
+        texts, penalties = rloo_rewards_inputs(tok, completion_ids, eos_ids, pc.missing_eos_penalty)
+        return [float(s) - p for s, p in zip(reward(prompts, texts), penalties)]
 
     section = dataclasses.replace(pc, save_steps=pc.save_steps * steps_per_gen * pc.ppo_epochs)
     ckpt = run.path("checkpoints", "rloo")
@@ -998,13 +1041,15 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
         _, resumed_step = train_to_target(trainer, resume_from, max_steps)
     save_adapter(trainer.model, tok, out_dir, base=cfg.policy.name, merge_first=merge)
     Manifest(
-        stage="ppo",
+        stage="rloo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
         inputs={"prompts": str(len(prompts)), **({"rm": note["reward"]} if rm_dir else {}), **training_inputs(note, target)},
         models={"base": cfg.policy.name, "merged_first": ", ".join(str(m) for m in merge) or "none",
                 "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)"},
         counts={"optimizer_steps": int(trainer.state.global_step), "resumed_from_step": resumed_step},
         timings={"train_s": t.seconds},
-        notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv"],
+        notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv",
+               f"reward = preference score of the decoded completion ids - missing_eos_penalty ({pc.missing_eos_penalty}) "
+               "for completions that hit max_new_tokens without EOS (as in PPO)"],
     ).write(out_dir / "manifest.json")
     return out_dir
