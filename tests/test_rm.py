@@ -132,7 +132,7 @@ def test_preference_model_learns_separable_pairs(tmp_path):
     out = run_rm(cfg, run, preferences=synthetic_preferences(64, 0))
     manifest = read_manifest(out)
     held = manifest["metrics"]["heldout"]
-    assert held["n"] == 16
+    assert 8 <= held["n"] <= 24  # a quarter of the prompts, with all their pairs
     assert held["accuracy"] >= 0.9, held
     assert 0.0 <= held["ece"] <= 1.0 and "soft_log_loss" in held
     assert (run.root / "metrics" / "rm" / "log.csv").exists()

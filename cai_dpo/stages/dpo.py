@@ -62,6 +62,7 @@ from cai_dpo.models import (
     save_adapter,
 )
 from cai_dpo.labels import preferences_path
+from cai_dpo.splits import split_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
 from cai_dpo.training import (
     artifact_current,
@@ -299,18 +300,6 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
         rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p})
     return PreferenceRows(rows, {"pairs_in": len(records), "pairs_used": len(rows), "hard_swapped": swapped,
                                  "hard_ties_dropped": ties})
-
-
-def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``fraction`` of the prompts (every pair of a held-out prompt goes to eval)."""
-    keys = {content_hash(r["prompt"]) for r in rows}
-    if fraction <= 0 or len(keys) < 2 or len(rows) < 4:
-        return rows, []
-    order = sorted(keys, key=lambda k: content_hash(k, seed))
-    n_eval = min(len(order) - 1, max(1, round(fraction * len(order))))
-    held = set(order[:n_eval])
-    train = [r for r in rows if content_hash(r["prompt"]) not in held]
-    return train, [r for r in rows if content_hash(r["prompt"]) in held]
 
 
 def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
 from cai_dpo.labels import preferences_path
+from cai_dpo.splits import split_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
@@ -425,19 +426,6 @@ class RewardScorer:
 # --------------------------------------------------------------------------- stage
 
 
-def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Seeded train/held-out split; held-out gets ``round(fraction·n)`` rows (at least 1 when n ≥ 5)."""
-    n = len(rows)
-    n_eval = int(round(fraction * n))
-    if fraction > 0 and n >= 5:
-        n_eval = max(1, n_eval)
-    n_eval = min(n_eval, n - 1) if n > 1 else 0
-    perm = np.random.default_rng(seed).permutation(n)
-    held = sorted(perm[:n_eval].tolist())
-    held_set = set(held)
-    return [rows[i] for i in range(n) if i not in held_set], [rows[i] for i in held]
-
-
 def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None) -> Path:
     """Train the preference model on the run's preferences; write ``models/rm`` and its manifest.
 
@@ -487,7 +475,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         log.info("preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir)
         return out_dir
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
-    train_rows, eval_rows = split_rows(rows, cfg.rm.eval_fraction, cfg.seed)
+    train_rows, eval_rows = split_by_prompt(rows, cfg.rm.eval_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     with Timer() as t_load:

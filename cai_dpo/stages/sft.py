@@ -26,6 +26,7 @@ from typing import Any
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, save_adapter
+from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
 from cai_dpo.training import (
     artifact_current,
@@ -62,13 +63,18 @@ def prepare_dataset(dataset: Any, tokenizer: Any) -> tuple[Any, str]:
 
 
 def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
-    """Hold out ``fraction`` of the rows (at least one) for evaluation; none for tiny datasets."""
-    n = len(dataset)
-    if fraction <= 0 or n < 4:
+    """Hold out ``fraction`` of the prompts (every row of a held-out prompt) for evaluation; none for tiny datasets.
+
+    A row's prompt is every turn of its ``messages`` (or its ``prompt``) before the last.
+    """
+    if "messages" in dataset.column_names:
+        prompts = [m[:-1] for m in dataset["messages"]]
+    else:
+        prompts = dataset["prompt"]
+    train, held = split_indices_by_prompt(prompts, fraction, seed)
+    if not held:
         return dataset, None
-    n_eval = min(n - 1, max(1, int(round(fraction * n))))
-    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    return dataset.select(train), dataset.select(held)
 
 
 def dataset_hash(folder: Path) -> str:
