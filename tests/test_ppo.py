@@ -398,3 +398,44 @@ def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
     run_ppo(cfg, run, reward_fn=lambda p, r: [0.0] * len(r), prompts=PROMPTS[:2], progress=False)
     row = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")[0]
     assert math.isfinite(row["ptx_loss"]) and row["ptx_loss"] > 5.0  # ≈ log(vocab) for the random tiny model
+
+
+def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
+    """On an nf4 policy the SFT adapter is stacked frozen, not merged: the reference's log-probs are the SFT model's."""
+    from cai_dpo.config import ModelSpec
+    from cai_dpo.models import load_model, reference_mode, save_adapter
+    from cai_dpo.stages.ppo import response_logits, token_logprobs
+
+    cfg = _cfg(tmp_path, **{"policy.quantization": "4bit", "policy.device": "cpu"})
+    run = RunStore(cfg.run_dir)
+    sft, tok = perturbed_lora(scale=0.5)
+    save_adapter(sft, tok, run.model_dir("sft"), base="tiny")
+    sl_cai, _ = load_model(ModelSpec(name="tiny", quantization="4bit", device="cpu"), adapter=str(run.model_dir("sft")))
+    policy, tok, merge = load_policy(cfg, run)
+    policy.eval()  # as in the PPO loop: no dropout, ratios compare like with like
+    assert merge == [run.model_dir("sft")]
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    with torch.no_grad():  # the new adapter moved: the policy differs from the reference, which stays the SFT model
+        for name, p in policy.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    ids = build_batch([tok("Hello there, how are", add_special_tokens=False)["input_ids"]],
+                      [tok(" you today?", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    args = (ids["input_ids"], ids["attention_mask"], ids["position_ids"], ids["query_width"], 1.0)
+    with torch.no_grad():
+        want = token_logprobs(response_logits(sl_cai, *args), ids["input_ids"], ids["query_width"])
+        with reference_mode(policy):
+            ref = token_logprobs(response_logits(policy, *args), ids["input_ids"], ids["query_width"])
+        pol = token_logprobs(response_logits(policy, *args), ids["input_ids"], ids["query_width"])
+        with sl_cai.disable_adapter():
+            base = token_logprobs(response_logits(sl_cai, *args), ids["input_ids"], ids["query_width"])
+    assert torch.allclose(ref, want, atol=1e-5), (ref, want)
+    assert not torch.allclose(want, base, atol=1e-3)  # the SFT adapter matters here
+    assert not torch.allclose(pol, ref, atol=1e-4)  # and the trainable adapter sits on top of it
+    # saved: only the new adapter; reloading stacks the SFT adapter again
+    out = save_adapter(policy, tok, tmp_path / "ppo", base="tiny", merge_first=merge)
+    assert not (out / "frozen_0").exists()
+    again, _ = load_model(ModelSpec(name=str(out), quantization="4bit", device="cpu"))
+    with torch.no_grad():
+        assert torch.allclose(token_logprobs(response_logits(again, *args), ids["input_ids"], ids["query_width"]), pol, atol=1e-5)

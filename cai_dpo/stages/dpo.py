@@ -353,7 +353,7 @@ def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
         log.warning("dpo.adapter_mode=merge on a %s policy re-rounds the merged SFT weights; "
                     "dpo.adapter_mode=continue keeps the reference exact", cfg.policy.quantization)
     merged = chain + ([start_adapter] if mode == "merge" and start_adapter is not None else [])
-    model, tokenizer = load_model(spec, trainable=True, merge_first=merged)
+    model, tokenizer = load_model(spec, trainable=True, merge_first=merged, stack_quantized=False)
     if quantized:
         from peft import prepare_model_for_kbit_training
 

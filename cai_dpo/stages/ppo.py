@@ -4,7 +4,9 @@ RLHF with PPO" (Huang et al. 2024).
 Models
     - policy: the SL-CAI model (base + ``models/sft`` merged in memory) with a fresh LoRA
       adapter (dropout 0, so log-prob ratios are exact);
-    - reference: the same weights with the adapter switched off (``disable_adapter()``);
+    - reference: the same weights with the adapter switched off (:func:`~cai_dpo.models.reference_mode`);
+      on a 4-/8-bit policy the SFT adapter is stacked frozen under the new one instead of
+      merged into the quantized weights, so the reference is exactly the SL-CAI model there too;
     - value function: a separate scalar-head model. ``ppo.value_init: reward`` (default)
       starts it from the preference model (``models/rm``: its adapter and head keep
       training), as in Ouyang et al. and the N+ paper — it already maps text to reward-scale
@@ -61,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.models import reference_mode
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, content_hash
 
 log = logging.getLogger(__name__)
@@ -514,7 +517,7 @@ class PPOTrainer:
                 logps.append(token_logprobs(logits, ro.input_ids[sl], P))
                 ents.append(entropy_from_logits(logits))
                 del logits
-                with self.policy.disable_adapter():
+                with reference_mode(self.policy):
                     ref_logits = response_logits(self.policy, *args, P, T)
                 refs.append(token_logprobs(ref_logits, ro.input_ids[sl], P))
                 del ref_logits

@@ -508,12 +508,19 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         processing_class=tok,
         callbacks=training_callbacks(run.metrics_dir("rm")),
     )
+    bspec = backbone_spec(cfg)
+    if bspec.quantization != "none":
+        # TRL casts a quantized model's trainable parameters to bf16; keep them in the compute dtype the
+        # activations have (the scalar head would otherwise see fp32 inputs with bf16 weights)
+        compute = getattr(torch, bspec.compute_dtype)
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != compute:
+                param.data = param.data.to(compute)
     with Timer() as t_train:
         result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
     steps = int(trainer.state.global_step)
     save_adapter(trainer.model, tok, out_dir, base=base, merge_first=merge)
-    bspec = backbone_spec(cfg)
     atomic_write_json(out_dir / SCORER_NOTE, {
         "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
         "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
