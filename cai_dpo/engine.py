@@ -42,12 +42,18 @@ MIN_SHARED_TOKENS = 8  # below this, recomputing a common prefix per row costs l
 
 @dataclass
 class Generation:
-    """One completion: its text, token count and whether it ended with EOS."""
+    """One completion: its text, token count and whether it ended with EOS.
+
+    ``text`` is the decoded completion with special tokens dropped and whitespace stripped
+    (for reading and judging); ``token_ids`` are the sampled ids exactly as the model emitted
+    them (EOS excluded, ``len == n_tokens``), for training on what was sampled.
+    """
 
     text: str
     n_tokens: int
     finished: bool
     prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -259,7 +265,7 @@ class Engine:
             n_new = 0
             for (ci, si, ids), (toks, finished) in zip(batch, new):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                results[ci][si] = Generation(text, len(toks), finished, len(ids))
+                results[ci][si] = Generation(text, len(toks), finished, len(ids), list(toks))
                 n_new += len(toks)
             self.stats.generated_tokens += n_new
             self.stats.prompt_tokens += sum(len(it[2]) for it in batch)

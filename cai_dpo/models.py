@@ -13,6 +13,7 @@ the same call. Safetensors only; ``trust_remote_code`` is off unless the spec as
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +254,7 @@ def load_model(
     task: str = "causal_lm",
     num_labels: int = 1,
     merge_first: list[str | Path] | None = None,
+    stack_quantized: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a spec: quantized when asked, with an adapter when given.
 
@@ -259,7 +262,11 @@ def load_model(
     ``adapter`` (or ``spec.adapter``) is a peft adapter folder; ``trainable`` keeps it trainable.
     ``merge_first`` lists adapter folders folded into the base weights, in order, before
     ``adapter`` is applied (e.g. the SFT adapter under a DPO/PPO adapter); when None it is
-    read from the adapter's ``cai_dpo_base.json`` (see :func:`save_adapter`).
+    read from the adapter's ``cai_dpo_base.json`` (see :func:`save_adapter`). On a 4-/8-bit
+    base, merging would re-round the weights and wash out most of those adapters, so (with
+    ``stack_quantized``) they are stacked instead: loaded as frozen, always-active adapters
+    (``frozen_0``, ...) under ``adapter``; the result is then a peft model even without
+    ``adapter`` (see :func:`reference_mode`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -296,8 +303,11 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if merge_first is None and adapter is not None:
         merge_first = adapter_merge_first(Path(adapter))
-    for earlier in merge_first or []:
-        model = merge_adapter(load_adapter(model, earlier, any_task=True))
+    if quant is not None and stack_quantized and merge_first:
+        model = stack_frozen_adapters(model, merge_first)
+    else:
+        for earlier in merge_first or []:
+            model = merge_adapter(load_adapter(model, earlier, any_task=True))
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)
     if not trainable:
@@ -357,22 +367,99 @@ def attach_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modul
     """Wrap ``model`` with a fresh trainable LoRA adapter (k-bit models prepared first)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if frozen_adapters(model):  # a quantized base with the SFT adapter stacked: the new adapter goes on top
+        model.add_adapter("default", lora_config(cfg, task_type, modules_to_save))
+        activate_adapters(model, frozen_adapters(model) + ["default"])
+        return model
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, lora_config(cfg, task_type, modules_to_save))
+
+
+FROZEN_PREFIX = "frozen_"
+
+
+def frozen_adapters(model: Any) -> list[str]:
+    """Names of the frozen adapters stacked under a peft model's own (see :func:`stack_frozen_adapters`)."""
+    return sorted(n for n in getattr(model, "peft_config", {}) if n.startswith(FROZEN_PREFIX))
+
+
+def activate_adapters(model: Any, names: list[str]) -> None:
+    """Make ``names`` the active adapters of a peft model (their LoRA deltas add up); frozen ones stay frozen."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    base.set_adapter(names if len(names) > 1 else names[0])
+    frozen = frozen_adapters(model)
+    for n, p in model.named_parameters():
+        if any(f".{f}." in n for f in frozen):
+            p.requires_grad_(False)
+
+
+def stack_frozen_adapters(model: Any, adapters: list[str | Path]) -> Any:
+    """``model`` (usually 4-/8-bit) with each adapter loaded frozen as ``frozen_<i>`` and all of them active.
+
+    Exactly base + adapters, as the adapters were trained, with no re-rounding of quantized weights.
+    """
+    from peft import PeftConfig, PeftModel
+
+    for i, path in enumerate(adapters):
+        path = Path(path)
+        if not (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"adapter '{path}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+        config = PeftConfig.from_pretrained(str(path))
+        config.task_type = None
+        name = f"{FROZEN_PREFIX}{i}"
+        if i == 0:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, config=config, is_trainable=False)
+        else:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    activate_adapters(model, frozen_adapters(model))
+    return model
+
+
+def trainable_adapters(model: Any) -> list[str]:
+    """Active adapters of a peft model that are not stacked frozen ones."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    active = getattr(base, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
+    active = [active] if isinstance(active, str) else list(active)
+    return [a for a in active if not a.startswith(FROZEN_PREFIX)]
+
+
+@contextlib.contextmanager
+def reference_mode(model: Any) -> Iterator[None]:
+    """The model with its own (trainable) adapter switched off; stacked frozen adapters stay on.
+
+    On a merged base this is ``disable_adapter()``; on a quantized base with the SFT adapter
+    stacked (``frozen_0``) it leaves exactly base + SFT, the SL-CAI model.
+    """
+    frozen = frozen_adapters(model)
+    if not frozen:
+        with model.disable_adapter():
+            yield
+        return
+    own = trainable_adapters(model)
+    activate_adapters(model, frozen)
+    try:
+        yield
+    finally:
+        activate_adapters(model, frozen + own)
 
 
 def load_adapter(model: Any, adapter: str | Path, trainable: bool = False, any_task: bool = False) -> Any:
     """Load a saved peft adapter onto ``model``.
 
     ``any_task`` ignores the adapter's task type (e.g. a causal-LM SFT adapter merged into
-    the same backbone under a sequence-classification head).
+    the same backbone under a sequence-classification head). On a model with stacked frozen
+    adapters the adapter is added as ``default`` on top of them, all active.
     """
     from peft import PeftConfig, PeftModel
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise ModelLoadError(f"adapter '{adapter}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+    if frozen_adapters(model):
+        model.load_adapter(str(adapter), adapter_name="default", is_trainable=trainable)
+        activate_adapters(model, frozen_adapters(model) + ["default"])
+        return model
     if any_task:
         config = PeftConfig.from_pretrained(str(adapter))
         config.task_type = None
@@ -416,7 +503,8 @@ def write_adapter(
     if merge_first:
         where = Path(final or folder).resolve()
         note["merge_first"] = [os.path.relpath(Path(p).resolve(), where) for p in merge_first]
-    model.save_pretrained(folder, safe_serialization=True)
+    own = {"selected_adapters": trainable_adapters(model)} if frozen_adapters(model) else {}
+    model.save_pretrained(folder, safe_serialization=True, **own)
     tokenizer.save_pretrained(folder)
     (folder / "cai_dpo_base.json").write_text(json.dumps(note))
     return folder

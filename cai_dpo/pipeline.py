@@ -39,28 +39,79 @@ UNATTENDED_ENV = "CAI_DPO_UNATTENDED"
 
 @dataclass(frozen=True)
 class Stage:
-    """One notebook of the chain and the run artifacts it reads and writes."""
+    """One notebook of the chain and what its result depends on.
+
+    ``inputs``: run artifacts it reads (their manifests are hashed); ``outputs``: what it
+    writes; ``volatile_inputs``: state outside the artifacts (``labels``: the label queue).
+    ``sections``: the :class:`RunConfig` sections (and top-level fields) it reads;
+    ``conditional``: ``(condition, sections)`` pairs read only when ``condition(cfg)`` holds
+    (e.g. iterative DPO rounds run the pair, judge and label stages). ``files``: input files
+    whose contents it reads, by kind (see :func:`input_files`).
+    """
 
     name: str
     notebook: str
     outputs: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     volatile_inputs: tuple[str, ...] = field(default=())
+    sections: tuple[str, ...] = ()
+    conditional: tuple[tuple[Callable[[RunConfig], bool], tuple[str, ...]], ...] = ()
+    files: tuple[str, ...] = ()
 
     def path(self) -> Path:
         return NOTEBOOKS_DIR / self.notebook
 
+    def outputs_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """``outputs`` with ``{ppo_mode}`` filled in (``ppo`` or ``rloo``: the RL stage's own result)."""
+        return tuple(o.format(ppo_mode=cfg.ppo.mode) for o in self.outputs)
 
+    def inputs_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """``inputs`` with ``{ppo_mode}`` filled in."""
+        return tuple(i.format(ppo_mode=cfg.ppo.mode) for i in self.inputs)
+
+    def sections_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The config sections this stage reads under ``cfg``, in declaration order."""
+        out = list(self.sections)
+        for condition, extra in self.conditional:
+            if condition(cfg):
+                out += [s for s in extra if s not in out]
+        return tuple(out)
+
+    def all_sections(self) -> set[str]:
+        """Every section this stage may read, whatever the config."""
+        return set(self.sections).union(*(extra for _, extra in self.conditional))
+
+
+def _dpo_rounds(cfg: RunConfig) -> bool:
+    return cfg.dpo.rounds > 1
+
+
+def _ppo_ptx(cfg: RunConfig) -> bool:
+    return cfg.ppo.ptx_coef > 0
+
+
+_MODEL = ("policy", "seed", "threads")
 STAGES: tuple[Stage, ...] = (
-    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",)),
-    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",)),
-    Stage("curate", "02_curate.ipynb", ("data/curated/manifest.json",), ("data/sl/manifest.json",)),
-    Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json")),
-    Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json")),
-    Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",)),
-    Stage("dpo", "06_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("ppo", "07_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/ppo/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json")),
-    Stage("eval", "08_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/ppo/manifest.json", "models/rm/manifest.json")),
+    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",),
+          sections=("constitution", "policy", "judge"), files=("constitution", "constitution_cases")),
+    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",),
+          sections=("sl", "constitution", "data", *_MODEL), files=("constitution", "prompts")),
+    Stage("curate", "02_curate.ipynb", ("data/curated/manifest.json",), ("data/sl/manifest.json",),
+          sections=("curate", "judge", "constitution", *_MODEL), files=("constitution", "curated")),
+    Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json"),
+          sections=("sft", "train", *_MODEL), files=("curated",)),
+    Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json"),
+          sections=("pairs", "judge", "labels", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset", "curated")),
+    Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",),
+          sections=("labels",)),
+    Stage("dpo", "06_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+          sections=("dpo", "train", *_MODEL),
+          conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
+          files=("constitution?rounds", "prompts?rounds", "checkset?rounds", "curated?rounds")),
+    Stage("ppo", "07_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+          sections=("rm", "ppo", "train", "data", *_MODEL), conditional=((_ppo_ptx, ("sft",)),), files=("prompts",)),
+    Stage("eval", "08_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/{ppo_mode}/manifest.json", "models/rm/manifest.json"),
+          sections=("eval", "judge", "constitution", "data", "train", *_MODEL), files=("constitution", "prompts", "jailbreaks", "curated")),
 )
 
 
@@ -124,26 +175,86 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
         return content_hash(queue.labels())
 
 
+def _spec_hash(spec: str | None) -> str | None:
+    """Content hash of a prompt-set spec (``bundled:NAME``, a file or a folder); the spec itself when not local."""
+    from cai_dpo.config import resolve_path
+    from cai_dpo.data import bundled_path
+
+    if spec is None:
+        return None
+    try:
+        path = bundled_path(spec.split(":", 1)[1]) if str(spec).startswith("bundled:") else resolve_path(spec)
+    except FileNotFoundError:
+        return f"missing:{spec}"
+    return file_hash(path) if path.exists() else f"missing:{spec}"
+
+
+def input_files(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
+    """Content hashes of the files a stage reads, by kind.
+
+    Kinds: ``constitution`` (the constitution file), ``constitution_cases`` (its edge-case
+    file), ``prompts`` (the prompt sets named in ``data``), ``checkset`` (the judge check
+    set), ``jailbreaks`` (the evaluation's templates), ``curated`` (the curated sets under
+    ``cai_dpo/prompts/curated/``). A ``?rounds`` suffix reads the kind only with ``dpo.rounds > 1``.
+    """
+    from cai_dpo.data import PROMPTS_DIR
+
+    out: dict[str, str | None] = {}
+    for kind in stage.files:
+        kind, _, when = kind.partition("?")
+        if when == "rounds" and not _dpo_rounds(cfg):
+            continue
+        if kind == "constitution":
+            path = cfg.constitution_path()
+            out[kind] = file_hash(path) if path.exists() else f"missing:{cfg.constitution}"
+        elif kind == "constitution_cases":
+            path = cfg.constitution_path()
+            cases = path.with_name(f"{path.stem}_cases.yaml")
+            out[kind] = file_hash(cases) if cases.exists() else None
+        elif kind == "prompts":
+            out["red_team"] = _spec_hash(cfg.data.red_team)
+            out["helpful"] = _spec_hash(cfg.data.helpful)
+        elif kind == "checkset":
+            out[kind] = _spec_hash(cfg.judge.checkset or "bundled:judge_checkset")
+        elif kind == "jailbreaks":
+            out[kind] = file_hash(PROMPTS_DIR / "jailbreaks.yaml")
+        elif kind == "curated":
+            folder = PROMPTS_DIR / "curated"
+            out[kind] = file_hash(folder) if folder.exists() else None
+        else:
+            raise ValueError(f"stage '{stage.name}': unknown input file kind {kind!r}")
+    return out
+
+
+def stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
+    """The parts of ``cfg`` a stage reads (its sections and the shared fields it uses)."""
+    out: dict[str, Any] = {}
+    for name in stage.sections_for(cfg):
+        value = getattr(cfg, name)
+        out[name] = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    return out
+
+
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
-    """Hash of what a stage depends on: notebook, config, upstream manifests, labels."""
-    upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs}
+    """Hash of what a stage depends on: its notebook, its config sections, its input files, upstream manifests, labels."""
+    upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs_for(cfg)}
     volatile = {v: _labels_digest(run, cfg) for v in stage.volatile_inputs if v == "labels"}
-    cfg_dict = to_dict(cfg)
-    return content_hash(file_hash(stage.path()), cfg_dict, upstream, volatile)
+    return content_hash(file_hash(stage.path()), stage_config(stage, cfg), input_files(stage, cfg), upstream, volatile)
 
 
 def _state_path(run: RunStore, stage: Stage) -> Path:
     return run.path("pipeline", f"{stage.name}.json")
 
 
-def _is_fresh(stage: Stage, fingerprint: str, run: RunStore) -> bool:
+def _is_fresh(stage: Stage, fingerprint: str, run: RunStore, cfg: RunConfig | None = None) -> bool:
     import json
 
     state = _state_path(run, stage)
     if not state.exists():
         return False
     recorded = json.loads(state.read_text())
-    return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in stage.outputs)
+    outputs = stage.outputs_for(cfg) if cfg is not None else stage.outputs
+    return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in outputs)
 
 
 def select_stages(from_stage: str | None = None, only: str | None = None) -> list[Stage]:
@@ -294,7 +405,7 @@ def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | N
             continue
         fingerprint = _fingerprint(stage, cfg, run)
         label = f"[{i}/{len(STAGES)}] {stage.name} ({stage.notebook})"
-        if not force and only is None and from_stage is None and _is_fresh(stage, fingerprint, run):
+        if not force and only is None and from_stage is None and _is_fresh(stage, fingerprint, run, cfg):
             echo(f"{label}: unchanged, skipped")
             results.append(StageResult(stage.name, "skipped", 0.0))
             continue

@@ -9,6 +9,13 @@
   (TensorBoard event files there by default when tensorboard is installed).
 - :class:`StepLogger` — the same trackers for loops of our own (PPO).
 - :func:`last_checkpoint` — the newest ``checkpoint-*`` folder to resume from, or None.
+- :func:`resume_checkpoint` / :func:`clear_stale_checkpoints` — checkpoints are resumed only
+  when an inputs note (data hashes, settings, upstream adapters) is unchanged; every trained
+  artifact (SFT, DPO, preference model, PPO, RLOO) goes through them.
+- :func:`artifact_current` / :func:`training_inputs` — whether a finished artifact already
+  holds the result of the same inputs and target (then a stage skips training).
+- :func:`train_to_target` — train, or take a checkpoint's weights when it already reached
+  ``max_steps`` (a resumed HF Trainer would otherwise step once past it).
 
 Example::
 
@@ -106,11 +113,12 @@ def common_training_args(
     return args
 
 
-def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
-    """The checkpoint in ``folder`` to resume from, after clearing checkpoints made from other inputs.
+def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:
+    """Delete ``folder`` when its checkpoints were made from other inputs; record ``note`` there.
 
     ``note`` describes the inputs and settings (JSON-safe); it is stored beside the
-    checkpoints, and a different note means they cannot be resumed.
+    checkpoints as ``cai_dpo_inputs.json``. A folder with checkpoints but no note (written
+    before notes existed) cannot be trusted and is cleared too. Returns True when cleared.
     """
     import json
     import shutil
@@ -119,12 +127,110 @@ def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
 
     folder = Path(folder)
     path = folder / CHECKPOINT_NOTE
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(note)):
-        log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
-        shutil.rmtree(folder)
+    wanted = json.loads(json.dumps(note, default=str))
+    cleared = False
+    if folder.is_dir() and any(folder.iterdir()):
+        if not path.exists() or json.loads(path.read_text()) != wanted:
+            log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
+            shutil.rmtree(folder)
+            cleared = True
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, note)
+    atomic_write_json(path, wanted)
+    return cleared
+
+
+def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
+    """The ``checkpoint-*`` in ``folder`` to resume from, after clearing checkpoints made from other inputs.
+
+    See :func:`clear_stale_checkpoints` for ``note``.
+    """
+    clear_stale_checkpoints(folder, note)
     return last_checkpoint(folder)
+
+
+def artifact_hash(folder: str | Path) -> str:
+    """Content hash of an artifact folder's files, its ``manifest.json`` (timestamps) left out.
+
+    An upstream artifact rewritten with the same weights keeps the same hash, so the
+    stages trained on it do not start over.
+    """
+    from cai_dpo.store import content_hash, file_hash
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return content_hash([(str(p.relative_to(folder)), file_hash(p)) for p in files])
+
+
+def training_inputs(note: dict[str, Any], target: Any) -> dict[str, str]:
+    """Manifest ``inputs`` entries recording what an artifact was trained from and how long.
+
+    ``note``: the checkpoint note (inputs and settings); ``target``: the length settings
+    (``max_steps``, ``epochs``, ...). :func:`artifact_current` compares against these.
+    """
+    from cai_dpo.store import content_hash
+
+    return {"settings": content_hash(note), "target": content_hash(target)}
+
+
+def artifact_current(out_dir: str | Path, note: dict[str, Any], target: Any, weights: str = "adapter_config.json") -> bool:
+    """True when ``out_dir`` holds a finished artifact trained from ``note`` to ``target``.
+
+    Reads ``out_dir/manifest.json``'s ``inputs.settings`` and ``inputs.target`` (see
+    :func:`training_inputs`); a missing manifest or ``weights`` file means not current.
+    """
+    import json
+
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    if not (out_dir / weights).exists() or not path.exists():
+        return False
+    try:
+        inputs = json.loads(path.read_text()).get("inputs", {})
+    except (OSError, ValueError):
+        return False
+    want = training_inputs(note, target)
+    return inputs.get("settings") == want["settings"] and inputs.get("target") == want["target"]
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    """The global step recorded in a ``checkpoint-*`` folder (0 for none)."""
+    import json
+
+    if not checkpoint:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def load_checkpoint_adapter(model: Any, checkpoint: str | Path) -> None:
+    """Copy a checkpoint's saved adapter weights (``adapter_model.safetensors``) into the peft model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(checkpoint) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors; delete the folder to retrain")
+    result = set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{weights}: keys {list(unexpected)[:3]} do not fit the model; delete {Path(checkpoint).parent} to retrain")
+
+
+def train_to_target(trainer: Any, resume: str | None, max_steps: int) -> tuple[Any | None, int]:
+    """Run ``trainer.train`` from ``resume``, unless that checkpoint already reached ``max_steps``.
+
+    A resumed HF Trainer whose ``max_steps`` is not a multiple of the steps per epoch takes
+    one step past it; when the checkpoint is already at the target its adapter weights are
+    loaded instead. Returns ``(TrainOutput or None when nothing was trained, step resumed from)``.
+    """
+    done = checkpoint_step(resume)
+    if resume and 0 < max_steps <= done:
+        log.info("checkpoint %s already reached max_steps=%d; using its weights", resume, max_steps)
+        load_checkpoint_adapter(trainer.model, resume)
+        trainer.state.global_step = done
+        return None, done
+    if resume:
+        log.info("resuming from %s (step %d)", resume, done)
+    return trainer.train(resume_from_checkpoint=resume), done
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

@@ -279,6 +279,18 @@ def test_resume_continues_step_count_in_hard_mode(tmp_path):
     assert manifest["counts"]["resumed_from_step"] == 2 and manifest["counts"]["steps"] == 4
     steps = [r["step"] for r in read_metrics_csv(run.metrics_dir("dpo") / "log.csv") if "loss" in r]
     assert steps == [1, 2, 3, 4]
+    # unchanged inputs: skipped; killed after the last checkpoint: its weights, not a fifth step
+    assert run_dpo(cfg, run) == out and read_manifest(out)["created"] == manifest["created"]
+    import shutil
+
+    from safetensors.torch import load_file
+
+    before = load_file(str(out / "adapter_model.safetensors"))
+    shutil.rmtree(out)
+    out = run_dpo(cfg, run)
+    assert read_manifest(out)["counts"]["steps"] == 4 and read_manifest(out)["counts"]["resumed_from_step"] == 4
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
     # other inputs: the old checkpoints are not reused
     write_preferences(run.data_dir("preferences_merged"), synthetic_pairs(TOPICS, 3))
     out = run_dpo(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, max_steps=1)), run)

@@ -45,7 +45,7 @@ def test_whole_pipeline_on_tiny_then_rerun_skips(tmp_path, monkeypatch, tiny_pat
     for stage in STAGES:
         executed = nbformat.read(root / "notebooks" / stage.notebook, as_version=4)
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
-        for out in stage.outputs:
+        for out in stage.outputs_for(cfg):
             assert (root / out).exists(), f"{stage.name} did not write {out}"
     assert (root / "labels.sqlite").exists()
     assert list((root / "report").glob("*.png"))

@@ -164,6 +164,40 @@ def test_kl_is_zero_with_a_fresh_adapter(tmp_path, tiny_path):
     assert float(ro2.kl.abs().max()) == 0.0
 
 
+def test_ppo_trains_on_the_sampled_token_ids(tmp_path, tiny_path):
+    """The ids in the batch are the engine's sampled ids (+EOS when it ended), and the reward sees their exact text."""
+    cfg = _cfg(tmp_path, **{"ppo.rollout_batch": 6, "ppo.sampling.max_new_tokens": 10})
+    run = RunStore(cfg.run_dir)
+    torch.manual_seed(0)
+    policy, tok, merge = load_policy(cfg, run)
+    value, _ = load_value_model(cfg, run, tok, merge, None)
+    seen: dict[str, list] = {}
+
+    def reward(prompts, responses):
+        seen["responses"] = list(responses)
+        return [0.0] * len(responses)
+
+    trainer = PPOTrainer(cfg, policy, tok, value, reward, PROMPTS, progress=False)
+    real = trainer.engine.generate
+
+    def spy(*args, **kwargs):
+        seen["gens"] = real(*args, **kwargs)
+        return seen["gens"]
+
+    trainer.engine.generate = spy
+    ro = trainer.rollout(PROMPTS[:6], seed=3)
+    gens = [g[0] for g in seen["gens"]]
+    P = ro.query_width
+    assert any(g.token_ids and not g.finished for g in gens)  # some hit max_new_tokens: no EOS appended
+    for i, g in enumerate(gens):
+        assert len(g.token_ids) == g.n_tokens
+        n = int(ro.lengths[i])
+        trained = ro.input_ids[i, P : P + n].tolist()
+        assert trained == g.token_ids + ([tok.eos_token_id] if g.finished or not g.token_ids else [])
+        assert int(ro.response_mask[i].sum()) == n
+        assert seen["responses"][i] == tok.decode(g.token_ids)
+
+
 def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
     pol = build_word_policy(tmp_path / "policy")
     cfg = _cfg(tmp_path, **{
@@ -222,6 +256,42 @@ def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
     assert not torch.allclose(with_adapter, base)
 
 
+def test_ppo_retrains_when_its_inputs_change(tmp_path, tiny_path):
+    """A new kl_coef or new preference model retrains PPO from step 0; unchanged inputs skip it."""
+    from safetensors.torch import load_file
+
+    from cai_dpo.stages.rm import run_rm
+
+    over = {"ppo.steps": 2, "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6,
+            "ppo.learning_rate": 1e-2, "rm.max_steps": 1, "rm.eval_fraction": 0.0}
+    cfg = _cfg(tmp_path, **over)
+    run = RunStore(cfg.run_dir)
+    pairs = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.8, "category": "x"}] * 4
+    run_rm(cfg, run, preferences=pairs)
+    out = run_ppo(cfg, run, prompts=PROMPTS, progress=False)
+    first = read_manifest(out)
+    w1 = load_file(str(out / "adapter_model.safetensors"))
+
+    # unchanged inputs, or only an evaluation knob: skipped
+    assert run_ppo(cfg, run, prompts=PROMPTS, progress=False) == out
+    assert run_ppo(_cfg(tmp_path, **over, **{"eval.bootstrap": 7}), run, prompts=PROMPTS, progress=False) == out
+    assert read_manifest(out)["created"] == first["created"]
+
+    # its own section changed: trained again from step 0, with other weights
+    out = run_ppo(_cfg(tmp_path, **over, **{"ppo.kl_coef": 0.2}), run, prompts=PROMPTS, progress=False)
+    second = read_manifest(out)
+    assert second["counts"]["resumed_from"] == 0 and second["counts"]["steps"] == 2
+    assert second["config"]["ppo"]["kl_coef"] == 0.2
+    w2 = load_file(str(out / "adapter_model.safetensors"))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+    # new labels retrain the preference model, and PPO follows it
+    run_rm(cfg, run, preferences=[{**p, "p_chosen": 0.1} for p in pairs])
+    out = run_ppo(_cfg(tmp_path, **over, **{"ppo.kl_coef": 0.2}), run, prompts=PROMPTS, progress=False)
+    third = read_manifest(out)
+    assert third["counts"]["resumed_from"] == 0 and third["inputs"]["rm"] != second["inputs"]["rm"]
+
+
 def test_ppo_with_preference_model_of_another_tokenizer(tmp_path, tiny_path):
     """Default reward = models/rm scored with its own tokenizer; the value model then starts from the policy."""
     from cai_dpo.stages.rm import run_rm
@@ -269,11 +339,43 @@ def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
 
 def test_rloo_mode_runs(tmp_path, tiny_path):
     cfg = _cfg(tmp_path, **{"ppo.mode": "rloo", "ppo.steps": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 2,
-                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6})
-    out = run_ppo(cfg, reward_fn=lambda p, r: [len(x) / 40 for x in r], prompts=PROMPTS[:2], progress=False)
+                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6,
+                            "ppo.missing_eos_penalty": 5.0})
+    seen = []
+
+    def reward(prompts, responses):
+        seen.extend(responses)
+        return [len(x) / 40 for x in responses]
+
+    out = run_ppo(cfg, reward_fn=reward, prompts=PROMPTS[:2], progress=False)
+    assert out == cfg.run_dir / "models" / "rloo"  # its own result, not models/ppo
+    assert not (cfg.run_dir / "models" / "ppo").exists()
     manifest = read_manifest(out)
+    assert manifest["stage"] == "rloo"
     assert manifest["counts"]["optimizer_steps"] == 2
     assert (out / "adapter_config.json").exists() and (cfg.run_dir / "metrics" / "rloo" / "log.csv").exists()
+    assert len(seen) == 4
+    # 6 new tokens on a random model: most completions miss EOS, and the logged reward carries the penalty
+    from cai_dpo.training import read_metrics_csv
+
+    logged = [r["reward"] for r in read_metrics_csv(cfg.run_dir / "metrics" / "rloo" / "log.csv") if "reward" in r]
+    assert logged and logged[0] < -1.0, logged  # without the penalty every reward is >= 0
+
+
+def test_rloo_reward_inputs_and_config_errors(tiny_path):
+    from cai_dpo.config import ConfigError, PPOConfig
+    from cai_dpo.models import load_tokenizer
+    from cai_dpo.stages.ppo import rloo_rewards_inputs, validate_rloo
+
+    tok = load_tokenizer("tiny")
+    ids = tok(" hello there", add_special_tokens=False)["input_ids"]
+    texts, penalties = rloo_rewards_inputs(tok, [ids + [tok.eos_token_id], ids], {tok.eos_token_id}, 1.5)
+    assert texts == [tok.decode(ids), tok.decode(ids)] and penalties == [0.0, 1.5]
+    with pytest.raises(ConfigError, match=r"ppo.rloo_k is 1.*rloo_k=2"):
+        validate_rloo(PPOConfig(rloo_k=1, rollout_batch=4, minibatch=2), "run/config.yaml")
+    with pytest.raises(ConfigError, match=r"run/config.yaml.*ppo.rollout_batch \(4\).*ppo.rloo_k \(3\)"):
+        validate_rloo(PPOConfig(rloo_k=3, rollout_batch=4, minibatch=2), "run/config.yaml")
+    validate_rloo(PPOConfig(rloo_k=4, rollout_batch=8, minibatch=4))
 
 
 def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
@@ -296,3 +398,44 @@ def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
     run_ppo(cfg, run, reward_fn=lambda p, r: [0.0] * len(r), prompts=PROMPTS[:2], progress=False)
     row = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")[0]
     assert math.isfinite(row["ptx_loss"]) and row["ptx_loss"] > 5.0  # ≈ log(vocab) for the random tiny model
+
+
+def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
+    """On an nf4 policy the SFT adapter is stacked frozen, not merged: the reference's log-probs are the SFT model's."""
+    from cai_dpo.config import ModelSpec
+    from cai_dpo.models import load_model, reference_mode, save_adapter
+    from cai_dpo.stages.ppo import response_logits, token_logprobs
+
+    cfg = _cfg(tmp_path, **{"policy.quantization": "4bit", "policy.device": "cpu"})
+    run = RunStore(cfg.run_dir)
+    sft, tok = perturbed_lora(scale=0.5)
+    save_adapter(sft, tok, run.model_dir("sft"), base="tiny")
+    sl_cai, _ = load_model(ModelSpec(name="tiny", quantization="4bit", device="cpu"), adapter=str(run.model_dir("sft")))
+    policy, tok, merge = load_policy(cfg, run)
+    policy.eval()  # as in the PPO loop: no dropout, ratios compare like with like
+    assert merge == [run.model_dir("sft")]
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    with torch.no_grad():  # the new adapter moved: the policy differs from the reference, which stays the SFT model
+        for name, p in policy.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    ids = build_batch([tok("Hello there, how are", add_special_tokens=False)["input_ids"]],
+                      [tok(" you today?", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    args = (ids["input_ids"], ids["attention_mask"], ids["position_ids"], ids["query_width"], 1.0)
+    with torch.no_grad():
+        want = token_logprobs(response_logits(sl_cai, *args), ids["input_ids"], ids["query_width"])
+        with reference_mode(policy):
+            ref = token_logprobs(response_logits(policy, *args), ids["input_ids"], ids["query_width"])
+        pol = token_logprobs(response_logits(policy, *args), ids["input_ids"], ids["query_width"])
+        with sl_cai.disable_adapter():
+            base = token_logprobs(response_logits(sl_cai, *args), ids["input_ids"], ids["query_width"])
+    assert torch.allclose(ref, want, atol=1e-5), (ref, want)
+    assert not torch.allclose(want, base, atol=1e-3)  # the SFT adapter matters here
+    assert not torch.allclose(pol, ref, atol=1e-4)  # and the trainable adapter sits on top of it
+    # saved: only the new adapter; reloading stacks the SFT adapter again
+    out = save_adapter(policy, tok, tmp_path / "ppo", base="tiny", merge_first=merge)
+    assert not (out / "frozen_0").exists()
+    again, _ = load_model(ModelSpec(name=str(out), quantization="4bit", device="cpu"))
+    with torch.no_grad():
+        assert torch.allclose(token_logprobs(response_logits(again, *args), ids["input_ids"], ids["query_width"]), pol, atol=1e-5)

@@ -132,7 +132,7 @@ def test_preference_model_learns_separable_pairs(tmp_path):
     out = run_rm(cfg, run, preferences=synthetic_preferences(64, 0))
     manifest = read_manifest(out)
     held = manifest["metrics"]["heldout"]
-    assert held["n"] == 16
+    assert 8 <= held["n"] <= 24  # a quarter of the prompts, with all their pairs
     assert held["accuracy"] >= 0.9, held
     assert 0.0 <= held["ece"] <= 1.0 and "soft_log_loss" in held
     assert (run.root / "metrics" / "rm" / "log.csv").exists()
@@ -175,6 +175,72 @@ def test_preference_model_with_its_own_tokenizer(tmp_path):
     assert not scorer.tokenizer.chat_template
     assert scorer.tokenizer.convert_ids_to_tokens(scorer.encode(["How do I steal a car?"], ["No."])[0])[0] == "[CLS]"
     assert read_manifest(out)["metrics"]["heldout"]["accuracy"] >= 0.75
+
+
+def _adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preference_model_retrains_when_its_inputs_change(tmp_path):
+    """New labels or rm settings retrain from scratch; unchanged inputs or a PPO knob skip training."""
+    import datasets
+
+    from cai_dpo.stages.rm import run_rm as train
+
+    over = {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 3, "rm.batch_size": 2,
+            "rm.eval_fraction": 0.0, "rm.learning_rate": 1e-2}
+    cfg = load_config("tiny", over)
+    run = RunStore(cfg.run_dir)
+    rows = synthetic_preferences(6, 7)
+    datasets.Dataset.from_list(rows).save_to_disk(str(run.data_dir("preferences")))
+    out = train(cfg, run)
+    first = read_manifest(out)
+    w1 = _adapter_weights(out)
+    assert first["metrics"]["steps"] == 3
+
+    # nothing changed, or only a downstream (PPO) knob: skipped, the manifest is not rewritten
+    assert train(cfg, run) == out
+    assert train(load_config("tiny", {**over, "ppo.kl_coef": 0.2}), run) == out
+    assert read_manifest(out)["created"] == first["created"]
+
+    # human labels merged: the preference model trains again from step 0 on them
+    flipped = [{**r, "p_chosen": 1.0 - r["p_chosen"]} for r in rows]
+    datasets.Dataset.from_list(flipped).save_to_disk(str(run.data_dir("preferences_merged")))
+    out = train(cfg, run)
+    second = read_manifest(out)
+    assert second["metrics"]["resumed_from_step"] == 0 and second["metrics"]["steps"] == 3
+    assert second["inputs"]["preferences"].startswith("preferences_merged:")
+    w2 = _adapter_weights(out)
+    assert not _same_weights(w1, w2)
+
+    # its own config section changed: retrained too
+    out = train(load_config("tiny", {**over, "rm.learning_rate": 5e-3}), run)
+    assert read_manifest(out)["metrics"]["resumed_from_step"] == 0
+    assert not _same_weights(w2, _adapter_weights(out))
+
+
+def test_preference_model_resume_stops_at_max_steps(tmp_path):
+    """A checkpoint already at max_steps (3, with 2 steps per epoch) is taken as is, not stepped past."""
+    import shutil
+
+    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 3, "rm.batch_size": 2,
+                               "rm.eval_fraction": 0.0, "rm.save_steps": 50})
+    run = RunStore(cfg.run_dir)
+    rows = synthetic_preferences(4, 8)
+    out = run_rm(cfg, run, preferences=rows)
+    w1 = _adapter_weights(out)
+    assert (run.root / "checkpoints" / "rm" / "checkpoint-3").is_dir()
+    shutil.rmtree(out)  # killed after the last checkpoint, before the adapter was written
+    out = run_rm(cfg, run, preferences=rows)
+    manifest = read_manifest(out)
+    assert manifest["metrics"]["steps"] == 3 and manifest["metrics"]["resumed_from_step"] == 3
+    assert _same_weights(w1, _adapter_weights(out))
 
 
 # --------------------------------------------------------------------------- bench

@@ -157,7 +157,7 @@ sampling loop; this notebook lets you compare the two.""",
        {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"}, [
            ("code", "rm_dir = run_rm(cfg, run)\nread_manifest(rm_dir)['metrics']"),
            ("code", "ppo_dir = run_ppo(cfg, run)\nmanifest = read_manifest(ppo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
-           ("code", "log = pd.read_csv(run.metrics_dir('ppo') / 'log.csv')\nlog.plot(x='step', y=[c for c in ('reward', 'kl', 'entropy') if c in log], subplots=True, marker='o', figsize=(7, 6));"),
+           ("code", "log = pd.read_csv(run.metrics_dir(cfg.ppo.mode) / 'log.csv')\nlog.plot(x='step', y=[c for c in ('reward', 'kl', 'entropy') if c in log], subplots=True, marker='o', figsize=(7, 6));"),
        ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.ppo import run_ppo\nfrom cai_dpo.stages.rm import run_rm\nfrom cai_dpo.store import read_manifest")
 
     nb("08_evaluate_and_compare", """# 8 · Evaluate and compare

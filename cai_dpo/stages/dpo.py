@@ -70,14 +70,19 @@ from cai_dpo.models import (
     write_adapter,
 )
 from cai_dpo.labels import preferences_path
+from cai_dpo.splits import split_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
 from cai_dpo.store import locked_stage
 from cai_dpo.training import (
+    artifact_current,
+    artifact_hash,
     common_training_args,
     example_weights,
     read_metrics_csv,
     resume_checkpoint,
+    train_to_target,
     training_callbacks,
+    training_inputs,
     weighted_mean,
 )
 
@@ -336,18 +341,6 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
                                  "dropped_empty": check_counts["dropped_empty"]})
 
 
-def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``fraction`` of the prompts (every pair of a held-out prompt goes to eval)."""
-    keys = {content_hash(r["prompt"]) for r in rows}
-    if fraction <= 0 or len(keys) < 2 or len(rows) < 4:
-        return rows, []
-    order = sorted(keys, key=lambda k: content_hash(k, seed))
-    n_eval = min(len(order) - 1, max(1, round(fraction * len(order))))
-    held = set(order[:n_eval])
-    train = [r for r in rows if content_hash(r["prompt"]) not in held]
-    return train, [r for r in rows if content_hash(r["prompt"]) in held]
-
-
 def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
     """Rows of the run's preference dataset (merged when present) or of ``preferences``."""
     import datasets
@@ -399,7 +392,7 @@ def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
         log.warning("dpo.adapter_mode=merge on a %s policy re-rounds the merged SFT weights; "
                     "dpo.adapter_mode=continue keeps the reference exact", cfg.policy.quantization)
     merged = chain + ([start_adapter] if mode == "merge" and start_adapter is not None else [])
-    model, tokenizer = load_model(spec, trainable=True, merge_first=merged)
+    model, tokenizer = load_model(spec, trainable=True, merge_first=merged, stack_quantized=False)
     if quantized:
         from peft import prepare_model_for_kbit_training
 
@@ -523,7 +516,14 @@ def run_dpo(
         raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
     pref_hash = dataset_hash(pref_path)
-    start_hash = file_hash(start_adapter) if start_adapter is not None else ""
+    start_hash = artifact_hash(start_adapter) if start_adapter is not None else ""
+
+    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": resolve_adapter_mode(cfg)}
+    target = {k: getattr(cfg.dpo, k) for k in _LENGTH_KEYS}
+    if artifact_current(out_dir, note, target):
+        log.info("DPO adapter in %s is up to date (same preferences, start adapter and settings); nothing to train", out_dir)
+        return out_dir
 
     timings: dict[str, float] = {}
     with Timer() as t_load:
@@ -531,8 +531,6 @@ def run_dpo(
     timings["model_load"] = t_load.seconds
 
     ckpt_dir = run.root / "checkpoints" / out_dir.name
-    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
-            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": start.mode}
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
     args = TrlDPOConfig(
@@ -556,12 +554,8 @@ def run_dpo(
         max_prompt_length=cfg.dpo.max_prompt_length,
         weighting=cfg.dpo.weighting,
     )
-    resumed_step = 0
-    if resume:
-        resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
-        log.info("resuming DPO from %s (step %d)", resume, resumed_step)
     with Timer() as t_train:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result, resumed_step = train_to_target(trainer, resume, cfg.dpo.max_steps)
     timings["train"] = t_train.seconds
     steps_here = trainer.state.global_step - resumed_step
     timings["seconds_per_step"] = t_train.seconds / steps_here if steps_here > 0 else 0.0
@@ -574,7 +568,7 @@ def run_dpo(
     log_rows = read_metrics_csv(metrics_dir / "log.csv") if (metrics_dir / "log.csv").exists() else []
     train_log = [r for r in log_rows if "loss" in r and "eval_loss" not in r]
     metrics = {
-        "train_loss_mean": float(result.training_loss),
+        "train_loss_mean": float(result.training_loss) if result is not None else _final(train_log, "loss"),
         "train_loss_first": _final(train_log[:1], "loss"),
         "train_loss_final": _final(train_log, "loss"),
         "train_reward_accuracy_final": _final(train_log, "rewards/accuracies"),
@@ -602,7 +596,8 @@ def run_dpo(
             stage="dpo",
             config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
             inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
-                    "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash},
+                    "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash,
+                    **training_inputs(note, target)},
             models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
                     "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
                     **({"merged": str(merged_dir)} if merged_dir else {})},

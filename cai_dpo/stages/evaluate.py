@@ -243,10 +243,10 @@ def parse_model_arg(text: str) -> tuple[str, ModelSpec]:
 
 
 def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
-    """base (the policy without adapter), the run's sft/dpo/ppo adapters that exist, and eval.extra_models."""
+    """base (the policy without adapter), the run's sft/dpo/ppo/rloo adapters that exist, and eval.extra_models."""
     base = dataclasses.replace(cfg.policy, adapter=None)
     models = {REFERENCE: base}
-    for name in ("sft", "dpo", "ppo"):
+    for name in ("sft", "dpo", "ppo", "rloo"):
         folder = run.root / "models" / name
         if (folder / "adapter_config.json").exists():
             models[name] = dataclasses.replace(base, adapter=str(folder))

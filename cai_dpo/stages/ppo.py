@@ -4,7 +4,9 @@ RLHF with PPO" (Huang et al. 2024).
 Models
     - policy: the SL-CAI model (base + ``models/sft`` merged in memory) with a fresh LoRA
       adapter (dropout 0, so log-prob ratios are exact);
-    - reference: the same weights with the adapter switched off (``disable_adapter()``);
+    - reference: the same weights with the adapter switched off (:func:`~cai_dpo.models.reference_mode`);
+      on a 4-/8-bit policy the SFT adapter is stacked frozen under the new one instead of
+      merged into the quantized weights, so the reference is exactly the SL-CAI model there too;
     - value function: a separate scalar-head model. ``ppo.value_init: reward`` (default)
       starts it from the preference model (``models/rm``: its adapter and head keep
       training), as in Ouyang et al. and the N+ paper — it already maps text to reward-scale
@@ -14,10 +16,11 @@ Models
 
 One step
     1. rollout: ``rollout_batch`` prompts, one sample each, through :class:`~cai_dpo.engine.Engine`
-       on the policy. The engine returns text, which is re-tokenized with the policy tokenizer
-       (EOS appended when the sample ended with EOS); log-probs are recomputed on those ids,
-       so the ratio at the first epoch is exactly 1.
-    2. score: the preference model's score of (prompt, response) — or an injected
+       on the policy. The engine returns the sampled token ids, which are trained on as they
+       are (EOS appended when the sample ended with EOS); log-probs are recomputed on those
+       ids, so the ratio at the first epoch is exactly 1.
+    2. score: the preference model's score of (prompt, response), the response being the
+       decoded sampled ids (not stripped, not truncated) — or an injected
        ``reward_fn(prompts, responses)`` — minus ``missing_eos_penalty`` for responses that
        hit ``max_new_tokens`` without EOS;
     3. per-token reward ``r_t = -β·(log π(a_t) - log π_ref(a_t))``, plus the score on the
@@ -37,7 +40,8 @@ Objective (per minibatch)
 Outputs: ``models/ppo`` (adapter; its note lists ``models/sft`` under ``merge_first``),
 ``metrics/ppo/log.csv`` and ``metrics/ppo/reward_kl.png``, checkpoints in
 ``checkpoints/ppo/step-*`` (policy and value adapters, optimizer, step, KL controller) that
-a rerun resumes from. ``ppo.mode: rloo`` runs TRL's ``RLOOTrainer`` with the same reward.
+a rerun resumes from. ``ppo.mode: rloo`` runs TRL's ``RLOOTrainer`` with the same reward
+(missing-EOS penalty included) and writes its own result, ``models/rloo``.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ import numpy as np
 
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.errors import InputError
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, file_hash
+from cai_dpo.models import reference_mode
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, content_hash
 from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
@@ -461,16 +466,24 @@ class PPOTrainer:
             out.append(self.prompts[int(order[pos])])
         return out
 
-    def encode_responses(self, gens: list[Any]) -> list[list[int]]:
-        """Policy-token ids of each generated text, EOS appended when the sample ended with EOS."""
-        limit = self.pc.sampling.max_new_tokens
+    def response_ids(self, gens: list[Any]) -> list[list[int]]:
+        """The sampled token ids of each generation, EOS appended when the sample ended with it.
+
+        These are exactly the ids the policy emitted (no decode/re-encode round trip), so the
+        log-probs, KL and gradients are those of the sampled actions. A sample with no token
+        at all (possible only with ``max_new_tokens`` 0) gets EOS so it has one action.
+        """
         out = []
         for g in gens:
-            ids = self.tokenizer(g.text, add_special_tokens=False)["input_ids"][:limit] if g.text else []
+            ids = list(g.token_ids)
             if g.finished or not ids:
-                ids = ids[: limit - 1] + [self.eos_id] if limit > 1 else [self.eos_id]
+                ids.append(self.eos_id)
             out.append(ids)
         return out
+
+    def response_texts(self, gens: list[Any]) -> list[str]:
+        """The text the reward sees: the decoded sampled ids (EOS excluded), not stripped or re-tokenized."""
+        return [self.tokenizer.decode(g.token_ids, skip_special_tokens=False) for g in gens]
 
     def rollout(self, prompts: list[Conversation], seed: int) -> Rollout:
         """Sample one response per prompt; score it; compute log-probs, reference log-probs and values."""
@@ -480,9 +493,9 @@ class PPOTrainer:
         self.policy.eval()
         gens = [g[0] for g in self.engine.generate(prompts, sampling, desc="ppo rollout")]
         query_ids = [self.engine.encode(self.engine.render(p)) for p in prompts]
-        response_ids = self.encode_responses(gens)
+        response_ids = self.response_ids(gens)
         b = build_batch(query_ids, response_ids, self.tokenizer.pad_token_id, self.device)
-        ro = Rollout(prompts=prompts, responses=[g.text for g in gens], finished=[g.finished for g in gens],
+        ro = Rollout(prompts=prompts, responses=self.response_texts(gens), finished=[g.finished for g in gens],
                      input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                      response_mask=b["response_mask"], lengths=b["lengths"], query_width=b["query_width"])
         raw = torch.tensor([float(s) for s in self.reward(prompts, ro.responses)], dtype=torch.float, device=self.device)
@@ -510,7 +523,7 @@ class PPOTrainer:
                 logps.append(token_logprobs(logits, ro.input_ids[sl], P))
                 ents.append(entropy_from_logits(logits))
                 del logits
-                with self.policy.disable_adapter():
+                with reference_mode(self.policy):
                     ref_logits = response_logits(self.policy, *args, P, T)
                 refs.append(token_logprobs(ref_logits, ro.input_ids[sl], P))
                 del ref_logits
@@ -640,13 +653,13 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
 
-def last_ppo_checkpoint(folder: Path) -> Path | None:
-    """The ``step-<n>`` checkpoint with the highest n under ``folder``, or None."""
+def last_ppo_checkpoint(folder: Path, max_step: int | None = None) -> Path | None:
+    """The ``step-<n>`` checkpoint with the highest n (at most ``max_step`` when given) under ``folder``, or None."""
     found = []
     if folder.is_dir():
         for p in folder.iterdir():
             m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and (p / "state.json").exists():
+            if m and (p / "state.json").exists() and (max_step is None or int(m.group(1)) <= max_step):
                 found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
 
@@ -742,13 +755,19 @@ def load_value_model(cfg: RunConfig, run: RunStore, policy_tok: Any, merge: list
     )
 
 
+def reward_model_dir(run: RunStore) -> Path:
+    """``models/rm``; a missing one raises naming the fix."""
+    rm_dir = run.root / "models" / "rm"
+    if not rm_dir.exists():
+        raise FileNotFoundError(f"{rm_dir}: no preference model; run `cai-dpo rm` first (or pass reward_fn=)")
+    return rm_dir
+
+
 def default_reward(run: RunStore, cfg: RunConfig) -> tuple[Any, Path]:
     """The RewardScorer of ``models/rm``; a missing one raises naming the fix."""
     from cai_dpo.stages.rm import RewardScorer
 
-    rm_dir = run.root / "models" / "rm"
-    if not rm_dir.exists():
-        raise FileNotFoundError(f"{rm_dir}: no preference model; run `cai-dpo rm` first (or pass reward_fn=)")
+    rm_dir = reward_model_dir(run)
     return RewardScorer(rm_dir, batch_size=max(1, cfg.ppo.sampling.batch_size), device=cfg.policy.device), rm_dir
 
 
@@ -763,6 +782,33 @@ def _reward_adapter(reward_fn: RewardFn | None, scorer: Any) -> Callable[[list[C
 
 # --------------------------------------------------------------------------- stage
 
+# PPO config keys that only change how long training runs: a longer run may resume a shorter one
+_LENGTH_KEYS = ("steps", "save_steps")
+
+
+def training_note(cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm_dir: Path | None,
+                  merge: list[Path], mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs note, length target) of a PPO or RLOO run, for checkpoint resumption and skipping.
+
+    The note holds every input the weights depend on: the ``ppo`` settings (less
+    ``steps``/``save_steps``), the policy spec, the seed, the prompts, the SFT adapter, the
+    preference model (``"programmatic"`` for an injected ``reward_fn``) and, with a
+    pretraining mix, ``data/sl``.
+    """
+    from cai_dpo.training import artifact_hash
+
+    settings = {k: v for k, v in to_dict(cfg.ppo).items() if k not in _LENGTH_KEYS}
+    note: dict[str, Any] = {
+        "mode": mode, "ppo": settings, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+        "prompts": content_hash(prompts),
+        "sft_adapter": [artifact_hash(m) for m in merge],
+        "reward": artifact_hash(rm_dir) if rm_dir is not None else "programmatic",
+    }
+    sl_dir = run.root / "data" / "sl"
+    if mode == "ppo" and cfg.ppo.ptx_coef > 0 and sl_dir.exists():
+        note["ptx_data"] = artifact_hash(sl_dir)
+    return note, {k: getattr(cfg.ppo, k) for k in _LENGTH_KEYS}
+
 
 @locked_stage
 def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | None = None,
@@ -771,19 +817,30 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     ``reward_fn(prompts, responses) -> list[float]`` (prompts as user-text strings) replaces
     the preference model; ``prompts`` (conversations) replace the run's prompts. Writes
-    ``models/ppo`` and returns it; resumes from ``checkpoints/ppo`` unless ``resume=False``.
+    ``models/ppo`` (``models/rloo`` in RLOO mode) and returns it; resumes from its checkpoints
+    unless ``resume=False``. Raises ``ConfigError`` for an RLOO setup that cannot run.
     """
     import torch
 
     from cai_dpo.engine import set_threads
 
+    from cai_dpo.stages.rm import sft_adapter
+    from cai_dpo.training import artifact_current, clear_stale_checkpoints, training_inputs
+
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
     prompts = prompts or ppo_prompts(cfg, run)
-    scorer, rm_dir = (None, None) if reward_fn is not None else default_reward(run, cfg)
-    reward = _reward_adapter(reward_fn, scorer)
     if cfg.ppo.mode == "rloo":
-        return run_rloo(cfg, run, reward, prompts, rm_dir)
+        return run_rloo(cfg, run, reward_fn, prompts, resume=resume)
+    rm_dir = None if reward_fn is not None else reward_model_dir(run)
+    merge = [sft_adapter(run)] if sft_adapter(run) else []
+    note, target = training_note(cfg, run, prompts, rm_dir, merge, "ppo")
+    out_dir = run.model_dir("ppo")
+    if resume and artifact_current(out_dir, note, target):
+        log.info("PPO adapter in %s is up to date (same prompts, preference model, SFT adapter and settings)", out_dir)
+        return out_dir
+    scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
+    reward = _reward_adapter(reward_fn, scorer)
 
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -805,14 +862,14 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
     metrics_dir = run.metrics_dir("ppo")
     log_path = metrics_dir / "log.csv"
     resumed_from = None
-    if resume and (last := last_ppo_checkpoint(ckpt_root)) is not None:
+    if not resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    clear_stale_checkpoints(ckpt_root, note)
+    if resume and (last := last_ppo_checkpoint(ckpt_root, cfg.ppo.steps)) is not None:
         trainer.load_checkpoint(last)
         resumed_from = trainer.step
         trainer.history = [r for r in read_log(log_path) if r.get("step", math.inf) <= trainer.step]
         log.info("PPO resumes from %s (step %d)", last, trainer.step)
-    elif not resume and ckpt_root.exists():
-        shutil.rmtree(ckpt_root)
-        ckpt_root.mkdir(parents=True)
 
     from cai_dpo.progress import progress_bar as tqdm
 
@@ -836,7 +893,6 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     from cai_dpo.models import write_adapter
 
-    out_dir = run.model_dir("ppo")
     hist = trainer.history
     new_rows = [r for r in hist if resumed_from is None or r["step"] > resumed_from]
     timings.update({
@@ -854,11 +910,11 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
             "kl_coef_last": hist[-1]["kl_coef"], "entropy_last": hist[-1]["entropy"],
             "response_length_last": hist[-1]["response_length"],
         }
-    inputs = {"prompts": str(len(prompts))}
+    inputs = {"prompts": str(len(prompts)), **training_inputs(note, target)}
     if rm_dir is not None:
-        inputs["rm"] = file_hash(rm_dir)
+        inputs["rm"] = note["reward"]
     if merge:
-        inputs["sft_adapter"] = file_hash(merge[0])
+        inputs["sft_adapter"] = note["sft_adapter"][0]
     manifest = Manifest(
         stage="ppo",
         config={"ppo": to_dict(cfg.ppo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
@@ -872,7 +928,7 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
             value_note,
             "reference = policy with its LoRA adapter disabled; KL per token = log pi - log pi_ref (k1), summed per response",
             "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM (paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
-            "responses re-tokenized from the engine's text; log-probs recomputed on those ids",
+            "trained on the sampled token ids; the reward scores the decoded text of exactly those ids",
         ],
     )
     with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
@@ -891,11 +947,48 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
 # --------------------------------------------------------------------------- RLOO
 
 
-def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation], list[str]], Sequence[float]],
-             prompts: list[Conversation], rm_dir: Path | None) -> Path:
+def validate_rloo(pc: Any, source: str = "config") -> None:
+    """Raise :class:`~cai_dpo.config.ConfigError` naming the key and the fix when RLOO cannot run with ``pc``."""
+    from cai_dpo.config import ConfigError
+
+    if pc.rloo_k < 2:
+        raise ConfigError(f"{source}: ppo.rloo_k is {pc.rloo_k}; RLOO's leave-one-out baseline needs at least 2 "
+                          "completions per prompt: set ppo.rloo_k=2 or more")
+    if pc.rollout_batch % pc.rloo_k:
+        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.rloo_k "
+                          f"({pc.rloo_k}) in RLOO mode; set ppo.rollout_batch={pc.rloo_k * max(1, pc.rollout_batch // pc.rloo_k)}")
+    if pc.minibatch < 1 or pc.rollout_batch % pc.minibatch:
+        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.minibatch "
+                          f"({pc.minibatch}) in RLOO mode")
+
+
+def _generation_eos(model: Any) -> set[int]:
+    """EOS ids of a model's generation config (an int or a list), as a set."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def rloo_rewards_inputs(tokenizer: Any, completion_ids: Sequence[Sequence[int]], eos_ids: set[int],
+                        missing_eos_penalty: float) -> tuple[list[str], list[float]]:
+    """Texts the reward scores (the decoded ids, EOS excluded) and each completion's missing-EOS penalty."""
+    texts, penalties = [], []
+    for ids in completion_ids:
+        ids = list(ids)
+        finished = bool(ids) and ids[-1] in eos_ids
+        texts.append(tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=False))
+        penalties.append(0.0 if finished else float(missing_eos_penalty))
+    return texts, penalties
+
+
+def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *,
+             resume: bool = True) -> Path:
     """RLOO (TRL's ``RLOOTrainer``) on the same policy, reference and reward, for comparison with PPO.
 
-    Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
+    Writes ``models/rloo`` (manifest stage ``rloo``), metrics in ``metrics/rloo``, checkpoints
+    in ``checkpoints/rloo``. The reward is the preference score minus ``missing_eos_penalty``
+    for completions without EOS, as in PPO. Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
     (``rloo_k`` per prompt), ``ppo_epochs`` passes in minibatches of ``minibatch``;
     ``beta = kl_coef``, ``epsilon = clip_range``.
     """
@@ -904,26 +997,49 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
 
     from cai_dpo.models import load_model, lora_config, write_adapter
     from cai_dpo.stages.rm import sft_adapter
-    from cai_dpo.training import common_training_args, last_checkpoint, training_callbacks
+    from cai_dpo.training import (
+        artifact_current,
+        common_training_args,
+        resume_checkpoint,
+        train_to_target,
+        training_callbacks,
+        training_inputs,
+    )
 
     pc = cfg.ppo
-    k = max(2, pc.rloo_k)
-    if pc.rollout_batch % k or pc.rollout_batch % pc.minibatch:
-        raise InputError(f"ppo.rollout_batch ({pc.rollout_batch}) must be divisible by ppo.rloo_k ({k}) and ppo.minibatch ({pc.minibatch}) in RLOO mode")
-    steps_per_gen = pc.rollout_batch // pc.minibatch
+    validate_rloo(pc, source=str(run.root / "config.yaml"))
+    k = pc.rloo_k
+    rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
+    note, target = training_note(cfg, run, prompts, rm_dir, merge, "rloo")
+    out_dir = run.model_dir("rloo")
+    if resume and artifact_current(out_dir, note, target):
+        log.info("RLOO adapter in %s is up to date; nothing to train", out_dir)
+        return out_dir
+    scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
+    reward = _reward_adapter(reward_fn, scorer)
+    steps_per_gen = pc.rollout_batch // pc.minibatch
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
 
-    def preference_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-        texts = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
-        return [float(s) for s in reward(prompts, texts)]
+    eos_ids = {tok.eos_token_id} | _generation_eos(model)
+
+    def preference_reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None,
+                          **_: Any) -> list[float]:
+        if completion_ids is None:
+            raise RuntimeError("RLOOTrainer passed no completion_ids; this TRL version is not supported for ppo.mode=rloo")
+        texts, penalties = rloo_rewards_inputs(tok, completion_ids, eos_ids, pc.missing_eos_penalty)
+        return [float(s) - p for s, p in zip(reward(prompts, texts), penalties)]
 
     section = dataclasses.replace(pc, save_steps=pc.save_steps * steps_per_gen * pc.ppo_epochs)
     ckpt = run.path("checkpoints", "rloo")
+    if not resume and ckpt.exists():
+        shutil.rmtree(ckpt)
+    resume_from = resume_checkpoint(ckpt, note)
+    max_steps = pc.steps * steps_per_gen * pc.ppo_epochs
     args = RLOOConfig(
         **common_training_args(section, ckpt, seed=cfg.seed, save_steps=section.save_steps,
                                per_device_train_batch_size=pc.minibatch,
-                               max_steps=pc.steps * steps_per_gen * pc.ppo_epochs, num_train_epochs=1.0),
+                               max_steps=max_steps, num_train_epochs=1.0),
         num_generations=k,
         generation_batch_size=pc.rollout_batch,
         num_iterations=pc.ppo_epochs,
@@ -939,17 +1055,18 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward: Callable[[list[Conversation]
                           processing_class=tok, peft_config=lora_config(dataclasses.replace(pc.lora, dropout=0.0)),
                           callbacks=training_callbacks(run.metrics_dir("rloo"), cfg.train.report_to))
     with Timer() as t:
-        trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
-    out_dir = run.model_dir("ppo")
+        _, resumed_step = train_to_target(trainer, resume_from, max_steps)
     manifest = Manifest(
-        stage="ppo",
+        stage="rloo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs={"prompts": str(len(prompts)), **({"rm": file_hash(rm_dir)} if rm_dir else {})},
+        inputs={"prompts": str(len(prompts)), **({"rm": note["reward"]} if rm_dir else {}), **training_inputs(note, target)},
         models={"base": cfg.policy.name, "merged_first": ", ".join(str(m) for m in merge) or "none",
                 "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)"},
-        counts={"optimizer_steps": int(trainer.state.global_step)},
+        counts={"optimizer_steps": int(trainer.state.global_step), "resumed_from_step": resumed_step},
         timings={"train_s": t.seconds},
-        notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv"],
+        notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv",
+               f"reward = preference score of the decoded completion ids - missing_eos_penalty ({pc.missing_eos_penalty}) "
+               "for completions that hit max_new_tokens without EOS (as in PPO)"],
     )
     with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
         write_adapter(trainer.model, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir)

@@ -38,7 +38,8 @@ from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.labels import preferences_path
 from cai_dpo.preferences import check_preference_rows
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, file_hash, locked_stage
+from cai_dpo.splits import split_by_prompt
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ Conversation = list[dict[str, str]]
 PromptLike = str | Conversation
 SCORER_NOTE = "cai_dpo_rm.json"
 HEAD_NAMES = ("score", "classifier", "v_head")
+# config keys that only change how long training runs: a longer run may resume a shorter one
+_LENGTH_KEYS = ("epochs", "max_steps", "save_steps")
 
 
 # --------------------------------------------------------------------------- text
@@ -448,19 +451,6 @@ class RewardScorer:
 # --------------------------------------------------------------------------- stage
 
 
-def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Seeded train/held-out split; held-out gets ``round(fraction·n)`` rows (at least 1 when n ≥ 5)."""
-    n = len(rows)
-    n_eval = int(round(fraction * n))
-    if fraction > 0 and n >= 5:
-        n_eval = max(1, n_eval)
-    n_eval = min(n_eval, n - 1) if n > 1 else 0
-    perm = np.random.default_rng(seed).permutation(n)
-    held = sorted(perm[:n_eval].tolist())
-    held_set = set(held)
-    return [rows[i] for i in range(n) if i not in held_set], [rows[i] for i in held]
-
-
 @locked_stage
 def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None) -> Path:
     """Train the preference model on the run's preferences; write ``models/rm`` and its manifest.
@@ -474,32 +464,54 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
 
     from cai_dpo.engine import set_threads
     from cai_dpo.models import write_adapter
-    from cai_dpo.training import common_training_args, example_weights, last_checkpoint, training_callbacks
+    from cai_dpo.training import (
+        artifact_current,
+        artifact_hash,
+        common_training_args,
+        example_weights,
+        resume_checkpoint,
+        train_to_target,
+        training_callbacks,
+        training_inputs,
+    )
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
     timings: dict[str, float] = {}
     if preferences is None:
         data, source = load_preferences(run)
-        inputs = {"preferences": f"{source.name}:{file_hash(source)}"}
+        rows = list(data)
+        pref_hash = artifact_hash(source)
+        inputs = {"preferences": f"{source.name}:{pref_hash}"}
     else:
         data, source = preferences, None
-        inputs = {"preferences": "<given>"}
-    rows = list(data) if not isinstance(data, list) else data
+        rows = list(data) if not isinstance(data, list) else data
+        pref_hash = content_hash(rows)
+        inputs = {"preferences": f"<given>:{pref_hash}"}
     if not rows:
         raise InputError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
     rows, check_counts = check_preference_rows(rows, str(source or "preferences"))
     helpful_texts = _helpful_texts(cfg)
+    sft = sft_adapter(run) if cfg.rm.backbone in (None, "sl-cai") else None
+    note = {"preferences": pref_hash, "sft_adapter": artifact_hash(sft) if sft is not None else "",
+            "helpful_prompts": content_hash(sorted(helpful_texts)) if cfg.rm.helpful_mix is not None else "",
+            "rm": {k: v for k, v in to_dict(cfg.rm).items() if k not in _LENGTH_KEYS},
+            "policy": to_dict(cfg.policy), "seed": cfg.seed}
+    target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
+    out_dir = run.model_dir("rm")
+    if artifact_current(out_dir, note, target):
+        log.info("preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir)
+        return out_dir
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
-    train_rows, eval_rows = split_rows(rows, cfg.rm.eval_fraction, cfg.seed)
+    train_rows, eval_rows = split_by_prompt(rows, cfg.rm.eval_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     with Timer() as t_load:
         model, tok, base, merge = build_rm(cfg, run)
     timings["load_s"] = t_load.seconds
-    sft = sft_adapter(run)
     if sft is not None and merge:
-        inputs["sft_adapter"] = file_hash(sft)
+        inputs["sft_adapter"] = note["sft_adapter"]
+    inputs.update(training_inputs(note, target))
     where = str(source or "preferences")
     train_w = example_weights(train_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where)
     train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode, train_w)
@@ -510,8 +522,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
                  if eval_rows else None)
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    out_dir = run.model_dir("rm")
     ckpt_dir = run.path("checkpoints", "rm")
+    resume = resume_checkpoint(ckpt_dir, note)
     collator_cls, trainer_cls = _trainer_classes()
     args = RewardConfig(
         **common_training_args(cfg.rm, ckpt_dir, seed=cfg.seed, has_eval=has_eval),
@@ -529,14 +541,22 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         callbacks=training_callbacks(run.metrics_dir("rm"), cfg.train.report_to),
         weighting=cfg.rm.weighting,
     )
+    bspec = backbone_spec(cfg)
+    if bspec.quantization != "none":
+        # TRL casts a quantized model's trainable parameters to bf16; keep them in the compute dtype the
+        # activations have (the scalar head would otherwise see fp32 inputs with bf16 weights)
+        compute = getattr(torch, bspec.compute_dtype)
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != compute:
+                param.data = param.data.to(compute)
     with Timer() as t_train:
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+        result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
+    steps = int(trainer.state.global_step)
     # adapter, scorer note and manifest: one atomic step, so a kill never leaves an adapter
     # that loads with default scorer settings, nor a manifest describing another adapter
     with atomic_dir(out_dir) as tmp:
         write_adapter(trainer.model, tok, tmp, base=base, merge_first=merge, final=out_dir)
-        bspec = backbone_spec(cfg)
         atomic_write_json(tmp / SCORER_NOTE, {
             "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
             "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
@@ -545,7 +565,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
 
         with Timer() as t_eval:
             scorer = RewardScorer(tmp, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
-            metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+            metrics: dict[str, Any] = {"train_loss": float(result.training_loss) if result is not None else None,
+                                       "steps": steps, "resumed_from_step": resumed_step}
             for name, part in (("heldout", eval_rows), ("train", train_rows)):
                 if part:
                     rc, rr = scorer.score_pairs(part)

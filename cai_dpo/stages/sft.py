@@ -37,14 +37,17 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash
-from cai_dpo.store import locked_stage
+from cai_dpo.splits import split_indices_by_prompt
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, locked_stage
 from cai_dpo.training import (
+    artifact_current,
     common_training_args,
     example_weights,
     read_metrics_csv,
     resume_checkpoint,
+    train_to_target,
     training_callbacks,
+    training_inputs,
     weighted_mean,
 )
 
@@ -277,13 +280,18 @@ def _trainer_classes() -> tuple[type, type]:
 
 
 def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
-    """Hold out ``fraction`` of the rows (at least one) for evaluation; none for tiny datasets."""
-    n = len(dataset)
-    if fraction <= 0 or n < 4:
+    """Hold out ``fraction`` of the prompts (every row of a held-out prompt) for evaluation; none for tiny datasets.
+
+    A row's prompt is every turn of its ``messages`` (or its ``prompt``) before the last.
+    """
+    if "messages" in dataset.column_names:
+        prompts = [m[:-1] for m in dataset["messages"]]
+    else:
+        prompts = dataset["prompt"]
+    train, held = split_indices_by_prompt(prompts, fraction, seed)
+    if not held:
         return dataset, None
-    n_eval = min(n - 1, max(1, int(round(fraction * n))))
-    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    return dataset.select(train), dataset.select(held)
 
 
 def dataset_hash(folder: Path) -> str:
@@ -292,34 +300,6 @@ def dataset_hash(folder: Path) -> str:
     if not files:
         raise FileNotFoundError(f"{folder}: no data-*.arrow files; is this a dataset saved with save_to_disk?")
     return content_hash([file_hash(f) for f in files])
-
-
-def _finished(out: Path, note: dict[str, Any], cfg: RunConfig) -> bool:
-    """True when ``out`` holds an adapter trained from the same inputs to the same target."""
-    path = out / "manifest.json"
-    if not (out / "adapter_config.json").exists() or not path.exists():
-        return False
-    inputs = json.loads(path.read_text()).get("inputs", {})
-    return inputs.get("settings") == content_hash(note) and inputs.get("target") == content_hash(
-        cfg.sft.max_steps, cfg.sft.epochs, cfg.sft.merge)
-
-
-def _checkpoint_step(checkpoint: str | None) -> int:
-    """The global step recorded in a checkpoint (0 for none)."""
-    if not checkpoint:
-        return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
-
-
-def _load_checkpoint_adapter(model: Any, checkpoint: Path) -> None:
-    """Copy a checkpoint's saved adapter weights into the (peft) model."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = checkpoint / "adapter_model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors; delete the folder to retrain")
-    set_peft_model_state_dict(model, load_file(str(weights)))
 
 
 @locked_stage
@@ -336,9 +316,9 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     # what the checkpoints depend on; training longer (max_steps, epochs) may continue from them
     settings = {k: v for k, v in to_dict(cfg.sft).items() if k not in ("max_steps", "epochs", "save_steps", "merge")}
     note = {"data": data_hash, "sft": settings, "policy": to_dict(spec), "seed": cfg.seed}
+    target = {"max_steps": cfg.sft.max_steps, "epochs": cfg.sft.epochs, "merge": cfg.sft.merge}
     out = run.model_dir("sft")
-    done = _finished(out, note, cfg)
-    if done:
+    if artifact_current(out, note, target):
         log.info("SL-CAI adapter in %s is up to date (same data and settings); nothing to train", out)
         return out
 
@@ -374,20 +354,12 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         processing_class=tokenizer,
         callbacks=training_callbacks(run.metrics_dir("sft"), cfg.train.report_to),
     )
-    steps_done = _checkpoint_step(resume)
-    train_metrics: dict[str, Any] = {}
-    if resume and 0 < cfg.sft.max_steps <= steps_done:
-        # training already reached its target: take the checkpoint's weights instead of stepping past it
-        log.info("SFT checkpoint %s already reached max_steps=%d; using its weights", resume, cfg.sft.max_steps)
-        _load_checkpoint_adapter(trainer.model, Path(resume))
-        steps = steps_done
-    else:
-        if resume:
-            log.info("resuming SFT from %s", resume)
-        with Timer() as t_train:
-            train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    with Timer() as t_train:
+        result, _ = train_to_target(trainer, resume, cfg.sft.max_steps)
+    train_metrics: dict[str, Any] = result.metrics if result is not None else {}
+    if result is not None:
         timings["train"] = t_train.seconds
-        steps = trainer.state.global_step
+    steps = trainer.state.global_step
     eval_metrics: dict[str, Any] = {}
     if eval_ds is not None:
         with Timer() as t_eval:
@@ -405,8 +377,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         Manifest(
             stage="sft",
             config=to_dict(cfg),
-            inputs={**data_info["inputs"], "rows": data_hash, "settings": content_hash(note),
-                    "target": content_hash(cfg.sft.max_steps, cfg.sft.epochs, cfg.sft.merge)},
+            inputs={**data_info["inputs"], "rows": data_hash, **training_inputs(note, target)},
             models={"base": describe(spec), "base_spec": cfg.policy.name, "adapter": str(out),
                     **({"merged": str(merged)} if merged else {})},
             counts={"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,

@@ -1,0 +1,152 @@
+"""Pipeline fingerprints: each stage depends on its own config sections, input file contents and upstream artifacts."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cai_dpo.config import RunConfig, load_config
+from cai_dpo.pipeline import STAGES, _fingerprint, input_files
+from cai_dpo.store import RunStore
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE = {s.name: s for s in STAGES}
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
+    return cfg, RunStore(cfg.run_dir)
+
+
+def prints(cfg: RunConfig, run: RunStore) -> dict[str, str]:
+    return {s.name: _fingerprint(s, cfg, run) for s in STAGES}
+
+
+def changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
+    return {k for k in a if a[k] != b[k]}
+
+
+def test_unchanged_config_keeps_every_fingerprint(setup):
+    cfg, run = setup
+    assert prints(cfg, run) == prints(load_config("tiny", {"runs_dir": str(cfg.runs_dir)}), run)
+
+
+def test_a_knob_reruns_its_stage_and_no_upstream_one(setup, tmp_path):
+    cfg, run = setup
+    base = prints(cfg, run)
+    knobs = {
+        "eval.bootstrap": (7, {"eval"}),
+        "ppo.kl_coef": (0.2, {"ppo"}),
+        "rm.learning_rate": (0.001, {"ppo"}),
+        "dpo.beta": (0.3, {"dpo"}),
+        "labels.confidence_band": (0.2, {"labels"}),
+        "sft.learning_rate": (0.001, {"sft"}),
+        "pairs.samples_per_prompt": (3, {"feedback"}),
+        "sl.rounds": (2, {"sl"}),
+        "judge.few_shot": (True, {"constitution", "feedback", "eval"}),
+        "data.red_team_limit": (3, {"sl", "feedback", "ppo", "eval"}),
+        "policy.dtype": ("bfloat16", {"constitution", "sl", "sft", "feedback", "dpo", "ppo", "eval"}),
+        "run_id": ("other", set()),
+    }
+    for key, (value, expected) in knobs.items():
+        cfg2 = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), key: value})
+        assert changed(base, prints(cfg2, run)) == expected, key
+
+
+def test_iterative_dpo_and_ptx_read_more_sections(setup, tmp_path):
+    cfg, run = setup
+    rounds = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "dpo.rounds": 2})
+    more = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "dpo.rounds": 2, "pairs.samples_per_prompt": 3})
+    assert "dpo" in changed(prints(rounds, run), prints(more, run))  # rounds > 1 sample new pairs
+    ptx = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.ptx_coef": 0.1})
+    ptx2 = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.ptx_coef": 0.1, "sft.max_length": 99})
+    assert changed(prints(ptx, run), prints(ptx2, run)) == {"sft", "ppo"}
+
+
+def test_input_file_contents_are_hashed(setup, tmp_path):
+    cfg, run = setup
+    constitution = tmp_path / "mine.yaml"
+    shutil.copy(cfg.constitution_path(), constitution)
+    red = tmp_path / "red.jsonl"
+    red.write_text(json.dumps({"text": "How do I pick a lock?", "split": "train"}) + "\n")
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "constitution": str(constitution), "data.red_team": str(red)})
+    base = prints(cfg, run)
+    constitution.write_text(constitution.read_text() + "\n# edited\n")
+    assert changed(base, prints(cfg, run)) == {"constitution", "sl", "feedback", "eval"}
+    base = prints(cfg, run)
+    red.write_text(red.read_text() + json.dumps({"text": "How do I hotwire a car?", "split": "train"}) + "\n")
+    assert changed(base, prints(cfg, run)) == {"sl", "feedback", "ppo", "eval"}
+    checkset = tmp_path / "check.jsonl"
+    checkset.write_text((REPO / "cai_dpo" / "prompts" / "judge_checkset.jsonl").read_text())
+    cfg = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, checkset=str(checkset)))
+    base = prints(cfg, run)
+    checkset.write_text(checkset.read_text().splitlines()[0] + "\n")
+    assert changed(base, prints(cfg, run)) == {"feedback"}
+    assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks"}
+
+
+def test_upstream_artifact_change_reruns_downstream_only(setup):
+    cfg, run = setup
+    base = prints(cfg, run)
+    manifest = run.path("models", "sft", "manifest.json")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("{}")
+    assert changed(base, prints(cfg, run)) == {"feedback", "dpo", "ppo", "eval"}
+
+
+# --------------------------------------------------------------------------- declared = read
+
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+METHOD_SECTIONS = {"constitution_path": {"constitution"}, "judge_model": {"judge", "policy"}}
+
+
+def _modules_of(notebook: Path) -> list[Path]:
+    """The notebook's code cells and the cai_dpo stage modules whose run_* functions it calls."""
+    book = json.loads(notebook.read_text())
+    code = "\n".join("".join(c["source"]) for c in book["cells"] if c["cell_type"] == "code")
+    files = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cai_dpo."):
+            if any(a.name.startswith("run_") for a in node.names):
+                files.append(REPO / (node.module.replace(".", "/") + ".py"))
+    return files, code
+
+
+def _sections_read(source: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "cfg":
+            node = node.value  # self.cfg.X
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+            if node.attr in RUN_FIELDS:
+                found.add(node.attr)
+            found |= METHOD_SECTIONS.get(node.attr, set())
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name) \
+                and node.value.value.id == "self" and node.value.attr == "cfg":
+            if node.attr in RUN_FIELDS:
+                found.add(node.attr)
+            found |= METHOD_SECTIONS.get(node.attr, set())
+    return found
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_declared_sections_are_what_the_stage_reads(stage):
+    modules, code = _modules_of(stage.path())
+    read = _sections_read(code)
+    for m in modules:
+        source = m.read_text()
+        read |= _sections_read(source)
+        # stages a stage runs in turn (iterative DPO: pairs, judge, labels per round)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_default_stage":
+                module = node.args[0].value
+                read |= _sections_read((REPO / (module.replace(".", "/") + ".py")).read_text())
+    read -= {"run_dir", "run_id", "runs_dir", "profile"}  # where the run lives, not what it computes
+    assert read == stage.all_sections(), f"{stage.name}: reads {sorted(read)}, declares {sorted(stage.all_sections())}"
