@@ -18,6 +18,12 @@ Conventions
 * ``per_principle`` (optional list column) holds one such probability per principle, all
   about the same response.
 
+Human revisions: a person may also *write* a better response (for a queued pair, or for an
+SL-CAI record). :meth:`LabelQueue.record_revision` commits it at once to the ``revisions``
+table; the latest revision of each ``record_key`` becomes an SFT row (source
+``human_revision``, see :func:`revision_sft_rows`) and a preference pair with the written
+response chosen over the original (:func:`revision_pref_rows`, merged by :func:`run_labels`).
+
 The database has a ``meta`` table with ``schema_version``, runs in WAL mode and commits
 every label in its own transaction, so a killed labeling process loses nothing already
 clicked and several processes may label at once.
@@ -80,10 +86,26 @@ _SCHEMA = (
         created_at TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS labels_pair ON labels(pair_id)",
     "CREATE INDEX IF NOT EXISTS labels_labeler ON labels(labeler, created_at)",
+    """CREATE TABLE IF NOT EXISTS revisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        revision_id TEXT NOT NULL UNIQUE,
+        record_key TEXT NOT NULL,
+        pair_id TEXT,
+        prompt TEXT NOT NULL,
+        original TEXT NOT NULL,
+        response TEXT NOT NULL,
+        principle_ids TEXT NOT NULL DEFAULT '[]',
+        author TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS revisions_key ON revisions(record_key, created_at)",
 )
 _PAIR_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "p_chosen", "principle_ids", "reasons",
                 "source", "category", "extra", "enqueued_at")
 _LABEL_FIELDS = ("label_id", "pair_id", "choice", "shown_order", "labeler", "comment", "created_at")
+_REVISION_FIELDS = ("revision_id", "record_key", "pair_id", "prompt", "original", "response", "principle_ids",
+                    "author", "created_at")
+#: ``source`` of the SFT rows and preference pairs made from revisions written by a person.
+REVISION_SOURCE = "human_revision"
 
 
 _EPS = 1e-9  # band edges are exclusive: 0.6 is not inside a 0.1 band around 0.5 despite rounding
@@ -436,8 +458,65 @@ class LabelQueue:
         """The latest label of every labeled pair, by pair_id."""
         return {label["pair_id"]: label for label in self.labels()}
 
+    # ---------------------------------------------------------------- revisions
+
+    def record_revision(self, response: str, *, pair_id: str | None = None, record_key: str | None = None,
+                        prompt: Any = None, original: str | None = None, principle_ids: Iterable[str] | None = None,
+                        author: str = "") -> dict[str, Any]:
+        """Store a response written by a person and commit it at once; returns the stored revision.
+
+        For a queued pair give ``pair_id``: ``record_key`` is the pair id and ``prompt``,
+        ``original`` (the AI's chosen response, ``response_a``) and ``principle_ids`` default
+        to the pair's. For anything else (an SL-CAI record) give ``record_key`` (e.g.
+        ``"sl:<prompt_id>"``), ``prompt`` (a message list or a plain user text) and
+        ``original``. The latest revision of a ``record_key`` is the one used. Raises
+        ``KeyError`` for an unknown pair and :class:`LabelQueueError` (a ``ValueError``) for an
+        empty response, one identical to the original, or a missing field.
+        """
+        if pair_id is not None:
+            pair = self.pair(pair_id)
+            if pair is None:
+                raise KeyError(f"{self.path}: pair_id {pair_id!r} is not in the queue")
+            record_key = record_key or pair_id
+            prompt = pair["prompt"] if prompt is None else prompt
+            original = pair["response_a"] if original is None else original
+            principle_ids = pair["principle_ids"] if principle_ids is None else principle_ids
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        revision = {"revision_id": uuid.uuid4().hex, "record_key": record_key, "pair_id": pair_id, "prompt": prompt,
+                    "original": original, "response": response, "principle_ids": list(principle_ids or []),
+                    "author": author or "", "created_at": _now()}
+        values = _revision_values(revision, "record_revision")
+        with self._write() as db:
+            db.execute(f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) "
+                       f"VALUES ({', '.join('?' * len(_REVISION_FIELDS))})", values)
+        log.debug("revision %s for %s by %s", revision["revision_id"], record_key, author or "-")
+        return dict(zip(_REVISION_FIELDS, values), prompt=prompt, principle_ids=revision["principle_ids"])
+
+    def revisions(self) -> list[dict[str, Any]]:
+        """All written responses, oldest first (``prompt`` a message list). A database made
+        before revisions existed, opened read-only, has none."""
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    f"SELECT {', '.join(_REVISION_FIELDS)} FROM revisions ORDER BY created_at, id").fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                raise
+        out = []
+        for r in rows:
+            rev = {k: r[k] for k in _REVISION_FIELDS}
+            rev["prompt"], rev["principle_ids"] = json.loads(rev["prompt"]), json.loads(rev["principle_ids"])
+            out.append(rev)
+        return out
+
+    def final_revisions(self) -> list[dict[str, Any]]:
+        """The latest revision of every ``record_key``, in the order the keys were first revised."""
+        return list({rev["record_key"]: rev for rev in self.revisions()}.values())
+
     def status(self) -> dict[str, Any]:
-        """Counts: queued pairs, labeled / pending pairs, labels, final choices, reasons, labelers."""
+        """Counts: queued pairs, labeled / pending pairs, labels, final choices, reasons, labelers, revisions."""
         with self._lock:
             reason_lists = [json.loads(r[0]) for r in self._conn.execute("SELECT reasons FROM pairs")]
         labels = self.labels()
@@ -453,20 +532,24 @@ class LabelQueue:
             "by_choice": dict(Counter(lab["choice"] for lab in final.values())),
             "by_reason": dict(sorted(reasons.items())),
             "labelers": dict(Counter(lab["labeler"] for lab in labels)),
+            "revisions": len(self.revisions()),
         }
 
     # ---------------------------------------------------------------- exchange
 
     def export_jsonl(self, path: str | Path) -> Path:
-        """Write every pair and label as JSON lines (``kind``: meta | pair | label), atomically."""
+        """Write every pair, label and revision as JSON lines (``kind``: meta | pair | label |
+        revision), atomically."""
         meta = {"kind": "meta", "schema_version": self.schema_version, "exported_at": _now(), "db_path": str(self.path)}
         rows = [meta] + [{"kind": "pair", **p} for p in self.pairs()] + [{"kind": "label", **lab} for lab in self.labels()]
+        rows += [{"kind": "revision", **rev} for rev in self.revisions()]
         return write_jsonl(Path(path), rows)
 
     def import_jsonl(self, path: str | Path) -> dict[str, int]:
-        """Read an export: new pairs and labels are added, known ones (same pair_id /
-        label_id) skipped, so importing twice adds nothing. Labels deleted with
-        ``undo_last`` at the source are not deleted here. Returns counts added.
+        """Read an export: new pairs, labels and revisions are added, known ones (same pair_id /
+        label_id / revision_id) skipped, so importing twice adds nothing. Labels deleted with
+        ``undo_last`` at the source are not deleted here. Returns counts added (``pairs``,
+        ``labels``, ``revisions``).
 
         The whole file is checked first and then applied in one transaction: a bad line
         (its error names the file, the line and the field) or a label whose pair is neither
@@ -479,7 +562,7 @@ class LabelQueue:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise LabelQueueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        pair_rows, labels, label_lines = [], [], {}
+        pair_rows, labels, label_lines, revisions = [], [], {}, []
         for i, line in jsonl_lines(text):
             try:
                 row = json.loads(line)
@@ -499,8 +582,10 @@ class LabelQueue:
             elif kind == "label":
                 labels.append(_label_values(row, where))
                 label_lines[labels[-1][1]] = i
+            elif kind == "revision":
+                revisions.append(_revision_values(row, where))
             else:
-                raise LabelQueueError(f"{where}: field 'kind' must be meta, pair or label, got {kind!r}")
+                raise LabelQueueError(f"{where}: field 'kind' must be meta, pair, label or revision, got {kind!r}")
         with self._write() as db:
             added_pairs = _insert_pairs(db, pair_rows)
             known = {r[0] for r in db.execute("SELECT pair_id FROM pairs")}
@@ -514,8 +599,13 @@ class LabelQueue:
                 f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))}) "
                 "ON CONFLICT(label_id) DO NOTHING", labels)
             added_labels = db.total_changes - before
-        log.info("%s: imported %d pair(s) and %d label(s) from %s", self.path, added_pairs, added_labels, path)
-        return {"pairs": added_pairs, "labels": added_labels}
+            db.executemany(
+                f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) VALUES ({', '.join('?' * len(_REVISION_FIELDS))}) "
+                "ON CONFLICT(revision_id) DO NOTHING", revisions)
+            added_revisions = db.total_changes - before - added_labels
+        log.info("%s: imported %d pair(s), %d label(s) and %d revision(s) from %s", self.path, added_pairs,
+                 added_labels, added_revisions, path)
+        return {"pairs": added_pairs, "labels": added_labels, "revisions": added_revisions}
 
 
 def _str_list(value: Any, where: str, key: str) -> list[str]:
@@ -579,6 +669,36 @@ def _label_values(row: dict[str, Any], where: str) -> tuple[Any, ...]:
         raise LabelQueueError(f"{where}: field 'comment' must be a string, got {comment!r}")
     created = _timestamp(row.get("created_at"), where, "created_at")
     return (row["label_id"], row["pair_id"], row["choice"], row["shown_order"], row["labeler"], comment, created)
+
+
+def _revision_values(row: dict[str, Any], where: str) -> tuple[Any, ...]:
+    """The ``revisions`` row for one revision dict, checked (errors name ``where`` and the field)."""
+    for key in ("revision_id", "record_key"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise LabelQueueError(f"{where}: field '{key}' must be a non-empty string, got {row.get(key)!r}")
+    for key in ("original", "response"):
+        if not isinstance(row.get(key), str):
+            raise LabelQueueError(f"{where}: field '{key}' must be a string, got {row.get(key)!r}")
+    if not row["response"].strip():
+        raise LabelQueueError(f"{where}: field 'response' is empty; write the better response first")
+    if row["response"].strip() == row["original"].strip():
+        raise LabelQueueError(f"{where}: field 'response' is the same as the original; edit it first")
+    prompt = row.get("prompt")
+    if (not isinstance(prompt, list) or not prompt
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in prompt)):
+        raise LabelQueueError(f"{where}: field 'prompt' must be a non-empty list of messages "
+                              f"({{'role': ..., 'content': ...}}), got {prompt!r}")
+    pair_id = row.get("pair_id")
+    if pair_id is not None and not isinstance(pair_id, str):
+        raise LabelQueueError(f"{where}: field 'pair_id' must be a string or null, got {pair_id!r}")
+    author = row.get("author") or ""
+    if not isinstance(author, str):
+        raise LabelQueueError(f"{where}: field 'author' must be a string, got {author!r}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return (row["revision_id"], row["record_key"], pair_id, json.dumps(messages, ensure_ascii=False), row["original"],
+            row["response"], json.dumps(_str_list(row.get("principle_ids"), where, "principle_ids")), author,
+            _timestamp(row.get("created_at"), where, "created_at"))
 
 
 def _insert_pairs(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
@@ -649,6 +769,37 @@ def merge_labels(dataset: "datasets.Dataset", queue: LabelQueue) -> "datasets.Da
     return merge_labels_with_counts(dataset, queue)[0]
 
 
+# --------------------------------------------------------------------------- revisions as training data
+
+
+def revision_sft_rows(queue: LabelQueue) -> list[dict[str, Any]]:
+    """SFT rows from the latest revision of each record: ``messages`` (the prompt turns, then
+    the written response as the assistant turn), ``source`` ``human_revision``, ``id`` (the
+    record key), ``kind`` "", ``principle_ids``, ``weight`` None (set by the SFT weighting),
+    and ``original`` (the response it replaces)."""
+    return [{"messages": [*rev["prompt"], {"role": "assistant", "content": rev["response"]}],
+             "source": REVISION_SOURCE, "kind": "", "id": rev["record_key"], "principle_ids": rev["principle_ids"],
+             "weight": None, "original": rev["original"]}
+            for rev in queue.final_revisions()]
+
+
+def revision_pref_rows(queue: LabelQueue, columns: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Preference pairs from the latest revision of each record: chosen = the written
+    response, rejected = the original, ``p_chosen`` = ``margin`` = 1.0, ``source``
+    ``human_revision``, ``pair_id`` ``revision:<record_key>``. With ``columns`` every row has
+    exactly those keys (missing ones None, list-valued ones an empty list)."""
+    rows = []
+    for rev in queue.final_revisions():
+        row = {"prompt": rev["prompt"], "chosen": [{"role": "assistant", "content": rev["response"]}],
+               "rejected": [{"role": "assistant", "content": rev["original"]}], "p_chosen": 1.0, "margin": 1.0,
+               "source": REVISION_SOURCE, "principle_ids": rev["principle_ids"], "per_principle": [],
+               "edge_reasons": [], "pair_id": f"revision:{rev['record_key']}"}
+        if columns is not None:
+            row = {k: row.get(k) for k in columns}
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -670,8 +821,9 @@ def preferences_path(run: RunStore) -> Path:
 
 @locked_stage
 def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
-    """Route edge cases of ``data/preferences`` into the queue, merge the labels so far and
-    write ``data/preferences_merged`` (with a manifest). Safe to rerun: pairs are queued once."""
+    """Route edge cases of ``data/preferences`` into the queue, merge the labels so far, add a
+    pair per written response (:func:`revision_pref_rows`) and write ``data/preferences_merged``
+    (with a manifest). Safe to rerun: pairs are queued once."""
     import datasets
 
     run = run or RunStore(cfg.run_dir)
@@ -698,6 +850,9 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
             if "edge_reasons" in features:  # an all-empty column loads as a list of nulls
                 features["edge_reasons"] = datasets.List(datasets.Value("string"))
             merged, counts = merge_labels_with_counts(_rows_to_dataset(rows, features), queue)
+            revised = revision_pref_rows(queue, features)
+            if revised:
+                merged = datasets.concatenate_datasets([merged, _rows_to_dataset(revised, features)])
             status = queue.status()
     final = run.root / "data" / "preferences_merged"
     with atomic_dir(final) as tmp:
@@ -713,6 +868,7 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "excluded": counts["excluded_tie"] + counts["excluded_skip"], "excluded_tie": counts["excluded_tie"],
                 "excluded_skip": counts["excluded_skip"], "mismatched": counts["mismatched"],
                 "by_reason": dict(Counter(r for _, rs in routed for r in rs)),
+                "human_revisions": len(revised),
             },
             timings={"seconds": timer.seconds},
             metrics={"gate_tripped": tripped},

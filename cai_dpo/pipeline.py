@@ -42,7 +42,8 @@ class Stage:
     """One notebook of the chain and what its result depends on.
 
     ``inputs``: run artifacts it reads (their manifests are hashed); ``outputs``: what it
-    writes; ``volatile_inputs``: state outside the artifacts (``labels``: the label queue).
+    writes; ``volatile_inputs``: state outside the artifacts (``labels``: the label queue's labels,
+    ``revisions``: the responses people wrote in it; see :data:`VOLATILE_INPUTS`).
     ``sections``: the :class:`RunConfig` sections (and top-level fields) it reads;
     ``conditional``: ``(condition, sections)`` pairs read only when ``condition(cfg)`` holds
     (e.g. iterative DPO rounds run the pair, judge and label stages). ``files``: input files
@@ -99,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("curate", "02_curate.ipynb", ("data/curated/manifest.json",), ("data/sl/manifest.json",),
           sections=("curate", "judge", "constitution", *_MODEL), files=("constitution", "curated")),
     Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json"),
-          sections=("sft", "train", *_MODEL), files=("curated",)),
+          sections=("sft", "train", *_MODEL), files=("curated",), volatile_inputs=("revisions",)),
     Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json"),
           sections=("pairs", "judge", "labels", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset", "curated")),
     Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",),
@@ -175,6 +176,23 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
         return content_hash(queue.labels())
 
 
+def _revisions_digest(run: RunStore, cfg: RunConfig) -> str:
+    """Content of the responses written by people (so a new one makes SFT, and all after it, rerun)."""
+    from cai_dpo.labels import LabelQueue
+
+    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.path("labels.sqlite")
+    if not db.exists():
+        return "none"
+    with LabelQueue(db, read_only=True) as queue:
+        revisions = queue.revisions()
+    return content_hash(revisions) if revisions else "none"
+
+
+#: digest functions of the ``volatile_inputs`` a stage may declare
+VOLATILE_INPUTS: dict[str, Callable[[RunStore, RunConfig], str]] = {"labels": _labels_digest,
+                                                                     "revisions": _revisions_digest}
+
+
 def _spec_hash(spec: str | None) -> str | None:
     """Content hash of a prompt-set spec (``bundled:NAME``, a file or a folder); the spec itself when not local."""
     from cai_dpo.config import resolve_path
@@ -238,7 +256,7 @@ def stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
     """Hash of what a stage depends on: its notebook, its config sections, its input files, upstream manifests, labels."""
     upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs_for(cfg)}
-    volatile = {v: _labels_digest(run, cfg) for v in stage.volatile_inputs if v == "labels"}
+    volatile = {v: VOLATILE_INPUTS[v](run, cfg) for v in stage.volatile_inputs}
     return content_hash(file_hash(stage.path()), stage_config(stage, cfg), input_files(stage, cfg), upstream, volatile)
 
 

@@ -1,6 +1,8 @@
 """Notebook widgets (ipywidgets): the labeling UI for queued edge cases and a constitution explorer.
 
-``labeling_ui(queue)`` is what the labeling notebook calls. Interactively it returns a
+``labeling_ui(queue)`` is what the labeling notebook calls; besides the label buttons it has a
+"Write a better response" box whose "Save response" button stores a human revision of the
+shown pair. ``revision_ui(queue, sl_records)`` does the same for SL-CAI records. Interactively it returns a
 :class:`LabelingWidget`; when the notebook runs unattended it returns a
 :class:`QueueSummary` instead. Nothing here waits for input: widgets act on clicks.
 
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 CHOICE_BUTTONS = ("A better", "B better", "Tie", "Skip")
 UNDO_BUTTON = "Undo last"
+SAVE_BUTTON = "Save response"
+REVISION_PLACEHOLDER = "Write a better response"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -72,7 +76,10 @@ class LabelingWidget(widgets.VBox):
     random order, the principle and the AI's confidence) and stores each click in the queue.
 
     ``buttons`` maps the stable descriptions "A better", "B better", "Tie", "Skip" and
-    "Undo last" to their buttons; "A" is the left response, "B" the right one.
+    "Undo last" to their buttons; "A" is the left response, "B" the right one. ``revision``
+    (a text area prefilled with the AI's chosen response) and the "Save response" button
+    store a response written by the person (:meth:`LabelQueue.record_revision`); the pair
+    stays on screen until it is labeled.
     """
 
     def __init__(self, queue: LabelQueue | str | Path, labeler: str = "anonymous", seed: int = 0,
@@ -92,9 +99,11 @@ class LabelingWidget(widgets.VBox):
         self.progress = widgets.IntProgress(min=0, max=1, value=0, description="Labeled")
         self.progress_text = widgets.HTML()
         self.message = widgets.HTML()
+        self.revision = widgets.Textarea(placeholder=REVISION_PLACEHOLDER, rows=6, layout=widgets.Layout(width="100%"))
         self.buttons: dict[str, widgets.Button] = {}
-        styles = {"A better": "primary", "B better": "primary", "Tie": "", "Skip": "", UNDO_BUTTON: "warning"}
-        for name in (*CHOICE_BUTTONS, UNDO_BUTTON):
+        styles = {"A better": "primary", "B better": "primary", "Tie": "", "Skip": "", UNDO_BUTTON: "warning",
+                  SAVE_BUTTON: "success"}
+        for name in (*CHOICE_BUTTONS, UNDO_BUTTON, SAVE_BUTTON):
             button = widgets.Button(description=name, button_style=styles[name], tooltip=name)
             button.on_click(self._on_click)
             self.buttons[name] = button
@@ -106,7 +115,10 @@ class LabelingWidget(widgets.VBox):
         super().__init__(children=[
             self.title, self.prompt, sides, self.info, self.comment,
             widgets.HBox([self.buttons[n] for n in (*CHOICE_BUTTONS, UNDO_BUTTON)]),
-            widgets.HBox([self.progress, self.progress_text]), self.message,
+            widgets.HBox([self.progress, self.progress_text]),
+            widgets.HTML("<b>Write a better response</b> (optional; it trains SFT on the next run and is preferred "
+                         "over the AI's response)"),
+            self.revision, self.buttons[SAVE_BUTTON], self.message,
         ])
         self.show(self.queue.next_unlabeled())
 
@@ -128,8 +140,10 @@ class LabelingWidget(widgets.VBox):
         """Display ``pair`` (None: the queue is done)."""
         self.current = pair
         self.comment.value = ""
-        for name in CHOICE_BUTTONS:
+        for name in (*CHOICE_BUTTONS, SAVE_BUTTON):
             self.buttons[name].disabled = pair is None
+        self.revision.value = pair["response_a"] if pair is not None else ""
+        self.revision.disabled = pair is None
         if pair is None:
             self.shown_order = None
             self.title.value = "<h4>Nothing left to label</h4>"
@@ -169,6 +183,8 @@ class LabelingWidget(widgets.VBox):
         try:
             if button.description == UNDO_BUTTON:
                 self.undo()
+            elif button.description == SAVE_BUTTON:
+                self.revise()
             else:
                 self.choose(button.description)
         except Exception as exc:  # noqa: BLE001 - show the failure in the widget, keep it usable
@@ -192,6 +208,16 @@ class LabelingWidget(widgets.VBox):
         self.message.value = f"Saved: {html.escape(name)} for pair {html.escape(label['pair_id'])}"
         self.show(self.queue.next_unlabeled())
         return label
+
+    def revise(self, text: str | None = None) -> dict[str, Any]:
+        """Store ``text`` (default: the text area) as a better response for the current pair."""
+        if self.current is None:
+            raise RuntimeError("no pair on screen")
+        revision = self.queue.record_revision(self.revision.value if text is None else text,
+                                              pair_id=self.current["pair_id"], author=self.labeler)
+        self.message.value = (f"Saved your response for pair {html.escape(revision['record_key'])}; "
+                              "it trains SFT on the next run")
+        return revision
 
     def undo(self) -> dict[str, Any] | None:
         """Delete this labeler's latest label and show that pair again."""
@@ -232,6 +258,69 @@ def labeling_ui(queue: LabelQueue | str | Path, labeler: str | None = None, seed
         return summary
     name = labeler or os.environ.get("CAI_DPO_LABELER") or os.environ.get("USER") or "anonymous"
     return LabelingWidget(q, labeler=name, seed=seed, constitution=constitution)
+
+
+def sl_record_key(record: dict[str, Any]) -> str:
+    """The revision ``record_key`` of an SL-CAI record: ``sl:<prompt_id>`` (else a hash of its messages)."""
+    from cai_dpo.store import content_hash
+
+    return f"sl:{record.get('prompt_id') or content_hash(record['messages'])}"
+
+
+class RevisionWidget(widgets.VBox):
+    """Pick an SL-CAI record (``messages`` ending with the assistant's revision), rewrite its
+    response and save it as a human revision (``record_key`` from :func:`sl_record_key`)."""
+
+    def __init__(self, queue: LabelQueue | str | Path, records: Any, author: str = "anonymous"):
+        self.queue = _as_queue(queue)
+        self.author = author
+        self.records = [dict(r) for r in records]
+        options = [(f"{i}: {str(r['messages'][0]['content'])[:80]}", i) for i, r in enumerate(self.records)]
+        self.dropdown = widgets.Dropdown(options=options, description="Record", layout=widgets.Layout(width="100%"))
+        self.prompt = widgets.HTML()
+        self.revision = widgets.Textarea(placeholder=REVISION_PLACEHOLDER, rows=6, layout=widgets.Layout(width="100%"))
+        self.button = widgets.Button(description=SAVE_BUTTON, button_style="success", disabled=not options)
+        self.message = widgets.HTML()
+        self.button.on_click(lambda _: self._save())
+        self.dropdown.observe(lambda change: self.show(change["new"]), names="value")
+        super().__init__(children=[self.dropdown, self.prompt, self.revision, self.button, self.message])
+        if options:
+            self.show(self.dropdown.value)
+
+    def show(self, index: int) -> None:
+        """Show record ``index``: its prompt turns and, in the text area, its response."""
+        messages = self.records[index]["messages"]
+        self.prompt.value = "".join(f"<b>{html.escape(m['role'])}</b>{_block(m['content'])}" for m in messages[:-1])
+        self.revision.value = messages[-1]["content"]
+
+    def _save(self) -> None:
+        try:
+            self.save()
+        except Exception as exc:  # noqa: BLE001 - show the failure in the widget, keep it usable
+            log.exception("revision widget: save failed")
+            self.message.value = f"<span style='color:#b00'>{html.escape(f'Save failed: {exc}')}</span>"
+
+    def save(self, text: str | None = None) -> dict[str, Any]:
+        """Store ``text`` (default: the text area) as the better response of the selected record."""
+        record = self.records[self.dropdown.value]
+        revision = self.queue.record_revision(
+            self.revision.value if text is None else text, record_key=sl_record_key(record),
+            prompt=record["messages"][:-1], original=record["messages"][-1]["content"],
+            principle_ids=record.get("principle_ids") or [], author=self.author)
+        self.message.value = f"Saved your response for {html.escape(revision['record_key'])}; it trains SFT on the next run"
+        return revision
+
+
+def revision_ui(queue: LabelQueue | str | Path, sl_records: Any, author: str | None = None,
+                unattended: bool | None = None) -> RevisionWidget | QueueSummary:
+    """Rewrite SL-CAI records (e.g. ``datasets.load_from_disk(run.data_dir('sl'))``); unattended
+    (see :func:`is_unattended`) a summary of the queue instead. ``author`` defaults like
+    :func:`labeling_ui`'s ``labeler``."""
+    q = _as_queue(queue)
+    if is_unattended() if unattended is None else unattended:
+        return QueueSummary(q.status())
+    name = author or os.environ.get("CAI_DPO_LABELER") or os.environ.get("USER") or "anonymous"
+    return RevisionWidget(q, sl_records, author=name)
 
 
 class ConstitutionExplorer(widgets.VBox):

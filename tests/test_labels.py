@@ -246,8 +246,8 @@ def test_export_import_round_trip(tmp_path):
     q.record_label("p2", "skip", "AB", "bob")
     out = q.export_jsonl(tmp_path / "queue.jsonl")
     fresh = LabelQueue(tmp_path / "b.sqlite")
-    assert fresh.import_jsonl(out) == {"pairs": 2, "labels": 2}
-    assert fresh.import_jsonl(out) == {"pairs": 0, "labels": 0}
+    assert fresh.import_jsonl(out) == {"pairs": 2, "labels": 2, "revisions": 0}
+    assert fresh.import_jsonl(out) == {"pairs": 0, "labels": 0, "revisions": 0}
     assert fresh.pairs() == q.pairs()
     assert fresh.labels() == q.labels()
     assert fresh.status()["labeled"] == 2
@@ -281,6 +281,135 @@ def test_run_labels_routes_merges_and_reruns(tmp_cfg_path):
     assert merged["a"]["chosen"][0]["content"] == "rejected a" and merged["a"]["source"] == "human"
 
 
+# --------------------------------------------------------------------------- human revisions
+
+
+def _sl_dataset(run: RunStore) -> None:
+    _dataset([{"messages": [{"role": "user", "content": f"sl prompt {i}"},
+                            {"role": "assistant", "content": f"sl answer {i}"}],
+               "prompt_id": f"s{i}", "principle_ids": ["harm-1"], "source": "sl", "weight": None}
+              for i in range(2)]).save_to_disk(str(run.data_dir("sl")))
+
+
+def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_path):
+    from cai_dpo.config import load_config
+    from cai_dpo.pipeline import STAGES, _fingerprint
+    from cai_dpo.stages.sft import build_rows
+    from cai_dpo.widgets import RevisionWidget
+
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "sft.data": "sl"})
+    run = RunStore(cfg.run_dir)
+    _sl_dataset(run)
+    rows = [make_row("a", 0.55), make_row("c", 0.95)]
+    _dataset(rows).save_to_disk(str(run.data_dir("preferences")))
+    stage = {s.name: s for s in STAGES}
+    sft_before = _fingerprint(stage["sft"], cfg, run)
+    assert {r["source"] for r in build_rows(cfg, run)[0]} == {"sl"}
+    run_labels(cfg, run)  # queues pair "a"; creates labels.sqlite
+    assert _fingerprint(stage["sft"], cfg, run) == sft_before  # a database without revisions changes nothing
+    before = {n: _fingerprint(stage[n], cfg, run) for n in ("labels", "dpo")}
+
+    q = LabelQueue(run.root / "labels.sqlite")
+    rev = q.record_revision("a much better answer", pair_id="a", author="ann")
+    q.close()  # committed at once: another connection sees it
+    with sqlite3.connect(run.root / "labels.sqlite") as raw:
+        stored = raw.execute("SELECT record_key, original, response, author, created_at FROM revisions").fetchall()
+    assert stored == [("a", "chosen a", "a much better answer", "ann", rev["created_at"])]
+    assert rev["created_at"].endswith("+00:00")
+    assert _fingerprint(stage["sft"], cfg, run) != sft_before
+    assert {n: _fingerprint(stage[n], cfg, run) for n in before} == before  # they rerun through SFT's new manifest
+
+    # an SL record rewritten in the SL widget replaces its SL row
+    w = RevisionWidget(LabelQueue(run.root / "labels.sqlite"), datasets.load_from_disk(str(run.data_dir("sl"))),
+                       author="bob")
+    w.revision.value = "sl answer 0, made kinder"
+    w.button.click()
+    assert "Saved your response for sl:s0" in w.message.value
+    w.button.click()  # unchanged text -> the same revision again; the latest of a record is used
+    w.save("sl answer 0, made kinder still")
+    w.revision.value = "sl answer 1"  # identical to the original: refused, shown in the widget
+    w.dropdown.value = 1
+    w.button.click()
+    assert "same as the original" in w.message.value
+
+    train, info = build_rows(cfg, run)
+    by_source = {}
+    for r in train:
+        by_source.setdefault(r["source"], []).append(r)
+    assert [r["messages"][-1]["content"] for r in by_source["sl"]] == ["sl answer 1"]
+    assert [(r["id"], r["messages"]) for r in by_source["human_revision"]] == [
+        ("a", [{"role": "user", "content": "prompt a"}, {"role": "assistant", "content": "a much better answer"}]),
+        ("sl:s0", [{"role": "user", "content": "sl prompt 0"},
+                   {"role": "assistant", "content": "sl answer 0, made kinder still"}])]
+    assert all(r["weight"] == 1.0 for r in train)
+    assert info["counts"]["rows_human_revision"] == 2 and info["counts"]["sl_replaced_by_revision"] == 1
+    assert "revisions" in info["inputs"]
+
+    out = run_labels(cfg, run)
+    merged = {r["pair_id"]: r for r in datasets.load_from_disk(str(out)).to_list()}
+    pair = merged["revision:a"]
+    assert pair["chosen"] == [{"role": "assistant", "content": "a much better answer"}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "chosen a"}]
+    assert (pair["source"], pair["p_chosen"], pair["prompt"]) == (
+        "human_revision", 1.0, [{"role": "user", "content": "prompt a"}])
+    assert merged["revision:sl:s0"]["rejected"][0]["content"] == "sl answer 0"
+    assert read_manifest(out)["counts"]["human_revisions"] == 2
+    assert merged["a"]["source"] == "judged_samples"  # a revision is not a label
+
+
+def test_revision_export_import_round_trip_and_bad_rows(tmp_path):
+    q = queue_with(tmp_path, [make_row("p1")], "a.sqlite")
+    q.record_label("p1", "A", "AB", "ann")
+    text = "first line\u2028second line \u00e9 \U0001F600"
+    q.record_revision(text, pair_id="p1", author="ann")
+    q.record_revision("x", record_key="sl:s9", prompt=[{"role": "system", "content": "be kind"},
+                                                       {"role": "user", "content": "hi"}], original="y")
+    out = q.export_jsonl(tmp_path / "queue.jsonl")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 5  # U+2028 does not split a line
+    fresh = LabelQueue(tmp_path / "b.sqlite")
+    assert fresh.import_jsonl(out) == {"pairs": 1, "labels": 1, "revisions": 2}
+    assert fresh.import_jsonl(out) == {"pairs": 0, "labels": 0, "revisions": 0}
+    assert fresh.revisions() == q.revisions() and fresh.revisions()[0]["response"] == text
+    assert fresh.status()["revisions"] == 2
+
+    lines = out.read_text(encoding="utf-8").splitlines()
+    good_pair = json.loads(lines[1]) | {"pair_id": "p2"}
+    bad_rev = json.loads(lines[3]) | {"revision_id": "new", "pair_id": "p2", "prompt": "just text"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], json.dumps(good_pair), json.dumps(bad_rev)]) + "\n", encoding="utf-8")
+    target = LabelQueue(tmp_path / "c.sqlite")
+    with pytest.raises(LabelQueueError, match=r"bad\.jsonl: line 3: field 'prompt'"):
+        target.import_jsonl(bad)
+    bad.write_text("\n".join([json.dumps(good_pair), json.dumps(bad_rev | {"prompt": [{"role": "user", "content": "q"}],
+                                                                             "created_at": "yesterday"})]) + "\n")
+    with pytest.raises(LabelQueueError, match=r"line 2: field 'created_at'"):
+        target.import_jsonl(bad)
+    assert target.pairs() == [] and target.revisions() == []  # nothing committed
+    with pytest.raises(LabelQueueError, match="field 'response' is empty"):
+        target.record_revision("  ", record_key="k", prompt="q", original="o")
+    with pytest.raises(KeyError, match="nope"):
+        target.record_revision("better", pair_id="nope")
+
+
+def test_widget_save_response_writes_a_revision(tmp_path):
+    from cai_dpo.widgets import LabelingWidget
+
+    q = queue_with(tmp_path, [make_row("p0", 0.55)])
+    w = LabelingWidget(q, labeler="ann")
+    assert w.revision.value == "chosen p0"  # prefilled with the AI's chosen response
+    w.revision.value = "a kinder answer"
+    w.buttons["Save response"].click()
+    assert "Saved your response for pair p0" in w.message.value
+    assert [(r["record_key"], r["response"], r["author"]) for r in q.revisions()] == [("p0", "a kinder answer", "ann")]
+    assert w.current["pair_id"] == "p0" and q.labels() == []  # still on screen to label
+    w.buttons["Save response"].click()  # the same text again is stored again (latest wins)
+    w.revision.value = "chosen p0"
+    w.buttons["Save response"].click()
+    assert "same as the original" in w.message.value and len(q.revisions()) == 2
+    w.buttons["A better"].click()
+    assert w.current is None and w.buttons["Save response"].disabled and w.revision.value == ""
+
+
 @pytest.fixture()
 def tmp_cfg_path(tmp_path):
     from cai_dpo.config import load_config
@@ -303,7 +432,7 @@ def test_widget_buttons_write_rows_with_shown_order(tmp_path):
 
     q = queue_with(tmp_path, [make_row(f"p{i}", 0.55) for i in range(3)])
     w = LabelingWidget(q, labeler="ann", seed=3)
-    assert set(w.buttons) == {"A better", "B better", "Tie", "Skip", "Undo last"}
+    assert set(w.buttons) == {"A better", "B better", "Tie", "Skip", "Undo last", "Save response"}
     assert w.progress_text.value == "0 / 3 labeled"
     first, order = w.current["pair_id"], w.shown_order
     assert first == "p0" and order == shown_order_for("p0", 3)

@@ -145,13 +145,35 @@ def _curate_rows(data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _add_human_revisions(cfg: RunConfig, rows: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` plus a ``human_revision`` row per record a person rewrote in the run's label
+    database (:func:`cai_dpo.labels.revision_sft_rows`), whatever ``sft.data`` is. An SL row
+    with the same prompt id and the original response is replaced by the revision."""
+    from cai_dpo.labels import LabelQueue, queue_path, revision_sft_rows
+
+    db = queue_path(cfg)
+    if not db.exists():
+        return rows
+    with LabelQueue(db, read_only=True) as queue:
+        revised = revision_sft_rows(queue)
+    if not revised:
+        return rows
+    replaced = {(r["id"].removeprefix("sl:"), r.pop("original")) for r in revised}
+    kept = [r for r in rows if not (r["source"] == "sl" and (r["id"], r["messages"][-1]["content"]) in replaced)]
+    info["inputs"]["revisions"] = content_hash([(r["id"], r["messages"]) for r in revised])
+    info["counts"]["sl_replaced_by_revision"] = len(rows) - len(kept)
+    return kept + revised
+
+
 def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The SFT training rows for ``sft.data`` and what they came from.
 
     Each row: ``messages`` (user turn, assistant turn), ``source`` (one of
     :data:`ROW_SOURCES`), ``id``, ``kind`` (curated rows), ``principle_ids`` and ``weight``
     (the training weight, see :func:`cai_dpo.training.example_weights`). Curated rows come
-    from the ``train`` split only; ``heldout`` rows never train. Returns (rows, info) with
+    from the ``train`` split only; ``heldout`` rows never train. Responses written by a person
+    in the run's label database are added whatever ``sft.data`` is (see
+    :func:`_add_human_revisions`). Returns (rows, info) with
     ``info`` holding input hashes and counts for the manifest. Raises ``FileNotFoundError``
     for missing data and ``InputError`` for an empty selection or a bad setting.
     """
@@ -193,6 +215,7 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
             raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
         rows.extend(sl)
     rows.extend(curated)
+    rows = _add_human_revisions(cfg, rows, info)
     if not rows:
         raise InputError(f"sft.data={sc.data}: no training rows")
     weights = example_weights(rows, sc.weighting, sc.principle_weights, source=f"sft.data={sc.data}")
