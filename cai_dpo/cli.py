@@ -216,14 +216,15 @@ def _cmd_labels_export(args: argparse.Namespace) -> int:
     with _label_queue(args, read_only=True) as queue:
         out = queue.export_jsonl(Path(args.path))
         status = queue.status()
-    print(f"wrote {out}: {status['queued']} pair(s), {status['labels']} label(s)")
+    print(f"wrote {out}: {status['queued']} pair(s), {status['labels']} label(s), {status['revisions']} revision(s)")
     return 0
 
 
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     with _label_queue(args) as queue:
         added = queue.import_jsonl(Path(args.path))
-    print(f"imported {added['pairs']} new pair(s) and {added['labels']} new label(s) into {queue.path}")
+    print(f"imported {added['pairs']} new pair(s), {added['labels']} new label(s) and {added['revisions']} new "
+          f"revision(s) into {queue.path}")
     return 0
 
 

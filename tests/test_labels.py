@@ -528,13 +528,15 @@ def test_cli_labels_export_import_status(tmp_path, capsys):
 
     q = queue_with(tmp_path, [make_row("p1"), make_row("p2")], "a.sqlite")
     q.record_label("p1", "A", "AB", "ann")
+    q.record_revision("better", pair_id="p2")
     assert main(["labels", "export", "--profile", "tiny", "--db", str(q.path), str(tmp_path / "x.jsonl")]) == 0
+    assert "1 revision(s)" in capsys.readouterr().out
     b = tmp_path / "b.sqlite"
     assert main(["labels", "import", "--profile", "tiny", "--db", str(b), str(tmp_path / "x.jsonl")]) == 0
-    capsys.readouterr()
+    assert "1 new revision(s)" in capsys.readouterr().out
     assert main(["labels", "status", "--profile", "tiny", "--db", str(b), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert (status["queued"], status["labeled"], status["pending"]) == (2, 1, 1)
+    assert (status["queued"], status["labeled"], status["pending"], status["revisions"]) == (2, 1, 1, 1)
 
 
 def test_run_labels_widens_band_when_gate_tripped(tmp_cfg_path):

@@ -1,9 +1,9 @@
 """The shipped labeling notebook in a real JupyterLab, driven by headless Chromium through Playwright.
 
 After the stages the labeling notebook needs have run (through the library, into
-``$CAI_DPO_RUNS``), ``notebooks/04_label_edge_cases.ipynb`` is opened unchanged from a
+``$CAI_DPO_RUNS``), ``notebooks/05_label_edge_cases.ipynb`` is opened unchanged from a
 folder that is not the project root, as a user opens it: it finds the run, shows the
-queued pairs, one click lands in SQLite, and the merge cell counts it.
+queued pairs, one written response and one click land in SQLite, and the merge cell counts both.
 
 Needs Debian's ``chromium`` at /usr/bin/chromium (``apt-get install chromium``); skips
 without it. Never downloads a browser. The server runs on 127.0.0.1 with its data,
@@ -31,6 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "cai-dpo-browser-test"
+WRITTEN = "I can't help with that, but here is a safe alternative."
 KERNEL = "python3"  # the shipped notebooks' kernelspec; the test's own spec of that name runs this interpreter
 
 pytestmark = pytest.mark.browser
@@ -142,14 +143,14 @@ def _run_cell(page, cell, prompt: str, timeout: float = 120_000) -> None:
     cell.locator(".jp-InputPrompt", has_text=prompt).wait_for(timeout=timeout)
 
 
-def test_shipped_labeling_notebook_click_lands_in_sqlite_and_merge_counts_it(lab, labeling_run, tmp_path):
+def test_shipped_labeling_notebook_edit_and_click_land_in_sqlite_and_merge_counts_them(lab, labeling_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from cai_dpo.pipeline import NOTEBOOKS_DIR
 
     port, root, log = lab
     cfg, run = labeling_run
-    shipped = NOTEBOOKS_DIR / "04_label_edge_cases.ipynb"
+    shipped = NOTEBOOKS_DIR / "05_label_edge_cases.ipynb"
     (root / shipped.name).write_bytes(shipped.read_bytes())  # unchanged; the kernel's cwd is not the project
 
     channels: list[str] = []
@@ -177,6 +178,11 @@ def test_shipped_labeling_notebook_click_lands_in_sqlite_and_merge_counts_it(lab
             widget.get_by_text(re.compile(r"^0 / [1-9]\d* labeled$")).wait_for(timeout=15_000)  # the queued pairs
             if os.environ.get("CAI_DPO_SCREENSHOTS"):  # README pictures: CAI_DPO_SCREENSHOTS=docs pytest -m browser
                 widget.screenshot(path=str(Path(os.environ["CAI_DPO_SCREENSHOTS"]) / "labeling_widget.png"))
+            # write a better response for the pair on screen (its box is prefilled with the AI's answer)
+            box = widget.get_by_placeholder("Write a better response")
+            box.fill(WRITTEN)
+            widget.get_by_role("button", name="Save response", exact=True).click()
+            widget.get_by_text(re.compile(r"^Saved your response for pair ")).wait_for(timeout=15_000)
             button.click()
             widget.get_by_text(re.compile(r"^1 / [1-9]\d* labeled$")).wait_for(timeout=15_000)
             merge = cells.nth(4)
@@ -190,6 +196,8 @@ def test_shipped_labeling_notebook_click_lands_in_sqlite_and_merge_counts_it(lab
 
     with sqlite3.connect(run.root / "labels.sqlite") as raw:
         rows = raw.execute("SELECT pair_id, choice, labeler FROM labels").fetchall()
+        revisions = raw.execute("SELECT record_key, response, author FROM revisions").fetchall()
     assert len(rows) == 1 and rows[0][2] == "browser", rows
-    assert "'labeled': 1" in merged, merged
+    assert revisions == [(rows[0][0], WRITTEN, "browser")], revisions  # the pair then labeled
+    assert "'labeled': 1" in merged and "'human_revisions': 1" in merged, merged
     assert not (root / "artifacts").exists()  # nothing written relative to the notebook's folder

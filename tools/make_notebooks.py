@@ -127,7 +127,14 @@ Pairs the judge is unsure of (confidence near 0.5), whose two orders disagree, w
 disagree, or where the judge prefers the original over the revision go to a **label queue** (SQLite in
 the run folder). Label them below: every click is saved at once, so closing the browser loses nothing.
 A person's label overrides the AI's; ties and skips leave the pair out. Run unattended, the widget
-does not wait: the run goes on with the labels that exist, and the next run merges new ones.""",
+does not wait: the run goes on with the labels that exist, and the next run merges new ones.
+
+**Write a better response**: edit the AI's answer in the box under the buttons and press *Save response*.
+It is saved at once, like a label, and becomes SFT data (source `human_revision`) and a preference pair
+preferring it over the original. This notebook comes after SFT, so written responses feed SFT on the
+**next run**: when new ones exist, the pipeline reruns SFT and every stage after it. To rewrite SL-CAI
+records instead, call `revision_ui(queue_path(cfg), datasets.load_from_disk(str(run.data_dir('sl'))))`
+from `cai_dpo.widgets` in a cell of your own.""",
        {}, [
            ("code", "merged_dir = run_labels(cfg, run)\nread_manifest(merged_dir)['counts']"),
            ("code", "labeling_ui(queue_path(cfg))"),
