@@ -111,7 +111,7 @@ def lab(tmp_path):
 
 @pytest.fixture()
 def labeling_run(tmp_path, monkeypatch, tiny_path):
-    """The run the labeling notebook opens by default (profile cpu-demo -> run id cpu-demo), built
+    """The run the labeling notebook opens by default (profile cpu-demo's run id), built
     on the tiny model through the library up to the judge; a pair is queued if none was routed."""
     from cai_dpo.config import load_config, save_config
     from cai_dpo.labels import LabelQueue, pair_from_row, queue_path
@@ -122,9 +122,10 @@ def labeling_run(tmp_path, monkeypatch, tiny_path):
     from cai_dpo.store import RunStore
 
     monkeypatch.setenv("CAI_DPO_RUNS", str(tmp_path / "runs"))
-    cfg = load_config("tiny", {"run_id": "cpu-demo", "threads": 1})
+    demo_id = load_config("cpu-demo").run_id  # the run the notebook's default parameters open
+    cfg = load_config("tiny", {"run_id": demo_id, "threads": 1})
     run = RunStore(cfg.run_dir)
-    assert run.root == tmp_path / "runs" / "cpu-demo"
+    assert run.root == tmp_path / "runs" / demo_id
     save_config(cfg, run.path("config.yaml"))
     for stage in (run_sl, run_sft, run_pairs, run_judge):
         stage(cfg, run)
