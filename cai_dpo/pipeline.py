@@ -178,9 +178,9 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
 
 def _revisions_digest(run: RunStore, cfg: RunConfig) -> str:
     """Content of the responses written by people (so a new one makes SFT, and all after it, rerun)."""
-    from cai_dpo.labels import LabelQueue
+    from cai_dpo.labels import LabelQueue, queue_path
 
-    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.path("labels.sqlite")
+    db = queue_path(cfg)  # the database SFT reads its revisions from
     if not db.exists():
         return "none"
     with LabelQueue(db, read_only=True) as queue:

@@ -236,11 +236,12 @@ class QueueSummary(dict):
 
     def _repr_html_(self) -> str:
         return (f"<p><b>Label queue</b> {html.escape(str(self.get('db_path')))}: {self['queued']} pair(s) queued, "
-                f"{self['labeled']} labeled, {self['pending']} pending. Open this notebook in JupyterLab to label.</p>")
+                f"{self['labeled']} labeled, {self['pending']} pending, {self.get('revisions', 0)} written response(s). "
+                "Open this notebook in JupyterLab to label.</p>")
 
     def __str__(self) -> str:
         return (f"label queue {self.get('db_path')}: {self['queued']} queued, {self['labeled']} labeled, "
-                f"{self['pending']} pending")
+                f"{self['pending']} pending, {self.get('revisions', 0)} written response(s)")
 
 
 def labeling_ui(queue: LabelQueue | str | Path, labeler: str | None = None, seed: int = 0,
