@@ -102,9 +102,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json"),
           sections=("sft", "train", *_MODEL), files=("curated",), volatile_inputs=("revisions",)),
     Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json"),
-          sections=("pairs", "judge", "labels", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset", "curated")),
+          sections=("pairs", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset", "curated")),
     Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",),
-          sections=("labels",)),
+          sections=("labels", "seed")),
     Stage("dpo", "06_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
           sections=("dpo", "train", *_MODEL),
           conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
@@ -112,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("ppo", "07_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
           sections=("rm", "ppo", "train", "data", *_MODEL), conditional=((_ppo_ptx, ("sft",)),), files=("prompts",)),
     Stage("eval", "08_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/{ppo_mode}/manifest.json", "models/rm/manifest.json"),
-          sections=("eval", "judge", "constitution", "data", "train", *_MODEL), files=("constitution", "prompts", "jailbreaks", "curated")),
+          sections=("eval", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "jailbreaks", "curated")),
 )
 
 

@@ -41,7 +41,7 @@ def test_a_knob_reruns_its_stage_and_no_upstream_one(setup, tmp_path):
     cfg, run = setup
     base = prints(cfg, run)
     knobs = {
-        "eval.bootstrap": (7, {"eval"}),
+        "eval.bootstrap": (77, {"eval"}),
         "ppo.kl_coef": (0.2, {"ppo"}),
         "rm.learning_rate": (0.001, {"ppo"}),
         "dpo.beta": (0.3, {"dpo"}),
@@ -49,9 +49,10 @@ def test_a_knob_reruns_its_stage_and_no_upstream_one(setup, tmp_path):
         "sft.learning_rate": (0.001, {"sft"}),
         "pairs.samples_per_prompt": (3, {"feedback"}),
         "sl.rounds": (2, {"sl"}),
-        "judge.few_shot": (True, {"constitution", "feedback", "eval"}),
+        "judge.few_shot": (True, {"constitution", "curate", "feedback", "eval"}),
         "data.red_team_limit": (3, {"sl", "feedback", "ppo", "eval"}),
-        "policy.dtype": ("bfloat16", {"constitution", "sl", "sft", "feedback", "dpo", "ppo", "eval"}),
+        "policy.dtype": ("bfloat16", {"constitution", "sl", "curate", "sft", "feedback", "dpo", "ppo", "eval"}),
+        "curate.threshold": (0.7, {"curate"}),
         "run_id": ("other", set()),
     }
     for key, (value, expected) in knobs.items():
@@ -78,7 +79,7 @@ def test_input_file_contents_are_hashed(setup, tmp_path):
     cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "constitution": str(constitution), "data.red_team": str(red)})
     base = prints(cfg, run)
     constitution.write_text(constitution.read_text() + "\n# edited\n")
-    assert changed(base, prints(cfg, run)) == {"constitution", "sl", "feedback", "eval"}
+    assert changed(base, prints(cfg, run)) == {"constitution", "sl", "curate", "feedback", "eval"}
     base = prints(cfg, run)
     red.write_text(red.read_text() + json.dumps({"text": "How do I hotwire a car?", "split": "train"}) + "\n")
     assert changed(base, prints(cfg, run)) == {"sl", "feedback", "ppo", "eval"}
@@ -88,7 +89,7 @@ def test_input_file_contents_are_hashed(setup, tmp_path):
     base = prints(cfg, run)
     checkset.write_text(checkset.read_text().splitlines()[0] + "\n")
     assert changed(base, prints(cfg, run)) == {"feedback"}
-    assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks"}
+    assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks", "curated"}
 
 
 def test_upstream_artifact_change_reruns_downstream_only(setup):
