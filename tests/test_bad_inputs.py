@@ -453,7 +453,7 @@ def test_line_separators_round_trip_labels_export_import(tmp_path):
     src.record_label("p1", "B", "AB", "ann", comment=f"why{LS}not")
     out = src.export_jsonl(tmp_path / "x.jsonl")
     dst = LabelQueue(tmp_path / "b.sqlite")
-    assert dst.import_jsonl(out) == {"pairs": 1, "labels": 1}
+    assert dst.import_jsonl(out) == {"pairs": 1, "labels": 1, "revisions": 0}
     assert dst.pairs() == src.pairs() and dst.labels() == src.labels()
     assert dst.pair("p1")["response_a"] == f"a{NEL}b" and dst.labels()[0]["comment"] == f"why{LS}not"
 
@@ -594,7 +594,7 @@ def test_label_import_is_all_or_nothing(tmp_path):
     assert [p["pair_id"] for p in q.pairs()] == ["p1"] and q.labels() == []
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(label("p1", created_at="2026-01-31T13:00:00Z")) + "\n")
-    assert q.import_jsonl(good) == {"pairs": 0, "labels": 1}
+    assert q.import_jsonl(good) == {"pairs": 0, "labels": 1, "revisions": 0}
     assert q.labels()[0]["created_at"] == "2026-01-31T13:00:00.000000+00:00"  # normalised UTC
 
 
