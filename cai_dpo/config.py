@@ -44,6 +44,19 @@ class ModelSpec:
 
     ``name`` is ``embedded`` (the bundled SmolLM2-135M-Instruct), ``tiny`` (a random
     test model built locally), a local folder, or a hub id.
+
+    A served model (any OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp) is
+    ``name: openai://host:port/v1`` (``openai+https://`` for TLS), or ``backend: openai``
+    with ``name`` an ``http(s)://`` base URL; see :mod:`cai_dpo.served`. Its fields:
+    ``model`` the served model id (required; it keys the records), ``replicas`` more base
+    URLs serving the same model (requests are spread over all of them), ``tokenizer`` a
+    local tokenizer spec (``embedded``, a folder, a hub id) that renders chat templates
+    and counts tokens (without it conversations go to the chat endpoint and the judge
+    cannot render its contexts), ``concurrency`` requests in flight per URL, ``timeout``
+    seconds per request, ``max_retries`` and ``retry_backoff`` (seconds, doubled per try)
+    for 429/5xx answers and timeouts, ``top_logprobs`` the top-k asked for when scoring
+    options, ``request_extra`` JSON fields added to every request (server-specific, e.g.
+    ``{top_k: -1}``), ``api_key_env`` the environment variable holding a bearer token.
     """
 
     name: str = "embedded"
@@ -54,6 +67,17 @@ class ModelSpec:
     adapter: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    backend: Literal["local", "openai"] = "local"
+    model: str | None = None
+    replicas: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    concurrency: int = 4
+    timeout: float = 120.0
+    max_retries: int = 4
+    retry_backoff: float = 0.5
+    top_logprobs: int = 20
+    request_extra: dict[str, Any] = field(default_factory=dict)
+    api_key_env: str | None = None
 
 
 @dataclass
@@ -92,6 +116,7 @@ class SLConfig:
     helpful_ratio: float = 0.5
     chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    teacher: ModelSpec | None = None  # writes answers, critiques, revisions; None: the policy's base model (e.g. a served model)
 
 
 @dataclass
@@ -356,6 +381,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: key '{key}' is {value!r}; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
         return value
     if origin is list:
         if not isinstance(value, list):

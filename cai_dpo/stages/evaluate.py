@@ -53,8 +53,8 @@ import yaml
 
 from cai_dpo import metrics as M
 from cai_dpo.config import ModelSpec, RunConfig, to_dict
-from cai_dpo.engine import Engine, set_threads
-from cai_dpo.models import describe, load_model
+from cai_dpo.engine import set_threads
+from cai_dpo.models import describe, load_engine
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_write_json, content_hash, file_hash, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ def generate_responses(
     # longest first, so each generate call holds conversations of similar length
     todo.sort(key=lambda i: (-sum(len(m["content"]) for m in items[i].conversation), i))
     if todo:
-        lm, tok = load_model(spec)
-        engine = Engine(lm, tok, batch_size=sampling.batch_size, progress=progress)
+        engine = load_engine(spec, batch_size=sampling.batch_size, progress=progress)
         chunk = max(1, sampling.batch_size)
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
@@ -229,7 +228,7 @@ def generate_responses(
                 }
                 for i, g in zip(idx, outs)
             ])
-        del engine, lm, tok
+        del engine
         gc.collect()
     log.info("eval %s: %d responses (%d generated now)", name, len(items), len(todo))
     return [store.get(k) for k in keys]  # type: ignore[misc]
@@ -277,8 +276,7 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
         from cai_dpo.stages.judge import SOURCE_CATEGORIES, Comparison, JudgePrompter, measure_calibration, score_letters, to_verdict
 
         jc = cfg.judge
-        lm, tok = load_model(judge_spec)
-        engine = Engine(lm, tok, batch_size=jc.batch_size, progress=progress)
+        engine = load_engine(judge_spec, batch_size=jc.batch_size, progress=progress)
         prompter = JudgePrompter(engine, constitution, jc)
         calibration = measure_calibration(engine, constitution, jc, prompter=prompter) if jc.calibrate else None
         todo = list(todo_by_key.items())
@@ -307,7 +305,7 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
                     }
                     for (k, i), v, sc in zip(part, verdicts, scores)
                 ])
-        del engine, lm, tok, prompter
+        del engine, prompter
         gc.collect()
     log.info("eval judge: %d comparisons (%d judged now)", len(jobs), len(todo_by_key))
     return [store.get(k) for k in keys]

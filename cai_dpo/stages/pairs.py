@@ -136,19 +136,24 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
 
 
 def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
-    """Policy spec, SL-CAI adapter folder (when present) and a model id for record keys."""
+    """Policy spec, SL-CAI adapter folder (when present) and a model id for record keys.
+
+    A served policy is sampled as served (it should be the SL-CAI model itself); a local
+    SFT adapter is not applied to it.
+    """
     from cai_dpo.models import describe
+    from cai_dpo.served import is_served
 
     sft = run.root / "models" / "sft"
-    adapter = str(sft) if (sft / "adapter_config.json").exists() else None
+    adapter = str(sft) if (sft / "adapter_config.json").exists() and not is_served(cfg.policy) else None
     model_id = describe(cfg.policy) + (f" + sft@{file_hash(sft)}" if adapter else "")
     return cfg.policy, adapter, model_id
 
 
 def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """K samples per prompt from the SL-CAI model, resumable; one record per prompt."""
-    from cai_dpo.engine import Engine, set_threads
-    from cai_dpo.models import load_model
+    from cai_dpo.engine import set_threads
+    from cai_dpo.models import load_engine
 
     pc = cfg.pairs
     if pc.samples_per_prompt < 2:
@@ -168,8 +173,7 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
     if todo:
         if engine is None:
             set_threads(cfg.threads)
-            model, tokenizer = load_model(spec, adapter=adapter)
-            engine = Engine(model, tokenizer, batch_size=pc.sampling.batch_size)
+            engine = load_engine(spec, adapter=adapter, batch_size=pc.sampling.batch_size)
         groups: dict[float, list[int]] = {}
         for i, t in enumerate(temps):
             groups.setdefault(t, []).append(i)

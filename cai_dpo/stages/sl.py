@@ -41,7 +41,7 @@ from typing import Any
 
 from cai_dpo.config import RunConfig, SamplingConfig, to_dict
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.models import describe, load_model
+from cai_dpo.models import describe, load_engine
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,13 @@ def _phase_seed(cfg: RunConfig, phase: str) -> int:
     return int(content_hash(cfg.seed, cfg.sl.sampling.seed, phase, length=8), 16)
 
 
+def teacher_spec(cfg: RunConfig) -> Any:
+    """The model that writes SL answers, critiques and revisions: ``sl.teacher``, else the base policy (no adapter)."""
+    return cfg.sl.teacher if cfg.sl.teacher is not None else dataclasses.replace(cfg.policy, adapter=None)
+
+
 class _LazyEngine:
-    """Loads the base policy (no adapter) the first time a phase has work to do."""
+    """Loads the teacher (by default the base policy, no adapter) the first time a phase has work to do."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -252,9 +257,7 @@ class _LazyEngine:
     def get(self) -> Engine:
         if self.engine is None:
             with Timer() as t:
-                spec = dataclasses.replace(self.cfg.policy, adapter=None)
-                model, tokenizer = load_model(spec)
-                self.engine = Engine(model, tokenizer, batch_size=self.cfg.sl.sampling.batch_size)
+                self.engine = load_engine(teacher_spec(self.cfg), batch_size=self.cfg.sl.sampling.batch_size)
             self.load_seconds = t.seconds
         return self.engine
 
@@ -280,7 +283,7 @@ class _SLRun:
         n_help = helpful_count(len(self.red), len(helpful_all), cfg.sl.helpful_ratio)
         picked = sorted(random.Random(cfg.seed).sample(range(len(helpful_all)), n_help))
         self.helpful = [helpful_all[i] for i in picked]
-        self.spec = dataclasses.replace(cfg.policy, adapter=None)
+        self.spec = teacher_spec(cfg)
         self.model_id = describe(self.spec)
         self.constitution_hash = self.constitution.fingerprint()
         sampling = dataclasses.asdict(cfg.sl.sampling)
@@ -503,7 +506,8 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "red_team": f"{cfg.data.red_team}#{_prompts_hash(state.red)}",
                 "helpful": f"{cfg.data.helpful}#{_prompts_hash(state.helpful)}",
             },
-            models={"policy": state.model_id},
+            models={"policy": state.model_id} if cfg.sl.teacher is None else
+                   {"policy": describe(cfg.policy), "teacher": state.model_id},
             counts={
                 "red_team_prompts": len(state.red),
                 "helpful_prompts": len(state.helpful),
