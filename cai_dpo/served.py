@@ -420,9 +420,9 @@ class ServedEngine:
                 desc: str = "logprob") -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context.
 
-        One ``/completions`` request per item with ``echo`` and ``logprobs`` (the server's
-        own tokenization; a token that straddles the context's end counts as the
-        completion's). Raises :class:`NotSupportedByServer` when the server does not
+        One ``/completions`` request per item with ``echo`` and ``logprobs``, one token
+        generated; the server's own tokenization, read back from the prompt's end (a token
+        that straddles the context's end counts as the completion's). Raises :class:`NotSupportedByServer` when the server does not
         return the prompt's log-probs (llama.cpp's server needs ``--logits_all true``).
         """
         if len(contexts) != len(completions):
@@ -445,7 +445,11 @@ class ServedEngine:
                 raise NotSupportedByServer(
                     f"logprob is not supported by this server ({', '.join(self.urls)}): /completions with echo + logprobs "
                     f"failed ({exc}); llama.cpp's server needs --logits_all true, vLLM supports it") from exc
-            return _echo_logprob(_first_choice(data, self.urls).get("logprobs") or {}, len(ctx), len(full), self.urls)
+            choice = _first_choice(data, self.urls)
+            generated = (data.get("usage") or {}).get("completion_tokens")
+            if generated is None:
+                generated = 1 if choice.get("finish_reason") == "length" else 0
+            return _echo_logprob(choice.get("logprobs") or {}, len(completion), int(generated), self.urls)
 
         out = self._map(one, list(zip(contexts, completions)), desc, "seq")
         self.stats.scored_items += len(out)
@@ -550,23 +554,30 @@ def _longest_prefix(rest: str, top: dict[str, float]) -> str | None:
     return max(found, key=len) if found else None
 
 
-def _echo_logprob(lp: dict[str, Any], ctx_chars: int, prompt_chars: int, urls: list[str]) -> LogProb:
-    """Per-token log-probs of the prompt characters ``[ctx_chars, prompt_chars)`` from an echoed answer."""
-    tokens, values, offsets = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
-    if not tokens or values is None or offsets is None or len(offsets) != len(tokens):
+def _echo_logprob(lp: dict[str, Any], completion_chars: int, n_generated: int, urls: list[str]) -> LogProb:
+    """Per-token log-probs of the last ``completion_chars`` characters of an echoed prompt.
+
+    The echoed tokens are the prompt's (servers differ at its start: a BOS token's text, a
+    first token left out) followed by ``n_generated`` generated ones, so the completion is
+    read backwards from the prompt's end: the tokens that cover its characters, a token
+    straddling the context's end included.
+    """
+    tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+    if not tokens or values is None or len(values) != len(tokens):
         raise NotSupportedByServer(f"logprob is not supported by this server ({', '.join(urls)}): the answer carries no "
-                                   "echoed prompt log-probs (tokens, token_logprobs, text_offset)")
-    base = offsets[0]
-    per_token = []
-    for tok, value, off in zip(tokens, values, offsets):
-        start, end = off - base, off - base + len(tok)
-        if start >= prompt_chars:
-            break  # generated tokens
-        if end > ctx_chars:
-            if value is None:
-                raise NotSupportedByServer(f"logprob is not supported by this server ({', '.join(urls)}): no log-prob "
-                                           f"for prompt token {tok!r}")
-            per_token.append(float(value))
-    if not per_token:
-        raise NotSupportedByServer(f"logprob: the server's echo ({', '.join(urls)}) covers no token of the completion")
+                                   "echoed prompt log-probs (tokens, token_logprobs)")
+    prompt_part = list(zip(tokens, values))[: len(tokens) - n_generated]
+    per_token: list[float] = []
+    covered = 0
+    for tok, value in reversed(prompt_part):
+        if covered >= completion_chars:
+            break
+        if value is None:
+            raise NotSupportedByServer(f"logprob is not supported by this server ({', '.join(urls)}): no log-prob "
+                                       f"for prompt token {tok!r}")
+        per_token.append(float(value))
+        covered += len(tok)
+    if covered < completion_chars:
+        raise NotSupportedByServer(f"logprob: the server's echo ({', '.join(urls)}) does not cover the completion")
+    per_token.reverse()
     return LogProb(float(sum(per_token)), per_token)

@@ -268,13 +268,17 @@ def test_score_options_missing_token_and_missing_logprobs(fake):
 def test_logprob_from_echo(fake):
     def reply(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         assert body["echo"] is True and body["prompt"] == "The cat sat"
-        tokens, values = ["The", " cat", " sat", "."], [None, -2.0, -0.5, -1.0]  # the last one is generated
-        return completion("The cat sat.", {"tokens": tokens, "token_logprobs": values, "top_logprobs": None,
-                                           "text_offset": [0, 3, 7, 11]})
+        # servers differ at the prompt's start (a BOS text here); the last token is the generated one
+        tokens, values = ["<s>", "The", " cat", " sat", "."], [None, -3.0, -2.0, -0.5, -1.0]
+        choice = {"text": "The cat sat.", "finish_reason": "length",
+                  "logprobs": {"tokens": tokens, "token_logprobs": values, "top_logprobs": None}}
+        return 200, {"choices": [choice], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}
 
     engine = ServedEngine(spec_for(fake(reply)), progress=False)
     [lp] = engine.logprob(["The"], [" cat sat"])
     assert lp.per_token == [-2.0, -0.5] and lp.total == -2.5
+    [lp] = engine.logprob(["The c"], ["at sat"])  # " cat" straddles the context's end: it counts as the completion's
+    assert lp.per_token == [-2.0, -0.5]
     bare = fake(lambda p, b: completion("x", None))
     with pytest.raises(NotSupportedByServer, match="not supported by this server"):
         ServedEngine(spec_for(bare), progress=False).logprob(["The"], [" cat"])
@@ -382,3 +386,15 @@ def test_generate_file_records_the_served_model(llama_server, tmp_path, tiny_cfg
         tiny_cfg.sl, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)))
     rows = read_jsonl(generate_file(cfg, prompts, tmp_path / "out.jsonl", n=2))
     assert len(rows) == 4 and {r["model"] for r in rows} == {"served:smollm2"} and all(r["tokens"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_llama_server_that_cannot_start_is_reported(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[served]')")
+    from cai_dpo.served import llama_cpp_server
+
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ServedModelError, match="exited with"):
+        with llama_cpp_server(bad, ready_timeout=60):
+            pass
