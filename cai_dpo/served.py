@@ -340,6 +340,9 @@ class ServedEngine:
                                            "logprobs": self.spec.top_logprobs})
         lp = _first_choice(data, self.urls).get("logprobs") or {}
         top = lp.get("top_logprobs") or []
+        content = lp.get("content") or []  # the chat-style form (llama.cpp's native server answers /completions so)
+        if not top and content and isinstance(content[0], dict):
+            top = [{e.get("token"): e.get("logprob") for e in content[0].get("top_logprobs") or []}]
         if not top or not isinstance(top[0], dict) or not top[0]:
             raise NotSupportedByServer(f"served model '{self.model_id}' ({', '.join(self.urls)}): the server returned no "
                                        "top log-probs for /completions with 'logprobs'; score_options needs them")

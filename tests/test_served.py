@@ -254,6 +254,18 @@ def test_score_options_from_top_logprobs(fake):
     assert all(p.startswith("few-shot ctx") for p in prompts)
 
 
+def test_score_options_reads_chat_style_logprobs(fake):
+    def reply(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        _, answer = letter_server(0.3, 0.1)(path, body)
+        top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
+        answer["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": -1.0, "top_logprobs": [
+            {"token": t, "logprob": v} for t, v in top.items()]}]}
+        return 200, answer
+
+    probs, _ = ServedEngine(spec_for(fake(reply)), progress=False).score_options(["ctx:"])
+    assert np.allclose(probs, [[0.75, 0.25]])
+
+
 def test_score_options_missing_token_and_missing_logprobs(fake):
     server = fake(letter_server(0.6, 0.2))
     engine = ServedEngine(spec_for(server), progress=False)
