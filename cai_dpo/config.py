@@ -75,6 +75,19 @@ class ModelSpec:
 
     ``name`` is ``embedded`` (the bundled SmolLM2-135M-Instruct), ``tiny`` (a random
     test model built locally), a local folder, or a hub id.
+
+    A served model (any OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp) is
+    ``name: openai://host:port/v1`` (``openai+https://`` for TLS), or ``backend: openai``
+    with ``name`` an ``http(s)://`` base URL; see :mod:`cai_dpo.served`. Its fields:
+    ``model`` the served model id (required; it keys the records), ``replicas`` more base
+    URLs serving the same model (requests are spread over all of them), ``tokenizer`` a
+    local tokenizer spec (``embedded``, a folder, a hub id) that renders chat templates
+    and counts tokens (without it conversations go to the chat endpoint and the judge
+    cannot render its contexts), ``concurrency`` requests in flight per URL, ``timeout``
+    seconds per request, ``max_retries`` and ``retry_backoff`` (seconds, doubled per try)
+    for 429/5xx answers and timeouts, ``top_logprobs`` the top-k asked for when scoring
+    options, ``request_extra`` JSON fields added to every request (server-specific, e.g.
+    ``{top_k: -1}``), ``api_key_env`` the environment variable holding a bearer token.
     """
 
     name: str = "embedded"
@@ -85,6 +98,17 @@ class ModelSpec:
     adapter: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    backend: Literal["local", "openai"] = "local"
+    model: str | None = None
+    replicas: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    concurrency: int = 4
+    timeout: float = 120.0
+    max_retries: int = 4
+    retry_backoff: float = 0.5
+    top_logprobs: int = 20
+    request_extra: dict[str, Any] = field(default_factory=dict)
+    api_key_env: str | None = None
 
 
 @dataclass

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from cai_dpo.config import ModelSpec, RunConfig
-from cai_dpo.engine import Engine, set_threads
+from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError
-from cai_dpo.models import describe, load_model
+from cai_dpo.models import describe, load_engine
 from cai_dpo.store import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,7 @@ def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model
     items = load_prompts(str(prompts))
     spec = ModelSpec(name=model) if model else cfg.policy
     set_threads(cfg.threads)
-    lm, tokenizer = load_model(spec)
-    engine = Engine(lm, tokenizer, batch_size=cfg.sl.sampling.batch_size)
+    engine = load_engine(spec, batch_size=cfg.sl.sampling.batch_size)
     try:
         outs = engine.generate([p.conversation(full=True) for p in items], cfg.sl.sampling, n=n, desc="generate")
     except ContextLengthError as exc:

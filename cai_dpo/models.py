@@ -228,6 +228,9 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:
     from transformers import AutoTokenizer
 
     spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    if spec.tokenizer and _is_served(spec):
+        spec = ModelSpec(name=spec.tokenizer)  # a served model's local tokenizer
+    _refuse_served(spec)
     path = resolve_model_path(spec.name, spec.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -272,6 +275,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    _refuse_served(spec)
     adapter = adapter or spec.adapter
     base_name = spec.name
     if adapter is None and Path(base_name).is_dir() and (Path(base_name) / "adapter_config.json").exists():
@@ -314,6 +318,18 @@ def load_model(
         model.eval()
     log.info("loaded model %s (%s, quantization=%s, adapter=%s) on %s", spec.name, task, spec.quantization, adapter, device)
     return model, tokenizer
+
+
+def _is_served(spec: ModelSpec) -> bool:
+    from cai_dpo.served import is_served
+
+    return is_served(spec)
+
+
+def _refuse_served(spec: ModelSpec) -> None:
+    if _is_served(spec):
+        raise ModelLoadError(f"model '{spec.name}': a served model generates and scores (load_engine) but cannot be "
+                             "loaded into this process for training; point this stage at a local model")
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -511,7 +527,11 @@ def write_adapter(
 
 
 def describe(spec: ModelSpec) -> str:
-    """A short human-readable id for manifests."""
+    """A short human-readable id for manifests (a served model: ``served:<model id>``, whatever URLs serve it)."""
+    from cai_dpo.served import describe_served, is_served
+
+    if is_served(spec):
+        return describe_served(spec)
     name = EMBEDDED_ID if spec.name == "embedded" else spec.name
     parts = [name]
     if spec.quantization != "none":
@@ -519,3 +539,24 @@ def describe(spec: ModelSpec) -> str:
     if spec.adapter:
         parts.append(f"adapter={spec.adapter}")
     return " ".join(parts)
+
+
+def load_engine(spec: ModelSpec | str, *, batch_size: int = 32, progress: bool = True, adapter: str | None = None) -> Any:
+    """The engine for a spec: a :class:`~cai_dpo.served.ServedEngine` for a served model, else a local
+    :class:`~cai_dpo.engine.Engine` over :func:`load_model` (with ``adapter`` when given).
+
+    A served model takes no local adapter (serve the adapter instead, e.g. vLLM ``--lora-modules``,
+    and name it in ``model``); ``batch_size`` is the local engine's (a served one sends
+    ``concurrency`` requests per URL).
+    """
+    from cai_dpo.engine import Engine
+    from cai_dpo.served import ServedEngine, is_served
+
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    if is_served(spec):
+        if adapter or spec.adapter:
+            raise ModelLoadError(f"model '{spec.name}': a served model takes no local adapter ({adapter or spec.adapter}); "
+                                 "serve the adapter with the model and name it in the spec's field 'model'")
+        return ServedEngine(spec, progress=progress)
+    model, tokenizer = load_model(spec, adapter=adapter)
+    return Engine(model, tokenizer, batch_size=batch_size, progress=progress)

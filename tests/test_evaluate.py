@@ -145,14 +145,10 @@ def test_rerun_resumes_without_models(evaluated, monkeypatch):
 
     cfg, run, _ = evaluated
     before = json.loads((run.root / "eval" / "results.json").read_text())
-    real = ev.load_model
+    def no_engine(spec, *args, **kwargs):
+        raise AssertionError("rerun should reuse the stored responses and judgments")
 
-    def no_causal_lm(spec, *args, task="causal_lm", **kwargs):
-        if task == "causal_lm":
-            raise AssertionError("rerun should reuse the stored responses and judgments")
-        return real(spec, *args, task=task, **kwargs)
-
-    monkeypatch.setattr(ev, "load_model", no_causal_lm)
+    monkeypatch.setattr(ev, "load_engine", no_engine)
     after = json.loads(ev.run_eval(cfg, run, progress=False).read_text())
     for b, a in zip(before["models"], after["models"]):
         assert a["harmlessness"] == b["harmlessness"] and a["elo"] == b["elo"] and a["pm_score"] == b["pm_score"]

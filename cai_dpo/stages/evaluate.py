@@ -53,9 +53,9 @@ import yaml
 
 from cai_dpo import metrics as M
 from cai_dpo.config import ModelSpec, RunConfig, to_dict
-from cai_dpo.engine import Engine, set_threads
+from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError, InputError
-from cai_dpo.models import describe, load_model
+from cai_dpo.models import describe, load_engine
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, locked_stage, write_jsonl
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
@@ -286,8 +286,7 @@ def generate_responses(
     # longest first, so each generate call holds conversations of similar length
     todo.sort(key=lambda i: (-sum(len(m["content"]) for m in items[i].conversation), i))
     if todo:
-        lm, tok = load_model(spec)
-        engine = Engine(lm, tok, batch_size=sampling.batch_size, progress=progress)
+        engine = load_engine(spec, batch_size=sampling.batch_size, progress=progress)
         chunk = max(1, sampling.batch_size)
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
@@ -309,7 +308,7 @@ def generate_responses(
                 }
                 for i, g in zip(idx, outs)
             ])
-        del engine, lm, tok
+        del engine
         gc.collect()
     log.info("eval %s: %d responses (%d generated now)", name, len(items), len(todo))
     return [store.get(k) for k in keys]  # type: ignore[misc]
@@ -358,8 +357,7 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
         from cai_dpo.stages.judge import SOURCE_CATEGORIES, Comparison, JudgePrompter, measure_calibration, score_letters, to_verdict
 
         jc = cfg.judge
-        lm, tok = load_model(judge_spec)
-        engine = Engine(lm, tok, batch_size=jc.batch_size, progress=progress)
+        engine = load_engine(judge_spec, batch_size=jc.batch_size, progress=progress)
         prompter = JudgePrompter(engine, constitution, jc)
         calibration = measure_calibration(engine, constitution, jc, prompter=prompter) if jc.calibrate else None
         todo = list(todo_by_key.items())
@@ -388,7 +386,7 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
                     }
                     for (k, i), v, sc in zip(part, verdicts, scores)
                 ])
-        del engine, lm, tok, prompter
+        del engine, prompter
         gc.collect()
     log.info("eval judge: %d comparisons (%d judged now)", len(jobs), len(todo_by_key))
     return [store.get(k) for k in keys]
@@ -437,13 +435,12 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
         from cai_dpo.stages.judge import JudgePrompter, judge_gate, measure_calibration
 
         jc = cfg.judge
-        lm, tok = load_model(spec)
-        engine = Engine(lm, tok, batch_size=jc.batch_size, progress=False)
+        engine = load_engine(spec, batch_size=jc.batch_size, progress=False)
         calibration = measure_calibration(engine, constitution, jc, prompter=JudgePrompter(engine, constitution, jc)) \
             if jc.calibrate else None
         result = judge_gate(engine, constitution, jc, calibration=calibration, seed=cfg.seed)
         store.append([{"key": key, **result.to_dict()}])
-        del engine, lm, tok
+        del engine
         gc.collect()
     rec = {k: v for k, v in (store.get(key) or {}).items() if k != "key"}
     return {**rec, "source": "measured by the eval stage"}

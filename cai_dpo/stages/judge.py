@@ -619,12 +619,11 @@ def select_pairs(pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult |
 
 
 def _load_engine(cfg: RunConfig) -> Any:
-    from cai_dpo.engine import Engine, set_threads
-    from cai_dpo.models import load_model
+    from cai_dpo.engine import set_threads
+    from cai_dpo.models import load_engine
 
     set_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.judge_model())
-    return Engine(model, tokenizer, batch_size=cfg.judge.batch_size)
+    return load_engine(cfg.judge_model(), batch_size=cfg.judge.batch_size)
 
 
 @locked_stage

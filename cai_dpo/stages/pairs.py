@@ -152,24 +152,28 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
 
 
 def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
-    """Policy spec, SL-CAI adapter folder (when present) and a model id for record keys."""
+    """Policy spec, SL-CAI adapter folder (when present) and a model id for record keys.
+
+    A served policy is sampled as served (it should be the SL-CAI model itself); a local
+    SFT adapter is not applied to it.
+    """
     from cai_dpo.models import describe
+    from cai_dpo.served import is_served
 
     sft = run.root / "models" / "sft"
-    adapter = str(sft) if (sft / "adapter_config.json").exists() else None
+    adapter = str(sft) if (sft / "adapter_config.json").exists() and not is_served(cfg.policy) else None
     model_id = describe(cfg.policy) + (f" + sft@{file_hash(sft)}" if adapter else "")
     return cfg.policy, adapter, model_id
 
 
 def policy_engine(cfg: RunConfig, run: RunStore) -> Any:
-    """An engine on the SL-CAI model (the policy with ``models/sft`` when present)."""
-    from cai_dpo.engine import Engine, set_threads
-    from cai_dpo.models import load_model
+    """An engine on the SL-CAI model (the policy with ``models/sft`` when present; a served policy as served)."""
+    from cai_dpo.engine import set_threads
+    from cai_dpo.models import load_engine
 
     spec, adapter, _ = _policy(cfg, run)
     set_threads(cfg.threads)
-    model, tokenizer = load_model(spec, adapter=adapter)
-    return Engine(model, tokenizer, batch_size=cfg.pairs.sampling.batch_size)
+    return load_engine(spec, adapter=adapter, batch_size=cfg.pairs.sampling.batch_size)
 
 
 def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:

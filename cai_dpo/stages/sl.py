@@ -47,7 +47,7 @@ from cai_dpo.config import RunConfig, SamplingConfig, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
-from cai_dpo.models import describe, load_model
+from cai_dpo.models import describe, load_engine
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
 from cai_dpo.store import locked_stage
 
@@ -260,8 +260,7 @@ class _LazyEngine:
     def get(self) -> Engine:
         if self.engine is None:
             with Timer() as t:
-                model, tokenizer = load_model(self.spec)
-                self.engine = Engine(model, tokenizer, batch_size=self.cfg.sl.sampling.batch_size)
+                self.engine = load_engine(self.spec, batch_size=self.cfg.sl.sampling.batch_size)
             self.load_seconds = t.seconds
         return self.engine
 
