@@ -250,13 +250,16 @@ def _expected_hash(run: Path, key: str, value: str, inputs: dict[str, Any], stag
         return run / "data" / "sl", value, "dataset"
     if stage == "rm" and key == "preferences" and ":" in value:
         name, digest = value.split(":", 1)
-        return run / "data" / name, digest, "file"
+        return run / "data" / name, digest, "artifact"
     if stage == "dpo" and key == "preferences_hash" and inputs.get("preferences"):
         return Path(inputs["preferences"]), value, "dpo_dataset"
     if stage == "dpo" and key == "start_adapter_hash" and inputs.get("start_adapter"):
-        return Path(inputs["start_adapter"]), value, "file"
+        return Path(inputs["start_adapter"]), value, "artifact"
+    # trained stages hash their upstream artifacts without the manifest (training.artifact_hash)
+    artifacts = {("rm", "sft_adapter"): "models/sft", ("ppo", "rm"): "models/rm", ("ppo", "sft_adapter"): "models/sft"}
+    if (stage, key) in artifacts:
+        return run / artifacts[(stage, key)], value, "artifact"
     paths = {("judge", "pairs"): "data/pairs/pairs.jsonl", ("labels", "preferences"): "data/preferences",
-             ("rm", "sft_adapter"): "models/sft", ("ppo", "rm"): "models/rm", ("ppo", "sft_adapter"): "models/sft",
              ("eval", "rm"): "models/rm", ("pairs", "sl_records"): "records/sl"}
     if (stage, key) in paths:
         return run / paths[(stage, key)], value, "file"
@@ -288,8 +291,12 @@ def manifest_mismatches(run: Path) -> list[str]:
                 from cai_dpo.stages.dpo import dataset_hash as dpo_dataset_hash
 
                 actual = dpo_dataset_hash(target)
+            elif kind == "artifact":
+                from cai_dpo.training import artifact_hash
+
+                actual = artifact_hash(target)
             else:
-                actual = file_hash(target) if target.exists() else "<missing>"
+                actual = file_hash(target)
             if actual != recorded:
                 bad.append(f"{path.relative_to(run)}: inputs.{key} {recorded} != {actual} ({target})")
     return bad

@@ -274,7 +274,7 @@ def test_ppo_retrains_when_its_inputs_change(tmp_path, tiny_path):
 
     # unchanged inputs, or only an evaluation knob: skipped
     assert run_ppo(cfg, run, prompts=PROMPTS, progress=False) == out
-    assert run_ppo(_cfg(tmp_path, **over, **{"eval.bootstrap": 7}), run, prompts=PROMPTS, progress=False) == out
+    assert run_ppo(_cfg(tmp_path, **over, **{"eval.bootstrap": 77}), run, prompts=PROMPTS, progress=False) == out
     assert read_manifest(out)["created"] == first["created"]
 
     # its own section changed: trained again from step 0, with other weights

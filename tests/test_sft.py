@@ -107,7 +107,8 @@ def test_sft_lowers_loss_and_saves_loadable_adapter(tiny_cfg):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 10
     # the random tiny model's logits are tiny (loss ~ ln(vocab)), so LoRA moves the loss slowly but steadily
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
+    # (held out by prompt: every repeat of a held-out prompt leaves training, so the drop is ~0.13)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     half = len(losses) // 2
     assert min(losses[half:]) < min(losses[:half]), losses  # the trend, not step-to-step noise
     assert any("eval_loss" in r for r in rows)
