@@ -143,7 +143,9 @@ def test_stages_build_served_engines(fake, tiny_cfg):
                               sl=dataclasses.replace(tiny_cfg.sl, teacher=spec))
     assert isinstance(judge._load_engine(cfg), ServedEngine)
     state = sl._SLRun(cfg, RunStore(cfg.run_dir))
-    assert state.model_id == "served:m" and isinstance(state.engine.get(), ServedEngine)
+    # the teacher writes critiques and revisions; the policy keeps the initial answer
+    assert state.teacher_id == "served:m" and isinstance(state.teacher.get(), ServedEngine)
+    assert state.model_id != "served:m"
 
 
 # --------------------------------------------------------------------------- errors, retries, replicas
