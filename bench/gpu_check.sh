@@ -27,7 +27,7 @@ part() {
   echo $? >"$out/$name.rc"
 }
 
-part gpu_tests 60 "$PY" -m pytest -q -m gpu tests/test_gpu.py --junitxml "$out/gpu_tests.xml"
+part gpu_tests 90 "$PY" -m pytest -q -m gpu --junitxml "$out/gpu_tests.xml"   # every test marked gpu
 ( export CAI_DPO_RUNS="$out/runs"; t=$SECONDS
   part tiny_pipeline 210 "$PY" -m cai_dpo.cli run --profile tiny --run-id gpu-check \
     -p policy.device=cuda -p policy.dtype=bfloat16 -p policy.compute_dtype=bfloat16
