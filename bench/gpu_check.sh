@@ -3,7 +3,7 @@
 # about 5 minutes: (a) the `gpu`-marked tests, then side by side (b) the tiny profile end to end on CUDA
 # in bf16, (c) DPO and PPO steps with the policy in 8- and 4-bit and their CUDA peak memory, (d) vLLM
 # against the local engine where vllm is installed. Without CUDA every part is skipped with the reason
-# (a few seconds), exit 0. Exits 1 when a part that ran failed.
+# (about a second), exit 0. Exits 1 when a part that ran failed.
 #   bash bench/gpu_check.sh            # PYTHON=/path/to/python to use another interpreter than .venv's
 set -uo pipefail
 cd "$(dirname "$0")/.."
