@@ -4,8 +4,9 @@ Each measurement is a named function in :data:`MEASUREMENTS` returning a dict of
 each runs in its own child process so its peak memory is its own. Add a measurement by
 writing a function and registering it.
 
-    python bench/bench_train.py                      # all measurements
+    python bench/bench_train.py                      # dpo, dpo_4bit and ppo
     python bench/bench_train.py --only dpo --steps 4 --model tiny
+    python bench/bench_train.py --only dpo_8bit --only ppo_4bit --model tiny --dtype bfloat16   # QLoRA on a GPU
 
 Figures: seconds per optimizer step (first step reported apart as warm-up), peak RSS of the
 process (and CUDA max allocated on a GPU), with the batch size and lengths stated.
@@ -85,7 +86,7 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
     batch, max_length, max_prompt = args.batch, 256, 128
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         cfg = load_config("cpu-demo", {
-            "runs_dir": tmp, "policy.name": args.model, "policy.quantization": quantization,
+            "runs_dir": tmp, **_policy(args, quantization),
             "dpo.max_steps": args.steps, "dpo.batch_size": batch, "dpo.max_length": max_length,
             "dpo.max_prompt_length": max_prompt, "dpo.eval_fraction": 0.0, "dpo.save_steps": 10_000,
             "threads": args.threads,
@@ -103,7 +104,8 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
         manifest = read_manifest(out)
     steady = timer.durations[1:] or timer.durations
     return {
-        "model": args.model, "quantization": quantization, "adapter_mode": manifest["models"]["adapter_mode"],
+        "model": args.model, "quantization": quantization, "dtype": cfg.policy.dtype,
+        "adapter_mode": manifest["models"]["adapter_mode"],
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "batch_pairs": batch, "max_length": max_length, "max_prompt_length": max_prompt,
         "response_words": args.response_words, "lora_r": cfg.dpo.lora.r, "steps": len(timer.durations),
@@ -112,6 +114,14 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
         "stage_total_s": round(total, 1), "model_load_s": round(manifest["timings"]["model_load"], 2),
         **{k: round(v, 1) for k, v in _peak_memory().items()},
     }
+
+
+def _policy(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
+    """Config overrides for the policy: ``--model``, the quantization, and ``--dtype`` (weights and 4-bit compute)."""
+    out: dict[str, Any] = {"policy.name": args.model, "policy.quantization": quantization}
+    if args.dtype:
+        out.update({"policy.dtype": args.dtype, "policy.compute_dtype": args.dtype})
+    return out
 
 
 def bench_dpo(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,12 +134,31 @@ def bench_dpo_4bit(args: argparse.Namespace) -> dict[str, Any]:
     return _dpo(args, "4bit")
 
 
+def bench_dpo_8bit(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO with the policy in 8-bit (bitsandbytes LLM.int8; SFT adapter trained on, frozen copy as reference)."""
+    return _dpo(args, "8bit")
+
+
 def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
     """PPO steps (rollout and update timed apart) against a preference model, cpu-demo PPO settings.
 
     The preference model is the policy base with a scalar head trained one step on synthetic
     pairs (its scores are not meaningful; the cost of scoring is). The first step is warm-up.
     """
+    return _ppo(args, "none")
+
+
+def bench_ppo_4bit(args: argparse.Namespace) -> dict[str, Any]:
+    """PPO with the policy (and the preference model's base) in 4-bit nf4."""
+    return _ppo(args, "4bit")
+
+
+def bench_ppo_8bit(args: argparse.Namespace) -> dict[str, Any]:
+    """PPO with the policy (and the preference model's base) in 8-bit."""
+    return _ppo(args, "8bit")
+
+
+def _ppo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
     import torch
 
     from cai_dpo.config import load_config
@@ -139,7 +168,7 @@ def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         cfg = load_config("cpu-demo", {
-            "runs_dir": tmp, "threads": args.threads, "policy.name": args.model, "rm.max_steps": 1, "rm.eval_fraction": 0.0,
+            "runs_dir": tmp, "threads": args.threads, **_policy(args, quantization), "rm.max_steps": 1, "rm.eval_fraction": 0.0,
             "rm.save_steps": 10_000, "ppo.steps": args.steps, "ppo.save_steps": 10_000,
         })
         run = RunStore(cfg.run_dir)
@@ -155,7 +184,8 @@ def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
     steady = rows[1:] or rows
     mean = lambda key: round(sum(r[key] for r in steady) / len(steady), 2) if steady else None  # noqa: E731
     return {
-        "model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "model": args.model, "quantization": quantization, "dtype": cfg.policy.dtype,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "rollout_batch": cfg.ppo.rollout_batch, "minibatch": cfg.ppo.minibatch, "ppo_epochs": cfg.ppo.ppo_epochs,
         "max_new_tokens": cfg.ppo.sampling.max_new_tokens, "lora_r": cfg.ppo.lora.r, "steps": len(rows),
         "first_step_rollout_s": round(rows[0]["rollout_s"], 2) if rows else None,
@@ -170,18 +200,24 @@ def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "dpo": bench_dpo,
     "dpo_4bit": bench_dpo_4bit,
+    "dpo_8bit": bench_dpo_8bit,
     "ppo": bench_ppo,
+    "ppo_4bit": bench_ppo_4bit,
+    "ppo_8bit": bench_ppo_8bit,
 }
+DEFAULT = ("dpo", "dpo_4bit", "ppo")  # what a run without --only measures (the CPU figures in the README)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run just these (repeatable)")
+    p.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run just these (repeatable; default: dpo, dpo_4bit, ppo)")
     p.add_argument("--model", default="embedded", help="policy model spec (default: embedded)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement (first one is warm-up)")
     p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
     p.add_argument("--response-words", type=int, default=60, help="words per synthetic response")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="policy weights and 4-bit compute dtype (default: the cpu-demo profile's, float32)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -196,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[str, Any] = {}
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    for name in args.only or list(MEASUREMENTS):
+    for name in args.only or list(DEFAULT):
         cmd = [sys.executable, __file__, *passthrough, "--child", name]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

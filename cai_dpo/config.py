@@ -88,6 +88,15 @@ class ModelSpec:
     for 429/5xx answers and timeouts, ``top_logprobs`` the top-k asked for when scoring
     options, ``request_extra`` JSON fields added to every request (server-specific, e.g.
     ``{top_k: -1}``), ``api_key_env`` the environment variable holding a bearer token.
+
+    ``backend: vllm`` loads the model into this process with vLLM (the optional extra
+    ``cai-dpo[vllm]``, a CUDA GPU) for generation and scoring; see :mod:`cai_dpo.vllm_engine`.
+    ``name``, ``revision``, ``dtype``, ``adapter`` (one LoRA adapter) and ``quantization``
+    (``4bit``: vLLM's in-flight bitsandbytes quantization) apply; ``tensor_parallel_size``
+    is the number of GPUs the model is split over, ``top_logprobs`` the top-k read when
+    scoring options, ``tokenizer`` an optional other tokenizer, and ``vllm_args`` extra
+    keyword arguments of ``vllm.LLM`` (e.g. ``{gpu_memory_utilization: 0.5, max_model_len:
+    4096}``). Training stages load the same spec's weights with transformers as usual.
     """
 
     name: str = "embedded"
@@ -98,7 +107,7 @@ class ModelSpec:
     adapter: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-    backend: Literal["local", "openai"] = "local"
+    backend: Literal["local", "openai", "vllm"] = "local"
     model: str | None = None
     replicas: list[str] = field(default_factory=list)
     tokenizer: str | None = None
@@ -109,6 +118,24 @@ class ModelSpec:
     top_logprobs: int = 20
     request_extra: dict[str, Any] = field(default_factory=dict)
     api_key_env: str | None = None
+    tensor_parallel_size: int = 1
+    vllm_args: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
+        from cai_dpo.served import SCHEMES
+
+        vllm = self.backend == "vllm"
+        return _failed(
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("tensor_parallel_size", vllm or self.tensor_parallel_size == 1, "applies to backend: vllm only"),
+            ("vllm_args", vllm or not self.vllm_args, "applies to backend: vllm only"),
+            ("name", not vllm or not self.name.startswith(tuple(SCHEMES)),
+             "is a served model's URL; backend: vllm loads weights (a hub id or a folder); for a vLLM server "
+             "use backend: openai"),
+            ("quantization", not vllm or self.quantization != "8bit",
+             "cannot be 8bit with backend: vllm (vLLM quantizes in flight to 4-bit only); use 4bit or none"),
+        )
 
 
 @dataclass

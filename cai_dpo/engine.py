@@ -23,7 +23,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,23 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     return progress_bar(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
 
 
-class Engine:
+class ChatText:
+    """``render`` and ``encode`` through ``self.tokenizer`` (a transformers tokenizer), shared by every engine."""
+
+    tokenizer: Any
+
+    def render(self, conversation: Conversation | str, add_generation_prompt: bool = True) -> str:
+        """Chat-template text of a conversation (a plain string is passed through)."""
+        if isinstance(conversation, str):
+            return conversation
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of already-rendered text (no special tokens added)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Engine(ChatText):
     """Generation and scoring for one model + tokenizer pair."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = True, max_length: int | None = None,
@@ -121,23 +137,9 @@ class Engine:
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
-    def render(self, conversation: Conversation | str, add_generation_prompt: bool = True) -> str:
-        """Chat-template text of a conversation (a plain string is passed through)."""
-        if isinstance(conversation, str):
-            return conversation
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of already-rendered text (no special tokens added)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _check_length(self, n: int, extra: int, what: str, index: int | None = None) -> None:
         """Raise :class:`ContextLengthError` (with the input's ``index``) when it does not fit the context."""
-        if n + extra > self.max_length:
-            raise ContextLengthError(
-                f"{what}: {n} prompt tokens + {extra} new tokens exceed the model's context of {self.max_length}; "
-                "shorten the prompt or lower max_new_tokens", index=index
-            )
+        check_context(n, extra, self.max_length, what, index)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -335,12 +337,7 @@ class Engine:
 
     def _split(self, context: str, completion: str) -> tuple[list[int], int]:
         """Token ids of context+completion and where the completion's tokens start."""
-        ctx = self.encode(context)
-        full = self.encode(context + completion)
-        start = _common_prefix_len([ctx, full]) if ctx else 0
-        if start == len(full):
-            raise ValueError(f"completion {completion!r} adds no tokens to its context")
-        return full, start
+        return split_completion(self.encode, context, completion)
 
     def logprob(self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob") -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context."""
@@ -393,8 +390,7 @@ class Engine:
         """
         import torch
 
-        if len(options) < 2:
-            raise ValueError("score_options needs at least two options")
+        check_options(options)
         prefix_ids = self.encode(prefix) if prefix else []
         t0 = time.perf_counter()
         items = []
@@ -417,7 +413,7 @@ class Engine:
                     raw[i] = row
                 bar.update(len(idx))
         bar.close()
-        probs = torch.softmax(torch.tensor(raw), dim=-1).numpy()
+        probs = option_probs(raw)
         self.stats.scored_items += len(contexts)
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
@@ -561,6 +557,44 @@ def _growing_layer_class() -> type:
             return self.keys, self.values
 
     return GrowingLayer
+
+
+def check_context(n: int, extra: int, max_length: int | None, what: str, index: int | None = None) -> None:
+    """Raise :class:`ContextLengthError` (with the input's ``index``) when ``n`` prompt tokens plus
+    ``extra`` new ones exceed ``max_length`` (None: no known limit)."""
+    if max_length is not None and n + extra > max_length:
+        raise ContextLengthError(
+            f"{what}: {n} prompt tokens + {extra} new tokens exceed the model's context of {max_length}; "
+            "shorten the prompt or lower max_new_tokens", index=index
+        )
+
+
+def split_completion(encode: Callable[[str], list[int]], context: str, completion: str) -> tuple[list[int], int]:
+    """Token ids of ``context + completion`` (by ``encode``) and the index where the completion's tokens start.
+
+    The context is tokenized alone and with the completion; the completion starts after their
+    common prefix, so a token that straddles the context's end counts as the completion's.
+    Raises ``ValueError`` when the completion adds no tokens.
+    """
+    ctx = encode(context)
+    full = encode(context + completion)
+    start = _common_prefix_len([ctx, full]) if ctx else 0
+    if start == len(full):
+        raise ValueError(f"completion {completion!r} adds no tokens to its context")
+    return full, start
+
+
+def check_options(options: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless there are at least two options to choose between."""
+    if len(options) < 2:
+        raise ValueError("score_options needs at least two options")
+
+
+def option_probs(raw: np.ndarray) -> np.ndarray:
+    """Normalised option probabilities ``[N, K]`` from summed option log-probs ``raw`` ``[N, K]`` (softmax per row)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

@@ -527,13 +527,15 @@ def write_adapter(
 
 
 def describe(spec: ModelSpec) -> str:
-    """A short human-readable id for manifests (a served model: ``served:<model id>``, whatever URLs serve it)."""
+    """A short human-readable id for manifests (a served model: ``served:<model id>``, whatever URLs serve it;
+    a model run by vLLM in this process: ``vllm:`` before the local description, since its outputs differ
+    from the local engine's and records must not mix them)."""
     from cai_dpo.served import describe_served, is_served
 
     if is_served(spec):
         return describe_served(spec)
     name = EMBEDDED_ID if spec.name == "embedded" else spec.name
-    parts = [name]
+    parts = [f"vllm:{name}" if spec.backend == "vllm" else name]
     if spec.quantization != "none":
         parts.append(spec.quantization)
     if spec.adapter:
@@ -542,12 +544,14 @@ def describe(spec: ModelSpec) -> str:
 
 
 def load_engine(spec: ModelSpec | str, *, batch_size: int = 32, progress: bool = True, adapter: str | None = None) -> Any:
-    """The engine for a spec: a :class:`~cai_dpo.served.ServedEngine` for a served model, else a local
+    """The engine for a spec: a :class:`~cai_dpo.served.ServedEngine` for a served model, a
+    :class:`~cai_dpo.vllm_engine.VLLMEngine` for ``backend: vllm``, else a local
     :class:`~cai_dpo.engine.Engine` over :func:`load_model` (with ``adapter`` when given).
 
     A served model takes no local adapter (serve the adapter instead, e.g. vLLM ``--lora-modules``,
     and name it in ``model``); ``batch_size`` is the local engine's (a served one sends
-    ``concurrency`` requests per URL).
+    ``concurrency`` requests per URL, vLLM schedules its own batches). Raises
+    :class:`ModelLoadError` for ``backend: vllm`` where vLLM is not installed.
     """
     from cai_dpo.engine import Engine
     from cai_dpo.served import ServedEngine, is_served
@@ -558,5 +562,9 @@ def load_engine(spec: ModelSpec | str, *, batch_size: int = 32, progress: bool =
             raise ModelLoadError(f"model '{spec.name}': a served model takes no local adapter ({adapter or spec.adapter}); "
                                  "serve the adapter with the model and name it in the spec's field 'model'")
         return ServedEngine(spec, progress=progress)
+    if spec.backend == "vllm":
+        from cai_dpo.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec, adapter=adapter, progress=progress)
     model, tokenizer = load_model(spec, adapter=adapter)
     return Engine(model, tokenizer, batch_size=batch_size, progress=progress)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import ModelSpec, SamplingConfig
-from cai_dpo.engine import Conversation, EngineStats, Generation, LogProb, _progress
+from cai_dpo.engine import ChatText, Conversation, EngineStats, Generation, LogProb, _progress, check_options, option_probs
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class _Replicas:
             self._cond.notify()
 
 
-class ServedEngine:
+class ServedEngine(ChatText):
     """Generation and scoring against an OpenAI-compatible server (one model, one or more base URLs).
 
     ``tokenizer`` (or the spec's ``tokenizer`` field, loaded on first use) renders chat
@@ -264,16 +264,6 @@ class ServedEngine:
             self._tokenizer = load_tokenizer(self.spec.tokenizer)
         return self._tokenizer
 
-    def render(self, conversation: Conversation | str, add_generation_prompt: bool = True) -> str:
-        """Chat-template text of a conversation (a plain string is passed through)."""
-        if isinstance(conversation, str):
-            return conversation
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of already-rendered text, by the local tokenizer (no special tokens added)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -378,8 +368,7 @@ class ServedEngine:
         when the server returns no log-probs and :class:`ServedModelError` when an
         option's token is not among the top-k.
         """
-        if len(options) < 2:
-            raise ValueError("score_options needs at least two options")
+        check_options(options)
         if any(not c for c in contexts) and not prefix:
             raise ValueError("score_options needs a non-empty context")
         t0 = time.perf_counter()
@@ -413,8 +402,7 @@ class ServedEngine:
             bar.update(len({i for i, _ in pending} - {i for i, _ in still}))
             pending = still
         bar.close()
-        shifted = raw - raw.max(axis=1, keepdims=True)
-        probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        probs = option_probs(raw)
         self.stats.scored_items += len(contexts)
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
