@@ -55,18 +55,28 @@ def _optional_at_least(value: int | float | None, low: float) -> bool:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter hyper-parameters (peft)."""
+    """LoRA adapter hyper-parameters (peft).
+
+    ``layers_to_transform``: indices of the decoder layers that get adapters (peft's field of
+    the same name; default every layer). Adapters on the top layers only make a training step
+    cheaper: back-propagation stops at the lowest adapted layer. ``dropout`` 0 skips peft's
+    dropout module, a quarter of a CPU training step at this size.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers_to_transform: list[int] | None = None
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
         return _failed(("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
                        ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-                       ("target_modules", bool(self.target_modules), "must name at least one module"))
+                       ("target_modules", bool(self.target_modules), "must name at least one module"),
+                       ("layers_to_transform", self.layers_to_transform is None
+                        or (bool(self.layers_to_transform) and min(self.layers_to_transform) >= 0),
+                        "must be null or a non-empty list of layer indices >= 0"))
 
 
 @dataclass
@@ -312,7 +322,10 @@ class PairsConfig:
     samples with ``mixed_ratio`` the revision-vs-original share.
     Temperatures cycle over the K samples; ``max_pairs_per_prompt`` caps the pairs
     formed from one prompt's distinct samples. ``curated_kinds`` and ``curated_limit``
-    (per kind) choose the curated prompts.
+    (per kind) choose the curated prompts. ``curated_benign_rejected``: the rejected side of
+    a benign curated pair, ``policy`` (the SL-CAI model's answer, as for harmful prompts) or
+    ``decline`` (a decline, :func:`cai_dpo.curated.benign_declines`: no generation, and the
+    pair says "answer, do not decline" — the over-refusal side of harmlessness).
     """
 
     source: Literal["judged_samples", "revision_vs_original", "curated", "mixed"] = "judged_samples"
@@ -322,6 +335,7 @@ class PairsConfig:
     curated_kinds: list[str] = field(default_factory=lambda: ["harmful", "benign"])
     curated_limit: int | None = None
     curated_temperature: float = 0.0
+    curated_benign_rejected: Literal["policy", "decline"] = "policy"
     samples_per_prompt: int = 2
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0])
     helpful_share: float = 0.25

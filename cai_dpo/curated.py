@@ -165,3 +165,25 @@ def summary(examples: Sequence[CuratedExample]) -> dict[str, int]:
         if e.kind == "benign" and e.sensitive_sounding:
             out[f"benign_sensitive/{e.split}"] = out.get(f"benign_sensitive/{e.split}", 0) + 1
     return out
+
+
+#: Generic declines, for the benign prompts' "what not to do" side (curation probe negatives, curated pairs).
+DECLINE_TEMPLATES = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't assist with that, because it could be used to cause harm.",
+    "I'm not able to help with this. Please consult a qualified professional instead.",
+    "Sorry, I won't provide that information since it might be dangerous.",
+    "I'd rather not answer that, as it could be misused.",
+    "That's not something I can help with. Is there anything else I can do for you?",
+)
+
+
+def benign_declines(benign_ids: Sequence[str], harmful_declines: Sequence[str]) -> dict[str, str]:
+    """A decline for each benign prompt: borrowed harmful-set declines and templates, alternating (deterministic)."""
+    out = {}
+    for i, pid in enumerate(benign_ids):
+        if harmful_declines and i % 2 == 0:
+            out[pid] = harmful_declines[(i // 2 * 7) % len(harmful_declines)]
+        else:
+            out[pid] = DECLINE_TEMPLATES[(i // 2) % len(DECLINE_TEMPLATES)]
+    return out

@@ -374,6 +374,7 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: 
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        layers_to_transform=list(cfg.layers_to_transform) if cfg.layers_to_transform is not None else None,
         task_type=task_type,
         modules_to_save=modules_to_save,
     )

@@ -22,7 +22,7 @@ in the denominator, ``n_clusters`` prompts), ``Diff = {diff, lo, hi, a, b, n, n_
 where not measured. ``Win = Rate + {mean_p, not_judged_identical}``.
 ``Figures = {n_prompts, n_harmful, n_benign, n_sensitive,
 models: {name: {decline, explained_decline, bare_refusal, benign_compliance, over_refusal,
-sensitive_compliance, evasiveness: Rate, diversity: {harmful|benign: {distinct_1, distinct_2,
+sensitive_compliance, evasiveness: Rate, diversity: {harmful|benign|all: {distinct_1, distinct_2,
 repetition, mean_length, n}}}}, vs_base: {name: {same figure names: Diff}}}``::
 
     schema, run_id, created,
@@ -218,17 +218,20 @@ def figures_table(figs: dict[str, Any] | None, names: Sequence[str]) -> tuple[li
         both = [div.get("harmful") or {}, div.get("benign") or {}]
         d2 = [d.get("distinct_2") for d in both if d.get("n")]
         rep = [d.get("repetition") for d in both if d.get("n")]
+        d2_all = (div.get("all") or {}).get("distinct_2")
         md_rows.append([n] + [fmt_rate(f.get(k)) for k, _ in HEADLINE_COLUMNS]
-                       + [" / ".join(_num(x) for x in d2) or "—", " / ".join(_num(x) for x in rep) or "—"])
+                       + [_num(d2_all) if d2_all is not None else "—",
+                          " / ".join(_num(x) for x in d2) or "—", " / ".join(_num(x) for x in rep) or "—"])
         csv_rows.append([n] + [c for k, _ in HEADLINE_COLUMNS for c in _rate_cols(f.get(k))]
-                        + [(div.get("harmful") or {}).get("distinct_2"), (div.get("benign") or {}).get("distinct_2"),
+                        + [d2_all, (div.get("harmful") or {}).get("distinct_2"), (div.get("benign") or {}).get("distinct_2"),
                            (div.get("harmful") or {}).get("repetition"), (div.get("benign") or {}).get("repetition")])
     return md_rows, csv_rows
 
 
-_FIG_HEADER = ["model"] + [h for _, h in HEADLINE_COLUMNS] + ["distinct-2 (harmful / benign)", "repetition (harmful / benign)"]
+_FIG_HEADER = ["model"] + [h for _, h in HEADLINE_COLUMNS] + ["distinct-2 (all)", "distinct-2 (harmful / benign)",
+                                                                "repetition (harmful / benign)"]
 _FIG_CSV = ["model"] + [c for k, _ in HEADLINE_COLUMNS for c in (k, f"{k}_lo", f"{k}_hi", f"{k}_n")] + [
-    "distinct_2_harmful", "distinct_2_benign", "repetition_harmful", "repetition_benign"]
+    "distinct_2_all", "distinct_2_harmful", "distinct_2_benign", "repetition_harmful", "repetition_benign"]
 
 
 def headline_tables(results: dict[str, Any]) -> tuple[str, str]:

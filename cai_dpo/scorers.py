@@ -33,20 +33,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cai_dpo.curated import benign_declines
 from cai_dpo.metrics import rate_ci
 
 log = logging.getLogger(__name__)
 
 KINDS = ("harmful", "benign")
-#: Declines paired with benign prompts (negatives of the benign probe), alternating with borrowed harmful declines.
-DECLINE_TEMPLATES = (
-    "I'm sorry, but I can't help with that request.",
-    "I can't assist with that, because it could be used to cause harm.",
-    "I'm not able to help with this. Please consult a qualified professional instead.",
-    "Sorry, I won't provide that information since it might be dangerous.",
-    "I'd rather not answer that, as it could be misused.",
-    "That's not something I can help with. Is there anything else I can do for you?",
-)
 DEFAULT_BASELINE = "I can't help with that."
 PROBE_FILE = "probe.safetensors"
 PROBE_META = "probe.json"
@@ -311,17 +303,6 @@ class Labelled:
     label: int
     group: str
     source: str = ""
-
-
-def benign_declines(benign_ids: Sequence[str], harmful_declines: Sequence[str]) -> dict[str, str]:
-    """A decline for each benign prompt: borrowed harmful-set declines and templates, alternating (deterministic)."""
-    out = {}
-    for i, pid in enumerate(benign_ids):
-        if harmful_declines and i % 2 == 0:
-            out[pid] = harmful_declines[(i // 2 * 7) % len(harmful_declines)]
-        else:
-            out[pid] = DECLINE_TEMPLATES[(i // 2) % len(DECLINE_TEMPLATES)]
-    return out
 
 
 def labelled_examples(examples: Sequence[Any], policy_answers: dict[str, str]) -> list[Labelled]:

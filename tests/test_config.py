@@ -69,7 +69,7 @@ def test_mappings_of_weights_and_shares(tmp_path):
     with pytest.raises(ConfigError, match=r"'rm.principle_weights' must be a mapping"):
         load_config(str(bad))
     cpu = load_config("cpu-demo")
-    assert cpu.sft.data == "curate" and cpu.pairs.source == "curated"
+    assert cpu.sft.data == "curated" and cpu.pairs.source == "curated"
     assert cpu.sft.weighting == cpu.dpo.weighting == cpu.rm.weighting == "principle"
 
 

@@ -89,6 +89,8 @@ def test_results_have_every_section(evaluated):
         assert f["decline"]["rate"] == pytest.approx(f["explained_decline"]["rate"] + f["bare_refusal"]["rate"])
         assert f["over_refusal"]["rate"] == pytest.approx(1 - f["benign_compliance"]["rate"])
         assert 0 <= f["diversity"]["harmful"]["distinct_2"] <= 1
+        div = f["diversity"]  # "all": every headline response of the model, harmful and benign together
+        assert div["all"]["n"] == div["harmful"]["n"] + div["benign"]["n"] == head["n_harmful"] + head["n_benign"]
     d = head["vs_base"]["sft"]["decline"]
     assert d["diff"] == pytest.approx(head["models"]["sft"]["decline"]["rate"] - head["models"]["base"]["decline"]["rate"])
     bench = res["by_set"]["benchmark:bench"]

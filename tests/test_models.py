@@ -97,3 +97,15 @@ def test_embedded_model_loads_and_answers():
     engine = Engine(model, tok, progress=False)
     out = engine.generate([[{"role": "user", "content": "What is the capital of France?"}]], SamplingConfig(max_new_tokens=12, do_sample=False))
     assert "Paris" in out[0][0].text
+
+
+def test_lora_layers_to_transform_adapts_only_those_layers(tiny_path):
+    from cai_dpo.config import LoraConfig
+    from cai_dpo.models import attach_lora
+
+    model, _ = load_model("tiny")
+    top = model.config.num_hidden_layers - 1
+    peft_model = attach_lora(model, LoraConfig(layers_to_transform=[top]))
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert layers == {top}
+    assert LoraConfig(layers_to_transform=[-1]).problems() and not LoraConfig(layers_to_transform=[0, 1]).problems()

@@ -273,3 +273,24 @@ def test_mix_config_errors(tiny_cfg):
     assert mix_ratios(_cfg(tiny_cfg, source="mixed", mixed_ratio=0.25)) == {"revision_vs_original": 0.25,
                                                                              "judged_samples": 0.75}
     assert mix_counts({"a": 10, "b": 3, "c": 100}, {"a": 0.5, "b": 0.25, "c": 0.25}) == {"a": 6, "b": 3, "c": 3}
+
+
+def test_curated_benign_rejected_decline_generates_nothing_for_benign(tiny_cfg, tmp_path):
+    from cai_dpo.curated import DECLINE_TEMPLATES
+
+    cfg = _cfg(tiny_cfg, source="curated", curated=_write_curated(tmp_path / "cur"), curated_benign_rejected="decline")
+    run = RunStore(cfg.run_dir)
+    policy = ScriptedPolicy()
+    run_pairs(cfg, run, engine=policy)
+    pairs = load_pairs(run)
+    harmful = [p for p in pairs if p["meta"]["kind"] == "harmful"]
+    benign = [p for p in pairs if p["meta"]["kind"] == "benign"]
+    assert len(harmful) == 4 and len(benign) == 4
+    assert all(p["response_b"].startswith("answer to") for p in harmful)  # the policy's answer
+    harmful_declines = {f"curated harmful answer {i}" for i in range(4)}
+    for p in benign:  # a decline: borrowed from the harmful set or a template, never the policy's answer
+        assert p["response_a"].startswith("curated benign answer")
+        assert p["response_b"] in harmful_declines or p["response_b"] in DECLINE_TEMPLATES
+        assert p["meta"]["model"] == "decline"
+    assert {p["response_b"] in DECLINE_TEMPLATES for p in benign} == {True, False}  # both kinds of decline
+    assert sum(n for n, _, _ in policy.calls) == 4  # only the harmful prompts were answered

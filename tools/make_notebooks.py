@@ -88,7 +88,7 @@ where the judge is at chance. `curate.scorer: auto` uses the more accurate one."
            ("md", "Each scorer's accuracy on the held-out curated pairs (Wilson 95 % intervals; chance is 0.5):"),
            ("code", "pd.DataFrame({name: {'pairwise': m['pairwise']['accuracy'], 'low': m['pairwise']['lo'], 'high': m['pairwise']['hi'], 'n pairs': m['pairwise']['n'], 'classification': m['classification']['accuracy']} for name, m in manifest['metrics']['candidates'].items()}).T"),
            ("md", "The lowest- and highest-scored rows:"),
-           ("code", "rows = datasets.load_from_disk(str(curated_dir)).to_pandas()\nrows['prompt'] = rows['messages'].map(lambda m: m[-2]['content'][:80])\nrows['response'] = rows['messages'].map(lambda m: m[-1]['content'][:120])\nrows.sort_values('curate_score')[['source', 'kind', 'curate_score', 'weight', 'prompt', 'response']].iloc[list(range(3)) + list(range(-3, 0))]"),
+           ("code", "rows = datasets.load_from_disk(str(curated_dir)).to_pandas()\nrows['prompt'] = rows['messages'].map(lambda m: m[-2]['content'][:80])\nrows['response'] = rows['messages'].map(lambda m: m[-1]['content'][:120])\nshown = rows.sort_values('curate_score')[['source', 'kind', 'curate_score', 'weight', 'prompt', 'response']]\nshown if len(shown) <= 6 else pd.concat([shown.head(3), shown.tail(3)])  # the lowest and highest scores"),
        ], "import datasets\nimport pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.curate import run_curate\nfrom cai_dpo.store import read_manifest")
 
     nb("03_sft", """# 3 · Supervised fine-tuning: the SL-CAI model

@@ -527,6 +527,7 @@ def independent_figures(
         figs["diversity"] = {
             kind: M.diversity([responses[n][i]["response"] for i in idx if items[i].kind == kind]) for kind in ("harmful", "benign")
         }
+        figs["diversity"]["all"] = M.diversity([responses[n][i]["response"] for i in idx])
         out["models"][n] = figs
         if n != reference and reference in cols:
             diffs = {}

@@ -11,7 +11,9 @@ Sources (``pairs.source``):
 - ``curated``: chosen = the curated response, rejected = the SL-CAI model's own answer
   (``pairs.curated_temperature``; 0 is greedy) to the same curated ``train`` prompt, so
   preference learning sees "the constitution's answer over what the model does now";
-  pairs whose two responses are identical (or whose answer is empty) are skipped;
+  pairs whose two responses are identical (or whose answer is empty) are skipped; with
+  ``pairs.curated_benign_rejected: decline`` a benign prompt's rejected side is a decline
+  instead (:func:`cai_dpo.curated.benign_declines`), so the pair teaches not to over-refuse;
 - ``mixed``: any of the above with configured shares (``pairs.mix``, e.g. ``{curated: 0.6,
   revision_vs_original: 0.4}``; without it ``mixed_ratio`` is the revision-vs-original
   share and the rest judged samples). The largest selection with those shares is marked
@@ -329,6 +331,18 @@ def curated_records(cfg: RunConfig, run: RunStore, examples: list[Any], *, engin
     return [recs[k] for k, _ in keyed], stats
 
 
+def rejected_records(examples: list[Any], answered: list[Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rejected-side record per example: the policy's answer where one was generated
+    (``answered``, aligned with ``records``), else a decline (:func:`cai_dpo.curated.benign_declines`,
+    ``model: "decline"``)."""
+    from cai_dpo.curated import benign_declines
+
+    by_id = {e.id: r for e, r in zip(answered, records)}
+    rest = [e for e in examples if e.id not in by_id]
+    declines = benign_declines([e.id for e in rest], [e.response for e in examples if e.kind == "harmful"])
+    return [by_id.get(e.id) or {"text": declines[e.id], "model": "decline", "finished": True} for e in examples]
+
+
 def curated_pairs(examples: list[Any], records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
     """Chosen = curated response, rejected = the policy's answer; skip counts (``empty``, ``identical``)."""
     out, skipped = [], Counter()
@@ -482,9 +496,10 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             by_source["revision_vs_original"] = revision
         if "curated" in wanted:
             examples = curated_prompts(cfg)
-            recs, cstats = curated_records(cfg, run, examples, engine=_Lazy(shared_engine))
+            answered = [e for e in examples if e.kind == "harmful" or pc.curated_benign_rejected == "policy"]
+            recs, cstats = curated_records(cfg, run, answered, engine=_Lazy(shared_engine))
             tokens, gen_seconds = tokens + cstats["tokens"], gen_seconds + cstats["seconds"]
-            curated, skipped = curated_pairs(examples, recs)
+            curated, skipped = curated_pairs(examples, rejected_records(examples, answered, recs))
             counts.update({"curated_prompts": len(examples), "curated_skipped": dict(skipped),
                            "curated_kinds": dict(Counter(e.kind for e in examples))})
             if not curated:
