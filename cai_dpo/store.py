@@ -532,11 +532,18 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
     (papermill kernels) through the ``CAI_DPO_RUN_LOCK`` environment variable, so a
     stage notebook executed by the pipeline does not wait on its parent. On taking the
     lock, swaps a killed writer left half done are repaired (:func:`recover_tree`).
+    A rank other than 0 of a multi-process stage (:mod:`cai_dpo.distributed`) never takes
+    the lock: rank 0 holds it (or inherits it from the process that launched the ranks).
     """
     from filelock import FileLock, Timeout
 
+    from cai_dpo.distributed import is_main_process
+
     root = Path(run_dir).resolve()
     key = str(root)
+    if not is_main_process():
+        yield root
+        return
     if key in _held or _holds_by_inheritance(root):
         _held[key] = _held.get(key, 0) + 1
         try:
