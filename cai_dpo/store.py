@@ -443,16 +443,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 class RunStore:
-    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it."""
+    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it.
+
+    Folders are created as paths are asked for, except on a rank other than 0 of a
+    multi-process stage (:mod:`cai_dpo.distributed`), which writes nothing in the run.
+    """
 
     def __init__(self, run_dir: Path):
         self.root = Path(run_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._mkdir(self.root)
+
+    @staticmethod
+    def _mkdir(folder: Path) -> None:
+        from cai_dpo.distributed import is_main_process
+
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, *parts: str) -> Path:
         """A path inside the run (parents created)."""
         p = self.root.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(p.parent)
         return p
 
     def records(self, name: str) -> RecordStore:
@@ -470,7 +481,7 @@ class RunStore:
     def metrics_dir(self, name: str) -> Path:
         """Folder of metrics of stage ``name`` (``metrics/<name>``)."""
         p = self.path("metrics", name)
-        p.mkdir(parents=True, exist_ok=True)
+        self._mkdir(p)
         return p
 
 

@@ -4,7 +4,8 @@
   same global batch (DPO: 2 × 1 pair vs 1 × 2 pairs; PPO: rollout batch 4 split 2 + 2), LoRA
   dropout off, PPO sampling greedy: the engine seeds sampling per batch, so sampled rollouts on
   two shards cannot equal those of one batch, while greedy ones do. Tolerances: DPO loss within
-  1e-4 (measured ≈ 1e-6); PPO figures within 1e-3 absolute + 1e-3 relative.
+  1e-4 (measured ≈ 1e-6); PPO figures (score, KL, policy and value losses, values, entropy) within
+  max(1e-3, 1e-3 × |value|) (measured ≤ 4e-4, the KL summed over 12 tokens after 2 updates at lr 5e-3).
 - (b) Only rank 0 writes: a ``sitecustomize`` audit hook (this file's, through PYTHONPATH) logs every
   file a rank opens for writing, renames, removes or creates under the run folder; rank 1 may touch
   only the HF Trainer's checkpoints (its ``rng_state_1.pth``). Rank 0's log is the positive control.
@@ -167,12 +168,12 @@ def test_dpo_two_processes_follow_the_one_process_loss_trajectory(runs):
 def test_ppo_two_processes_follow_the_one_process_trajectory(runs):
     one, two = losses(runs["one"], "ppo"), losses(runs["two"], "ppo")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
-    worst = 0.0
+    worst = (0.0, "")
     for a, b in zip(one, two):
         for key in ("score", "kl", "pg_loss", "vf_loss", "value_mean", "entropy", "response_length", "clipfrac"):
             assert b[key] == pytest.approx(a[key], abs=1e-3, rel=1e-3), (key, a["step"], a[key], b[key])
-            worst = max(worst, abs(a[key] - b[key]))
-    print(f"PPO max |1 proc - 2 procs| over score, kl, losses, values, entropy = {worst:.2e}")
+            worst = max(worst, (abs(a[key] - b[key]), f"{key} at step {int(a['step'])}: {a[key]:.6g} vs {b[key]:.6g}"))
+    print(f"PPO max |1 proc - 2 procs| over score, kl, losses, values, entropy = {worst[0]:.2e} ({worst[1]})")
     assert one[-1]["kl"] > 0  # the policy moved away from the reference, in both runs alike
 
 
@@ -219,7 +220,11 @@ def test_a_killed_rank_fails_the_run_and_a_rerun_resumes(runs):
             "--launcher", "accelerate", "--num-processes", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     killed, seconds = cai_dpo(args, {**env, "CAI_DPO_TEST_KILL_RANK": "1:2"}, timeout=LAUNCH_TIMEOUT_S)
-    print(f"killed run exited {killed.returncode} after {seconds:.0f} s (start-up included)")
+    # rank 0 logs step 2 as rank 1 kills itself after it: from then to the exit is the time to fail
+    after_kill = time.time() - (root / "tiny" / "metrics" / "ppo" / "log.csv").stat().st_mtime
+    print(f"killed run exited {killed.returncode} after {seconds:.0f} s in all (start-up included), "
+          f"{after_kill:.1f} s after the kill")
+    assert after_kill < 60, "a dead rank must fail the run at once, not after the collective timeout"
     assert killed.returncode == 1, killed.stderr[-4000:]
     assert "ppo: training under accelerate launch (2 processes) failed" in killed.stderr
     assert "rerun the same command to resume" in killed.stderr
