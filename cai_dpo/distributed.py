@@ -111,7 +111,7 @@ def sharded_state_dict(trainer: Any) -> dict[str, Any] | None:
     Gathering is a collective: call it on every rank, then let rank 0 write with it.
     """
     accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is None or world_size() == 1:
+    if accelerator is None:
         return None
     from accelerate.utils import DistributedType
 
