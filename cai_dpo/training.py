@@ -106,6 +106,8 @@ def common_training_args(
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
+        # several processes (DDP): every trainable (LoRA) parameter takes part in every forward pass
+        "ddp_find_unused_parameters": False,
         "push_to_hub": False,
         "disable_tqdm": False,
     }
