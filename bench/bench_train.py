@@ -7,9 +7,13 @@ writing a function and registering it.
     python bench/bench_train.py                      # dpo, dpo_4bit and ppo
     python bench/bench_train.py --only dpo --steps 4 --model tiny
     python bench/bench_train.py --only dpo_8bit --only ppo_4bit --model tiny --dtype bfloat16   # QLoRA on a GPU
+    python bench/bench_train.py --only processes --model tiny --steps 6   # 1 vs 2 processes (accelerate launch)
 
 Figures: seconds per optimizer step (first step reported apart as warm-up), peak RSS of the
-process (and CUDA max allocated on a GPU), with the batch size and lengths stated.
+process (and CUDA max allocated on a GPU), with the batch size and lengths stated. ``processes``:
+DPO and PPO steps per second on 1 and on 2 processes under ``accelerate launch`` (one torch
+thread each, the same global batch) and their ratio, plus one process with ``--threads``
+threads and no launcher; start-up is left out (training time only, first step included).
 """
 
 from __future__ import annotations
@@ -197,6 +201,84 @@ def _ppo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
     }
 
 
+def _launched(stage: str, settings: dict[str, Any], launch: list[str]) -> float:
+    """Train ``stage`` through the CLI (``launch``: its launcher options); returns the wall seconds."""
+    args = [sys.executable, "-m", "cai_dpo.cli", stage, "--profile", "cpu-demo", *launch]
+    for key, value in settings.items():
+        args += ["-o", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stage} {' '.join(launch)} failed: {proc.stderr.strip()[-800:]}")
+    return time.perf_counter() - t0
+
+
+def _train_seconds(run_dir: Path, stage: str) -> tuple[float, int]:
+    """(training seconds, optimizer steps) of a finished stage, from its manifest (PPO: its log)."""
+    from cai_dpo.stages.ppo import read_log
+    from cai_dpo.store import read_manifest
+
+    if stage == "ppo":
+        rows = read_log(run_dir / "metrics" / "ppo" / "log.csv")
+        return sum(r["rollout_s"] + r["update_s"] for r in rows), len(rows)
+    manifest = read_manifest(run_dir / "models" / stage)
+    return manifest["timings"]["train"], manifest["counts"]["steps"]
+
+
+def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO and PPO steps/s on 1 vs 2 processes under accelerate launch (gloo on a CPU), same global batch.
+
+    DPO: ``--batch`` pairs a step, i.e. ``batch`` on 1 process and ``batch / 2`` on each of 2.
+    PPO: cpu-demo's rollout batch and minibatch, split over the processes. Each configuration
+    trains a fresh copy of the same run (SFT adapter, preferences, preference model).
+    """
+    import shutil
+
+    import torch
+
+    from cai_dpo.config import load_config
+    from cai_dpo.models import attach_lora, load_model, save_adapter
+    from cai_dpo.stages.rm import run_rm
+    from cai_dpo.store import RunStore
+
+    if args.batch % 2:
+        raise ValueError("--batch must be even to split it over 2 processes")
+    settings = {"policy.name": args.model, "dpo.max_steps": args.steps, "dpo.max_length": 256,
+                "dpo.max_prompt_length": 128, "dpo.eval_fraction": 0.0, "dpo.save_steps": 10_000,
+                "rm.max_steps": 1, "rm.eval_fraction": 0.0, "rm.save_steps": 10_000,
+                "ppo.steps": args.steps, "ppo.save_steps": 10_000}
+    threads = args.threads or os.cpu_count() or 1
+    configs = {  # name -> (launcher options, per-process DPO batch)
+        "1_process": (["--launcher", "accelerate", "--num-processes", "1"], args.batch),
+        "2_processes": (["--launcher", "accelerate", "--num-processes", "2"], args.batch // 2),
+        f"no_launcher_{threads}_threads": (["--launcher", "none"], args.batch),
+    }
+    out: dict[str, Any] = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                           "steps": args.steps, "dpo_global_batch_pairs": args.batch, "threads_per_launched_process": 1}
+    with tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
+        base_cfg = load_config("cpu-demo", {"runs_dir": f"{tmp}/base", "threads": threads, **settings})
+        run = RunStore(base_cfg.run_dir)
+        _synthetic_preferences(run.data_dir("preferences"), args.steps * args.batch, args.response_words)
+        torch.manual_seed(0)
+        model, tok = load_model(args.model, trainable=True)
+        save_adapter(attach_lora(model, base_cfg.sft.lora), tok, run.model_dir("sft"), base=args.model)
+        del model
+        run_rm(base_cfg, run)
+        out["ppo_rollout_batch"], out["ppo_minibatch"] = base_cfg.ppo.rollout_batch, base_cfg.ppo.minibatch
+        for stage in ("dpo", "ppo"):
+            figures: dict[str, Any] = {}
+            for name, (launch, batch) in configs.items():
+                runs_dir = Path(tmp) / f"{stage}-{name}"
+                shutil.copytree(Path(tmp) / "base", runs_dir)
+                wall = _launched(stage, {**settings, "runs_dir": runs_dir, "threads": threads, "dpo.batch_size": batch}, launch)
+                seconds, steps = _train_seconds(runs_dir / base_cfg.run_id, stage)
+                figures[name] = {"steps": steps, "train_s": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),
+                                 "wall_s_with_startup": round(wall, 1)}
+            figures["ratio_2_vs_1_process"] = round(figures["2_processes"]["steps_per_s"] / figures["1_process"]["steps_per_s"], 2)
+            out[stage] = figures
+    return out
+
+
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "dpo": bench_dpo,
     "dpo_4bit": bench_dpo_4bit,
@@ -204,6 +286,7 @@ MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "ppo": bench_ppo,
     "ppo_4bit": bench_ppo_4bit,
     "ppo_8bit": bench_ppo_8bit,
+    "processes": bench_processes,
 }
 DEFAULT = ("dpo", "dpo_4bit", "ppo")  # what a run without --only measures (the CPU figures in the README)
 

@@ -28,15 +28,37 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. -o sl.rounds=3 (repeatable)")
 
 
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    """Options of the training stages that can run as several processes (``train.launcher`` & co.)."""
+    p.add_argument("--launcher", choices=["none", "accelerate"], default=None,
+                   help="accelerate: run as several processes under accelerate launch (default train.launcher; "
+                        "implied by --num-processes or --config-file)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="processes to launch (default train.num_processes, else the config file's, else one per GPU)")
+    p.add_argument("--config-file", default=None, metavar="FILE",
+                   help="accelerate config file, or a bundled one: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
+                        "(default train.accelerate_config; none: plain data parallelism)")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config named by ``--profile``, ``--run-id`` and ``-o`` overrides.
+    """The run config named by ``--profile``, ``--run-id``, ``-o`` overrides and the launch options.
 
     ``--run-id`` travels as a string, never through YAML (``007`` stays ``"007"``); it is
-    checked like any run id (one folder name) when the config loads.
+    checked like any run id (one folder name) when the config loads. ``--launcher``,
+    ``--num-processes`` and ``--config-file`` set ``train.launcher``, ``train.num_processes``
+    and ``train.accelerate_config`` (checked like the file's values).
     """
     items = dict(parse_override(o) for o in args.overrides)
     if args.run_id is not None:
         items["run_id"] = str(args.run_id)
+    launch = {"train.num_processes": getattr(args, "num_processes", None),
+              "train.accelerate_config": getattr(args, "config_file", None)}
+    items.update({k: v for k, v in launch.items() if v is not None})
+    launcher = getattr(args, "launcher", None)
+    if launcher is None and any(v is not None for v in launch.values()):
+        launcher = "accelerate"
+    if launcher is not None:
+        items["train.launcher"] = launcher
     return load_config(args.profile, items)
 
 
@@ -121,9 +143,9 @@ def _cmd_curate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from cai_dpo.stages.sft import run_sft
+    from cai_dpo.distributed import run_stage
 
-    out = run_sft(config_from_args(args))
+    out = run_stage("sft", config_from_args(args))
     print(f"SL-CAI adapter: {out}")
     return 0
 
@@ -144,6 +166,7 @@ def _add_sl_stage_commands(sub: Any) -> None:
 
     p = sub.add_parser("sft", help="fine-tune a LoRA adapter on data/sl -> models/sft")
     _config_args(p)
+    _launch_args(p)
     p.set_defaults(func=_cmd_sft)
 
 
@@ -336,12 +359,12 @@ def _add_feedback_commands(sub: Any) -> None:
 
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
-    from cai_dpo.stages.dpo import run_iterative_dpo
+    from cai_dpo.distributed import run_stage
 
     cfg = config_from_args(args)
     if args.rounds is not None:
         cfg.dpo.rounds = args.rounds
-    out = run_iterative_dpo(cfg)
+    out = run_stage("dpo", cfg)
     print(f"DPO adapter: {out}")
     return 0
 
@@ -349,6 +372,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 def _add_dpo_commands(sub: Any) -> None:
     p = sub.add_parser("dpo", help="DPO from the SL-CAI model on data/preferences(_merged) -> models/dpo")
     _config_args(p)
+    _launch_args(p)
     p.add_argument("--rounds", type=int, default=None,
                    help="iterative DPO rounds (default dpo.rounds); each later round samples and judges new pairs")
     p.set_defaults(func=_cmd_dpo)
@@ -358,13 +382,13 @@ def _add_dpo_commands(sub: Any) -> None:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from cai_dpo.stages.rm import run_rm
+    from cai_dpo.distributed import run_stage
     from cai_dpo.store import read_manifest
 
     cfg = config_from_args(args)
     if args.backbone:
         cfg.rm.backbone = args.backbone
-    out = run_rm(cfg)
+    out = run_stage("rm", cfg)
     held = read_manifest(out)["metrics"].get("heldout") or {}
     print(f"preference model: {out}")
     if held:
@@ -373,7 +397,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
-    from cai_dpo.stages.ppo import run_ppo
+    from cai_dpo.distributed import run_stage
     from cai_dpo.store import read_manifest
 
     cfg = config_from_args(args)
@@ -381,7 +405,7 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
         cfg.ppo.mode = args.mode
     if args.steps is not None:
         cfg.ppo.steps = args.steps
-    out = run_ppo(cfg, resume=not args.restart)
+    out = run_stage("ppo", cfg, resume=not args.restart)
     manifest = read_manifest(out)
     print(f"{cfg.ppo.mode.upper()} adapter: {out}")
     metrics, timings = manifest.get("metrics") or {}, manifest.get("timings") or {}
@@ -395,12 +419,14 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
 def _add_ppo_commands(sub: Any) -> None:
     p = sub.add_parser("rm", help="preference model on data/preferences(_merged) (soft labels) -> models/rm")
     _config_args(p)
+    _launch_args(p)
     p.add_argument("--backbone", default=None,
                    help="sl-cai (default: policy + SFT merged), base, or a sequence-classification model folder")
     p.set_defaults(func=_cmd_rm)
 
     p = sub.add_parser("ppo", help="PPO (RL-CAI) of the SL-CAI model against models/rm -> models/ppo")
     _config_args(p)
+    _launch_args(p)
     p.add_argument("--mode", choices=["ppo", "rloo"], default=None, help="own PPO (default) or TRL's RLOO")
     p.add_argument("--steps", type=int, default=None, help="PPO steps (default ppo.steps)")
     p.add_argument("--restart", action="store_true", help="ignore checkpoints/ppo and start over")
@@ -571,6 +597,7 @@ def _command_lock(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cai-dpo`` console script."""
+    from cai_dpo.distributed import LaunchError
     from cai_dpo.store import RunInUseError
 
     args = build_parser().parse_args(argv)
@@ -581,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunInUseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # bad input (the project's own error types): one line naming the file/argument and field
         print(f"error: {_one_line(exc)}", file=sys.stderr)

@@ -634,9 +634,31 @@ class TrainConfig:
     ``metrics/<stage>/tb`` when tensorboard is installed, nothing else. ``metrics/<stage>/log.csv``
     is written whatever is chosen. PPO's own loop logs the same way (CSV always,
     TensorBoard when chosen or ``auto``).
+
+    Multi-process training (stages ``sft``, ``dpo``, ``rm``, ``ppo``; see :mod:`cai_dpo.distributed`):
+    ``launcher: accelerate`` runs the stage under ``accelerate launch`` as ``num_processes``
+    processes (null: the count in ``accelerate_config``, else one per GPU, else 1), one torch
+    thread each; ``none`` (default) trains in the calling process. ``accelerate_config``: an
+    accelerate config file, or a bundled one by name (``ddp``, ``deepspeed_zero2``,
+    ``deepspeed_zero3``, ``fsdp``: ``cai_dpo/configs/accelerate/<name>.yaml``); null launches
+    plain data parallelism (DDP; gloo on CPU). Batch sizes stay per process: the global batch
+    is ``batch_size × num_processes × grad_accum`` (PPO: ``rollout_batch`` and ``minibatch`` are
+    global and split over the processes). ``timeout_s``: how long a process waits for the
+    others in a collective before the run fails (a rank that dies fails the run at once).
     """
 
     report_to: str | list[str] = "auto"
+    launcher: Literal["none", "accelerate"] = "none"
+    num_processes: int | None = None
+    accelerate_config: str | None = None
+    timeout_s: float = 300.0
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(("num_processes", _optional_at_least(self.num_processes, 1), "must be >= 1 or null"),
+                       ("accelerate_config", self.accelerate_config is None or bool(self.accelerate_config.strip()),
+                        "must name a file or a bundled config (ddp, deepspeed_zero2, deepspeed_zero3, fsdp), or be null"),
+                       ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"))
 
 
 # --------------------------------------------------------------------------- run

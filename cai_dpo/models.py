@@ -293,7 +293,8 @@ def load_model(
     }
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        # "cuda" is this process's GPU: one per rank under accelerate launch (it sets the current device)
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     if task != "causal_lm":
         kwargs["num_labels"] = num_labels
@@ -508,12 +509,14 @@ def save_adapter(
 
 def write_adapter(
     model: Any, tokenizer: Any, folder: Path, base: str, merge_first: list[str | Path] | None = None,
-    final: Path | None = None,
+    final: Path | None = None, state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write an adapter, its tokenizer and ``cai_dpo_base.json`` into ``folder`` (not atomic by itself).
 
     ``final`` is where the folder will live once an :func:`~cai_dpo.store.atomic_dir` swaps it
     into place (default ``folder``); ``merge_first`` paths are written relative to it.
+    ``state_dict``: the model's weights gathered from sharded processes
+    (:func:`cai_dpo.distributed.sharded_state_dict`), when its own parameters are shards.
     """
     folder = Path(folder)
     note: dict[str, Any] = {"base": base}
@@ -521,6 +524,8 @@ def write_adapter(
         where = Path(final or folder).resolve()
         note["merge_first"] = [os.path.relpath(Path(p).resolve(), where) for p in merge_first]
     own = {"selected_adapters": trainable_adapters(model)} if frozen_adapters(model) else {}
+    if state_dict is not None:
+        own["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **own)
     tokenizer.save_pretrained(folder)
     (folder / "cai_dpo_base.json").write_text(json.dumps(note))

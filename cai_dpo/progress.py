@@ -33,9 +33,12 @@ _bar_class: type | None = None
 
 
 def _report(event: dict[str, Any]) -> None:
-    """Append one event to the file named by ``$CAI_DPO_PROGRESS`` (no-op when unset)."""
+    """Append one event to the file named by ``$CAI_DPO_PROGRESS`` (no-op when unset, and on
+    every rank but 0 of a multi-process stage)."""
+    from cai_dpo.distributed import is_main_process
+
     target = os.environ.get(PROGRESS_ENV)
-    if not target:
+    if not target or not is_main_process():
         return
     try:
         with open(target, "a", encoding="utf-8") as fh:
@@ -91,7 +94,11 @@ def _reporting_class() -> type:
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
-    """``tqdm.auto.tqdm(iterable, **kwargs)`` that also streams to the pipeline runner."""
+    """``tqdm.auto.tqdm(iterable, **kwargs)`` that also streams to the pipeline runner (shown on rank 0 only)."""
+    from cai_dpo.distributed import is_main_process
+
+    if not is_main_process():
+        kwargs["disable"] = True
     return _reporting_class()(iterable, **kwargs)
 
 

@@ -443,16 +443,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 class RunStore:
-    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it."""
+    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it.
+
+    Folders are created as paths are asked for, except on a rank other than 0 of a
+    multi-process stage (:mod:`cai_dpo.distributed`), which writes nothing in the run.
+    """
 
     def __init__(self, run_dir: Path):
         self.root = Path(run_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._mkdir(self.root)
+
+    @staticmethod
+    def _mkdir(folder: Path) -> None:
+        from cai_dpo.distributed import is_main_process
+
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, *parts: str) -> Path:
         """A path inside the run (parents created)."""
         p = self.root.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(p.parent)
         return p
 
     def records(self, name: str) -> RecordStore:
@@ -470,7 +481,7 @@ class RunStore:
     def metrics_dir(self, name: str) -> Path:
         """Folder of metrics of stage ``name`` (``metrics/<name>``)."""
         p = self.path("metrics", name)
-        p.mkdir(parents=True, exist_ok=True)
+        self._mkdir(p)
         return p
 
 
@@ -532,11 +543,18 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
     (papermill kernels) through the ``CAI_DPO_RUN_LOCK`` environment variable, so a
     stage notebook executed by the pipeline does not wait on its parent. On taking the
     lock, swaps a killed writer left half done are repaired (:func:`recover_tree`).
+    A rank other than 0 of a multi-process stage (:mod:`cai_dpo.distributed`) never takes
+    the lock: rank 0 holds it (or inherits it from the process that launched the ranks).
     """
     from filelock import FileLock, Timeout
 
+    from cai_dpo.distributed import is_main_process
+
     root = Path(run_dir).resolve()
     key = str(root)
+    if not is_main_process():
+        yield root
+        return
     if key in _held or _holds_by_inheritance(root):
         _held[key] = _held.get(key, 0) + 1
         try:

@@ -106,6 +106,8 @@ def common_training_args(
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
+        # several processes (DDP): every trainable (LoRA) parameter takes part in every forward pass
+        "ddp_find_unused_parameters": False,
         "push_to_hub": False,
         "disable_tqdm": False,
     }
@@ -123,19 +125,22 @@ def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:
     import json
     import shutil
 
+    from cai_dpo.distributed import barrier, is_main_process
     from cai_dpo.store import atomic_write_json
 
     folder = Path(folder)
     path = folder / CHECKPOINT_NOTE
     wanted = json.loads(json.dumps(note, default=str))
     cleared = False
-    if folder.is_dir() and any(folder.iterdir()):
-        if not path.exists() or json.loads(path.read_text()) != wanted:
-            log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
-            shutil.rmtree(folder)
-            cleared = True
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, wanted)
+    if is_main_process():  # several processes: rank 0 clears and writes, the others wait for it
+        if folder.is_dir() and any(folder.iterdir()):
+            if not path.exists() or json.loads(path.read_text()) != wanted:
+                log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
+                shutil.rmtree(folder)
+                cleared = True
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, wanted)
+    barrier()
     return cleared
 
 

@@ -100,9 +100,9 @@ principles. The result, `models/sft`, is the starting point of everything after 
 response pairs, and DPO and PPO start from it.""",
        {"max_steps": "sft.max_steps  (training steps; -1 means whole epochs)",
         "data": "sft.data  (sl | curated | both)"}, [
-           ("code", "sft_dir = run_sft(cfg, run)\nmanifest = read_manifest(sft_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "sft_dir = run_stage('sft', cfg, run)  # several processes when train.launcher is accelerate\nmanifest = read_manifest(sft_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
            ("code", "log = pd.read_csv(run.metrics_dir('sft') / 'log.csv')\nlog[[c for c in ('step', 'loss', 'eval_loss') if c in log]].plot(x='step', marker='o', title='SFT loss');"),
-       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.sft import run_sft\nfrom cai_dpo.store import read_manifest")
+       ], "import pandas as pd\n\nfrom cai_dpo.distributed import run_stage\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.store import read_manifest")
 
     nb("04_pairs_and_ai_feedback", """# 4 · Response pairs and AI feedback (RLAIF)
 
@@ -150,9 +150,9 @@ switched off). With **soft labels** each pair's loss is weighted by the judge's 
 (conservative DPO with ε = 1 − p). With `dpo.rounds > 1`, each round samples fresh pairs from the
 current model, judges them and continues (iterative, on-policy DPO).""",
        {"beta": "dpo.beta  (strength of the KL anchor)", "rounds": "dpo.rounds  (iterative DPO rounds)"}, [
-           ("code", "dpo_dir = run_iterative_dpo(cfg, run)\nmanifest = read_manifest(dpo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "dpo_dir = run_stage('dpo', cfg, run)  # several processes when train.launcher is accelerate\nmanifest = read_manifest(dpo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
            ("code", "log = pd.read_csv(run.metrics_dir('dpo') / 'log.csv')\ncols = [c for c in log.columns if c in ('loss', 'rewards/accuracies', 'rewards/margins')]\nlog.plot(x='step', y=cols, subplots=True, marker='o', figsize=(7, 6));"),
-       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.dpo import run_iterative_dpo\nfrom cai_dpo.store import read_manifest")
+       ], "import pandas as pd\n\nfrom cai_dpo.distributed import run_stage\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.store import read_manifest")
 
     nb("07_preference_model_and_ppo", """# 7 · Preference model and PPO (the paper's RL-CAI)
 
@@ -162,10 +162,10 @@ preference model, subtracts a per-token KL penalty to the SL-CAI model, and upda
 policy and value losses over GAE advantages. DPO gets there without the reward model and the
 sampling loop; this notebook lets you compare the two.""",
        {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"}, [
-           ("code", "rm_dir = run_rm(cfg, run)\nread_manifest(rm_dir)['metrics']"),
-           ("code", "ppo_dir = run_ppo(cfg, run)\nmanifest = read_manifest(ppo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
+           ("code", "rm_dir = run_stage('rm', cfg, run)  # several processes when train.launcher is accelerate\nread_manifest(rm_dir)['metrics']"),
+           ("code", "ppo_dir = run_stage('ppo', cfg, run)\nmanifest = read_manifest(ppo_dir)\n{k: manifest[k] for k in ('counts', 'metrics', 'timings')}"),
            ("code", "log = pd.read_csv(run.metrics_dir(cfg.ppo.mode) / 'log.csv')\nlog.plot(x='step', y=[c for c in ('reward', 'kl', 'entropy') if c in log], subplots=True, marker='o', figsize=(7, 6));"),
-       ], "import pandas as pd\n\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.stages.ppo import run_ppo\nfrom cai_dpo.stages.rm import run_rm\nfrom cai_dpo.store import read_manifest")
+       ], "import pandas as pd\n\nfrom cai_dpo.distributed import run_stage\nfrom cai_dpo.pipeline import open_run\nfrom cai_dpo.store import read_manifest")
 
     nb("08_evaluate_and_compare", """# 8 · Evaluate and compare
 

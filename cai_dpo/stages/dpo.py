@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_dict
+from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import (
@@ -565,6 +566,9 @@ def run_dpo(
             eval_metrics = trainer.evaluate()
         timings["eval"] = t_eval.seconds
 
+    state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
+    if not is_main_process():
+        return out_dir  # rank 0 writes the artifact
     log_rows = read_metrics_csv(metrics_dir / "log.csv") if (metrics_dir / "log.csv").exists() else []
     train_log = [r for r in log_rows if "loss" in r and "eval_loss" not in r]
     metrics = {
@@ -582,7 +586,8 @@ def run_dpo(
             model = trainer.model
             if "ref" in getattr(model, "peft_config", {}):
                 model.delete_adapter("ref")
-            write_adapter(model, start.tokenizer, tmp, base=cfg.policy.name, merge_first=start.merge_first, final=out_dir)
+            write_adapter(model, start.tokenizer, tmp, base=cfg.policy.name, merge_first=start.merge_first, final=out_dir,
+                          state_dict=state)
             merged_dir = None
             if cfg.dpo.merge:
                 if cfg.policy.quantization != "none":

@@ -82,31 +82,48 @@ LOG_COLUMNS = [
 # --------------------------------------------------------------------------- pure functions
 
 
-def masked_mean(x: Any, mask: Any | None = None) -> Any:
-    """Mean of ``x`` over positions where ``mask`` is 1 (all positions when mask is None)."""
-    if mask is None:
-        return x.mean()
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+SumFn = Callable[[Any], Any]  # sums a tensor over the processes (DataParallel.sum); None on one process
 
 
-def masked_var(x: Any, mask: Any | None = None, unbiased: bool = True) -> Any:
-    """Variance of ``x`` over masked positions (Bessel-corrected by default)."""
-    mean = masked_mean(x, mask)
+def _count(x: Any, mask: Any | None) -> Any:
+    import torch
+
+    return mask.sum() if mask is not None else torch.tensor(float(x.numel()), device=x.device)
+
+
+def masked_mean(x: Any, mask: Any | None = None, all_sum: SumFn | None = None) -> Any:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all positions when mask is None).
+
+    ``all_sum``: with several processes, the mean over every process's positions.
+    """
+    if all_sum is None:
+        return x.mean() if mask is None else (x * mask).sum() / mask.sum().clamp(min=1)
+    total = (x * mask).sum() if mask is not None else x.sum()
+    return all_sum(total) / all_sum(_count(x, mask)).clamp(min=1)
+
+
+def masked_var(x: Any, mask: Any | None = None, unbiased: bool = True, all_sum: SumFn | None = None) -> Any:
+    """Variance of ``x`` over masked positions (Bessel-corrected by default; global with ``all_sum``)."""
+    mean = masked_mean(x, mask, all_sum)
     centred = (x - mean) ** 2
-    var = masked_mean(centred, mask)
+    var = masked_mean(centred, mask, all_sum)
     if unbiased:
-        n = x.numel() if mask is None else mask.sum()
-        n = float(n)
+        n = _count(x, mask)
+        n = float(all_sum(n) if all_sum is not None else n)
         if n > 1:
             var = var * n / (n - 1)
     return var
 
 
-def whiten(x: Any, mask: Any | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Any:
-    """``(x - mean) / sqrt(var + eps)`` over masked positions; ``shift_mean=False`` keeps the mean."""
+def whiten(x: Any, mask: Any | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: SumFn | None = None) -> Any:
+    """``(x - mean) / sqrt(var + eps)`` over masked positions; ``shift_mean=False`` keeps the mean.
+
+    ``all_sum``: mean and variance over every process's positions (several processes).
+    """
     import torch
 
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, all_sum), masked_var(x, mask, all_sum=all_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -423,12 +440,22 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
 
 
 class PPOTrainer:
-    """The PPO loop on one policy (LoRA), its reference (adapter off) and a value model."""
+    """The PPO loop on one policy (LoRA), its reference (adapter off) and a value model.
+
+    On several processes (``accelerate launch``, see :class:`~cai_dpo.distributed.DataParallel`)
+    each step's ``rollout_batch`` prompts and each ``minibatch`` are split evenly over the
+    processes; every process samples, scores and updates on its share, gradients are averaged
+    after each backward pass (as DDP does: the mean of the processes' minibatch losses), rewards
+    and advantages are whitened with global statistics, and the logged figures (score, KL,
+    entropy, losses, ...) are over the whole batch. Every process keeps a full replica of the
+    models (no sharding, whatever the accelerate config).
+    """
 
     def __init__(self, cfg: RunConfig, policy: Any, tokenizer: Any, value_model: Any, reward: RewardFn,
                  prompts: list[Conversation], *, ptx: PtxBatches | None = None, progress: bool = True):
         import torch
 
+        from cai_dpo.distributed import DataParallel, check_processes
         from cai_dpo.engine import Engine
 
         self.cfg = cfg
@@ -445,6 +472,10 @@ class PPOTrainer:
         self.params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
         if not self.params:
             raise ValueError("PPO: no trainable parameters (is the LoRA adapter attached?)")
+        self.dp = DataParallel()
+        check_processes("ppo", cfg, self.dp.world_size)
+        self.minibatch = max(1, self.pc.minibatch // self.dp.world_size)  # rows per process per minibatch
+        self.dp.broadcast(self.params)  # every process starts from rank 0's adapters
         self.optimizer = torch.optim.AdamW(self.params, lr=self.pc.learning_rate, eps=1e-5)
         self.kl_ctl = KLController(self.pc.kl_coef, self.pc.target_kl if self.pc.adaptive_kl else None, self.pc.kl_horizon)
         self.step = 0
@@ -514,7 +545,7 @@ class PPOTrainer:
         T = self.pc.sampling.temperature if self.pc.sampling.do_sample else 1.0
         P, mask = ro.query_width, ro.response_mask
         logps, refs, ents, vals = [], [], [], []
-        mb = max(1, self.pc.minibatch)
+        mb = self.minibatch
         with torch.no_grad():
             for s in range(0, ro.input_ids.shape[0], mb):
                 sl = slice(s, s + mb)
@@ -533,11 +564,16 @@ class PPOTrainer:
         ro.entropy = torch.cat(ents)
         ro.values = torch.cat(vals) * mask
         scores = ro.scores
-        if self.pc.whiten_rewards and scores.numel() > 1:
-            scores = whiten(scores, shift_mean=False)
+        if self.pc.whiten_rewards and self.pc.rollout_batch > 1:
+            scores = whiten(scores, shift_mean=False, all_sum=self._all_sum)
         ro.rewards, ro.kl = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, mask, scores, ro.lengths, self.kl_ctl.value)
         adv, ro.returns = compute_gae(ro.rewards, ro.values, mask, self.pc.gamma, self.pc.lam)
-        ro.advantages = whiten(adv, mask)
+        ro.advantages = whiten(adv, mask, all_sum=self._all_sum)
+
+    @property
+    def _all_sum(self) -> Any:
+        """Sum over the processes for global statistics; None on one process."""
+        return self.dp.sum if self.dp.world_size > 1 else None
 
     # ---------------------------------------------------------------- update
 
@@ -554,8 +590,8 @@ class PPOTrainer:
         self.value_model.eval()
         for _ in range(self.pc.ppo_epochs):
             perm = rng.permutation(B)
-            for s in range(0, B, max(1, self.pc.minibatch)):
-                idx = torch.as_tensor(perm[s : s + self.pc.minibatch], device=self.device)
+            for s in range(0, B, self.minibatch):
+                idx = torch.as_tensor(perm[s : s + self.minibatch], device=self.device)
                 m = ro.select(idx)
                 logits = response_logits(self.policy, m["input_ids"], m["attention_mask"], m["position_ids"], P, T)
                 logp = token_logprobs(logits, m["input_ids"], P)
@@ -570,13 +606,14 @@ class PPOTrainer:
                     stats["ptx_loss"].append(lm.item())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.dp.average_gradients(self.params)
                 torch.nn.utils.clip_grad_norm_(self.params, self.pc.max_grad_norm)
                 self.optimizer.step()
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
                 for k, val in {**pg_stats, **vf_stats}.items():
                     stats[k].append(val)
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+        return {k: self.dp.mean(np.mean(v)) if v else float("nan") for k, v in stats.items()}
 
     # ---------------------------------------------------------------- one step
 
@@ -585,33 +622,38 @@ class PPOTrainer:
         import torch
 
         step = self.step + 1
-        seed = self.pc.sampling.seed + self.cfg.seed * 7919 + step * 1_000_033
+        # each process samples its share of the prompts with its own seed (rank 0's is the one-process seed)
+        seed = self.pc.sampling.seed + self.cfg.seed * 7919 + step * 1_000_033 + self.dp.rank * 104_729
         t0 = time.perf_counter()
-        ro = self.rollout(self.batch_prompts(step), seed)
+        ro = self.rollout(self.dp.shard(self.batch_prompts(step)), seed)
         rollout_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         up = self.update(ro, seed)
         update_s = time.perf_counter() - t1
         mask = ro.response_mask
-        kl_seq = ro.kl.sum(-1)
-        n_tokens = float(mask.sum())
+        # figures over the whole batch: per-response values gathered, token means summed over the processes
+        raw, scores = self.dp.gather(ro.raw_scores), self.dp.gather(ro.scores)
+        kl_seq = self.dp.gather(ro.kl.sum(-1))
+        lengths = self.dp.gather(ro.lengths.float())
+        finished = self.dp.gather(torch.tensor(ro.finished, dtype=torch.float, device=self.device))
+        n_tokens = float(self.dp.sum(mask.sum()))
         row = {
             "step": step,
-            "score": float(ro.raw_scores.mean()),
-            "score_std": float(ro.raw_scores.std()) if ro.raw_scores.numel() > 1 else 0.0,
-            "reward": float((ro.scores - self.kl_ctl.value * kl_seq).mean()),
+            "score": float(raw.mean()),
+            "score_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+            "reward": float((scores - self.kl_ctl.value * kl_seq).mean()),
             "kl": float(kl_seq.mean()),
             "kl_coef": self.kl_ctl.value,
-            "entropy": float(masked_mean(ro.entropy, mask)),
-            "value_mean": float(masked_mean(ro.values, mask)),
-            "response_length": float(ro.lengths.float().mean()),
-            "eos_frac": float(np.mean(ro.finished)),
+            "entropy": float(masked_mean(ro.entropy, mask, self._all_sum)),
+            "value_mean": float(masked_mean(ro.values, mask, self._all_sum)),
+            "response_length": float(lengths.mean()),
+            "eos_frac": float(finished.mean()),
             "rollout_s": rollout_s,
             "update_s": update_s,
             "tokens_per_s": n_tokens / max(rollout_s, 1e-9),
             **{k: up[k] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "ptx_loss")},
         }
-        self.kl_ctl.update(row["kl"], ro.input_ids.shape[0])
+        self.kl_ctl.update(row["kl"], int(kl_seq.shape[0]))
         self.step = step
         self.history.append(row)
         del ro
@@ -822,6 +864,7 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
     """
     import torch
 
+    from cai_dpo.distributed import is_main_process, maybe_kill_for_test, rank, world_size
     from cai_dpo.engine import set_threads
 
     from cai_dpo.stages.rm import sft_adapter
@@ -855,14 +898,17 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
         sl_dir = run.root / "data" / "sl"
         if not sl_dir.exists():
             raise FileNotFoundError(f"{sl_dir}: ppo.ptx_coef > 0 needs the SL-CAI dataset; run `cai-dpo sl` or set ppo.ptx_coef=0")
-        ptx = PtxBatches(load_from_disk(str(sl_dir)), tok, cfg.ppo.ptx_batch, cfg.sft.max_length, cfg.seed)
+        # ptx_batch is global, like rollout_batch: each process draws its share with its own seed
+        ptx = PtxBatches(load_from_disk(str(sl_dir)), tok, max(1, cfg.ppo.ptx_batch // world_size()),
+                         cfg.sft.max_length, cfg.seed + rank())
     trainer = PPOTrainer(cfg, policy, tok, value_model, reward, prompts, ptx=ptx, progress=progress)
 
     ckpt_root = run.path("checkpoints", "ppo")
     metrics_dir = run.metrics_dir("ppo")
     log_path = metrics_dir / "log.csv"
     resumed_from = None
-    if not resume and ckpt_root.exists():
+    main = is_main_process()  # several processes: rank 0 alone writes checkpoints, metrics and the artifact
+    if not resume and ckpt_root.exists() and main:
         shutil.rmtree(ckpt_root)
     clear_stale_checkpoints(ckpt_root, note)
     if resume and (last := last_ppo_checkpoint(ckpt_root, cfg.ppo.steps)) is not None:
@@ -875,19 +921,25 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     from cai_dpo.training import StepLogger
 
-    tracker = StepLogger(metrics_dir, cfg.train.report_to)  # TensorBoard etc. per train.report_to; log.csv always
+    # TensorBoard etc. per train.report_to; log.csv always
+    tracker = StepLogger(metrics_dir, cfg.train.report_to if main else "none")
     bar = tqdm(total=cfg.ppo.steps, initial=trainer.step, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
     while trainer.step < cfg.ppo.steps:
         row = trainer.train_step()
-        write_log(log_path, trainer.history)
-        tracker.log_step(row, trainer.step)
+        maybe_kill_for_test(trainer.step)
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if not main:
+            continue
+        write_log(log_path, trainer.history)
+        tracker.log_step(row, trainer.step)
         if trainer.step % max(1, cfg.ppo.save_steps) == 0 or trainer.step == cfg.ppo.steps:
             trainer.save_checkpoint(ckpt_root / f"step-{trainer.step:06d}")
             _prune_checkpoints(ckpt_root, keep=2)
     bar.close()
     tracker.close()
+    if not main:
+        return out_dir  # rank 0 writes the artifact
     if trainer.history:
         plot_log(metrics_dir / "reward_kl.png", trainer.history)
 
@@ -995,6 +1047,8 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
+    from cai_dpo.distributed import is_main_process, sharded_state_dict
+
     from cai_dpo.models import load_model, lora_config, write_adapter
     from cai_dpo.stages.rm import sft_adapter
     from cai_dpo.training import (
@@ -1056,6 +1110,9 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
                           callbacks=training_callbacks(run.metrics_dir("rloo"), cfg.train.report_to))
     with Timer() as t:
         _, resumed_step = train_to_target(trainer, resume_from, max_steps)
+    state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
+    if not is_main_process():
+        return out_dir  # rank 0 writes the artifact
     manifest = Manifest(
         stage="rloo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
@@ -1069,6 +1126,6 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
                "for completions that hit max_new_tokens without EOS (as in PPO)"],
     )
     with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
-        write_adapter(trainer.model, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir)
+        write_adapter(trainer.model, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir, state_dict=state)
         manifest.write(tmp / "manifest.json")
     return out_dir

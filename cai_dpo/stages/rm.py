@@ -462,6 +462,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     from datasets import Dataset
     from trl import RewardConfig
 
+    from cai_dpo.distributed import is_main_process, sharded_state_dict
     from cai_dpo.engine import set_threads
     from cai_dpo.models import write_adapter
     from cai_dpo.training import (
@@ -553,10 +554,13 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
     steps = int(trainer.state.global_step)
+    state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
+    if not is_main_process():
+        return out_dir  # rank 0 writes the artifact
     # adapter, scorer note and manifest: one atomic step, so a kill never leaves an adapter
     # that loads with default scorer settings, nor a manifest describing another adapter
     with atomic_dir(out_dir) as tmp:
-        write_adapter(trainer.model, tok, tmp, base=base, merge_first=merge, final=out_dir)
+        write_adapter(trainer.model, tok, tmp, base=base, merge_first=merge, final=out_dir, state_dict=state)
         atomic_write_json(tmp / SCORER_NOTE, {
             "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
             "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
@@ -389,12 +390,15 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
             eval_metrics = trainer.evaluate()
         timings["eval"] = t_eval.seconds
 
+    state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
+    if not is_main_process():
+        return out  # rank 0 writes the artifact
     log_rows = read_metrics_csv(run.metrics_dir("sft") / "log.csv") if (run.metrics_dir("sft") / "log.csv").exists() else []
     train_losses = [r["loss"] for r in log_rows if "loss" in r]
     # adapter, merged weights and manifest: one atomic step (a kill leaves the old artifact or the new one)
     with atomic_dir(out) as tmp:
         with Timer() as t_save:
-            write_adapter(trainer.model, tokenizer, tmp, base=cfg.policy.name, final=out)
+            write_adapter(trainer.model, tokenizer, tmp, base=cfg.policy.name, final=out, state_dict=state)
             merged = _save_merged(cfg, trainer.model, tokenizer, out, run, staged=tmp) if cfg.sft.merge else None
         timings["save"] = t_save.seconds
         Manifest(
