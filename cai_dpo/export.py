@@ -158,7 +158,6 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
                     f"`{cfg.data.helpful}` (limit {cfg.data.helpful_limit})"]
     if data_rows:
         data_sources += ["", "| data | folder | counts |", "| --- | --- | --- |", *data_rows]
-    sections = {"sft": cfg.sft, "dpo": cfg.dpo, "ppo": cfg.ppo}
     settings = [f"- SFT (LoRA r={cfg.sft.lora.r}, alpha={cfg.sft.lora.alpha}): learning rate {cfg.sft.learning_rate}, "
                 f"max_steps {cfg.sft.max_steps}, batch {cfg.sft.batch_size}, max_length {cfg.sft.max_length}"]
     if model == "dpo":

@@ -72,7 +72,7 @@ from cai_dpo.models import (
 )
 from cai_dpo.labels import preferences_path
 from cai_dpo.splits import split_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, read_manifest
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_manifest
 from cai_dpo.store import locked_stage
 from cai_dpo.training import (
     artifact_current,

@@ -622,7 +622,6 @@ def compute_results(
 
     models_out = []
     red_idx = [i for i, it in enumerate(items) if it.source == "red_team"]
-    help_idx = [i for i, it in enumerate(items) if it.source == "helpful"]
     for k, name in enumerate(names):
         gen_rows = responses[name]
         models_out.append({
