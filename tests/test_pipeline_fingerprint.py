@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cai_dpo.config import RunConfig, load_config
+from cai_dpo.distributed import STAGES as DISTRIBUTED_STAGES
 from cai_dpo.pipeline import STAGES, _fingerprint, input_files
 from cai_dpo.store import RunStore
 
@@ -114,8 +115,12 @@ def _modules_of(notebook: Path) -> list[Path]:
     files = []
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cai_dpo."):
-            if any(a.name.startswith("run_") for a in node.names):
+            if any(a.name.startswith("run_") and a.name != "run_stage" for a in node.names):
                 files.append(REPO / (node.module.replace(".", "/") + ".py"))
+        # run_stage('dpo', ...) (cai_dpo.distributed) runs that training stage's module
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_stage":
+            module = DISTRIBUTED_STAGES[node.args[0].value][0]
+            files.append(REPO / (module.replace(".", "/") + ".py"))
     return files, code
 
 
