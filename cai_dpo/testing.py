@@ -148,8 +148,10 @@ def queue_sample_pairs(cfg: RunConfig, n: int = 1, reason: str = "sample") -> in
 
 def open_notebook(page: Any, lab: Lab, name: str, timeout: float = 30.0) -> Any:
     """Open ``name`` (a notebook in ``lab.root``) in a Playwright ``page`` and wait until its
-    kernel is connected and idle (a cell run before that is silently dropped). Returns the
-    locator of its code cells."""
+    kernel is connected and idle (a cell run before that is silently dropped) and every code cell
+    of the file is rendered (JupyterLab adds them to the page one by one). Returns the locator of
+    its code cells."""
+    expected = sum(c["cell_type"] == "code" for c in json.loads((lab.root / name).read_text())["cells"])
     channels: list[str] = []
     page.on("websocket", lambda ws: channels.append(ws.url) if "/api/kernels/" in ws.url else None)
     page.goto(lab.url(f"lab/tree/{name}"), timeout=timeout * 1000)
@@ -159,7 +161,12 @@ def open_notebook(page: Any, lab: Lab, name: str, timeout: float = 30.0) -> Any:
             raise LabError(f"{name}: no kernel websocket within {timeout:.0f} s; server log:\n{lab.log_tail(2000)}")
         page.wait_for_timeout(200)
     page.locator("#jp-main-statusbar").get_by_text("Idle").first.wait_for(timeout=timeout * 1000)
-    return page.locator(".jp-Notebook .jp-CodeCell")
+    cells = page.locator(".jp-Notebook .jp-CodeCell")
+    while cells.count() != expected:
+        if time.monotonic() > deadline:
+            raise LabError(f"{name}: {cells.count()} of its {expected} code cells rendered after {timeout:.0f} s")
+        page.wait_for_timeout(200)
+    return cells
 
 
 def run_cell(page: Any, cell: Any, prompt: str, timeout: float = 120_000) -> None:
