@@ -438,7 +438,8 @@ class DPOConfig:
     every pair as certain. ``weighting: principle`` minimises
     ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss below, ``w_i`` the pair's
     ``weight`` when set, else the mean of ``principle_weights`` over its principle ids, 1.0
-    by default); it needs ``loss_type: sigmoid``. ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
+    by default); it needs ``loss_type: sigmoid``. ``rpo_alpha`` > 0 adds that multiple of the chosen
+    response's mean token NLL to each pair's loss (RPO; ``loss_type: sigmoid``). ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
     losses. ``adapter_mode``: ``merge`` folds the SFT adapter into the weights and trains a
     fresh LoRA (reference = adapter off); ``continue`` trains the SFT adapter further against
     a frozen copy of it; ``auto`` merges unless the policy is quantized.
@@ -462,12 +463,14 @@ class DPOConfig:
     merge: bool = False
     weighting: Literal["none", "principle"] = "none"
     principle_weights: dict[str, float] = field(default_factory=dict)
+    rpo_alpha: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
         return _training_problems(self) + _failed(
             ("beta", self.beta > 0, "must be > 0"),
+            ("rpo_alpha", self.rpo_alpha >= 0, "must be >= 0 (0: plain DPO)"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
             ("label_smoothing", self.label_mode != "soft" or self.label_smoothing == 0,
              "must be 0 with label_mode: soft (the soft loss takes its label noise from p_chosen and would "

@@ -141,7 +141,7 @@ def test_training_rows_hard_mode_orients_and_drops_ties():
 # --------------------------------------------------------------------------- trainer: reference and loss
 
 
-def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none"):
+def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none", rpo_alpha: float = 0.0):
     """A DPO trainer built like run_dpo's."""
     import datasets
     from trl import DPOConfig as TrlDPOConfig
@@ -157,7 +157,7 @@ def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none"):
         model=start.model, args=args, train_dataset=datasets.Dataset.from_list(rows),
         data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
         processing_class=start.tokenizer, peft_config=start.peft_config, label_mode=label_mode,
-        max_prompt_length=cfg.dpo.max_prompt_length, weighting=weighting)
+        max_prompt_length=cfg.dpo.max_prompt_length, weighting=weighting, rpo_alpha=rpo_alpha)
     return trainer, start
 
 
@@ -370,6 +370,36 @@ def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
     assert weighted_dpo_loss(pc.detach(), pr.detach(), rc, rr, p, None, beta).item() == pytest.approx(sum(losses) / 3)
 
 
+def test_rpo_term_adds_the_chosen_mean_token_nll():
+    from cai_dpo.stages.dpo import weighted_dpo_loss
+
+    pc = torch.tensor([-10.0, -4.0], requires_grad=True)
+    pr, rc, rr = torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
+    p, w, n, alpha, beta = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0]), torch.tensor([5, 2]), 0.5, 0.5
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    # h = [1.5, 1.5]; NLL per token = [10/5, 4/2] = [2, 2]
+    losses = [-ls(0.75) + alpha * 2.0, -ls(0.75) + alpha * 2.0]
+    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta, chosen_tokens=n, rpo_alpha=alpha)
+    assert got.item() == pytest.approx((losses[0] + 3 * losses[1]) / 4, rel=1e-6)
+    got.backward()
+    # d/dpc_i = w_i/Σw · (-β·σ(-βh_i) - α/n_i): the NLL term pulls the chosen log-prob up
+    sig = 1 / (1 + math.exp(0.75))
+    assert pc.grad.tolist() == pytest.approx([0.25 * (-beta * sig - alpha / 5), 0.75 * (-beta * sig - alpha / 2)])
+    assert weighted_dpo_loss(pc.detach(), pr, rc, rr, p, None, beta).item() == pytest.approx(-ls(0.75))  # alpha 0
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        weighted_dpo_loss(pc, pr, rc, rr, p, None, beta, rpo_alpha=1.0)
+
+
+def test_rpo_alpha_needs_the_sigmoid_loss_and_a_non_negative_value():
+    from cai_dpo.config import DPOConfig
+    from cai_dpo.stages.dpo import validate_dpo_config
+
+    with pytest.raises(ValueError, match=r"dpo.rpo_alpha .* dpo.loss_type=sigmoid"):
+        validate_dpo_config(DPOConfig(loss_type="ipo", label_mode="hard", rpo_alpha=1.0))
+    with pytest.raises(ValueError, match=r"dpo.rpo_alpha.*must be >= 0"):
+        load_config("tiny", {"dpo.rpo_alpha": -1})
+
+
 def test_training_rows_weights_from_column_or_principles():
     from cai_dpo.stages.dpo import training_rows
 
@@ -419,3 +449,29 @@ def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
         unweighted = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, None, cfg.dpo.beta).item()
         assert got == pytest.approx(expected, rel=1e-3), mode
         assert got != pytest.approx(unweighted, rel=1e-3)
+
+
+def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
+    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+
+    cfg, run = make_run(tmp_path)
+    recs = synthetic_pairs(TOPICS[:2], 0)
+    sft_model, tok = load_model("tiny", adapter=str(run.model_dir("sft")))
+    rows = training_rows(recs, "hard").rows
+    ref_c, ref_r = sequence_logps(sft_model, tok, rows)
+    n = torch.tensor([len(tok(tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False),
+                              add_special_tokens=False)["input_ids"])
+                      - len(tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"]) for r in rows])
+    trainer, _ = _trainer(cfg, run, rows, "hard", rpo_alpha=0.5)
+    batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+    _perturb_lora(trainer.model)
+    trainer.model.eval()
+    pol_c, pol_r = sequence_logps(trainer.model, tok, rows)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    ones = torch.ones(len(rows))
+    expected = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta, chosen_tokens=n, rpo_alpha=0.5)
+    plain = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta).item()
+    assert got == pytest.approx(expected.item(), rel=1e-3)
+    assert got - plain == pytest.approx(0.5 * (-pol_c / n).mean().item(), rel=1e-3)  # the NLL term, and only it

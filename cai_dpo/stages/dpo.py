@@ -34,7 +34,19 @@ Principle weights (``dpo.weighting: principle``): the batch loss is
 
 ``w_i`` the pair's ``weight`` when set (the curation stage's score), else the mean of
 ``dpo.principle_weights`` over the pair's ``principle_ids`` (1.0 for unlisted ids or none);
-in hard label mode ``loss_i`` is the same expression with ``p_i = 1``. Human labels override AI labels: ``data/preferences_merged`` (written
+in hard label mode ``loss_i`` is the same expression with ``p_i = 1``.
+
+Chosen-likelihood term (``dpo.rpo_alpha`` = α > 0; RPO, Pang et al. 2024, "Iterative Reasoning
+Preference Optimization", arXiv 2404.19733, eq. 3, TRL's former ``rpo_alpha``): each pair's loss
+gains α times the chosen response's mean token negative log-likelihood,
+
+    loss_i ← loss_i + α · ( -log π(y_c|x) / |y_c| ),
+
+so the policy learns to write the chosen answer, not only to lower the rejected one (plain DPO
+on long chosen and short rejected answers mostly pushes the rejected likelihood down). It needs
+``loss_type: sigmoid``; weights and soft labels compose as above.
+
+Human labels override AI labels: ``data/preferences_merged`` (written
 by :func:`cai_dpo.labels.run_labels`) is read when present, else ``data/preferences``.
 
 Metrics per step go to ``metrics/dpo/log.csv`` (and TensorBoard when installed): loss,
@@ -121,6 +133,11 @@ def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
             f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
             f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
         )
+    if d.rpo_alpha and d.loss_type != "sigmoid":
+        raise ConfigError(
+            f"{source}: dpo.rpo_alpha (the chosen-NLL term) is defined for dpo.loss_type=sigmoid only; "
+            f"set dpo.rpo_alpha=0 to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
+        )
     if d.weighting == "principle" and d.loss_type != "sigmoid":
         raise ConfigError(
             f"{source}: dpo.weighting=principle (per-pair weights) is defined for dpo.loss_type=sigmoid only; "
@@ -168,10 +185,18 @@ def conservative_dpo_loss(
 
 def weighted_dpo_loss(
     chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any, ref_rejected_logps: Any, p_chosen: Any,
-    weights: Any | None, beta: float,
+    weights: Any | None, beta: float, chosen_tokens: Any | None = None, rpo_alpha: float = 0.0,
 ) -> Any:
-    """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights)."""
+    """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights).
+
+    With ``rpo_alpha`` > 0 each ``loss_i`` gains ``rpo_alpha · (-chosen_logps_i / chosen_tokens_i)``, the
+    chosen response's mean token NLL (``chosen_tokens``: its completion token count, shape [B]).
+    """
     losses = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, p_chosen, beta)
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha > 0 needs chosen_tokens (the chosen completions' token counts)")
+        losses = losses + rpo_alpha * (-chosen_logps / chosen_tokens.to(chosen_logps.dtype).clamp_min(1))
     return weighted_mean(losses, weights)
 
 
@@ -202,8 +227,9 @@ def _trainer_class() -> type:
         """DPOTrainer with per-pair soft labels and weights, prompt truncation and a KL proxy metric."""
 
         def __init__(self, *args: Any, label_mode: str = "soft", max_prompt_length: int | None = None,
-                     weighting: str = "none", **kwargs: Any):
+                     weighting: str = "none", rpo_alpha: float = 0.0, **kwargs: Any):
             self.label_mode = label_mode
+            self.rpo_alpha = rpo_alpha
             self.max_prompt_length = max_prompt_length
             self.weighting = weighting
             self._p_chosen = None
@@ -232,7 +258,7 @@ def _trainer_class() -> type:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            if self.label_mode == "soft" or self.weighting == "principle":
+            if self.label_mode == "soft" or self.weighting == "principle" or self.rpo_alpha:
                 result = self._soft_label_loss(model, inputs, return_outputs)
             else:
                 result = super()._compute_loss(model, inputs, return_outputs)
@@ -252,6 +278,7 @@ def _trainer_class() -> type:
             seq_len = completion_mask.size(1) - 1
             logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
             chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+            chosen_tokens = completion_mask[:, 1:].sum(dim=1).chunk(2, dim=0)[0]
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
@@ -260,7 +287,8 @@ def _trainer_class() -> type:
             p = self._p_chosen if self._p_chosen is not None else torch.ones_like(chosen_logps)
             p = p.to(chosen_logps.device)
             w = self._weight if self.weighting == "principle" else None
-            loss = weighted_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, w, self.beta)
+            loss = weighted_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, w, self.beta,
+                                     chosen_tokens=chosen_tokens, rpo_alpha=self.rpo_alpha)
 
             gather = self.accelerator.gather
             chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
@@ -272,6 +300,8 @@ def _trainer_class() -> type:
             m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
             m["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
             m["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            if self.rpo_alpha:
+                m["nll/chosen"].append(gather((-chosen_logps / chosen_tokens.clamp_min(1)).detach()).mean().item())
             m["labels/p_chosen"].append(gather(p.float()).mean().item())
             if w is not None:
                 m["weight_mean"].append(gather(w.float().to(p.device)).mean().item())
@@ -554,6 +584,7 @@ def run_dpo(
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
         weighting=cfg.dpo.weighting,
+        rpo_alpha=cfg.dpo.rpo_alpha,
     )
     with Timer() as t_train:
         result, resumed_step = train_to_target(trainer, resume, cfg.dpo.max_steps)
@@ -614,7 +645,7 @@ def run_dpo(
                     "grad_accum": cfg.dpo.grad_accum, "threads": threads},
             timings=timings,
             metrics=metrics,
-            notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, "
+            notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, rpo_alpha={cfg.dpo.rpo_alpha}, "
                    f"weighting={cfg.dpo.weighting}",
                    "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
         ).write(tmp / "manifest.json")
