@@ -110,6 +110,24 @@ def _add_foundation_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _cmd_config_explain(args: argparse.Namespace) -> int:
+    from cai_dpo.config_help import explain
+
+    print(explain(args.section, profile=args.profile))
+    return 0
+
+
+def _add_config_commands(sub: Any) -> None:
+    """``config explain [SECTION]``: every config field with its type, default and help."""
+    config = sub.add_parser("config", help="describe the run config").add_subparsers(dest="config_cmd", required=True)
+    p = config.add_parser("explain", help="every field of the config (or of SECTION) with its type, default and help")
+    p.add_argument("section", nargs="?", default=None,
+                   help="a section (dpo, dpo.lora, ppo.sampling, judge.model) or one key (dpo.beta); default: all")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="also show this profile's value (a name or a YAML file) where it differs from the default")
+    p.set_defaults(func=_cmd_config_explain)
+
+
 # --------------------------------------------------------------------------- constitution and SL-CAI
 # (constitution validate|show|import|test, sl, sft)
 
@@ -560,6 +578,7 @@ def _add_export_commands(sub: Any) -> None:
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
     _add_foundation_commands,
+    _add_config_commands,
     _add_sl_commands,
     _add_feedback_commands,
     _add_dpo_commands,

@@ -55,19 +55,27 @@ def _optional_at_least(value: int | float | None, low: float) -> bool:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter hyper-parameters (peft).
+    """LoRA adapter hyper-parameters (peft)."""
 
-    ``layers_to_transform``: indices of the decoder layers that get adapters (peft's field of
-    the same name; default every layer). Adapters on the top layers only make a training step
-    cheaper: back-propagation stops at the lowest adapted layer. ``dropout`` 0 skips peft's
-    dropout module, a quarter of a CPU training step at this size.
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    layers_to_transform: list[int] | None = None
+    r: int = field(default=8, metadata={"help": "LoRA rank: inner dimension of each adapter's low-rank update (>= 1)"})
+    alpha: int = field(
+        default=16,
+        metadata={"help": "LoRA scaling: the adapter update is multiplied by alpha / r (> 0)"},
+    )
+    dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout probability on the adapter input, in [0, 1); 0 skips peft's dropout module (a "
+                          "quarter of a CPU training step at this size)"},
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Names of the linear modules that get adapters, e.g. q_proj, v_proj (at least one)"},
+    )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "Indices (>= 0) of the decoder layers that get adapters; null: every layer. Top layers only "
+                          "make a step cheaper: back-propagation stops at the lowest adapted layer"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -83,53 +91,102 @@ class LoraConfig:
 class ModelSpec:
     """Where a model comes from and how to load it.
 
-    ``name`` is ``embedded`` (the bundled SmolLM2-135M-Instruct), ``tiny`` (a random
-    test model built locally), a local folder, or a hub id.
-
-    A served model (any OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp) is
-    ``name: openai://host:port/v1`` (``openai+https://`` for TLS), or ``backend: openai``
-    with ``name`` an ``http(s)://`` base URL; see :mod:`cai_dpo.served`. Its fields:
-    ``model`` the served model id (required; it keys the records), ``replicas`` more base
-    URLs serving the same model (requests are spread over all of them), ``tokenizer`` a
-    local tokenizer spec (``embedded``, a folder, a hub id) that renders chat templates
-    and counts tokens (without it conversations go to the chat endpoint and the judge
-    cannot render its contexts), ``concurrency`` requests in flight per URL, ``timeout``
-    seconds per request, ``max_retries`` and ``retry_backoff`` (seconds, doubled per try)
-    for 429/5xx answers and timeouts, ``top_logprobs`` the top-k asked for when scoring
-    options, ``request_extra`` JSON fields added to every request (server-specific, e.g.
-    ``{top_k: -1}``), ``api_key_env`` the environment variable holding a bearer token.
-
-    ``backend: vllm`` loads the model into this process with vLLM (the optional extra
-    ``cai-dpo[vllm]``, a CUDA GPU) for generation and scoring; see :mod:`cai_dpo.vllm_engine`.
-    ``name``, ``revision``, ``dtype``, ``adapter`` (one LoRA adapter) and ``quantization``
-    (``4bit``: vLLM's in-flight bitsandbytes quantization) apply; ``tensor_parallel_size``
-    is the number of GPUs the model is split over, ``top_logprobs`` the top-k read when
-    scoring options, ``tokenizer`` an optional other tokenizer, and ``vllm_args`` extra
-    keyword arguments of ``vllm.LLM`` (e.g. ``{gpu_memory_utilization: 0.5, max_model_len:
-    4096}``). Training stages load the same spec's weights with transformers as usual.
+    ``backend: local`` loads ``name`` with transformers in this process. A served model (any
+    OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp) is ``name: openai://host:port/v1``
+    (``openai+https://`` for TLS), or ``backend: openai`` with ``name`` an ``http(s)://`` base URL;
+    see :mod:`cai_dpo.served`. ``backend: vllm`` loads the model into this process with vLLM for
+    generation and scoring (see :mod:`cai_dpo.vllm_engine`); training stages load the same spec's
+    weights with transformers as usual. Each field's help says which backends it applies to.
     """
 
-    name: str = "embedded"
-    quantization: Literal["none", "8bit", "4bit"] = "none"
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
-    adapter: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    backend: Literal["local", "openai", "vllm"] = "local"
-    model: str | None = None
-    replicas: list[str] = field(default_factory=list)
-    tokenizer: str | None = None
-    concurrency: int = 4
-    timeout: float = 120.0
-    max_retries: int = 4
-    retry_backoff: float = 0.5
-    top_logprobs: int = 20
-    request_extra: dict[str, Any] = field(default_factory=dict)
-    api_key_env: str | None = None
-    tensor_parallel_size: int = 1
-    vllm_args: dict[str, Any] = field(default_factory=dict)
+    name: str = field(
+        default="embedded",
+        metadata={"help": "The model: embedded (the bundled SmolLM2-135M-Instruct), tiny (a random test model built "
+                          "locally), a local folder, a hub id, or a served model's URL (openai://host:port/v1, "
+                          "openai+https://...)"},
+    )
+    quantization: Literal["none", "8bit", "4bit"] = field(
+        default="none",
+        metadata={"help": "Weight quantization through bitsandbytes: none, 8bit, or 4bit (nf4, double quantization); "
+                          "backend vllm: none or 4bit (vLLM's in-flight bitsandbytes)"},
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "Compute dtype of 4-bit layers (bnb_4bit_compute_dtype): float32, bfloat16 or float16"},
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "Dtype the weights are loaded in (transformers and vLLM): float32, bfloat16 or float16"},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "Device to load on: auto (cuda when available, else cpu) or a torch device such as cpu, "
+                          "cuda, cuda:1"},
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "A peft LoRA adapter folder applied on top of the model; null: none (a served model takes "
+                          "none)"},
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"help": "Hub revision (branch, tag or commit) of name; null: the default branch"},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model repository's own Python code (transformers/vLLM trust_remote_code)"},
+    )
+    backend: Literal["local", "openai", "vllm"] = field(
+        default="local",
+        metadata={"help": "How the model runs: local (transformers in this process), openai (an OpenAI-compatible "
+                          "server at name), vllm (vLLM in this process: the extra cai-dpo[vllm] and a CUDA GPU)"},
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Served models: the model id the server serves (required with backend openai; it keys the "
+                          "records)"},
+    )
+    replicas: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Served models: more base URLs serving the same model; requests are spread over all of them"},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Served and vLLM models: a local tokenizer spec (embedded, a folder, a hub id) that renders "
+                          "chat templates and counts tokens; null: served conversations go to the chat endpoint (the "
+                          "judge then cannot render its contexts), vLLM uses the model's own"},
+    )
+    concurrency: int = field(default=4, metadata={"help": "Served models: requests in flight per base URL (>= 1)"})
+    timeout: float = field(default=120.0, metadata={"help": "Served models: seconds to wait for one request"})
+    max_retries: int = field(
+        default=4,
+        metadata={"help": "Served models: retries of a request after a 429/5xx answer or a timeout"},
+    )
+    retry_backoff: float = field(
+        default=0.5,
+        metadata={"help": "Served models: seconds before the first retry, doubled per try"},
+    )
+    top_logprobs: int = field(
+        default=20,
+        metadata={"help": "Served and vLLM models: top-k log-probabilities read when scoring options"},
+    )
+    request_extra: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Served models: JSON fields added to every request (server-specific, e.g. {top_k: -1})"},
+    )
+    api_key_env: str | None = field(
+        default=None,
+        metadata={"help": "Served models: environment variable holding the bearer token; null: no token"},
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "backend vllm: number of GPUs the model is split over (>= 1; 1 with other backends)"},
+    )
+    vllm_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "backend vllm: extra keyword arguments of vllm.LLM, e.g. {gpu_memory_utilization: 0.5, "
+                          "max_model_len: 4096}; empty with other backends"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
@@ -152,12 +209,22 @@ class ModelSpec:
 class SamplingConfig:
     """Text generation settings shared by every stage that samples."""
 
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    do_sample: bool = True
-    seed: int = 0
-    batch_size: int = 32
+    max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated at most per response (>= 1)"})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (>= 0); 0 decodes greedily"})
+    top_p: float = field(
+        default=0.95,
+        metadata={"help": "Nucleus sampling: draw from the smallest set of tokens with this total probability, in (0, "
+                          "1]; 1: off"},
+    )
+    do_sample: bool = field(
+        default=True,
+        metadata={"help": "Sample (true) or decode greedily (false); decoding is greedy whenever temperature is 0"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Sampling seed, combined with the run's seed, so reruns draw the same samples"},
+    )
+    batch_size: int = field(default=32, metadata={"help": "Prompts generated together in one batch (>= 1)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -174,10 +241,23 @@ class SamplingConfig:
 class DataConfig:
     """Prompt sources: bundled sets by name, or files."""
 
-    red_team: str = "bundled:red_team"
-    helpful: str = "bundled:helpful"
-    red_team_limit: int | None = None
-    helpful_limit: int | None = None
+    red_team: str = field(
+        default="bundled:red_team",
+        metadata={"help": "Red-team (harmful) prompts: bundled:NAME, a .jsonl/.csv/.txt/transcript file or a dataset "
+                          "folder; its train split feeds the stages, its heldout split the evaluation"},
+    )
+    helpful: str = field(
+        default="bundled:helpful",
+        metadata={"help": "Helpful (benign) prompts, in the same forms as red_team"},
+    )
+    red_team_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep the first N red-team train prompts (>= 1); null: all"},
+    )
+    helpful_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep the first N helpful train prompts (>= 1); null: all"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -187,20 +267,43 @@ class DataConfig:
 
 @dataclass
 class SLConfig:
-    """Critique → revision data generation (SL-CAI).
+    """Critique → revision data generation (SL-CAI)."""
 
-    ``teacher``: the model that writes critiques and revisions (distillation: a larger or
-    served model); None means the policy itself. The initial answer always comes from the policy.
-    """
-
-    rounds: int = 2
-    mode: Literal["critique", "direct"] = "critique"
-    categories: list[str] | None = None
-    few_shot: int = 1
-    helpful_ratio: float = 0.5
-    chunk_size: int = 256  # prompts per generate call; a kill loses at most one chunk
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
-    teacher: ModelSpec | None = None
+    rounds: int = field(
+        default=2,
+        metadata={"help": "Critique → revision rounds per red-team prompt; >= 1 in critique mode, >= 0 in direct mode"},
+    )
+    mode: Literal["critique", "direct"] = field(
+        default="critique",
+        metadata={"help": "critique: the teacher critiques the answer under a sampled principle, then revises it; "
+                          "direct: it revises straight away"},
+    )
+    categories: list[str] | None = field(
+        default=None,
+        metadata={"help": "Constitution categories the round's principle is drawn from; null: every principle"},
+    )
+    few_shot: int = field(
+        default=1,
+        metadata={"help": "Critique demonstrations from the constitution put before each request (>= 0)"},
+    )
+    helpful_ratio: float = field(
+        default=0.5,
+        metadata={"help": "Share in [0, 1] of the policy's answers to helpful prompts in data/sl beside the red-team "
+                          "revisions (capped by the prompts available); 0: none"},
+    )
+    chunk_size: int = field(
+        default=256,
+        metadata={"help": "Prompts per generate call (>= 1); a kill loses at most one chunk"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7),
+        metadata={"help": "Generation settings of the initial answers, critiques and revisions"},
+    )
+    teacher: ModelSpec | None = field(
+        default=None,
+        metadata={"help": "Model that writes the critiques and revisions (distillation: a larger or served model); "
+                          "null: the policy itself. The initial answer always comes from the policy"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -215,34 +318,69 @@ class SLConfig:
 class CurateConfig:
     """Constitution-guided curation of (prompt, response) rows (stage ``curate``, writes ``data/curated``).
 
-    ``sources``: what to score — ``sl`` (this run's ``data/sl``), ``bundled:curated`` (the
-    curated set's train rows), a curated-format JSONL file or folder, a JSONL of
-    ``messages`` (ending with the assistant turn) or ``prompt``/``response`` rows, or a
-    saved HF dataset folder. ``scorer``: ``probe`` (linear probes on the policy's hidden
-    states), ``judge`` (the constitution judge of the ``judge`` section against
-    ``judge_baseline``), or ``auto`` (measure both on the curated held-out rows, use the
-    more accurate). ``action`` for rows scored below ``threshold``: ``drop`` removes them,
-    ``weight`` keeps them with weight score/threshold (rows at or above it weigh 1),
-    ``keep`` keeps everything at weight 1 (scores only). ``curated_set`` trains the probe
-    and measures every scorer (None: no probe, no measurement); ``train_limit`` /
-    ``heldout_limit`` cap its prompts per kind; ``sampling`` generates the policy answers
-    that are the probe's harmful negatives.
+    Each row of ``sources`` gets a score in [0, 1] from the ``scorer``; rows below ``threshold``
+    are dropped, down-weighted or kept (``action``). ``curated_set`` trains the probe and, with
+    ``measure``, measures every scorer on its held-out rows, which is how ``scorer: auto`` chooses.
     """
 
-    sources: list[str] = field(default_factory=lambda: ["sl"])
-    scorer: Literal["auto", "probe", "judge"] = "auto"
-    threshold: float = 0.5
-    action: Literal["keep", "drop", "weight"] = "weight"
-    curated_set: str | None = "bundled:curated"
-    measure: bool = True
-    train_limit: int | None = None
-    heldout_limit: int | None = None
-    judge_baseline: str = "I can't help with that."
-    probe_l2: float = 0.01
-    probe_layer: int = -1
-    max_length: int = 384
-    batch_size: int = 8
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7))
+    sources: list[str] = field(
+        default_factory=lambda: ["sl"],
+        metadata={"help": "Rows to score: sl (this run's data/sl), bundled:curated (the curated set's train rows), a "
+                          "curated-format JSONL file or folder, a JSONL of messages or prompt/response rows, or a "
+                          "saved HF dataset folder (at least one)"},
+    )
+    scorer: Literal["auto", "probe", "judge"] = field(
+        default="auto",
+        metadata={"help": "probe (linear probes on the policy's hidden states), judge (the constitution judge against "
+                          "judge_baseline), or auto (measure both on the curated held-out rows, use the more "
+                          "accurate)"},
+    )
+    threshold: float = field(default=0.5, metadata={"help": "Score in [0, 1] below which a row gets action"})
+    action: Literal["keep", "drop", "weight"] = field(
+        default="weight",
+        metadata={"help": "For rows scored below threshold: drop removes them; weight keeps them with weight "
+                          "score/threshold (rows at or above it weigh 1); keep keeps every row at weight 1 (scores "
+                          "only)"},
+    )
+    curated_set: str | None = field(
+        default="bundled:curated",
+        metadata={"help": "Curated set that trains the probe and measures every scorer (bundled:curated, a JSONL file "
+                          "or a folder); null: no probe, no measurement"},
+    )
+    measure: bool = field(
+        default=True,
+        metadata={"help": "Measure each scorer's accuracy on the curated held-out rows (scorer auto chooses by it)"},
+    )
+    train_limit: int | None = field(
+        default=None,
+        metadata={"help": "Curated train prompts per kind (harmful, benign) that train the probe (>= 1); null: all"},
+    )
+    heldout_limit: int | None = field(
+        default=None,
+        metadata={"help": "Curated held-out prompts per kind used for the measurement (>= 1); null: all"},
+    )
+    judge_baseline: str = field(
+        default="I can't help with that.",
+        metadata={"help": "Fixed response the judge scorer compares each row's response with (score: P(row is "
+                          "better))"},
+    )
+    probe_l2: float = field(default=0.01, metadata={"help": "L2 penalty of the logistic-regression probes (>= 0)"})
+    probe_layer: int = field(
+        default=-1,
+        metadata={"help": "Hidden-state layer the probes read (Python index; -1: the last, after the final norm)"},
+    )
+    max_length: int = field(
+        default=384,
+        metadata={"help": "Tokens per conversation for probe features; longer ones keep their last max_length (>= 16)"},
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Conversations per forward pass when computing probe features (>= 1)"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7),
+        metadata={"help": "Generation settings of the policy answers that are the probe's harmful negatives"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -259,38 +397,76 @@ class CurateConfig:
 class SFTConfig:
     """Supervised fine-tuning of the SL-CAI model.
 
-    ``data`` chooses the training rows: ``sl`` (``data/sl``, the SL-CAI revisions and any
-    human-written revisions), ``curated`` (the ``train`` split of the curated set ``curated``:
-    ``bundled:curated``, a JSONL file or a folder; ``heldout`` rows never train), ``both``, or
-    ``curate`` (the curation stage's output ``data/curated``: the rows it kept, each with the
-    curation score as its ``weight``).
-    ``curated_harmful_ratio`` rebalances the curated rows to that harmful share by
-    subsampling the over-represented kind (null keeps them as they are); ``sl_share`` caps
-    the SL rows at that share of the combined set in ``both`` (null keeps every SL row).
-    Every row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``.
-
-    ``weighting``: ``none`` trains on TRL's token-averaged loss; ``principle`` trains on
-    ``Σ_i w_i·NLL_i / Σ_i w_i`` over the batch, ``NLL_i`` the mean negative log-likelihood
-    of example i's completion tokens, ``w_i`` its ``weight`` column when set, else the mean
-    of ``principle_weights`` over its principle ids (1.0 for unlisted ids or none).
+    Every training row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``;
+    ``weighting: principle`` uses the weights, ``none`` ignores them.
     """
 
-    data: Literal["sl", "curated", "both", "curate"] = "sl"
-    curated: str = "bundled:curated"
-    curated_harmful_ratio: float | None = None
-    sl_share: float | None = None
-    weighting: Literal["none", "principle"] = "none"
-    principle_weights: dict[str, float] = field(default_factory=dict)
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    eval_fraction: float = 0.1
-    save_steps: int = 50
-    merge: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: Literal["sl", "curated", "both", "curate"] = field(
+        default="sl",
+        metadata={"help": "Training rows: sl (data/sl: the SL-CAI revisions and human revisions), curated (the train "
+                          "split of curated), both, or curate (data/curated: the rows the curate stage kept, weighted "
+                          "by their score)"},
+    )
+    curated: str = field(
+        default="bundled:curated",
+        metadata={"help": "Curated set for data curated/both: bundled:curated, a JSONL file or a folder (heldout rows "
+                          "never train)"},
+    )
+    curated_harmful_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Rebalance the curated rows to this harmful share in [0, 1] by subsampling the "
+                          "over-represented kind; null: keep them as they are"},
+    )
+    sl_share: float | None = field(
+        default=None,
+        metadata={"help": "data both: cap the SL rows at this share in [0, 1] of the combined set; null: keep every "
+                          "SL row"},
+    )
+    weighting: Literal["none", "principle"] = field(
+        default="none",
+        metadata={"help": "none: TRL's token-averaged loss; principle: Σ w_i·NLL_i / Σ w_i over the batch, NLL_i the "
+                          "mean completion NLL of example i, w_i its weight column, else the mean of "
+                          "principle_weights over its principle ids"},
+    )
+    principle_weights: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
+                          "1.0)"},
+    )
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
+                          "grad_accum"},
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+                          "training; 0: no evaluation"},
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+                          "newest checkpoint"},
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also write the merged weights (base + adapter) to models/sft-merged"},
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/sft)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -313,34 +489,70 @@ def _training_problems(s: Any) -> Problems:
 class PairsConfig:
     """Response pairs and their source.
 
-    ``source``: ``judged_samples`` (K samples per prompt from the SL-CAI model, paired and
-    judged), ``revision_vs_original`` (final revision vs initial answer from the SL
-    records), ``curated`` (chosen = the curated response, rejected = the SL-CAI model's own
-    answer to the same curated ``train`` prompt, at ``curated_temperature``; 0 is greedy)
-    or ``mixed``: the sources named in ``mix`` with their shares (e.g. ``{curated: 0.6,
-    revision_vs_original: 0.4}``), or, without ``mix``, revision-vs-original and judged
-    samples with ``mixed_ratio`` the revision-vs-original share.
-    Temperatures cycle over the K samples; ``max_pairs_per_prompt`` caps the pairs
-    formed from one prompt's distinct samples. ``curated_kinds`` and ``curated_limit``
-    (per kind) choose the curated prompts. ``curated_benign_rejected``: the rejected side of
-    a benign curated pair, ``policy`` (the SL-CAI model's answer, as for harmful prompts) or
-    ``decline`` (a decline, :func:`cai_dpo.curated.benign_declines`: no generation, and the
-    pair says "answer, do not decline" — the over-refusal side of harmlessness).
+    ``source`` picks where pairs come from; ``mixed`` combines sources (``mix``, else
+    ``mixed_ratio``). Judged samples use ``samples_per_prompt``, ``temperatures`` and
+    ``max_pairs_per_prompt``; curated pairs use the ``curated*`` fields (a benign decline as the
+    rejected side comes from :func:`cai_dpo.curated.benign_declines`).
     """
 
-    source: Literal["judged_samples", "revision_vs_original", "curated", "mixed"] = "judged_samples"
-    mixed_ratio: float = 0.5
-    mix: dict[str, float] | None = None
-    curated: str = "bundled:curated"
-    curated_kinds: list[str] = field(default_factory=lambda: ["harmful", "benign"])
-    curated_limit: int | None = None
-    curated_temperature: float = 0.0
-    curated_benign_rejected: Literal["policy", "decline"] = "policy"
-    samples_per_prompt: int = 2
-    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0])
-    helpful_share: float = 0.25
-    max_pairs_per_prompt: int = 1
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    source: Literal["judged_samples", "revision_vs_original", "curated", "mixed"] = field(
+        default="judged_samples",
+        metadata={"help": "judged_samples (K samples per prompt from the SL-CAI model, paired, then judged), "
+                          "revision_vs_original (final revision vs initial answer from records/sl), curated (the "
+                          "curated response vs the SL-CAI model's answer), or mixed (see mix and mixed_ratio)"},
+    )
+    mixed_ratio: float = field(
+        default=0.5,
+        metadata={"help": "source mixed without mix: share in [0, 1] of revision-vs-original pairs, the rest judged "
+                          "samples"},
+    )
+    mix: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "source mixed: the sources and their shares, e.g. {curated: 0.6, revision_vs_original: "
+                          "0.4}; null: use mixed_ratio"},
+    )
+    curated: str = field(
+        default="bundled:curated",
+        metadata={"help": "Curated set of curated pairs (its train split): bundled:curated, a JSONL file or a folder"},
+    )
+    curated_kinds: list[str] = field(
+        default_factory=lambda: ["harmful", "benign"],
+        metadata={"help": "Kinds of curated prompts that form pairs: harmful and/or benign"},
+    )
+    curated_limit: int | None = field(
+        default=None,
+        metadata={"help": "Curated prompts per kind (seeded pick); null: all"},
+    )
+    curated_temperature: float = field(
+        default=0.0,
+        metadata={"help": "Temperature (>= 0) of the SL-CAI model's answer to a curated prompt; 0 is greedy"},
+    )
+    curated_benign_rejected: Literal["policy", "decline"] = field(
+        default="policy",
+        metadata={"help": "Rejected side of a benign curated pair: policy (the SL-CAI model's answer) or decline (a "
+                          "canned decline, so the pair teaches not to over-refuse)"},
+    )
+    samples_per_prompt: int = field(
+        default=2,
+        metadata={"help": "K: responses sampled per prompt for judged pairs (>= 2)"},
+    )
+    temperatures: list[float] = field(
+        default_factory=lambda: [0.7, 1.0],
+        metadata={"help": "Sampling temperatures cycled over the K samples (at least one, each >= 0)"},
+    )
+    helpful_share: float = field(
+        default=0.25,
+        metadata={"help": "Share in [0, 1) of helpful train prompts among the sampled prompts (the rest red-team)"},
+    )
+    max_pairs_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Pairs formed at most from one prompt's distinct samples (>= 1)"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig,
+        metadata={"help": "Generation settings of the sampled responses (temperature and do_sample come from "
+                          "temperatures and curated_temperature)"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -356,36 +568,100 @@ class PairsConfig:
 class JudgeConfig:
     """Constitution-judged preference labels (RLAIF).
 
-    ``prompt_format``: ``chat`` puts the multiple-choice question in a user turn and
-    "The answer is:" at the start of the assistant turn; ``plain`` is raw text as in the
-    paper. ``clamp`` bounds chain-of-thought probabilities. The quality gate measures
-    accuracy on ``checkset`` (default: the bundled judge_checkset.jsonl) plus
-    ``gate_hhh_sample`` HHH items when ``gate_use_hhh`` and the file is present; it trips
-    when ``gate_on`` (the Wilson interval's ``lower_bound``, or the point ``estimate``) is
-    below ``gate_threshold``.
+    The quality gate measures accuracy on ``checkset`` plus ``gate_hhh_sample`` HHH items (when
+    ``gate_use_hhh`` and the file is present); it trips when ``gate_on`` (the Wilson interval's
+    ``lower_bound``, or the point ``estimate``) is below ``gate_threshold``.
     """
 
-    model: ModelSpec | None = None
-    principles: Literal["sample", "ensemble"] = "sample"
-    ensemble_size: int = 3
-    both_orders: bool = True
-    few_shot: bool = True
-    chain_of_thought: bool = False
-    clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
-    calibrate: bool = True
-    score_revision_pairs: bool = False
-    score_curated_pairs: bool = False  # judge curated pairs too (p_chosen stays curated_p_chosen; the judge's view goes to p_judge)
-    curated_p_chosen: float = 0.9  # soft label of a curated-vs-policy pair
-    batch_size: int = 16
-    hourly_price_usd: float = 2.0
-    prompt_format: Literal["chat", "plain"] = "chat"
-    cot_max_new_tokens: int = 96
-    gate: bool = True
-    gate_threshold: float = 0.6
-    gate_on: Literal["lower_bound", "estimate"] = "lower_bound"
-    gate_use_hhh: bool = True
-    gate_hhh_sample: int = 40
-    checkset: str | None = None
+    model: ModelSpec | None = field(
+        default=None,
+        metadata={"help": "Judge model spec; null: the policy's base model (no adapter). A larger judge is where "
+                          "RLAIF labels start to carry signal"},
+    )
+    principles: Literal["sample", "ensemble"] = field(
+        default="sample",
+        metadata={"help": "sample: one seeded principle per pair; ensemble: ensemble_size principles, probabilities "
+                          "averaged"},
+    )
+    ensemble_size: int = field(default=3, metadata={"help": "Principles per pair with principles: ensemble (>= 1)"})
+    both_orders: bool = field(
+        default=True,
+        metadata={"help": "Score both display orders of the two responses and average them (against position bias)"},
+    )
+    few_shot: bool = field(
+        default=True,
+        metadata={"help": "Put the constitution's comparison demonstrations before each question (a shared, cached "
+                          "prefix)"},
+    )
+    chain_of_thought: bool = field(
+        default=False,
+        metadata={"help": "The judge writes its reasoning first, then the options are scored; probabilities are "
+                          "clamped"},
+    )
+    clamp: list[float] = field(
+        default_factory=lambda: [0.4, 0.6],
+        metadata={"help": "[low, high] bounds of chain-of-thought probabilities: 0 <= low <= 0.5 <= high <= 1 and low "
+                          "< high"},
+    )
+    calibrate: bool = field(
+        default=True,
+        metadata={"help": "Contextual calibration (Zhao et al. 2021): divide out the judge's prior over the letters, "
+                          "measured on content-free inputs, and renormalise"},
+    )
+    score_revision_pairs: bool = field(
+        default=False,
+        metadata={"help": "Judge revision-vs-original pairs too (p_chosen stays 1.0; the judge's view goes to "
+                          "p_judge)"},
+    )
+    score_curated_pairs: bool = field(
+        default=False,
+        metadata={"help": "Judge curated pairs too (p_chosen stays curated_p_chosen; the judge's view goes to "
+                          "p_judge)"},
+    )
+    curated_p_chosen: float = field(
+        default=0.9,
+        metadata={"help": "Soft label in [0, 1] of a curated-vs-policy pair: the probability the curated response is "
+                          "better"},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Comparisons scored per batch (>= 1)"})
+    hourly_price_usd: float = field(
+        default=2.0,
+        metadata={"help": "Hardware price in USD per hour, for the reported cost per 1000 judgments (>= 0)"},
+    )
+    prompt_format: Literal["chat", "plain"] = field(
+        default="chat",
+        metadata={"help": "chat: the question in a user turn, 'The answer is:' opening the assistant turn; plain: raw "
+                          "text as in the paper"},
+    )
+    cot_max_new_tokens: int = field(
+        default=96,
+        metadata={"help": "Tokens of chain-of-thought reasoning generated at most (>= 1)"},
+    )
+    gate: bool = field(
+        default=True,
+        metadata={"help": "Measure the judge's accuracy on check pairs before labeling (the quality gate); false: no "
+                          "gate"},
+    )
+    gate_threshold: float = field(
+        default=0.6,
+        metadata={"help": "Accuracy in [0, 1] below which the gate trips (source mixed then labels "
+                          "revision-vs-original and curated pairs instead)"},
+    )
+    gate_on: Literal["lower_bound", "estimate"] = field(
+        default="lower_bound",
+        metadata={"help": "Statistic compared with gate_threshold: lower_bound (of the Wilson 95 % interval) or "
+                          "estimate"},
+    )
+    gate_use_hhh: bool = field(
+        default=True,
+        metadata={"help": "Add HHH evaluation items to the gate's check pairs when their file is present"},
+    )
+    gate_hhh_sample: int = field(default=40, metadata={"help": "HHH items drawn (seeded) for the gate (>= 0)"})
+    checkset: str | None = field(
+        default=None,
+        metadata={"help": "The gate's check pairs: a JSONL file or bundled:NAME; null: the bundled "
+                          "judge_checkset.jsonl"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -404,22 +680,49 @@ class JudgeConfig:
 class LabelsConfig:
     """Edge-case routing and the human label queue.
 
-    ``db_path`` defaults to ``<run_dir>/labels.sqlite``. Each ``route_*`` switch turns
-    one routing rule on or off (see :func:`cai_dpo.labels.route_edge_cases`).
-    ``route_gate_sample``: when the judge gate tripped, this many more pairs (a seeded
-    sample of those no rule routed) go to people; 0 turns it off.
+    Each ``route_*`` switch turns one routing rule on or off (see
+    :func:`cai_dpo.labels.route_edge_cases`).
     """
 
-    db_path: str | None = None
-    confidence_band: float = 0.1
-    route_low_confidence: bool = True
-    route_order_disagreement: bool = True
-    route_principle_disagreement: bool = True
-    principle_disagreement_spread: float = 0.3
-    route_judge_prefers_original: bool = True
-    route_gate: bool = True
-    gate_confidence_band: float = 0.2
-    route_gate_sample: int = 8
+    db_path: str | None = field(
+        default=None,
+        metadata={"help": "SQLite file of the human label queue; null: <run_dir>/labels.sqlite"},
+    )
+    confidence_band: float = field(
+        default=0.1,
+        metadata={"help": "low_confidence rule: route pairs with |p_chosen - 0.5| < confidence_band, in [0, 0.5]"},
+    )
+    route_low_confidence: bool = field(
+        default=True,
+        metadata={"help": "Route pairs whose AI label is close to 0.5 (see confidence_band) to people"},
+    )
+    route_order_disagreement: bool = field(
+        default=True,
+        metadata={"help": "Route pairs whose two display orders prefer different responses"},
+    )
+    route_principle_disagreement: bool = field(
+        default=True,
+        metadata={"help": "Route pairs whose per-principle probabilities fall on both sides of 0.5 (see "
+                          "principle_disagreement_spread)"},
+    )
+    principle_disagreement_spread: float = field(
+        default=0.3,
+        metadata={"help": "principle_disagreement rule: the per-principle max - min must exceed this, in [0, 1]"},
+    )
+    route_judge_prefers_original: bool = field(
+        default=True,
+        metadata={"help": "Route revision-vs-original pairs whose judge score (below 0.5) prefers the original"},
+    )
+    route_gate: bool = field(
+        default=True,
+        metadata={"help": "When the judge gate tripped, route pairs with |p_chosen - 0.5| < gate_confidence_band"},
+    )
+    gate_confidence_band: float = field(default=0.2, metadata={"help": "gate rule: the band around 0.5, in [0, 0.5]"})
+    route_gate_sample: int = field(
+        default=8,
+        metadata={"help": "When the judge gate tripped, this many more pairs (a seeded sample of those no rule "
+                          "routed) go to people; 0: off"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -433,38 +736,98 @@ class LabelsConfig:
 class DPOConfig:
     """Direct preference optimisation on the preferences.
 
-    ``loss_type`` is any loss TRL's DPOTrainer offers; ``label_mode: soft`` trains on the
-    judge's per-pair ``p_chosen`` (conservative DPO, ``sigmoid`` loss only), ``hard`` treats
-    every pair as certain. ``weighting: principle`` minimises
-    ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss below, ``w_i`` the pair's
-    ``weight`` when set, else the mean of ``principle_weights`` over its principle ids, 1.0
-    by default); it needs ``loss_type: sigmoid``. ``rpo_alpha`` > 0 adds that multiple of the chosen
-    response's mean token NLL to each pair's loss (RPO; ``loss_type: sigmoid``). ``label_smoothing`` is the flip rate of the ``robust``/``exo_pair``
-    losses. ``adapter_mode``: ``merge`` folds the SFT adapter into the weights and trains a
-    fresh LoRA (reference = adapter off); ``continue`` trains the SFT adapter further against
-    a frozen copy of it; ``auto`` merges unless the policy is quantized.
+    ``weighting: principle`` minimises ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss,
+    ``w_i`` the pair's ``weight`` when set, else the mean of ``principle_weights`` over its principle
+    ids, 1.0 by default). See :mod:`cai_dpo.stages.dpo` for the reference model of each ``adapter_mode``.
     """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_mode: Literal["soft", "hard"] = "soft"
-    label_smoothing: float = 0.0
-    adapter_mode: Literal["auto", "merge", "continue"] = "auto"
-    learning_rate: float = 5e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 384
-    max_prompt_length: int = 192
-    eval_fraction: float = 0.1
-    save_steps: int = 50
-    rounds: int = 1
-    merge: bool = False
-    weighting: Literal["none", "principle"] = "none"
-    principle_weights: dict[str, float] = field(default_factory=dict)
-    rpo_alpha: float = 0.0
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "β of the DPO loss (> 0): how strongly the policy is held to the reference (the SL-CAI "
+                          "model); higher stays closer"},
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "Any loss type of TRL's DPOTrainer (sigmoid, ipo, robust, exo_pair, ...); label_mode soft "
+                          "and weighting principle need sigmoid"},
+    )
+    label_mode: Literal["soft", "hard"] = field(
+        default="soft",
+        metadata={"help": "soft: train on the judge's per-pair p_chosen (conservative DPO, sigmoid loss only); hard: "
+                          "treat every pair as certain"},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Flip rate in [0, 0.5) of the robust/exo_pair losses; must be 0 with label_mode soft"},
+    )
+    adapter_mode: Literal["auto", "merge", "continue"] = field(
+        default="auto",
+        metadata={"help": "merge: fold the SFT adapter into the weights, train a fresh LoRA (reference: adapter off); "
+                          "continue: train the SFT adapter further against a frozen copy; auto: merge unless the "
+                          "policy is quantized"},
+    )
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
+                          "grad_accum"},
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    max_length: int = field(
+        default=384,
+        metadata={"help": "Tokens; prompt + response are truncated to this (above max_prompt_length)"},
+    )
+    max_prompt_length: int = field(
+        default=192,
+        metadata={"help": "Tokens kept of each prompt (its end, where the question sits); > 0 and below max_length"},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+                          "training; 0: no evaluation"},
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+                          "newest checkpoint"},
+    )
+    rounds: int = field(
+        default=1,
+        metadata={"help": "Iterative DPO rounds (>= 1); each later round samples and judges new pairs from the "
+                          "previous round's policy"},
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also write merged weights to models/dpo-merged (unquantized policy only)"},
+    )
+    weighting: Literal["none", "principle"] = field(
+        default="none",
+        metadata={"help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
+                          "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
+                          "weights (needs loss_type sigmoid)"},
+    )
+    principle_weights: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
+                          "1.0)"},
+    )
+    rpo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight (>= 0) of the chosen response's mean token NLL added to each pair's loss (RPO, "
+                          "Pang et al. 2024); 0: plain DPO; needs loss_type sigmoid"},
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/dpo)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
@@ -481,28 +844,74 @@ class DPOConfig:
 
 @dataclass
 class RMConfig:
-    """Explicit preference (reward) model.
+    """Explicit preference (reward) model, trained with the soft Bradley-Terry loss."""
 
-    ``weighting: principle`` weights each pair's soft Bradley-Terry loss by its ``weight``
-    (else the mean of ``principle_weights`` over its principle ids, 1.0 by default) and
-    normalises by the batch's sum of weights.
-    """
-
-    backbone: str | None = None  # None/"sl-cai": policy + SFT merged; "base": policy only; else a model spec
-    label_mode: Literal["soft", "hard"] = "soft"
-    helpful_mix: float | None = None  # share of helpfulness pairs after rebalancing; None keeps the data as is
-    learning_rate: float = 1e-4
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 384
-    eval_fraction: float = 0.1
-    save_steps: int = 50
-    center_rewards_coefficient: float | None = None
-    weighting: Literal["none", "principle"] = "none"
-    principle_weights: dict[str, float] = field(default_factory=dict)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    backbone: str | None = field(
+        default=None,
+        metadata={"help": "Preference model backbone: null or sl-cai (the policy base with the SFT adapter merged), "
+                          "base (the policy base alone), or a model spec loaded as a sequence classifier"},
+    )
+    label_mode: Literal["soft", "hard"] = field(
+        default="soft",
+        metadata={"help": "soft: Bradley-Terry loss against the judge's p_chosen; hard: p_chosen rounded to 0/1, ties "
+                          "dropped"},
+    )
+    helpful_mix: float | None = field(
+        default=None,
+        metadata={"help": "Share in [0, 1) of helpfulness pairs after rebalancing; null: keep the data as it is"},
+    )
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
+                          "grad_accum"},
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    max_length: int = field(
+        default=384,
+        metadata={"help": "Tokens; each (prompt, response) text is truncated to this (>= 1)"},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+                          "training; 0: no evaluation (the held-out accuracy and ECE come from these)"},
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+                          "newest checkpoint"},
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "Weight (>= 0) of the penalty mean((r_chosen + r_rejected)^2) that centres the rewards on 0 "
+                          "(TRL's); null: off"},
+    )
+    weighting: Literal["none", "principle"] = field(
+        default="none",
+        metadata={"help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
+                          "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
+                          "weights"},
+    )
+    principle_weights: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
+                          "1.0)"},
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={"help": "The LoRA adapter trained with the scalar head (models/rm)"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -516,31 +925,100 @@ class RMConfig:
 class PPOConfig:
     """PPO against the preference model (RL-CAI)."""
 
-    mode: Literal["ppo", "rloo"] = "ppo"
-    steps: int = 8
-    rollout_batch: int = 8
-    minibatch: int = 4
-    ppo_epochs: int = 2
-    learning_rate: float = 1e-5
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    kl_horizon: int = 10000
-    missing_eos_penalty: float = 1.0
-    ptx_coef: float = 0.0  # L = L_pg + vf_coef·L_vf + ptx_coef·L_LM(data/sl)
-    ptx_batch: int = 4
-    value_init: Literal["reward", "policy"] = "reward"
-    whiten_rewards: bool = False
-    rloo_k: int = 2
-    save_steps: int = 4
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0))
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    mode: Literal["ppo", "rloo"] = field(
+        default="ppo",
+        metadata={"help": "ppo: this package's PPO loop (models/ppo); rloo: TRL's RLOOTrainer with the same reward "
+                          "(models/rloo)"},
+    )
+    steps: int = field(
+        default=8,
+        metadata={"help": "Steps (>= 1): each samples rollout_batch responses, scores them and makes ppo_epochs "
+                          "passes"},
+    )
+    rollout_batch: int = field(
+        default=8,
+        metadata={"help": "Responses sampled per step, global over processes (>= 1): one per prompt in ppo, rloo_k "
+                          "per prompt in rloo (a multiple of rloo_k and minibatch)"},
+    )
+    minibatch: int = field(
+        default=4,
+        metadata={"help": "Responses per optimizer step, in [1, rollout_batch] (global over processes)"},
+    )
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout batch (>= 1)"})
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "Learning rate of AdamW (> 0): constant in ppo, TRL's linear decay in rloo"},
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "β: weight (>= 0) of the per-token KL penalty against the reference (SL-CAI) model; the "
+                          "start value when adaptive_kl"},
+    )
+    adaptive_kl: bool = field(
+        default=False,
+        metadata={"help": "Adapt kl_coef toward target_kl after each step (Ziegler et al. 2019)"},
+    )
+    target_kl: float = field(
+        default=6.0,
+        metadata={"help": "adaptive_kl: the KL per response (nats, summed over its tokens) aimed for (> 0)"},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ, in [0, 1]"})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ, in [0, 1]"})
+    clip_range: float = field(
+        default=0.2,
+        metadata={"help": "Clip ε of the policy probability ratio (> 0); also RLOO's epsilon"},
+    )
+    clip_range_value: float = field(
+        default=0.2,
+        metadata={"help": "Clip range of the value predictions around the rollout's values (> 0)"},
+    )
+    vf_coef: float = field(
+        default=0.1,
+        metadata={"help": "Weight of the value loss in L = L_pg + vf_coef·L_vf + ptx_coef·L_LM (>= 0)"},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping threshold (> 0)"})
+    kl_horizon: int = field(
+        default=10000,
+        metadata={"help": "adaptive_kl: horizon in rollouts; larger adapts kl_coef more slowly (>= 1)"},
+    )
+    missing_eos_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Subtracted from the score of a response that hits max_new_tokens without EOS (>= 0)"},
+    )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight (>= 0) of the pretraining-mix term: the SFT language-model loss on a batch of "
+                          "data/sl; 0 is plain PPO"},
+    )
+    ptx_batch: int = field(
+        default=4,
+        metadata={"help": "data/sl rows per pretraining-mix batch, global over processes (>= 1)"},
+    )
+    value_init: Literal["reward", "policy"] = field(
+        default="reward",
+        metadata={"help": "Value model start: reward (the preference model models/rm, which must share the policy's "
+                          "tokenizer) or policy (the SL-CAI weights, a new LoRA and a zero-initialised head)"},
+    )
+    whiten_rewards: bool = field(
+        default=False,
+        metadata={"help": "Scale the batch's scores to unit variance (mean kept) before the KL penalty is added"},
+    )
+    rloo_k: int = field(
+        default=2,
+        metadata={"help": "mode rloo: completions per prompt for the leave-one-out baseline (>= 2)"},
+    )
+    save_steps: int = field(
+        default=4,
+        metadata={"help": "Steps between checkpoints (>= 1); a rerun resumes from the newest"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0),
+        metadata={"help": "Rollout generation settings (max_new_tokens, temperature, top_p)"},
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={"help": "The policy's LoRA adapter (trained with dropout 0, so log-probability ratios are exact)"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -569,22 +1047,30 @@ class PPOConfig:
 class BenchmarkConfig:
     """A user-supplied labelled prompt file evaluated like the held-out sets (nothing is downloaded).
 
-    ``path``: a CSV/TSV, JSONL/JSON file or a ``Dataset.save_to_disk`` folder. ``format``:
-    ``auto`` (by suffix; a folder is a saved dataset), ``csv``, ``jsonl`` or ``hf``.
-    ``prompt_field`` holds the prompt text, ``label_field`` the label; a label is harmful
-    when its lowercased text is in ``harmful_values``, benign when in ``benign_values`` (or,
-    with ``benign_values`` empty, whenever it is not harmful). ``name`` defaults to the file
-    stem; ``limit`` keeps the first N prompts.
+    A label is harmful when its lowercased text is in ``harmful_values``, benign when in
+    ``benign_values`` (or, with ``benign_values`` empty, whenever it is not harmful).
     """
 
-    path: str = ""
-    format: Literal["auto", "csv", "jsonl", "hf"] = "auto"
-    prompt_field: str = "prompt"
-    label_field: str = "label"
-    harmful_values: list[str] = field(default_factory=lambda: ["harmful", "unsafe", "1", "true", "yes"])
-    benign_values: list[str] = field(default_factory=list)
-    name: str | None = None
-    limit: int | None = None
+    path: str = field(
+        default="",
+        metadata={"help": "The file: a CSV/TSV or JSONL/JSON file, or a Dataset.save_to_disk folder (required)"},
+    )
+    format: Literal["auto", "csv", "jsonl", "hf"] = field(
+        default="auto",
+        metadata={"help": "auto (by suffix; a folder is a saved dataset), csv, jsonl or hf"},
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Column holding the prompt text"})
+    label_field: str = field(default="label", metadata={"help": "Column holding the label"})
+    harmful_values: list[str] = field(
+        default_factory=lambda: ["harmful", "unsafe", "1", "true", "yes"],
+        metadata={"help": "Labels (lowercased text) that mark a prompt harmful"},
+    )
+    benign_values: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Labels (lowercased text) that mark a prompt benign; empty: every label that is not harmful"},
+    )
+    name: str | None = field(default=None, metadata={"help": "Name in the results and report; null: the file stem"})
+    limit: int | None = field(default=None, metadata={"help": "Keep the first N prompts; null: all"})
 
 
 @dataclass
@@ -592,30 +1078,77 @@ class EvalConfig:
     """Side-by-side evaluation of base, SL-CAI, PPO and DPO.
 
     Independent figures (rule-based response classifier, :mod:`cai_dpo.classify`) on the
-    held-out red-team and helpful prompts, the curated held-out split (``curated``: a spec for
-    :func:`cai_dpo.curated.load_curated`, ``null`` to leave it out; ``curated_limit`` per kind)
-    and every ``benchmarks`` file. Judge figures: ``judge`` (default: the judge stage's model,
-    i.e. the policy's base model unless ``judge.model`` is set; a different, stronger model is
-    recommended), pairwise against ``base`` only, on ``judge_sets``; ``judge_enabled: false``
-    skips them; ``judge_when_gate_trips: false`` skips them when the eval judge's quality gate
-    tripped.
+    held-out red-team and helpful prompts, the curated held-out split and every ``benchmarks``
+    file. Judge figures: the eval ``judge`` compares each model with ``base`` only, on
+    ``judge_sets``.
     """
 
-    red_team_limit: int | None = None
-    helpful_limit: int | None = None
-    conditions: list[str] = field(default_factory=lambda: ["plain", "system", "jailbreak", "jailbreak+system"])
-    extra_models: list[str] = field(default_factory=list)
-    bootstrap: int = 200
-    hourly_price_usd: float = 2.0
-    tie_band: float = 0.0  # judgments with |P(better) - 0.5| <= tie_band count as ties (half a win)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False))
-    curated: str | None = "bundled:curated"
-    curated_limit: int | None = None
-    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
-    judge: ModelSpec | None = None
-    judge_enabled: bool = True
-    judge_when_gate_trips: bool = True
-    judge_sets: list[str] = field(default_factory=lambda: ["red_team", "helpful"])
+    red_team_limit: int | None = field(
+        default=None,
+        metadata={"help": "Held-out red-team prompts evaluated at most (>= 1); null: all"},
+    )
+    helpful_limit: int | None = field(
+        default=None,
+        metadata={"help": "Held-out helpful prompts evaluated at most (>= 1); null: all"},
+    )
+    conditions: list[str] = field(
+        default_factory=lambda: ["plain", "system", "jailbreak", "jailbreak+system"],
+        metadata={"help": "How each red-team prompt is posed: plain, system (after the bundled safety system prompt), "
+                          "jailbreak (inside a bundled jailbreak template), jailbreak+system; at least one"},
+    )
+    extra_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More models to evaluate beside base and the run's sft/dpo/ppo/rloo: NAME=SPEC or SPEC (a "
+                          "folder, an adapter folder or a hub id)"},
+    )
+    bootstrap: int = field(
+        default=200,
+        metadata={"help": "Cluster-bootstrap resamples over prompts for the 95 % intervals (>= 10)"},
+    )
+    hourly_price_usd: float = field(
+        default=2.0,
+        metadata={"help": "Hardware price in USD per hour, for the cost per 1000 responses and judgments (>= 0)"},
+    )
+    tie_band: float = field(
+        default=0.0,
+        metadata={"help": "Judgments with |P(better) - 0.5| <= tie_band count as ties (half a win); in [0, 0.5)"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False),
+        metadata={"help": "Generation settings shared by every evaluated model (default greedy)"},
+    )
+    curated: str | None = field(
+        default="bundled:curated",
+        metadata={"help": "Curated held-out split evaluated (bundled:curated, a JSONL file or a folder); null: leave "
+                          "it out"},
+    )
+    curated_limit: int | None = field(
+        default=None,
+        metadata={"help": "Curated held-out prompts per kind (harmful, benign); null: all"},
+    )
+    benchmarks: list[BenchmarkConfig] = field(
+        default_factory=list,
+        metadata={"help": "User-supplied labelled prompt files evaluated like the held-out sets (nothing is "
+                          "downloaded)"},
+    )
+    judge: ModelSpec | None = field(
+        default=None,
+        metadata={"help": "Evaluation judge spec; null: the judge stage's model (judge.model, else the policy's base "
+                          "model). A different, stronger model is recommended"},
+    )
+    judge_enabled: bool = field(
+        default=True,
+        metadata={"help": "Compute the judge figures (each model's responses against base's); false skips them"},
+    )
+    judge_when_gate_trips: bool = field(
+        default=True,
+        metadata={"help": "Compute the judge figures even when the eval judge's quality gate tripped (they are marked "
+                          "uninformative); false skips them then"},
+    )
+    judge_sets: list[str] = field(
+        default_factory=lambda: ["red_team", "helpful"],
+        metadata={"help": "Prompt sets the judge compares on: red_team, helpful, curated or benchmark:NAME"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -631,30 +1164,37 @@ class EvalConfig:
 class TrainConfig:
     """Settings shared by every trainer (SFT, DPO, preference model, PPO, RLOO).
 
-    ``report_to``: experiment trackers, passed through to transformers/TRL's ``report_to``
-    (``none``, ``tensorboard``, ``trackio``, ``wandb``, ``mlflow``, ``comet_ml``, ... — a
-    name or a list). ``auto`` (default) stays offline: TensorBoard event files in
-    ``metrics/<stage>/tb`` when tensorboard is installed, nothing else. ``metrics/<stage>/log.csv``
-    is written whatever is chosen. PPO's own loop logs the same way (CSV always,
-    TensorBoard when chosen or ``auto``).
-
-    Multi-process training (stages ``sft``, ``dpo``, ``rm``, ``ppo``; see :mod:`cai_dpo.distributed`):
-    ``launcher: accelerate`` runs the stage under ``accelerate launch`` as ``num_processes``
-    processes (null: the count in ``accelerate_config``, else one per GPU, else 1), one torch
-    thread each; ``none`` (default) trains in the calling process. ``accelerate_config``: an
-    accelerate config file, or a bundled one by name (``ddp``, ``deepspeed_zero2``,
-    ``deepspeed_zero3``, ``fsdp``: ``cai_dpo/configs/accelerate/<name>.yaml``); null launches
-    plain data parallelism (DDP; gloo on CPU). Batch sizes stay per process: the global batch
-    is ``batch_size × num_processes × grad_accum`` (PPO: ``rollout_batch`` and ``minibatch`` are
-    global and split over the processes). ``timeout_s``: how long a process waits for the
-    others in a collective before the run fails (a rank that dies fails the run at once).
+    ``metrics/<stage>/log.csv`` is written whatever ``report_to`` chooses; PPO's own loop logs the
+    same way. Multi-process training (stages ``sft``, ``dpo``, ``rm``, ``ppo``; see
+    :mod:`cai_dpo.distributed`): batch sizes stay per process, so the global batch is
+    ``batch_size × num_processes × grad_accum`` (PPO: ``rollout_batch`` and ``minibatch`` are
+    global and split over the processes); a rank that dies fails the run at once.
     """
 
-    report_to: str | list[str] = "auto"
-    launcher: Literal["none", "accelerate"] = "none"
-    num_processes: int | None = None
-    accelerate_config: str | None = None
-    timeout_s: float = 300.0
+    report_to: str | list[str] = field(
+        default="auto",
+        metadata={"help": "Experiment trackers for transformers/TRL's report_to, a name or a list (none, tensorboard, "
+                          "trackio, wandb, mlflow, comet_ml, ...); auto: TensorBoard files in metrics/<stage>/tb when "
+                          "tensorboard is installed, nothing online. metrics/<stage>/log.csv is always written"},
+    )
+    launcher: Literal["none", "accelerate"] = field(
+        default="none",
+        metadata={"help": "none: train in the calling process; accelerate: run sft, dpo, rm and ppo under accelerate "
+                          "launch as num_processes processes, one torch thread each"},
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata={"help": "Processes to launch (>= 1); null: the count in accelerate_config, else one per GPU, else 1"},
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate config file, or a bundled one by name (ddp, deepspeed_zero2, deepspeed_zero3, "
+                          "fsdp); null: plain data parallelism (DDP; gloo on CPU)"},
+    )
+    timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "Seconds a process waits for the others in a collective before the run fails (> 0)"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -671,25 +1211,67 @@ class TrainConfig:
 class RunConfig:
     """Everything one run needs; one section per stage."""
 
-    profile: str = "custom"
-    run_id: str = "demo"
-    runs_dir: str = DEFAULT_RUNS_DIR
-    seed: int = 0
-    threads: int | None = None
-    constitution: str = "constitutions/default.yaml"
-    policy: ModelSpec = field(default_factory=ModelSpec)
-    data: DataConfig = field(default_factory=DataConfig)
-    sl: SLConfig = field(default_factory=SLConfig)
-    curate: CurateConfig = field(default_factory=CurateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    labels: LabelsConfig = field(default_factory=LabelsConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: str = field(
+        default="custom",
+        metadata={"help": "Name of the profile the config was loaded from (set by the loader; informational)"},
+    )
+    run_id: str = field(
+        default="demo",
+        metadata={"help": "Run folder name under runs_dir: letters, digits, '.', '_' and '-', starting with a letter "
+                          "or digit"},
+    )
+    runs_dir: str = field(
+        default=DEFAULT_RUNS_DIR,
+        metadata={"help": "Folder of the runs: absolute as given; the default artifacts/runs yields to $CAI_DPO_RUNS; "
+                          "other relative paths resolve against the project root"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Run seed (>= 0): prompt picks, principle draws, data splits, sampling and training"},
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "Torch intra-op threads (>= 1); null: $CAI_DPO_THREADS, else every core"},
+    )
+    constitution: str = field(
+        default="constitutions/default.yaml",
+        metadata={"help": "Constitution YAML file (a relative path is looked up in the working directory, then the "
+                          "repo)"},
+    )
+    policy: ModelSpec = field(
+        default_factory=ModelSpec,
+        metadata={"help": "The policy: the base model every stage starts from"},
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt sources"})
+    sl: SLConfig = field(default_factory=SLConfig, metadata={"help": "SL-CAI critique → revision data (stage sl)"})
+    curate: CurateConfig = field(
+        default_factory=CurateConfig,
+        metadata={"help": "Constitution-guided curation of rows (stage curate)"},
+    )
+    sft: SFTConfig = field(
+        default_factory=SFTConfig,
+        metadata={"help": "Supervised fine-tuning of the SL-CAI adapter (stage sft)"},
+    )
+    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Response pairs to label (stage pairs)"})
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata={"help": "Constitution judge: soft preference labels (stage judge)"},
+    )
+    labels: LabelsConfig = field(
+        default_factory=LabelsConfig,
+        metadata={"help": "Edge-case routing to the human label queue"},
+    )
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "Direct preference optimisation (stage dpo)"})
+    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "Preference (reward) model (stage rm)"})
+    ppo: PPOConfig = field(
+        default_factory=PPOConfig,
+        metadata={"help": "PPO or RLOO against the preference model (stage ppo)"},
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Side-by-side evaluation (stage eval)"})
+    train: TrainConfig = field(
+        default_factory=TrainConfig,
+        metadata={"help": "Settings shared by every trainer: experiment trackers and multi-process launch"},
+    )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each invalid top-level value (empty when valid)."""
