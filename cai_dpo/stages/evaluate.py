@@ -459,7 +459,7 @@ def _gate_summary(gate: dict[str, Any]) -> str:
 
 def pm_scores(rm_dir: Path, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
     """Preference-model scores of (prompt, response) pairs, with the scorer PPO uses (same text format as training)."""
-    from cai_dpo.stages.rm import RewardScorer
+    from cai_dpo.rl.reward import RewardScorer
 
     scorer = RewardScorer(rm_dir, batch_size=batch_size)
     scores = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
