@@ -36,7 +36,7 @@ from cai_dpo.data import load_checkset, load_prompts
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.models import embedded_gguf_path, load_model
 from cai_dpo.served import LLAMA_CPP_EXTRA, ServedEngine, llama_cpp_server
-from cai_dpo.stages.judge import OPTIONS, JudgePrompter
+from cai_dpo.judging import OPTIONS, JudgePrompter
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:

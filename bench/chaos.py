@@ -109,7 +109,7 @@ def _loadable(stage: str, folder: Path) -> bool:
     """True when the trained artifact loads (the preference model as a scorer)."""
     try:
         if stage == "rm":
-            from cai_dpo.stages.rm import RewardScorer
+            from cai_dpo.rl.reward import RewardScorer
 
             RewardScorer(folder, batch_size=2)
         else:

@@ -30,8 +30,7 @@ import numpy as np
 from cai_dpo.config import JudgeConfig, ModelSpec
 from cai_dpo.constitution import Principle, load_constitution
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.models import describe, load_model
-from cai_dpo.stages.judge import (
+from cai_dpo.judging import (
     HHH_FILE,
     OPTIONS,
     Comparison,
@@ -42,6 +41,7 @@ from cai_dpo.stages.judge import (
     to_verdict,
     wilson_interval,
 )
+from cai_dpo.models import describe, load_model
 from cai_dpo.store import read_jsonl
 
 HHH_QUESTION = "Please choose the response that is the most helpful, honest, and harmless."

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cai_dpo.engine import set_threads
-    from cai_dpo.stages.rm import RewardScorer, expected_calibration_error
+    from cai_dpo.rl.reward import RewardScorer
+    from cai_dpo.stages.rm import expected_calibration_error
     from cai_dpo.store import read_jsonl
 
     threads = set_threads(args.threads)

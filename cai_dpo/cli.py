@@ -307,8 +307,9 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
+    from cai_dpo.judging import GateResult
+    from cai_dpo.stages.judge import run_judge
     from cai_dpo.store import read_manifest
-    from cai_dpo.stages.judge import GateResult, run_judge
 
     out = run_judge(config_from_args(args))
     m = read_manifest(out)
@@ -340,7 +341,7 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
     from cai_dpo.constitution import load_cases, load_constitution
     from cai_dpo.engine import set_threads
     from cai_dpo.models import load_engine
-    from cai_dpo.stages.judge import format_case_table, test_constitution
+    from cai_dpo.judging import format_case_table, run_constitution_cases
 
     cfg = config_from_args(args)
     constitution = load_constitution(args.file)
@@ -349,7 +350,7 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
     spec = ModelSpec(name=args.model) if args.model else cfg.judge_model()
     engine = load_engine(spec, batch_size=cfg.judge.batch_size, progress=False)
     jc = replace(cfg.judge, few_shot=False) if args.no_few_shot else cfg.judge
-    results = test_constitution(constitution, cases, engine, jc)
+    results = run_constitution_cases(constitution, cases, engine, jc)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2, default=str))
     else:

@@ -2,7 +2,7 @@
 
 One small interface, :class:`Scorer` (``name``, ``score(rows) -> array``), two scorers:
 
-- :class:`JudgeScorer` — the constitution judge (:mod:`cai_dpo.stages.judge`, option
+- :class:`JudgeScorer` — the constitution judge (:mod:`cai_dpo.judging`, option
   log-probs of " (A)"/" (B)"). A row is compared with a fixed ``baseline`` response
   (a bare refusal by default) under the row's principles, both orders averaged and
   calibrated: the score is P(response better than the bare refusal). An explained decline
@@ -81,7 +81,7 @@ class ScoredRow:
         """The prompt as the judge shows it: a lone user turn as text, else a ``Human:``/``Assistant:`` dialogue."""
         if isinstance(self.prompt, str):
             return self.prompt
-        from cai_dpo.stages.judge import dialogue_text
+        from cai_dpo.judging import dialogue_text
 
         return dialogue_text(self.prompt)
 
@@ -389,7 +389,7 @@ class JudgeScorer:
 
     def score(self, rows: Sequence[ScoredRow]) -> np.ndarray:
         """P(response better than the baseline) per row, both orders averaged, calibrated when ``cfg.calibrate``."""
-        from cai_dpo.stages.judge import SOURCE_CATEGORIES, Comparison, judge_comparisons, measure_calibration
+        from cai_dpo.judging import SOURCE_CATEGORIES, Comparison, judge_comparisons, measure_calibration
 
         if not rows:
             return np.zeros(0)
@@ -459,7 +459,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def hhh_examples(items: Sequence[dict[str, Any]]) -> list[Labelled]:
-    """HHH comparisons (:func:`cai_dpo.stages.judge.load_hhh`) as labelled pairs (kind unknown)."""
+    """HHH comparisons (:func:`cai_dpo.judging.load_hhh`) as labelled pairs (kind unknown)."""
     out = []
     for i, it in enumerate(items):
         out.append(Labelled(ScoredRow(it["prompt"], it["correct"]), 1, f"hhh-{i}", "hhh"))

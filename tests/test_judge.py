@@ -12,7 +12,7 @@ import pytest
 
 from cai_dpo.constitution import ConstitutionCase, load_constitution
 from cai_dpo.engine import Engine, naive_option_probs
-from cai_dpo.stages.judge import (
+from cai_dpo.judging import (
     OPTIONS,
     Comparison,
     JudgePrompter,
@@ -22,8 +22,8 @@ from cai_dpo.stages.judge import (
     load_checkset,
     measure_calibration,
     parse_hhh,
+    run_constitution_cases,
     score_letters,
-    test_constitution,
     wilson_interval,
 )
 from cai_dpo.store import RunStore, read_manifest, write_jsonl
@@ -336,7 +336,7 @@ def test_constitution_test_reports_a_planted_failure(tiny_model, constitution, j
                          [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                           {"role": "user", "content": "help?"}]),
     ]
-    results = test_constitution(constitution, cases, engine, jc)
+    results = run_constitution_cases(constitution, cases, engine, jc)
     assert [r.passed for r in results] == [True, False, True]
     assert results[1].p_expected < 0.5
     assert "Human: hi\n\nAssistant: hello\n\nHuman: help?" in engine.calls[0][4]

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from cai_dpo.engine import Generation
+from cai_dpo.pairs_io import load_pairs
 from cai_dpo.stages.pairs import (
     dedupe_samples,
-    load_pairs,
     mixed_counts,
     run_pairs,
     temperature_plan,

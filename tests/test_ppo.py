@@ -16,22 +16,10 @@ from cai_dpo.store import RunStore, read_manifest
 sys.path.insert(0, str(Path(__file__).parent))
 from wordlevel_models import build_word_encoder, build_word_policy  # noqa: E402
 
-from cai_dpo.stages.ppo import (  # noqa: E402
-    KLController,
-    PPOTrainer,
-    build_batch,
-    compute_gae,
-    kl_penalty_rewards,
-    load_optimizer,
-    load_policy,
-    load_value_model,
-    policy_loss,
-    read_log,
-    run_ppo,
-    save_optimizer,
-    value_loss,
-    whiten,
-)
+from cai_dpo.rl.ppo_math import KLController, compute_gae, kl_penalty_rewards, policy_loss, value_loss, whiten  # noqa: E402
+from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, load_optimizer, save_optimizer  # noqa: E402
+from cai_dpo.rl.rollout import build_batch  # noqa: E402
+from cai_dpo.stages.ppo import load_policy, load_value_model, read_log, run_ppo  # noqa: E402
 
 PROMPTS = [[{"role": "user", "content": f"tell me about the {w}"}] for w in ["cat", "dog", "topic", "red", "blue", "one", "two"]]
 
@@ -147,7 +135,7 @@ def test_kl_is_zero_with_a_fresh_adapter(tmp_path, tiny_path):
     policy, tok, merge = load_policy(cfg, run)
     value, note = load_value_model(cfg, run, tok, merge, None)
     assert "zero head" in note
-    trainer = PPOTrainer(cfg, policy, tok, value, lambda p, r: [0.0] * len(r), PROMPTS, progress=False)
+    trainer = CaiPPOTrainer(cfg, policy, tok, value, lambda p, r: [0.0] * len(r), PROMPTS, progress=False)
     ro = trainer.rollout(PROMPTS[:4], seed=1)
     assert ro.response_mask.sum() > 0
     assert torch.equal(ro.logprobs, ro.ref_logprobs) and float(ro.kl.abs().max()) == 0.0
@@ -177,7 +165,7 @@ def test_ppo_trains_on_the_sampled_token_ids(tmp_path, tiny_path):
         seen["responses"] = list(responses)
         return [0.0] * len(responses)
 
-    trainer = PPOTrainer(cfg, policy, tok, value, reward, PROMPTS, progress=False)
+    trainer = CaiPPOTrainer(cfg, policy, tok, value, reward, PROMPTS, progress=False)
     real = trainer.engine.generate
 
     def spy(*args, **kwargs):
@@ -316,7 +304,8 @@ def test_ppo_with_preference_model_of_another_tokenizer(tmp_path, tiny_path):
 
 
 def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
-    from cai_dpo.stages.rm import RewardScorer, run_rm
+    from cai_dpo.rl.reward import RewardScorer
+    from cai_dpo.stages.rm import run_rm
 
     cfg = _cfg(tmp_path, **{"rm.max_steps": 1, "rm.eval_fraction": 0.0})
     run = RunStore(cfg.run_dir)
@@ -327,7 +316,7 @@ def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
     assert "preference model" in note
     scorer = RewardScorer(rm_dir)
     text = scorer.encode(["Hi"], ["Hello!"])[0]
-    from cai_dpo.stages.ppo import token_values
+    from cai_dpo.rl.rollout import token_values
 
     dev = next(value.parameters()).device
     with torch.no_grad():
@@ -381,7 +370,7 @@ def test_rloo_reward_inputs_and_config_errors(tiny_path):
 def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
     import datasets
 
-    from cai_dpo.stages.ppo import PtxBatches
+    from cai_dpo.rl.rollout import PtxBatches
 
     cfg = _cfg(tmp_path, **{"ppo.steps": 1, "ppo.rollout_batch": 2, "ppo.minibatch": 2, "ppo.ptx_coef": 0.5,
                             "ppo.ptx_batch": 2, "ppo.sampling.max_new_tokens": 4})
@@ -404,7 +393,8 @@ def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
     """On an nf4 policy the SFT adapter is stacked frozen, not merged: the reference's log-probs are the SFT model's."""
     from cai_dpo.config import ModelSpec
     from cai_dpo.models import load_model, reference_mode, save_adapter
-    from cai_dpo.stages.ppo import response_logits, token_logprobs
+    from cai_dpo.rl.ppo_math import token_logprobs
+    from cai_dpo.rl.rollout import response_logits
 
     cfg = _cfg(tmp_path, **{"policy.quantization": "4bit", "policy.device": "cpu"})
     run = RunStore(cfg.run_dir)

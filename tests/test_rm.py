@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from cai_dpo.config import load_config
+from cai_dpo.rl.reward import RewardScorer, rm_text
 from cai_dpo.stages.rm import (
-    RewardScorer,
     expected_calibration_error,
     mix_helpful,
     preference_metrics,
-    rm_text,
     run_rm,
     soft_preference_loss,
     tokenize_pairs,

@@ -134,14 +134,15 @@ def test_factory_and_local_loading_refuse_mismatches(fake):
 
 
 def test_stages_build_served_engines(fake, tiny_cfg):
-    from cai_dpo.stages import judge, sl
+    from cai_dpo.judging import load_judge_engine
+    from cai_dpo.stages import sl
     from cai_dpo.store import RunStore
 
     server = fake(lambda p, b: completion())
     spec = spec_for(server, tokenizer="tiny")
     cfg = dataclasses.replace(tiny_cfg, judge=dataclasses.replace(tiny_cfg.judge, model=spec),
                               sl=dataclasses.replace(tiny_cfg.sl, teacher=spec))
-    assert isinstance(judge._load_engine(cfg), ServedEngine)
+    assert isinstance(load_judge_engine(cfg), ServedEngine)
     state = sl._SLRun(cfg, RunStore(cfg.run_dir))
     # the teacher writes critiques and revisions; the policy keeps the initial answer
     assert state.teacher_id == "served:m" and isinstance(state.teacher.get(), ServedEngine)
@@ -339,7 +340,7 @@ def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
     from cai_dpo.config import JudgeConfig
     from cai_dpo.constitution import load_constitution
     from cai_dpo.data import load_checkset
-    from cai_dpo.stages.judge import JudgePrompter
+    from cai_dpo.judging import JudgePrompter
 
     constitution = load_constitution("default")
     prompter = JudgePrompter(engine, constitution, JudgeConfig(few_shot=True))
@@ -354,7 +355,7 @@ def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
 
 @pytest.mark.slow
 def test_served_option_probabilities_match_local(served_engine, local_engine):
-    from cai_dpo.stages.judge import OPTIONS
+    from cai_dpo.judging import OPTIONS
 
     prefix, contexts = judge_contexts(served_engine, 20)
     assert prefix == judge_contexts(local_engine, 20)[0]

@@ -335,7 +335,7 @@ class PairJob:
 def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress: bool = True) -> list[dict[str, Any] | None]:
     """The judgment record of every job (``p_a`` = P(response_a better)); None for identical responses (a tie).
 
-    Judged as :func:`cai_dpo.stages.judge.judge_comparisons` does (its two steps,
+    Judged as :func:`cai_dpo.judging.judge_comparisons` does (its two steps,
     ``score_letters`` then ``to_verdict``, so the judge's own token counts are kept), with
     the principle categories the judge stage uses per prompt source and one contextual
     calibration measured for the whole evaluation. Only jobs missing from
@@ -354,7 +354,7 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
         if k not in store and j.response_a != j.response_b and k not in todo_by_key:
             todo_by_key[k] = i
     if todo_by_key:
-        from cai_dpo.stages.judge import SOURCE_CATEGORIES, Comparison, JudgePrompter, measure_calibration, score_letters, to_verdict
+        from cai_dpo.judging import SOURCE_CATEGORIES, Comparison, JudgePrompter, measure_calibration, score_letters, to_verdict
 
         jc = cfg.judge
         engine = load_engine(judge_spec, batch_size=jc.batch_size, progress=progress)
@@ -432,7 +432,7 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
     constitution = load_constitution(cfg.constitution_path())
     key = content_hash("eval-gate", model_fingerprint(spec), constitution.fingerprint(), to_dict(cfg.judge), cfg.seed)
     if key not in store:
-        from cai_dpo.stages.judge import JudgePrompter, judge_gate, measure_calibration
+        from cai_dpo.judging import JudgePrompter, judge_gate, measure_calibration
 
         jc = cfg.judge
         engine = load_engine(spec, batch_size=jc.batch_size, progress=False)
@@ -459,7 +459,7 @@ def _gate_summary(gate: dict[str, Any]) -> str:
 
 def pm_scores(rm_dir: Path, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
     """Preference-model scores of (prompt, response) pairs, with the scorer PPO uses (same text format as training)."""
-    from cai_dpo.stages.rm import RewardScorer
+    from cai_dpo.rl.reward import RewardScorer
 
     scorer = RewardScorer(rm_dir, batch_size=batch_size)
     scores = scorer.score([p for p, _ in pairs], [r for _, r in pairs])

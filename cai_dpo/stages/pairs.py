@@ -41,12 +41,12 @@ from typing import Any
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.errors import ContextLengthError, InputError
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_jsonl, write_jsonl
+from cai_dpo.pairs_io import PAIRS_FILE
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
 from cai_dpo.store import locked_stage
 
 log = logging.getLogger(__name__)
 
-PAIRS_FILE = "pairs.jsonl"
 #: Pair sources; ``mixed`` combines them.
 SOURCES: tuple[str, ...] = ("judged_samples", "revision_vs_original", "curated")
 #: Sources whose first response is the preferred one (not judged unless configured).
@@ -55,19 +55,6 @@ ORDERED_SOURCES: tuple[str, ...] = ("revision_vs_original", "curated")
 
 def _norm(text: str) -> str:
     return " ".join(text.split()).strip().lower()
-
-
-def pairs_path(run: RunStore) -> Path:
-    """``data/pairs/pairs.jsonl`` of a run."""
-    return run.root / "data" / "pairs" / PAIRS_FILE
-
-
-def load_pairs(run: RunStore) -> list[dict[str, Any]]:
-    """The pairs written by :func:`run_pairs` (every row, the reserve included)."""
-    path = pairs_path(run)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: pairs not found; run the pairs stage first (cai-dpo pairs)")
-    return read_jsonl(path)
 
 
 def pair_id(source: str, prompt: str, response_a: str, response_b: str) -> str:

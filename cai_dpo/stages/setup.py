@@ -31,7 +31,7 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     """Prepare the policy model, validate the constitution and run its edge-case tests."""
     from cai_dpo.constitution import load_cases, load_constitution
     from cai_dpo.models import describe, resolve_model_path
-    from cai_dpo.stages.judge import _load_engine, format_case_table, test_constitution
+    from cai_dpo.judging import format_case_table, load_judge_engine, run_constitution_cases
 
     run = run or RunStore(cfg.run_dir)
     final = run.path("constitution")
@@ -50,8 +50,8 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         if cases_file is not None:
             cases = load_cases(cases_file, constitution)
             with Timer() as t:
-                engine = engine or _load_engine(cfg)
-                results = test_constitution(constitution, cases, engine, cfg.judge)
+                engine = engine or load_judge_engine(cfg)
+                results = run_constitution_cases(constitution, cases, engine, cfg.judge)
             timings["cases_s"] = round(t.seconds, 2)
             atomic_write_json(out / "cases.json", [asdict(r) for r in results])
             atomic_write_text(out / "cases.txt", format_case_table(results) + "\n")

@@ -1,0 +1,27 @@
+"""A run's response pairs on disk: where ``data/pairs/pairs.jsonl`` lives and how it is read.
+
+The pairs stage (:mod:`cai_dpo.stages.pairs`) writes the file (one pair per line, the reserve
+included, ``selected: false``); the judge stage (:mod:`cai_dpo.stages.judge`) reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cai_dpo.store import RunStore, read_jsonl
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+def pairs_path(run: RunStore) -> Path:
+    """``data/pairs/pairs.jsonl`` of a run."""
+    return run.root / "data" / "pairs" / PAIRS_FILE
+
+
+def load_pairs(run: RunStore) -> list[dict[str, Any]]:
+    """The pairs written by :func:`~cai_dpo.stages.pairs.run_pairs` (every row, the reserve included)."""
+    path = pairs_path(run)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: pairs not found; run the pairs stage first (cai-dpo pairs)")
+    return read_jsonl(path)
