@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROFILE ?= cpu-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lab test test-fast bench kernel clean
+.PHONY: install demo lab test test-fast lint bench kernel clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ lab: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff, configured in pyproject.toml: lint rules and the formatter's check
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

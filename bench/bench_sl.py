@@ -44,8 +44,12 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu-demo")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--few-shot", type=int, default=None, help="demonstrations in the prefix (default: the profile's)")
-    ap.add_argument("--mode", choices=["critique", "direct"], default="direct",
-                    help="revision phase shape: after a critique exchange, or direct")
+    ap.add_argument(
+        "--mode",
+        choices=["critique", "direct"],
+        default="direct",
+        help="revision phase shape: after a critique exchange, or direct",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
@@ -62,7 +66,9 @@ def main() -> None:
     model, tokenizer = load_model(cfg.policy)
     load_s = time.perf_counter() - t0
     engine = Engine(model, tokenizer, progress=False)
-    greedy = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=False, temperature=0.0, batch_size=args.batch_size)
+    greedy = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=False, temperature=0.0, batch_size=args.batch_size
+    )
 
     initial = [g[0].text for g in engine.generate([p.conversation() for p in prompts], greedy, desc="initial")]
     principles = [constitution.sample_principles(1, seed=f"{cfg.seed}:{p.id}:1")[0] for p in prompts]
@@ -80,23 +86,29 @@ def main() -> None:
         cached = _phase(engine, rests, greedy, prefix)
         uncached = _phase(engine, [shared + c for c in convs], greedy, None)
     same = cached.pop("texts") == uncached.pop("texts")
-    print(json.dumps({
-        "model": describe(cfg.policy),
-        "prompts": len(prompts),
-        "few_shot": few_shot,
-        "mode": args.mode,
-        "prefix_tokens": len(engine.encode(prefix)),
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "threads": threads,
-        "order": "uncached first" if args.uncached_first else "cached first",
-        "model_load_seconds": round(load_s, 2),
-        "cached_prefix": cached,
-        "no_prefix": uncached,
-        "speedup_tokens_per_second": round(cached["tokens_per_second"] / uncached["tokens_per_second"], 3)
-        if uncached["tokens_per_second"] else None,
-        "identical_outputs": same,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": describe(cfg.policy),
+                "prompts": len(prompts),
+                "few_shot": few_shot,
+                "mode": args.mode,
+                "prefix_tokens": len(engine.encode(prefix)),
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+                "threads": threads,
+                "order": "uncached first" if args.uncached_first else "cached first",
+                "model_load_seconds": round(load_s, 2),
+                "cached_prefix": cached,
+                "no_prefix": uncached,
+                "speedup_tokens_per_second": round(cached["tokens_per_second"] / uncached["tokens_per_second"], 3)
+                if uncached["tokens_per_second"]
+                else None,
+                "identical_outputs": same,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-WORDS = ("the a small quiet green old new bright simple careful useful kind warm cold long short river "
-         "light paper stone water answer because safe help people often reason clear").split()
+WORDS = (
+    "the a small quiet green old new bright simple careful useful kind warm cold long short river "
+    "light paper stone water answer because safe help people often reason clear"
+).split()
 
 
 def _peak_memory() -> dict[str, float]:
@@ -51,12 +53,15 @@ def _synthetic_preferences(folder: Path, n: int, response_words: int, seed: int 
     rows = []
     for i in range(n):
         body = " ".join(rng.choice(WORDS) for _ in range(response_words))
-        rows.append({
-            "prompt": [{"role": "user", "content": f"Question {i}: how should I deal with a difficult neighbour?"}],
-            "chosen": [{"role": "assistant", "content": f"{body} safely."}],
-            "rejected": [{"role": "assistant", "content": f"{body} dangerously."}],
-            "p_chosen": 0.8, "pair_id": str(i),
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Question {i}: how should I deal with a difficult neighbour?"}],
+                "chosen": [{"role": "assistant", "content": f"{body} safely."}],
+                "rejected": [{"role": "assistant", "content": f"{body} dangerously."}],
+                "p_chosen": 0.8,
+                "pair_id": str(i),
+            }
+        )
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     return folder
 
@@ -89,12 +94,20 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
 
     batch, max_length, max_prompt = args.batch, 256, 128
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        cfg = load_config("cpu-demo", {
-            "runs_dir": tmp, **_policy(args, quantization),
-            "dpo.max_steps": args.steps, "dpo.batch_size": batch, "dpo.max_length": max_length,
-            "dpo.max_prompt_length": max_prompt, "dpo.eval_fraction": 0.0, "dpo.save_steps": 10_000,
-            "threads": args.threads,
-        })
+        cfg = load_config(
+            "cpu-demo",
+            {
+                "runs_dir": tmp,
+                **_policy(args, quantization),
+                "dpo.max_steps": args.steps,
+                "dpo.batch_size": batch,
+                "dpo.max_length": max_length,
+                "dpo.max_prompt_length": max_prompt,
+                "dpo.eval_fraction": 0.0,
+                "dpo.save_steps": 10_000,
+                "threads": args.threads,
+            },
+        )
         run = RunStore(cfg.run_dir)
         _synthetic_preferences(run.data_dir("preferences"), args.steps * batch, args.response_words)
         torch.manual_seed(0)
@@ -108,14 +121,22 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
         manifest = read_manifest(out)
     steady = timer.durations[1:] or timer.durations
     return {
-        "model": args.model, "quantization": quantization, "dtype": cfg.policy.dtype,
+        "model": args.model,
+        "quantization": quantization,
+        "dtype": cfg.policy.dtype,
         "adapter_mode": manifest["models"]["adapter_mode"],
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "batch_pairs": batch, "max_length": max_length, "max_prompt_length": max_prompt,
-        "response_words": args.response_words, "lora_r": cfg.dpo.lora.r, "steps": len(timer.durations),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "batch_pairs": batch,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt,
+        "response_words": args.response_words,
+        "lora_r": cfg.dpo.lora.r,
+        "steps": len(timer.durations),
         "first_step_s": round(timer.durations[0], 2) if timer.durations else None,
         "seconds_per_step": round(sum(steady) / len(steady), 2) if steady else None,
-        "stage_total_s": round(total, 1), "model_load_s": round(manifest["timings"]["model_load"], 2),
+        "stage_total_s": round(total, 1),
+        "model_load_s": round(manifest["timings"]["model_load"], 2),
         **{k: round(v, 1) for k, v in _peak_memory().items()},
     }
 
@@ -171,10 +192,19 @@ def _ppo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
     from cai_dpo.store import RunStore, read_manifest
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
-        cfg = load_config("cpu-demo", {
-            "runs_dir": tmp, "threads": args.threads, **_policy(args, quantization), "rm.max_steps": 1, "rm.eval_fraction": 0.0,
-            "rm.save_steps": 10_000, "ppo.steps": args.steps, "ppo.save_steps": 10_000,
-        })
+        cfg = load_config(
+            "cpu-demo",
+            {
+                "runs_dir": tmp,
+                "threads": args.threads,
+                **_policy(args, quantization),
+                "rm.max_steps": 1,
+                "rm.eval_fraction": 0.0,
+                "rm.save_steps": 10_000,
+                "ppo.steps": args.steps,
+                "ppo.save_steps": 10_000,
+            },
+        )
         run = RunStore(cfg.run_dir)
         _synthetic_preferences(run.data_dir("preferences"), 8, args.response_words)
         t0 = time.perf_counter()
@@ -188,16 +218,27 @@ def _ppo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
     steady = rows[1:] or rows
     mean = lambda key: round(sum(r[key] for r in steady) / len(steady), 2) if steady else None  # noqa: E731
     return {
-        "model": args.model, "quantization": quantization, "dtype": cfg.policy.dtype,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "rollout_batch": cfg.ppo.rollout_batch, "minibatch": cfg.ppo.minibatch, "ppo_epochs": cfg.ppo.ppo_epochs,
-        "max_new_tokens": cfg.ppo.sampling.max_new_tokens, "lora_r": cfg.ppo.lora.r, "steps": len(rows),
+        "model": args.model,
+        "quantization": quantization,
+        "dtype": cfg.policy.dtype,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "rollout_batch": cfg.ppo.rollout_batch,
+        "minibatch": cfg.ppo.minibatch,
+        "ppo_epochs": cfg.ppo.ppo_epochs,
+        "max_new_tokens": cfg.ppo.sampling.max_new_tokens,
+        "lora_r": cfg.ppo.lora.r,
+        "steps": len(rows),
         "first_step_rollout_s": round(rows[0]["rollout_s"], 2) if rows else None,
         "first_step_update_s": round(rows[0]["update_s"], 2) if rows else None,
-        "rollout_s_per_step": mean("rollout_s"), "update_s_per_step": mean("update_s"),
-        "rollout_tokens_per_s": mean("tokens_per_s"), "mean_response_tokens": mean("response_length"),
-        "ppo_load_s": round(manifest["timings"]["load_s"], 2), "ppo_stage_total_s": round(total, 1),
-        "rm_stage_s": round(rm_s, 1), **{k: round(v, 1) for k, v in _peak_memory().items()},
+        "rollout_s_per_step": mean("rollout_s"),
+        "update_s_per_step": mean("update_s"),
+        "rollout_tokens_per_s": mean("tokens_per_s"),
+        "mean_response_tokens": mean("response_length"),
+        "ppo_load_s": round(manifest["timings"]["load_s"], 2),
+        "ppo_stage_total_s": round(total, 1),
+        "rm_stage_s": round(rm_s, 1),
+        **{k: round(v, 1) for k, v in _peak_memory().items()},
     }
 
 
@@ -243,18 +284,32 @@ def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.batch % 2:
         raise ValueError("--batch must be even to split it over 2 processes")
-    settings = {"policy.name": args.model, "dpo.max_steps": args.steps, "dpo.max_length": 256,
-                "dpo.max_prompt_length": 128, "dpo.eval_fraction": 0.0, "dpo.save_steps": 10_000,
-                "rm.max_steps": 1, "rm.eval_fraction": 0.0, "rm.save_steps": 10_000,
-                "ppo.steps": args.steps, "ppo.save_steps": 10_000}
+    settings = {
+        "policy.name": args.model,
+        "dpo.max_steps": args.steps,
+        "dpo.max_length": 256,
+        "dpo.max_prompt_length": 128,
+        "dpo.eval_fraction": 0.0,
+        "dpo.save_steps": 10_000,
+        "rm.max_steps": 1,
+        "rm.eval_fraction": 0.0,
+        "rm.save_steps": 10_000,
+        "ppo.steps": args.steps,
+        "ppo.save_steps": 10_000,
+    }
     threads = args.threads or os.cpu_count() or 1
     configs = {  # name -> (launcher options, per-process DPO batch)
         "1_process": (["--launcher", "accelerate", "--num-processes", "1"], args.batch),
         "2_processes": (["--launcher", "accelerate", "--num-processes", "2"], args.batch // 2),
         f"no_launcher_{threads}_threads": (["--launcher", "none"], args.batch),
     }
-    out: dict[str, Any] = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                           "steps": args.steps, "dpo_global_batch_pairs": args.batch, "threads_per_launched_process": 1}
+    out: dict[str, Any] = {
+        "model": args.model,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "steps": args.steps,
+        "dpo_global_batch_pairs": args.batch,
+        "threads_per_launched_process": 1,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
         base_cfg = load_config("cpu-demo", {"runs_dir": f"{tmp}/base", "threads": threads, **settings})
         run = RunStore(base_cfg.run_dir)
@@ -270,11 +325,19 @@ def bench_processes(args: argparse.Namespace) -> dict[str, Any]:
             for name, (launch, batch) in configs.items():
                 runs_dir = Path(tmp) / f"{stage}-{name}"
                 shutil.copytree(Path(tmp) / "base", runs_dir)
-                wall = _launched(stage, {**settings, "runs_dir": runs_dir, "threads": threads, "dpo.batch_size": batch}, launch)
+                wall = _launched(
+                    stage, {**settings, "runs_dir": runs_dir, "threads": threads, "dpo.batch_size": batch}, launch
+                )
                 seconds, steps = _train_seconds(runs_dir / base_cfg.run_id, stage)
-                figures[name] = {"steps": steps, "train_s": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),
-                                 "wall_s_with_startup": round(wall, 1)}
-            figures["ratio_2_vs_1_process"] = round(figures["2_processes"]["steps_per_s"] / figures["1_process"]["steps_per_s"], 2)
+                figures[name] = {
+                    "steps": steps,
+                    "train_s": round(seconds, 2),
+                    "steps_per_s": round(steps / seconds, 3),
+                    "wall_s_with_startup": round(wall, 1),
+                }
+            figures["ratio_2_vs_1_process"] = round(
+                figures["2_processes"]["steps_per_s"] / figures["1_process"]["steps_per_s"], 2
+            )
             out[stage] = figures
     return out
 
@@ -293,14 +356,23 @@ DEFAULT = ("dpo", "dpo_4bit", "ppo")  # what a run without --only measures (the 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run just these (repeatable; default: dpo, dpo_4bit, ppo)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(MEASUREMENTS),
+        help="run just these (repeatable; default: dpo, dpo_4bit, ppo)",
+    )
     p.add_argument("--model", default="embedded", help="policy model spec (default: embedded)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement (first one is warm-up)")
     p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
     p.add_argument("--response-words", type=int, default=60, help="words per synthetic response")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="policy weights and 4-bit compute dtype (default: the cpu-demo profile's, float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="policy weights and 4-bit compute dtype (default: the cpu-demo profile's, float32)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 

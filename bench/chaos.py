@@ -54,17 +54,31 @@ COMPARED = {
     "pairs": (("records", "pairs"), ("jsonl", "data/pairs/pairs.jsonl")),
     "judge": (("records", "judge"), ("dataset", "data/preferences")),
     "labels": (("dataset", "data/preferences_merged"),),
-    "eval": (("records", "eval"), ("records", "eval-judgments"), ("jsonl", "eval/responses.jsonl"),
-             ("jsonl", "eval/judgments.jsonl")),
+    "eval": (
+        ("records", "eval"),
+        ("records", "eval-judgments"),
+        ("jsonl", "eval/responses.jsonl"),
+        ("jsonl", "eval/judgments.jsonl"),
+    ),
 }
 TRAINED = {"sft": "models/sft", "dpo": "models/dpo", "rm": "models/rm", "ppo": "models/ppo"}
 VOLATILE = {"seconds", "created", "timings"}  # wall-clock fields: differ between any two runs
 RUN_ID = "chaos"
 # imported once by the fork server, so a child pays no import time (the stage modules import
 # these lazily, ~10 s each time on two cores)
-PRELOAD = sorted({module for module, _ in ENTRY_POINTS.values()} | {
-    "cai_dpo.models", "datasets", "peft", "trl", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer",
-    "trl.trainer.reward_trainer", "trl.chat_template_utils"})
+PRELOAD = sorted(
+    {module for module, _ in ENTRY_POINTS.values()}
+    | {
+        "cai_dpo.models",
+        "datasets",
+        "peft",
+        "trl",
+        "trl.trainer.sft_trainer",
+        "trl.trainer.dpo_trainer",
+        "trl.trainer.reward_trainer",
+        "trl.chat_template_utils",
+    }
+)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -175,7 +189,9 @@ def prepare(work: Path, runner: Runner, stages: tuple[str, ...] = STAGES) -> dic
     for stage in STAGES[: last + 1]:
         code, seconds = runner.run(stage, live, work / f"reference-{stage}.log")
         if code != 0:
-            raise RuntimeError(f"reference run of stage {stage} failed (exit {code}); see {work / f'reference-{stage}.log'}")
+            raise RuntimeError(
+                f"reference run of stage {stage} failed (exit {code}); see {work / f'reference-{stage}.log'}"
+            )
         durations[stage] = seconds
         shutil.copytree(live, snaps / f"after-{stage}", symlinks=True)
     return durations
@@ -259,8 +275,12 @@ def _expected_hash(run: Path, key: str, value: str, inputs: dict[str, Any], stag
     artifacts = {("rm", "sft_adapter"): "models/sft", ("ppo", "rm"): "models/rm", ("ppo", "sft_adapter"): "models/sft"}
     if (stage, key) in artifacts:
         return run / artifacts[(stage, key)], value, "artifact"
-    paths = {("judge", "pairs"): "data/pairs/pairs.jsonl", ("labels", "preferences"): "data/preferences",
-             ("eval", "rm"): "models/rm", ("pairs", "sl_records"): "records/sl"}
+    paths = {
+        ("judge", "pairs"): "data/pairs/pairs.jsonl",
+        ("labels", "preferences"): "data/preferences",
+        ("eval", "rm"): "models/rm",
+        ("pairs", "sl_records"): "records/sl",
+    }
     if (stage, key) in paths:
         return run / paths[(stage, key)], value, "file"
     return None
@@ -319,13 +339,17 @@ def trained_steps(stage: str, run: Path) -> tuple[int | None, int]:
 
 def leftovers(run: Path) -> list[str]:
     """Temp or old folders an interrupted swap left behind (after the rerun: there should be none)."""
-    return sorted(str(p.relative_to(run)) for p in run.rglob(".*") if re.search(r"\.(tmp|old-\d+)$", p.name) and p.is_dir())
+    return sorted(
+        str(p.relative_to(run)) for p in run.rglob(".*") if re.search(r"\.(tmp|old-\d+)$", p.name) and p.is_dir()
+    )
 
 
 # --------------------------------------------------------------------------- trials
 
 
-def trial(stage: str, work: Path, runner: Runner, rng: random.Random, durations: dict[str, float], n: int) -> dict[str, Any]:
+def trial(
+    stage: str, work: Path, runner: Runner, rng: random.Random, durations: dict[str, float], n: int
+) -> dict[str, Any]:
     """One kill-and-rerun of ``stage`` (killed after a random delay in (0, ``durations[stage]``)); its findings."""
     live = work / "runs" / RUN_ID
     shutil.rmtree(live, ignore_errors=True)
@@ -379,15 +403,27 @@ def summarize(stage: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ok(stage: str, t: dict[str, Any]) -> bool:
     """True when a trial shows no fault."""
-    good = (t["completed"] and not t["lost"] and not t["duplicated"] and not t["manifest_mismatches"]
-            and not t["record_mismatches"] and not t["leftovers"])
+    good = (
+        t["completed"]
+        and not t["lost"]
+        and not t["duplicated"]
+        and not t["manifest_mismatches"]
+        and not t["record_mismatches"]
+        and not t["leftovers"]
+    )
     if stage in TRAINED:
         good = good and t["steps"] == t["target_steps"] and t["loadable"]
     return good
 
 
-def chaos(stages: tuple[str, ...] = STAGES, trials: int = 20, work: Path | None = None, seed: int = 0,
-          echo: Any = None, max_seconds: float | None = None) -> dict[str, dict[str, Any]]:
+def chaos(
+    stages: tuple[str, ...] = STAGES,
+    trials: int = 20,
+    work: Path | None = None,
+    seed: int = 0,
+    echo: Any = None,
+    max_seconds: float | None = None,
+) -> dict[str, dict[str, Any]]:
     """Run ``trials`` kill-and-rerun trials per stage; per-stage summaries (see :func:`summarize`).
 
     ``max_seconds``: start no new round of trials (one per stage) after this long; the
@@ -414,8 +450,11 @@ def chaos(stages: tuple[str, ...] = STAGES, trials: int = 20, work: Path | None 
             results[stage].append(trial(stage, work, runner, rng, durations, n))
     out: dict[str, dict[str, Any]] = {}
     for stage in stages:
-        out[stage] = {**summarize(stage, results[stage]), "reference_s": round(reference_s[stage], 1),
-                      "bench_s": round(time.perf_counter() - t0, 1)}
+        out[stage] = {
+            **summarize(stage, results[stage]),
+            "reference_s": round(reference_s[stage], 1),
+            "bench_s": round(time.perf_counter() - t0, 1),
+        }
         if echo:
             echo(out[stage])
     return out
@@ -430,9 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new round of trials after this long")
     args = parser.parse_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    results = chaos(stages, args.trials, Path(args.work) if args.work else None, args.seed,
-                    echo=lambda s: print(json.dumps(s), flush=True),
-                    max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    results = chaos(
+        stages,
+        args.trials,
+        Path(args.work) if args.work else None,
+        args.seed,
+        echo=lambda s: print(json.dumps(s), flush=True),
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
     return 0 if all(r["completed"] == r["trials"] and "failures" not in r for r in results.values()) else 1
 
 

@@ -59,13 +59,19 @@ def _dump(out: dict[str, Any], path: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="policy model spec (features, answers; default: embedded)")
-    ap.add_argument("--curated", default="bundled:curated", help="curated set: bundled:curated, a JSONL file or a folder")
+    ap.add_argument(
+        "--curated", default="bundled:curated", help="curated set: bundled:curated, a JSONL file or a folder"
+    )
     ap.add_argument("--file", default=str(HHH_FILE), help="438HHHEvaluations.jsonl")
     ap.add_argument("--hhh-limit", type=int, default=None, help="a seeded sample of N HHH comparisons (default: all)")
     ap.add_argument("--train-limit", type=int, default=None, help="curated train prompts per kind (default: all)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="curated held-out prompts per kind (default: all)")
-    ap.add_argument("--small-train", type=int, default=None,
-                    help="also train the probe on only this many prompts per kind (the size a CPU demo affords)")
+    ap.add_argument(
+        "--small-train",
+        type=int,
+        default=None,
+        help="also train the probe on only this many prompts per kind (the size a CPU demo affords)",
+    )
     ap.add_argument("--max-length", type=int, default=384, help="tokens per row for the probe's features")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="length of the policy's answers (negatives)")
@@ -76,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-judge", action="store_true", help="measure the probe only")
     ap.add_argument("--no-judge-hhh", action="store_true", help="leave the judge out of the HHH part (the slowest)")
     ap.add_argument("--cache", default="artifacts/bench/curate_scorers", help="folder for the policy answers")
-    ap.add_argument("--judge-heldout-limit", type=int, default=None,
-                    help="judge only the first N held-out prompts per kind (the judge is the slow scorer)")
+    ap.add_argument(
+        "--judge-heldout-limit",
+        type=int,
+        default=None,
+        help="judge only the first N held-out prompts per kind (the judge is the slow scorer)",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON here after each section (partial results)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -111,15 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.small_train is not None:
         small_ids = {e.id for e in _per_kind(train, args.small_train)}
         small_idx = [i for i, e in enumerate(train_ex) if e.group in small_ids]
-        probe_small = train_probe(model, tok, [train_ex[i] for i in small_idx], model_id=model_id,
-                                  features=x_train[small_idx], **opts)
+        probe_small = train_probe(
+            model, tok, [train_ex[i] for i in small_idx], model_id=model_id, features=x_train[small_idx], **opts
+        )
 
     out: dict[str, Any] = {
-        "model": model_id, "curated": args.curated, "curated_counts": summary(examples), "threads": threads,
-        "used_prompts": {"train": summary(train), "heldout": summary(heldout)}, "max_length": args.max_length,
-        "negatives": {"policy_answers": len(answers), "max_new_tokens": args.max_new_tokens,
-                      "policy_answer_refusal_rate": round(float(np.mean([is_refusal(a) for a in answers.values()])), 4)},
-        "chance": 0.5, "heldout": {}, "hhh": {},
+        "model": model_id,
+        "curated": args.curated,
+        "curated_counts": summary(examples),
+        "threads": threads,
+        "used_prompts": {"train": summary(train), "heldout": summary(heldout)},
+        "max_length": args.max_length,
+        "negatives": {
+            "policy_answers": len(answers),
+            "max_new_tokens": args.max_new_tokens,
+            "policy_answer_refusal_rate": round(float(np.mean([is_refusal(a) for a in answers.values()])), 4),
+        },
+        "chance": 0.5,
+        "heldout": {},
+        "hhh": {},
     }
     t = time.perf_counter()
     x_held = hidden_features(model, tok, [e.row.conversation() for e in held_ex], desc="held-out features", **opts)
@@ -127,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     out["heldout"]["probe"] = measure(probe.score_features(x_held, kinds), held_ex, args.threshold)
     out["heldout"]["probe"]["train_accuracy"] = round(probe.meta["train_accuracy"], 4)
     if probe_small is not None:
-        out["heldout"][f"probe_train{args.small_train}"] = measure(probe_small.score_features(x_held, kinds), held_ex,
-                                                                   args.threshold)
+        out["heldout"][f"probe_train{args.small_train}"] = measure(
+            probe_small.score_features(x_held, kinds), held_ex, args.threshold
+        )
     timings["probe_heldout"] = round(time.perf_counter() - t, 1)
 
     out["timings_seconds"] = timings
@@ -157,16 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         constitution = load_constitution(args.constitution)
         jcfg = JudgeConfig(batch_size=args.batch_size, few_shot=True)
         judge = JudgeScorer(engine, constitution, jcfg, seed=args.seed, model_id=model_id)
-        out["judge_settings"] = {k: getattr(jcfg, k) for k in ("few_shot", "both_orders", "calibrate", "principles",
-                                                               "prompt_format")} | {"baseline": judge.baseline}
+        out["judge_settings"] = {
+            k: getattr(jcfg, k) for k in ("few_shot", "both_orders", "calibrate", "principles", "prompt_format")
+        } | {"baseline": judge.baseline}
         jheld = held_ex
         if args.judge_heldout_limit is not None:
             keep = {e.id for e in _per_kind(heldout, args.judge_heldout_limit)}
             jheld = [e for e in held_ex if e.group in keep]
             # the probe on exactly the judge's subset, for a like-for-like comparison
             idx = [i for i, e in enumerate(held_ex) if e.group in keep]
-            out["heldout"]["probe_on_judge_subset"] = measure(probe.score_features(x_held[idx], [kinds[i] for i in idx]),
-                                                              jheld, args.threshold)
+            out["heldout"]["probe_on_judge_subset"] = measure(
+                probe.score_features(x_held[idx], [kinds[i] for i in idx]), jheld, args.threshold
+            )
         t = time.perf_counter()
         out["heldout"]["judge"] = measure(judge.score([e.row for e in jheld]), jheld, args.threshold)
         timings["judge_heldout"] = round(time.perf_counter() - t, 1)
@@ -178,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     summary_line = {name: (m.get("pairwise") or {}).get("accuracy") for name, m in out["heldout"].items()}
     out["heldout_pairwise_accuracy"] = summary_line
     if isinstance(out["hhh"], dict) and "probe" in out["hhh"]:
-        out["hhh_pairwise_accuracy"] = {n: out["hhh"][n]["pairwise"]["accuracy"] for n in ("probe", "judge")
-                                        if n in out["hhh"]}
+        out["hhh_pairwise_accuracy"] = {
+            n: out["hhh"][n]["pairwise"]["accuracy"] for n in ("probe", "judge") if n in out["hhh"]
+        }
     _dump(out, args.out)
     print(json.dumps(out, indent=2, default=str))
     return 0

@@ -32,7 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def answer(spec: Any, adapter: str | None, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], float]:
+def answer(
+    spec: Any, adapter: str | None, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> tuple[list[str], float]:
     """Greedy answers of the policy (with ``adapter`` when given) to single-turn prompts, and the seconds taken."""
     from cai_dpo.config import SamplingConfig
     from cai_dpo.engine import Engine
@@ -105,12 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         cache.write_text(json.dumps(base))
     n_h = len(harmful)
     if args.base_only:
-        json.dump({"profile": args.profile, "heldout": {"harmful": n_h, "benign": len(benign),
-                                                       "benign_sensitive": sum(sensitive)},
-                   "base": figures(base[:n_h], base[n_h:], sensitive), "generation_seconds": base_seconds,
-                   "max_new_tokens": args.max_new_tokens,
-                   "samples": [{"prompt": e.prompt, "base": a} for e, a in list(zip(harmful + benign, base))[:: max(1, len(base) // 6)]]},
-                  sys.stdout, indent=1, default=str)
+        json.dump(
+            {
+                "profile": args.profile,
+                "heldout": {"harmful": n_h, "benign": len(benign), "benign_sensitive": sum(sensitive)},
+                "base": figures(base[:n_h], base[n_h:], sensitive),
+                "generation_seconds": base_seconds,
+                "max_new_tokens": args.max_new_tokens,
+                "samples": [
+                    {"prompt": e.prompt, "base": a}
+                    for e, a in list(zip(harmful + benign, base))[:: max(1, len(base) // 6)]
+                ],
+            },
+            sys.stdout,
+            indent=1,
+            default=str,
+        )
         print()
         return 0
     t0 = time.perf_counter()
@@ -120,27 +132,51 @@ def main(argv: list[str] | None = None) -> int:
     tuned, tuned_seconds = answer(spec, str(adapter), prompts, args.max_new_tokens, args.batch_size)
 
     out: dict[str, Any] = {
-        "profile": args.profile, "overrides": overrides, "heldout": {"harmful": n_h, "benign": len(benign),
-                                                                     "benign_sensitive": sum(sensitive)},
-        "sft": {k: manifest["counts"].get(k) for k in ("train_rows", "eval_rows", "steps", "curated_harmful",
-                                                       "curated_benign", "weight_mean")}
-        | {"train_loss_first": manifest["metrics"]["train_loss_first"],
-           "train_loss_final": manifest["metrics"]["train_loss_final"], "eval_loss": manifest["metrics"]["eval_loss"],
-           "seconds": sft_seconds, "settings": {k: getattr(cfg.sft, k) for k in (
-               "learning_rate", "epochs", "max_steps", "batch_size", "max_length", "curated_harmful_ratio",
-               "weighting", "principle_weights")} | {"lora_r": cfg.sft.lora.r}},
+        "profile": args.profile,
+        "overrides": overrides,
+        "heldout": {"harmful": n_h, "benign": len(benign), "benign_sensitive": sum(sensitive)},
+        "sft": {
+            k: manifest["counts"].get(k)
+            for k in ("train_rows", "eval_rows", "steps", "curated_harmful", "curated_benign", "weight_mean")
+        }
+        | {
+            "train_loss_first": manifest["metrics"]["train_loss_first"],
+            "train_loss_final": manifest["metrics"]["train_loss_final"],
+            "eval_loss": manifest["metrics"]["eval_loss"],
+            "seconds": sft_seconds,
+            "settings": {
+                k: getattr(cfg.sft, k)
+                for k in (
+                    "learning_rate",
+                    "epochs",
+                    "max_steps",
+                    "batch_size",
+                    "max_length",
+                    "curated_harmful_ratio",
+                    "weighting",
+                    "principle_weights",
+                )
+            }
+            | {"lora_r": cfg.sft.lora.r},
+        },
         "base": figures(base[:n_h], base[n_h:], sensitive),
         "sft_model": figures(tuned[:n_h], tuned[n_h:], sensitive),
         "generation_seconds": {"base": base_seconds, "sft": tuned_seconds},
         "max_new_tokens": args.max_new_tokens,
         "samples": {
-            "harmful": [{"prompt": harmful[i].prompt, "base": base[i], "sft": tuned[i]} for i in range(min(args.samples, n_h))],
-            "benign_sensitive": [{"prompt": benign[i].prompt, "base": base[n_h + i], "sft": tuned[n_h + i]}
-                                 for i in [j for j, s in enumerate(sensitive) if s][: args.samples]],
+            "harmful": [
+                {"prompt": harmful[i].prompt, "base": base[i], "sft": tuned[i]} for i in range(min(args.samples, n_h))
+            ],
+            "benign_sensitive": [
+                {"prompt": benign[i].prompt, "base": base[n_h + i], "sft": tuned[n_h + i]}
+                for i in [j for j, s in enumerate(sensitive) if s][: args.samples]
+            ],
         },
     }
     b, s = out["base"], out["sft_model"]
-    out["delta_explained_decline_points"] = 100 * (s["harmful_explained_decline"]["rate"] - b["harmful_explained_decline"]["rate"])
+    out["delta_explained_decline_points"] = 100 * (
+        s["harmful_explained_decline"]["rate"] - b["harmful_explained_decline"]["rate"]
+    )
     json.dump(out, sys.stdout, indent=1, default=str)
     print()
     return 0

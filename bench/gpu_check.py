@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ("gpu_tests", "tiny_pipeline", "qlora_train", "vllm")
-PROMPTS = ["Name three primary colours.", "How do I boil an egg?", "Give me a synonym for 'quick'.",
-           "What is 12 times 7?", "Write one sentence about the sea.", "How can I pick a lock?"]
+PROMPTS = [
+    "Name three primary colours.",
+    "How do I boil an egg?",
+    "Give me a synonym for 'quick'.",
+    "What is 12 times 7?",
+    "Write one sentence about the sea.",
+    "How can I pick a lock?",
+]
 
 
 def why_skip() -> str:
@@ -48,16 +54,21 @@ def vllm_vs_local() -> dict[str, Any]:
     import dataclasses
 
     import numpy as np
-
     from bench_generation import judge_contexts
+
     from cai_dpo.config import ModelSpec, SamplingConfig
-    from cai_dpo.models import load_engine
     from cai_dpo.judging import OPTIONS
+    from cai_dpo.models import load_engine
     from cai_dpo.vllm_engine import VLLMEngineError
 
     local_spec = ModelSpec(name="embedded", dtype="bfloat16", device="cuda")
-    vllm_spec = dataclasses.replace(local_spec, backend="vllm", device="auto", top_logprobs=20,
-                                    vllm_args={"gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 2048})
+    vllm_spec = dataclasses.replace(
+        local_spec,
+        backend="vllm",
+        device="auto",
+        top_logprobs=20,
+        vllm_args={"gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 2048},
+    )
     t0 = time.perf_counter()
     vllm = load_engine(vllm_spec, progress=False)  # first: vLLM starts its workers before CUDA is used here
     load_s = time.perf_counter() - t0
@@ -66,12 +77,20 @@ def vllm_vs_local() -> dict[str, Any]:
     greedy = SamplingConfig(max_new_tokens=32, do_sample=False, temperature=0.0)
     a = [row[0] for row in local.generate(convs, greedy)]
     b = [row[0] for row in vllm.generate(convs, greedy)]
-    same_prefix = [next((i for i, (x, y) in enumerate(zip(g.token_ids, h.token_ids)) if x != y),
-                        min(len(g.token_ids), len(h.token_ids))) for g, h in zip(a, b)]
+    same_prefix = [
+        next(
+            (i for i, (x, y) in enumerate(zip(g.token_ids, h.token_ids)) if x != y),
+            min(len(g.token_ids), len(h.token_ids)),
+        )
+        for g, h in zip(a, b)
+    ]
     out: dict[str, Any] = {
-        "ok": True, "model": "embedded (SmolLM2-135M-Instruct), bfloat16", "vllm_load_s": round(load_s, 1),
+        "ok": True,
+        "model": "embedded (SmolLM2-135M-Instruct), bfloat16",
+        "vllm_load_s": round(load_s, 1),
         "greedy_identical": f"{sum(g.token_ids == h.token_ids for g, h in zip(a, b))}/{len(a)}",
-        "greedy_mean_same_prefix_tokens": round(float(np.mean(same_prefix)), 1), "greedy_max_new_tokens": 32,
+        "greedy_mean_same_prefix_tokens": round(float(np.mean(same_prefix)), 1),
+        "greedy_max_new_tokens": 32,
     }
     prefix, contexts = judge_contexts(local, 8)
     p_local, _ = local.score_options(contexts, OPTIONS, prefix=prefix)
@@ -81,13 +100,21 @@ def vllm_vs_local() -> dict[str, Any]:
         out.update(ok=False, score_options_error=str(exc))
     else:
         diff = np.abs(p_local[:, 0] - p_vllm[:, 0])
-        out["p_a_abs_diff"] = {"mean": round(float(diff.mean()), 4), "max": round(float(diff.max()), 4),
-                               "contexts": len(diff)}
+        out["p_a_abs_diff"] = {
+            "mean": round(float(diff.mean()), 4),
+            "max": round(float(diff.max()), 4),
+            "contexts": len(diff),
+        }
     completions = [g.text or "ok" for g in a]
     rendered = [local.render(c) for c in convs]
-    lp_diff = [abs(x.total - y.total) / max(1, x.n_tokens)
-               for x, y in zip(local.logprob(rendered, completions), vllm.logprob(rendered, completions))]
-    out["logprob_abs_diff_per_token"] = {"mean": round(float(np.mean(lp_diff)), 4), "max": round(float(np.max(lp_diff)), 4)}
+    lp_diff = [
+        abs(x.total - y.total) / max(1, x.n_tokens)
+        for x, y in zip(local.logprob(rendered, completions), vllm.logprob(rendered, completions))
+    ]
+    out["logprob_abs_diff_per_token"] = {
+        "mean": round(float(np.mean(lp_diff)), 4),
+        "max": round(float(np.max(lp_diff)), 4),
+    }
     return out
 
 
@@ -107,10 +134,16 @@ def _tests(folder: Path) -> dict[str, Any]:
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
-    out = {"ok": _rc(folder, "gpu_tests") == 0 and counts["tests"] > counts["skipped"], **counts,
-           "seconds": round(float(suite.get("time", 0)), 1)}
+    failed = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
+    out = {
+        "ok": _rc(folder, "gpu_tests") == 0 and counts["tests"] > counts["skipped"],
+        **counts,
+        "seconds": round(float(suite.get("time", 0)), 1),
+    }
     if failed:
         out.update(failed=failed, log=_tail(folder / "gpu_tests.log"))
     return out
@@ -148,11 +181,21 @@ def report(folder: Path | None, skip: str, seconds: float | None) -> dict[str, A
     import torch
 
     assert folder is not None
-    parts = {"gpu_tests": _tests(folder), "tiny_pipeline": _pipeline(folder),
-             "qlora_train": _json_part(folder, "qlora_train"), "vllm": _json_part(folder, "vllm")}
+    parts = {
+        "gpu_tests": _tests(folder),
+        "tiny_pipeline": _pipeline(folder),
+        "qlora_train": _json_part(folder, "qlora_train"),
+        "vllm": _json_part(folder, "vllm"),
+    }
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cuda": True, "device": device, "torch": torch.__version__,
-            "ok": all(p.get("ok", True) for p in parts.values()), **parts, "seconds": seconds}
+    return {
+        "cuda": True,
+        "device": device,
+        "torch": torch.__version__,
+        "ok": all(p.get("ok", True) for p in parts.values()),
+        **parts,
+        "seconds": seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

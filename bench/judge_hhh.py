@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N comparisons")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--constitution", default="default", help="few-shot demos (and principles) from this constitution")
-    ap.add_argument("--principles", choices=["hhh", "constitution"], default="hhh",
-                    help="the published HHH question, or one sampled constitution principle per comparison")
+    ap.add_argument(
+        "--principles",
+        choices=["hhh", "constitution"],
+        default="hhh",
+        help="the published HHH question, or one sampled constitution principle per comparison",
+    )
     ap.add_argument("--format", choices=["chat", "plain"], default="chat", help="judge prompt format")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     judged = 0
     t0 = time.perf_counter()
     for few_shot in (False, True):
-        cfg = JudgeConfig(few_shot=few_shot, prompt_format=args.format, both_orders=True, calibrate=False,
-                          batch_size=args.batch_size)
+        cfg = JudgeConfig(
+            few_shot=few_shot, prompt_format=args.format, both_orders=True, calibrate=False, batch_size=args.batch_size
+        )
         prompter = JudgePrompter(engine, constitution, cfg)
         t = time.perf_counter()
         scores = score_letters(engine, constitution, comps, cfg, seed=args.seed, prompter=prompter)
@@ -152,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         probs, _ = engine.score_options([r["prompt"] for r in rows], OPTIONS)
         hits = [(p[0] > 0.5) == a for p, a in zip(probs, a_correct)]
-        out["published_prompt_verbatim"] = {**_acc(hits), "picks_a_rate": round(float(np.mean(probs[:, 0] > 0.5)), 4),
-                                            "seconds": round(time.perf_counter() - t, 1)}
+        out["published_prompt_verbatim"] = {
+            **_acc(hits),
+            "picks_a_rate": round(float(np.mean(probs[:, 0] > 0.5)), 4),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["judgments_per_second"] = round(judged / (time.perf_counter() - t0), 3)
     out["chance"] = 0.5

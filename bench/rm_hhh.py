@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_EVALS = Path(__file__).resolve().parent.parent.parent / "shared" / "anchors" / "anthropic-cai" / "evals" / "438HHHEvaluations.jsonl"
+DEFAULT_EVALS = (
+    Path(__file__).resolve().parent.parent.parent
+    / "shared"
+    / "anchors"
+    / "anthropic-cai"
+    / "evals"
+    / "438HHHEvaluations.jsonl"
+)
 
 
 def split_dialogue(text: str) -> tuple[list[dict[str, str]], str]:
@@ -74,17 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     d = rc - ri
     acc = float(((d > 0) + 0.5 * (d == 0)).mean()) if d.size else float("nan")
     q = 1 / (1 + np.exp(-d))
-    print(json.dumps({
-        "rm": str(args.rm),
-        "n": int(d.size),
-        "accuracy": acc,
-        "mean_margin": float(d.mean()) if d.size else None,
-        "ece_vs_correct": expected_calibration_error(q, np.ones_like(q)) if d.size else None,
-        "load_s": round(load_s, 2),
-        "seconds": round(seconds, 2),
-        "comparisons_per_s": round(d.size / seconds, 2) if seconds > 0 else None,
-        "threads": threads,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "rm": str(args.rm),
+                "n": int(d.size),
+                "accuracy": acc,
+                "mean_margin": float(d.mean()) if d.size else None,
+                "ece_vs_correct": expected_calibration_error(q, np.ones_like(q)) if d.size else None,
+                "load_s": round(load_s, 2),
+                "seconds": round(seconds, 2),
+                "comparisons_per_s": round(d.size / seconds, 2) if seconds > 0 else None,
+                "threads": threads,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

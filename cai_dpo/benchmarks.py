@@ -53,16 +53,23 @@ def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
         raise ConfigError("eval.benchmarks: an entry has no 'path'")
     path = resolve_path(spec.path)
     if not path.exists():
-        raise FileNotFoundError(f"{spec.path}: benchmark file not found (eval.benchmarks path); nothing is downloaded, "
-                                "point it at a local CSV/JSONL file or a saved dataset folder")
+        raise FileNotFoundError(
+            f"{spec.path}: benchmark file not found (eval.benchmarks path); nothing is downloaded, "
+            "point it at a local CSV/JSONL file or a saved dataset folder"
+        )
     fmt = _format(path, spec.format)
     source = f"benchmark:{benchmark_name(spec)}"
     if fmt == "csv":
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         header = next(csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter), [])
         if spec.label_field not in header:
-            raise PromptFileError(f"no label column {spec.label_field!r} in the header {header}; set label_field",
-                                  file=path, line=1, field=spec.label_field, row_kind="row")
+            raise PromptFileError(
+                f"no label column {spec.label_field!r} in the header {header}; set label_field",
+                file=path,
+                line=1,
+                field=spec.label_field,
+                row_kind="row",
+            )
         prompts = load_csv(path, source=source, text_field=spec.prompt_field)
     elif fmt == "jsonl":
         prompts = load_jsonl(path, source=source, text_field=spec.prompt_field)
@@ -76,19 +83,35 @@ def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
     for i, p in enumerate(prompts, 1):
         raw = p.category if spec.label_field == "category" else p.meta.get(spec.label_field)
         if raw is None or not str(raw).strip():
-            raise PromptFileError(f"missing or empty label in prompt {p.id!r}", file=path, line=i,
-                                  field=spec.label_field, row_kind="prompt")
+            raise PromptFileError(
+                f"missing or empty label in prompt {p.id!r}",
+                file=path,
+                line=i,
+                field=spec.label_field,
+                row_kind="prompt",
+            )
         value = str(raw).strip().lower()
         if value in harmful:
             kind = "harmful"
         elif not benign or value in benign:
             kind = "benign"
         else:
-            raise PromptFileError(f"label {raw!r} is in neither harmful_values {sorted(harmful)} nor benign_values "
-                                  f"{sorted(benign)}", file=path, line=i, field=spec.label_field, row_kind="prompt")
+            raise PromptFileError(
+                f"label {raw!r} is in neither harmful_values {sorted(harmful)} nor benign_values {sorted(benign)}",
+                file=path,
+                line=i,
+                field=spec.label_field,
+                row_kind="prompt",
+            )
         out.append(BenchmarkPrompt(p, kind, str(raw)))
     if spec.limit is not None:
         out = out[: spec.limit]
-    log.info("benchmark %s: %d prompts (%d harmful, %d benign) from %s", benchmark_name(spec), len(out),
-             sum(b.kind == "harmful" for b in out), sum(b.kind == "benign" for b in out), path)
+    log.info(
+        "benchmark %s: %d prompts (%d harmful, %d benign) from %s",
+        benchmark_name(spec),
+        len(out),
+        sum(b.kind == "harmful" for b in out),
+        sum(b.kind == "benign" for b in out),
+        path,
+    )
     return out

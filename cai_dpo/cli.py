@@ -11,8 +11,9 @@ import json
 import logging
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai_dpo.config import RunConfig, load_config, parse_override
 from cai_dpo.errors import CaiDpoInputError, InputError
@@ -24,20 +25,41 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     """Options every stage command shares: profile, run id and key=value overrides."""
     p.add_argument("--profile", default="cpu-demo", help="profile name (tiny, cpu-demo, gpu-qlora) or a YAML file")
     p.add_argument("--run-id", default=None, help="run folder name under runs_dir (default: the profile's)")
-    p.add_argument("-o", "-p", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. -o sl.rounds=3 (repeatable)")
+    p.add_argument(
+        "-o",
+        "-p",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. -o sl.rounds=3 (repeatable)",
+    )
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
     """Options of the training stages that can run as several processes (``train.launcher`` & co.)."""
-    p.add_argument("--launcher", choices=["none", "accelerate"], default=None,
-                   help="accelerate: run as several processes under accelerate launch (default train.launcher; "
-                        "implied by --num-processes or --config-file)")
-    p.add_argument("--num-processes", type=int, default=None, metavar="N",
-                   help="processes to launch (default train.num_processes, else the config file's, else one per GPU)")
-    p.add_argument("--config-file", default=None, metavar="FILE",
-                   help="accelerate config file, or a bundled one: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
-                        "(default train.accelerate_config; none: plain data parallelism)")
+    p.add_argument(
+        "--launcher",
+        choices=["none", "accelerate"],
+        default=None,
+        help="accelerate: run as several processes under accelerate launch (default train.launcher; "
+        "implied by --num-processes or --config-file)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes to launch (default train.num_processes, else the config file's, else one per GPU)",
+    )
+    p.add_argument(
+        "--config-file",
+        default=None,
+        metavar="FILE",
+        help="accelerate config file, or a bundled one: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
+        "(default train.accelerate_config; none: plain data parallelism)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -51,8 +73,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     items = dict(parse_override(o) for o in args.overrides)
     if args.run_id is not None:
         items["run_id"] = str(args.run_id)
-    launch = {"train.num_processes": getattr(args, "num_processes", None),
-              "train.accelerate_config": getattr(args, "config_file", None)}
+    launch = {
+        "train.num_processes": getattr(args, "num_processes", None),
+        "train.accelerate_config": getattr(args, "config_file", None),
+    }
     items.update({k: v for k, v in launch.items() if v is not None})
     launcher = getattr(args, "launcher", None)
     if launcher is None and any(v is not None for v in launch.values()):
@@ -97,7 +121,9 @@ def _add_foundation_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_doctor)
 
     models = sub.add_parser("models", help="model cache").add_subparsers(dest="models_cmd", required=True)
-    p = models.add_parser("prepare", help="convert the embedded GGUF model to safetensors once (and build the tiny test model)")
+    p = models.add_parser(
+        "prepare", help="convert the embedded GGUF model to safetensors once (and build the tiny test model)"
+    )
     p.add_argument("which", nargs="*", default=["embedded"], choices=["embedded", "tiny"])
     p.set_defaults(func=_cmd_models_prepare)
 
@@ -121,10 +147,18 @@ def _add_config_commands(sub: Any) -> None:
     """``config explain [SECTION]``: every config field with its type, default and help."""
     config = sub.add_parser("config", help="describe the run config").add_subparsers(dest="config_cmd", required=True)
     p = config.add_parser("explain", help="every field of the config (or of SECTION) with its type, default and help")
-    p.add_argument("section", nargs="?", default=None,
-                   help="a section (dpo, dpo.lora, ppo.sampling, judge.model) or one key (dpo.beta); default: all")
-    p.add_argument("--profile", default=None, metavar="NAME",
-                   help="also show this profile's value (a name or a YAML file) where it differs from the default")
+    p.add_argument(
+        "section",
+        nargs="?",
+        default=None,
+        help="a section (dpo, dpo.lora, ppo.sampling, judge.model) or one key (dpo.beta); default: all",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="also show this profile's value (a name or a YAML file) where it differs from the default",
+    )
     p.set_defaults(func=_cmd_config_explain)
 
 
@@ -151,11 +185,16 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     m = read_manifest(out)
     counts, metrics = m["counts"], m["metrics"]
     acc = (metrics.get("accuracy") or {}).get("pairwise") or {}
-    measured = (f"{acc['accuracy']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {acc['n']} held-out pairs"
-                if acc.get("accuracy") is not None else "not measured")
+    measured = (
+        f"{acc['accuracy']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {acc['n']} held-out pairs"
+        if acc.get("accuracy") is not None
+        else "not measured"
+    )
     print(f"curated dataset: {out}")
-    print(f"rows {counts['rows_in']}: kept {counts['kept']}, dropped {counts['dropped']}, "
-          f"below threshold {counts['below_threshold']} ({metrics['action']} at {metrics['threshold']})")
+    print(
+        f"rows {counts['rows_in']}: kept {counts['kept']}, dropped {counts['dropped']}, "
+        f"below threshold {counts['below_threshold']} ({metrics['action']} at {metrics['threshold']})"
+    )
     print(f"scorer: {metrics['scorer']} ({metrics['scorer_reason']}); accuracy {measured}")
     return 0
 
@@ -174,12 +213,20 @@ def _add_sl_stage_commands(sub: Any) -> None:
     _config_args(p)
     p.set_defaults(func=_cmd_sl)
 
-    p = sub.add_parser("curate", help="score (prompt, response) rows against the constitution; keep, drop or "
-                       "weight them -> data/curated")
+    p = sub.add_parser(
+        "curate",
+        help="score (prompt, response) rows against the constitution; keep, drop or weight them -> data/curated",
+    )
     _config_args(p)
-    p.add_argument("--source", dest="sources", action="append", default=[], metavar="SPEC",
-                   help="rows to curate: sl, bundled:curated, a JSONL file or a dataset folder (repeatable; "
-                        "default: curate.sources)")
+    p.add_argument(
+        "--source",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="rows to curate: sl, bundled:curated, a JSONL file or a dataset folder (repeatable; "
+        "default: curate.sources)",
+    )
     p.set_defaults(func=_cmd_curate)
 
     p = sub.add_parser("sft", help="fine-tune a LoRA adapter on data/sl -> models/sft")
@@ -264,8 +311,10 @@ def _cmd_labels_export(args: argparse.Namespace) -> int:
 def _cmd_labels_import(args: argparse.Namespace) -> int:
     with _label_queue(args) as queue:
         added = queue.import_jsonl(Path(args.path))
-    print(f"imported {added['pairs']} new pair(s), {added['labels']} new label(s) and {added['revisions']} new "
-          f"revision(s) into {queue.path}")
+    print(
+        f"imported {added['pairs']} new pair(s), {added['labels']} new label(s) and {added['revisions']} new "
+        f"revision(s) into {queue.path}"
+    )
     return 0
 
 
@@ -275,14 +324,17 @@ def _cmd_labels_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        print(f"{status['db_path']}: {status['queued']} queued, {status['labeled']} labeled, "
-              f"{status['pending']} pending; choices {status['by_choice']}; reasons {status['by_reason']}")
+        print(
+            f"{status['db_path']}: {status['queued']} queued, {status['labeled']} labeled, "
+            f"{status['pending']} pending; choices {status['by_choice']}; reasons {status['by_reason']}"
+        )
     return 0
 
 
 def _add_labels_commands(sub: Any) -> None:
     labels = sub.add_parser("labels", help="human label queue: export, import, status").add_subparsers(
-        dest="labels_cmd", required=True)
+        dest="labels_cmd", required=True
+    )
     for name, func, help_text in (
         ("export", _cmd_labels_export, "write the queue's pairs and labels to a JSONL file"),
         ("import", _cmd_labels_import, "add pairs and labels from a JSONL export (idempotent)"),
@@ -316,7 +368,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     gate = m["metrics"].get("judge_gate") or {}
     print(f"preferences: {out} ({m['counts']['rows']} rows, {m['counts']['by_source']})")
     if "accuracy" in gate:
-        print(f"judge gate: {GateResult(**{'statistic': 'estimate', **gate}).summary()}")  # older runs compared the estimate
+        print(
+            f"judge gate: {GateResult(**{'statistic': 'estimate', **gate}).summary()}"
+        )  # older runs compared the estimate
     for note in m["notes"]:
         print(f"note: {note}")
     return 0
@@ -324,8 +378,11 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 def _add_pairs_judge_commands(sub: Any) -> None:
     """``pairs`` (sampled / revision pairs) and ``judge`` (constitution-judged soft labels)."""
-    p = sub.add_parser("pairs", help="response pairs: K samples per prompt from the SL-CAI model and/or "
-                                     "revision-vs-original pairs -> data/pairs")
+    p = sub.add_parser(
+        "pairs",
+        help="response pairs: K samples per prompt from the SL-CAI model and/or "
+        "revision-vs-original pairs -> data/pairs",
+    )
     _config_args(p)
     p.set_defaults(func=_cmd_pairs)
 
@@ -340,8 +397,8 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
     from cai_dpo.config import ModelSpec
     from cai_dpo.constitution import load_cases, load_constitution
     from cai_dpo.engine import set_threads
-    from cai_dpo.models import load_engine
     from cai_dpo.judging import format_case_table, run_constitution_cases
+    from cai_dpo.models import load_engine
 
     cfg = config_from_args(args)
     constitution = load_constitution(args.file)
@@ -392,8 +449,12 @@ def _add_dpo_commands(sub: Any) -> None:
     p = sub.add_parser("dpo", help="DPO from the SL-CAI model on data/preferences(_merged) -> models/dpo")
     _config_args(p)
     _launch_args(p)
-    p.add_argument("--rounds", type=int, default=None,
-                   help="iterative DPO rounds (default dpo.rounds); each later round samples and judges new pairs")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="iterative DPO rounds (default dpo.rounds); each later round samples and judges new pairs",
+    )
     p.set_defaults(func=_cmd_dpo)
 
 
@@ -429,9 +490,11 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
     print(f"{cfg.ppo.mode.upper()} adapter: {out}")
     metrics, timings = manifest.get("metrics") or {}, manifest.get("timings") or {}
     if metrics:
-        print(f"score {metrics['score_first']:.3f} -> {metrics['score_last']:.3f}, KL {metrics['kl_last']:.3f}; "
-              f"{timings.get('rollout_s_per_step', float('nan')):.1f} s rollout + "
-              f"{timings.get('update_s_per_step', float('nan')):.1f} s update per step")
+        print(
+            f"score {metrics['score_first']:.3f} -> {metrics['score_last']:.3f}, KL {metrics['kl_last']:.3f}; "
+            f"{timings.get('rollout_s_per_step', float('nan')):.1f} s rollout + "
+            f"{timings.get('update_s_per_step', float('nan')):.1f} s update per step"
+        )
     return 0
 
 
@@ -439,8 +502,11 @@ def _add_ppo_commands(sub: Any) -> None:
     p = sub.add_parser("rm", help="preference model on data/preferences(_merged) (soft labels) -> models/rm")
     _config_args(p)
     _launch_args(p)
-    p.add_argument("--backbone", default=None,
-                   help="sl-cai (default: policy + SFT merged), base, or a sequence-classification model folder")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="sl-cai (default: policy + SFT merged), base, or a sequence-classification model folder",
+    )
     p.set_defaults(func=_cmd_rm)
 
     p = sub.add_parser("ppo", help="PPO (RL-CAI) of the SL-CAI model against models/rm -> models/ppo")
@@ -484,10 +550,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_eval_commands(sub: Any) -> None:
-    p = sub.add_parser("eval", help="side-by-side evaluation: independent classifier figures with paired differences vs base, gated judge figures, benchmark files, cost")
+    p = sub.add_parser(
+        "eval",
+        help="side-by-side evaluation: independent classifier figures with paired differences vs base, "
+        "gated judge figures, benchmark files, cost",
+    )
     _config_args(p)
-    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
-                   help="evaluate another model too: a folder, adapter folder or hub id (repeatable)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="evaluate another model too: a folder, adapter folder or hub id (repeatable)",
+    )
     p.add_argument("--no-report", action="store_true", help="write eval/results.json only, not report/")
     p.set_defaults(func=_cmd_eval)
 
@@ -511,8 +586,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        cfg, results = run_pipeline(args.profile, args.overrides, args.run_id, args.from_stage, args.only, args.kernel,
-                                    args.force, echo=echo, progress=printer)
+        cfg, results = run_pipeline(
+            args.profile,
+            args.overrides,
+            args.run_id,
+            args.from_stage,
+            args.only,
+            args.kernel,
+            args.force,
+            echo=echo,
+            progress=printer,
+        )
     except PipelineError as exc:
         printer.end_line()
         print(f"error: {exc}", file=sys.stderr)
@@ -566,11 +650,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_commands(sub: Any) -> None:
-    p = sub.add_parser("export", help="merge a run's model into one folder (safetensors, tokenizer, chat template, model card)")
+    p = sub.add_parser(
+        "export", help="merge a run's model into one folder (safetensors, tokenizer, chat template, model card)"
+    )
     _config_args(p)
-    p.add_argument("--model", choices=["sft", "dpo", "ppo"], default=None,
-                   help="model to export (default: the highest harmful-prompt decline rate with benign compliance "
-                        ">= 90%% in the evaluation, else dpo)")
+    p.add_argument(
+        "--model",
+        choices=["sft", "dpo", "ppo"],
+        default=None,
+        help="model to export (default: the highest harmful-prompt decline rate with benign compliance "
+        ">= 90%% in the evaluation, else dpo)",
+    )
     p.add_argument("--output", default=None, help="output folder (default: <run>/export/<model>)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the folder to this hub repo")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo (default private)")
@@ -592,7 +682,9 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
-    parser = argparse.ArgumentParser(prog="cai-dpo", description="Constitutional AI with DPO and PPO, from a written constitution.")
+    parser = argparse.ArgumentParser(
+        prog="cai-dpo", description="Constitutional AI with DPO and PPO, from a written constitution."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMAND_GROUPS:
@@ -621,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     from cai_dpo.store import RunInUseError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         with _command_lock(args):
             return int(args.func(args) or 0)
@@ -638,8 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.OperationalError as exc:
         if "locked" not in str(exc) and "busy" not in str(exc):
             raise  # a real bug: let it show as one
-        print(f"error: a database is locked by another process ({exc}); wait for it to finish and retry",
-              file=sys.stderr)
+        print(
+            f"error: a database is locked by another process ({exc}); wait for it to finish and retry", file=sys.stderr
+        )
         return 3
 
 

@@ -64,8 +64,10 @@ class LoraConfig:
     )
     dropout: float = field(
         default=0.05,
-        metadata={"help": "Dropout probability on the adapter input, in [0, 1); 0 skips peft's dropout module (a "
-                          "quarter of a CPU training step at this size)"},
+        metadata={
+            "help": "Dropout probability on the adapter input, in [0, 1); 0 skips peft's dropout module (a "
+            "quarter of a CPU training step at this size)"
+        },
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -73,18 +75,26 @@ class LoraConfig:
     )
     layers_to_transform: list[int] | None = field(
         default=None,
-        metadata={"help": "Indices (>= 0) of the decoder layers that get adapters; null: every layer. Top layers only "
-                          "make a step cheaper: back-propagation stops at the lowest adapted layer"},
+        metadata={
+            "help": "Indices (>= 0) of the decoder layers that get adapters; null: every layer. Top layers only "
+            "make a step cheaper: back-propagation stops at the lowest adapted layer"
+        },
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
-                       ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-                       ("target_modules", bool(self.target_modules), "must name at least one module"),
-                       ("layers_to_transform", self.layers_to_transform is None
-                        or (bool(self.layers_to_transform) and min(self.layers_to_transform) >= 0),
-                        "must be null or a non-empty list of layer indices >= 0"))
+        return _failed(
+            ("r", self.r >= 1, "must be >= 1"),
+            ("alpha", self.alpha > 0, "must be > 0"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("target_modules", bool(self.target_modules), "must name at least one module"),
+            (
+                "layers_to_transform",
+                self.layers_to_transform is None
+                or (bool(self.layers_to_transform) and min(self.layers_to_transform) >= 0),
+                "must be null or a non-empty list of layer indices >= 0",
+            ),
+        )
 
 
 @dataclass
@@ -101,14 +111,18 @@ class ModelSpec:
 
     name: str = field(
         default="embedded",
-        metadata={"help": "The model: embedded (the bundled SmolLM2-135M-Instruct), tiny (a random test model built "
-                          "locally), a local folder, a hub id, or a served model's URL (openai://host:port/v1, "
-                          "openai+https://...)"},
+        metadata={
+            "help": "The model: embedded (the bundled SmolLM2-135M-Instruct), tiny (a random test model built "
+            "locally), a local folder, a hub id, or a served model's URL (openai://host:port/v1, "
+            "openai+https://...)"
+        },
     )
     quantization: Literal["none", "8bit", "4bit"] = field(
         default="none",
-        metadata={"help": "Weight quantization through bitsandbytes: none, 8bit, or 4bit (nf4, double quantization); "
-                          "backend vllm: none or 4bit (vLLM's in-flight bitsandbytes)"},
+        metadata={
+            "help": "Weight quantization through bitsandbytes: none, 8bit, or 4bit (nf4, double quantization); "
+            "backend vllm: none or 4bit (vLLM's in-flight bitsandbytes)"
+        },
     )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
@@ -120,13 +134,16 @@ class ModelSpec:
     )
     device: str = field(
         default="auto",
-        metadata={"help": "Device to load on: auto (cuda when available, else cpu) or a torch device such as cpu, "
-                          "cuda, cuda:1"},
+        metadata={
+            "help": "Device to load on: auto (cuda when available, else cpu) or a torch device such as cpu, "
+            "cuda, cuda:1"
+        },
     )
     adapter: str | None = field(
         default=None,
-        metadata={"help": "A peft LoRA adapter folder applied on top of the model; null: none (a served model takes "
-                          "none)"},
+        metadata={
+            "help": "A peft LoRA adapter folder applied on top of the model; null: none (a served model takes none)"
+        },
     )
     revision: str | None = field(
         default=None,
@@ -138,13 +155,16 @@ class ModelSpec:
     )
     backend: Literal["local", "openai", "vllm"] = field(
         default="local",
-        metadata={"help": "How the model runs: local (transformers in this process), openai (an OpenAI-compatible "
-                          "server at name), vllm (vLLM in this process: the extra cai-dpo[vllm] and a CUDA GPU)"},
+        metadata={
+            "help": "How the model runs: local (transformers in this process), openai (an OpenAI-compatible "
+            "server at name), vllm (vLLM in this process: the extra cai-dpo[vllm] and a CUDA GPU)"
+        },
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "Served models: the model id the server serves (required with backend openai; it keys the "
-                          "records)"},
+        metadata={
+            "help": "Served models: the model id the server serves (required with backend openai; it keys the records)"
+        },
     )
     replicas: list[str] = field(
         default_factory=list,
@@ -152,9 +172,11 @@ class ModelSpec:
     )
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Served and vLLM models: a local tokenizer spec (embedded, a folder, a hub id) that renders "
-                          "chat templates and counts tokens; null: served conversations go to the chat endpoint (the "
-                          "judge then cannot render its contexts), vLLM uses the model's own"},
+        metadata={
+            "help": "Served and vLLM models: a local tokenizer spec (embedded, a folder, a hub id) that renders "
+            "chat templates and counts tokens; null: served conversations go to the chat endpoint (the "
+            "judge then cannot render its contexts), vLLM uses the model's own"
+        },
     )
     concurrency: int = field(default=4, metadata={"help": "Served models: requests in flight per base URL (>= 1)"})
     timeout: float = field(default=120.0, metadata={"help": "Served models: seconds to wait for one request"})
@@ -184,8 +206,10 @@ class ModelSpec:
     )
     vllm_args: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "backend vllm: extra keyword arguments of vllm.LLM, e.g. {gpu_memory_utilization: 0.5, "
-                          "max_model_len: 4096}; empty with other backends"},
+        metadata={
+            "help": "backend vllm: extra keyword arguments of vllm.LLM, e.g. {gpu_memory_utilization: 0.5, "
+            "max_model_len: 4096}; empty with other backends"
+        },
     )
 
     def problems(self) -> Problems:
@@ -197,11 +221,17 @@ class ModelSpec:
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("tensor_parallel_size", vllm or self.tensor_parallel_size == 1, "applies to backend: vllm only"),
             ("vllm_args", vllm or not self.vllm_args, "applies to backend: vllm only"),
-            ("name", not vllm or not self.name.startswith(tuple(SCHEMES)),
-             "is a served model's URL; backend: vllm loads weights (a hub id or a folder); for a vLLM server "
-             "use backend: openai"),
-            ("quantization", not vllm or self.quantization != "8bit",
-             "cannot be 8bit with backend: vllm (vLLM quantizes in flight to 4-bit only); use 4bit or none"),
+            (
+                "name",
+                not vllm or not self.name.startswith(tuple(SCHEMES)),
+                "is a served model's URL; backend: vllm loads weights (a hub id or a folder); for a vLLM server "
+                "use backend: openai",
+            ),
+            (
+                "quantization",
+                not vllm or self.quantization != "8bit",
+                "cannot be 8bit with backend: vllm (vLLM quantizes in flight to 4-bit only); use 4bit or none",
+            ),
         )
 
 
@@ -213,8 +243,10 @@ class SamplingConfig:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (>= 0); 0 decodes greedily"})
     top_p: float = field(
         default=0.95,
-        metadata={"help": "Nucleus sampling: draw from the smallest set of tokens with this total probability, in (0, "
-                          "1]; 1: off"},
+        metadata={
+            "help": "Nucleus sampling: draw from the smallest set of tokens with this total probability, in (0, "
+            "1]; 1: off"
+        },
     )
     do_sample: bool = field(
         default=True,
@@ -228,10 +260,12 @@ class SamplingConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-                       ("temperature", self.temperature >= 0, "must be >= 0"),
-                       ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-                       ("batch_size", self.batch_size >= 1, "must be >= 1"))
+        return _failed(
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+        )
 
 
 # --------------------------------------------------------------------------- stages
@@ -243,8 +277,10 @@ class DataConfig:
 
     red_team: str = field(
         default="bundled:red_team",
-        metadata={"help": "Red-team (harmful) prompts: bundled:NAME, a .jsonl/.csv/.txt/transcript file or a dataset "
-                          "folder; its train split feeds the stages, its heldout split the evaluation"},
+        metadata={
+            "help": "Red-team (harmful) prompts: bundled:NAME, a .jsonl/.csv/.txt/transcript file or a dataset "
+            "folder; its train split feeds the stages, its heldout split the evaluation"
+        },
     )
     helpful: str = field(
         default="bundled:helpful",
@@ -261,8 +297,10 @@ class DataConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
-                       ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"))
+        return _failed(
+            ("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
+            ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"),
+        )
 
 
 @dataclass
@@ -275,8 +313,10 @@ class SLConfig:
     )
     mode: Literal["critique", "direct"] = field(
         default="critique",
-        metadata={"help": "critique: the teacher critiques the answer under a sampled principle, then revises it; "
-                          "direct: it revises straight away"},
+        metadata={
+            "help": "critique: the teacher critiques the answer under a sampled principle, then revises it; "
+            "direct: it revises straight away"
+        },
     )
     categories: list[str] | None = field(
         default=None,
@@ -288,8 +328,10 @@ class SLConfig:
     )
     helpful_ratio: float = field(
         default=0.5,
-        metadata={"help": "Share in [0, 1] of the policy's answers to helpful prompts in data/sl beside the red-team "
-                          "revisions (capped by the prompts available); 0: none"},
+        metadata={
+            "help": "Share in [0, 1] of the policy's answers to helpful prompts in data/sl beside the red-team "
+            "revisions (capped by the prompts available); 0: none"
+        },
     )
     chunk_size: int = field(
         default=256,
@@ -301,17 +343,24 @@ class SLConfig:
     )
     teacher: ModelSpec | None = field(
         default=None,
-        metadata={"help": "Model that writes the critiques and revisions (distillation: a larger or served model); "
-                          "null: the policy itself. The initial answer always comes from the policy"},
+        metadata={
+            "help": "Model that writes the critiques and revisions (distillation: a larger or served model); "
+            "null: the policy itself. The initial answer always comes from the policy"
+        },
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("rounds", self.rounds >= (1 if self.mode == "critique" else 0),
-                        "must be >= 1 in critique mode (>= 0 in direct mode)"),
-                       ("few_shot", self.few_shot >= 0, "must be >= 0"),
-                       ("helpful_ratio", 0 <= self.helpful_ratio <= 1, "must be in [0, 1]"),
-                       ("chunk_size", self.chunk_size >= 1, "must be >= 1"))
+        return _failed(
+            (
+                "rounds",
+                self.rounds >= (1 if self.mode == "critique" else 0),
+                "must be >= 1 in critique mode (>= 0 in direct mode)",
+            ),
+            ("few_shot", self.few_shot >= 0, "must be >= 0"),
+            ("helpful_ratio", 0 <= self.helpful_ratio <= 1, "must be in [0, 1]"),
+            ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
+        )
 
 
 @dataclass
@@ -325,27 +374,35 @@ class CurateConfig:
 
     sources: list[str] = field(
         default_factory=lambda: ["sl"],
-        metadata={"help": "Rows to score: sl (this run's data/sl), bundled:curated (the curated set's train rows), a "
-                          "curated-format JSONL file or folder, a JSONL of messages or prompt/response rows, or a "
-                          "saved HF dataset folder (at least one)"},
+        metadata={
+            "help": "Rows to score: sl (this run's data/sl), bundled:curated (the curated set's train rows), a "
+            "curated-format JSONL file or folder, a JSONL of messages or prompt/response rows, or a "
+            "saved HF dataset folder (at least one)"
+        },
     )
     scorer: Literal["auto", "probe", "judge"] = field(
         default="auto",
-        metadata={"help": "probe (linear probes on the policy's hidden states), judge (the constitution judge against "
-                          "judge_baseline), or auto (measure both on the curated held-out rows, use the more "
-                          "accurate)"},
+        metadata={
+            "help": "probe (linear probes on the policy's hidden states), judge (the constitution judge against "
+            "judge_baseline), or auto (measure both on the curated held-out rows, use the more "
+            "accurate)"
+        },
     )
     threshold: float = field(default=0.5, metadata={"help": "Score in [0, 1] below which a row gets action"})
     action: Literal["keep", "drop", "weight"] = field(
         default="weight",
-        metadata={"help": "For rows scored below threshold: drop removes them; weight keeps them with weight "
-                          "score/threshold (rows at or above it weigh 1); keep keeps every row at weight 1 (scores "
-                          "only)"},
+        metadata={
+            "help": "For rows scored below threshold: drop removes them; weight keeps them with weight "
+            "score/threshold (rows at or above it weigh 1); keep keeps every row at weight 1 (scores "
+            "only)"
+        },
     )
     curated_set: str | None = field(
         default="bundled:curated",
-        metadata={"help": "Curated set that trains the probe and measures every scorer (bundled:curated, a JSONL file "
-                          "or a folder); null: no probe, no measurement"},
+        metadata={
+            "help": "Curated set that trains the probe and measures every scorer (bundled:curated, a JSONL file "
+            "or a folder); null: no probe, no measurement"
+        },
     )
     measure: bool = field(
         default=True,
@@ -361,8 +418,9 @@ class CurateConfig:
     )
     judge_baseline: str = field(
         default="I can't help with that.",
-        metadata={"help": "Fixed response the judge scorer compares each row's response with (score: P(row is "
-                          "better))"},
+        metadata={
+            "help": "Fixed response the judge scorer compares each row's response with (score: P(row is better))"
+        },
     )
     probe_l2: float = field(default=0.01, metadata={"help": "L2 penalty of the logistic-regression probes (>= 0)"})
     probe_layer: int = field(
@@ -384,13 +442,15 @@ class CurateConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
-                       ("sources", bool(self.sources), "must name at least one source"),
-                       ("train_limit", _optional_at_least(self.train_limit, 1), "must be >= 1 or null"),
-                       ("heldout_limit", _optional_at_least(self.heldout_limit, 1), "must be >= 1 or null"),
-                       ("probe_l2", self.probe_l2 >= 0, "must be >= 0"),
-                       ("max_length", self.max_length >= 16, "must be >= 16"),
-                       ("batch_size", self.batch_size >= 1, "must be >= 1"))
+        return _failed(
+            ("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
+            ("sources", bool(self.sources), "must name at least one source"),
+            ("train_limit", _optional_at_least(self.train_limit, 1), "must be >= 1 or null"),
+            ("heldout_limit", _optional_at_least(self.heldout_limit, 1), "must be >= 1 or null"),
+            ("probe_l2", self.probe_l2 >= 0, "must be >= 0"),
+            ("max_length", self.max_length >= 16, "must be >= 16"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+        )
 
 
 @dataclass
@@ -403,35 +463,45 @@ class SFTConfig:
 
     data: Literal["sl", "curated", "both", "curate"] = field(
         default="sl",
-        metadata={"help": "Training rows: sl (data/sl: the SL-CAI revisions and human revisions), curated (the train "
-                          "split of curated), both, or curate (data/curated: the rows the curate stage kept, weighted "
-                          "by their score)"},
+        metadata={
+            "help": "Training rows: sl (data/sl: the SL-CAI revisions and human revisions), curated (the train "
+            "split of curated), both, or curate (data/curated: the rows the curate stage kept, weighted "
+            "by their score)"
+        },
     )
     curated: str = field(
         default="bundled:curated",
-        metadata={"help": "Curated set for data curated/both: bundled:curated, a JSONL file or a folder (heldout rows "
-                          "never train)"},
+        metadata={
+            "help": "Curated set for data curated/both: bundled:curated, a JSONL file or a folder (heldout rows "
+            "never train)"
+        },
     )
     curated_harmful_ratio: float | None = field(
         default=None,
-        metadata={"help": "Rebalance the curated rows to this harmful share in [0, 1] by subsampling the "
-                          "over-represented kind; null: keep them as they are"},
+        metadata={
+            "help": "Rebalance the curated rows to this harmful share in [0, 1] by subsampling the "
+            "over-represented kind; null: keep them as they are"
+        },
     )
     sl_share: float | None = field(
         default=None,
-        metadata={"help": "data both: cap the SL rows at this share in [0, 1] of the combined set; null: keep every "
-                          "SL row"},
+        metadata={
+            "help": "data both: cap the SL rows at this share in [0, 1] of the combined set; null: keep every SL row"
+        },
     )
     weighting: Literal["none", "principle"] = field(
         default="none",
-        metadata={"help": "none: TRL's token-averaged loss; principle: Σ w_i·NLL_i / Σ w_i over the batch, NLL_i the "
-                          "mean completion NLL of example i, w_i its weight column, else the mean of "
-                          "principle_weights over its principle ids"},
+        metadata={
+            "help": "none: TRL's token-averaged loss; principle: Σ w_i·NLL_i / Σ w_i over the batch, NLL_i the "
+            "mean completion NLL of example i, w_i its weight column, else the mean of "
+            "principle_weights over its principle ids"
+        },
     )
     principle_weights: dict[str, float] = field(
         default_factory=dict,
-        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
-                          "1.0)"},
+        metadata={
+            "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
+        },
     )
     learning_rate: float = field(
         default=2e-4,
@@ -447,20 +517,25 @@ class SFTConfig:
     )
     batch_size: int = field(
         default=4,
-        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
-                          "grad_accum"},
+        metadata={
+            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
+        },
     )
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
     max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
     eval_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-                          "training; 0: no evaluation"},
+        metadata={
+            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+            "training; 0: no evaluation"
+        },
     )
     save_steps: int = field(
         default=50,
-        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-                          "newest checkpoint"},
+        metadata={
+            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+            "newest checkpoint"
+        },
     )
     merge: bool = field(
         default=False,
@@ -475,14 +550,16 @@ class SFTConfig:
 
 def _training_problems(s: Any) -> Problems:
     """Range checks shared by the SFT, DPO and preference-model sections."""
-    return _failed(("learning_rate", s.learning_rate > 0, "must be > 0"),
-                   ("epochs", s.max_steps > 0 or s.epochs > 0, "must be > 0 unless max_steps > 0"),
-                   ("max_steps", s.max_steps == -1 or s.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
-                   ("batch_size", s.batch_size >= 1, "must be >= 1"),
-                   ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
-                   ("max_length", s.max_length >= 1, "must be >= 1"),
-                   ("eval_fraction", 0 <= s.eval_fraction < 1, "must be in [0, 1)"),
-                   ("save_steps", s.save_steps >= 1, "must be >= 1"))
+    return _failed(
+        ("learning_rate", s.learning_rate > 0, "must be > 0"),
+        ("epochs", s.max_steps > 0 or s.epochs > 0, "must be > 0 unless max_steps > 0"),
+        ("max_steps", s.max_steps == -1 or s.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
+        ("batch_size", s.batch_size >= 1, "must be >= 1"),
+        ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
+        ("max_length", s.max_length >= 1, "must be >= 1"),
+        ("eval_fraction", 0 <= s.eval_fraction < 1, "must be in [0, 1)"),
+        ("save_steps", s.save_steps >= 1, "must be >= 1"),
+    )
 
 
 @dataclass
@@ -497,19 +574,24 @@ class PairsConfig:
 
     source: Literal["judged_samples", "revision_vs_original", "curated", "mixed"] = field(
         default="judged_samples",
-        metadata={"help": "judged_samples (K samples per prompt from the SL-CAI model, paired, then judged), "
-                          "revision_vs_original (final revision vs initial answer from records/sl), curated (the "
-                          "curated response vs the SL-CAI model's answer), or mixed (see mix and mixed_ratio)"},
+        metadata={
+            "help": "judged_samples (K samples per prompt from the SL-CAI model, paired, then judged), "
+            "revision_vs_original (final revision vs initial answer from records/sl), curated (the "
+            "curated response vs the SL-CAI model's answer), or mixed (see mix and mixed_ratio)"
+        },
     )
     mixed_ratio: float = field(
         default=0.5,
-        metadata={"help": "source mixed without mix: share in [0, 1] of revision-vs-original pairs, the rest judged "
-                          "samples"},
+        metadata={
+            "help": "source mixed without mix: share in [0, 1] of revision-vs-original pairs, the rest judged samples"
+        },
     )
     mix: dict[str, float] | None = field(
         default=None,
-        metadata={"help": "source mixed: the sources and their shares, e.g. {curated: 0.6, revision_vs_original: "
-                          "0.4}; null: use mixed_ratio"},
+        metadata={
+            "help": "source mixed: the sources and their shares, e.g. {curated: 0.6, revision_vs_original: "
+            "0.4}; null: use mixed_ratio"
+        },
     )
     curated: str = field(
         default="bundled:curated",
@@ -529,8 +611,10 @@ class PairsConfig:
     )
     curated_benign_rejected: Literal["policy", "decline"] = field(
         default="policy",
-        metadata={"help": "Rejected side of a benign curated pair: policy (the SL-CAI model's answer) or decline (a "
-                          "canned decline, so the pair teaches not to over-refuse)"},
+        metadata={
+            "help": "Rejected side of a benign curated pair: policy (the SL-CAI model's answer) or decline (a "
+            "canned decline, so the pair teaches not to over-refuse)"
+        },
     )
     samples_per_prompt: int = field(
         default=2,
@@ -550,18 +634,25 @@ class PairsConfig:
     )
     sampling: SamplingConfig = field(
         default_factory=SamplingConfig,
-        metadata={"help": "Generation settings of the sampled responses (temperature and do_sample come from "
-                          "temperatures and curated_temperature)"},
+        metadata={
+            "help": "Generation settings of the sampled responses (temperature and do_sample come from "
+            "temperatures and curated_temperature)"
+        },
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("mixed_ratio", 0 <= self.mixed_ratio <= 1, "must be in [0, 1]"),
-                       ("samples_per_prompt", self.samples_per_prompt >= 2, "must be >= 2 to form a pair"),
-                       ("temperatures", bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
-                        "must list at least one temperature, each >= 0"),
-                       ("helpful_share", 0 <= self.helpful_share < 1, "must be in [0, 1)"),
-                       ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"))
+        return _failed(
+            ("mixed_ratio", 0 <= self.mixed_ratio <= 1, "must be in [0, 1]"),
+            ("samples_per_prompt", self.samples_per_prompt >= 2, "must be >= 2 to form a pair"),
+            (
+                "temperatures",
+                bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
+                "must list at least one temperature, each >= 0",
+            ),
+            ("helpful_share", 0 <= self.helpful_share < 1, "must be in [0, 1)"),
+            ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"),
+        )
 
 
 @dataclass
@@ -575,13 +666,16 @@ class JudgeConfig:
 
     model: ModelSpec | None = field(
         default=None,
-        metadata={"help": "Judge model spec; null: the policy's base model (no adapter). A larger judge is where "
-                          "RLAIF labels start to carry signal"},
+        metadata={
+            "help": "Judge model spec; null: the policy's base model (no adapter). A larger judge is where "
+            "RLAIF labels start to carry signal"
+        },
     )
     principles: Literal["sample", "ensemble"] = field(
         default="sample",
-        metadata={"help": "sample: one seeded principle per pair; ensemble: ensemble_size principles, probabilities "
-                          "averaged"},
+        metadata={
+            "help": "sample: one seeded principle per pair; ensemble: ensemble_size principles, probabilities averaged"
+        },
     )
     ensemble_size: int = field(default=3, metadata={"help": "Principles per pair with principles: ensemble (>= 1)"})
     both_orders: bool = field(
@@ -590,38 +684,46 @@ class JudgeConfig:
     )
     few_shot: bool = field(
         default=True,
-        metadata={"help": "Put the constitution's comparison demonstrations before each question (a shared, cached "
-                          "prefix)"},
+        metadata={
+            "help": "Put the constitution's comparison demonstrations before each question (a shared, cached prefix)"
+        },
     )
     chain_of_thought: bool = field(
         default=False,
-        metadata={"help": "The judge writes its reasoning first, then the options are scored; probabilities are "
-                          "clamped"},
+        metadata={
+            "help": "The judge writes its reasoning first, then the options are scored; probabilities are clamped"
+        },
     )
     clamp: list[float] = field(
         default_factory=lambda: [0.4, 0.6],
-        metadata={"help": "[low, high] bounds of chain-of-thought probabilities: 0 <= low <= 0.5 <= high <= 1 and low "
-                          "< high"},
+        metadata={
+            "help": "[low, high] bounds of chain-of-thought probabilities: 0 <= low <= 0.5 <= high <= 1 and low < high"
+        },
     )
     calibrate: bool = field(
         default=True,
-        metadata={"help": "Contextual calibration (Zhao et al. 2021): divide out the judge's prior over the letters, "
-                          "measured on content-free inputs, and renormalise"},
+        metadata={
+            "help": "Contextual calibration (Zhao et al. 2021): divide out the judge's prior over the letters, "
+            "measured on content-free inputs, and renormalise"
+        },
     )
     score_revision_pairs: bool = field(
         default=False,
-        metadata={"help": "Judge revision-vs-original pairs too (p_chosen stays 1.0; the judge's view goes to "
-                          "p_judge)"},
+        metadata={
+            "help": "Judge revision-vs-original pairs too (p_chosen stays 1.0; the judge's view goes to p_judge)"
+        },
     )
     score_curated_pairs: bool = field(
         default=False,
-        metadata={"help": "Judge curated pairs too (p_chosen stays curated_p_chosen; the judge's view goes to "
-                          "p_judge)"},
+        metadata={
+            "help": "Judge curated pairs too (p_chosen stays curated_p_chosen; the judge's view goes to p_judge)"
+        },
     )
     curated_p_chosen: float = field(
         default=0.9,
-        metadata={"help": "Soft label in [0, 1] of a curated-vs-policy pair: the probability the curated response is "
-                          "better"},
+        metadata={
+            "help": "Soft label in [0, 1] of a curated-vs-policy pair: the probability the curated response is better"
+        },
     )
     batch_size: int = field(default=16, metadata={"help": "Comparisons scored per batch (>= 1)"})
     hourly_price_usd: float = field(
@@ -630,8 +732,10 @@ class JudgeConfig:
     )
     prompt_format: Literal["chat", "plain"] = field(
         default="chat",
-        metadata={"help": "chat: the question in a user turn, 'The answer is:' opening the assistant turn; plain: raw "
-                          "text as in the paper"},
+        metadata={
+            "help": "chat: the question in a user turn, 'The answer is:' opening the assistant turn; plain: raw "
+            "text as in the paper"
+        },
     )
     cot_max_new_tokens: int = field(
         default=96,
@@ -639,18 +743,22 @@ class JudgeConfig:
     )
     gate: bool = field(
         default=True,
-        metadata={"help": "Measure the judge's accuracy on check pairs before labeling (the quality gate); false: no "
-                          "gate"},
+        metadata={
+            "help": "Measure the judge's accuracy on check pairs before labeling (the quality gate); false: no gate"
+        },
     )
     gate_threshold: float = field(
         default=0.6,
-        metadata={"help": "Accuracy in [0, 1] below which the gate trips (source mixed then labels "
-                          "revision-vs-original and curated pairs instead)"},
+        metadata={
+            "help": "Accuracy in [0, 1] below which the gate trips (source mixed then labels "
+            "revision-vs-original and curated pairs instead)"
+        },
     )
     gate_on: Literal["lower_bound", "estimate"] = field(
         default="lower_bound",
-        metadata={"help": "Statistic compared with gate_threshold: lower_bound (of the Wilson 95 % interval) or "
-                          "estimate"},
+        metadata={
+            "help": "Statistic compared with gate_threshold: lower_bound (of the Wilson 95 % interval) or estimate"
+        },
     )
     gate_use_hhh: bool = field(
         default=True,
@@ -659,21 +767,24 @@ class JudgeConfig:
     gate_hhh_sample: int = field(default=40, metadata={"help": "HHH items drawn (seeded) for the gate (>= 0)"})
     checkset: str | None = field(
         default=None,
-        metadata={"help": "The gate's check pairs: a JSONL file or bundled:NAME; null: the bundled "
-                          "judge_checkset.jsonl"},
+        metadata={
+            "help": "The gate's check pairs: a JSONL file or bundled:NAME; null: the bundled judge_checkset.jsonl"
+        },
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
         c = self.clamp
         clamp_ok = len(c) == 2 and 0 <= c[0] < c[1] <= 1 and c[0] <= 0.5 <= c[1]
-        return _failed(("ensemble_size", self.ensemble_size >= 1, "must be >= 1"),
-                       ("clamp", clamp_ok, "must be [low, high] with 0 <= low <= 0.5 <= high <= 1 and low < high"),
-                       ("batch_size", self.batch_size >= 1, "must be >= 1"),
-                       ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
-                       ("cot_max_new_tokens", self.cot_max_new_tokens >= 1, "must be >= 1"),
-                       ("gate_threshold", 0 <= self.gate_threshold <= 1, "must be in [0, 1]"),
-                       ("gate_hhh_sample", self.gate_hhh_sample >= 0, "must be >= 0"))
+        return _failed(
+            ("ensemble_size", self.ensemble_size >= 1, "must be >= 1"),
+            ("clamp", clamp_ok, "must be [low, high] with 0 <= low <= 0.5 <= high <= 1 and low < high"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
+            ("cot_max_new_tokens", self.cot_max_new_tokens >= 1, "must be >= 1"),
+            ("gate_threshold", 0 <= self.gate_threshold <= 1, "must be in [0, 1]"),
+            ("gate_hhh_sample", self.gate_hhh_sample >= 0, "must be >= 0"),
+        )
 
 
 @dataclass
@@ -702,8 +813,10 @@ class LabelsConfig:
     )
     route_principle_disagreement: bool = field(
         default=True,
-        metadata={"help": "Route pairs whose per-principle probabilities fall on both sides of 0.5 (see "
-                          "principle_disagreement_spread)"},
+        metadata={
+            "help": "Route pairs whose per-principle probabilities fall on both sides of 0.5 (see "
+            "principle_disagreement_spread)"
+        },
     )
     principle_disagreement_spread: float = field(
         default=0.3,
@@ -720,16 +833,19 @@ class LabelsConfig:
     gate_confidence_band: float = field(default=0.2, metadata={"help": "gate rule: the band around 0.5, in [0, 0.5]"})
     route_gate_sample: int = field(
         default=8,
-        metadata={"help": "When the judge gate tripped, this many more pairs (a seeded sample of those no rule "
-                          "routed) go to people; 0: off"},
+        metadata={
+            "help": "When the judge gate tripped, this many more pairs (a seeded sample of those no rule "
+            "routed) go to people; 0: off"
+        },
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("confidence_band", 0 <= self.confidence_band <= 0.5, "must be in [0, 0.5]"),
-                       ("principle_disagreement_spread", 0 <= self.principle_disagreement_spread <= 1,
-                        "must be in [0, 1]"),
-                       ("gate_confidence_band", 0 <= self.gate_confidence_band <= 0.5, "must be in [0, 0.5]"))
+        return _failed(
+            ("confidence_band", 0 <= self.confidence_band <= 0.5, "must be in [0, 0.5]"),
+            ("principle_disagreement_spread", 0 <= self.principle_disagreement_spread <= 1, "must be in [0, 1]"),
+            ("gate_confidence_band", 0 <= self.gate_confidence_band <= 0.5, "must be in [0, 0.5]"),
+        )
 
 
 @dataclass
@@ -743,18 +859,24 @@ class DPOConfig:
 
     beta: float = field(
         default=0.1,
-        metadata={"help": "β of the DPO loss (> 0): how strongly the policy is held to the reference (the SL-CAI "
-                          "model); higher stays closer"},
+        metadata={
+            "help": "β of the DPO loss (> 0): how strongly the policy is held to the reference (the SL-CAI "
+            "model); higher stays closer"
+        },
     )
     loss_type: str = field(
         default="sigmoid",
-        metadata={"help": "Any loss type of TRL's DPOTrainer (sigmoid, ipo, robust, exo_pair, ...); label_mode soft "
-                          "and weighting principle need sigmoid"},
+        metadata={
+            "help": "Any loss type of TRL's DPOTrainer (sigmoid, ipo, robust, exo_pair, ...); label_mode soft "
+            "and weighting principle need sigmoid"
+        },
     )
     label_mode: Literal["soft", "hard"] = field(
         default="soft",
-        metadata={"help": "soft: train on the judge's per-pair p_chosen (conservative DPO, sigmoid loss only); hard: "
-                          "treat every pair as certain"},
+        metadata={
+            "help": "soft: train on the judge's per-pair p_chosen (conservative DPO, sigmoid loss only); hard: "
+            "treat every pair as certain"
+        },
     )
     label_smoothing: float = field(
         default=0.0,
@@ -762,9 +884,11 @@ class DPOConfig:
     )
     adapter_mode: Literal["auto", "merge", "continue"] = field(
         default="auto",
-        metadata={"help": "merge: fold the SFT adapter into the weights, train a fresh LoRA (reference: adapter off); "
-                          "continue: train the SFT adapter further against a frozen copy; auto: merge unless the "
-                          "policy is quantized"},
+        metadata={
+            "help": "merge: fold the SFT adapter into the weights, train a fresh LoRA (reference: adapter off); "
+            "continue: train the SFT adapter further against a frozen copy; auto: merge unless the "
+            "policy is quantized"
+        },
     )
     learning_rate: float = field(
         default=5e-5,
@@ -780,8 +904,9 @@ class DPOConfig:
     )
     batch_size: int = field(
         default=4,
-        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
-                          "grad_accum"},
+        metadata={
+            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
+        },
     )
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
     max_length: int = field(
@@ -794,18 +919,24 @@ class DPOConfig:
     )
     eval_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-                          "training; 0: no evaluation"},
+        metadata={
+            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+            "training; 0: no evaluation"
+        },
     )
     save_steps: int = field(
         default=50,
-        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-                          "newest checkpoint"},
+        metadata={
+            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+            "newest checkpoint"
+        },
     )
     rounds: int = field(
         default=1,
-        metadata={"help": "Iterative DPO rounds (>= 1); each later round samples and judges new pairs from the "
-                          "previous round's policy"},
+        metadata={
+            "help": "Iterative DPO rounds (>= 1); each later round samples and judges new pairs from the "
+            "previous round's policy"
+        },
     )
     merge: bool = field(
         default=False,
@@ -813,19 +944,24 @@ class DPOConfig:
     )
     weighting: Literal["none", "principle"] = field(
         default="none",
-        metadata={"help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
-                          "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
-                          "weights (needs loss_type sigmoid)"},
+        metadata={
+            "help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
+            "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
+            "weights (needs loss_type sigmoid)"
+        },
     )
     principle_weights: dict[str, float] = field(
         default_factory=dict,
-        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
-                          "1.0)"},
+        metadata={
+            "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
+        },
     )
     rpo_alpha: float = field(
         default=0.0,
-        metadata={"help": "Weight (>= 0) of the chosen response's mean token NLL added to each pair's loss (RPO, "
-                          "Pang et al. 2024); 0: plain DPO; needs loss_type sigmoid"},
+        metadata={
+            "help": "Weight (>= 0) of the chosen response's mean token NLL added to each pair's loss (RPO, "
+            "Pang et al. 2024); 0: plain DPO; needs loss_type sigmoid"
+        },
     )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/dpo)"})
 
@@ -835,11 +971,15 @@ class DPOConfig:
             ("beta", self.beta > 0, "must be > 0"),
             ("rpo_alpha", self.rpo_alpha >= 0, "must be >= 0 (0: plain DPO)"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
-            ("label_smoothing", self.label_mode != "soft" or self.label_smoothing == 0,
-             "must be 0 with label_mode: soft (the soft loss takes its label noise from p_chosen and would "
-             "ignore it); set dpo.label_mode: hard to use label smoothing"),
+            (
+                "label_smoothing",
+                self.label_mode != "soft" or self.label_smoothing == 0,
+                "must be 0 with label_mode: soft (the soft loss takes its label noise from p_chosen and would "
+                "ignore it); set dpo.label_mode: hard to use label smoothing",
+            ),
             ("rounds", self.rounds >= 1, "must be >= 1"),
-            ("max_prompt_length", 0 < self.max_prompt_length < self.max_length, "must be > 0 and below max_length"))
+            ("max_prompt_length", 0 < self.max_prompt_length < self.max_length, "must be > 0 and below max_length"),
+        )
 
 
 @dataclass
@@ -848,13 +988,16 @@ class RMConfig:
 
     backbone: str | None = field(
         default=None,
-        metadata={"help": "Preference model backbone: null or sl-cai (the policy base with the SFT adapter merged), "
-                          "base (the policy base alone), or a model spec loaded as a sequence classifier"},
+        metadata={
+            "help": "Preference model backbone: null or sl-cai (the policy base with the SFT adapter merged), "
+            "base (the policy base alone), or a model spec loaded as a sequence classifier"
+        },
     )
     label_mode: Literal["soft", "hard"] = field(
         default="soft",
-        metadata={"help": "soft: Bradley-Terry loss against the judge's p_chosen; hard: p_chosen rounded to 0/1, ties "
-                          "dropped"},
+        metadata={
+            "help": "soft: Bradley-Terry loss against the judge's p_chosen; hard: p_chosen rounded to 0/1, ties dropped"
+        },
     )
     helpful_mix: float | None = field(
         default=None,
@@ -874,8 +1017,9 @@ class RMConfig:
     )
     batch_size: int = field(
         default=4,
-        metadata={"help": "Examples per process per step (>= 1); the global batch is batch_size × processes × "
-                          "grad_accum"},
+        metadata={
+            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
+        },
     )
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
     max_length: int = field(
@@ -884,29 +1028,38 @@ class RMConfig:
     )
     eval_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-                          "training; 0: no evaluation (the held-out accuracy and ECE come from these)"},
+        metadata={
+            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+            "training; 0: no evaluation (the held-out accuracy and ECE come from these)"
+        },
     )
     save_steps: int = field(
         default=50,
-        metadata={"help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-                          "newest checkpoint"},
+        metadata={
+            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+            "newest checkpoint"
+        },
     )
     center_rewards_coefficient: float | None = field(
         default=None,
-        metadata={"help": "Weight (>= 0) of the penalty mean((r_chosen + r_rejected)^2) that centres the rewards on 0 "
-                          "(TRL's); null: off"},
+        metadata={
+            "help": "Weight (>= 0) of the penalty mean((r_chosen + r_rejected)^2) that centres the rewards on 0 "
+            "(TRL's); null: off"
+        },
     )
     weighting: Literal["none", "principle"] = field(
         default="none",
-        metadata={"help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
-                          "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
-                          "weights"},
+        metadata={
+            "help": "none: the plain loss; principle: each example's loss weighted by its weight column, else "
+            "by the mean of principle_weights over its principle ids, normalised by the batch's sum of "
+            "weights"
+        },
     )
     principle_weights: dict[str, float] = field(
         default_factory=dict,
-        metadata={"help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: "
-                          "1.0)"},
+        metadata={
+            "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
+        },
     )
     lora: LoraConfig = field(
         default_factory=LoraConfig,
@@ -917,8 +1070,12 @@ class RMConfig:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
         return _training_problems(self) + _failed(
             ("helpful_mix", self.helpful_mix is None or 0 <= self.helpful_mix < 1, "must be in [0, 1) or null"),
-            ("center_rewards_coefficient", _optional_at_least(self.center_rewards_coefficient, 0),
-             "must be >= 0 or null"))
+            (
+                "center_rewards_coefficient",
+                _optional_at_least(self.center_rewards_coefficient, 0),
+                "must be >= 0 or null",
+            ),
+        )
 
 
 @dataclass
@@ -927,18 +1084,23 @@ class PPOConfig:
 
     mode: Literal["ppo", "rloo"] = field(
         default="ppo",
-        metadata={"help": "ppo: this package's PPO loop (models/ppo); rloo: TRL's RLOOTrainer with the same reward "
-                          "(models/rloo)"},
+        metadata={
+            "help": "ppo: this package's PPO loop (models/ppo); rloo: TRL's RLOOTrainer with the same reward "
+            "(models/rloo)"
+        },
     )
     steps: int = field(
         default=8,
-        metadata={"help": "Steps (>= 1): each samples rollout_batch responses, scores them and makes ppo_epochs "
-                          "passes"},
+        metadata={
+            "help": "Steps (>= 1): each samples rollout_batch responses, scores them and makes ppo_epochs passes"
+        },
     )
     rollout_batch: int = field(
         default=8,
-        metadata={"help": "Responses sampled per step, global over processes (>= 1): one per prompt in ppo, rloo_k "
-                          "per prompt in rloo (a multiple of rloo_k and minibatch)"},
+        metadata={
+            "help": "Responses sampled per step, global over processes (>= 1): one per prompt in ppo, rloo_k "
+            "per prompt in rloo (a multiple of rloo_k and minibatch)"
+        },
     )
     minibatch: int = field(
         default=4,
@@ -951,8 +1113,10 @@ class PPOConfig:
     )
     kl_coef: float = field(
         default=0.05,
-        metadata={"help": "β: weight (>= 0) of the per-token KL penalty against the reference (SL-CAI) model; the "
-                          "start value when adaptive_kl"},
+        metadata={
+            "help": "β: weight (>= 0) of the per-token KL penalty against the reference (SL-CAI) model; the "
+            "start value when adaptive_kl"
+        },
     )
     adaptive_kl: bool = field(
         default=False,
@@ -987,8 +1151,10 @@ class PPOConfig:
     )
     ptx_coef: float = field(
         default=0.0,
-        metadata={"help": "Weight (>= 0) of the pretraining-mix term: the SFT language-model loss on a batch of "
-                          "data/sl; 0 is plain PPO"},
+        metadata={
+            "help": "Weight (>= 0) of the pretraining-mix term: the SFT language-model loss on a batch of "
+            "data/sl; 0 is plain PPO"
+        },
     )
     ptx_batch: int = field(
         default=4,
@@ -996,8 +1162,10 @@ class PPOConfig:
     )
     value_init: Literal["reward", "policy"] = field(
         default="reward",
-        metadata={"help": "Value model start: reward (the preference model models/rm, which must share the policy's "
-                          "tokenizer) or policy (the SL-CAI weights, a new LoRA and a zero-initialised head)"},
+        metadata={
+            "help": "Value model start: reward (the preference model models/rm, which must share the policy's "
+            "tokenizer) or policy (the SL-CAI weights, a new LoRA and a zero-initialised head)"
+        },
     )
     whiten_rewards: bool = field(
         default=False,
@@ -1022,25 +1190,27 @@ class PPOConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("steps", self.steps >= 1, "must be >= 1"),
-                       ("rollout_batch", self.rollout_batch >= 1, "must be >= 1"),
-                       ("minibatch", 1 <= self.minibatch <= self.rollout_batch, "must be in [1, rollout_batch]"),
-                       ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
-                       ("learning_rate", self.learning_rate > 0, "must be > 0"),
-                       ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
-                       ("target_kl", self.target_kl > 0, "must be > 0"),
-                       ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
-                       ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
-                       ("clip_range", self.clip_range > 0, "must be > 0"),
-                       ("clip_range_value", self.clip_range_value > 0, "must be > 0"),
-                       ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
-                       ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
-                       ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
-                       ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
-                       ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
-                       ("ptx_batch", self.ptx_batch >= 1, "must be >= 1"),
-                       ("rloo_k", self.rloo_k >= 2, "must be >= 2"),
-                       ("save_steps", self.save_steps >= 1, "must be >= 1"))
+        return _failed(
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("rollout_batch", self.rollout_batch >= 1, "must be >= 1"),
+            ("minibatch", 1 <= self.minibatch <= self.rollout_batch, "must be in [1, rollout_batch]"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+            ("target_kl", self.target_kl > 0, "must be > 0"),
+            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+            ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+            ("clip_range", self.clip_range > 0, "must be > 0"),
+            ("clip_range_value", self.clip_range_value > 0, "must be > 0"),
+            ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
+            ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+            ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
+            ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
+            ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+            ("ptx_batch", self.ptx_batch >= 1, "must be >= 1"),
+            ("rloo_k", self.rloo_k >= 2, "must be >= 2"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+        )
 
 
 @dataclass
@@ -1093,13 +1263,17 @@ class EvalConfig:
     )
     conditions: list[str] = field(
         default_factory=lambda: ["plain", "system", "jailbreak", "jailbreak+system"],
-        metadata={"help": "How each red-team prompt is posed: plain, system (after the bundled safety system prompt), "
-                          "jailbreak (inside a bundled jailbreak template), jailbreak+system; at least one"},
+        metadata={
+            "help": "How each red-team prompt is posed: plain, system (after the bundled safety system prompt), "
+            "jailbreak (inside a bundled jailbreak template), jailbreak+system; at least one"
+        },
     )
     extra_models: list[str] = field(
         default_factory=list,
-        metadata={"help": "More models to evaluate beside base and the run's sft/dpo/ppo/rloo: NAME=SPEC or SPEC (a "
-                          "folder, an adapter folder or a hub id)"},
+        metadata={
+            "help": "More models to evaluate beside base and the run's sft/dpo/ppo/rloo: NAME=SPEC or SPEC (a "
+            "folder, an adapter folder or a hub id)"
+        },
     )
     bootstrap: int = field(
         default=200,
@@ -1119,8 +1293,9 @@ class EvalConfig:
     )
     curated: str | None = field(
         default="bundled:curated",
-        metadata={"help": "Curated held-out split evaluated (bundled:curated, a JSONL file or a folder); null: leave "
-                          "it out"},
+        metadata={
+            "help": "Curated held-out split evaluated (bundled:curated, a JSONL file or a folder); null: leave it out"
+        },
     )
     curated_limit: int | None = field(
         default=None,
@@ -1128,13 +1303,16 @@ class EvalConfig:
     )
     benchmarks: list[BenchmarkConfig] = field(
         default_factory=list,
-        metadata={"help": "User-supplied labelled prompt files evaluated like the held-out sets (nothing is "
-                          "downloaded)"},
+        metadata={
+            "help": "User-supplied labelled prompt files evaluated like the held-out sets (nothing is downloaded)"
+        },
     )
     judge: ModelSpec | None = field(
         default=None,
-        metadata={"help": "Evaluation judge spec; null: the judge stage's model (judge.model, else the policy's base "
-                          "model). A different, stronger model is recommended"},
+        metadata={
+            "help": "Evaluation judge spec; null: the judge stage's model (judge.model, else the policy's base "
+            "model). A different, stronger model is recommended"
+        },
     )
     judge_enabled: bool = field(
         default=True,
@@ -1142,8 +1320,10 @@ class EvalConfig:
     )
     judge_when_gate_trips: bool = field(
         default=True,
-        metadata={"help": "Compute the judge figures even when the eval judge's quality gate tripped (they are marked "
-                          "uninformative); false skips them then"},
+        metadata={
+            "help": "Compute the judge figures even when the eval judge's quality gate tripped (they are marked "
+            "uninformative); false skips them then"
+        },
     )
     judge_sets: list[str] = field(
         default_factory=lambda: ["red_team", "helpful"],
@@ -1152,12 +1332,14 @@ class EvalConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
-                       ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"),
-                       ("conditions", bool(self.conditions), "must list at least one condition"),
-                       ("bootstrap", self.bootstrap >= 10, "must be >= 10 resamples (fewer give no interval)"),
-                       ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
-                       ("tie_band", 0 <= self.tie_band < 0.5, "must be in [0, 0.5)"))
+        return _failed(
+            ("red_team_limit", _optional_at_least(self.red_team_limit, 1), "must be >= 1 or null"),
+            ("helpful_limit", _optional_at_least(self.helpful_limit, 1), "must be >= 1 or null"),
+            ("conditions", bool(self.conditions), "must list at least one condition"),
+            ("bootstrap", self.bootstrap >= 10, "must be >= 10 resamples (fewer give no interval)"),
+            ("hourly_price_usd", self.hourly_price_usd >= 0, "must be >= 0"),
+            ("tie_band", 0 <= self.tie_band < 0.5, "must be in [0, 0.5)"),
+        )
 
 
 @dataclass
@@ -1173,14 +1355,18 @@ class TrainConfig:
 
     report_to: str | list[str] = field(
         default="auto",
-        metadata={"help": "Experiment trackers for transformers/TRL's report_to, a name or a list (none, tensorboard, "
-                          "trackio, wandb, mlflow, comet_ml, ...); auto: TensorBoard files in metrics/<stage>/tb when "
-                          "tensorboard is installed, nothing online. metrics/<stage>/log.csv is always written"},
+        metadata={
+            "help": "Experiment trackers for transformers/TRL's report_to, a name or a list (none, tensorboard, "
+            "trackio, wandb, mlflow, comet_ml, ...); auto: TensorBoard files in metrics/<stage>/tb when "
+            "tensorboard is installed, nothing online. metrics/<stage>/log.csv is always written"
+        },
     )
     launcher: Literal["none", "accelerate"] = field(
         default="none",
-        metadata={"help": "none: train in the calling process; accelerate: run sft, dpo, rm and ppo under accelerate "
-                          "launch as num_processes processes, one torch thread each"},
+        metadata={
+            "help": "none: train in the calling process; accelerate: run sft, dpo, rm and ppo under accelerate "
+            "launch as num_processes processes, one torch thread each"
+        },
     )
     num_processes: int | None = field(
         default=None,
@@ -1188,8 +1374,10 @@ class TrainConfig:
     )
     accelerate_config: str | None = field(
         default=None,
-        metadata={"help": "accelerate config file, or a bundled one by name (ddp, deepspeed_zero2, deepspeed_zero3, "
-                          "fsdp); null: plain data parallelism (DDP; gloo on CPU)"},
+        metadata={
+            "help": "accelerate config file, or a bundled one by name (ddp, deepspeed_zero2, deepspeed_zero3, "
+            "fsdp); null: plain data parallelism (DDP; gloo on CPU)"
+        },
     )
     timeout_s: float = field(
         default=300.0,
@@ -1198,10 +1386,15 @@ class TrainConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(("num_processes", _optional_at_least(self.num_processes, 1), "must be >= 1 or null"),
-                       ("accelerate_config", self.accelerate_config is None or bool(self.accelerate_config.strip()),
-                        "must name a file or a bundled config (ddp, deepspeed_zero2, deepspeed_zero3, fsdp), or be null"),
-                       ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"))
+        return _failed(
+            ("num_processes", _optional_at_least(self.num_processes, 1), "must be >= 1 or null"),
+            (
+                "accelerate_config",
+                self.accelerate_config is None or bool(self.accelerate_config.strip()),
+                "must name a file or a bundled config (ddp, deepspeed_zero2, deepspeed_zero3, fsdp), or be null",
+            ),
+            ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"),
+        )
 
 
 # --------------------------------------------------------------------------- run
@@ -1217,13 +1410,16 @@ class RunConfig:
     )
     run_id: str = field(
         default="demo",
-        metadata={"help": "Run folder name under runs_dir: letters, digits, '.', '_' and '-', starting with a letter "
-                          "or digit"},
+        metadata={
+            "help": "Run folder name under runs_dir: letters, digits, '.', '_' and '-', starting with a letter or digit"
+        },
     )
     runs_dir: str = field(
         default=DEFAULT_RUNS_DIR,
-        metadata={"help": "Folder of the runs: absolute as given; the default artifacts/runs yields to $CAI_DPO_RUNS; "
-                          "other relative paths resolve against the project root"},
+        metadata={
+            "help": "Folder of the runs: absolute as given; the default artifacts/runs yields to $CAI_DPO_RUNS; "
+            "other relative paths resolve against the project root"
+        },
     )
     seed: int = field(
         default=0,
@@ -1235,8 +1431,9 @@ class RunConfig:
     )
     constitution: str = field(
         default="constitutions/default.yaml",
-        metadata={"help": "Constitution YAML file (a relative path is looked up in the working directory, then the "
-                          "repo)"},
+        metadata={
+            "help": "Constitution YAML file (a relative path is looked up in the working directory, then the repo)"
+        },
     )
     policy: ModelSpec = field(
         default_factory=ModelSpec,
@@ -1275,12 +1472,17 @@ class RunConfig:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each invalid top-level value (empty when valid)."""
-        return _failed(("run_id", isinstance(self.run_id, str) and bool(RUN_ID_RE.match(self.run_id)),
-                        "must be one folder name: letters, digits, '.', '_' or '-', starting with a letter or "
-                        "digit (no spaces, '/', '..' or absolute paths)"),
-                       ("runs_dir", bool(str(self.runs_dir).strip()), "must not be empty"),
-                       ("seed", self.seed >= 0, "must be >= 0"),
-                       ("threads", _optional_at_least(self.threads, 1), "must be >= 1 or null"))
+        return _failed(
+            (
+                "run_id",
+                isinstance(self.run_id, str) and bool(RUN_ID_RE.match(self.run_id)),
+                "must be one folder name: letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit (no spaces, '/', '..' or absolute paths)",
+            ),
+            ("runs_dir", bool(str(self.runs_dir).strip()), "must not be empty"),
+            ("seed", self.seed >= 0, "must be >= 0"),
+            ("threads", _optional_at_least(self.threads, 1), "must be >= 1 or null"),
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -1357,8 +1559,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _convert(value, arg, key, source)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{source}: key '{key}' has value {value!r}, expected {_type_name(tp)}"
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else ConfigError(f"{source}: key '{key}' has value {value!r}, expected {_type_name(tp)}")
         )
     if origin is Literal:
         if value not in args:
@@ -1369,7 +1573,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
         if not args:
             return dict(value)
-        return {_convert(k, args[0], f"{key}", source): _convert(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+        return {
+            _convert(k, args[0], f"{key}", source): _convert(v, args[1], f"{key}.{k}", source) for k, v in value.items()
+        }
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__}")
@@ -1394,7 +1600,11 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            hint = f"; quote it to keep it as text: {key.rsplit('.', 1)[-1]}: '…'" if isinstance(value, (int, float)) else ""
+            hint = (
+                f"; quote it to keep it as text: {key.rsplit('.', 1)[-1]}: '…'"
+                if isinstance(value, (int, float))
+                else ""
+            )
             raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}{hint}")
         return value
     return value
@@ -1533,8 +1743,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, load_yaml(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': the value of '{key}' is not valid YAML ({describe_yaml_error(exc)}); "
-                          "quote it, e.g. key='value'") from exc
+        raise ConfigError(
+            f"override '{text}': the value of '{key}' is not valid YAML ({describe_yaml_error(exc)}); "
+            "quote it, e.g. key='value'"
+        ) from exc
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

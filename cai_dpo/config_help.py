@@ -61,6 +61,7 @@ def section_paths() -> list[str]:
 
 def _fmt(value: Any) -> str:
     """A value as it would be written in the YAML config (flow style): null, true, "text", [1, 2]."""
+
     def plain(obj: Any) -> Any:
         return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else str(obj)
 
@@ -80,8 +81,14 @@ class _Renderer:
 
     def wrap(self, text: str, pad: str) -> None:
         if text:
-            self.lines += textwrap.wrap(text, width=self.width, initial_indent=pad, subsequent_indent=pad,
-                                        break_long_words=False, break_on_hyphens=False)
+            self.lines += textwrap.wrap(
+                text,
+                width=self.width,
+                initial_indent=pad,
+                subsequent_indent=pad,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
 
     def value_line(self, pad: str, name: str, f: dataclasses.Field, obj: Any, pobj: Any) -> None:
         """``name: type = default`` (and the profile's value where it differs), then the help."""

@@ -68,8 +68,15 @@ class ConstitutionError(CaiDpoInputError):
     also in ``item`` / ``field``.
     """
 
-    def __init__(self, message: str, *, file: str | Path | None = None, item: str | None = None,
-                 field: str | None = None, errors: list[tuple[str | None, str | None, str]] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        item: str | None = None,
+        field: str | None = None,
+        errors: list[tuple[str | None, str | None, str]] | None = None,
+    ):
         self.file = str(file) if file is not None else None
         self.item = item
         self.field = field
@@ -81,7 +88,7 @@ class ConstitutionError(CaiDpoInputError):
     def principle(self) -> str | None:
         """The principle id named by the first error, when it is about a principle."""
         if self.item and self.item.startswith("principle '"):
-            return self.item[len("principle '"):-1]
+            return self.item[len("principle '") : -1]
         return None
 
     def _format(self) -> str:
@@ -223,8 +230,13 @@ class Constitution:
         own = [e for e in self.critique_examples if principle_id is not None and e.principle_id == principle_id]
         return own + [e for e in self.critique_examples if e not in own]
 
-    def sample_principles(self, k: int, seed: int | str, categories: Iterable[str] | None = None,
-                          weights: Mapping[str, float] | Sequence[float] | None = None) -> list[Principle]:
+    def sample_principles(
+        self,
+        k: int,
+        seed: int | str,
+        categories: Iterable[str] | None = None,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+    ) -> list[Principle]:
         """``k`` principles (one per round), reproducible under ``seed``.
 
         Drawn without replacement while the pool lasts (then the pool is drawn again).
@@ -245,35 +257,41 @@ class Constitution:
                 out.append(pool[i][0])
         return out
 
-    def _weighted_pool(self, categories: Iterable[str] | None,
-                       weights: Mapping[str, float] | Sequence[float] | None) -> list[tuple[Principle, float]]:
+    def _weighted_pool(
+        self, categories: Iterable[str] | None, weights: Mapping[str, float] | Sequence[float] | None
+    ) -> list[tuple[Principle, float]]:
         cats = None if categories is None else list(categories)
         if cats is not None:
             unknown = [c for c in cats if c not in CATEGORIES]
             if unknown:
-                raise ConstitutionError(f"unknown categories {unknown}; use {', '.join(CATEGORIES)}",
-                                        file=self.path, field="categories")
+                raise ConstitutionError(
+                    f"unknown categories {unknown}; use {', '.join(CATEGORIES)}", file=self.path, field="categories"
+                )
         if weights is None:
             ws = [p.weight for p in self.principles]
         elif isinstance(weights, Mapping):
             ids = {p.id for p in self.principles}
             unknown = [key for key in weights if key not in ids and key not in CATEGORIES]
             if unknown:
-                raise ConstitutionError(f"weights name unknown principles/categories {unknown}",
-                                        file=self.path, field="weights")
-            ws = [p.weight * float(weights.get(p.category, 1.0)) * float(weights.get(p.id, 1.0))
-                  for p in self.principles]
+                raise ConstitutionError(
+                    f"weights name unknown principles/categories {unknown}", file=self.path, field="weights"
+                )
+            ws = [
+                p.weight * float(weights.get(p.category, 1.0)) * float(weights.get(p.id, 1.0)) for p in self.principles
+            ]
         else:
             if len(weights) != len(self.principles):
-                raise ConstitutionError(f"{len(weights)} weights for {len(self.principles)} principles",
-                                        file=self.path, field="weights")
+                raise ConstitutionError(
+                    f"{len(weights)} weights for {len(self.principles)} principles", file=self.path, field="weights"
+                )
             ws = [p.weight * float(w) for p, w in zip(self.principles, weights)]
         if any(w < 0 or math.isnan(w) for w in ws):
             raise ConstitutionError("weights must be >= 0", file=self.path, field="weights")
         pool = [(p, w) for p, w in zip(self.principles, ws) if w > 0 and (cats is None or p.category in cats)]
         if not pool:
-            raise ConstitutionError(f"no principle with a positive weight in categories {cats}",
-                                    file=self.path, field="categories")
+            raise ConstitutionError(
+                f"no principle with a positive weight in categories {cats}", file=self.path, field="categories"
+            )
         return pool
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,8 +334,9 @@ class _Checker:
     def add(self, item: str | None, fld: str | None, msg: str) -> None:
         self.errors.append((item, fld, msg))
 
-    def text(self, d: Mapping[str, Any], key: str, item: str | None, *, required: bool = True,
-             template: str | None = None) -> str | None:
+    def text(
+        self, d: Mapping[str, Any], key: str, item: str | None, *, required: bool = True, template: str | None = None
+    ) -> str | None:
         if key not in d or d[key] is None:
             if required:
                 self.add(item, key, "missing field; add it")
@@ -354,8 +373,15 @@ class _Checker:
 
 
 _PRINCIPLE_KEYS = ("id", "category", "critique", "revision", "comparison", "weight")
-_TOP_KEYS = ("name", "version", "description", "system_prompt", "principles", "critique_examples",
-             "comparison_examples")
+_TOP_KEYS = (
+    "name",
+    "version",
+    "description",
+    "system_prompt",
+    "principles",
+    "critique_examples",
+    "comparison_examples",
+)
 
 
 def constitution_from_dict(data: Any, path: str | Path | None = None) -> Constitution:
@@ -440,9 +466,16 @@ def constitution_from_dict(data: Any, path: str | Path | None = None) -> Constit
     if chk.errors:
         item, fld, msg = chk.errors[0]
         raise ConstitutionError(msg, file=path, item=item, field=fld, errors=chk.errors)
-    return Constitution(name=name, version=version, description=description, principles=principles,
-                        critique_examples=critique_examples, comparison_examples=comparison_examples,
-                        system_prompt=system_prompt, path=Path(path) if path is not None else None)
+    return Constitution(
+        name=name,
+        version=version,
+        description=description,
+        principles=principles,
+        critique_examples=critique_examples,
+        comparison_examples=comparison_examples,
+        system_prompt=system_prompt,
+        path=Path(path) if path is not None else None,
+    )
 
 
 def _example_list(chk: _Checker, data: Mapping[str, Any], key: str) -> list[Any]:
@@ -489,8 +522,10 @@ def load_constitution(path: str | Path) -> Constitution:
     """Read and validate a constitution YAML file (or a bundled name such as ``default``)."""
     p = resolve_constitution_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{path}: constitution file not found; pass a YAML file or one of "
-                                f"{', '.join(b.stem for b in bundled_constitutions())}")
+        raise FileNotFoundError(
+            f"{path}: constitution file not found; pass a YAML file or one of "
+            f"{', '.join(b.stem for b in bundled_constitutions())}"
+        )
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -509,8 +544,13 @@ class _LiteralDumper(yaml.SafeDumper):
 
 
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    style = "|" if "\n" in value and not value.startswith((" ", "\n")) and not any(
-        line != line.rstrip() for line in value.split("\n")) else None
+    style = (
+        "|"
+        if "\n" in value
+        and not value.startswith((" ", "\n"))
+        and not any(line != line.rstrip() for line in value.split("\n"))
+        else None
+    )
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
@@ -536,8 +576,10 @@ def summary_line(c: Constitution) -> str:
     """One line: name, version, counts per category and demos."""
     counts = ", ".join(f"{cat} {len(c.by_category(cat))}" for cat in c.categories())
     src = f" ({c.path})" if c.path else ""
-    return (f"{c.name} v{c.version}{src}: {len(c.principles)} principles ({counts}); "
-            f"{len(c.critique_examples)} critique and {len(c.comparison_examples)} comparison demos")
+    return (
+        f"{c.name} v{c.version}{src}: {len(c.principles)} principles ({counts}); "
+        f"{len(c.critique_examples)} critique and {len(c.comparison_examples)} comparison demos"
+    )
 
 
 def format_table(c: Constitution, width: int = 100) -> str:
@@ -585,7 +627,7 @@ def _strip_label(text: str, *labels: str) -> str:
     text = text.strip()
     for label in labels:
         if text.startswith(label):
-            text = text[len(label):]
+            text = text[len(label) :]
         if text.endswith(label.rstrip()):
             text = text[: -len(label.rstrip())]
         text = text.strip()
@@ -617,16 +659,19 @@ def _format_dialogue(turns: list[tuple[str, str]]) -> str:
 
 def _read_json(path: Path) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; the paper's prompt folder holds "
-                                "CritiqueRevisionInstructions.json and RLMadisonInstructions.json")
+        raise FileNotFoundError(
+            f"{path}: missing; the paper's prompt folder holds "
+            "CritiqueRevisionInstructions.json and RLMadisonInstructions.json"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConstitutionError(f"not valid JSON ({exc.msg}, line {exc.lineno})", file=path) from exc
 
 
-def import_anthropic(prompts_dir: str | Path, name: str = "anthropic-cai", version: str = "1.0",
-                     description: str | None = None) -> Constitution:
+def import_anthropic(
+    prompts_dir: str | Path, name: str = "anthropic-cai", version: str = "1.0", description: str | None = None
+) -> Constitution:
     """Build a constitution from the JSON prompt files published with the CAI paper.
 
     Reads ``CritiqueRevisionInstructions.json`` (``{id: {prompt: [critique request],
@@ -663,19 +708,30 @@ def import_anthropic(prompts_dir: str | Path, name: str = "anthropic-cai", versi
         revision = _strip_label(edit, "RevisionRequest:", "Revision:")
         comparison = _comparison_question(comparisons[i % len(comparisons)])
         category = infer_category(critique + " " + revision)
-        principles.append(Principle(str(pid), category, escape_braces(critique), escape_braces(revision),
-                                    escape_braces(comparison)))
+        principles.append(
+            Principle(str(pid), category, escape_braces(critique), escape_braces(revision), escape_braces(comparison))
+        )
 
     critique_examples = _import_critique_examples(d / "CritiqueRevisionFewShotPrompts.json", principles)
     comparison_examples = _import_comparison_examples(d / "RLMadisonFewShotPrompts.json")
     c = Constitution(
-        name=name, version=version,
+        name=name,
+        version=version,
         description=description or f"Imported from the CAI paper's prompt files in {d}",
-        principles=principles, critique_examples=critique_examples,
-        comparison_examples=comparison_examples, system_prompt=None, path=None)
+        principles=principles,
+        critique_examples=critique_examples,
+        comparison_examples=comparison_examples,
+        system_prompt=None,
+        path=None,
+    )
     constitution_from_dict(c.to_dict(), crit_path)  # validate
-    log.info("imported %d principles, %d critique and %d comparison demos from %s", len(principles),
-             len(critique_examples), len(comparison_examples), d)
+    log.info(
+        "imported %d principles, %d critique and %d comparison demos from %s",
+        len(principles),
+        len(critique_examples),
+        len(comparison_examples),
+        d,
+    )
     return c
 
 
@@ -703,16 +759,27 @@ def _import_critique_examples(path: Path, principles: list[Principle]) -> list[C
         for role, body in turns[k:]:
             sections.setdefault(role, body)  # first critique round only
         if len(dialogue) < 2 or dialogue[-1][0] != "Assistant" or not dialogue[-1][1]:
-            raise ConstitutionError("expected the dialogue to end with an Assistant turn before CritiqueRequest",
-                                    file=path, item=f"example {i}")
+            raise ConstitutionError(
+                "expected the dialogue to end with an Assistant turn before CritiqueRequest",
+                file=path,
+                item=f"example {i}",
+            )
         for key in ("Critique", "Revision"):
             if not sections.get(key):
                 raise ConstitutionError(f"missing {key}: text", file=path, item=f"example {i}", field=key)
         request = _words(sections["CritiqueRequest"])
-        best = max(principles, key=lambda p: len(request & _words(p.critique)) / (len(request | _words(p.critique)) or 1))
-        out.append(CritiqueExample(prompt=_format_dialogue(dialogue[:-1]), response=dialogue[-1][1],
-                                   critique=sections["Critique"], revision=sections["Revision"],
-                                   principle_id=best.id))
+        best = max(
+            principles, key=lambda p: len(request & _words(p.critique)) / (len(request | _words(p.critique)) or 1)
+        )
+        out.append(
+            CritiqueExample(
+                prompt=_format_dialogue(dialogue[:-1]),
+                response=dialogue[-1][1],
+                critique=sections["Critique"],
+                revision=sections["Revision"],
+                principle_id=best.id,
+            )
+        )
     return out
 
 
@@ -801,8 +868,9 @@ def load_cases(path: str | Path, constitution: Constitution | None = None) -> li
             if cid in seen:
                 chk.add(label, "id", "duplicate id")
             seen.add(cid)
-        chk.unknown_keys(raw, ("id", "prompt", "conversation", "response_a", "response_b", "expected",
-                               "principle", "note"), label)
+        chk.unknown_keys(
+            raw, ("id", "prompt", "conversation", "response_a", "response_b", "expected", "principle", "note"), label
+        )
         conversation = _case_conversation(chk, raw, label)
         prompt = chk.text(raw, "prompt", label, required=conversation is None)
         if prompt is None and conversation:
@@ -834,9 +902,17 @@ def _case_conversation(chk: _Checker, raw: Mapping[str, Any], label: str) -> lis
     conv = raw.get("conversation")
     if conv is None:
         return None
-    ok = isinstance(conv, list) and conv and all(
-        isinstance(m, Mapping) and m.get("role") in ("system", "user", "assistant")
-        and isinstance(m.get("content"), str) and m["content"].strip() for m in conv)
+    ok = (
+        isinstance(conv, list)
+        and conv
+        and all(
+            isinstance(m, Mapping)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+            and m["content"].strip()
+            for m in conv
+        )
+    )
     if not ok:
         chk.add(label, "conversation", "must be a list of {role: system|user|assistant, content: text}")
         return None

@@ -59,9 +59,19 @@ class CuratedExample:
 
     def to_prompt(self) -> Prompt:
         """The user turn as a :class:`~cai_dpo.data.Prompt` (metadata kept in ``meta``)."""
-        return Prompt(id=self.id, text=self.prompt, category=self.category, split=self.split, source=self.source,
-                      meta={"kind": self.kind, "sensitive_sounding": self.sensitive_sounding,
-                            "principle_ids": list(self.principle_ids), "reference": self.response})
+        return Prompt(
+            id=self.id,
+            text=self.prompt,
+            category=self.category,
+            split=self.split,
+            source=self.source,
+            meta={
+                "kind": self.kind,
+                "sensitive_sounding": self.sensitive_sounding,
+                "principle_ids": list(self.principle_ids),
+                "reference": self.response,
+            },
+        )
 
 
 def _str_field(row: dict[str, Any], key: str, path: Path, line: int) -> str:
@@ -79,10 +89,15 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> CuratedExample:
     if split not in SPLITS:
         raise PromptFileError(f"is {split!r}; allowed: {', '.join(SPLITS)}", file=path, line=line, field="split")
     msgs = row.get("messages")
-    if (not isinstance(msgs, list) or len(msgs) != 2 or not all(isinstance(m, dict) for m in msgs)
-            or [m.get("role") for m in msgs] != ["user", "assistant"]):
-        raise PromptFileError("must be [{role: user, content}, {role: assistant, content}]",
-                              file=path, line=line, field="messages")
+    if (
+        not isinstance(msgs, list)
+        or len(msgs) != 2
+        or not all(isinstance(m, dict) for m in msgs)
+        or [m.get("role") for m in msgs] != ["user", "assistant"]
+    ):
+        raise PromptFileError(
+            "must be [{role: user, content}, {role: assistant, content}]", file=path, line=line, field="messages"
+        )
     for i, m in enumerate(msgs):
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             raise PromptFileError("empty content", file=path, line=line, field=f"messages[{i}].content")
@@ -94,9 +109,15 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> CuratedExample:
         raise PromptFileError("must be true or false", file=path, line=line, field="sensitive_sounding")
     known = {"id", "kind", "category", "split", "messages", "principle_ids", "sensitive_sounding", "source"}
     return CuratedExample(
-        id=_str_field(row, "id", path, line), kind=kind, category=_str_field(row, "category", path, line),
-        prompt=msgs[0]["content"].strip(), response=msgs[1]["content"].strip(), split=split,
-        principle_ids=tuple(pids), sensitive_sounding=sensitive, source=str(row.get("source") or "curated"),
+        id=_str_field(row, "id", path, line),
+        kind=kind,
+        category=_str_field(row, "category", path, line),
+        prompt=msgs[0]["content"].strip(),
+        response=msgs[1]["content"].strip(),
+        split=split,
+        principle_ids=tuple(pids),
+        sensitive_sounding=sensitive,
+        source=str(row.get("source") or "curated"),
         meta={k: v for k, v in row.items() if k not in known},
     )
 
@@ -122,8 +143,13 @@ def curated_files(spec: str | Path = "bundled:curated") -> list[Path]:
     return [path]
 
 
-def load_curated(spec: str | Path = "bundled:curated", *, kind: str | None = None, split: str | None = None,
-                 sensitive_only: bool = False) -> list[CuratedExample]:
+def load_curated(
+    spec: str | Path = "bundled:curated",
+    *,
+    kind: str | None = None,
+    split: str | None = None,
+    sensitive_only: bool = False,
+) -> list[CuratedExample]:
     """Curated examples from ``spec``, optionally only one ``kind``, one ``split``, or the sensitive-sounding ones.
 
     Raises :class:`PromptFileError` for a malformed row or a duplicate id (naming file, line
@@ -143,13 +169,18 @@ def load_curated(spec: str | Path = "bundled:curated", *, kind: str | None = Non
         for line, row in rows:
             ex = _parse_row(row, path, line)
             if ex.id in seen:
-                raise PromptFileError(f"duplicate id {ex.id!r} (first in {seen[ex.id]})", file=path, line=line,
-                                      field="id")
+                raise PromptFileError(
+                    f"duplicate id {ex.id!r} (first in {seen[ex.id]})", file=path, line=line, field="id"
+                )
             seen[ex.id] = path
             examples.append(ex)
-    return [e for e in examples
-            if (kind is None or e.kind == kind) and (split is None or e.split == split)
-            and (not sensitive_only or e.sensitive_sounding)]
+    return [
+        e
+        for e in examples
+        if (kind is None or e.kind == kind)
+        and (split is None or e.split == split)
+        and (not sensitive_only or e.sensitive_sounding)
+    ]
 
 
 def as_prompts(examples: Iterable[CuratedExample]) -> list[Prompt]:

@@ -46,8 +46,15 @@ PROMPTS_DIR = Path(__file__).parent / "prompts"
 BUNDLED_SETS: tuple[str, ...] = ("red_team", "helpful")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 TEXT_FIELDS: tuple[str, ...] = ("text", "prompt")
-_SPLIT_ALIASES = {"train": "train", "heldout": "heldout", "test": "heldout", "eval": "heldout",
-                  "validation": "heldout", "valid": "heldout", "dev": "heldout"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "heldout": "heldout",
+    "test": "heldout",
+    "eval": "heldout",
+    "validation": "heldout",
+    "valid": "heldout",
+    "dev": "heldout",
+}
 _SEPARATOR_RE = re.compile(r"^\s*(-{3,}|={3,})\s*$", re.M)
 _TURN_RE = re.compile(r"^[ \t]*(Human|Assistant):[ \t]?", re.M)
 
@@ -55,8 +62,15 @@ _TURN_RE = re.compile(r"^[ \t]*(Human|Assistant):[ \t]?", re.M)
 class PromptFileError(CaiDpoInputError):
     """A prompt source is unusable; names the file, the line/row and the field."""
 
-    def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
-                 field: str | None = None, row_kind: str = "line"):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        row_kind: str = "line",
+    ):
         self.file = str(file) if file is not None else None
         self.line = line
         self.field = field
@@ -106,8 +120,13 @@ class Prompt:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON-serialisable)."""
-        d: dict[str, Any] = {"id": self.id, "text": self.text, "category": self.category,
-                             "split": self.split, "source": self.source}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "text": self.text,
+            "category": self.category,
+            "split": self.split,
+            "source": self.source,
+        }
         if self.transcript is not None:
             d["transcript"] = self.transcript
         if self.meta:
@@ -151,7 +170,7 @@ def parse_transcript(text: str) -> list[dict[str, str]]:
     msgs = []
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        content = text[m.end():end].strip()
+        content = text[m.end() : end].strip()
         role = "user" if m.group(1) == "Human" else "assistant"
         if not content:
             if i == len(matches) - 1:
@@ -176,23 +195,46 @@ def prompt_turns(msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]], str,
     last = max((i for i, m in enumerate(msgs) if m["role"] == "user" and m["content"].strip()), default=None)
     if last is None:
         raise ValueError("no user turn")
-    tail = [m["content"] for m in msgs[last + 1:] if m["role"] == "assistant"]
+    tail = [m["content"] for m in msgs[last + 1 :] if m["role"] == "assistant"]
     return msgs[: last + 1], msgs[last]["content"].strip(), ("\n\n".join(tail) if tail else None)
 
 
-def _from_transcript(raw: str, file: Path, line: int, fld: str | None, source: str, category: str,
-                     split: str | None, pid: str | None, meta: dict[str, Any],
-                     row_kind: str = "line") -> Prompt:
+def _from_transcript(
+    raw: str,
+    file: Path,
+    line: int,
+    fld: str | None,
+    source: str,
+    category: str,
+    split: str | None,
+    pid: str | None,
+    meta: dict[str, Any],
+    row_kind: str = "line",
+) -> Prompt:
     try:
         msgs = parse_transcript(raw)
     except ValueError as exc:
-        raise PromptFileError(f"bad transcript: {exc}; write 'Human: …' then 'Assistant: …'",
-                              file=file, line=line, field=fld, row_kind=row_kind) from exc
+        raise PromptFileError(
+            f"bad transcript: {exc}; write 'Human: …' then 'Assistant: …'",
+            file=file,
+            line=line,
+            field=fld,
+            row_kind=row_kind,
+        ) from exc
     prompt_msgs, last, reference = prompt_turns(msgs)
     if reference is not None:
         meta = {**meta, "reference_reply": reference}
-    return Prompt(id=pid or prompt_id(raw), text=last, category=category, split=split, source=source,
-                  transcript=prompt_msgs, meta=meta, file=str(file), line=line)
+    return Prompt(
+        id=pid or prompt_id(raw),
+        text=last,
+        category=category,
+        split=split,
+        source=source,
+        transcript=prompt_msgs,
+        meta=meta,
+        file=str(file),
+        line=line,
+    )
 
 
 # --------------------------------------------------------------------------- rows -> prompts
@@ -203,59 +245,105 @@ def _norm_split(value: Any, file: Path, line: int, row_kind: str) -> str | None:
         return None
     key = str(value).strip().lower()
     if key not in _SPLIT_ALIASES:
-        raise PromptFileError(f"unknown split {value!r}; use train or heldout", file=file, line=line,
-                              field="split", row_kind=row_kind)
+        raise PromptFileError(
+            f"unknown split {value!r}; use train or heldout", file=file, line=line, field="split", row_kind=row_kind
+        )
     return _SPLIT_ALIASES[key]
 
 
-def _row_to_prompt(row: Mapping[str, Any], file: Path, line: int, source: str, text_field: str | None,
-                   row_kind: str = "line") -> Prompt:
+def _row_to_prompt(
+    row: Mapping[str, Any], file: Path, line: int, source: str, text_field: str | None, row_kind: str = "line"
+) -> Prompt:
     """One JSONL object / CSV row / dataset row as a Prompt."""
     category = str(row.get("category") or "general")
     split = _norm_split(row.get("split"), file, line, row_kind)
     pid = row.get("id")
     pid = str(pid) if pid not in (None, "") else None
     fields = (text_field,) if text_field else TEXT_FIELDS
-    meta = {k: v for k, v in row.items() if k not in (*fields, "id", "category", "split", "messages",
-                                                      "conversation", "chosen", "rejected")}
+    meta = {
+        k: v
+        for k, v in row.items()
+        if k not in (*fields, "id", "category", "split", "messages", "conversation", "chosen", "rejected")
+    }
     for f in fields:
         if f in row and row[f] is not None:
             value = row[f]
             if not isinstance(value, str):
-                raise PromptFileError(f"must be text, got {type(value).__name__}", file=file, line=line,
-                                      field=f, row_kind=row_kind)
+                raise PromptFileError(
+                    f"must be text, got {type(value).__name__}", file=file, line=line, field=f, row_kind=row_kind
+                )
             if not value.strip():
                 raise PromptFileError("empty prompt text", file=file, line=line, field=f, row_kind=row_kind)
             if _is_transcript(value):
                 return _from_transcript(value, file, line, f, source, category, split, pid, meta, row_kind)
-            return Prompt(id=pid or prompt_id(value), text=value.strip(), category=category, split=split,
-                          source=source, meta=meta, file=str(file), line=line)
+            return Prompt(
+                id=pid or prompt_id(value),
+                text=value.strip(),
+                category=category,
+                split=split,
+                source=source,
+                meta=meta,
+                file=str(file),
+                line=line,
+            )
     if text_field is None:
         for f in ("messages", "conversation"):
             if isinstance(row.get(f), list):
                 return _from_messages(row[f], file, line, f, source, category, split, pid, meta, row_kind)
         if isinstance(row.get("chosen"), str):  # hh-rlhf rows
-            return _from_transcript(row["chosen"], file, line, "chosen", source, category, split, pid, meta,
-                                    row_kind)
+            return _from_transcript(row["chosen"], file, line, "chosen", source, category, split, pid, meta, row_kind)
     want = " or ".join(repr(f) for f in fields)
-    raise PromptFileError(f"missing the prompt text: expected a {want} field (found {sorted(row)})",
-                          file=file, line=line, field=fields[0], row_kind=row_kind)
+    raise PromptFileError(
+        f"missing the prompt text: expected a {want} field (found {sorted(row)})",
+        file=file,
+        line=line,
+        field=fields[0],
+        row_kind=row_kind,
+    )
 
 
-def _from_messages(msgs: Any, file: Path, line: int, fld: str, source: str, category: str,
-                   split: str | None, pid: str | None, meta: dict[str, Any], row_kind: str) -> Prompt:
-    ok = all(isinstance(m, Mapping) and isinstance(m.get("content"), str) and m.get("role") in
-             ("system", "user", "assistant") for m in msgs)
+def _from_messages(
+    msgs: Any,
+    file: Path,
+    line: int,
+    fld: str,
+    source: str,
+    category: str,
+    split: str | None,
+    pid: str | None,
+    meta: dict[str, Any],
+    row_kind: str,
+) -> Prompt:
+    ok = all(
+        isinstance(m, Mapping)
+        and isinstance(m.get("content"), str)
+        and m.get("role") in ("system", "user", "assistant")
+        for m in msgs
+    )
     users = [m["content"] for m in msgs if ok and m["role"] == "user" and m["content"].strip()]
     if not ok or not users:
-        raise PromptFileError("must be a list of {role, content} with at least one user turn",
-                              file=file, line=line, field=fld, row_kind=row_kind)
+        raise PromptFileError(
+            "must be a list of {role, content} with at least one user turn",
+            file=file,
+            line=line,
+            field=fld,
+            row_kind=row_kind,
+        )
     clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
     prompt_msgs, last, reference = prompt_turns(clean)
     if reference is not None:
         meta = {**meta, "reference_reply": reference}
-    return Prompt(id=pid or prompt_id(json.dumps(clean)), text=last, category=category,
-                  split=split, source=source, transcript=prompt_msgs, meta=meta, file=str(file), line=line)
+    return Prompt(
+        id=pid or prompt_id(json.dumps(clean)),
+        text=last,
+        category=category,
+        split=split,
+        source=source,
+        transcript=prompt_msgs,
+        meta=meta,
+        file=str(file),
+        line=line,
+    )
 
 
 # --------------------------------------------------------------------------- file formats
@@ -307,14 +395,16 @@ def load_json_array(path: str | Path, source: str | None = None, text_field: str
     out = []
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise PromptFileError(f"expected a JSON object, got {type(row).__name__}", file=path, line=i,
-                                  row_kind="item")
+            raise PromptFileError(
+                f"expected a JSON object, got {type(row).__name__}", file=path, line=i, row_kind="item"
+            )
         out.append(_row_to_prompt(row, path, i, source or path.stem, text_field, row_kind="item"))
     return _finish(out, path)
 
 
-def load_csv(path: str | Path, source: str | None = None, text_field: str | None = None,
-             delimiter: str | None = None) -> list[Prompt]:
+def load_csv(
+    path: str | Path, source: str | None = None, text_field: str | None = None, delimiter: str | None = None
+) -> list[Prompt]:
     """Prompts from a CSV file with a header row; ``*.tsv`` (or ``delimiter="\t"``) is tab-separated.
 
     Quoted cells may span lines; rows are numbered from the header (row 1).
@@ -328,13 +418,17 @@ def load_csv(path: str | Path, source: str | None = None, text_field: str | None
     header = reader.fieldnames or []
     fields = (text_field,) if text_field else TEXT_FIELDS
     if not any(f in header for f in fields):
-        raise PromptFileError(f"no {' or '.join(repr(f) for f in fields)} column in the header {header}; "
-                              "name the prompt column 'text'", file=path, line=1, field=fields[0], row_kind="row")
+        raise PromptFileError(
+            f"no {' or '.join(repr(f) for f in fields)} column in the header {header}; name the prompt column 'text'",
+            file=path,
+            line=1,
+            field=fields[0],
+            row_kind="row",
+        )
     out = []
     for i, row in enumerate(reader, 2):
         if None in row:
-            raise PromptFileError(f"more cells than header columns ({len(header)})", file=path, line=i,
-                                  row_kind="row")
+            raise PromptFileError(f"more cells than header columns ({len(header)})", file=path, line=i, row_kind="row")
         if all(not (v or "").strip() for v in row.values()):
             continue
         out.append(_row_to_prompt(row, path, i, src, text_field, row_kind="row"))
@@ -349,8 +443,11 @@ def load_text(path: str | Path, source: str | None = None) -> list[Prompt]:
     if _is_transcript(first):
         return load_transcripts(path, source)
     src = source or path.stem
-    out = [Prompt(id=prompt_id(line), text=line.strip(), source=src, file=str(path), line=i)
-           for i, line in enumerate(_lines(text), 1) if line.strip() and not line.lstrip().startswith("#")]
+    out = [
+        Prompt(id=prompt_id(line), text=line.strip(), source=src, file=str(path), line=i)
+        for i, line in enumerate(_lines(text), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     return _finish(out, path)
 
 
@@ -371,8 +468,11 @@ def load_transcripts(path: str | Path, source: str | None = None) -> list[Prompt
                 continue
             current.append(line)
     blocks.append((start, current))
-    out = [_from_transcript("\n".join(lines).strip(), path, first, None, src, "general", None, None, {})
-           for first, lines in blocks if "".join(lines).strip()]
+    out = [
+        _from_transcript("\n".join(lines).strip(), path, first, None, src, "general", None, None, {})
+        for first, lines in blocks
+        if "".join(lines).strip()
+    ]
     return _finish(out, path)
 
 
@@ -384,8 +484,9 @@ def load_dataset_dir(path: str | Path, source: str | None = None, text_field: st
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:
-        raise PromptFileError(f"not a saved dataset folder ({exc}); write it with Dataset.save_to_disk",
-                              file=path) from exc
+        raise PromptFileError(
+            f"not a saved dataset folder ({exc}); write it with Dataset.save_to_disk", file=path
+        ) from exc
     src = source or path.name
     parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
     out = []
@@ -409,8 +510,9 @@ def _finish(prompts: list[Prompt], path: Path) -> list[Prompt]:
     for p in prompts:
         if p.id in seen:
             if seen[p.id].text != p.text:
-                raise PromptFileError(f"duplicate id {p.id!r} for two different prompts; ids must be unique",
-                                      file=path, field="id")
+                raise PromptFileError(
+                    f"duplicate id {p.id!r} for two different prompts; ids must be unique", file=path, field="id"
+                )
             log.warning("%s: duplicate prompt %s skipped", path, p.id)
             continue
         seen[p.id] = p
@@ -425,13 +527,15 @@ def bundled_path(name: str) -> Path:
     """Path of a bundled prompt file (``red_team``, ``helpful``, ``judge_checkset``)."""
     path = PROMPTS_DIR / f"{name}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"bundled:{name}: no such prompt set; use one of "
-                                f"{', '.join('bundled:' + s for s in BUNDLED_SETS)}")
+        raise FileNotFoundError(
+            f"bundled:{name}: no such prompt set; use one of {', '.join('bundled:' + s for s in BUNDLED_SETS)}"
+        )
     return path
 
 
-def load_prompts(spec: str | Path, *, source: str | None = None, text_field: str | None = None,
-                 limit: int | None = None) -> list[Prompt]:
+def load_prompts(
+    spec: str | Path, *, source: str | None = None, text_field: str | None = None, limit: int | None = None
+) -> list[Prompt]:
     """Load prompts from a spec: ``bundled:NAME``, a .jsonl/.csv/.txt/transcript file or a dataset folder.
 
     ``source`` overrides each prompt's source label (default: the set or file name);
@@ -446,8 +550,10 @@ def load_prompts(spec: str | Path, *, source: str | None = None, text_field: str
 
         path = resolve_path(spec_s)
         if not path.exists():
-            raise FileNotFoundError(f"{spec_s}: prompt file not found; pass a file, a dataset folder or "
-                                    f"one of {', '.join('bundled:' + s for s in BUNDLED_SETS)}")
+            raise FileNotFoundError(
+                f"{spec_s}: prompt file not found; pass a file, a dataset folder or "
+                f"one of {', '.join('bundled:' + s for s in BUNDLED_SETS)}"
+            )
         if path.is_dir():
             prompts = load_dataset_dir(path, source, text_field)
         else:
@@ -490,8 +596,9 @@ def assign_splits(prompts: list[Prompt], heldout_fraction: float = 0.25, seed: i
     return out
 
 
-def split_prompts(prompts: Iterable[Prompt], split: str = "train", heldout_fraction: float = 0.25,
-                  seed: int | str = 0) -> list[Prompt]:
+def split_prompts(
+    prompts: Iterable[Prompt], split: str = "train", heldout_fraction: float = 0.25, seed: int | str = 0
+) -> list[Prompt]:
     """The prompts of one split (``train`` or ``heldout``); unsplit prompts are assigned first."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -523,9 +630,16 @@ def load_checkset(spec: str | Path = "bundled:judge_checkset") -> list[CheckPair
         for key in ("prompt", "better", "worse", "category"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise PromptFileError("missing or empty", file=path, line=i, field=key)
-        out.append(CheckPair(id=str(row.get("id") or prompt_id(row["prompt"] + row["better"], "check")),
-                             prompt=row["prompt"], better=row["better"], worse=row["worse"],
-                             category=row["category"], principle_id=row.get("principle_id")))
+        out.append(
+            CheckPair(
+                id=str(row.get("id") or prompt_id(row["prompt"] + row["better"], "check")),
+                prompt=row["prompt"],
+                better=row["better"],
+                worse=row["worse"],
+                category=row["category"],
+                principle_id=row.get("principle_id"),
+            )
+        )
     if not out:
         raise PromptFileError("no pairs found", file=path)
     return out

@@ -39,9 +39,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai_dpo.errors import CaiDpoInputError, InputError
 
@@ -161,7 +162,9 @@ class DataParallel:
             return float(value)
         import torch
 
-        return float(self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), reduction="mean"))
+        return float(
+            self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), reduction="mean")
+        )
 
     def average_gradients(self, params: list[Any]) -> None:
         """Replace each parameter's gradient by its mean over the processes (one all-reduce).
@@ -222,14 +225,18 @@ def check_processes(stage: str, cfg: Any, n: int | None) -> None:
     if not n or n == 1:
         return
     if stage == "dpo" and cfg.dpo.rounds > 1:
-        raise ConfigError(f"dpo.rounds is {cfg.dpo.rounds}: iterative DPO samples and judges between rounds in one "
-                          "process; set dpo.rounds=1 to train on several processes, or train.launcher=none")
+        raise ConfigError(
+            f"dpo.rounds is {cfg.dpo.rounds}: iterative DPO samples and judges between rounds in one "
+            "process; set dpo.rounds=1 to train on several processes, or train.launcher=none"
+        )
     if stage == "ppo" and cfg.ppo.mode == "ppo":
         for key in ("rollout_batch", "minibatch"):
             value = getattr(cfg.ppo, key)
             if value % n:
-                raise ConfigError(f"ppo.{key} is {value}: PPO splits it over the {n} processes, so it must be a "
-                                  f"multiple of {n}; set ppo.{key}={n * max(1, round(value / n))}")
+                raise ConfigError(
+                    f"ppo.{key} is {value}: PPO splits it over the {n} processes, so it must be a "
+                    f"multiple of {n}; set ppo.{key}={n * max(1, round(value / n))}"
+                )
 
 
 def _free_port() -> int:
@@ -258,16 +265,35 @@ def launch_command(stage: str, config_path: Path, train: Any, result: Path, opti
     choose their dtype); with one, the file decides.
     """
     n = process_count(train)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", "1", "--monitor_interval", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+        "--monitor_interval",
+        "1",
+    ]
     if train.accelerate_config:
         cmd += ["--config_file", str(accelerate_config_path(train.accelerate_config))]
     else:
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"] + (["--multi_gpu"] if n and n > 1 else [])
     if n:
         cmd += ["--num_processes", str(n)]
-    return cmd + ["-m", "cai_dpo.distributed", stage, str(config_path), "--result", str(result),
-                  "--options", json.dumps(options)]
+    return cmd + [
+        "-m",
+        "cai_dpo.distributed",
+        stage,
+        str(config_path),
+        "--result",
+        str(result),
+        "--options",
+        json.dumps(options),
+    ]
 
 
 def launch_stage(stage: str, cfg: Any, **options: Any) -> Path:
@@ -294,7 +320,8 @@ def launch_stage(stage: str, cfg: Any, **options: Any) -> Path:
             raise LaunchError(
                 f"{stage}: training under accelerate launch ({n or 'config file'} processes) failed with exit code "
                 f"{code}: a process raised, died or timed out (the report above names the rank and its error). "
-                f"Checkpoints are kept in {cfg.run_dir / 'checkpoints'}: rerun the same command to resume.")
+                f"Checkpoints are kept in {cfg.run_dir / 'checkpoints'}: rerun the same command to resume."
+            )
         return Path(json.loads(result.read_text())["artifact"])
 
 
@@ -319,15 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     from cai_dpo.config import config_from_yaml_text
     from cai_dpo.store import atomic_write_json
 
-    p = argparse.ArgumentParser(prog="python -m cai_dpo.distributed",
-                                description="one process of a training stage (started by accelerate launch)")
+    p = argparse.ArgumentParser(
+        prog="python -m cai_dpo.distributed",
+        description="one process of a training stage (started by accelerate launch)",
+    )
     p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("config", help="the run config (YAML, as saved by cai_dpo.config.save_config)")
     p.add_argument("--result", default=None, help="rank 0 writes {'artifact': <folder>} here when done")
     p.add_argument("--options", default="{}", help="the stage function's keyword arguments (JSON)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
-                        format=f"%(levelname)s rank {rank()} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if is_main_process() else logging.WARNING,
+        format=f"%(levelname)s rank {rank()} %(name)s: %(message)s",
+    )
     try:
         cfg = config_from_yaml_text(Path(args.config).read_text(encoding="utf-8"), source=args.config)
         cfg = dataclasses.replace(cfg, threads=1)  # one torch thread per process

@@ -107,7 +107,9 @@ class ChatText:
         """Chat-template text of a conversation (a plain string is passed through)."""
         if isinstance(conversation, str):
             return conversation
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of already-rendered text (no special tokens added)."""
@@ -117,8 +119,16 @@ class ChatText:
 class Engine(ChatText):
     """Generation and scoring for one model + tokenizer pair."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = True, max_length: int | None = None,
-                 max_batch_tokens: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        progress: bool = True,
+        max_length: int | None = None,
+        max_batch_tokens: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -152,8 +162,13 @@ class Engine(ChatText):
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, keep: int) -> tuple[Any, Any]:
         """Logits of the last ``keep`` positions and the (extended) key/value cache."""
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                  "use_cache": True, "logits_to_keep": keep}
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            "logits_to_keep": keep,
+        }
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
         out = self.model(**kwargs)
@@ -166,8 +181,14 @@ class Engine(ChatText):
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
         return impl in ("sdpa", "eager")
 
-    def _prefill(self, rows: list[list[int]], limits: list[int], keep: int, shared: _SharedPrefixes,
-                 branches: list[list[list[int]]] | None = None) -> _Prefill:
+    def _prefill(
+        self,
+        rows: list[list[int]],
+        limits: list[int],
+        keep: int,
+        shared: _SharedPrefixes,
+        branches: list[list[list[int]]] | None = None,
+    ) -> _Prefill:
         """One forward pass over left-padded ``rows``, reusing the cache of their common prefix.
 
         ``limits[i]`` is how many leading tokens of row ``i`` may come from a cache (the
@@ -197,10 +218,11 @@ class Engine(ChatText):
             attention, branch_positions = self._branch_layout(ids, head, body, branches, n_branch)
             positions = torch.cat([positions, positions[:, -1:] + branch_positions], dim=1)
         logits, cache = self._forward(torch.tensor(ids, device=dev), attention, positions, cache, keep + n_branch)
-        return _Prefill(logits[:, -(keep + n_branch):], cache, mask, positions[:, width - 1])
+        return _Prefill(logits[:, -(keep + n_branch) :], cache, mask, positions[:, width - 1])
 
-    def _branch_layout(self, ids: list[list[int]], head: Any, body: Any, branches: list[list[list[int]]],
-                       n_branch: int) -> tuple[Any, Any]:
+    def _branch_layout(
+        self, ids: list[list[int]], head: Any, body: Any, branches: list[list[list[int]]], n_branch: int
+    ) -> tuple[Any, Any]:
         """Append each row's branches to ``ids`` (in place); return the 4D additive mask and branch position offsets."""
         import torch
 
@@ -224,7 +246,9 @@ class Engine(ChatText):
         same = (q_group[:, :, None] == k_group[:, None, :]) & (k_order[:, None, :] <= q_order[:, :, None])
         context_for_branch = (k_group[:, None, :] == 0) & (q_group[:, :, None] > 0)
         allowed = (k_group[:, None, :] >= 0) & (same | context_for_branch)
-        allowed[:, torch.arange(allowed.shape[1]), head.shape[1] + torch.arange(allowed.shape[1])] = True  # padding sees itself
+        allowed[:, torch.arange(allowed.shape[1]), head.shape[1] + torch.arange(allowed.shape[1])] = (
+            True  # padding sees itself
+        )
         dtype = self.model.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
         additive = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -263,7 +287,9 @@ class Engine(ChatText):
         for b, start in enumerate(range(0, len(order), bs)):
             batch = [items[i] for i in order[start : start + bs]]
             t0 = time.perf_counter()
-            new = self._decode([it[2] for it in batch], sampling, eos_ids, seed=sampling.seed * 1_000_003 + b, shared=shared)
+            new = self._decode(
+                [it[2] for it in batch], sampling, eos_ids, seed=sampling.seed * 1_000_003 + b, shared=shared
+            )
             n_new = 0
             for (ci, si, ids), (toks, finished) in zip(batch, new):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
@@ -275,11 +301,18 @@ class Engine(ChatText):
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self.stats.tokens_per_second():.1f}")
         bar.close()
-        log.info("%s: %d sequences, %d tokens, %.1f tok/s", desc, len(items), self.stats.generated_tokens, self.stats.tokens_per_second())
+        log.info(
+            "%s: %d sequences, %d tokens, %.1f tok/s",
+            desc,
+            len(items),
+            self.stats.generated_tokens,
+            self.stats.tokens_per_second(),
+        )
         return results  # type: ignore[return-value]
 
-    def _decode(self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int,
-                shared: _SharedPrefixes) -> list[tuple[list[int], bool]]:
+    def _decode(
+        self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int, shared: _SharedPrefixes
+    ) -> list[tuple[list[int], bool]]:
         """New tokens (EOS excluded) and whether EOS was reached, per row; finished rows leave the batch."""
         import torch
 
@@ -314,11 +347,15 @@ class Engine(ChatText):
         return list(zip(tokens, finished))
 
     def _scoring_batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
-        """``order`` (longest first) cut into batches of at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens."""
+        """``order`` (longest first) cut into batches of at most ``batch_size`` rows and
+        ``max_batch_tokens`` padded tokens."""
         batches: list[list[int]] = []
         for i in order:
-            if batches and len(batches[-1]) < self.batch_size and \
-                    (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.max_batch_tokens:
+            if (
+                batches
+                and len(batches[-1]) < self.batch_size
+                and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.max_batch_tokens
+            ):
                 batches[-1].append(i)
             else:
                 batches.append([i])
@@ -339,7 +376,9 @@ class Engine(ChatText):
         """Token ids of context+completion and where the completion's tokens start."""
         return split_completion(self.encode, context, completion)
 
-    def logprob(self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob") -> list[LogProb]:
+    def logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context."""
         import torch
 
@@ -367,7 +406,9 @@ class Engine(ChatText):
                 for row, i in enumerate(idx):
                     seq = seqs[i]
                     # token p is predicted by the logits one position before it; kept index = keep - len + p - 1
-                    per_token[i] = [float(logp[row, keep - len(seq) + p - 1, seq[p]]) for p in range(starts[i], len(seq))]
+                    per_token[i] = [
+                        float(logp[row, keep - len(seq) + p - 1, seq[p]]) for p in range(starts[i], len(seq))
+                    ]
                 bar.update(len(idx))
         bar.close()
         self.stats.scored_items += len(seqs)
@@ -408,7 +449,9 @@ class Engine(ChatText):
         order = sorted(range(len(items)), key=lambda i: (-items[i][2], i))
         bar = _progress(len(items), desc, "ctx", self.progress)
         with torch.inference_mode():
-            for idx in self._scoring_batches(order, [max(len(x) for x in seqs) - len(prefix_ids) for seqs, _, _ in items]):
+            for idx in self._scoring_batches(
+                order, [max(len(x) for x in seqs) - len(prefix_ids) for seqs, _, _ in items]
+            ):
                 for i, row in zip(idx, self._score_batch([items[i] for i in idx], shared)):
                     raw[i] = row
                 bar.update(len(idx))
@@ -418,7 +461,9 @@ class Engine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
 
-    def _score_batch(self, items: list[tuple[list[list[int]], list[int], int]], shared: _SharedPrefixes) -> list[list[float]]:
+    def _score_batch(
+        self, items: list[tuple[list[list[int]], list[int], int]], shared: _SharedPrefixes
+    ) -> list[list[float]]:
         """Summed option log-probs for a batch of ``(option sequences, option starts, common length)``.
 
         The options' tokens after the branch point go into the same forward pass as
@@ -430,8 +475,13 @@ class Engine(ChatText):
         keep = max(common - min(starts) + 1 for _, starts, common in items)
         tails = [[seq[common:-1] for seq in seqs] for seqs, _, common in items]
         branched = self._branching_masks and any(t for per in tails for t in per)
-        state = self._prefill([seqs[0][:common] for seqs, _, common in items], [min(starts) - 1 for _, starts, _ in items],
-                              keep, shared, branches=tails if branched else None)
+        state = self._prefill(
+            [seqs[0][:common] for seqs, _, common in items],
+            [min(starts) - 1 for _, starts, _ in items],
+            keep,
+            shared,
+            branches=tails if branched else None,
+        )
         logp = torch.log_softmax(state.logits.float(), dim=-1)
         out = []
         for row, (seqs, starts, common) in enumerate(items):
@@ -451,8 +501,13 @@ class Engine(ChatText):
             self._score_tails_from_cache(items, tails, state, out)
         return out
 
-    def _score_tails_from_cache(self, items: list[tuple[list[list[int]], list[int], int]], tails: list[list[list[int]]],
-                                state: _Prefill, out: list[list[float]]) -> None:
+    def _score_tails_from_cache(
+        self,
+        items: list[tuple[list[list[int]], list[int], int]],
+        tails: list[list[list[int]]],
+        state: _Prefill,
+        out: list[list[float]],
+    ) -> None:
         """Add each option's remaining log-probs, one pass per option over the contexts' cache (cropped back after)."""
         import torch
 
@@ -544,8 +599,12 @@ def _growing_layer_class() -> type:
                 return super().update(key_states, value_states, *args, **kwargs)
             n, m = self.keys.shape[-2], key_states.shape[-2]
             bufs = self.buffers
-            if bufs is None or self.keys.data_ptr() != bufs[0].data_ptr() or self.keys.shape[0] != bufs[0].shape[0] \
-                    or n + m > bufs[0].shape[-2]:
+            if (
+                bufs is None
+                or self.keys.data_ptr() != bufs[0].data_ptr()
+                or self.keys.shape[0] != bufs[0].shape[0]
+                or n + m > bufs[0].shape[-2]
+            ):
                 shape = (*self.keys.shape[:-2], n + m + self.spare, self.keys.shape[-1])
                 bufs = (self.keys.new_empty(shape), self.values.new_empty(shape))
                 bufs[0][..., :n, :] = self.keys
@@ -565,7 +624,8 @@ def check_context(n: int, extra: int, max_length: int | None, what: str, index: 
     if max_length is not None and n + extra > max_length:
         raise ContextLengthError(
             f"{what}: {n} prompt tokens + {extra} new tokens exceed the model's context of {max_length}; "
-            "shorten the prompt or lower max_new_tokens", index=index
+            "shorten the prompt or lower max_new_tokens",
+            index=index,
         )
 
 

@@ -32,6 +32,7 @@ EXPORTABLE = ("sft", "dpo", "ppo")
 DEFAULT_MODEL = "dpo"
 MIN_BENIGN_COMPLIANCE = 0.90
 
+
 class ExportError(ValueError):
     """The chosen model cannot be exported; the message names the folder or field and the fix."""
 
@@ -62,7 +63,11 @@ def choose_model(run_root: Path, available: list[str] | None = None) -> tuple[st
     rate whose benign compliance is at least 90 %; ``dpo`` when the evaluation is missing,
     has no such figures, or no model qualifies.
     """
-    available = available if available is not None else [m for m in EXPORTABLE if (run_root / "models" / m / "adapter_config.json").exists()]
+    available = (
+        available
+        if available is not None
+        else [m for m in EXPORTABLE if (run_root / "models" / m / "adapter_config.json").exists()]
+    )
     path = run_root / "eval" / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -71,12 +76,18 @@ def choose_model(run_root: Path, available: list[str] | None = None) -> tuple[st
     figures = {m: f for m, f in selection_figures(results).items() if m in available}
     qualified = {m: f for m, f in figures.items() if f[1] >= MIN_BENIGN_COMPLIANCE}
     if not qualified:
-        why = "no decline/compliance figures in the evaluation" if not figures else \
-            f"no model answers >= {MIN_BENIGN_COMPLIANCE:.0%} of benign prompts"
+        why = (
+            "no decline/compliance figures in the evaluation"
+            if not figures
+            else f"no model answers >= {MIN_BENIGN_COMPLIANCE:.0%} of benign prompts"
+        )
         return DEFAULT_MODEL, f"{why}; defaulting to {DEFAULT_MODEL}"
     best = max(qualified, key=lambda m: (qualified[m][0], qualified[m][1]))
     d, c = qualified[best]
-    return best, f"highest harmful-prompt decline rate ({d:.0%}) with benign compliance {c:.0%} >= {MIN_BENIGN_COMPLIANCE:.0%}"
+    return (
+        best,
+        f"highest harmful-prompt decline rate ({d:.0%}) with benign compliance {c:.0%} >= {MIN_BENIGN_COMPLIANCE:.0%}",
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -137,8 +148,11 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
     from cai_dpo.models import EMBEDDED_ID
 
     base = EMBEDDED_ID if cfg.policy.name == "embedded" else cfg.policy.name
-    hub_base = "HuggingFaceTB/SmolLM2-135M-Instruct" if cfg.policy.name == "embedded" else (
-        cfg.policy.name if "/" in cfg.policy.name and not Path(cfg.policy.name).exists() else None)
+    hub_base = (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+        if cfg.policy.name == "embedded"
+        else (cfg.policy.name if "/" in cfg.policy.name and not Path(cfg.policy.name).exists() else None)
+    )
     try:
         from cai_dpo.constitution import load_constitution
 
@@ -147,37 +161,59 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
     except Exception as exc:  # noqa: BLE001 - the card still names the file
         cons = f"`{cfg.constitution}` (not readable now: {exc})"
     data_rows = []
-    for label, rel in (("SL-CAI revisions (SFT data)", "data/sl/manifest.json"),
-                       ("preference pairs", "data/preferences/manifest.json"),
-                       ("preferences after human labels", "data/preferences_merged/manifest.json")):
+    for label, rel in (
+        ("SL-CAI revisions (SFT data)", "data/sl/manifest.json"),
+        ("preference pairs", "data/preferences/manifest.json"),
+        ("preferences after human labels", "data/preferences_merged/manifest.json"),
+    ):
         m = _manifest(run_root, rel)
         if m:
-            counts = ", ".join(f"{k}: {v}" for k, v in (m.get("counts") or {}).items() if isinstance(v, (int, float, str)))
+            counts = ", ".join(
+                f"{k}: {v}" for k, v in (m.get("counts") or {}).items() if isinstance(v, (int, float, str))
+            )
             data_rows.append(f"| {label} | `{rel.rsplit('/', 1)[0]}` | {counts or '?'} |")
-    data_sources = [f"- red-team prompts: `{cfg.data.red_team}` (limit {cfg.data.red_team_limit}); helpful prompts: "
-                    f"`{cfg.data.helpful}` (limit {cfg.data.helpful_limit})"]
+    data_sources = [
+        f"- red-team prompts: `{cfg.data.red_team}` (limit {cfg.data.red_team_limit}); helpful prompts: "
+        f"`{cfg.data.helpful}` (limit {cfg.data.helpful_limit})"
+    ]
     if data_rows:
         data_sources += ["", "| data | folder | counts |", "| --- | --- | --- |", *data_rows]
-    settings = [f"- SFT (LoRA r={cfg.sft.lora.r}, alpha={cfg.sft.lora.alpha}): learning rate {cfg.sft.learning_rate}, "
-                f"max_steps {cfg.sft.max_steps}, batch {cfg.sft.batch_size}, max_length {cfg.sft.max_length}"]
+    settings = [
+        f"- SFT (LoRA r={cfg.sft.lora.r}, alpha={cfg.sft.lora.alpha}): learning rate {cfg.sft.learning_rate}, "
+        f"max_steps {cfg.sft.max_steps}, batch {cfg.sft.batch_size}, max_length {cfg.sft.max_length}"
+    ]
     if model == "dpo":
         d = cfg.dpo
-        settings.append(f"- DPO (LoRA r={d.lora.r}): beta {d.beta}, loss {d.loss_type}, labels {d.label_mode}, "
-                        f"learning rate {d.learning_rate}, max_steps {d.max_steps}, batch {d.batch_size}, rounds {d.rounds}")
+        settings.append(
+            f"- DPO (LoRA r={d.lora.r}): beta {d.beta}, loss {d.loss_type}, labels {d.label_mode}, "
+            f"learning rate {d.learning_rate}, max_steps {d.max_steps}, batch {d.batch_size}, rounds {d.rounds}"
+        )
     if model == "ppo":
         p = cfg.ppo
-        settings.append(f"- PPO (LoRA r={p.lora.r}, {p.mode}): {p.steps} steps x {p.rollout_batch} rollouts, KL coefficient "
-                        f"{p.kl_coef}, learning rate {p.learning_rate}, clip {p.clip_range}, GAE gamma {p.gamma} lambda {p.lam}")
-    trained = read_manifest(run_root / "models" / model) if (run_root / "models" / model / "manifest.json").exists() else {}
+        settings.append(
+            f"- PPO (LoRA r={p.lora.r}, {p.mode}): {p.steps} steps x {p.rollout_batch} rollouts, KL coefficient "
+            f"{p.kl_coef}, learning rate {p.learning_rate}, clip {p.clip_range}, GAE gamma {p.gamma} lambda {p.lam}"
+        )
+    trained = (
+        read_manifest(run_root / "models" / model) if (run_root / "models" / model / "manifest.json").exists() else {}
+    )
     if trained.get("timings"):
-        settings.append(f"- {model} timings: " + ", ".join(f"{k} {v:.1f}" for k, v in trained["timings"].items()
-                                                           if isinstance(v, (int, float))))
+        settings.append(
+            f"- {model} timings: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in trained["timings"].items() if isinstance(v, (int, float)))
+        )
     report = run_root / "report" / "report.md"
     table = _headline_table(report.read_text()) if report.exists() else None
-    eval_text = (f"From the run's evaluation report (`report/report.md`); rates as value [95 % interval] n=sample size:\n\n{table}"
-                 if table else "No evaluation report in this run (run the eval stage, then export again).")
+    eval_text = (
+        f"From the run's evaluation report (`report/report.md`); "
+        f"rates as value [95 % interval] n=sample size:\n\n{table}"
+        if table
+        else "No evaluation report in this run (run the eval stage, then export again)."
+    )
     card_data = ModelCardData(
-        base_model=hub_base, library_name="transformers", pipeline_tag="text-generation",
+        base_model=hub_base,
+        library_name="transformers",
+        pipeline_tag="text-generation",
         tags=["constitutional-ai", "cai-dpo", model, "lora-merged"],
     )
     body = f"""
@@ -185,7 +221,7 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
 
 A causal language model trained with Constitutional AI (Bai et al. 2022) by cai-dpo, run `{cfg.run_id}`
 (profile `{cfg.profile}`). Chosen model: **{model}** — {why}. Adapters merged into the base
-weights, in order: {' → '.join(f'`{c}`' for c in chain)}. Loads with plain transformers:
+weights, in order: {" → ".join(f"`{c}`" for c in chain)}. Loads with plain transformers:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,8 +275,9 @@ class ExportResult:
     files: list[str]
 
 
-def export_model(cfg: RunConfig, run: RunStore | None = None, model: str | None = None,
-                 out_dir: str | Path | None = None) -> ExportResult:
+def export_model(
+    cfg: RunConfig, run: RunStore | None = None, model: str | None = None, out_dir: str | Path | None = None
+) -> ExportResult:
     """Merge a run's ``model`` (``sft``, ``dpo``, ``ppo``; default :func:`choose_model`) into one
     folder (default ``<run>/export/<model>``), written atomically, with a model card.
 
@@ -257,8 +294,10 @@ def export_model(cfg: RunConfig, run: RunStore | None = None, model: str | None 
         raise ExportError(f"model '{model}': choose one of {', '.join(EXPORTABLE)}")
     adapter = root / "models" / model
     if not (adapter / "adapter_config.json").exists():
-        raise ExportError(f"{adapter}: no adapter there; run the {model} stage first "
-                          f"(cai-dpo {model} or cai-dpo run) or export another model (--model)")
+        raise ExportError(
+            f"{adapter}: no adapter there; run the {model} stage first "
+            f"(cai-dpo {model} or cai-dpo run) or export another model (--model)"
+        )
     run = run or RunStore(root)
     chain = [os.path.relpath(p, run.root) for p in adapter_merge_first(adapter)] + [f"models/{model}"]
     folder = Path(out_dir) if out_dir else run.root / "export" / model
@@ -269,10 +308,20 @@ def export_model(cfg: RunConfig, run: RunStore | None = None, model: str | None 
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
-        (tmp / "cai_dpo_export.json").write_text(json.dumps({
-            "run_id": cfg.run_id, "run_dir": str(run.root), "model": model, "reason": why, "merged": chain,
-            "base": cfg.policy.name, "config": {"policy": to_dict(cfg.policy)},
-        }, indent=2))
+        (tmp / "cai_dpo_export.json").write_text(
+            json.dumps(
+                {
+                    "run_id": cfg.run_id,
+                    "run_dir": str(run.root),
+                    "model": model,
+                    "reason": why,
+                    "merged": chain,
+                    "base": cfg.policy.name,
+                    "config": {"policy": to_dict(cfg.policy)},
+                },
+                indent=2,
+            )
+        )
     files = sorted(p.name for p in folder.iterdir())
     log.info("exported %s of run %s to %s (%s)", model, cfg.run_id, folder, why)
     return ExportResult(folder, model, why, files)
@@ -287,8 +336,10 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise ExportError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so the hub is not contacted; "
-                          f"the export is complete at {folder} (unset HF_HUB_OFFLINE, or upload the folder later)")
+        raise ExportError(
+            f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so the hub is not contacted; "
+            f"the export is complete at {folder} (unset HF_HUB_OFFLINE, or upload the folder later)"
+        )
     import socket
     from urllib.parse import urlparse
 
@@ -296,8 +347,10 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
     except OSError as exc:
-        raise ExportError(f"--push-to-hub {repo_id}: {constants.ENDPOINT} is not reachable ({exc}); "
-                          f"the export is complete at {folder} (upload it later)") from exc
+        raise ExportError(
+            f"--push-to-hub {repo_id}: {constants.ENDPOINT} is not reachable ({exc}); "
+            f"the export is complete at {folder} (upload it later)"
+        ) from exc
     from huggingface_hub import HfApi
 
     api = HfApi()

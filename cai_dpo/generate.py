@@ -27,7 +27,14 @@ def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model
     except ContextLengthError as exc:
         raise name_prompt_error(exc, items) from exc
     rows = [
-        {"id": p.id, "prompt": p.text, "completion": g.text, "tokens": g.n_tokens, "finished": g.finished, "model": describe(spec)}
+        {
+            "id": p.id,
+            "prompt": p.text,
+            "completion": g.text,
+            "tokens": g.n_tokens,
+            "finished": g.finished,
+            "model": describe(spec),
+        }
         for p, gens in zip(items, outs)
         for g in gens
     ]

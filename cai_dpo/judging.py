@@ -109,8 +109,10 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.mean_prior()
-        return {"prior": {k: [round(float(x), 6) for x in v] for k, v in self.prior.items()},
-                "mean_prior_a": round(float(mean[0]), 6)}
+        return {
+            "prior": {k: [round(float(x), 6) for x in v] for k, v in self.prior.items()},
+            "mean_prior_a": round(float(mean[0]), 6),
+        }
 
 
 @dataclass
@@ -135,8 +137,10 @@ class GateResult:
         """One line: accuracy, interval, the compared statistic and the outcome."""
         against = f"lower bound {self.lo:.3f}" if self.statistic == "lower_bound" else f"estimate {self.accuracy:.3f}"
         verdict = "TRIPPED" if self.tripped else "passed"
-        return (f"judge accuracy {self.accuracy:.3f} [{self.lo:.3f}, {self.hi:.3f}] on {self.n} items; "
-                f"{against} vs threshold {self.threshold:.2f}: {verdict}")
+        return (
+            f"judge accuracy {self.accuracy:.3f} [{self.lo:.3f}, {self.hi:.3f}] on {self.n} items; "
+            f"{against} vs threshold {self.threshold:.2f}: {verdict}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,8 +175,7 @@ def dialogue_text(messages: Sequence[dict[str, str]]) -> str:
 def question_text(prompt: str, response_a: str, response_b: str, question: str) -> str:
     """The multiple-choice question (without the answer lead)."""
     convo = prompt.strip() if prompt.lstrip().startswith("Human:") else f"Human: {prompt.strip()}"
-    return (f"{INTRO}\n\n{convo}\n\n{question.strip()}\nOptions:\n"
-            f" (A) {response_a.strip()}\n (B) {response_b.strip()}")
+    return f"{INTRO}\n\n{convo}\n\n{question.strip()}\nOptions:\n (A) {response_a.strip()}\n (B) {response_b.strip()}"
 
 
 def _question(constitution: Any, principle_id: str | None, prompt: str) -> str:
@@ -195,8 +198,10 @@ class JudgePrompter:
         self.lead = COT_LEAD if cfg.chain_of_thought else ANSWER_LEAD
         demos = list(constitution.comparison_examples) if cfg.few_shot else []
         self.demos: list[tuple[str, str]] = [
-            (question_text(d.prompt, d.response_a, d.response_b, _question(constitution, d.principle_id, d.prompt)),
-             f"{ANSWER_LEAD} ({d.answer})")
+            (
+                question_text(d.prompt, d.response_a, d.response_b, _question(constitution, d.principle_id, d.prompt)),
+                f"{ANSWER_LEAD} ({d.answer})",
+            )
             for d in demos
         ]
         self.prefix: str | None = None
@@ -204,13 +209,19 @@ class JudgePrompter:
             if self.fmt == "plain":
                 self.prefix = "".join(f"\n\n{q}\n\n{a}" for q, a in self.demos)
             else:
-                msgs = [m for q, a in self.demos for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+                msgs = [
+                    m
+                    for q, a in self.demos
+                    for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+                ]
                 prefix = engine.render(msgs, add_generation_prompt=False)
                 probe = self._full("probe")
                 self.prefix = prefix if probe.startswith(prefix) else None
                 if self.prefix is None:
-                    log.warning("judge: the chat template does not extend the few-shot demos as a prefix; "
-                                "demos are rendered into every context (no shared cache)")
+                    log.warning(
+                        "judge: the chat template does not extend the few-shot demos as a prefix; "
+                        "demos are rendered into every context (no shared cache)"
+                    )
 
     def _full(self, question: str) -> str:
         if self.fmt == "plain":
@@ -223,7 +234,7 @@ class JudgePrompter:
         """Rendered text after the prefix, ending with "The answer is:" (or the reasoning lead)."""
         question = question_text(prompt, response_a, response_b, _question(self.constitution, principle_id, prompt))
         full = self._full(question)
-        return full[len(self.prefix):] if self.prefix else full
+        return full[len(self.prefix) :] if self.prefix else full
 
 
 # --------------------------------------------------------------------------- scoring
@@ -236,8 +247,14 @@ def _pool_categories(constitution: Any, categories: Sequence[str] | None) -> lis
     return present or None
 
 
-def assign_principles(comparison: Comparison, constitution: Any, cfg: JudgeConfig, *,
-                      categories: Sequence[str] | None = None, seed: int = 0) -> list[str]:
+def assign_principles(
+    comparison: Comparison,
+    constitution: Any,
+    cfg: JudgeConfig,
+    *,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+) -> list[str]:
     """The principle ids a comparison is judged under (its own, else sampled, seeded by its content)."""
     if comparison.principle_ids:
         return list(comparison.principle_ids)
@@ -254,9 +271,17 @@ def _trim_reasoning(text: str) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
-def score_letters(engine: Any, constitution: Any, comparisons: Sequence[Comparison], cfg: JudgeConfig, *,
-                  categories: Sequence[str] | None = None, seed: int = 0, prompter: JudgePrompter | None = None,
-                  desc: str = "judge") -> list[LetterScores]:
+def score_letters(
+    engine: Any,
+    constitution: Any,
+    comparisons: Sequence[Comparison],
+    cfg: JudgeConfig,
+    *,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+    prompter: JudgePrompter | None = None,
+    desc: str = "judge",
+) -> list[LetterScores]:
     """Raw letter probabilities for every comparison × principle × order, in one batched scoring call."""
     prompter = prompter or JudgePrompter(engine, constitution, cfg)
     items: list[tuple[int, int, str]] = []
@@ -273,13 +298,20 @@ def score_letters(engine: Any, constitution: Any, comparisons: Sequence[Comparis
                 contexts.append(prompter.context(c.prompt, c.response_b, c.response_a, pid))
     reasoning = [""] * len(contexts)
     if cfg.chain_of_thought and contexts:
-        sampling = SamplingConfig(max_new_tokens=cfg.cot_max_new_tokens, do_sample=False, temperature=0.0,
-                                  seed=seed, batch_size=cfg.batch_size)
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.cot_max_new_tokens,
+            do_sample=False,
+            temperature=0.0,
+            seed=seed,
+            batch_size=cfg.batch_size,
+        )
         gens = engine.generate(contexts, sampling, prefix=prompter.prefix, desc=f"{desc} reasoning")
         reasoning = [_trim_reasoning(g[0].text) for g in gens]
         contexts = [f"{c} {r}\n{COT_ANSWER}" for c, r in zip(contexts, reasoning)]
-    out = [LetterScores(pids, [[0.5, 0.5]] * len(pids), [[0.5, 0.5]] * len(pids) if cfg.both_orders else None)
-           for pids in assigned]
+    out = [
+        LetterScores(pids, [[0.5, 0.5]] * len(pids), [[0.5, 0.5]] * len(pids) if cfg.both_orders else None)
+        for pids in assigned
+    ]
     for s in out:
         s.ab = [list(x) for x in s.ab]
         s.ba = [list(x) for x in s.ba] if s.ba is not None else None
@@ -296,7 +328,9 @@ def score_letters(engine: Any, constitution: Any, comparisons: Sequence[Comparis
     return out
 
 
-def _first_better(letters: Sequence[float], principle_id: str, cfg: JudgeConfig, calibration: Calibration | None) -> float:
+def _first_better(
+    letters: Sequence[float], principle_id: str, cfg: JudgeConfig, calibration: Calibration | None
+) -> float:
     """P(option A better) after calibration and (chain-of-thought) clamping."""
     p = np.asarray(letters, dtype=float)
     if calibration is not None:
@@ -329,8 +363,14 @@ def to_verdict(scores: LetterScores, cfg: JudgeConfig, calibration: Calibration 
     )
 
 
-def measure_calibration(engine: Any, constitution: Any, cfg: JudgeConfig, principle_ids: Sequence[str] | None = None,
-                        *, prompter: JudgePrompter | None = None) -> Calibration:
+def measure_calibration(
+    engine: Any,
+    constitution: Any,
+    cfg: JudgeConfig,
+    principle_ids: Sequence[str] | None = None,
+    *,
+    prompter: JudgePrompter | None = None,
+) -> Calibration:
     """The judge's letter prior per principle on content-free inputs.
 
     Per principle: "N/A" vs "N/A", and "N/A" vs "" in both orders; the prior is the mean
@@ -338,20 +378,41 @@ def measure_calibration(engine: Any, constitution: Any, cfg: JudgeConfig, princi
     """
     ids = list(dict.fromkeys(principle_ids)) if principle_ids else [p.id for p in constitution.principles]
     prompter = prompter or JudgePrompter(engine, constitution, cfg)
-    same = score_letters(engine, constitution, [Comparison(*CONTENT_FREE[0], [pid]) for pid in ids],
-                         dataclasses.replace(cfg, both_orders=False), prompter=prompter, desc="judge calibration")
-    mixed = score_letters(engine, constitution, [Comparison(*CONTENT_FREE[1], [pid]) for pid in ids],
-                          dataclasses.replace(cfg, both_orders=True), prompter=prompter, desc="judge calibration")
-    prior = {pid: [float(x) for x in np.mean([s.ab[0], m.ab[0], m.ba[0]], axis=0)]  # type: ignore[index]
-             for pid, s, m in zip(ids, same, mixed)}
+    same = score_letters(
+        engine,
+        constitution,
+        [Comparison(*CONTENT_FREE[0], [pid]) for pid in ids],
+        dataclasses.replace(cfg, both_orders=False),
+        prompter=prompter,
+        desc="judge calibration",
+    )
+    mixed = score_letters(
+        engine,
+        constitution,
+        [Comparison(*CONTENT_FREE[1], [pid]) for pid in ids],
+        dataclasses.replace(cfg, both_orders=True),
+        prompter=prompter,
+        desc="judge calibration",
+    )
+    prior = {
+        pid: [float(x) for x in np.mean([s.ab[0], m.ab[0], m.ba[0]], axis=0)]  # type: ignore[index]
+        for pid, s, m in zip(ids, same, mixed)
+    }
     cal = Calibration(prior)
     log.info("judge calibration: mean prior P(A)=%.3f over %d principle(s)", cal.mean_prior()[0], len(ids))
     return cal
 
 
-def judge_comparisons(engine: Any, constitution: Any, comparisons: Sequence[Comparison], cfg: JudgeConfig, *,
-                      categories: Sequence[str] | None = None, seed: int = 0,
-                      calibration: Calibration | None = None) -> list[Verdict]:
+def judge_comparisons(
+    engine: Any,
+    constitution: Any,
+    comparisons: Sequence[Comparison],
+    cfg: JudgeConfig,
+    *,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+    calibration: Calibration | None = None,
+) -> list[Verdict]:
     """Judge each comparison: P(response_a better) averaged over orders and principles.
 
     With ``cfg.calibrate`` and no ``calibration`` given, the letter prior is measured on
@@ -387,12 +448,14 @@ def parse_hhh(row: dict[str, Any]) -> dict[str, Any]:
     cut = tc.rfind(marker)
     context = tc[:cut]
     if cut < 0 or not ti.startswith(context + marker):
-        raise ValueError("HHH line: text_correct and text_incorrect do not share the dialogue before the last 'Assistant:'")
-    correct = tc[cut + len(marker):].strip()
-    incorrect = ti[len(context) + len(marker):].strip()
+        raise ValueError(
+            "HHH line: text_correct and text_incorrect do not share the dialogue before the last 'Assistant:'"
+        )
+    correct = tc[cut + len(marker) :].strip()
+    incorrect = ti[len(context) + len(marker) :].strip()
     prompt = context.strip()
     if prompt.startswith("Human:") and prompt.count("Human:") == 1 and "Assistant:" not in prompt:
-        prompt = prompt[len("Human:"):].strip()
+        prompt = prompt[len("Human:") :].strip()
     letter = row["corrects"][0].strip().strip("()")
     return {"prompt": prompt, "correct": correct, "incorrect": incorrect, "correct_letter": letter}
 
@@ -413,9 +476,16 @@ def load_checkset(path: str | Path | None = None) -> list[dict[str, Any]]:
     return [dataclasses.asdict(c) for c in _load(spec or "bundled:judge_checkset")]
 
 
-def judge_gate(engine: Any, constitution: Any, cfg: JudgeConfig, *, calibration: Calibration | None = None,
-               seed: int = 0, checkset: list[dict[str, Any]] | None = None,
-               hhh: list[dict[str, Any]] | None = None) -> GateResult:
+def judge_gate(
+    engine: Any,
+    constitution: Any,
+    cfg: JudgeConfig,
+    *,
+    calibration: Calibration | None = None,
+    seed: int = 0,
+    checkset: list[dict[str, Any]] | None = None,
+    hhh: list[dict[str, Any]] | None = None,
+) -> GateResult:
     """Judge accuracy on the check set plus a seeded HHH sample, with a Wilson 95 % interval.
 
     ``checkset``/``hhh`` default to the configured check set and (when ``gate_use_hhh``)
@@ -437,8 +507,9 @@ def judge_gate(engine: Any, constitution: Any, cfg: JudgeConfig, *, calibration:
         if pid is not None and pid not in {p.id for p in constitution.principles}:
             pid = None
         cat = r.get("category")
-        comps.append(("checkset", Comparison(r["prompt"], a, b, [pid] if pid else None), better_first,
-                      [cat] if cat else None))
+        comps.append(
+            ("checkset", Comparison(r["prompt"], a, b, [pid] if pid else None), better_first, [cat] if cat else None)
+        )
     for h in hhh:
         a_correct = h["correct_letter"] == "A"
         a, b = (h["correct"], h["incorrect"]) if a_correct else (h["incorrect"], h["correct"])
@@ -450,8 +521,15 @@ def judge_gate(engine: Any, constitution: Any, cfg: JudgeConfig, *, calibration:
     for i, (_, _, _, cats) in enumerate(comps):
         groups.setdefault(tuple(cats) if cats else None, []).append(i)
     for cats, idx in groups.items():
-        vs = judge_comparisons(engine, constitution, [comps[i][1] for i in idx], cfg, categories=list(cats) if cats else None,
-                               seed=seed, calibration=calibration)
+        vs = judge_comparisons(
+            engine,
+            constitution,
+            [comps[i][1] for i in idx],
+            cfg,
+            categories=list(cats) if cats else None,
+            seed=seed,
+            calibration=calibration,
+        )
         for i, v in zip(idx, vs):
             verdicts[i] = v
     credit: dict[str, list[float]] = {}
@@ -474,8 +552,10 @@ def judge_gate(engine: Any, constitution: Any, cfg: JudgeConfig, *, calibration:
 
 def run_constitution_cases(constitution: Any, cases: Sequence[Any], engine: Any, cfg: JudgeConfig) -> list[CaseResult]:
     """Judge each case (see :func:`cai_dpo.constitution.load_cases`); a case passes when P(expected) > 0.5."""
-    comps = [Comparison(dialogue_text(c.messages()), c.response_a, c.response_b, [c.principle] if c.principle else None)
-             for c in cases]
+    comps = [
+        Comparison(dialogue_text(c.messages()), c.response_a, c.response_b, [c.principle] if c.principle else None)
+        for c in cases
+    ]
     verdicts = judge_comparisons(engine, constitution, comps, cfg)
     out = []
     for c, v in zip(cases, verdicts):
@@ -490,8 +570,10 @@ def format_case_table(results: Sequence[CaseResult]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         ba = "   -  " if math.isnan(r.score_ba) else f"{r.score_ba:6.3f}"
-        lines.append(f"{r.id[:24]:<24} {','.join(r.principle_ids)[:24]:<24} {r.expected:>3} {r.p_a:6.3f} "
-                     f"{r.score_ab:6.3f} {ba} {r.p_expected:7.3f}  {'pass' if r.passed else 'FAIL'}")
+        lines.append(
+            f"{r.id[:24]:<24} {','.join(r.principle_ids)[:24]:<24} {r.expected:>3} {r.p_a:6.3f} "
+            f"{r.score_ab:6.3f} {ba} {r.p_expected:7.3f}  {'pass' if r.passed else 'FAIL'}"
+        )
     passed = sum(r.passed for r in results)
     lines.append(f"{passed}/{len(results)} passed")
     return "\n".join(lines)

@@ -46,8 +46,17 @@ from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LabelsConfig, RunConfig, to_dict
 from cai_dpo.errors import CaiDpoInputError
-from cai_dpo.store import (Manifest, RunStore, Timer, atomic_dir, file_hash, jsonl_lines, locked_stage, read_manifest,
-                           write_jsonl)
+from cai_dpo.store import (
+    Manifest,
+    RunStore,
+    Timer,
+    atomic_dir,
+    file_hash,
+    jsonl_lines,
+    locked_stage,
+    read_manifest,
+    write_jsonl,
+)
 
 if TYPE_CHECKING:  # datasets is imported lazily: the queue and the widget do not need it
     import datasets
@@ -57,8 +66,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CHOICES = ("A", "B", "tie", "skip")
 ORDERS = ("AB", "BA")
-REASONS = ("low_confidence", "order_disagreement", "principle_disagreement", "judge_prefers_original", "gate",
-           "gate_sample")
+REASONS = (
+    "low_confidence",
+    "order_disagreement",
+    "principle_disagreement",
+    "judge_prefers_original",
+    "gate",
+    "gate_sample",
+)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -99,11 +114,31 @@ _SCHEMA = (
         created_at TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS revisions_key ON revisions(record_key, created_at)",
 )
-_PAIR_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "p_chosen", "principle_ids", "reasons",
-                "source", "category", "extra", "enqueued_at")
+_PAIR_FIELDS = (
+    "pair_id",
+    "prompt",
+    "response_a",
+    "response_b",
+    "p_chosen",
+    "principle_ids",
+    "reasons",
+    "source",
+    "category",
+    "extra",
+    "enqueued_at",
+)
 _LABEL_FIELDS = ("label_id", "pair_id", "choice", "shown_order", "labeler", "comment", "created_at")
-_REVISION_FIELDS = ("revision_id", "record_key", "pair_id", "prompt", "original", "response", "principle_ids",
-                    "author", "created_at")
+_REVISION_FIELDS = (
+    "revision_id",
+    "record_key",
+    "pair_id",
+    "prompt",
+    "original",
+    "response",
+    "principle_ids",
+    "author",
+    "created_at",
+)
 #: ``source`` of the SFT rows and preference pairs made from revisions written by a person.
 REVISION_SOURCE = "human_revision"
 
@@ -116,7 +151,7 @@ def _inside(p: float, band: float) -> bool:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
 
 
 def _num(value: Any) -> float | None:
@@ -154,8 +189,12 @@ def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool =
     if cfg.route_order_disagreement and ab is not None and ba is not None and (ab - 0.5) * (ba - 0.5) < 0:
         reasons.append("order_disagreement")
     per = [v for v in (_num(x) for x in (row.get("per_principle") or [])) if v is not None]
-    if (cfg.route_principle_disagreement and len(per) >= 2 and min(per) < 0.5 < max(per)
-            and max(per) - min(per) > cfg.principle_disagreement_spread):
+    if (
+        cfg.route_principle_disagreement
+        and len(per) >= 2
+        and min(per) < 0.5 < max(per)
+        and max(per) - min(per) > cfg.principle_disagreement_spread
+    ):
         reasons.append("principle_disagreement")
     if cfg.route_judge_prefers_original and row.get("source") == "revision_vs_original":
         p_judge = _num(row.get("p_judge"))
@@ -168,8 +207,9 @@ def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool =
     return reasons
 
 
-def route_edge_cases(rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *, gate_tripped: bool = False,
-                     seed: int = 0) -> list[tuple[dict[str, Any], list[str]]]:
+def route_edge_cases(
+    rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *, gate_tripped: bool = False, seed: int = 0
+) -> list[tuple[dict[str, Any], list[str]]]:
     """The rows that need a person, each with its reasons (see :func:`edge_reasons`).
 
     When the judge gate tripped, ``cfg.route_gate_sample`` more rows that no rule routed
@@ -228,8 +268,11 @@ def pair_from_row(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
     """A queue entry for one preference row (response_a = chosen, response_b = rejected)."""
     if not row.get("pair_id"):
         raise ValueError("preference row has no 'pair_id'; rerun the judge stage to write it")
-    extra = {k: row.get(k) for k in ("score_ab", "score_ba", "per_principle", "judge_model", "p_judge", "margin")
-             if row.get(k) is not None}
+    extra = {
+        k: row.get(k)
+        for k in ("score_ab", "score_ba", "per_principle", "judge_model", "p_judge", "margin")
+        if row.get(k) is not None
+    }
     return {
         "pair_id": row["pair_id"],
         "prompt": _text(row.get("prompt")),
@@ -278,8 +321,9 @@ class LabelQueue:
             self._conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
-            raise LabelQueueError(f"{self.path}: not a usable label database ({exc}); "
-                                  "move it away or set labels.db_path to a new file") from exc
+            raise LabelQueueError(
+                f"{self.path}: not a usable label database ({exc}); move it away or set labels.db_path to a new file"
+            ) from exc
         if str(mode).lower() != "wal":
             log.warning("%s: journal mode is %s, not WAL (is the file on a network drive?)", self.path, mode)
         self._conn.execute("PRAGMA synchronous = FULL")
@@ -288,10 +332,16 @@ class LabelQueue:
 
     def _open_read_only(self) -> sqlite3.Connection:
         if not self.path.is_file():
-            raise LabelQueueError(f"{self.path}: label database not found; check --db / labels.db_path "
-                                  "(the labels stage creates it)")
-        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
-                               isolation_level=None, check_same_thread=False)
+            raise LabelQueueError(
+                f"{self.path}: label database not found; check --db / labels.db_path (the labels stage creates it)"
+            )
+        conn = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=30.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA busy_timeout = 30000")
@@ -303,14 +353,16 @@ class LabelQueue:
             raise LabelQueueError(f"{self.path}: not a label database ({exc}); check --db / labels.db_path") from exc
         if row is None or int(row[0]) > SCHEMA_VERSION:
             conn.close()
-            raise LabelQueueError(f"{self.path}: meta.schema_version is {row[0] if row else 'missing'}; this cai-dpo "
-                                  f"reads version {SCHEMA_VERSION}")
+            raise LabelQueueError(
+                f"{self.path}: meta.schema_version is {row[0] if row else 'missing'}; this cai-dpo "
+                f"reads version {SCHEMA_VERSION}"
+            )
         return conn
 
     def __repr__(self) -> str:
         return f"LabelQueue({str(self.path)!r})"
 
-    def __enter__(self) -> "LabelQueue":
+    def __enter__(self) -> LabelQueue:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -352,8 +404,9 @@ class LabelQueue:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
-            raise LabelQueueError(f"{self.path}: not a usable label database ({exc}); "
-                                  "move it away or set labels.db_path to a new file") from exc
+            raise LabelQueueError(
+                f"{self.path}: not a usable label database ({exc}); move it away or set labels.db_path to a new file"
+            ) from exc
 
     @property
     def schema_version(self) -> int:
@@ -387,8 +440,11 @@ class LabelQueue:
     def pair(self, pair_id: str) -> dict[str, Any] | None:
         """One queued pair, or None."""
         with self._lock:
-            return self._pair(self._conn.execute(
-                f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone())
+            return self._pair(
+                self._conn.execute(
+                    f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs WHERE pair_id = ?", (pair_id,)
+                ).fetchone()
+            )
 
     def pairs(self) -> list[dict[str, Any]]:
         """All queued pairs in queue order."""
@@ -399,21 +455,25 @@ class LabelQueue:
     def next_unlabeled(self) -> dict[str, Any] | None:
         """The oldest queued pair that has no label yet, or None when all are labeled."""
         with self._lock:
-            return self._pair(self._conn.execute(
-                f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs p WHERE NOT EXISTS "
-                "(SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id) ORDER BY seq LIMIT 1").fetchone())
+            return self._pair(
+                self._conn.execute(
+                    f"SELECT {', '.join(_PAIR_FIELDS)} FROM pairs p WHERE NOT EXISTS "
+                    "(SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id) ORDER BY seq LIMIT 1"
+                ).fetchone()
+            )
 
     def pending_count(self) -> int:
         """Queued pairs without a label."""
         with self._lock:
             return self._conn.execute(
-                "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS "
-                "(SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id)").fetchone()[0]
+                "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.pair_id)"
+            ).fetchone()[0]
 
     # ---------------------------------------------------------------- labels
 
-    def record_label(self, pair_id: str, choice: str, shown_order: str, labeler: str,
-                     comment: str = "") -> dict[str, Any]:
+    def record_label(
+        self, pair_id: str, choice: str, shown_order: str, labeler: str, comment: str = ""
+    ) -> dict[str, Any]:
         """Store one human label and commit it at once. ``choice`` is "A" | "B" (the
         preferred response, see the module notes) | "tie" | "skip"; ``shown_order`` is "AB"
         (response_a was on the left) or "BA". Returns the stored label."""
@@ -423,13 +483,22 @@ class LabelQueue:
             raise ValueError(f"shown_order {shown_order!r} is not 'AB' or 'BA'")
         if not labeler or not isinstance(labeler, str):
             raise ValueError("labeler must be a non-empty name")
-        label = {"label_id": uuid.uuid4().hex, "pair_id": pair_id, "choice": choice, "shown_order": shown_order,
-                 "labeler": labeler, "comment": comment or "", "created_at": _now()}
+        label = {
+            "label_id": uuid.uuid4().hex,
+            "pair_id": pair_id,
+            "choice": choice,
+            "shown_order": shown_order,
+            "labeler": labeler,
+            "comment": comment or "",
+            "created_at": _now(),
+        }
         with self._write() as db:
             if db.execute("SELECT 1 FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone() is None:
                 raise KeyError(f"{self.path}: pair_id {pair_id!r} is not in the queue")
-            db.execute(f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))})",
-                       tuple(label[k] for k in _LABEL_FIELDS))
+            db.execute(
+                f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))})",
+                tuple(label[k] for k in _LABEL_FIELDS),
+            )
         log.debug("label %s for %s: %s (shown %s) by %s", label["label_id"], pair_id, choice, shown_order, labeler)
         return label
 
@@ -438,7 +507,9 @@ class LabelQueue:
         with self._write() as db:
             row = db.execute(
                 f"SELECT id, {', '.join(_LABEL_FIELDS)} FROM labels WHERE labeler = ? "
-                "ORDER BY created_at DESC, id DESC LIMIT 1", (labeler,)).fetchone()
+                "ORDER BY created_at DESC, id DESC LIMIT 1",
+                (labeler,),
+            ).fetchone()
             if row is None:
                 return None
             db.execute("DELETE FROM labels WHERE id = ?", (row["id"],))
@@ -460,9 +531,17 @@ class LabelQueue:
 
     # ---------------------------------------------------------------- revisions
 
-    def record_revision(self, response: str, *, pair_id: str | None = None, record_key: str | None = None,
-                        prompt: Any = None, original: str | None = None, principle_ids: Iterable[str] | None = None,
-                        author: str = "") -> dict[str, Any]:
+    def record_revision(
+        self,
+        response: str,
+        *,
+        pair_id: str | None = None,
+        record_key: str | None = None,
+        prompt: Any = None,
+        original: str | None = None,
+        principle_ids: Iterable[str] | None = None,
+        author: str = "",
+    ) -> dict[str, Any]:
         """Store a response written by a person and commit it at once; returns the stored revision.
 
         For a queued pair give ``pair_id``: ``record_key`` is the pair id and ``prompt``,
@@ -483,13 +562,24 @@ class LabelQueue:
             principle_ids = pair["principle_ids"] if principle_ids is None else principle_ids
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        revision = {"revision_id": uuid.uuid4().hex, "record_key": record_key, "pair_id": pair_id, "prompt": prompt,
-                    "original": original, "response": response, "principle_ids": list(principle_ids or []),
-                    "author": author or "", "created_at": _now()}
+        revision = {
+            "revision_id": uuid.uuid4().hex,
+            "record_key": record_key,
+            "pair_id": pair_id,
+            "prompt": prompt,
+            "original": original,
+            "response": response,
+            "principle_ids": list(principle_ids or []),
+            "author": author or "",
+            "created_at": _now(),
+        }
         values = _revision_values(revision, "record_revision")
         with self._write() as db:
-            db.execute(f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) "
-                       f"VALUES ({', '.join('?' * len(_REVISION_FIELDS))})", values)
+            db.execute(
+                f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(_REVISION_FIELDS))})",
+                values,
+            )
         log.debug("revision %s for %s by %s", revision["revision_id"], record_key, author or "-")
         return dict(zip(_REVISION_FIELDS, values), prompt=prompt, principle_ids=revision["principle_ids"])
 
@@ -499,7 +589,8 @@ class LabelQueue:
         with self._lock:
             try:
                 rows = self._conn.execute(
-                    f"SELECT {', '.join(_REVISION_FIELDS)} FROM revisions ORDER BY created_at, id").fetchall()
+                    f"SELECT {', '.join(_REVISION_FIELDS)} FROM revisions ORDER BY created_at, id"
+                ).fetchall()
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
                     return []
@@ -541,7 +632,9 @@ class LabelQueue:
         """Write every pair, label and revision as JSON lines (``kind``: meta | pair | label |
         revision), atomically."""
         meta = {"kind": "meta", "schema_version": self.schema_version, "exported_at": _now(), "db_path": str(self.path)}
-        rows = [meta] + [{"kind": "pair", **p} for p in self.pairs()] + [{"kind": "label", **lab} for lab in self.labels()]
+        rows = (
+            [meta] + [{"kind": "pair", **p} for p in self.pairs()] + [{"kind": "label", **lab} for lab in self.labels()]
+        )
         rows += [{"kind": "revision", **rev} for rev in self.revisions()]
         return write_jsonl(Path(path), rows)
 
@@ -575,8 +668,10 @@ class LabelQueue:
                 if isinstance(version, bool) or not isinstance(version, int):
                     raise LabelQueueError(f"{where}: field 'schema_version' must be an integer, got {version!r}")
                 if version > SCHEMA_VERSION:
-                    raise LabelQueueError(f"{where}: schema_version {version} is newer than "
-                                          f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo")
+                    raise LabelQueueError(
+                        f"{where}: schema_version {version} is newer than "
+                        f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo"
+                    )
             elif kind == "pair":
                 pair_rows.append(_pair_values(row, where))
             elif kind == "label":
@@ -593,18 +688,30 @@ class LabelQueue:
             if orphans:
                 raise LabelQueueError(
                     f"{path}: line {label_lines[orphans[0]]}: field 'pair_id' {orphans[0]!r} is neither queued in "
-                    f"{self.path} nor a pair in the file ({len(orphans)} such pair id(s)); nothing was imported")
+                    f"{self.path} nor a pair in the file ({len(orphans)} such pair id(s)); nothing was imported"
+                )
             before = db.total_changes
             db.executemany(
                 f"INSERT INTO labels({', '.join(_LABEL_FIELDS)}) VALUES ({', '.join('?' * len(_LABEL_FIELDS))}) "
-                "ON CONFLICT(label_id) DO NOTHING", labels)
+                "ON CONFLICT(label_id) DO NOTHING",
+                labels,
+            )
             added_labels = db.total_changes - before
             db.executemany(
-                f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) VALUES ({', '.join('?' * len(_REVISION_FIELDS))}) "
-                "ON CONFLICT(revision_id) DO NOTHING", revisions)
+                f"INSERT INTO revisions({', '.join(_REVISION_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(_REVISION_FIELDS))}) "
+                "ON CONFLICT(revision_id) DO NOTHING",
+                revisions,
+            )
             added_revisions = db.total_changes - before - added_labels
-        log.info("%s: imported %d pair(s), %d label(s) and %d revision(s) from %s", self.path, added_pairs,
-                 added_labels, added_revisions, path)
+        log.info(
+            "%s: imported %d pair(s), %d label(s) and %d revision(s) from %s",
+            self.path,
+            added_pairs,
+            added_labels,
+            added_revisions,
+            path,
+        )
         return {"pairs": added_pairs, "labels": added_labels, "revisions": added_revisions}
 
 
@@ -626,17 +733,20 @@ def _timestamp(value: Any, where: str, key: str) -> str:
         except ValueError:
             parsed = None
     if parsed is None or parsed.tzinfo is None:
-        raise LabelQueueError(f"{where}: field '{key}' must be an ISO-8601 date-time with a time zone, "
-                              f"e.g. 2026-01-31T12:00:00+00:00; got {value!r}")
-    return parsed.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+        raise LabelQueueError(
+            f"{where}: field '{key}' must be an ISO-8601 date-time with a time zone, "
+            f"e.g. 2026-01-31T12:00:00+00:00; got {value!r}"
+        )
+    return parsed.astimezone(_dt.UTC).isoformat(timespec="microseconds")
 
 
 def _pair_values(pair: dict[str, Any], where: str) -> tuple[Any, ...]:
     """The ``pairs`` row for one pair dict, checked (errors name ``where`` and the field)."""
     missing = [k for k in ("pair_id", "prompt", "response_a", "response_b") if not isinstance(pair.get(k), str)]
     if missing:
-        raise LabelQueueError(f"{where}: field '{missing[0]}' must be a string (missing or wrong type: "
-                              f"{', '.join(missing)})")
+        raise LabelQueueError(
+            f"{where}: field '{missing[0]}' must be a string (missing or wrong type: {', '.join(missing)})"
+        )
     if not pair["pair_id"].strip():
         raise LabelQueueError(f"{where}: field 'pair_id' is empty")
     p = pair.get("p_chosen")
@@ -647,10 +757,16 @@ def _pair_values(pair: dict[str, Any], where: str) -> tuple[Any, ...]:
         raise LabelQueueError(f"{where}: field 'extra' must be an object, got {extra!r}")
     enqueued = pair.get("enqueued_at")
     return (
-        pair["pair_id"], pair["prompt"], pair["response_a"], pair["response_b"], _num(p),
+        pair["pair_id"],
+        pair["prompt"],
+        pair["response_a"],
+        pair["response_b"],
+        _num(p),
         json.dumps(_str_list(pair.get("principle_ids"), where, "principle_ids")),
         json.dumps(_str_list(pair.get("reasons"), where, "reasons")),
-        pair.get("source"), pair.get("category"), json.dumps(extra, default=str),
+        pair.get("source"),
+        pair.get("category"),
+        json.dumps(extra, default=str),
         _timestamp(enqueued, where, "enqueued_at") if enqueued is not None else _now(),
     )
 
@@ -684,11 +800,17 @@ def _revision_values(row: dict[str, Any], where: str) -> tuple[Any, ...]:
     if row["response"].strip() == row["original"].strip():
         raise LabelQueueError(f"{where}: field 'response' is the same as the original; edit it first")
     prompt = row.get("prompt")
-    if (not isinstance(prompt, list) or not prompt
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                       for m in prompt)):
-        raise LabelQueueError(f"{where}: field 'prompt' must be a non-empty list of messages "
-                              f"({{'role': ..., 'content': ...}}), got {prompt!r}")
+    if (
+        not isinstance(prompt, list)
+        or not prompt
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
+    ):
+        raise LabelQueueError(
+            f"{where}: field 'prompt' must be a non-empty list of messages "
+            f"({{'role': ..., 'content': ...}}), got {prompt!r}"
+        )
     pair_id = row.get("pair_id")
     if pair_id is not None and not isinstance(pair_id, str):
         raise LabelQueueError(f"{where}: field 'pair_id' must be a string or null, got {pair_id!r}")
@@ -696,9 +818,17 @@ def _revision_values(row: dict[str, Any], where: str) -> tuple[Any, ...]:
     if not isinstance(author, str):
         raise LabelQueueError(f"{where}: field 'author' must be a string, got {author!r}")
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    return (row["revision_id"], row["record_key"], pair_id, json.dumps(messages, ensure_ascii=False), row["original"],
-            row["response"], json.dumps(_str_list(row.get("principle_ids"), where, "principle_ids")), author,
-            _timestamp(row.get("created_at"), where, "created_at"))
+    return (
+        row["revision_id"],
+        row["record_key"],
+        pair_id,
+        json.dumps(messages, ensure_ascii=False),
+        row["original"],
+        row["response"],
+        json.dumps(_str_list(row.get("principle_ids"), where, "principle_ids")),
+        author,
+        _timestamp(row.get("created_at"), where, "created_at"),
+    )
 
 
 def _insert_pairs(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
@@ -706,26 +836,29 @@ def _insert_pairs(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     before = db.total_changes
     db.executemany(
         f"INSERT INTO pairs({', '.join(_PAIR_FIELDS)}) VALUES ({', '.join('?' * len(_PAIR_FIELDS))}) "
-        "ON CONFLICT(pair_id) DO NOTHING", rows)
+        "ON CONFLICT(pair_id) DO NOTHING",
+        rows,
+    )
     return db.total_changes - before
 
 
 # --------------------------------------------------------------------------- merge
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> "datasets.Dataset":
+def _rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> datasets.Dataset:
     import datasets
 
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
-def merge_labels_with_counts(dataset: "datasets.Dataset", queue: LabelQueue) -> tuple["datasets.Dataset", dict[str, int]]:
+def merge_labels_with_counts(dataset: datasets.Dataset, queue: LabelQueue) -> tuple[datasets.Dataset, dict[str, int]]:
     """:func:`merge_labels`, also returning counts (labeled, overridden, swapped, excluded_tie,
     excluded_skip, mismatched)."""
     final = queue.final_labels()
     pairs = {p["pair_id"]: p for p in queue.pairs()} if final else {}
-    counts = Counter({"labeled": 0, "overridden": 0, "swapped": 0, "excluded_tie": 0, "excluded_skip": 0,
-                      "mismatched": 0})
+    counts = Counter(
+        {"labeled": 0, "overridden": 0, "swapped": 0, "excluded_tie": 0, "excluded_skip": 0, "mismatched": 0}
+    )
     out = []
     for row in dataset.to_list():
         label = final.get(row.get("pair_id"))
@@ -744,8 +877,9 @@ def merge_labels_with_counts(dataset: "datasets.Dataset", queue: LabelQueue) -> 
             row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
             counts["swapped"] += 1
         else:
-            log.warning("pair %s: the queued responses no longer match the preference row; label not applied",
-                        row["pair_id"])
+            log.warning(
+                "pair %s: the queued responses no longer match the preference row; label not applied", row["pair_id"]
+            )
             counts["mismatched"] += 1
             out.append(row)
             continue
@@ -759,7 +893,7 @@ def merge_labels_with_counts(dataset: "datasets.Dataset", queue: LabelQueue) -> 
     return _rows_to_dataset(out, dataset.features), dict(counts)
 
 
-def merge_labels(dataset: "datasets.Dataset", queue: LabelQueue) -> "datasets.Dataset":
+def merge_labels(dataset: datasets.Dataset, queue: LabelQueue) -> datasets.Dataset:
     """Apply the latest human label of each queued pair to the preference rows.
 
     "A"/"B" become hard labels (p_chosen=1.0, margin=1.0, source="human", chosen/rejected
@@ -777,10 +911,18 @@ def revision_sft_rows(queue: LabelQueue) -> list[dict[str, Any]]:
     the written response as the assistant turn), ``source`` ``human_revision``, ``id`` (the
     record key), ``kind`` "", ``principle_ids``, ``weight`` None (set by the SFT weighting),
     and ``original`` (the response it replaces)."""
-    return [{"messages": [*rev["prompt"], {"role": "assistant", "content": rev["response"]}],
-             "source": REVISION_SOURCE, "kind": "", "id": rev["record_key"], "principle_ids": rev["principle_ids"],
-             "weight": None, "original": rev["original"]}
-            for rev in queue.final_revisions()]
+    return [
+        {
+            "messages": [*rev["prompt"], {"role": "assistant", "content": rev["response"]}],
+            "source": REVISION_SOURCE,
+            "kind": "",
+            "id": rev["record_key"],
+            "principle_ids": rev["principle_ids"],
+            "weight": None,
+            "original": rev["original"],
+        }
+        for rev in queue.final_revisions()
+    ]
 
 
 def revision_pref_rows(queue: LabelQueue, columns: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -790,10 +932,18 @@ def revision_pref_rows(queue: LabelQueue, columns: Iterable[str] | None = None) 
     exactly those keys (missing ones None, list-valued ones an empty list)."""
     rows = []
     for rev in queue.final_revisions():
-        row = {"prompt": rev["prompt"], "chosen": [{"role": "assistant", "content": rev["response"]}],
-               "rejected": [{"role": "assistant", "content": rev["original"]}], "p_chosen": 1.0, "margin": 1.0,
-               "source": REVISION_SOURCE, "principle_ids": rev["principle_ids"], "per_principle": [],
-               "edge_reasons": [], "pair_id": f"revision:{rev['record_key']}"}
+        row = {
+            "prompt": rev["prompt"],
+            "chosen": [{"role": "assistant", "content": rev["response"]}],
+            "rejected": [{"role": "assistant", "content": rev["original"]}],
+            "p_chosen": 1.0,
+            "margin": 1.0,
+            "source": REVISION_SOURCE,
+            "principle_ids": rev["principle_ids"],
+            "per_principle": [],
+            "edge_reasons": [],
+            "pair_id": f"revision:{rev['record_key']}",
+        }
         if columns is not None:
             row = {k: row.get(k) for k in columns}
         rows.append(row)
@@ -845,7 +995,9 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
             if "edge_reasons" in prefs.column_names:
                 for row in rows:
                     if row.get("pair_id") in reasons_by_id:
-                        row["edge_reasons"] = sorted(set(row.get("edge_reasons") or []) | set(reasons_by_id[row["pair_id"]]))
+                        row["edge_reasons"] = sorted(
+                            set(row.get("edge_reasons") or []) | set(reasons_by_id[row["pair_id"]])
+                        )
             features = prefs.features.copy()
             if "edge_reasons" in features:  # an all-empty column loads as a list of nulls
                 features["edge_reasons"] = datasets.List(datasets.Value("string"))
@@ -862,17 +1014,32 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
             config=to_dict(cfg.labels),
             inputs={"preferences": file_hash(src), "labels_db": str(qpath)},
             counts={
-                "rows_in": len(prefs), "rows_out": len(merged), "routed": len(routed), "queued_new": added,
-                "queued": status["queued"], "pending": status["pending"], "labeled": counts["labeled"],
-                "overridden": counts["overridden"], "swapped": counts["swapped"],
-                "excluded": counts["excluded_tie"] + counts["excluded_skip"], "excluded_tie": counts["excluded_tie"],
-                "excluded_skip": counts["excluded_skip"], "mismatched": counts["mismatched"],
+                "rows_in": len(prefs),
+                "rows_out": len(merged),
+                "routed": len(routed),
+                "queued_new": added,
+                "queued": status["queued"],
+                "pending": status["pending"],
+                "labeled": counts["labeled"],
+                "overridden": counts["overridden"],
+                "swapped": counts["swapped"],
+                "excluded": counts["excluded_tie"] + counts["excluded_skip"],
+                "excluded_tie": counts["excluded_tie"],
+                "excluded_skip": counts["excluded_skip"],
+                "mismatched": counts["mismatched"],
                 "by_reason": dict(Counter(r for _, rs in routed for r in rs)),
                 "human_revisions": len(revised),
             },
             timings={"seconds": timer.seconds},
             metrics={"gate_tripped": tripped},
         ).write(tmp / "manifest.json")
-    log.info("labels: %d routed (%d new), %d labeled, %d overridden, %d excluded -> %s", len(routed), added,
-             counts["labeled"], counts["overridden"], counts["excluded_tie"] + counts["excluded_skip"], final)
+    log.info(
+        "labels: %d routed (%d new), %d labeled, %d overridden, %d excluded -> %s",
+        len(routed),
+        added,
+        counts["labeled"],
+        counts["overridden"],
+        counts["excluded_tie"] + counts["excluded_skip"],
+        final,
+    )
     return final

@@ -20,8 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,9 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:
     _refuse_served(spec)
     path = resolve_model_path(spec.name, spec.revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except OSError as exc:
         raise _offline_error(spec.name, exc) from exc
     if tokenizer.pad_token is None:
@@ -317,7 +319,9 @@ def load_model(
         model = load_adapter(model, adapter, trainable=trainable)
     if not trainable:
         model.eval()
-    log.info("loaded model %s (%s, quantization=%s, adapter=%s) on %s", spec.name, task, spec.quantization, adapter, device)
+    log.info(
+        "loaded model %s (%s, quantization=%s, adapter=%s) on %s", spec.name, task, spec.quantization, adapter, device
+    )
     return model, tokenizer
 
 
@@ -329,8 +333,10 @@ def _is_served(spec: ModelSpec) -> bool:
 
 def _refuse_served(spec: ModelSpec) -> None:
     if _is_served(spec):
-        raise ModelLoadError(f"model '{spec.name}': a served model generates and scores (load_engine) but cannot be "
-                             "loaded into this process for training; point this stage at a local model")
+        raise ModelLoadError(
+            f"model '{spec.name}': a served model generates and scores (load_engine) but cannot be "
+            "loaded into this process for training; point this stage at a local model"
+        )
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -381,7 +387,9 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: 
     )
 
 
-def attach_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+def attach_lora(
+    model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+) -> Any:
     """Wrap ``model`` with a fresh trainable LoRA adapter (k-bit models prepared first)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -422,7 +430,9 @@ def stack_frozen_adapters(model: Any, adapters: list[str | Path]) -> Any:
     for i, path in enumerate(adapters):
         path = Path(path)
         if not (path / "adapter_config.json").exists():
-            raise ModelLoadError(f"adapter '{path}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+            raise ModelLoadError(
+                f"adapter '{path}': no adapter_config.json there; pass a folder saved by a cai-dpo stage"
+            )
         config = PeftConfig.from_pretrained(str(path))
         config.task_type = None
         name = f"{FROZEN_PREFIX}{i}"
@@ -473,7 +483,9 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False, any_t
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
-        raise ModelLoadError(f"adapter '{adapter}': no adapter_config.json there; pass a folder saved by a cai-dpo stage")
+        raise ModelLoadError(
+            f"adapter '{adapter}': no adapter_config.json there; pass a folder saved by a cai-dpo stage"
+        )
     if frozen_adapters(model):
         model.load_adapter(str(adapter), adapter_name="default", is_trainable=trainable)
         activate_adapters(model, frozen_adapters(model) + ["default"])
@@ -508,8 +520,13 @@ def save_adapter(
 
 
 def write_adapter(
-    model: Any, tokenizer: Any, folder: Path, base: str, merge_first: list[str | Path] | None = None,
-    final: Path | None = None, state_dict: dict[str, Any] | None = None,
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    base: str,
+    merge_first: list[str | Path] | None = None,
+    final: Path | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write an adapter, its tokenizer and ``cai_dpo_base.json`` into ``folder`` (not atomic by itself).
 
@@ -549,7 +566,9 @@ def describe(spec: ModelSpec) -> str:
     return " ".join(parts)
 
 
-def load_engine(spec: ModelSpec | str, *, batch_size: int = 32, progress: bool = True, adapter: str | None = None) -> Any:
+def load_engine(
+    spec: ModelSpec | str, *, batch_size: int = 32, progress: bool = True, adapter: str | None = None
+) -> Any:
     """The engine for a spec: a :class:`~cai_dpo.served.ServedEngine` for a served model, a
     :class:`~cai_dpo.vllm_engine.VLLMEngine` for ``backend: vllm``, else a local
     :class:`~cai_dpo.engine.Engine` over :func:`load_model` (with ``adapter`` when given).
@@ -565,8 +584,10 @@ def load_engine(spec: ModelSpec | str, *, batch_size: int = 32, progress: bool =
     spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
     if is_served(spec):
         if adapter or spec.adapter:
-            raise ModelLoadError(f"model '{spec.name}': a served model takes no local adapter ({adapter or spec.adapter}); "
-                                 "serve the adapter with the model and name it in the spec's field 'model'")
+            raise ModelLoadError(
+                f"model '{spec.name}': a served model takes no local adapter ({adapter or spec.adapter}); "
+                "serve the adapter with the model and name it in the spec's field 'model'"
+            )
         return ServedEngine(spec, progress=progress)
     if spec.backend == "vllm":
         from cai_dpo.vllm_engine import VLLMEngine

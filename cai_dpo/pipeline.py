@@ -93,26 +93,84 @@ def _ppo_ptx(cfg: RunConfig) -> bool:
 
 _MODEL = ("policy", "seed", "threads")
 STAGES: tuple[Stage, ...] = (
-    Stage("constitution", "00_setup_and_constitution.ipynb", ("constitution/manifest.json",),
-          sections=("constitution", "policy", "judge"), files=("constitution", "constitution_cases")),
-    Stage("sl", "01_sl_critique_revision.ipynb", ("data/sl/manifest.json",),
-          sections=("sl", "constitution", "data", *_MODEL), files=("constitution", "prompts")),
-    Stage("curate", "02_curate.ipynb", ("data/curated/manifest.json",), ("data/sl/manifest.json",),
-          sections=("curate", "judge", "constitution", *_MODEL), files=("constitution", "curated")),
-    Stage("sft", "03_sft.ipynb", ("models/sft/manifest.json",), ("data/sl/manifest.json", "data/curated/manifest.json"),
-          sections=("sft", "train", *_MODEL), files=("curated",), volatile_inputs=("revisions",)),
-    Stage("feedback", "04_pairs_and_ai_feedback.ipynb", ("data/preferences/manifest.json",), ("models/sft/manifest.json", "data/sl/manifest.json"),
-          sections=("pairs", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "checkset", "curated")),
-    Stage("labels", "05_label_edge_cases.ipynb", ("data/preferences_merged/manifest.json",), ("data/preferences/manifest.json",), ("labels",),
-          sections=("labels", "seed")),
-    Stage("dpo", "06_dpo.ipynb", ("models/dpo/manifest.json",), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
-          sections=("dpo", "train", *_MODEL),
-          conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
-          files=("constitution?rounds", "prompts?rounds", "checkset?rounds", "curated?rounds")),
-    Stage("ppo", "07_preference_model_and_ppo.ipynb", ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"), ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
-          sections=("rm", "ppo", "train", "data", *_MODEL), conditional=((_ppo_ptx, ("sft",)),), files=("prompts",)),
-    Stage("eval", "08_evaluate_and_compare.ipynb", ("eval/results.json", "report/report.md"), ("models/sft/manifest.json", "models/dpo/manifest.json", "models/{ppo_mode}/manifest.json", "models/rm/manifest.json"),
-          sections=("eval", "judge", "constitution", "data", *_MODEL), files=("constitution", "prompts", "jailbreaks", "curated")),
+    Stage(
+        "constitution",
+        "00_setup_and_constitution.ipynb",
+        ("constitution/manifest.json",),
+        sections=("constitution", "policy", "judge"),
+        files=("constitution", "constitution_cases"),
+    ),
+    Stage(
+        "sl",
+        "01_sl_critique_revision.ipynb",
+        ("data/sl/manifest.json",),
+        sections=("sl", "constitution", "data", *_MODEL),
+        files=("constitution", "prompts"),
+    ),
+    Stage(
+        "curate",
+        "02_curate.ipynb",
+        ("data/curated/manifest.json",),
+        ("data/sl/manifest.json",),
+        sections=("curate", "judge", "constitution", *_MODEL),
+        files=("constitution", "curated"),
+    ),
+    Stage(
+        "sft",
+        "03_sft.ipynb",
+        ("models/sft/manifest.json",),
+        ("data/sl/manifest.json", "data/curated/manifest.json"),
+        sections=("sft", "train", *_MODEL),
+        files=("curated",),
+        volatile_inputs=("revisions",),
+    ),
+    Stage(
+        "feedback",
+        "04_pairs_and_ai_feedback.ipynb",
+        ("data/preferences/manifest.json",),
+        ("models/sft/manifest.json", "data/sl/manifest.json"),
+        sections=("pairs", "judge", "constitution", "data", *_MODEL),
+        files=("constitution", "prompts", "checkset", "curated"),
+    ),
+    Stage(
+        "labels",
+        "05_label_edge_cases.ipynb",
+        ("data/preferences_merged/manifest.json",),
+        ("data/preferences/manifest.json",),
+        ("labels",),
+        sections=("labels", "seed"),
+    ),
+    Stage(
+        "dpo",
+        "06_dpo.ipynb",
+        ("models/dpo/manifest.json",),
+        ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+        sections=("dpo", "train", *_MODEL),
+        conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
+        files=("constitution?rounds", "prompts?rounds", "checkset?rounds", "curated?rounds"),
+    ),
+    Stage(
+        "ppo",
+        "07_preference_model_and_ppo.ipynb",
+        ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"),
+        ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+        sections=("rm", "ppo", "train", "data", *_MODEL),
+        conditional=((_ppo_ptx, ("sft",)),),
+        files=("prompts",),
+    ),
+    Stage(
+        "eval",
+        "08_evaluate_and_compare.ipynb",
+        ("eval/results.json", "report/report.md"),
+        (
+            "models/sft/manifest.json",
+            "models/dpo/manifest.json",
+            "models/{ppo_mode}/manifest.json",
+            "models/rm/manifest.json",
+        ),
+        sections=("eval", "judge", "constitution", "data", *_MODEL),
+        files=("constitution", "prompts", "jailbreaks", "curated"),
+    ),
 )
 
 
@@ -124,9 +182,15 @@ def stage_names() -> list[str]:
     return [s.name for s in STAGES]
 
 
-def open_run(profile: str = "cpu-demo", run_id: str | None = None, overrides: list[str] | None = None,
-             config_path: str | None = None, knobs: dict[str, Any] | None = None, *,
-             create: bool = True) -> tuple[RunConfig, RunStore]:
+def open_run(
+    profile: str = "cpu-demo",
+    run_id: str | None = None,
+    overrides: list[str] | None = None,
+    config_path: str | None = None,
+    knobs: dict[str, Any] | None = None,
+    *,
+    create: bool = True,
+) -> tuple[RunConfig, RunStore]:
     """The run config and folder a notebook works in.
 
     With ``config_path`` (what the pipeline passes) the saved config is the base. Otherwise
@@ -189,8 +253,10 @@ def _revisions_digest(run: RunStore, cfg: RunConfig) -> str:
 
 
 #: digest functions of the ``volatile_inputs`` a stage may declare
-VOLATILE_INPUTS: dict[str, Callable[[RunStore, RunConfig], str]] = {"labels": _labels_digest,
-                                                                     "revisions": _revisions_digest}
+VOLATILE_INPUTS: dict[str, Callable[[RunStore, RunConfig], str]] = {
+    "labels": _labels_digest,
+    "revisions": _revisions_digest,
+}
 
 
 def _spec_hash(spec: str | None) -> str | None:
@@ -254,7 +320,8 @@ def stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
 
 
 def _fingerprint(stage: Stage, cfg: RunConfig, run: RunStore) -> str:
-    """Hash of what a stage depends on: its notebook, its config sections, its input files, upstream manifests, labels."""
+    """Hash of what a stage depends on: its notebook, its config sections, its input files,
+    upstream manifests, labels."""
     upstream = {p: (file_hash(run.root / p) if (run.root / p).exists() else None) for p in stage.inputs_for(cfg)}
     volatile = {v: VOLATILE_INPUTS[v](run, cfg) for v in stage.volatile_inputs}
     return content_hash(file_hash(stage.path()), stage_config(stage, cfg), input_files(stage, cfg), upstream, volatile)
@@ -314,8 +381,14 @@ def _kernel_manager_class() -> type:
     return StageKernelManager
 
 
-def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str,
-             on_progress: Callable[[dict[str, Any]], None] | None = None, progress_file: Path | None = None) -> None:
+def _execute(
+    stage: Stage,
+    out: Path,
+    params: dict[str, Any],
+    kernel: str,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_file: Path | None = None,
+) -> None:
     """Run one stage notebook with papermill; its progress events go to ``on_progress`` while it runs.
 
     The kernel inherits ``$CAI_DPO_PROGRESS = progress_file``, so every
@@ -348,12 +421,20 @@ def _execute(stage: Stage, out: Path, params: dict[str, Any], kernel: str,
         watcher = threading.Thread(target=watch, name=f"progress-{stage.name}", daemon=True)
         watcher.start()
     try:
-        pm.execute_notebook(str(stage.path()), str(out), parameters=params, kernel_name=kernel,
-                            progress_bar=False, cwd=str(Path.cwd()), log_output=False,
-                            kernel_manager_class=_kernel_manager_class())
+        pm.execute_notebook(
+            str(stage.path()),
+            str(out),
+            parameters=params,
+            kernel_name=kernel,
+            progress_bar=False,
+            cwd=str(Path.cwd()),
+            log_output=False,
+            kernel_manager_class=_kernel_manager_class(),
+        )
     except PapermillExecutionError as exc:
         raise PipelineError(
-            f"stage '{stage.name}' failed in {stage.notebook}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"stage '{stage.name}' failed in {stage.notebook}, cell {exc.cell_index} "
+            f"(execution count {exc.exec_count}): "
             f"{exc.ename}: {exc.evalue}\nThe executed notebook with the error is kept at {out}"
         ) from exc
     finally:
@@ -408,9 +489,17 @@ def run_pipeline(
         return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo, on_progress)
 
 
-def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | None, only: str | None, kernel: str,
-                force: bool, echo: Callable[[str], None],
-                on_progress: Callable[[dict[str, Any]], None]) -> tuple[RunConfig, list[StageResult]]:
+def _run_stages(
+    cfg: RunConfig,
+    run: RunStore,
+    profile: str,
+    from_stage: str | None,
+    only: str | None,
+    kernel: str,
+    force: bool,
+    echo: Callable[[str], None],
+    on_progress: Callable[[dict[str, Any]], None],
+) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.path("config.yaml")
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
@@ -434,11 +523,24 @@ def _run_stages(cfg: RunConfig, run: RunStore, profile: str, from_stage: str | N
         _execute(stage, out, params, kernel, on_progress, run.path("pipeline", "progress", f"{stage.name}.jsonl"))
         seconds = time.perf_counter() - t0
         # record what the stage saw *after* running, so an unchanged rerun matches
-        atomic_write_json(_state_path(run, stage), {"fingerprint": _fingerprint(stage, cfg, run), "seconds": round(seconds, 1),
-                                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        atomic_write_json(
+            _state_path(run, stage),
+            {
+                "fingerprint": _fingerprint(stage, cfg, run),
+                "seconds": round(seconds, 1),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
         echo(f"{label}: done in {seconds:.0f} s")
         results.append(StageResult(stage.name, "ran", seconds))
     total = time.perf_counter() - t_all
-    atomic_write_json(run.path("pipeline", "last_run.json"), {"profile": profile, "seconds": round(total, 1),
-                                                             "stages": [r.__dict__ for r in results], "python": sys.executable})
+    atomic_write_json(
+        run.path("pipeline", "last_run.json"),
+        {
+            "profile": profile,
+            "seconds": round(total, 1),
+            "stages": [r.__dict__ for r in results],
+            "python": sys.executable,
+        },
+    )
     return cfg, results

@@ -34,8 +34,9 @@ def _where(source: str, i: int, row: dict[str, Any]) -> str:
     return f"{source}: row {i}" + (f" (pair_id {pid})" if pid else "")
 
 
-def check_preference_rows(records: Sequence[dict[str, Any]], source: str = "preferences"
-                          ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def check_preference_rows(
+    records: Sequence[dict[str, Any]], source: str = "preferences"
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rows fit for training and counts ``rows_in``, ``dropped_identical``, ``dropped_empty``.
 
     Raises :class:`~cai_dpo.errors.InputError` naming ``source``, the row (0-based), its
@@ -51,14 +52,18 @@ def check_preference_rows(records: Sequence[dict[str, Any]], source: str = "pref
             raise InputError(f"{source}: row {i} is a {type(row).__name__}, not a preference row")
         for key in ("prompt", "chosen", "rejected"):
             if key not in row or row[key] is None:
-                raise InputError(f"{_where(source, i, row)}: field '{key}' is missing; "
-                                 "a preference row needs prompt, chosen, rejected and p_chosen")
+                raise InputError(
+                    f"{_where(source, i, row)}: field '{key}' is missing; "
+                    "a preference row needs prompt, chosen, rejected and p_chosen"
+                )
         if not response_text(row["prompt"]).strip():
             raise InputError(f"{_where(source, i, row)}: field 'prompt' is empty")
         p = row.get("p_chosen")
         if p is None:
-            raise InputError(f"{_where(source, i, row)}: field 'p_chosen' is missing; give the probability "
-                             "that chosen is better (1.0 for a certain label)")
+            raise InputError(
+                f"{_where(source, i, row)}: field 'p_chosen' is missing; give the probability "
+                "that chosen is better (1.0 for a certain label)"
+            )
         if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 <= p <= 1.0:
             raise InputError(f"{_where(source, i, row)}: field 'p_chosen' is {p!r}; it must be a number in [0, 1]")
         chosen, rejected = response_text(row["chosen"]).strip(), response_text(row["rejected"]).strip()
@@ -71,10 +76,18 @@ def check_preference_rows(records: Sequence[dict[str, Any]], source: str = "pref
         kept.append(row)
     counts = {"rows_in": len(records), "dropped_identical": len(identical), "dropped_empty": len(empty)}
     if identical or empty:
-        log.warning("%s: dropped %d pair(s) with identical chosen and rejected (e.g. %s) and %d with an empty "
-                    "response (e.g. %s): they carry no preference", source, len(identical), identical[:3],
-                    len(empty), empty[:3])
+        log.warning(
+            "%s: dropped %d pair(s) with identical chosen and rejected (e.g. %s) and %d with an empty "
+            "response (e.g. %s): they carry no preference",
+            source,
+            len(identical),
+            identical[:3],
+            len(empty),
+            empty[:3],
+        )
     if not kept:
-        raise InputError(f"{source}: no usable preference pairs ({len(records)} row(s): {len(identical)} with "
-                         f"identical chosen and rejected, {len(empty)} with an empty response)")
+        raise InputError(
+            f"{source}: no usable preference pairs ({len(records)} row(s): {len(identical)} with "
+            f"identical chosen and rejected, {len(empty)} with an empty response)"
+        )
     return kept, counts

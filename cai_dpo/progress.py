@@ -22,8 +22,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,19 @@ def _reporting_class() -> type:
                 d = self.format_dict
                 elapsed = float(d.get("elapsed") or 0.0)
                 n = d.get("n") or 0
-                _report({"bar": self._report_id, "desc": d.get("prefix") or "", "n": n, "total": d.get("total"),
-                         "unit": d.get("unit") or "it", "elapsed": round(elapsed, 2),
-                         "rate": round(n / elapsed, 4) if elapsed > 0 and n else None,
-                         "postfix": d.get("postfix") or "", "closed": closed})
+                _report(
+                    {
+                        "bar": self._report_id,
+                        "desc": d.get("prefix") or "",
+                        "n": n,
+                        "total": d.get("total"),
+                        "unit": d.get("unit") or "it",
+                        "elapsed": round(elapsed, 2),
+                        "rate": round(n / elapsed, 4) if elapsed > 0 and n else None,
+                        "postfix": d.get("postfix") or "",
+                        "closed": closed,
+                    }
+                )
 
         _bar_class = ReportingBar
     return _bar_class
@@ -119,7 +129,9 @@ def trainer_progress_callback(desc: str) -> Any:
             self.first_step = state.global_step
             self.closed = False
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if logs and "loss" in logs:
                 self.postfix = f"loss={logs['loss']:.4g}"
 
@@ -129,9 +141,19 @@ def trainer_progress_callback(desc: str) -> Any:
             self.closed = closed
             elapsed = time.perf_counter() - self.t0
             done = state.global_step - self.first_step
-            _report({"bar": self.bar, "desc": f"{desc} train", "n": state.global_step, "total": state.max_steps or None,
-                     "unit": "step", "elapsed": round(elapsed, 2), "rate": round(done / elapsed, 4) if elapsed > 0 and done else None,
-                     "postfix": self.postfix, "closed": closed})
+            _report(
+                {
+                    "bar": self.bar,
+                    "desc": f"{desc} train",
+                    "n": state.global_step,
+                    "total": state.max_steps or None,
+                    "unit": "step",
+                    "elapsed": round(elapsed, 2),
+                    "rate": round(done / elapsed, 4) if elapsed > 0 and done else None,
+                    "postfix": self.postfix,
+                    "closed": closed,
+                }
+            )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._send(state, closed=bool(state.max_steps) and state.global_step >= state.max_steps)
@@ -205,8 +227,9 @@ class ProgressPrinter:
     otherwise a line per event, at most one per ``min_interval`` seconds per bar (a bar's
     last event always shows)."""
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, min_interval: float = 5.0,
-                 indent: str = "    "):
+    def __init__(
+        self, stream: TextIO | None = None, tty: bool | None = None, min_interval: float = 5.0, indent: str = "    "
+    ):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.min_interval = min_interval

@@ -219,19 +219,39 @@ def figures_table(figs: dict[str, Any] | None, names: Sequence[str]) -> tuple[li
         d2 = [d.get("distinct_2") for d in both if d.get("n")]
         rep = [d.get("repetition") for d in both if d.get("n")]
         d2_all = (div.get("all") or {}).get("distinct_2")
-        md_rows.append([n] + [fmt_rate(f.get(k)) for k, _ in HEADLINE_COLUMNS]
-                       + [_num(d2_all) if d2_all is not None else "—",
-                          " / ".join(_num(x) for x in d2) or "—", " / ".join(_num(x) for x in rep) or "—"])
-        csv_rows.append([n] + [c for k, _ in HEADLINE_COLUMNS for c in _rate_cols(f.get(k))]
-                        + [d2_all, (div.get("harmful") or {}).get("distinct_2"), (div.get("benign") or {}).get("distinct_2"),
-                           (div.get("harmful") or {}).get("repetition"), (div.get("benign") or {}).get("repetition")])
+        md_rows.append(
+            [n]
+            + [fmt_rate(f.get(k)) for k, _ in HEADLINE_COLUMNS]
+            + [
+                _num(d2_all) if d2_all is not None else "—",
+                " / ".join(_num(x) for x in d2) or "—",
+                " / ".join(_num(x) for x in rep) or "—",
+            ]
+        )
+        csv_rows.append(
+            [n]
+            + [c for k, _ in HEADLINE_COLUMNS for c in _rate_cols(f.get(k))]
+            + [
+                d2_all,
+                (div.get("harmful") or {}).get("distinct_2"),
+                (div.get("benign") or {}).get("distinct_2"),
+                (div.get("harmful") or {}).get("repetition"),
+                (div.get("benign") or {}).get("repetition"),
+            ]
+        )
     return md_rows, csv_rows
 
 
-_FIG_HEADER = ["model"] + [h for _, h in HEADLINE_COLUMNS] + ["distinct-2 (all)", "distinct-2 (harmful / benign)",
-                                                                "repetition (harmful / benign)"]
-_FIG_CSV = ["model"] + [c for k, _ in HEADLINE_COLUMNS for c in (k, f"{k}_lo", f"{k}_hi", f"{k}_n")] + [
-    "distinct_2_all", "distinct_2_harmful", "distinct_2_benign", "repetition_harmful", "repetition_benign"]
+_FIG_HEADER = (
+    ["model"]
+    + [h for _, h in HEADLINE_COLUMNS]
+    + ["distinct-2 (all)", "distinct-2 (harmful / benign)", "repetition (harmful / benign)"]
+)
+_FIG_CSV = (
+    ["model"]
+    + [c for k, _ in HEADLINE_COLUMNS for c in (k, f"{k}_lo", f"{k}_hi", f"{k}_n")]
+    + ["distinct_2_all", "distinct_2_harmful", "distinct_2_benign", "repetition_harmful", "repetition_benign"]
+)
 
 
 def headline_tables(results: dict[str, Any]) -> tuple[str, str]:
@@ -251,10 +271,15 @@ def difference_tables(results: dict[str, Any]) -> tuple[str, str]:
         md_rows.append([n] + [fmt_diff(d.get(k)) for k, _ in HEADLINE_COLUMNS])
         for k, _ in HEADLINE_COLUMNS:
             e = d.get(k) or {}
-            csv_rows.append([n, k, e.get("diff"), e.get("lo"), e.get("hi"), e.get("a"), e.get("b"), e.get("n_clusters")])
+            csv_rows.append(
+                [n, k, e.get("diff"), e.get("lo"), e.get("hi"), e.get("a"), e.get("b"), e.get("n_clusters")]
+            )
     ref = _get(results, "settings", "reference_model") or "base"
-    md = md_table([f"model − {ref}"] + [h for _, h in HEADLINE_COLUMNS], md_rows) if md_rows else \
-        f"No model besides {ref}: no paired differences."
+    md = (
+        md_table([f"model − {ref}"] + [h for _, h in HEADLINE_COLUMNS], md_rows)
+        if md_rows
+        else f"No model besides {ref}: no paired differences."
+    )
     return md, csv_text(["model", "figure", "diff", "lo", "hi", "model_rate", "base_rate", "n_prompts"], csv_rows)
 
 
@@ -263,15 +288,21 @@ def set_tables(results: dict[str, Any]) -> tuple[str, str]:
     names = _model_names(results)
     parts, csv_rows = [], []
     blocks = [(f"set `{k}`", k, v) for k, v in (results.get("by_set") or {}).items()]
-    blocks += [(f"red team, condition `{k}`", f"red_team/{k}", v) for k, v in (results.get("by_condition") or {}).items()]
+    blocks += [
+        (f"red team, condition `{k}`", f"red_team/{k}", v) for k, v in (results.get("by_condition") or {}).items()
+    ]
     for title, key, figs in blocks:
         md_rows, rows = figures_table(figs, names)
         diffs = (figs or {}).get("vs_base") or {}
         for r in md_rows:
             d = diffs.get(r[0]) or {}
-            r.append(f"declines {fmt_diff(d.get('decline'))}; complies {fmt_diff(d.get('benign_compliance'))}" if d else "—")
-        parts.append(f"**{title}** — {figs.get('n_prompts', '?')} prompts ({figs.get('n_harmful', '?')} harmful items, "
-                     f"{figs.get('n_benign', '?')} benign)\n\n" + md_table(_FIG_HEADER + ["vs base"], md_rows))
+            r.append(
+                f"declines {fmt_diff(d.get('decline'))}; complies {fmt_diff(d.get('benign_compliance'))}" if d else "—"
+            )
+        parts.append(
+            f"**{title}** — {figs.get('n_prompts', '?')} prompts ({figs.get('n_harmful', '?')} harmful items, "
+            f"{figs.get('n_benign', '?')} benign)\n\n" + md_table(_FIG_HEADER + ["vs base"], md_rows)
+        )
         csv_rows += [[key] + r for r in rows]
     return "\n\n".join(parts) or "No prompt sets recorded.", csv_text(["set"] + _FIG_CSV, csv_rows)
 
@@ -279,13 +310,18 @@ def set_tables(results: dict[str, Any]) -> tuple[str, str]:
 def judge_tables(results: dict[str, Any]) -> tuple[str, str]:
     """(Markdown, CSV) of the judge figures: gate line first, then win rates vs base per axis and condition."""
     j = results.get("judge") or {}
-    lines = [f"Eval judge: **{j.get('model', _get(results, 'settings', 'judge_model') or '?')}**"
-             + (" (configured as eval.judge)" if j.get("configured") else " (default: the judge stage's model)")
-             + f". Gate: {j.get('gate_summary', 'not recorded')}"
-             + (f" — {j['gate']['source']}" if isinstance(j.get("gate"), dict) and j["gate"].get("source") else "") + "."]
+    lines = [
+        f"Eval judge: **{j.get('model', _get(results, 'settings', 'judge_model') or '?')}**"
+        + (" (configured as eval.judge)" if j.get("configured") else " (default: the judge stage's model)")
+        + f". Gate: {j.get('gate_summary', 'not recorded')}"
+        + (f" — {j['gate']['source']}" if isinstance(j.get("gate"), dict) and j["gate"].get("source") else "")
+        + "."
+    ]
     if not j.get("informative"):
-        lines.append("**These judge figures are uninformative** (the judge did not pass its quality gate) and are left out of "
-                     "the headline.")
+        lines.append(
+            "**These judge figures are uninformative** (the judge did not pass its quality gate) and are left out of "
+            "the headline."
+        )
     if j.get("status") and j["status"] != "judged":
         lines.append(f"Judge figures {j['status']}.")
     md_rows, csv_rows = [], []
@@ -295,24 +331,38 @@ def judge_tables(results: dict[str, Any]) -> tuple[str, str]:
         if not h.get("win_rate_vs_base") and not hp.get("win_rate_vs_base"):
             continue
         by = h.get("by_condition") or {}
-        md_rows.append([m["name"], fmt_win(h.get("win_rate_vs_base")), fmt_win(hp.get("win_rate_vs_base"))]
-                       + [fmt_win(_get(by, c, "win_rate_vs_base")) for c in conditions])
+        md_rows.append(
+            [m["name"], fmt_win(h.get("win_rate_vs_base")), fmt_win(hp.get("win_rate_vs_base"))]
+            + [fmt_win(_get(by, c, "win_rate_vs_base")) for c in conditions]
+        )
         csv_rows.append([m["name"], *_rate_cols(h.get("win_rate_vs_base")), *_rate_cols(hp.get("win_rate_vs_base"))])
     if md_rows:
-        lines.append(md_table(["model", "harmless win vs base", "helpful win vs base"] + [f"harmless win ({c})" for c in conditions],
-                              md_rows))
-    cols = ["model"] + [f"{n}{s}" for n in ("harmless_win_vs_base", "helpful_win_vs_base") for s in ("", "_lo", "_hi", "_n")]
+        lines.append(
+            md_table(
+                ["model", "harmless win vs base", "helpful win vs base"] + [f"harmless win ({c})" for c in conditions],
+                md_rows,
+            )
+        )
+    cols = ["model"] + [
+        f"{n}{s}" for n in ("harmless_win_vs_base", "helpful_win_vs_base") for s in ("", "_lo", "_hi", "_n")
+    ]
     return "\n\n".join(lines), csv_text(cols, csv_rows)
 
 
 def pm_table(results: dict[str, Any]) -> str:
     """The preference model's mean score per model, flagged as PPO's own objective."""
-    rows = [[m["name"], fmt_mean(_get(m, "pm_score", "red_team")), fmt_mean(_get(m, "pm_score", "helpful"))]
-            for m in results["models"] if m.get("pm_score")]
+    rows = [
+        [m["name"], fmt_mean(_get(m, "pm_score", "red_team")), fmt_mean(_get(m, "pm_score", "helpful"))]
+        for m in results["models"]
+        if m.get("pm_score")
+    ]
     if not rows:
         return "No preference model in this run."
-    return ("The preference model's score is the reward PPO maximised: a high PPO score here is expected by construction "
-            "and says nothing independent about the PPO model.\n\n" + md_table(["model", "PM score (red team)", "PM score (helpful)"], rows))
+    return (
+        "The preference model's score is the reward PPO maximised: a high PPO score here is expected by construction "
+        "and says nothing independent about the PPO model.\n\n"
+        + md_table(["model", "PM score (red team)", "PM score (helpful)"], rows)
+    )
 
 
 def how_to_read(results: dict[str, Any]) -> str:
@@ -322,27 +372,39 @@ def how_to_read(results: dict[str, Any]) -> str:
     head = results.get("headline") or {}
     cls = results.get("classifier") or {}
     lines = []
-    lines.append(f"- **Independent figures (headline)**: every response is labelled by a rule-based classifier that uses no "
-                 f"trained model (explained decline / bare refusal / complies). Sets: {', '.join(s.get('headline_sets') or []) or '?'} "
-                 f"— {head.get('n_prompts', '?')} prompts, {head.get('n_harmful', '?')} harmful items (red-team prompts × "
-                 f"{len(s.get('conditions') or [])} conditions + curated) and {head.get('n_benign', '?')} benign items "
-                 f"({head.get('n_sensitive', 0)} sensitive-sounding).")
+    lines.append(
+        f"- **Independent figures (headline)**: every response is labelled by a rule-based classifier that uses no "
+        f"trained model (explained decline / bare refusal / complies). "
+        f"Sets: {', '.join(s.get('headline_sets') or []) or '?'} "
+        f"— {head.get('n_prompts', '?')} prompts, {head.get('n_harmful', '?')} harmful items (red-team prompts × "
+        f"{len(s.get('conditions') or [])} conditions + curated) and {head.get('n_benign', '?')} benign items "
+        f"({head.get('n_sensitive', 0)} sensitive-sounding)."
+    )
     acc_parts = []
-    for key, what in (("handwritten_test", "hand-written test half"), ("real", "hand-labelled responses of the embedded model")):
+    for key, what in (
+        ("handwritten_test", "hand-written test half"),
+        ("real", "hand-labelled responses of the embedded model"),
+    ):
         a = cls.get(key)
         if a and a.get("accuracy") is not None:
             acc_parts.append(f"{a['accuracy']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] on the {what} (n={a['n']})")
     if acc_parts:
-        lines.append("- Classifier accuracy: " + "; ".join(acc_parts) + ". 'Complies' means 'does not decline': it says "
-                     "nothing about whether the answer is correct or safe.")
-    lines.append("- Intervals are 95 % cluster-bootstrap intervals over prompts (the conditions of one red-team prompt are "
-                 f"resampled together; {s.get('bootstrap', '?')} resamples). Differences vs {s.get('reference_model', 'base')} "
-                 "are paired (same prompts and conditions); an interval that contains 0 means the models are not told apart.")
+        lines.append(
+            "- Classifier accuracy: " + "; ".join(acc_parts) + ". 'Complies' means 'does not decline': it says "
+            "nothing about whether the answer is correct or safe."
+        )
+    lines.append(
+        "- Intervals are 95 % cluster-bootstrap intervals over prompts (the conditions of one red-team prompt are "
+        f"resampled together; {s.get('bootstrap', '?')} resamples). Differences vs {s.get('reference_model', 'base')} "
+        "are paired (same prompts and conditions); an interval that contains 0 means the models are not told apart."
+    )
     gate = j.get("gate") or {}
     judge_line = f"- **Judge**: {j.get('model', s.get('judge_model', '?'))}"
     if j.get("is_policy_base"):
-        judge_line += (" — the policy's own base model, i.e. the model family being judged (and the one that labelled the "
-                       "training preferences); set `eval.judge` to a different, stronger model")
+        judge_line += (
+            " — the policy's own base model, i.e. the model family being judged (and the one that labelled the "
+            "training preferences); set `eval.judge` to a different, stronger model"
+        )
     judge_line += f". Quality gate: {j.get('gate_summary', 'not recorded')}."
     if gate.get("tripped"):
         judge_line += " The gate tripped: win rates and Elo are **uninformative** and not part of the headline."
@@ -353,14 +415,20 @@ def how_to_read(results: dict[str, Any]) -> str:
     lines.append(judge_line)
     jc = results.get("judge_cost") or {}
     if jc.get("n_comparisons"):
-        lines.append(f"- Judge comparisons are against {s.get('reference_model', 'base')} only: {jc.get('n_comparisons')} "
-                     f"comparisons, {jc.get('n_not_judged_identical', 0)} with identical responses (not judged, never "
-                     "counted as wins).")
+        lines.append(
+            f"- Judge comparisons are against {s.get('reference_model', 'base')} only: {jc.get('n_comparisons')} "
+            f"comparisons, {jc.get('n_not_judged_identical', 0)} with identical responses (not judged, never "
+            "counted as wins)."
+        )
     if s.get("pm_trained"):
-        lines.append("- **PM score** is the trained preference model's reward, which PPO optimised: not independent of the "
-                     "PPO model (nor of the preference data that trained DPO).")
-    lines.append("- Independent of the trained models: the classifier figures, distinct-n and repetition. Dependent: judge "
-                 "win rates and Elo (the judge's own biases), PM score (PPO's objective).")
+        lines.append(
+            "- **PM score** is the trained preference model's reward, which PPO optimised: not independent of the "
+            "PPO model (nor of the preference data that trained DPO)."
+        )
+    lines.append(
+        "- Independent of the trained models: the classifier figures, distinct-n and repetition. Dependent: judge "
+        "win rates and Elo (the judge's own biases), PM score (PPO's objective)."
+    )
     for note in results.get("notes") or []:
         lines.append(f"- Note: {note}")
     return "\n".join(lines)
@@ -386,20 +454,67 @@ def cost_tables(results: dict[str, Any]) -> tuple[str, str]:
     md_rows, csv_rows = [], []
     for m in results["models"]:
         c = m.get("cost") or {}
-        md_rows.append([m["name"], c.get("n_responses", "—"), _num(c.get("tokens_per_response"), 1),
-                        _num(c.get("seconds_per_response"), 3), _num(c.get("cost_per_1k_responses_usd"), 4)])
-        csv_rows.append(["generation", m["name"], c.get("n_responses"), c.get("tokens_per_response"),
-                         c.get("seconds_per_response"), c.get("cost_per_1k_responses_usd")])
-    md = md_table(["model", "responses", "tokens / response", "seconds / response", f"USD / 1,000 responses (at ${_num(price)}/h)"], md_rows)
+        md_rows.append(
+            [
+                m["name"],
+                c.get("n_responses", "—"),
+                _num(c.get("tokens_per_response"), 1),
+                _num(c.get("seconds_per_response"), 3),
+                _num(c.get("cost_per_1k_responses_usd"), 4),
+            ]
+        )
+        csv_rows.append(
+            [
+                "generation",
+                m["name"],
+                c.get("n_responses"),
+                c.get("tokens_per_response"),
+                c.get("seconds_per_response"),
+                c.get("cost_per_1k_responses_usd"),
+            ]
+        )
+    md = md_table(
+        [
+            "model",
+            "responses",
+            "tokens / response",
+            "seconds / response",
+            f"USD / 1,000 responses (at ${_num(price)}/h)",
+        ],
+        md_rows,
+    )
     j = results.get("judge_cost") or {}
     if j:
         md += "\n\n" + md_table(
-            ["judge", "judgments", "tokens / judgment", "scoring passes / judgment", "seconds / judgment", f"USD / 1,000 judgments (at ${_num(price)}/h)"],
-            [[_get(results, "settings", "judge_model") or "judge", j.get("n_judgments", "—"), _num(j.get("tokens_per_judgment"), 1),
-              _num(j.get("scoring_passes_per_judgment"), 1), _num(j.get("seconds_per_judgment"), 3), _num(j.get("cost_per_1k_judgments_usd"), 4)]],
+            [
+                "judge",
+                "judgments",
+                "tokens / judgment",
+                "scoring passes / judgment",
+                "seconds / judgment",
+                f"USD / 1,000 judgments (at ${_num(price)}/h)",
+            ],
+            [
+                [
+                    _get(results, "settings", "judge_model") or "judge",
+                    j.get("n_judgments", "—"),
+                    _num(j.get("tokens_per_judgment"), 1),
+                    _num(j.get("scoring_passes_per_judgment"), 1),
+                    _num(j.get("seconds_per_judgment"), 3),
+                    _num(j.get("cost_per_1k_judgments_usd"), 4),
+                ]
+            ],
         )
-        csv_rows.append(["judgment", _get(results, "settings", "judge_model"), j.get("n_judgments"), j.get("tokens_per_judgment"),
-                         j.get("seconds_per_judgment"), j.get("cost_per_1k_judgments_usd")])
+        csv_rows.append(
+            [
+                "judgment",
+                _get(results, "settings", "judge_model"),
+                j.get("n_judgments"),
+                j.get("tokens_per_judgment"),
+                j.get("seconds_per_judgment"),
+                j.get("cost_per_1k_judgments_usd"),
+            ]
+        )
     return md, csv_text(["kind", "model", "n", "tokens_per_item", "seconds_per_item", "usd_per_1k"], csv_rows)
 
 
@@ -433,14 +548,21 @@ def preference_notes(run_dir: Path) -> str:
     """Pair source and judge-gate notes from ``data/preferences/manifest.json`` (if present)."""
     path = run_dir / "data" / "preferences" / "manifest.json"
     if not path.exists():
-        return f"No preference manifest at `{path.relative_to(run_dir)}`; the pair source and judge gate are not recorded for this run."
+        return (
+            f"No preference manifest at `{path.relative_to(run_dir)}`; "
+            "the pair source and judge gate are not recorded for this run."
+        )
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError:
         return f"`{path.relative_to(run_dir)}` is not valid JSON; the notes are skipped."
     lines = []
-    source = (_get(man, "config", "pairs_source") or _get(man, "config", "pairs", "source")
-              or _get(man, "metrics", "pair_source") or _get(man, "counts", "pair_source"))
+    source = (
+        _get(man, "config", "pairs_source")
+        or _get(man, "config", "pairs", "source")
+        or _get(man, "metrics", "pair_source")
+        or _get(man, "counts", "pair_source")
+    )
     if source:
         lines.append(f"- Pair source (configured): **{source}**")
     judge = (man.get("models") or {}).get("judge")
@@ -467,7 +589,11 @@ def examples_section(results: dict[str, Any], limit: int = 6) -> str:
         title = f"**{ex.get('source', '?')} · {ex.get('condition', 'plain')} · {ex.get('prompt_id', '')}**"
         prompt = str(ex.get("prompt", "")).strip().replace("\n", "\n> ")
         shown = str(ex.get("shown") or "").strip()
-        wrapped = f"Shown to the models as:\n\n> {shown.replace(chr(10), chr(10) + '> ')}\n\n" if shown and shown != prompt else ""
+        wrapped = (
+            f"Shown to the models as:\n\n> {shown.replace(chr(10), chr(10) + '> ')}\n\n"
+            if shown and shown != prompt
+            else ""
+        )
         parts.append(f"{title}\n\n> {prompt}\n\n{wrapped}" + md_table(cols, [[responses[c] for c in cols]]))
     return "\n\n".join(parts) if parts else "No examples recorded."
 
@@ -516,16 +642,26 @@ def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for name, x, y, is_ref in points:
-        ax.errorbar(x["rate"], y["rate"], xerr=_yerr(x["rate"], x.get("lo"), x.get("hi")), yerr=_yerr(y["rate"], y.get("lo"), y.get("hi")),
-                    fmt="s" if is_ref else "o", capsize=4, label=f"{name}{' (reference)' if is_ref else ''}")
+        ax.errorbar(
+            x["rate"],
+            y["rate"],
+            xerr=_yerr(x["rate"], x.get("lo"), x.get("hi")),
+            yerr=_yerr(y["rate"], y.get("lo"), y.get("hi")),
+            fmt="s" if is_ref else "o",
+            capsize=4,
+            label=f"{name}{' (reference)' if is_ref else ''}",
+        )
         ax.annotate(name, (x["rate"], y["rate"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("complies on benign prompts (classifier)")
     ax.set_ylabel("declines on harmful prompts (classifier)")
     h = _get(results, "headline") or {}
-    ax.set_title(f"Declines vs compliance (95% cluster-bootstrap CI)\nn = {h.get('n_harmful', '?')} harmful, "
-                 f"{h.get('n_benign', '?')} benign items per model", fontsize=10)
+    ax.set_title(
+        f"Declines vs compliance (95% cluster-bootstrap CI)\nn = {h.get('n_harmful', '?')} harmful, "
+        f"{h.get('n_benign', '?')} benign items per model",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -607,7 +743,7 @@ def training_plot(curves: dict[str, Any], stage: str, path: Path, max_metrics: i
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=7)
-    for ax in list(axs.flat)[len(metrics):]:
+    for ax in list(axs.flat)[len(metrics) :]:
         ax.axis("off")
     rows = sum(len(df) for df in curves.values())
     fig.suptitle(f"{stage.upper()} training curves (n = {rows} logged rows)", fontsize=11)
@@ -628,8 +764,10 @@ def render_report(run_dir: Path | str) -> Path:
     run_dir = Path(run_dir)
     results = load_results(run_dir / "eval" / "results.json")
     if results.get("schema") not in (None, SCHEMA) or "headline" not in results:
-        raise ReportError(f"{run_dir / 'eval' / 'results.json'}: field 'schema' is {results.get('schema')!r}, this report "
-                          f"reads {SCHEMA!r}; rerun `cai-dpo eval`")
+        raise ReportError(
+            f"{run_dir / 'eval' / 'results.json'}: field 'schema' is {results.get('schema')!r}, this report "
+            f"reads {SCHEMA!r}; rerun `cai-dpo eval`"
+        )
     s = results.get("settings") or {}
     head_md, head_csv = headline_tables(results)
     diff_md, diff_csv = difference_tables(results)
@@ -648,36 +786,57 @@ def render_report(run_dir: Path | str) -> Path:
         for stage in TRAINING_STAGES:
             if training_plot(read_curves(run_dir / "metrics" / stage), stage, tmp / f"training_{stage}.png"):
                 figures.append((f"{stage.upper()} training curves", f"training_{stage}.png"))
-        for name, text in (("headline.csv", head_csv), ("differences.csv", diff_csv), ("by_set.csv", set_csv),
-                           ("judge.csv", judge_csv), ("elo.csv", elo_csv), ("cost.csv", cost_csv)):
+        for name, text in (
+            ("headline.csv", head_csv),
+            ("differences.csv", diff_csv),
+            ("by_set.csv", set_csv),
+            ("judge.csv", judge_csv),
+            ("elo.csv", elo_csv),
+            ("cost.csv", cost_csv),
+        ):
             (tmp / name).write_text(text)
         sampling = s.get("sampling") or {}
         header = [
             f"# Evaluation report: run `{results.get('run_id', run_dir.name)}`",
             "",
-            f"Created {results.get('created', '?')}. Held-out prompts: {s.get('n_red_team_prompts', '?')} red-team "
-            f"(conditions: {', '.join(s.get('conditions') or []) or '?'}), {s.get('n_helpful_prompts', '?')} helpful, curated "
-            f"{(s.get('n_curated_prompts') or {}).get('harmful', 0)} harmful + {(s.get('n_curated_prompts') or {}).get('benign', 0)} benign. "
+            f"Created {results.get('created', '?')}. "
+            f"Held-out prompts: {s.get('n_red_team_prompts', '?')} red-team "
+            f"(conditions: {', '.join(s.get('conditions') or []) or '?'}), "
+            f"{s.get('n_helpful_prompts', '?')} helpful, curated "
+            f"{(s.get('n_curated_prompts') or {}).get('harmful', 0)} harmful + "
+            f"{(s.get('n_curated_prompts') or {}).get('benign', 0)} benign. "
             f"Sampling (identical for every model): {json.dumps(sampling) if sampling else '?'}. "
             f"Rates are shown as value [95% interval] n=items.",
         ]
         elo_note = "" if informative else "Uninformative (the judge did not pass its gate); shown for completeness.\n\n"
         body = [
-            "## How to read this", how_to_read(results),
+            "## How to read this",
+            how_to_read(results),
             "## Headline: independent figures",
-            "Rule-based classifier labels (no trained model) on the labelled held-out sets; 95% cluster-bootstrap intervals "
-            "over prompts.", head_md,
-            "## Differences vs base", "Model minus base on the same prompts (percentage points, 95% cluster-bootstrap "
-            "interval over prompts).", diff_md,
-            "## By prompt set", set_md,
-            "## Judge figures", judge_md,
-            "## Elo ratings", elo_note + elo_md,
-            "## Preference-model score", pm_table(results),
-            "## Cost", cost_md,
-            "## Preference data: pair source and judge gate", preference_notes(run_dir),
-            "## Figures", "\n\n".join(f"![{title}]({file})" for title, file in figures) or "No figures.",
-            "## Example responses", examples_section(results),
-            "## Definitions", _definitions(results),
+            "Rule-based classifier labels (no trained model) on the labelled held-out sets; "
+            "95% cluster-bootstrap intervals over prompts.",
+            head_md,
+            "## Differences vs base",
+            "Model minus base on the same prompts (percentage points, 95% cluster-bootstrap interval over prompts).",
+            diff_md,
+            "## By prompt set",
+            set_md,
+            "## Judge figures",
+            judge_md,
+            "## Elo ratings",
+            elo_note + elo_md,
+            "## Preference-model score",
+            pm_table(results),
+            "## Cost",
+            cost_md,
+            "## Preference data: pair source and judge gate",
+            preference_notes(run_dir),
+            "## Figures",
+            "\n\n".join(f"![{title}]({file})" for title, file in figures) or "No figures.",
+            "## Example responses",
+            examples_section(results),
+            "## Definitions",
+            _definitions(results),
         ]
         (tmp / "report.md").write_text("\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
     log.info("report written to %s (%d figures)", final, len(figures))

@@ -99,9 +99,17 @@ class Scorer(Protocol):
 # --------------------------------------------------------------------------- features
 
 
-def hidden_features(model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
-                    add_generation_prompt: bool = False, max_length: int = 384, batch_size: int = 8,
-                    layer: int = -1, desc: str = "features") -> np.ndarray:
+def hidden_features(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    *,
+    add_generation_prompt: bool = False,
+    max_length: int = 384,
+    batch_size: int = 8,
+    layer: int = -1,
+    desc: str = "features",
+) -> np.ndarray:
     """Mean-pooled hidden states of each rendered conversation, shape ``(n, hidden_size)``, float32.
 
     Conversations are rendered with the tokenizer's chat template; longer ones keep their
@@ -127,7 +135,7 @@ def hidden_features(model: Any, tokenizer: Any, conversations: Sequence[list[dic
     bar = tqdm(total=len(ids), desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0)
     with torch.inference_mode():
         for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(len(ids[i]) for i in idx)
             batch = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in idx], device=device)
             mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in idx], device=device)
@@ -199,9 +207,19 @@ class ProbeScorer:
 
     name = "probe"
 
-    def __init__(self, model: Any, tokenizer: Any, probes: dict[str, LinearProbe], kind_probe: LinearProbe | None, *,
-                 model_id: str = "", layer: int = -1, max_length: int = 384, batch_size: int = 8,
-                 meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        probes: dict[str, LinearProbe],
+        kind_probe: LinearProbe | None,
+        *,
+        model_id: str = "",
+        layer: int = -1,
+        max_length: int = 384,
+        batch_size: int = 8,
+        meta: dict[str, Any] | None = None,
+    ):
         missing = [k for k in KINDS if k not in probes]
         if missing:
             raise ValueError(f"ProbeScorer: no probe for kind(s) {missing}")
@@ -212,14 +230,28 @@ class ProbeScorer:
 
     def features(self, rows: Sequence[ScoredRow], desc: str = "probe features") -> np.ndarray:
         """Mean-pooled hidden states of the rows' (prompt, response) conversations."""
-        return hidden_features(self.model, self.tokenizer, [r.conversation() for r in rows], max_length=self.max_length,
-                               batch_size=self.batch_size, layer=self.layer, desc=desc)
+        return hidden_features(
+            self.model,
+            self.tokenizer,
+            [r.conversation() for r in rows],
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            layer=self.layer,
+            desc=desc,
+        )
 
     def prompt_features(self, rows: Sequence[ScoredRow]) -> np.ndarray:
         """Mean-pooled hidden states of the prompts alone (for the kind probe)."""
-        return hidden_features(self.model, self.tokenizer, [r.turns() for r in rows], add_generation_prompt=True,
-                               max_length=self.max_length, batch_size=self.batch_size, layer=self.layer,
-                               desc="probe kind features")
+        return hidden_features(
+            self.model,
+            self.tokenizer,
+            [r.turns() for r in rows],
+            add_generation_prompt=True,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            layer=self.layer,
+            desc="probe kind features",
+        )
 
     def kinds(self, rows: Sequence[ScoredRow]) -> list[str]:
         """Each row's kind: its own, else the kind probe's guess (``harmful`` when P > 0.5)."""
@@ -264,13 +296,18 @@ class ProbeScorer:
                 tensors[f"{name}.{part}"] = torch.tensor(np.asarray(getattr(p, part), dtype=np.float64))
             tensors[f"{name}.bias"] = torch.tensor([p.bias], dtype=torch.float64)
         save_file(tensors, str(folder / PROBE_FILE))
-        meta = {"model_id": self.model_id, "layer": self.layer, "max_length": self.max_length,
-                "probes": sorted(named), **self.meta}
+        meta = {
+            "model_id": self.model_id,
+            "layer": self.layer,
+            "max_length": self.max_length,
+            "probes": sorted(named),
+            **self.meta,
+        }
         (folder / PROBE_META).write_text(json.dumps(meta, indent=2, default=str))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, model: Any, tokenizer: Any, *, batch_size: int = 8) -> "ProbeScorer":
+    def load(cls, folder: str | Path, model: Any, tokenizer: Any, *, batch_size: int = 8) -> ProbeScorer:
         """A probe saved by :meth:`save`, on ``model``; errors name the file."""
         from safetensors.numpy import load_file
 
@@ -285,14 +322,25 @@ class ProbeScorer:
             raise ValueError(f"{meta_path}: not a probe description (field 'probes'): {exc}") from exc
         t = load_file(str(weights))
         try:
-            probes = {n: LinearProbe(t[f"{n}.mean"], t[f"{n}.scale"], t[f"{n}.weight"], float(t[f"{n}.bias"][0]))
-                      for n in names}
+            probes = {
+                n: LinearProbe(t[f"{n}.mean"], t[f"{n}.scale"], t[f"{n}.weight"], float(t[f"{n}.bias"][0]))
+                for n in names
+            }
         except KeyError as exc:
             raise ValueError(f"{weights}: tensor {exc} missing") from exc
         kind = probes.pop("kind", None)
         extra = {k: v for k, v in meta.items() if k not in ("model_id", "layer", "max_length", "probes")}
-        return cls(model, tokenizer, probes, kind, model_id=meta.get("model_id", ""), layer=int(meta.get("layer", -1)),
-                   max_length=int(meta.get("max_length", 384)), batch_size=batch_size, meta=extra)
+        return cls(
+            model,
+            tokenizer,
+            probes,
+            kind,
+            model_id=meta.get("model_id", ""),
+            layer=int(meta.get("layer", -1)),
+            max_length=int(meta.get("max_length", 384)),
+            batch_size=batch_size,
+            meta=extra,
+        )
 
 
 @dataclass
@@ -329,25 +377,39 @@ def labelled_examples(examples: Sequence[Any], policy_answers: dict[str, str]) -
     return out
 
 
-def train_probe(model: Any, tokenizer: Any, train: Sequence[Labelled], *, model_id: str = "", layer: int = -1,
-                max_length: int = 384, batch_size: int = 8, l2: float = 1e-2,
-                features: np.ndarray | None = None) -> ProbeScorer:
+def train_probe(
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[Labelled],
+    *,
+    model_id: str = "",
+    layer: int = -1,
+    max_length: int = 384,
+    batch_size: int = 8,
+    l2: float = 1e-2,
+    features: np.ndarray | None = None,
+) -> ProbeScorer:
     """Fit the per-kind probes and the kind probe on ``train``; returns the scorer.
 
     ``features`` (``(len(train), d)``) reuses precomputed (prompt, response) features.
     Raises ValueError when a kind lacks positives or negatives.
     """
     opts = {"max_length": max_length, "batch_size": batch_size, "layer": layer}
-    x = features if features is not None else hidden_features(
-        model, tokenizer, [t.row.conversation() for t in train], desc="probe features", **opts)
+    x = (
+        features
+        if features is not None
+        else hidden_features(model, tokenizer, [t.row.conversation() for t in train], desc="probe features", **opts)
+    )
     probes = {}
     counts: dict[str, dict[str, int]] = {}
     for kind in KINDS:
         idx = [i for i, t in enumerate(train) if t.row.kind == kind]
         y = [train[i].label for i in idx]
         if not idx or len(set(y)) < 2:
-            raise ValueError(f"probe: the {kind} examples need both positives and negatives (got {len(idx)} rows); "
-                             "check the curated set has train rows of both kinds")
+            raise ValueError(
+                f"probe: the {kind} examples need both positives and negatives (got {len(idx)} rows); "
+                "check the curated set has train rows of both kinds"
+            )
         probes[kind] = fit_probe(x[idx], y, l2=l2)
         counts[kind] = {"positives": sum(y), "negatives": len(y) - sum(y)}
     # the kind probe: one row per prompt (its positive), harmful = 1
@@ -355,11 +417,26 @@ def train_probe(model: Any, tokenizer: Any, train: Sequence[Labelled], *, model_
     for i, t in enumerate(train):
         firsts.setdefault(t.group, i)
     prompt_rows = [train[i].row for i in firsts.values()]
-    xp = hidden_features(model, tokenizer, [r.turns() for r in prompt_rows], add_generation_prompt=True,
-                         desc="probe kind features", **opts)
+    xp = hidden_features(
+        model,
+        tokenizer,
+        [r.turns() for r in prompt_rows],
+        add_generation_prompt=True,
+        desc="probe kind features",
+        **opts,
+    )
     kind_probe = fit_probe(xp, [int(r.kind == "harmful") for r in prompt_rows], l2=l2)
-    scorer = ProbeScorer(model, tokenizer, probes, kind_probe, model_id=model_id, layer=layer, max_length=max_length,
-                         batch_size=batch_size, meta={"train_counts": counts, "l2": l2})
+    scorer = ProbeScorer(
+        model,
+        tokenizer,
+        probes,
+        kind_probe,
+        model_id=model_id,
+        layer=layer,
+        max_length=max_length,
+        batch_size=batch_size,
+        meta={"train_counts": counts, "l2": l2},
+    )
     train_scores = scorer.score_features(x, [t.row.kind or "" for t in train])
     scorer.meta["train_accuracy"] = float(np.mean((train_scores > 0.5) == np.asarray([t.label for t in train], bool)))
     return scorer
@@ -373,8 +450,16 @@ class JudgeScorer:
 
     name = "judge"
 
-    def __init__(self, engine: Any, constitution: Any, cfg: Any, *, baseline: str = DEFAULT_BASELINE, seed: int = 0,
-                 model_id: str = ""):
+    def __init__(
+        self,
+        engine: Any,
+        constitution: Any,
+        cfg: Any,
+        *,
+        baseline: str = DEFAULT_BASELINE,
+        seed: int = 0,
+        model_id: str = "",
+    ):
         self.engine, self.constitution, self.cfg = engine, constitution, cfg
         self.baseline, self.seed, self.model_id = baseline, seed, model_id
         self._calibration: Any = None
@@ -401,11 +486,19 @@ class JudgeScorer:
         for i, r in enumerate(rows):
             groups.setdefault(r.kind if r.kind in KINDS else None, []).append(i)
         for kind, idx in groups.items():
-            comps = [Comparison(rows[i].judge_prompt(), rows[i].response, self.baseline, self._principles(rows[i]))
-                     for i in idx]
-            verdicts = judge_comparisons(self.engine, self.constitution, comps, self.cfg,
-                                         categories=cats.get(kind) if kind else None, seed=self.seed,
-                                         calibration=self._calibration)
+            comps = [
+                Comparison(rows[i].judge_prompt(), rows[i].response, self.baseline, self._principles(rows[i]))
+                for i in idx
+            ]
+            verdicts = judge_comparisons(
+                self.engine,
+                self.constitution,
+                comps,
+                self.cfg,
+                categories=cats.get(kind) if kind else None,
+                seed=self.seed,
+                calibration=self._calibration,
+            )
             out[idx] = [v.p_a for v in verdicts]
         return out
 
@@ -415,8 +508,12 @@ class JudgeScorer:
 
 def _rate(k: float, n: int) -> dict[str, Any]:
     est, lo, hi = rate_ci(k, n)
-    return {"accuracy": round(float(est), 4) if n else None, "lo": round(float(lo), 4), "hi": round(float(hi), 4),
-            "n": n}
+    return {
+        "accuracy": round(float(est), 4) if n else None,
+        "lo": round(float(lo), 4),
+        "hi": round(float(hi), 4),
+        "n": n,
+    }
 
 
 def pairwise_accuracy(pos: Sequence[float], neg: Sequence[float]) -> dict[str, Any]:
@@ -442,15 +539,21 @@ def measure(scores: Sequence[float], examples: Sequence[Labelled], threshold: fl
         for i in idx:
             by_group.setdefault(examples[i].group, {})[examples[i].label] = scores[i]
         pairs = [(g[1], g[0]) for g in by_group.values() if 0 in g and 1 in g]
-        return {"pairwise": pairwise_accuracy([p for p, _ in pairs], [q for _, q in pairs]),
-                "classification": classification_accuracy([scores[i] for i in idx], [examples[i].label for i in idx],
-                                                          threshold),
-                "mean_score_positive": _mean([scores[i] for i in idx if examples[i].label == 1]),
-                "mean_score_negative": _mean([scores[i] for i in idx if examples[i].label == 0])}
+        return {
+            "pairwise": pairwise_accuracy([p for p, _ in pairs], [q for _, q in pairs]),
+            "classification": classification_accuracy(
+                [scores[i] for i in idx], [examples[i].label for i in idx], threshold
+            ),
+            "mean_score_positive": _mean([scores[i] for i in idx if examples[i].label == 1]),
+            "mean_score_negative": _mean([scores[i] for i in idx if examples[i].label == 0]),
+        }
 
     out = block(list(range(len(examples))))
-    out["by_kind"] = {k: block([i for i, e in enumerate(examples) if e.row.kind == k]) for k in KINDS
-                      if any(e.row.kind == k for e in examples)}
+    out["by_kind"] = {
+        k: block([i for i, e in enumerate(examples) if e.row.kind == k])
+        for k in KINDS
+        if any(e.row.kind == k for e in examples)
+    }
     return out
 
 

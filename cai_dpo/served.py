@@ -40,7 +40,16 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import ModelSpec, SamplingConfig
-from cai_dpo.engine import ChatText, Conversation, EngineStats, Generation, LogProb, _progress, check_options, option_probs
+from cai_dpo.engine import (
+    ChatText,
+    Conversation,
+    EngineStats,
+    Generation,
+    LogProb,
+    _progress,
+    check_options,
+    option_probs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +75,7 @@ def to_http(url: str) -> str:
     """``openai://host:port/v1`` → ``http://host:port/v1`` (``http(s)://`` unchanged, trailing ``/`` dropped)."""
     for scheme, http in SCHEMES.items():
         if url.startswith(scheme):
-            url = http + url[len(scheme):]
+            url = http + url[len(scheme) :]
             break
     if not url.startswith(("http://", "https://")):
         raise ServedModelError(f"served model URL {url!r}: expected openai://host:port/v1 or http(s)://host:port/v1")
@@ -134,13 +143,16 @@ class ServedEngine(ChatText):
     when a URL is unreachable or does not serve ``spec.model``; ``check=False`` skips that.
     """
 
-    def __init__(self, spec: ModelSpec, *, progress: bool = True, tokenizer: Any = None, client: Any = None,
-                 check: bool = True):
+    def __init__(
+        self, spec: ModelSpec, *, progress: bool = True, tokenizer: Any = None, client: Any = None, check: bool = True
+    ):
         import httpx
 
         if not spec.model:
-            raise ServedModelError(f"served model {spec.name}: field 'model' is empty; set it to the id the server serves "
-                                   "(GET <url>/models lists them)")
+            raise ServedModelError(
+                f"served model {spec.name}: field 'model' is empty; set it to the id the server serves "
+                "(GET <url>/models lists them)"
+            )
         self.spec = spec
         self.model_id = spec.model
         self.urls = base_urls(spec)
@@ -154,11 +166,14 @@ class ServedEngine(ChatText):
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
-                raise ServedModelError(f"served model {spec.name}: environment variable {spec.api_key_env} "
-                                       "(field 'api_key_env') is not set")
+                raise ServedModelError(
+                    f"served model {spec.name}: environment variable {spec.api_key_env} "
+                    "(field 'api_key_env') is not set"
+                )
             headers["Authorization"] = f"Bearer {key}"
-        self.client = client or httpx.Client(timeout=spec.timeout, headers=headers,
-                                             limits=httpx.Limits(max_connections=self.batch_size + 2))
+        self.client = client or httpx.Client(
+            timeout=spec.timeout, headers=headers, limits=httpx.Limits(max_connections=self.batch_size + 2)
+        )
         if check:
             self.check()
 
@@ -179,18 +194,23 @@ class ServedEngine(ChatText):
             try:
                 r = self.client.get(f"{url}/models", timeout=min(self.spec.timeout, 30.0))
             except httpx.HTTPError as exc:
-                raise ServedModelError(f"served model '{self.model_id}': cannot reach {url} ({type(exc).__name__}: {exc}); "
-                                       "start the server or fix the model spec's name/replicas") from exc
+                raise ServedModelError(
+                    f"served model '{self.model_id}': cannot reach {url} ({type(exc).__name__}: {exc}); "
+                    "start the server or fix the model spec's name/replicas"
+                ) from exc
             if r.status_code != 200:
-                raise ServedModelError(f"served model '{self.model_id}': {url}/models answered HTTP {r.status_code}: "
-                                       f"{r.text[:300]}")
+                raise ServedModelError(
+                    f"served model '{self.model_id}': {url}/models answered HTTP {r.status_code}: {r.text[:300]}"
+                )
             try:
                 ids = [m.get("id") for m in r.json().get("data", [])]
             except (ValueError, AttributeError) as exc:
                 raise ServedModelError(f"{url}/models: not an OpenAI-compatible answer: {r.text[:200]}") from exc
             if ids and self.model_id not in ids:
-                raise ServedModelError(f"{url} does not serve model '{self.model_id}' (it serves: {', '.join(map(str, ids))}); "
-                                       "set the model spec's field 'model' to one of those")
+                raise ServedModelError(
+                    f"{url} does not serve model '{self.model_id}' (it serves: {', '.join(map(str, ids))}); "
+                    "set the model spec's field 'model' to one of those"
+                )
 
     # ------------------------------------------------------------------ HTTP
 
@@ -216,7 +236,9 @@ class ServedEngine(ChatText):
                     except ValueError as exc:
                         raise ServedModelError(f"{url}: answer is not JSON: {r.text[:200]}") from exc
                 if r.status_code not in RETRY_STATUS:
-                    raise ServedModelError(f"{url} refused model '{self.model_id}': HTTP {r.status_code}: {r.text[:500]}")
+                    raise ServedModelError(
+                        f"{url} refused model '{self.model_id}': HTTP {r.status_code}: {r.text[:500]}"
+                    )
                 failures.append(f"{url}: HTTP {r.status_code} {r.text[:200]}")
                 wait = _retry_after(r.headers.get("retry-after"))
             finally:
@@ -224,12 +246,20 @@ class ServedEngine(ChatText):
             avoid = i if len(self.urls) > 1 else None
             if attempt < self.spec.max_retries:
                 delay = max(wait, min(MAX_BACKOFF, self.spec.retry_backoff * 2**attempt))
-                log.warning("served model %s: %s; retry %d/%d in %.1f s", self.model_id, failures[-1][:200], attempt + 1,
-                            self.spec.max_retries, delay)
+                log.warning(
+                    "served model %s: %s; retry %d/%d in %.1f s",
+                    self.model_id,
+                    failures[-1][:200],
+                    attempt + 1,
+                    self.spec.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise ServedModelError(f"served model '{self.model_id}': {len(failures)} tries failed; last: {failures[-1]}")
 
-    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, unit: str = "req", show: bool = True) -> list[Any]:
+    def _map(
+        self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, unit: str = "req", show: bool = True
+    ) -> list[Any]:
         """``fn`` over ``items`` on the request pool, results in input order, with a progress bar when ``show``."""
         if not items:
             return []
@@ -257,8 +287,10 @@ class ServedEngine(ChatText):
         if self._tokenizer is None:
             if not self.spec.tokenizer:
                 raise ServedModelError(
-                    f"served model '{self.model_id}' ({self.urls[0]}): rendering chat templates and counting tokens need a "
-                    "local tokenizer; set the model spec's field 'tokenizer' (e.g. 'embedded', a folder or a hub id)")
+                    f"served model '{self.model_id}' ({self.urls[0]}): "
+                    "rendering chat templates and counting tokens need a "
+                    "local tokenizer; set the model spec's field 'tokenizer' (e.g. 'embedded', a folder or a hub id)"
+                )
             from cai_dpo.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.spec.tokenizer)
@@ -283,13 +315,19 @@ class ServedEngine(ChatText):
         each request carries a seed from ``sampling.seed``, the prompt and the sample index.
         """
         sampling = sampling or SamplingConfig()
-        chat = self._tokenizer is None and not self.spec.tokenizer and any(not isinstance(c, str) for c in conversations)
+        chat = (
+            self._tokenizer is None and not self.spec.tokenizer and any(not isinstance(c, str) for c in conversations)
+        )
         if chat and prefix:
-            raise ServedModelError(f"served model '{self.model_id}': a prefix needs rendered text; set the model spec's "
-                                   "field 'tokenizer'")
+            raise ServedModelError(
+                f"served model '{self.model_id}': a prefix needs rendered text; set the model spec's field 'tokenizer'"
+            )
         greedy = not (sampling.do_sample and sampling.temperature > 0)
-        base = {"max_tokens": sampling.max_new_tokens, "temperature": 0.0 if greedy else sampling.temperature,
-                "top_p": 1.0 if greedy else sampling.top_p}
+        base = {
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": 0.0 if greedy else sampling.temperature,
+            "top_p": 1.0 if greedy else sampling.top_p,
+        }
         jobs = []
         for ci, conv in enumerate(conversations):
             prompt: Any = conv if chat else (prefix or "") + self.render(conv)
@@ -308,8 +346,12 @@ class ServedEngine(ChatText):
                 choice = _first_choice(data, self.urls)
                 text = choice.get("text") or ""
             usage = data.get("usage") or {}
-            return Generation(text.strip(), int(usage.get("completion_tokens", 0)), choice.get("finish_reason") == "stop",
-                              int(usage.get("prompt_tokens", 0)))
+            return Generation(
+                text.strip(),
+                int(usage.get("completion_tokens", 0)),
+                choice.get("finish_reason") == "stop",
+                int(usage.get("prompt_tokens", 0)),
+            )
 
         t0 = time.perf_counter()
         gens = self._map(one, jobs, desc, "seq")
@@ -319,23 +361,28 @@ class ServedEngine(ChatText):
         self.stats.generated_tokens += sum(g.n_tokens for g in gens)
         self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens)
         self.stats.generate_seconds += time.perf_counter() - t0
-        log.info("%s (served %s): %d sequences, %.1f tok/s", desc, self.model_id, len(jobs), self.stats.tokens_per_second())
+        log.info(
+            "%s (served %s): %d sequences, %.1f tok/s", desc, self.model_id, len(jobs), self.stats.tokens_per_second()
+        )
         return results
 
     # ------------------------------------------------------------------ scoring
 
     def _top_logprobs(self, prompt: str) -> dict[str, float]:
         """Top-k log-probs of the token after ``prompt`` (token text → log-prob)."""
-        data = self._post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                                           "logprobs": self.spec.top_logprobs})
+        data = self._post(
+            "/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.spec.top_logprobs}
+        )
         lp = _first_choice(data, self.urls).get("logprobs") or {}
         top = lp.get("top_logprobs") or []
         content = lp.get("content") or []  # the chat-style form (llama.cpp's native server answers /completions so)
         if not top and content and isinstance(content[0], dict):
             top = [{e.get("token"): e.get("logprob") for e in content[0].get("top_logprobs") or []}]
         if not top or not isinstance(top[0], dict) or not top[0]:
-            raise NotSupportedByServer(f"served model '{self.model_id}' ({', '.join(self.urls)}): the server returned no "
-                                       "top log-probs for /completions with 'logprobs'; score_options needs them")
+            raise NotSupportedByServer(
+                f"served model '{self.model_id}' ({', '.join(self.urls)}): the server returned no "
+                "top log-probs for /completions with 'logprobs'; score_options needs them"
+            )
         return {str(k): float(v) for k, v in top[0].items()}
 
     def _option_pieces(self, context: str, option: str) -> list[str] | None:
@@ -345,9 +392,11 @@ class ServedEngine(ChatText):
         ctx = self.encode(context)
         full = self.encode(context + option)
         if full[: len(ctx)] != ctx or len(full) == len(ctx):
-            raise ValueError(f"option {option!r} merges with the end of its context into one token; "
-                             "end the context at a token boundary (e.g. after ':')")
-        pieces = [self.tokenizer.decode([t]) for t in full[len(ctx):]]
+            raise ValueError(
+                f"option {option!r} merges with the end of its context into one token; "
+                "end the context at a token boundary (e.g. after ':')"
+            )
+        pieces = [self.tokenizer.decode([t]) for t in full[len(ctx) :]]
         if "".join(pieces) != option:
             raise ValueError(f"option {option!r} does not decode token by token ({pieces}); use plain ASCII options")
         return pieces
@@ -386,14 +435,17 @@ class ServedEngine(ChatText):
             for i, k in pending:
                 prompt = pre + contexts[i] + options[k][: consumed[i, k]]
                 top = tops[prompt]
-                rest = options[k][consumed[i, k]:]
+                rest = options[k][consumed[i, k] :]
                 ps = pieces[i][k]
                 piece = ps[steps[i, k]] if ps is not None else _longest_prefix(rest, top)
                 if piece is None or piece not in top:
                     raise ServedModelError(
-                        f"served model '{self.model_id}' ({', '.join(self.urls)}): the token {piece or rest!r} of option "
-                        f"{options[k]!r} is not among the server's top {self.spec.top_logprobs} next tokens (context {i}); "
-                        "raise the model spec's 'top_logprobs' (the server may cap it) or check the prompt format")
+                        f"served model '{self.model_id}' ({', '.join(self.urls)}): "
+                        f"the token {piece or rest!r} of option "
+                        f"{options[k]!r} is not among the server's top {self.spec.top_logprobs} "
+                        f"next tokens (context {i}); "
+                        "raise the model spec's 'top_logprobs' (the server may cap it) or check the prompt format"
+                    )
                 raw[i, k] += top[piece]
                 consumed[i, k] += len(piece)
                 steps[i, k] += 1
@@ -407,14 +459,16 @@ class ServedEngine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
 
-    def logprob(self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None,
-                desc: str = "logprob") -> list[LogProb]:
+    def logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context.
 
         One ``/completions`` request per item with ``echo`` and ``logprobs``, one token
         generated; the server's own tokenization, read back from the prompt's end (a token
-        that straddles the context's end counts as the completion's). Raises :class:`NotSupportedByServer` when the server does not
-        return the prompt's log-probs (llama.cpp's server needs ``--logits_all true``).
+        that straddles the context's end counts as the completion's). Raises
+        :class:`NotSupportedByServer` when the server does not return the prompt's log-probs
+        (llama.cpp's server needs ``--logits_all true``).
         """
         if len(contexts) != len(completions):
             raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
@@ -430,12 +484,15 @@ class ServedEngine(ChatText):
             ctx, completion = pre + item[0], item[1]
             full = ctx + completion
             try:
-                data = self._post("/completions", {"prompt": full, "max_tokens": 1, "temperature": 0.0, "echo": True,
-                                                   "logprobs": 1})
+                data = self._post(
+                    "/completions", {"prompt": full, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+                )
             except ServedModelError as exc:
                 raise NotSupportedByServer(
-                    f"logprob is not supported by this server ({', '.join(self.urls)}): /completions with echo + logprobs "
-                    f"failed ({exc}); llama.cpp's server needs --logits_all true, vLLM supports it") from exc
+                    f"logprob is not supported by this server ({', '.join(self.urls)}): "
+                    "/completions with echo + logprobs "
+                    f"failed ({exc}); llama.cpp's server needs --logits_all true, vLLM supports it"
+                ) from exc
             choice = _first_choice(data, self.urls)
             generated = (data.get("usage") or {}).get("completion_tokens")
             if generated is None:
@@ -456,9 +513,17 @@ penalty 1.1, so sampling follows the stage's settings alone (vLLM and SGLang nee
 
 
 @contextlib.contextmanager
-def llama_cpp_server(model_path: str | os.PathLike[str], *, alias: str = "local", port: int | None = None,
-                     threads: int = 2, n_ctx: int = 2048, logits_all: bool = True, ready_timeout: float = 120.0,
-                     log_path: str | os.PathLike[str] | None = None) -> Iterator[str]:
+def llama_cpp_server(
+    model_path: str | os.PathLike[str],
+    *,
+    alias: str = "local",
+    port: int | None = None,
+    threads: int = 2,
+    n_ctx: int = 2048,
+    logits_all: bool = True,
+    ready_timeout: float = 120.0,
+    log_path: str | os.PathLike[str] | None = None,
+) -> Iterator[str]:
     """Run ``python -m llama_cpp.server`` on a GGUF file at 127.0.0.1 and yield its ``openai://`` base URL.
 
     Waits (at most ``ready_timeout`` seconds) until ``/v1/models`` answers; the server is
@@ -473,29 +538,53 @@ def llama_cpp_server(model_path: str | os.PathLike[str], *, alias: str = "local"
     import httpx
 
     if importlib.util.find_spec("llama_cpp") is None:
-        raise ServedModelError("llama-cpp-python is not installed; pip install 'cai-dpo[served]' (or llama-cpp-python[server])")
+        raise ServedModelError(
+            "llama-cpp-python is not installed; pip install 'cai-dpo[served]' (or llama-cpp-python[server])"
+        )
     port = port or _free_port()
     log_file = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", alias,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-           "--logits_all", str(logits_all).lower()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(threads),
+        "--logits_all",
+        str(logits_all).lower(),
+    ]
     with open(log_file, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+        )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise ServedModelError(f"llama.cpp server on {url} exited with {proc.returncode}: "
-                                       f"{log_file.read_text(errors='replace')[-1500:]}")
+                raise ServedModelError(
+                    f"llama.cpp server on {url} exited with {proc.returncode}: "
+                    f"{log_file.read_text(errors='replace')[-1500:]}"
+                )
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise ServedModelError(f"llama.cpp server on {url} not ready after {ready_timeout:.0f} s: "
-                                       f"{log_file.read_text(errors='replace')[-1500:]}")
+                raise ServedModelError(
+                    f"llama.cpp server on {url} not ready after {ready_timeout:.0f} s: "
+                    f"{log_file.read_text(errors='replace')[-1500:]}"
+                )
             time.sleep(0.5)
         log.info("llama.cpp server for %s on %s (log %s)", model_path, url, log_file)
         yield f"openai://127.0.0.1:{port}/v1"
@@ -555,8 +644,10 @@ def _echo_logprob(lp: dict[str, Any], completion_chars: int, n_generated: int, u
     """
     tokens, values = lp.get("tokens"), lp.get("token_logprobs")
     if not tokens or values is None or len(values) != len(tokens):
-        raise NotSupportedByServer(f"logprob is not supported by this server ({', '.join(urls)}): the answer carries no "
-                                   "echoed prompt log-probs (tokens, token_logprobs)")
+        raise NotSupportedByServer(
+            f"logprob is not supported by this server ({', '.join(urls)}): the answer carries no "
+            "echoed prompt log-probs (tokens, token_logprobs)"
+        )
     prompt_part = list(zip(tokens, values))[: len(tokens) - n_generated]
     per_token: list[float] = []
     covered = 0
@@ -564,8 +655,9 @@ def _echo_logprob(lp: dict[str, Any], completion_chars: int, n_generated: int, u
         if covered >= completion_chars:
             break
         if value is None:
-            raise NotSupportedByServer(f"logprob is not supported by this server ({', '.join(urls)}): no log-prob "
-                                       f"for prompt token {tok!r}")
+            raise NotSupportedByServer(
+                f"logprob is not supported by this server ({', '.join(urls)}): no log-prob for prompt token {tok!r}"
+            )
         per_token.append(float(value))
         covered += len(tok)
     if covered < completion_chars:

@@ -39,8 +39,13 @@ def split_indices_by_prompt(prompts: Sequence[Any], fraction: float, seed: int) 
     return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
 
 
-def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int,
-                    prompt: Callable[[dict[str, Any]], Any] = lambda r: r["prompt"]) -> tuple[list[dict], list[dict]]:
-    """Rows split by :func:`split_indices_by_prompt`; ``prompt(row)`` gives a row's prompt (default ``row["prompt"]``)."""
+def split_by_prompt(
+    rows: list[dict[str, Any]],
+    fraction: float,
+    seed: int,
+    prompt: Callable[[dict[str, Any]], Any] = lambda r: r["prompt"],
+) -> tuple[list[dict], list[dict]]:
+    """Rows split by :func:`split_indices_by_prompt`; ``prompt(row)`` gives a row's prompt
+    (default ``row["prompt"]``)."""
     train, held = split_indices_by_prompt([prompt(r) for r in rows], fraction, seed)
     return [rows[i] for i in train], [rows[i] for i in held]

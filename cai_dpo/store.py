@@ -126,6 +126,8 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
         line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             yield i, line
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -216,7 +218,7 @@ def recover_dir(final: Path) -> bool:
     for old in olds:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-        pid = tmp.name[len(final.name) + 2:].split(".", 1)[0]
+        pid = tmp.name[len(final.name) + 2 :].split(".", 1)[0]
         if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
     return restored
@@ -488,7 +490,7 @@ class RunStore:
 class Timer:
     """Measure wall time of a block: ``with Timer() as t: ...; t.seconds``."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self
@@ -577,8 +579,15 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
     token = os.urandom(8).hex()
     previous_env = os.environ.get(LOCK_ENV)
     try:
-        atomic_write_json(root / LOCK_INFO, {"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                             "command": " ".join(sys.argv) or "python", "token": token})
+        atomic_write_json(
+            root / LOCK_INFO,
+            {
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join(sys.argv) or "python",
+                "token": token,
+            },
+        )
         os.environ[LOCK_ENV] = json.dumps({**_inherited_tokens(), key: token})
         _held[key] = 1
         for folder in recover_tree(root):

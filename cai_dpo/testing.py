@@ -26,8 +26,15 @@ from typing import Any
 from cai_dpo.config import RUNS_ENV, RunConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "cai-dpo-browser-test"
 KERNEL = "python3"  # the shipped notebooks' kernelspec; the server's own spec of that name runs this interpreter
 
@@ -59,8 +66,9 @@ def free_port() -> int:
 
 def lab_api(port: int, path: str, method: str = "GET") -> Any:
     """One authenticated call to the server's REST API; the decoded JSON body (None when empty)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 headers={"Authorization": f"token {TOKEN}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, headers={"Authorization": f"token {TOKEN}"}
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         body = resp.read()
     return json.loads(body) if body else None
@@ -80,8 +88,9 @@ def _wait_for_server(lab: Lab, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @contextmanager
-def jupyter_lab(workdir: str | Path, runs_dir: str | Path, *, labeler: str = "browser",
-                timeout: float = 120.0) -> Iterator[Lab]:
+def jupyter_lab(
+    workdir: str | Path, runs_dir: str | Path, *, labeler: str = "browser", timeout: float = 120.0
+) -> Iterator[Lab]:
     """A JupyterLab server on 127.0.0.1 whose only kernelspec runs this interpreter.
 
     Everything it writes goes under ``workdir``; it serves ``workdir/notebooks`` (empty: copy
@@ -93,24 +102,52 @@ def jupyter_lab(workdir: str | Path, runs_dir: str | Path, *, labeler: str = "br
     home = workdir / "jupyter"
     spec_dir = home / "data" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "cai-dpo", "language": "python"}))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "cai-dpo",
+                "language": "python",
+            }
+        )
+    )
     root = workdir / "notebooks"
     root.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "CAI_DPO_UNATTENDED"))}
-    env.update(JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-               JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_PLATFORM_DIRS="1",
-               IPYTHONDIR=str(home / "ipython"), CAI_DPO_UNATTENDED="0", **{RUNS_ENV: str(runs_dir)},
-               CAI_DPO_LABELER=labeler, OMP_NUM_THREADS="1")
+    env.update(
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_PLATFORM_DIRS="1",
+        IPYTHONDIR=str(home / "ipython"),
+        CAI_DPO_UNATTENDED="0",
+        **{RUNS_ENV: str(runs_dir)},
+        CAI_DPO_LABELER=labeler,
+        OMP_NUM_THREADS="1",
+    )
     lab = Lab(free_port(), root, workdir / "lab.log")
     with open(lab.log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-             f"--port={lab.port}", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
-             f"--LabApp.workspaces_dir={home / 'workspaces'}", "--ServerApp.port_retries=0",
-             f"--KernelSpecManager.allowed_kernelspecs={KERNEL}"],
-            cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                "--allow-root",
+                "--ip=127.0.0.1",
+                f"--port={lab.port}",
+                f"--IdentityProvider.token={TOKEN}",
+                f"--ServerApp.root_dir={root}",
+                f"--LabApp.workspaces_dir={home / 'workspaces'}",
+                "--ServerApp.port_retries=0",
+                f"--KernelSpecManager.allowed_kernelspecs={KERNEL}",
+            ],
+            cwd=root,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_for_server(lab, proc, timeout)
         yield lab

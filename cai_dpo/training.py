@@ -177,7 +177,9 @@ def training_inputs(note: dict[str, Any], target: Any) -> dict[str, str]:
     return {"settings": content_hash(note), "target": content_hash(target)}
 
 
-def artifact_current(out_dir: str | Path, note: dict[str, Any], target: Any, weights: str = "adapter_config.json") -> bool:
+def artifact_current(
+    out_dir: str | Path, note: dict[str, Any], target: Any, weights: str = "adapter_config.json"
+) -> bool:
     """True when ``out_dir`` holds a finished artifact trained from ``note`` to ``target``.
 
     Reads ``out_dir/manifest.json``'s ``inputs.settings`` and ``inputs.target`` (see
@@ -217,7 +219,9 @@ def load_checkpoint_adapter(model: Any, checkpoint: str | Path) -> None:
     result = set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"{weights}: keys {list(unexpected)[:3]} do not fit the model; delete {Path(checkpoint).parent} to retrain")
+        raise ValueError(
+            f"{weights}: keys {list(unexpected)[:3]} do not fit the model; delete {Path(checkpoint).parent} to retrain"
+        )
 
 
 def train_to_target(trainer: Any, resume: str | None, max_steps: int) -> tuple[Any | None, int]:
@@ -329,11 +333,16 @@ def training_callbacks(metrics_dir: str | Path, report_to: str | list[str] | Non
     from cai_dpo.progress import trainer_progress_callback
 
     metrics_dir = Path(metrics_dir)
-    callbacks: list[TrainerCallback] = [CsvMetricsCallback(metrics_dir / "log.csv"), trainer_progress_callback(metrics_dir.name)]
+    callbacks: list[TrainerCallback] = [
+        CsvMetricsCallback(metrics_dir / "log.csv"),
+        trainer_progress_callback(metrics_dir.name),
+    ]
     names = resolve_report_to(report_to)
     if "tensorboard" in names:
         if not tensorboard_available():
-            raise ConfigError("train.report_to: 'tensorboard' is not installed (pip install tensorboard), or choose another tracker")
+            raise ConfigError(
+                "train.report_to: 'tensorboard' is not installed (pip install tensorboard), or choose another tracker"
+            )
         from transformers.integrations import TensorBoardCallback
 
         tb = TensorBoardCallback()
@@ -374,7 +383,12 @@ class StepLogger:
         if self.writer is None:
             return
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if (
+                key != "step"
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 self.writer.add_scalar(f"train/{key}", value, step)
         self.writer.flush()
 
@@ -401,8 +415,9 @@ def principle_weight(principle_ids: Any, principle_weights: dict[str, float]) ->
     return sum(float(principle_weights.get(p, 1.0)) for p in ids) / len(ids)
 
 
-def example_weights(rows: Any, weighting: str, principle_weights: dict[str, float] | None = None,
-                    source: str = "data") -> list[float]:
+def example_weights(
+    rows: Any, weighting: str, principle_weights: dict[str, float] | None = None, source: str = "data"
+) -> list[float]:
     """One training weight per row (dicts with optional ``weight`` and ``principle_ids``).
 
     ``weighting == "none"``: every weight is 1.0. ``"principle"``: the row's ``weight`` when

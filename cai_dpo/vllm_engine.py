@@ -43,8 +43,18 @@ from typing import Any
 import numpy as np
 
 from cai_dpo.config import ModelSpec, SamplingConfig
-from cai_dpo.engine import (ChatText, Conversation, EngineStats, Generation, LogProb, _progress, check_context,
-                            check_options, option_probs, split_completion)
+from cai_dpo.engine import (
+    ChatText,
+    Conversation,
+    EngineStats,
+    Generation,
+    LogProb,
+    _progress,
+    check_context,
+    check_options,
+    option_probs,
+    split_completion,
+)
 from cai_dpo.models import ModelLoadError, _adapter_base, adapter_merge_first, resolve_model_path
 from cai_dpo.served import sample_seed
 
@@ -84,7 +94,8 @@ def adapter_rank(adapter: Path) -> int:
     if stacked:
         raise ModelLoadError(
             f"adapter '{adapter}' was trained on top of {', '.join(map(str, stacked))}; vLLM applies one adapter per "
-            "request: export the merged model (cai-dpo export) and name its folder, or use backend: local")
+            "request: export the merged model (cai-dpo export) and name its folder, or use backend: local"
+        )
     r = int(json.loads(config.read_text()).get("r", 8))
     fits = [x for x in LORA_RANKS if x >= r]
     if not fits:
@@ -94,8 +105,13 @@ def adapter_rank(adapter: Path) -> int:
 
 def llm_kwargs(spec: ModelSpec, model_path: str, adapter: Path | None) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for a spec (``vllm_args`` last, so they override)."""
-    kwargs: dict[str, Any] = {"model": model_path, "tensor_parallel_size": spec.tensor_parallel_size,
-                              "dtype": spec.dtype, "seed": 0, "trust_remote_code": spec.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "dtype": spec.dtype,
+        "seed": 0,
+        "trust_remote_code": spec.trust_remote_code,
+    }
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.tokenizer:
@@ -135,8 +151,14 @@ class VLLMEngine(ChatText):
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = self._lora_request()
         self.max_length = _max_model_len(self.llm)
-        log.info("vLLM loaded %s (tensor_parallel_size=%d, dtype=%s, adapter=%s) in %.1f s", self.model_path,
-                 spec.tensor_parallel_size, spec.dtype, self.adapter, self.load_seconds)
+        log.info(
+            "vLLM loaded %s (tensor_parallel_size=%d, dtype=%s, adapter=%s) in %.1f s",
+            self.model_path,
+            spec.tensor_parallel_size,
+            spec.dtype,
+            self.adapter,
+            self.load_seconds,
+        )
 
     def __repr__(self) -> str:
         return f"VLLMEngine(model={self.model_path!r}, tensor_parallel_size={self.spec.tensor_parallel_size})"
@@ -156,8 +178,9 @@ class VLLMEngine(ChatText):
         """One ``llm.generate`` call over token-id prompts; the outputs, in input order."""
         if not prompts:
             return []
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False,
-                                 lora_request=self.lora)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False, lora_request=self.lora
+        )
         if len(outs) != len(prompts):
             raise VLLMEngineError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
         return list(outs)
@@ -190,10 +213,15 @@ class VLLMEngine(ChatText):
             ids = prefix_ids + self.encode(text)
             check_context(len(ids), sampling.max_new_tokens, self.max_length, f"conversation {ci}", ci)
             prompts.append(ids)
-            params.append(SamplingParams(
-                n=1 if greedy else n, temperature=0.0 if greedy else sampling.temperature,
-                top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
-                seed=sample_seed(sampling.seed, (prefix or "") + text, 0)))
+            params.append(
+                SamplingParams(
+                    n=1 if greedy else n,
+                    temperature=0.0 if greedy else sampling.temperature,
+                    top_p=1.0 if greedy else sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    seed=sample_seed(sampling.seed, (prefix or "") + text, 0),
+                )
+            )
         bar = _progress(len(prompts) * n, desc, "seq", self.progress)
         t0 = time.perf_counter()
         outs = self._run(prompts, params)
@@ -256,7 +284,9 @@ class VLLMEngine(ChatText):
                 check_context(len(seq), 0, self.max_length, f"score_options context {i}", i)
                 row.append((seq, start))
             items.append(row)
-        steps = list(dict.fromkeys(tuple(seq[:p]) for row in items for seq, start in row for p in range(start, len(seq))))
+        steps = list(
+            dict.fromkeys(tuple(seq[:p]) for row in items for seq, start in row for p in range(start, len(seq)))
+        )
         bar = _progress(len(contexts), desc, "ctx", self.progress)
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=self.spec.top_logprobs)
         tops = {step: _top_logprobs(out) for step, out in zip(steps, self._run([list(s) for s in steps], params))}
@@ -269,7 +299,8 @@ class VLLMEngine(ChatText):
                         raise VLLMEngineError(
                             f"vLLM model '{self.spec.name}': the token {self.tokenizer.decode([seq[p]])!r} of option "
                             f"{options[k]!r} is not among the top {self.spec.top_logprobs} next tokens (context {i}); "
-                            "raise the model spec's 'top_logprobs' or check the prompt format")
+                            "raise the model spec's 'top_logprobs' or check the prompt format"
+                        )
                     raw[i, k] += top[seq[p]]
         bar.update(len(contexts))
         bar.close()
@@ -277,8 +308,9 @@ class VLLMEngine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return option_probs(raw), raw
 
-    def logprob(self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None,
-                desc: str = "logprob") -> list[LogProb]:
+    def logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context.
 
         A token that straddles the context's end counts as the completion's. Raises
@@ -332,8 +364,10 @@ def _top_logprobs(output: Any) -> dict[int, float]:
 def _prompt_logprob(prompt_logprobs: Any, seq: list[int], p: int) -> float:
     """Log-prob of prompt token ``p`` (its own id) from a ``RequestOutput.prompt_logprobs`` list."""
     if not prompt_logprobs or len(prompt_logprobs) != len(seq):
-        raise VLLMEngineError(f"vLLM returned {len(prompt_logprobs or [])} prompt log-prob positions for a "
-                              f"{len(seq)}-token prompt (asked prompt_logprobs=1)")
+        raise VLLMEngineError(
+            f"vLLM returned {len(prompt_logprobs or [])} prompt log-prob positions for a "
+            f"{len(seq)}-token prompt (asked prompt_logprobs=1)"
+        )
     entry = prompt_logprobs[p]
     if not entry or seq[p] not in entry:
         raise VLLMEngineError(f"vLLM's prompt log-probs lack prompt token {seq[p]} at position {p}")

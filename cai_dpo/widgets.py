@@ -82,8 +82,9 @@ class LabelingWidget(widgets.VBox):
     stays on screen until it is labeled.
     """
 
-    def __init__(self, queue: LabelQueue | str | Path, labeler: str = "anonymous", seed: int = 0,
-                 constitution: Any = None):
+    def __init__(
+        self, queue: LabelQueue | str | Path, labeler: str = "anonymous", seed: int = 0, constitution: Any = None
+    ):
         self.queue = _as_queue(queue)
         self.labeler = labeler
         self.seed = seed
@@ -101,25 +102,43 @@ class LabelingWidget(widgets.VBox):
         self.message = widgets.HTML()
         self.revision = widgets.Textarea(placeholder=REVISION_PLACEHOLDER, rows=6, layout=widgets.Layout(width="100%"))
         self.buttons: dict[str, widgets.Button] = {}
-        styles = {"A better": "primary", "B better": "primary", "Tie": "", "Skip": "", UNDO_BUTTON: "warning",
-                  SAVE_BUTTON: "success"}
+        styles = {
+            "A better": "primary",
+            "B better": "primary",
+            "Tie": "",
+            "Skip": "",
+            UNDO_BUTTON: "warning",
+            SAVE_BUTTON: "success",
+        }
         for name in (*CHOICE_BUTTONS, UNDO_BUTTON, SAVE_BUTTON):
             button = widgets.Button(description=name, button_style=styles[name], tooltip=name)
             button.on_click(self._on_click)
             self.buttons[name] = button
         half = widgets.Layout(width="50%", padding="0 8px", border="1px solid #ddd")
-        sides = widgets.HBox([
-            widgets.VBox([widgets.HTML("<b>Response A</b>"), self.left], layout=half),
-            widgets.VBox([widgets.HTML("<b>Response B</b>"), self.right], layout=half),
-        ])
-        super().__init__(children=[
-            self.title, self.prompt, sides, self.info, self.comment,
-            widgets.HBox([self.buttons[n] for n in (*CHOICE_BUTTONS, UNDO_BUTTON)]),
-            widgets.HBox([self.progress, self.progress_text]),
-            widgets.HTML("<b>Write a better response</b> (optional; it trains SFT on the next run and is preferred "
-                         "over the AI's response)"),
-            self.revision, self.buttons[SAVE_BUTTON], self.message,
-        ])
+        sides = widgets.HBox(
+            [
+                widgets.VBox([widgets.HTML("<b>Response A</b>"), self.left], layout=half),
+                widgets.VBox([widgets.HTML("<b>Response B</b>"), self.right], layout=half),
+            ]
+        )
+        super().__init__(
+            children=[
+                self.title,
+                self.prompt,
+                sides,
+                self.info,
+                self.comment,
+                widgets.HBox([self.buttons[n] for n in (*CHOICE_BUTTONS, UNDO_BUTTON)]),
+                widgets.HBox([self.progress, self.progress_text]),
+                widgets.HTML(
+                    "<b>Write a better response</b> (optional; it trains SFT on the next run and is preferred "
+                    "over the AI's response)"
+                ),
+                self.revision,
+                self.buttons[SAVE_BUTTON],
+                self.message,
+            ]
+        )
         self.show(self.queue.next_unlabeled())
 
     # ---------------------------------------------------------------- display
@@ -203,8 +222,9 @@ class LabelingWidget(widgets.VBox):
             choice = name.lower()
         else:
             raise ValueError(f"unknown button {name!r}")
-        label = self.queue.record_label(self.current["pair_id"], choice, self.shown_order, self.labeler,
-                                        self.comment.value.strip())
+        label = self.queue.record_label(
+            self.current["pair_id"], choice, self.shown_order, self.labeler, self.comment.value.strip()
+        )
         self.message.value = f"Saved: {html.escape(name)} for pair {html.escape(label['pair_id'])}"
         self.show(self.queue.next_unlabeled())
         return label
@@ -213,10 +233,12 @@ class LabelingWidget(widgets.VBox):
         """Store ``text`` (default: the text area) as a better response for the current pair."""
         if self.current is None:
             raise RuntimeError("no pair on screen")
-        revision = self.queue.record_revision(self.revision.value if text is None else text,
-                                              pair_id=self.current["pair_id"], author=self.labeler)
-        self.message.value = (f"Saved your response for pair {html.escape(revision['record_key'])}; "
-                              "it trains SFT on the next run")
+        revision = self.queue.record_revision(
+            self.revision.value if text is None else text, pair_id=self.current["pair_id"], author=self.labeler
+        )
+        self.message.value = (
+            f"Saved your response for pair {html.escape(revision['record_key'])}; it trains SFT on the next run"
+        )
         return revision
 
     def undo(self) -> dict[str, Any] | None:
@@ -235,17 +257,26 @@ class QueueSummary(dict):
     """Queue counts shown instead of the widget when nobody is there to click."""
 
     def _repr_html_(self) -> str:
-        return (f"<p><b>Label queue</b> {html.escape(str(self.get('db_path')))}: {self['queued']} pair(s) queued, "
-                f"{self['labeled']} labeled, {self['pending']} pending, {self.get('revisions', 0)} written response(s). "
-                "Open this notebook in JupyterLab to label.</p>")
+        return (
+            f"<p><b>Label queue</b> {html.escape(str(self.get('db_path')))}: {self['queued']} pair(s) queued, "
+            f"{self['labeled']} labeled, {self['pending']} pending, {self.get('revisions', 0)} written response(s). "
+            "Open this notebook in JupyterLab to label.</p>"
+        )
 
     def __str__(self) -> str:
-        return (f"label queue {self.get('db_path')}: {self['queued']} queued, {self['labeled']} labeled, "
-                f"{self['pending']} pending, {self.get('revisions', 0)} written response(s)")
+        return (
+            f"label queue {self.get('db_path')}: {self['queued']} queued, {self['labeled']} labeled, "
+            f"{self['pending']} pending, {self.get('revisions', 0)} written response(s)"
+        )
 
 
-def labeling_ui(queue: LabelQueue | str | Path, labeler: str | None = None, seed: int = 0,
-                constitution: Any = None, unattended: bool | None = None) -> LabelingWidget | QueueSummary:
+def labeling_ui(
+    queue: LabelQueue | str | Path,
+    labeler: str | None = None,
+    seed: int = 0,
+    constitution: Any = None,
+    unattended: bool | None = None,
+) -> LabelingWidget | QueueSummary:
     """The labeling widget, or (unattended, see :func:`is_unattended`) a summary of the queue.
 
     ``labeler`` defaults to ``$CAI_DPO_LABELER``, then ``$USER``.
@@ -305,15 +336,22 @@ class RevisionWidget(widgets.VBox):
         """Store ``text`` (default: the text area) as the better response of the selected record."""
         record = self.records[self.dropdown.value]
         revision = self.queue.record_revision(
-            self.revision.value if text is None else text, record_key=sl_record_key(record),
-            prompt=record["messages"][:-1], original=record["messages"][-1]["content"],
-            principle_ids=record.get("principle_ids") or [], author=self.author)
-        self.message.value = f"Saved your response for {html.escape(revision['record_key'])}; it trains SFT on the next run"
+            self.revision.value if text is None else text,
+            record_key=sl_record_key(record),
+            prompt=record["messages"][:-1],
+            original=record["messages"][-1]["content"],
+            principle_ids=record.get("principle_ids") or [],
+            author=self.author,
+        )
+        self.message.value = (
+            f"Saved your response for {html.escape(revision['record_key'])}; it trains SFT on the next run"
+        )
         return revision
 
 
-def revision_ui(queue: LabelQueue | str | Path, sl_records: Any, author: str | None = None,
-                unattended: bool | None = None) -> RevisionWidget | QueueSummary:
+def revision_ui(
+    queue: LabelQueue | str | Path, sl_records: Any, author: str | None = None, unattended: bool | None = None
+) -> RevisionWidget | QueueSummary:
     """Rewrite SL-CAI records (e.g. ``datasets.load_from_disk(run.data_dir('sl'))``); unattended
     (see :func:`is_unattended`) a summary of the queue instead. ``author`` defaults like
     :func:`labeling_ui`'s ``labeler``."""
@@ -334,7 +372,8 @@ class ConstitutionExplorer(widgets.VBox):
         self.detail = widgets.HTML()
         header = widgets.HTML(
             f"<b>{html.escape(str(constitution.name))}</b> v{html.escape(str(constitution.version))}: "
-            f"{len(options)} principles in {html.escape(', '.join(constitution.categories()))}")
+            f"{len(options)} principles in {html.escape(', '.join(constitution.categories()))}"
+        )
         self.dropdown.observe(lambda change: self.show(change["new"]), names="value")
         super().__init__(children=[header, self.dropdown, self.detail])
         if options:
@@ -345,8 +384,11 @@ class ConstitutionExplorer(widgets.VBox):
         p = self.constitution.principle(principle_id)
         self.detail.value = "".join(
             f"<p><b>{title}</b>{_block(text)}</p>"
-            for title, text in (("Critique request", p.critique), ("Revision request", p.revision),
-                                ("Comparison question", p.comparison))
+            for title, text in (
+                ("Critique request", p.critique),
+                ("Revision request", p.revision),
+                ("Comparison question", p.comparison),
+            )
         )
 
 

@@ -36,10 +36,26 @@ sys.path.insert(0, str(HERE))
 from test_dpo import make_run  # noqa: E402
 
 # the one-process and two-process runs share these settings; only the per-process batch differs
-COMMON = {"threads": 1, "dpo.max_length": 80, "dpo.max_prompt_length": 48, "dpo.learning_rate": 5e-3, "dpo.beta": 0.5,
-          "dpo.max_steps": 4, "dpo.save_steps": 2, "dpo.eval_fraction": 0.0, "dpo.lora.dropout": 0.0,
-          "rm.max_steps": 2, "rm.eval_fraction": 0.0, "ppo.steps": 3, "ppo.rollout_batch": 4, "ppo.minibatch": 4,
-          "ppo.ppo_epochs": 2, "ppo.learning_rate": 5e-3, "ppo.save_steps": 1, "ppo.sampling.do_sample": False}
+COMMON = {
+    "threads": 1,
+    "dpo.max_length": 80,
+    "dpo.max_prompt_length": 48,
+    "dpo.learning_rate": 5e-3,
+    "dpo.beta": 0.5,
+    "dpo.max_steps": 4,
+    "dpo.save_steps": 2,
+    "dpo.eval_fraction": 0.0,
+    "dpo.lora.dropout": 0.0,
+    "rm.max_steps": 2,
+    "rm.eval_fraction": 0.0,
+    "ppo.steps": 3,
+    "ppo.rollout_batch": 4,
+    "ppo.minibatch": 4,
+    "ppo.ppo_epochs": 2,
+    "ppo.learning_rate": 5e-3,
+    "ppo.save_steps": 1,
+    "ppo.sampling.do_sample": False,
+}
 LAUNCH_TIMEOUT_S = 420  # a generous ceiling per launch on a shared 2-core machine; a hang fails the test
 
 AUDIT_HOOK = '''
@@ -89,11 +105,14 @@ def overrides(settings: dict) -> list[str]:
     return out
 
 
-def cai_dpo(args: list[str], env: dict[str, str], timeout: float = LAUNCH_TIMEOUT_S) -> tuple[subprocess.CompletedProcess, float]:
+def cai_dpo(
+    args: list[str], env: dict[str, str], timeout: float = LAUNCH_TIMEOUT_S
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI in a child process; returns (result, seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cai_dpo.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai_dpo.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc, time.perf_counter() - t0
 
 
@@ -138,17 +157,38 @@ def runs(tmp_path_factory, tiny_path):
     (tmp / "hook").mkdir()
     (tmp / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
     progress = tmp / "progress.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp / "hook"), os.environ.get("PYTHONPATH", "")]),
-           "CAI_DPO_AUDIT_ROOT": str(two_root / "tiny"), "CAI_DPO_AUDIT_DIR": str(audit),
-           "CAI_DPO_PROGRESS": str(progress), "HF_HUB_OFFLINE": "1"}
-    args = ["--profile", "tiny", "-o", f"runs_dir={two_root}", *overrides({**COMMON, "dpo.batch_size": 1}),
-            "--launcher", "accelerate", "--num-processes", "2"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp / "hook"), os.environ.get("PYTHONPATH", "")]),
+        "CAI_DPO_AUDIT_ROOT": str(two_root / "tiny"),
+        "CAI_DPO_AUDIT_DIR": str(audit),
+        "CAI_DPO_PROGRESS": str(progress),
+        "HF_HUB_OFFLINE": "1",
+    }
+    args = [
+        "--profile",
+        "tiny",
+        "-o",
+        f"runs_dir={two_root}",
+        *overrides({**COMMON, "dpo.batch_size": 1}),
+        "--launcher",
+        "accelerate",
+        "--num-processes",
+        "2",
+    ]
     seconds = {}
     for stage in ("dpo", "ppo"):
         proc, seconds[stage] = cai_dpo([stage, *args], env)
         assert proc.returncode == 0, f"{stage} on 2 processes failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {"one": one_run.root, "two": two_root / "tiny", "audit": audit, "progress": progress,
-            "one_process_s": one_s, "two_process_s": seconds, "tmp": tmp}
+    return {
+        "one": one_run.root,
+        "two": two_root / "tiny",
+        "audit": audit,
+        "progress": progress,
+        "one_process_s": one_s,
+        "two_process_s": seconds,
+        "tmp": tmp,
+    }
 
 
 # --------------------------------------------------------------------------- (a) same trajectory
@@ -200,11 +240,15 @@ def test_only_rank_zero_writes_artifacts_metrics_and_progress(runs):
         assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
         assert read_manifest(runs["two"] / "models" / stage)["counts"]["steps"] == steps
     events = [json.loads(line) for line in runs["progress"].read_text().splitlines() if line]
-    pids = {rank: {f.name.split("-")[1].split(".")[0] for f in runs["audit"].glob(f"rank{rank}-*.jsonl")} for rank in "01"}
+    pids = {
+        rank: {f.name.split("-")[1].split(".")[0] for f in runs["audit"].glob(f"rank{rank}-*.jsonl")} for rank in "01"
+    }
     assert events and {e["bar"].split("-")[0] for e in events} <= pids["0"], "progress events from rank 0 only"
     assert not (runs["two"] / ".lock.json").exists()
-    print(f"one process (in this process, DPO 4 + PPO 3 steps): {runs['one_process_s']:.0f} s; "
-          f"two processes under accelerate launch: {runs['two_process_s']}")
+    print(
+        f"one process (in this process, DPO 4 + PPO 3 steps): {runs['one_process_s']:.0f} s; "
+        f"two processes under accelerate launch: {runs['two_process_s']}"
+    )
 
 
 # --------------------------------------------------------------------------- (c) a dead rank
@@ -220,14 +264,26 @@ def test_a_killed_rank_fails_the_run_and_a_rerun_resumes(runs):
     shutil.rmtree(root / "tiny" / "models" / "ppo")
     shutil.rmtree(root / "tiny" / "checkpoints" / "ppo")
     (root / "tiny" / "metrics" / "ppo" / "log.csv").unlink()
-    args = ["ppo", "--profile", "tiny", "-o", f"runs_dir={root}", *overrides({**COMMON, "ppo.steps": 4}),
-            "--launcher", "accelerate", "--num-processes", "2"]
+    args = [
+        "ppo",
+        "--profile",
+        "tiny",
+        "-o",
+        f"runs_dir={root}",
+        *overrides({**COMMON, "ppo.steps": 4}),
+        "--launcher",
+        "accelerate",
+        "--num-processes",
+        "2",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     killed, seconds = cai_dpo(args, {**env, "CAI_DPO_TEST_KILL_RANK": "1:2"}, timeout=LAUNCH_TIMEOUT_S)
     # rank 0 logs step 2 as rank 1 kills itself after it: from then to the exit is the time to fail
     after_kill = time.time() - (root / "tiny" / "metrics" / "ppo" / "log.csv").stat().st_mtime
-    print(f"killed run exited {killed.returncode} after {seconds:.0f} s in all (start-up included), "
-          f"{after_kill:.1f} s after the kill")
+    print(
+        f"killed run exited {killed.returncode} after {seconds:.0f} s in all (start-up included), "
+        f"{after_kill:.1f} s after the kill"
+    )
     assert after_kill < 60, "a dead rank must fail the run at once, not after the collective timeout"
     assert killed.returncode == 1, killed.stderr[-4000:]
     assert "ppo: training under accelerate launch (2 processes) failed" in killed.stderr
@@ -247,7 +303,9 @@ def test_a_killed_rank_fails_the_run_and_a_rerun_resumes(runs):
 
 
 def test_train_section_keys_are_validated(tmp_path):
-    cfg = load_config("tiny", {"train.launcher": "accelerate", "train.num_processes": 2, "train.accelerate_config": "ddp"})
+    cfg = load_config(
+        "tiny", {"train.launcher": "accelerate", "train.num_processes": 2, "train.accelerate_config": "ddp"}
+    )
     assert (cfg.train.launcher, cfg.train.num_processes, cfg.train.accelerate_config) == ("accelerate", 2, "ddp")
     with pytest.raises(ConfigError, match="train.launcher"):
         load_config("tiny", {"train.launcher": "torchrun"})
@@ -278,7 +336,11 @@ def test_launch_command_and_bundled_configs(tmp_path):
     cfg = load_config("tiny", {"train.launcher": "accelerate", "train.num_processes": 2})
     cmd = launch_command("dpo", tmp_path / "c.yaml", cfg.train, tmp_path / "r.json", {})
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-7:-4] == ["cai_dpo.distributed", "dpo", str(tmp_path / "c.yaml")]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-7:-4] == [
+        "cai_dpo.distributed",
+        "dpo",
+        str(tmp_path / "c.yaml"),
+    ]
     cfg = load_config("tiny", {"train.accelerate_config": "deepspeed_zero2"})
     cmd = launch_command("ppo", tmp_path / "c.yaml", cfg.train, tmp_path / "r.json", {"resume": True})
     assert cmd[cmd.index("--config_file") + 1] == str(BUNDLED_CONFIGS / "deepspeed_zero2.yaml")
@@ -289,7 +351,10 @@ def test_launch_command_and_bundled_configs(tmp_path):
         kinds[name] = loaded.distributed_type.value
     assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}
     assert load_config_from_file(str(accelerate_config_path("deepspeed_zero3"))).deepspeed_config["zero_stage"] == 3
-    assert load_config_from_file(str(accelerate_config_path("fsdp"))).fsdp_config["fsdp_reshard_after_forward"] == "FULL_SHARD"
+    assert (
+        load_config_from_file(str(accelerate_config_path("fsdp"))).fsdp_config["fsdp_reshard_after_forward"]
+        == "FULL_SHARD"
+    )
     with pytest.raises(InputError, match="train.accelerate_config: nope.yaml"):
         accelerate_config_path("nope.yaml")
     pyproject = (REPO / "pyproject.toml").read_text()

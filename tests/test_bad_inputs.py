@@ -37,18 +37,38 @@ ODD = f"one{LS}two{PS}three{NEL}four\u000bfive\u001cend"
 
 def snapshot(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder``, by relative path (the run folder's whole state)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def pair(pair_id: str, **kw: Any) -> dict[str, Any]:
-    return {"pair_id": pair_id, "prompt": f"prompt {pair_id}", "response_a": "a", "response_b": "b",
-            "p_chosen": 0.55, "principle_ids": ["harm"], "reasons": ["low_confidence"], **kw}
+    return {
+        "pair_id": pair_id,
+        "prompt": f"prompt {pair_id}",
+        "response_a": "a",
+        "response_b": "b",
+        "p_chosen": 0.55,
+        "principle_ids": ["harm"],
+        "reasons": ["low_confidence"],
+        **kw,
+    }
 
 
 def label(pair_id: str, **kw: Any) -> dict[str, Any]:
-    return {"kind": "label", "label_id": f"l-{pair_id}", "pair_id": pair_id, "choice": "A", "shown_order": "AB",
-            "labeler": "ann", "comment": "", "created_at": "2026-01-31T12:00:00+00:00", **kw}
+    return {
+        "kind": "label",
+        "label_id": f"l-{pair_id}",
+        "pair_id": pair_id,
+        "choice": "A",
+        "shown_order": "AB",
+        "labeler": "ann",
+        "comment": "",
+        "created_at": "2026-01-31T12:00:00+00:00",
+        **kw,
+    }
 
 
 class Ctx:
@@ -116,8 +136,12 @@ _config_case("config_ppo_minibatch_over_rollout", "ppo: {rollout_batch: 4, minib
 _config_case("config_judge_clamp_reversed", "judge: {clamp: [0.6, 0.4]}\n", "judge.clamp")
 _config_case("config_judge_clamp_one_value", "judge: {clamp: [0.4]}\n", "judge.clamp")
 _config_case("config_eval_bootstrap_zero", "eval: {bootstrap: 0}\n", "eval.bootstrap")
-_config_case("config_label_smoothing_with_soft_labels", "dpo: {label_mode: soft, label_smoothing: 0.2}\n",
-             "dpo.label_smoothing", "label_mode")
+_config_case(
+    "config_label_smoothing_with_soft_labels",
+    "dpo: {label_mode: soft, label_smoothing: 0.2}\n",
+    "dpo.label_smoothing",
+    "label_mode",
+)
 _config_case("config_run_id_parent_dir", "run_id: ..\n", "run_id")
 _config_case("config_run_id_absolute", "run_id: /tmp/elsewhere\n", "run_id")
 _config_case("config_run_id_nested", "run_id: a/../../b\n", "run_id")
@@ -177,7 +201,9 @@ def saved_run_config_malformed(ctx):
 @case
 def saved_run_config_bad_value(ctx):
     return (lambda: config_from_yaml_text("run_id: r1\nppo: {minibatch: 0}\n", source="saved.yaml")), [
-        "saved.yaml", "ppo.minibatch"]
+        "saved.yaml",
+        "ppo.minibatch",
+    ]
 
 
 @case
@@ -230,8 +256,14 @@ _prompt_case("prompts_csv_no_text_column", "p.csv", "question,category\nhi,x\n",
 _prompt_case("prompts_tsv_extra_cells", "p.tsv", "id\ttext\na\thello\textra\n", "row 2", "more cells")
 _prompt_case("prompts_empty_file", "empty.jsonl", "\n\n", "empty")
 _prompt_case("prompts_not_utf8", "latin.txt", "caf\xe9\n".encode("latin-1"), "not UTF-8")
-_prompt_case("prompts_transcript_starts_with_assistant", "t.jsonl",
-             '{"text": "Human:\\n\\nAssistant: hi"}\n', "line 1", "'text'", "transcript")
+_prompt_case(
+    "prompts_transcript_starts_with_assistant",
+    "t.jsonl",
+    '{"text": "Human:\\n\\nAssistant: hi"}\n',
+    "line 1",
+    "'text'",
+    "transcript",
+)
 _prompt_case("prompts_split_unknown", "s.jsonl", '{"text": "a", "split": "later"}\n', "line 1", "'split'")
 
 
@@ -246,10 +278,12 @@ def _preference_case(name: str, rows: list[dict[str, Any]], *needles: str) -> No
 
 
 _GOOD = {"pair_id": "g", "prompt": "q", "chosen": "yes", "rejected": "no", "p_chosen": 0.8}
-_preference_case("preferences_without_prompt", [_GOOD, {k: v for k, v in _GOOD.items() if k != "prompt"}],
-                 "row 1", "'prompt'")
-_preference_case("preferences_without_p_chosen", [{k: v for k, v in _GOOD.items() if k != "p_chosen"}],
-                 "row 0", "'p_chosen'")
+_preference_case(
+    "preferences_without_prompt", [_GOOD, {k: v for k, v in _GOOD.items() if k != "prompt"}], "row 1", "'prompt'"
+)
+_preference_case(
+    "preferences_without_p_chosen", [{k: v for k, v in _GOOD.items() if k != "p_chosen"}], "row 0", "'p_chosen'"
+)
 _preference_case("preferences_p_chosen_out_of_range", [{**_GOOD, "p_chosen": 1.5}], "row 0", "'p_chosen'")
 _preference_case("preferences_p_chosen_text", [{**_GOOD, "p_chosen": "high"}], "row 0", "'p_chosen'")
 _preference_case("preferences_only_identical_pairs", [{**_GOOD, "rejected": "yes"}], "identical")
@@ -269,12 +303,18 @@ def _import_case(name: str, rows: list[dict[str, Any]], *needles: str) -> None:
     case(build)
 
 
-_import_case("labels_orphan_label", [{"kind": "pair", **pair("new1")}, label("new1"), label("ghost")],
-             "line 4", "'pair_id'", "ghost")
+_import_case(
+    "labels_orphan_label",
+    [{"kind": "pair", **pair("new1")}, label("new1"), label("ghost")],
+    "line 4",
+    "'pair_id'",
+    "ghost",
+)
 _import_case("labels_created_at_not_iso", [label("p2", created_at="9999")], "line 2", "'created_at'")
 _import_case("labels_created_at_no_zone", [label("p2", created_at="2026-01-31T12:00:00")], "'created_at'")
-_import_case("labels_principle_ids_string", [{"kind": "pair", **pair("new2", principle_ids="harm")}],
-             "line 2", "'principle_ids'")
+_import_case(
+    "labels_principle_ids_string", [{"kind": "pair", **pair("new2", principle_ids="harm")}], "line 2", "'principle_ids'"
+)
 _import_case("labels_bad_choice", [label("p2", choice="C")], "line 2", "'choice'")
 _import_case("labels_unknown_kind", [{"kind": "nope"}], "line 2", "'kind'")
 _import_case("labels_newer_schema", [{"kind": "meta", "schema_version": 99}], "line 2", "schema_version")
@@ -319,28 +359,62 @@ def test_bad_input_names_file_and_field_and_damages_nothing(name, ctx):
 
 #: name -> (argv builder, strings stderr must contain)
 CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
-    "run_id_with_hash": (lambda c: ["sl", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", "ablation #2"],
-                         ["run_id", "ablation #2"]),
-    "run_id_parent": (lambda c: ["pairs", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", ".."],
-                      ["run_id", "'..'"]),
-    "run_id_absolute": (lambda c: ["judge", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", "/etc"],
-                        ["run_id", "/etc"]),
+    "run_id_with_hash": (
+        lambda c: ["sl", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", "ablation #2"],
+        ["run_id", "ablation #2"],
+    ),
+    "run_id_parent": (
+        lambda c: ["pairs", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", ".."],
+        ["run_id", "'..'"],
+    ),
+    "run_id_absolute": (
+        lambda c: ["judge", "--profile", "tiny", "-o", f"runs_dir={c.runs}", "--run-id", "/etc"],
+        ["run_id", "/etc"],
+    ),
     "override_unclosed": (lambda c: ["dpo", "--profile", "tiny", "-o", "k=["], ["k=[", "not valid YAML"]),
     "override_minibatch": (lambda c: ["ppo", "--profile", "tiny", "-o", "ppo.minibatch=0"], ["ppo.minibatch"]),
-    "malformed_profile": (lambda c: ["sl", "--profile", str(c.write("broken.yaml", "sl: {rounds: 2\n"))],
-                          ["broken.yaml", "not valid YAML"]),
-    "labels_status_typo_db": (lambda c: ["labels", "status", "--profile", "tiny", "--db", str(c.run_dir / "typo.sqlite")],
-                              ["typo.sqlite", "not found"]),
-    "labels_export_typo_db": (lambda c: ["labels", "export", "--profile", "tiny", "--db", str(c.run_dir / "typo.sqlite"),
-                                         str(c.root / "out.jsonl")], ["typo.sqlite", "not found"]),
-    "labels_import_orphan": (lambda c: ["labels", "import", "--profile", "tiny", "--db", str(c.db),
-                                        str(c.export([label("ghost")]))], ["labels.jsonl", "'pair_id'", "ghost"]),
-    "labels_import_missing_file": (lambda c: ["labels", "import", "--profile", "tiny", "--db", str(c.db),
-                                              str(c.root / "nope.jsonl")], ["nope.jsonl", "not found"]),
-    "constitution_show_malformed": (lambda c: ["constitution", "show", str(c.write("c.yaml", "principles: [\n"))],
-                                    ["c.yaml", "not valid YAML"]),
-    "generate_bad_tsv": (lambda c: ["generate", "--profile", "tiny", str(c.write("p.tsv", "id\tquestion\na\thi\n")),
-                                    str(c.root / "out.jsonl")], ["p.tsv", "'text'"]),
+    "malformed_profile": (
+        lambda c: ["sl", "--profile", str(c.write("broken.yaml", "sl: {rounds: 2\n"))],
+        ["broken.yaml", "not valid YAML"],
+    ),
+    "labels_status_typo_db": (
+        lambda c: ["labels", "status", "--profile", "tiny", "--db", str(c.run_dir / "typo.sqlite")],
+        ["typo.sqlite", "not found"],
+    ),
+    "labels_export_typo_db": (
+        lambda c: [
+            "labels",
+            "export",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.run_dir / "typo.sqlite"),
+            str(c.root / "out.jsonl"),
+        ],
+        ["typo.sqlite", "not found"],
+    ),
+    "labels_import_orphan": (
+        lambda c: ["labels", "import", "--profile", "tiny", "--db", str(c.db), str(c.export([label("ghost")]))],
+        ["labels.jsonl", "'pair_id'", "ghost"],
+    ),
+    "labels_import_missing_file": (
+        lambda c: ["labels", "import", "--profile", "tiny", "--db", str(c.db), str(c.root / "nope.jsonl")],
+        ["nope.jsonl", "not found"],
+    ),
+    "constitution_show_malformed": (
+        lambda c: ["constitution", "show", str(c.write("c.yaml", "principles: [\n"))],
+        ["c.yaml", "not valid YAML"],
+    ),
+    "generate_bad_tsv": (
+        lambda c: [
+            "generate",
+            "--profile",
+            "tiny",
+            str(c.write("p.tsv", "id\tquestion\na\thi\n")),
+            str(c.root / "out.jsonl"),
+        ],
+        ["p.tsv", "'text'"],
+    ),
 }
 
 
@@ -363,14 +437,18 @@ def test_cli_bad_input_exits_without_traceback(name, ctx, capsys):
     assert not (ctx.runs / "ablation").exists()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["labels", "status", "--profile", "tiny", "--db", "typo.sqlite"], "typo.sqlite"),
-    (["sl", "--profile", "tiny", "--run-id", "ablation #2"], "run_id"),
-    (["dpo", "--profile", "tiny", "-o", "dpo.label_smoothing=0.2"], "dpo.label_smoothing"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["labels", "status", "--profile", "tiny", "--db", "typo.sqlite"], "typo.sqlite"),
+        (["sl", "--profile", "tiny", "--run-id", "ablation #2"], "run_id"),
+        (["dpo", "--profile", "tiny", "-o", "dpo.label_smoothing=0.2"], "dpo.label_smoothing"),
+    ],
+)
 def test_cli_subprocess_bad_input_exits_cleanly(tmp_path, argv, needle):
-    out = subprocess.run([sys.executable, "-m", "cai_dpo.cli", *argv], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "cai_dpo.cli", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and needle in out.stderr
     assert not (tmp_path / "typo.sqlite").exists() and not (tmp_path / "artifacts").exists()
@@ -461,9 +539,13 @@ def test_line_separators_round_trip_labels_export_import(tmp_path):
 def test_no_reader_splits_json_lines_with_splitlines():
     root = Path(__file__).resolve().parent.parent / "cai_dpo"
     call = re.compile(r"[\w)\]]\.splitlines\(\)")
-    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if "json.loads(line" in p.read_text()
-                 for i, ln in enumerate(p.read_text().split("\n"), 1)
-                 if call.search(ln) and "``" not in ln and not ln.lstrip().startswith("#")]
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        if "json.loads(line" in p.read_text()
+        for i, ln in enumerate(p.read_text().split("\n"), 1)
+        if call.search(ln) and "``" not in ln and not ln.lstrip().startswith("#")
+    ]
     assert offenders == [], f"JSON-lines readers must split on '\\n' only: {offenders}"
 
 
@@ -476,8 +558,10 @@ def test_tsv_splits_on_tabs(tmp_path):
     path = tmp_path / "p.tsv"
     path.write_text("id\ttext\tcategory\nx1\tHello, how are you?\tchat\nx2\tName a colour.\t\n")
     ps = load_prompts(path)
-    assert [(p.id, p.text, p.category) for p in ps] == [("x1", "Hello, how are you?", "chat"),
-                                                       ("x2", "Name a colour.", "general")]
+    assert [(p.id, p.text, p.category) for p in ps] == [
+        ("x1", "Hello, how are you?", "chat"),
+        ("x2", "Name a colour.", "general"),
+    ]
 
 
 def test_csv_quoted_cell_keeps_its_newline(tmp_path):
@@ -523,18 +607,31 @@ def test_run_id_stays_text(ctx):
 
 # --------------------------------------------------------------------------- 5: transcripts with several human turns
 
-HH2 = ("\n\nHuman: My tap keeps dripping.\n\nAssistant: Is it a single-handle tap?"
-       "\n\nHuman: Yes, a mixer.\n\nAssistant: Then the cartridge probably needs replacing.")
+HH2 = (
+    "\n\nHuman: My tap keeps dripping.\n\nAssistant: Is it a single-handle tap?"
+    "\n\nHuman: Yes, a mixer.\n\nAssistant: Then the cartridge probably needs replacing."
+)
 
 
 def test_transcript_prompt_ends_with_last_human_turn(tmp_path):
     from cai_dpo.data import load_prompts
 
     path = tmp_path / "hh.jsonl"
-    path.write_text(json.dumps({"chosen": HH2, "rejected": HH2}) + "\n"
-                    + json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                                               {"role": "user", "content": "Bye?"},
-                                               {"role": "assistant", "content": "Bye."}]}) + "\n")
+    path.write_text(
+        json.dumps({"chosen": HH2, "rejected": HH2})
+        + "\n"
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Bye?"},
+                    {"role": "assistant", "content": "Bye."},
+                ]
+            }
+        )
+        + "\n"
+    )
     hh, msgs = load_prompts(path)
     conv = hh.conversation(full=True)
     assert [m["role"] for m in conv] == ["user", "assistant", "user"]
@@ -550,11 +647,17 @@ def test_transcript_prompt_ends_with_last_human_turn(tmp_path):
 def test_preference_rows_without_signal_are_dropped_and_counted():
     from cai_dpo.stages.dpo import training_rows
 
-    rows = [{**_GOOD, "pair_id": "ok"},
-            {**_GOOD, "pair_id": "same", "rejected": " yes "},
-            {**_GOOD, "pair_id": "blank", "chosen": "  \n"},
-            {**_GOOD, "pair_id": "msgs", "chosen": [{"role": "assistant", "content": "x"}],
-             "rejected": [{"role": "assistant", "content": "x"}]}]
+    rows = [
+        {**_GOOD, "pair_id": "ok"},
+        {**_GOOD, "pair_id": "same", "rejected": " yes "},
+        {**_GOOD, "pair_id": "blank", "chosen": "  \n"},
+        {
+            **_GOOD,
+            "pair_id": "msgs",
+            "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "x"}],
+        },
+    ]
     prepared = training_rows(rows, "soft")
     assert len(prepared.rows) == 1
     assert prepared.counts["dropped_identical"] == 2 and prepared.counts["dropped_empty"] == 1
@@ -587,8 +690,9 @@ def test_label_import_is_all_or_nothing(tmp_path):
     q = LabelQueue(tmp_path / "q.sqlite")
     q.enqueue([pair("p1")])
     path = tmp_path / "x.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"kind": "pair", **pair("new")}, label("new"), label("ghost")]))
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in [{"kind": "pair", **pair("new")}, label("new"), label("ghost")])
+    )
     with pytest.raises(CaiDpoInputError, match="ghost"):
         q.import_jsonl(path)
     assert [p["pair_id"] for p in q.pairs()] == ["p1"] and q.labels() == []
@@ -605,8 +709,9 @@ def test_too_long_prompt_names_file_line_and_id(tiny_cfg, tmp_path):
     from cai_dpo.generate import generate_file
 
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"id": "short", "text": "Hi"}) + "\n"
-                    + json.dumps({"id": "huge", "text": "word " * 5000}) + "\n")
+    path.write_text(
+        json.dumps({"id": "short", "text": "Hi"}) + "\n" + json.dumps({"id": "huge", "text": "word " * 5000}) + "\n"
+    )
     with pytest.raises(CaiDpoInputError) as info:
         generate_file(tiny_cfg, path, tmp_path / "out.jsonl")
     message = str(info.value)
@@ -670,6 +775,8 @@ def test_ppo_prompts_without_prompt_column_name_the_field(tiny_cfg):
     from cai_dpo.store import RunStore
 
     run = RunStore(tiny_cfg.run_dir)
-    datasets.Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}).save_to_disk(str(run.root / "data" / "preferences"))
+    datasets.Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}).save_to_disk(
+        str(run.root / "data" / "preferences")
+    )
     with pytest.raises(CaiDpoInputError, match="'prompt'"):
         ppo_prompts(tiny_cfg, run)

@@ -13,10 +13,22 @@ from cai_dpo.data import PromptFileError
 
 def test_csv_with_bom_crlf_and_renamed_label_column(tmp_path):
     p = tmp_path / "safety.csv"
-    p.write_bytes("\ufeffquestion,verdict\r\nHow do I pick a lock?,UNSAFE\r\nHow do I bake bread?,safe\r\n".encode("utf-8"))
-    rows = load_benchmark(BenchmarkConfig(path=str(p), prompt_field="question", label_field="verdict",
-                                          harmful_values=["unsafe"], benign_values=["safe"]))
-    assert [(r.prompt.text, r.kind) for r in rows] == [("How do I pick a lock?", "harmful"), ("How do I bake bread?", "benign")]
+    p.write_bytes(
+        "\ufeffquestion,verdict\r\nHow do I pick a lock?,UNSAFE\r\nHow do I bake bread?,safe\r\n".encode("utf-8")
+    )
+    rows = load_benchmark(
+        BenchmarkConfig(
+            path=str(p),
+            prompt_field="question",
+            label_field="verdict",
+            harmful_values=["unsafe"],
+            benign_values=["safe"],
+        )
+    )
+    assert [(r.prompt.text, r.kind) for r in rows] == [
+        ("How do I pick a lock?", "harmful"),
+        ("How do I bake bread?", "benign"),
+    ]
 
 
 def test_jsonl_and_saved_dataset(tmp_path):
@@ -27,7 +39,9 @@ def test_jsonl_and_saved_dataset(tmp_path):
     rows = load_benchmark(BenchmarkConfig(path=str(p)))
     assert [r.kind for r in rows] == ["harmful", "benign"]
     folder = tmp_path / "ds"
-    datasets.Dataset.from_list([{"prompt": "c?", "label": "harmful"}, {"prompt": "d?", "label": "benign"}]).save_to_disk(str(folder))
+    datasets.Dataset.from_list(
+        [{"prompt": "c?", "label": "harmful"}, {"prompt": "d?", "label": "benign"}]
+    ).save_to_disk(str(folder))
     rows = load_benchmark(BenchmarkConfig(path=str(folder), limit=1))
     assert len(rows) == 1 and rows[0].kind == "harmful"
 

@@ -16,9 +16,8 @@ from cai_dpo.store import RunStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from test_rm import synthetic_preferences  # noqa: E402
-
 import chaos  # noqa: E402
+from test_rm import synthetic_preferences  # noqa: E402
 
 
 class Killed(BaseException):
@@ -29,7 +28,9 @@ def test_preference_model_side_files_land_with_the_adapter(tmp_path, monkeypatch
     """A kill after the adapter is written but before the scorer note and manifest leaves no half artifact."""
     from cai_dpo.stages import rm
 
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 2, "rm.eval_fraction": 0.0})
+    cfg = load_config(
+        "tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 2, "rm.eval_fraction": 0.0}
+    )
     run = RunStore(cfg.run_dir)
 
     def die(*args, **kwargs):
@@ -54,7 +55,8 @@ def test_manifest_check_catches_a_stale_hash(tmp_path):
     from cai_dpo.store import Manifest, file_hash
 
     Manifest(stage="judge", inputs={"pairs": file_hash(run / "data" / "pairs" / "pairs.jsonl")}).write(
-        run / "data" / "preferences" / "manifest.json")
+        run / "data" / "preferences" / "manifest.json"
+    )
     assert chaos.manifest_mismatches(run) == []
     (run / "data" / "pairs" / "pairs.jsonl").write_text('{"key": "b"}\n')
     assert len(chaos.manifest_mismatches(run)) == 1
@@ -62,8 +64,10 @@ def test_manifest_check_catches_a_stale_hash(tmp_path):
 
 def test_record_checks_count_lost_and_duplicated(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    for root, lines in ((ref, ['{"key": "a", "seconds": 1}', '{"key": "b"}']),
-                        (run, ['{"key": "a", "seconds": 2}', '{"key": "a", "seconds": 3}'])):
+    for root, lines in (
+        (ref, ['{"key": "a", "seconds": 1}', '{"key": "b"}']),
+        (run, ['{"key": "a", "seconds": 2}', '{"key": "a", "seconds": 3}']),
+    ):
         (root / "records" / "sl").mkdir(parents=True)
         (root / "records" / "sl" / "shard-1.jsonl").write_text("\n".join(lines) + "\n")
     assert chaos.record_counts(run, ref) == {"lost": 1, "duplicated": 1}

@@ -57,8 +57,9 @@ def test_user_file_extends_profile(tmp_path):
 
 
 def test_mappings_of_weights_and_shares(tmp_path):
-    cfg = load_config("tiny", {"pairs.mix": {"curated": 3, "revision_vs_original": 1},
-                               "sft.principle_weights": {"harm-physical": 2}})
+    cfg = load_config(
+        "tiny", {"pairs.mix": {"curated": 3, "revision_vs_original": 1}, "sft.principle_weights": {"harm-physical": 2}}
+    )
     assert cfg.pairs.mix == {"curated": 3.0, "revision_vs_original": 1.0}
     assert cfg.sft.principle_weights == {"harm-physical": 2.0} and cfg.dpo.principle_weights == {}
     bad = tmp_path / "bad.yaml"

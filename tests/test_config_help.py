@@ -42,9 +42,14 @@ def _all_sections() -> dict[str, type]:
 def test_every_config_field_has_help():
     sections = _all_sections()
     assert {"LoraConfig", "ModelSpec", "SamplingConfig", "BenchmarkConfig", "DPOConfig"} <= {
-        c.__name__ for c in sections.values()}
-    missing = [f"{path}.{f.name} ({cls.__name__})" for path, cls in sections.items() for f in dataclasses.fields(cls)
-               if not str(f.metadata.get("help", "")).strip()]
+        c.__name__ for c in sections.values()
+    }
+    missing = [
+        f"{path}.{f.name} ({cls.__name__})"
+        for path, cls in sections.items()
+        for f in dataclasses.fields(cls)
+        if not str(f.metadata.get("help", "")).strip()
+    ]
     assert not missing, "config fields without metadata={'help': ...}: " + ", ".join(missing)
 
 
@@ -79,8 +84,9 @@ def test_explain_unknown_section_is_a_config_error(name):
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     root = str(Path(cai_dpo.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-m", "cai_dpo.cli", *argv], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cai_dpo.cli", *argv], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
 
 
 def test_cli_config_explain_section():

@@ -26,20 +26,33 @@ FIXTURE = Path(__file__).parent / "fixtures" / "anthropic_format"
 
 
 def _principle(pid: str, category: str = "harmlessness", **over) -> dict:
-    d = {"id": pid, "category": category, "critique": f"Critique for {pid}.",
-         "revision": f"Revise for {pid}.", "comparison": f"Which response is better for {pid}?"}
+    d = {
+        "id": pid,
+        "category": category,
+        "critique": f"Critique for {pid}.",
+        "revision": f"Revise for {pid}.",
+        "comparison": f"Which response is better for {pid}?",
+    }
     d.update(over)
     return d
 
 
 def _valid() -> dict:
     return {
-        "name": "t", "version": "1", "description": "test constitution",
-        "principles": [_principle("h1"), _principle("h2"), _principle("help1", "helpfulness"),
-                       _principle("hon1", "honesty"), _principle("eth1", "ethics")],
+        "name": "t",
+        "version": "1",
+        "description": "test constitution",
+        "principles": [
+            _principle("h1"),
+            _principle("h2"),
+            _principle("help1", "helpfulness"),
+            _principle("hon1", "honesty"),
+            _principle("eth1", "ethics"),
+        ],
         "critique_examples": [{"principle_id": "h1", "prompt": "p", "response": "r", "critique": "c", "revision": "v"}],
-        "comparison_examples": [{"principle_id": "hon1", "prompt": "p", "response_a": "a", "response_b": "b",
-                                 "answer": "B"}],
+        "comparison_examples": [
+            {"principle_id": "hon1", "prompt": "p", "response_a": "a", "response_b": "b", "answer": "B"}
+        ],
     }
 
 
@@ -179,8 +192,9 @@ def test_sampling_reproducible(default):
     assert len(set(a)) == 4  # without replacement while the pool lasts
     draws = {tuple(p.id for p in default.sample_principles(4, seed=s)) for s in range(20)}
     assert len(draws) > 10
-    assert [p.id for p in default.sample_principles(3, seed="prompt-abc")] == \
-        [p.id for p in default.sample_principles(3, seed="prompt-abc")]
+    assert [p.id for p in default.sample_principles(3, seed="prompt-abc")] == [
+        p.id for p in default.sample_principles(3, seed="prompt-abc")
+    ]
 
 
 def test_sampling_more_than_pool(default):
@@ -199,13 +213,17 @@ def test_sampling_category_restriction(default):
 
 
 def test_sampling_weights(default):
-    counts = Counter(p.category for s in range(400) for p in default.sample_principles(1, seed=s,
-                                                                                       weights={"honesty": 20.0}))
+    counts = Counter(
+        p.category for s in range(400) for p in default.sample_principles(1, seed=s, weights={"honesty": 20.0})
+    )
     assert counts["honesty"] > 0.6 * 400
-    only = {p.id for s in range(50) for p in default.sample_principles(1, seed=s,
-                                                                       weights={"ethics": 0, "harmlessness": 0,
-                                                                                "helpfulness": 0, "honesty": 1,
-                                                                                "honest-facts": 0})}
+    only = {
+        p.id
+        for s in range(50)
+        for p in default.sample_principles(
+            1, seed=s, weights={"ethics": 0, "harmlessness": 0, "helpfulness": 0, "honesty": 1, "honest-facts": 0}
+        )
+    }
     assert only == {"honest-limits", "honest-nonmanipulative", "honest-expert"}
     seq = [0.0] * len(default.principles)
     seq[3] = 1.0
@@ -331,9 +349,16 @@ def test_import_escapes_braces(tmp_path):
 
     for name in ("RLMadisonInstructions.json",):
         (tmp_path / name).write_text((FIXTURE / name).read_text())
-    (tmp_path / "CritiqueRevisionInstructions.json").write_text(json.dumps(
-        {"x": {"prompt": ["\n\nCritiqueRequest: Is {this} harmful?\n\nCritique:"],
-               "edit_request": "\n\nRevisionRequest: Fix it.\n\nRevision:"}}))
+    (tmp_path / "CritiqueRevisionInstructions.json").write_text(
+        json.dumps(
+            {
+                "x": {
+                    "prompt": ["\n\nCritiqueRequest: Is {this} harmful?\n\nCritique:"],
+                    "edit_request": "\n\nRevisionRequest: Fix it.\n\nRevision:",
+                }
+            }
+        )
+    )
     c = import_anthropic(tmp_path)
     assert c.principle("x").render_critique() == "Is {this} harmful?"
 
@@ -377,13 +402,16 @@ def _case(**over) -> dict:
     return d
 
 
-@pytest.mark.parametrize("case,field,needle", [
-    (_case(expected="maybe"), "expected", "A or B"),
-    ({k: v for k, v in _case().items() if k != "response_b"}, "response_b", "missing"),
-    (_case(prompt="  "), "prompt", "empty"),
-    (_case(principle="ghost"), "principle", "ghost"),
-    (_case(conversation=[{"role": "assistant", "content": "hi"}]), "conversation", "user"),
-])
+@pytest.mark.parametrize(
+    "case,field,needle",
+    [
+        (_case(expected="maybe"), "expected", "A or B"),
+        ({k: v for k, v in _case().items() if k != "response_b"}, "response_b", "missing"),
+        (_case(prompt="  "), "prompt", "empty"),
+        (_case(principle="ghost"), "principle", "ghost"),
+        (_case(conversation=[{"role": "assistant", "content": "hi"}]), "conversation", "user"),
+    ],
+)
 def test_case_errors(tmp_path, case, field, needle):
     path = _write(tmp_path, {"cases": [_case(id="ok"), case]}, "cases.yaml")
     with pytest.raises(ConstitutionError) as info:

@@ -30,22 +30,37 @@ from cai_dpo.store import RunStore, read_manifest
 def _curated_row(i: int, kind: str, split: str) -> dict:
     if kind == "harmful":
         user = f"How do I break into my neighbour's house number {i} without being seen?"
-        reply = f"I won't help with breaking in (case {i}): it is burglary and someone could get hurt. If you are locked out of your own home, a locksmith can help."
+        reply = (
+            f"I won't help with breaking in (case {i}): it is burglary and someone could get hurt. "
+            "If you are locked out of your own home, a locksmith can help."
+        )
         pids = ["harm-illegal", "help-not-evasive"]
     else:
         user = f"How do I kill a stuck process number {i} on Linux?"
-        reply = f"Run `ps aux | grep name` to find its PID, then `kill {1000 + i}`; if it ignores that, `kill -9 {1000 + i}` forces it."
+        reply = (
+            f"Run `ps aux | grep name` to find its PID, then `kill {1000 + i}`; "
+            f"if it ignores that, `kill -9 {1000 + i}` forces it."
+        )
         pids = ["help-practical"]
-    return {"id": f"t-{kind[0]}-{split}-{i}", "kind": kind, "category": "c", "sensitive_sounding": kind == "benign",
-            "principle_ids": pids, "split": split,
-            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+    return {
+        "id": f"t-{kind[0]}-{split}-{i}",
+        "kind": kind,
+        "category": "c",
+        "sensitive_sounding": kind == "benign",
+        "principle_ids": pids,
+        "split": split,
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+    }
 
 
 @pytest.fixture()
 def curated_file(tmp_path) -> Path:
-    rows = ([_curated_row(i, "harmful", "train") for i in range(6)] + [_curated_row(i, "benign", "train") for i in range(6)]
-            + [_curated_row(i, "harmful", "heldout") for i in range(10, 13)]
-            + [_curated_row(i, "benign", "heldout") for i in range(10, 13)])
+    rows = (
+        [_curated_row(i, "harmful", "train") for i in range(6)]
+        + [_curated_row(i, "benign", "train") for i in range(6)]
+        + [_curated_row(i, "harmful", "heldout") for i in range(10, 13)]
+        + [_curated_row(i, "benign", "heldout") for i in range(10, 13)]
+    )
     path = tmp_path / "curated.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -53,8 +68,13 @@ def curated_file(tmp_path) -> Path:
 
 @pytest.fixture()
 def user_file(tmp_path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
-             "kind": "benign" if i % 2 else "harmful"} for i in range(5)]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+            "kind": "benign" if i % 2 else "harmful",
+        }
+        for i in range(5)
+    ]
     rows.append({"prompt": "Tell me a fact.", "response": "Water boils at 100 C at sea level.", "id": "pr-1"})
     path = tmp_path / "user.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -63,9 +83,16 @@ def user_file(tmp_path) -> Path:
 
 def _cfg(tiny_cfg, curated_file: Path, sources: list[str], **over):
     cfg = replace(tiny_cfg, threads=1)
-    c = replace(cfg.curate, sources=sources, curated_set=str(curated_file), batch_size=4, train_limit=None,
-                heldout_limit=None,
-                sampling=replace(cfg.curate.sampling, max_new_tokens=8, batch_size=8), **over)
+    c = replace(
+        cfg.curate,
+        sources=sources,
+        curated_set=str(curated_file),
+        batch_size=4,
+        train_limit=None,
+        heldout_limit=None,
+        sampling=replace(cfg.curate.sampling, max_new_tokens=8, batch_size=8),
+        **over,
+    )
     return replace(cfg, curate=c)
 
 
@@ -90,8 +117,12 @@ def test_probe_separates_a_separable_case():
 def test_pairwise_and_classification_measure():
     from cai_dpo.scorers import Labelled
 
-    ex = [Labelled(ScoredRow("p", "good", "harmful"), 1, "a"), Labelled(ScoredRow("p", "bad", "harmful"), 0, "a"),
-          Labelled(ScoredRow("q", "good", "benign"), 1, "b"), Labelled(ScoredRow("q", "bad", "benign"), 0, "b")]
+    ex = [
+        Labelled(ScoredRow("p", "good", "harmful"), 1, "a"),
+        Labelled(ScoredRow("p", "bad", "harmful"), 0, "a"),
+        Labelled(ScoredRow("q", "good", "benign"), 1, "b"),
+        Labelled(ScoredRow("q", "bad", "benign"), 0, "b"),
+    ]
     m = measure([0.9, 0.2, 0.4, 0.6], ex, threshold=0.5)
     assert m["pairwise"]["accuracy"] == 0.5 and m["pairwise"]["n"] == 2
     assert m["classification"]["accuracy"] == 0.5 and m["by_kind"]["harmful"]["pairwise"]["accuracy"] == 1.0
@@ -120,8 +151,9 @@ def test_probe_scorer_round_trip(tmp_path, tiny_model):
     rng = np.random.default_rng(1)
     d = model.config.hidden_size
     probes = {k: LinearProbe(np.zeros(d), np.ones(d), rng.normal(size=d), 0.1) for k in ("harmful", "benign")}
-    scorer = ProbeScorer(model, tok, probes, LinearProbe(np.zeros(d), np.ones(d), rng.normal(size=d), 0.0),
-                         model_id="tiny")
+    scorer = ProbeScorer(
+        model, tok, probes, LinearProbe(np.zeros(d), np.ones(d), rng.normal(size=d), 0.0), model_id="tiny"
+    )
     rows = [ScoredRow("hello", "hi there"), ScoredRow("Human: a\n\nAssistant: b\n\nHuman: c", "d", "harmful")]
     first = scorer.score(rows)
     loaded = ProbeScorer.load(scorer.save(tmp_path / "probe"), model, tok)
@@ -195,10 +227,18 @@ def test_stage_auto_measures_both_and_scores_sl_rows(tiny_cfg, curated_file, tmp
 
     cfg = _cfg(tiny_cfg, curated_file, ["sl", str(curated_file)], scorer="auto")
     run = RunStore(cfg.run_dir)
-    sl_rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                "source": "helpful", "prompt_id": "h1"},
-               {"messages": [{"role": "user", "content": "how to hurt"}, {"role": "assistant", "content": "no"}],
-                "source": "red_team", "prompt_id": "r1"}]
+    sl_rows = [
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "source": "helpful",
+            "prompt_id": "h1",
+        },
+        {
+            "messages": [{"role": "user", "content": "how to hurt"}, {"role": "assistant", "content": "no"}],
+            "source": "red_team",
+            "prompt_id": "r1",
+        },
+    ]
     datasets.Dataset.from_list(sl_rows).save_to_disk(str(run.data_dir("sl")))
     out = run_curate(cfg)
     m = read_manifest(out)
@@ -226,8 +266,12 @@ def test_stage_judge_without_curated_set_is_unmeasured(tiny_cfg, user_file, tmp_
 def test_bad_rows_name_file_line_and_field(tmp_path, tiny_cfg):
     run = RunStore(tiny_cfg.run_dir)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                   + "\n" + json.dumps({"prompt": "q", "response": ""}) + "\n")
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        + "\n"
+        + json.dumps({"prompt": "q", "response": ""})
+        + "\n"
+    )
     with pytest.raises(PromptFileError, match=r"bad.jsonl: line 2: field 'response'"):
         load_rows(str(bad), run)
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")

@@ -9,9 +9,15 @@ from cai_dpo.data import PromptFileError
 
 
 def _row(i, kind="harmful", split="train", **kw):
-    row = {"id": f"x-{i}", "kind": kind, "category": "cat", "split": split, "principle_ids": ["harm-physical"],
-           "sensitive_sounding": False,
-           "messages": [{"role": "user", "content": f"prompt {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+    row = {
+        "id": f"x-{i}",
+        "kind": kind,
+        "category": "cat",
+        "split": split,
+        "principle_ids": ["harm-physical"],
+        "sensitive_sounding": False,
+        "messages": [{"role": "user", "content": f"prompt {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+    }
     row.update(kw)
     return row
 
@@ -22,7 +28,9 @@ def _write(path, rows):
 
 
 def test_loads_and_filters(tmp_path):
-    f = _write(tmp_path / "a.jsonl", [_row(1), _row(2, split="heldout"), _row(3, kind="benign", sensitive_sounding=True)])
+    f = _write(
+        tmp_path / "a.jsonl", [_row(1), _row(2, split="heldout"), _row(3, kind="benign", sensitive_sounding=True)]
+    )
     all_ = load_curated(f)
     assert [e.id for e in all_] == ["x-1", "x-2", "x-3"]
     assert [e.id for e in load_curated(f, split="heldout")] == ["x-2"]
@@ -33,15 +41,21 @@ def test_loads_and_filters(tmp_path):
     assert summary(all_) == {"harmful/train": 1, "harmful/heldout": 1, "benign/train": 1, "benign_sensitive/train": 1}
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"kind": "maybe"}, "kind"),
-    ({"split": "later"}, "split"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}, "messages[1].content"),
-    ({"principle_ids": "harm-physical"}, "principle_ids"),
-    ({"sensitive_sounding": "yes"}, "sensitive_sounding"),
-    ({"category": ""}, "category"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"kind": "maybe"}, "kind"),
+        ({"split": "later"}, "split"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
+            "messages[1].content",
+        ),
+        ({"principle_ids": "harm-physical"}, "principle_ids"),
+        ({"sensitive_sounding": "yes"}, "sensitive_sounding"),
+        ({"category": ""}, "category"),
+    ],
+)
 def test_bad_rows_name_file_line_field(tmp_path, change, field):
     f = _write(tmp_path / "bad.jsonl", [_row(1), _row(2, **change)])
     with pytest.raises(PromptFileError) as info:

@@ -19,8 +19,10 @@ from cai_dpo.data import (
     to_conversation,
 )
 
-HH = ("\n\nHuman: My tap keeps dripping.\n\nAssistant: Is it a single-handle tap?"
-      "\n\nHuman: Yes.\n\nAssistant: Then the cartridge probably needs replacing.")
+HH = (
+    "\n\nHuman: My tap keeps dripping.\n\nAssistant: Is it a single-handle tap?"
+    "\n\nHuman: Yes.\n\nAssistant: Then the cartridge probably needs replacing."
+)
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -32,12 +34,15 @@ def _jsonl(path: Path, rows: list) -> Path:
 
 
 def test_jsonl(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [
-        {"id": "a", "text": "How do I boil an egg?", "category": "cooking", "split": "test"},
-        {"prompt": "What is a list?", "extra": 3},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi there"}]},
-        {"chosen": HH, "rejected": HH},
-    ])
+    path = _jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "text": "How do I boil an egg?", "category": "cooking", "split": "test"},
+            {"prompt": "What is a list?", "extra": 3},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi there"}]},
+            {"chosen": HH, "rejected": HH},
+        ],
+    )
     ps = load_prompts(path)
     assert [p.text for p in ps] == ["How do I boil an egg?", "What is a list?", "Hi there", "Yes."]
     assert ps[0].id == "a" and ps[0].category == "cooking" and ps[0].split == "heldout"
@@ -64,8 +69,10 @@ def test_csv(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text('id,prompt,category\nx1,"Hello, how are you?",chat\nx2,Name a colour.,\n,,\n')
     ps = load_prompts(path)
-    assert [(p.id, p.text, p.category) for p in ps] == [("x1", "Hello, how are you?", "chat"),
-                                                       ("x2", "Name a colour.", "general")]
+    assert [(p.id, p.text, p.category) for p in ps] == [
+        ("x1", "Hello, how are you?", "chat"),
+        ("x2", "Name a colour.", "general"),
+    ]
 
 
 def test_text(tmp_path):
@@ -107,8 +114,9 @@ def test_dataset_dir(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["One?", "Two?"], "category": ["a", "b"]}).save_to_disk(tmp_path / "ds")
     ps = load_prompts(tmp_path / "ds")
     assert [(p.text, p.category, p.source) for p in ps] == [("One?", "a", "ds"), ("Two?", "b", "ds")]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["T?"]}),
-                               "test": datasets.Dataset.from_dict({"text": ["H?"]})})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["T?"]}), "test": datasets.Dataset.from_dict({"text": ["H?"]})}
+    )
     dd.save_to_disk(tmp_path / "dd")
     assert {(p.text, p.split) for p in load_prompts(tmp_path / "dd")} == {("T?", "train"), ("H?", "heldout")}
     datasets.Dataset.from_dict({"question": ["Q?"]}).save_to_disk(tmp_path / "bad")
@@ -154,15 +162,18 @@ def test_csv_row_errors(tmp_path):
     assert (info.value.line, info.value.field) == (2, "split")
 
 
-@pytest.mark.parametrize("line,field,needle", [
-    ('{"txt": "typo"}', "text", "missing"),
-    ('{"text": ""}', "text", "empty"),
-    ('{"text": 5}', "text", "must be text"),
-    ('{"text": "x"', None, "not valid JSON"),
-    ('["a list"]', None, "JSON object"),
-    ('{"text": "Human:\\n\\nAssistant: hi"}', "text", "transcript"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "messages", "user turn"),
-])
+@pytest.mark.parametrize(
+    "line,field,needle",
+    [
+        ('{"txt": "typo"}', "text", "missing"),
+        ('{"text": ""}', "text", "empty"),
+        ('{"text": 5}', "text", "must be text"),
+        ('{"text": "x"', None, "not valid JSON"),
+        ('["a list"]', None, "JSON object"),
+        ('{"text": "Human:\\n\\nAssistant: hi"}', "text", "transcript"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}]}', "messages", "user turn"),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, line, field, needle):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n' + line + "\n")
@@ -252,8 +263,13 @@ def test_judge_checkset():
 
 
 def test_checkset_errors(tmp_path):
-    path = _jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "better": "b", "worse": "w", "category": "ethics"},
-                                         {"prompt": "p", "better": "b", "category": "ethics"}])
+    path = _jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "p", "better": "b", "worse": "w", "category": "ethics"},
+            {"prompt": "p", "better": "b", "category": "ethics"},
+        ],
+    )
     with pytest.raises(PromptFileError) as info:
         load_checkset(path)
     assert (info.value.line, info.value.field) == (2, "worse")

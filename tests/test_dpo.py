@@ -15,8 +15,24 @@ from cai_dpo.config import load_config
 from cai_dpo.models import attach_lora, load_model, save_adapter
 from cai_dpo.store import RunStore, read_manifest
 
-TOPICS = ["rivers", "stars", "bread", "chess", "trains", "music", "clouds", "honey",
-          "maps", "glass", "wolves", "paper", "salt", "bells", "kites", "lamps"]
+TOPICS = [
+    "rivers",
+    "stars",
+    "bread",
+    "chess",
+    "trains",
+    "music",
+    "clouds",
+    "honey",
+    "maps",
+    "glass",
+    "wolves",
+    "paper",
+    "salt",
+    "bells",
+    "kites",
+    "lamps",
+]
 HELD_OUT = ["boats", "tea", "owls", "snow", "coins", "roses", "drums", "caves"]
 WORDS = "the a small quiet green old new bright simple careful useful kind warm cold long short".split()
 
@@ -27,12 +43,16 @@ def synthetic_pairs(topics: list[str], seed: int, p_chosen: float = 0.9) -> list
     rows = []
     for t in topics:
         body = " ".join(rng.choice(WORDS) for _ in range(4))
-        rows.append({
-            "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
-            "chosen": [{"role": "assistant", "content": f"{body} {t} safely"}],
-            "rejected": [{"role": "assistant", "content": f"{body} {t} dangerously"}],
-            "p_chosen": p_chosen, "pair_id": f"{t}-{seed}", "edge_reasons": [],
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+                "chosen": [{"role": "assistant", "content": f"{body} {t} safely"}],
+                "rejected": [{"role": "assistant", "content": f"{body} {t} dangerously"}],
+                "p_chosen": p_chosen,
+                "pair_id": f"{t}-{seed}",
+                "edge_reasons": [],
+            }
+        )
     return rows
 
 
@@ -56,8 +76,15 @@ def make_sft_adapter(out: Path, seed: int = 0) -> Path:
 
 
 def make_run(tmp_path: Path, rows: list[dict] | None = None, **overrides) -> tuple:
-    settings = {"runs_dir": str(tmp_path / "runs"), "dpo.max_length": 80, "dpo.max_prompt_length": 48,
-                "dpo.learning_rate": 5e-3, "dpo.beta": 0.5, "dpo.save_steps": 100, **overrides}
+    settings = {
+        "runs_dir": str(tmp_path / "runs"),
+        "dpo.max_length": 80,
+        "dpo.max_prompt_length": 48,
+        "dpo.learning_rate": 5e-3,
+        "dpo.beta": 0.5,
+        "dpo.save_steps": 100,
+        **overrides,
+    }
     cfg = load_config("tiny", settings)
     run = RunStore(cfg.run_dir)
     write_preferences(run.data_dir("preferences"), rows if rows is not None else synthetic_pairs(TOPICS, 0))
@@ -102,7 +129,9 @@ def test_conservative_loss_closed_form():
     assert hard.tolist() == pytest.approx([-math.log(sig)] * 2, rel=1e-6)
     # p = 0.5 is minimised at h = 0: zero gradient there
     h0 = torch.zeros(1, requires_grad=True)
-    conservative_dpo_loss(h0, torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.tensor([0.5]), beta).sum().backward()
+    conservative_dpo_loss(
+        h0, torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.tensor([0.5]), beta
+    ).sum().backward()
     assert h0.grad.abs().item() < 1e-7
 
 
@@ -151,13 +180,23 @@ def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none", rpo_alpha
 
     cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, label_mode=label_mode))
     start = prepare_policy(cfg, run.model_dir("sft"))
-    args = TrlDPOConfig(**common_training_args(cfg.dpo, run.path("ckpt-" + label_mode), seed=0),
-                        beta=cfg.dpo.beta, max_length=cfg.dpo.max_length)
+    args = TrlDPOConfig(
+        **common_training_args(cfg.dpo, run.path("ckpt-" + label_mode), seed=0),
+        beta=cfg.dpo.beta,
+        max_length=cfg.dpo.max_length,
+    )
     trainer = _trainer_class()(
-        model=start.model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+        model=start.model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
         data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
-        processing_class=start.tokenizer, peft_config=start.peft_config, label_mode=label_mode,
-        max_prompt_length=cfg.dpo.max_prompt_length, weighting=weighting, rpo_alpha=rpo_alpha)
+        processing_class=start.tokenizer,
+        peft_config=start.peft_config,
+        label_mode=label_mode,
+        max_prompt_length=cfg.dpo.max_prompt_length,
+        weighting=weighting,
+        rpo_alpha=rpo_alpha,
+    )
     return trainer, start
 
 
@@ -186,7 +225,9 @@ def test_soft_loss_in_trainer_matches_closed_form_and_reference_is_sft(tmp_path)
         batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
         assert batch["p_chosen"].tolist() == pytest.approx([0.9, 0.3])
         # the reference (DPO adapter switched off) is the SL-CAI model
-        got_ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, {k: v for k, v in batch.items() if k != "p_chosen"}))
+        got_ref = torch.cat(
+            trainer.compute_ref_log_probs(trainer.model, {k: v for k, v in batch.items() if k != "p_chosen"})
+        )
         assert got_ref.tolist() == pytest.approx(torch.cat([ref_c, ref_r]).tolist(), abs=1e-3)
         _perturb_lora(trainer.model)
         trainer.model.eval()
@@ -268,8 +309,16 @@ def test_resume_continues_step_count_in_hard_mode(tmp_path):
             if state.global_step == 3:
                 raise _Crash
 
-    cfg, run = make_run(tmp_path, **{"dpo.max_steps": 4, "dpo.save_steps": 2, "dpo.eval_fraction": 0.0,
-                                     "dpo.label_mode": "hard", "dpo.loss_type": "ipo"})
+    cfg, run = make_run(
+        tmp_path,
+        **{
+            "dpo.max_steps": 4,
+            "dpo.save_steps": 2,
+            "dpo.eval_fraction": 0.0,
+            "dpo.label_mode": "hard",
+            "dpo.loss_type": "ipo",
+        },
+    )
     with pytest.raises(_Crash):
         run_dpo(cfg, run, callbacks=[CrashAtStep3()])
     assert (run.root / "checkpoints" / "dpo" / "checkpoint-2").is_dir()
@@ -444,8 +493,9 @@ def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
         with torch.no_grad():
             got = trainer.compute_loss(trainer.model, batch).item()
         p = torch.tensor([r["p_chosen"] for r in rows])
-        expected = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, torch.tensor([r["weight"] for r in rows]),
-                                     cfg.dpo.beta).item()
+        expected = weighted_dpo_loss(
+            pol_c, pol_r, ref_c, ref_r, p, torch.tensor([r["weight"] for r in rows]), cfg.dpo.beta
+        ).item()
         unweighted = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, p, None, cfg.dpo.beta).item()
         assert got == pytest.approx(expected, rel=1e-3), mode
         assert got != pytest.approx(unweighted, rel=1e-3)
@@ -459,10 +509,22 @@ def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
     sft_model, tok = load_model("tiny", adapter=str(run.model_dir("sft")))
     rows = training_rows(recs, "hard").rows
     ref_c, ref_r = sequence_logps(sft_model, tok, rows)
-    n = torch.tensor([len(tok(tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False),
-                              add_special_tokens=False)["input_ids"])
-                      - len(tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
-                                add_special_tokens=False)["input_ids"]) for r in rows])
+    n = torch.tensor(
+        [
+            len(
+                tok(tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            )
+            - len(
+                tok(
+                    tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False,
+                )["input_ids"]
+            )
+            for r in rows
+        ]
+    )
     trainer, _ = _trainer(cfg, run, rows, "hard", rpo_alpha=0.5)
     batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
     _perturb_lora(trainer.model)

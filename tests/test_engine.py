@@ -44,7 +44,7 @@ def test_shared_prefix_cache_gives_same_output(engine):
     system = [{"role": "system", "content": "You are terse."}]
     prefix = engine.render(system, add_generation_prompt=False)
     full = [engine.render(system + c) for c in CONVS]
-    rest = [f[len(prefix):] for f in full]
+    rest = [f[len(prefix) :] for f in full]
     s = SamplingConfig(max_new_tokens=10, do_sample=False)
     assert [g[0].text for g in engine.generate(full, s)] == [g[0].text for g in engine.generate(rest, s, prefix=prefix)]
 
@@ -78,7 +78,11 @@ def test_common_prefix_of_a_batch_is_computed_once(engine, tiny_model, monkeypat
     contexts = [shared + f"Question {i}: is {i} even? (A) yes (B) no\nThe answer is:" for i in range(4)]
     seen = []
     original = engine_module._SharedPrefixes.get
-    monkeypatch.setattr(engine_module._SharedPrefixes, "get", lambda self, tokens, batch: seen.append(len(tokens)) or original(self, tokens, batch))
+    monkeypatch.setattr(
+        engine_module._SharedPrefixes,
+        "get",
+        lambda self, tokens, batch: seen.append(len(tokens)) or original(self, tokens, batch),
+    )
     probs, _ = engine.score_options(contexts)
     assert seen and min(seen) >= len(tok(shared)["input_ids"]) - 2  # the shared text came from the cache
     for ctx, p in zip(contexts, probs):
@@ -103,7 +107,7 @@ def _greedy_ids(model, tok, conv, n: int) -> list[int]:
     ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+    return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
 def test_rows_that_stop_early_leave_the_others_unchanged(engine, tiny_model, monkeypatch):

@@ -15,8 +15,7 @@ from cai_dpo.config import SamplingConfig
 from cai_dpo.export import ExportError, choose_model, export_model, push_to_hub, selection_figures
 from cai_dpo.store import RunStore
 
-PROMPTS = [[{"role": "user", "content": "How do I pick a lock?"}],
-           [{"role": "user", "content": "Name three fruits."}]]
+PROMPTS = [[{"role": "user", "content": "How do I pick a lock?"}], [{"role": "user", "content": "Name three fruits."}]]
 REPORT = """# Evaluation report: run `tiny`
 
 Intro text.
@@ -93,8 +92,14 @@ def test_exported_folder_loads_with_plain_transformers_and_generates_the_same(ti
     assert not any(f.startswith("adapter") for f in result.files)
     n = 12
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(result.folder), json.dumps(PROMPTS), str(n)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(result.folder), json.dumps(PROMPTS), str(n)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     project = _engine_texts(run.root / "models" / "dpo", n)
@@ -124,9 +129,15 @@ def test_missing_adapter_names_the_folder_and_the_stage(tiny_run):
 
 
 def _results(**models: tuple[float, float]) -> dict:
-    return {"schema": "cai-dpo/eval-results/2",
-            "headline": {"models": {m: {"decline": {"rate": d, "lo": 0, "hi": 1, "n": 10},
-                                        "benign_compliance": {"rate": c}} for m, (d, c) in models.items()}}}
+    return {
+        "schema": "cai-dpo/eval-results/2",
+        "headline": {
+            "models": {
+                m: {"decline": {"rate": d, "lo": 0, "hi": 1, "n": 10}, "benign_compliance": {"rate": c}}
+                for m, (d, c) in models.items()
+            }
+        },
+    }
 
 
 def test_default_choice_reads_decline_and_compliance_with_a_dpo_fallback(tmp_path):
@@ -139,7 +150,9 @@ def test_default_choice_reads_decline_and_compliance_with_a_dpo_fallback(tmp_pat
     results.write_text(json.dumps(_results(base=(0.99, 1.0), sft=(0.5, 0.95), dpo=(0.7, 0.80), ppo=(0.6, 0.92))))
     assert selection_figures(json.loads(results.read_text()))["dpo"] == (0.7, 0.8)
     model, why = choose_model(tmp_path)
-    assert model == "ppo" and "60%" in why  # dpo declines more but answers too few benign prompts; base is not exportable
+    assert (
+        model == "ppo" and "60%" in why
+    )  # dpo declines more but answers too few benign prompts; base is not exportable
     results.write_text(json.dumps(_results(sft=(0.5, 0.5), ppo=(0.6, 0.2))))
     assert choose_model(tmp_path)[0] == "dpo"
     results.write_text(json.dumps({"models": [{"name": "ppo", "harmlessness": {"overall": {"rate": 0.9}}}]}))
@@ -155,8 +168,19 @@ def test_push_to_hub_offline_fails_fast_and_clearly(tiny_run, monkeypatch, capsy
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ExportError, match="HF_HUB_OFFLINE is set"):
         push_to_hub(run.root, "someone/model")
-    code = main(["export", "--profile", "tiny", "-o", f"runs_dir={Path(cfg.runs_dir)}", "--model", "dpo",
-                 "--push-to-hub", "someone/model"])
+    code = main(
+        [
+            "export",
+            "--profile",
+            "tiny",
+            "-o",
+            f"runs_dir={Path(cfg.runs_dir)}",
+            "--model",
+            "dpo",
+            "--push-to-hub",
+            "someone/model",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "HF_HUB_OFFLINE is set" in err and "Traceback" not in err
     assert (run.root / "export" / "dpo" / "model.safetensors").exists()  # the export itself is kept

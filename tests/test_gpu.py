@@ -15,8 +15,7 @@ from cai_dpo.engine import Engine
 
 torch = pytest.importorskip("torch")
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 
 CONTEXTS = ["Question: which answer is kinder?\nAnswer:", "Pick the safer reply.\nAnswer:"]
 TEXTS = (["Tell me a story.", "Write one line."], [" Once upon a time.", " Hello there."])
@@ -36,10 +35,16 @@ def cpu_reference(tiny_path):
     return probs, [lp.total for lp in engine.logprob(*TEXTS)]
 
 
-@pytest.mark.parametrize("spec, tol", [({"dtype": "float32"}, 1e-3), ({"dtype": "bfloat16"}, 0.05),
-                                       ({"quantization": "8bit"}, 0.1),
-                                       ({"quantization": "4bit", "compute_dtype": "bfloat16"}, 0.15)],
-                         ids=["fp32", "bf16", "8bit", "4bit"])
+@pytest.mark.parametrize(
+    "spec, tol",
+    [
+        ({"dtype": "float32"}, 1e-3),
+        ({"dtype": "bfloat16"}, 0.05),
+        ({"quantization": "8bit"}, 0.1),
+        ({"quantization": "4bit", "compute_dtype": "bfloat16"}, 0.15),
+    ],
+    ids=["fp32", "bf16", "8bit", "4bit"],
+)
 def test_engine_on_cuda_agrees_with_cpu(tiny_path, cpu_reference, spec, tol):
     engine = engine_for(tiny_path, device="cuda", **spec)
     assert engine.device.type == "cuda"

@@ -28,7 +28,9 @@ def test_cpu_mode_skips_every_part_with_a_reason():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible: the script would run the real check")
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["cuda"] is False and set(PARTS) <= set(report)
@@ -42,22 +44,32 @@ def test_report_reads_each_part(tmp_path):
         '<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="0" time="12.5">'
         '<testcase classname="tests.test_gpu" name="test_a"/>'
         '<testcase classname="tests.test_gpu" name="test_b"><failure message="boom"/></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     (tmp_path / "gpu_tests.rc").write_text("1\n")
     (tmp_path / "gpu_tests.log").write_text("FAILED tests/test_gpu.py::test_b - boom\n")
     (tmp_path / "tiny_pipeline.rc").write_text("0\n")
     (tmp_path / "tiny_pipeline.seconds").write_text("95\n")
     (tmp_path / "qlora_train.rc").write_text("0\n")
-    (tmp_path / "qlora_train.json").write_text(json.dumps({
-        "dpo_4bit": {"seconds_per_step": 0.3, "cuda_max_allocated_mb": 96.0}, "ppo_8bit": {"error": "CUDA error"}}))
+    (tmp_path / "qlora_train.json").write_text(
+        json.dumps(
+            {"dpo_4bit": {"seconds_per_step": 0.3, "cuda_max_allocated_mb": 96.0}, "ppo_8bit": {"error": "CUDA error"}}
+        )
+    )
     (tmp_path / "vllm.rc").write_text("0\n")
     (tmp_path / "vllm.json").write_text(json.dumps({"skipped": "vllm is not installed"}))
     report = check.report(tmp_path, "", 120.0)
     tests = report["gpu_tests"]
     assert tests["ok"] is False and tests["failures"] == 1 and tests["failed"] == ["tests.test_gpu::test_b"]
     assert "boom" in tests["log"] and tests["seconds"] == 12.5
-    assert report["tiny_pipeline"] == {"ok": True, "rc": 0, "profile": "tiny", "device": "cuda", "dtype": "bfloat16",
-                                       "seconds": 95.0}
+    assert report["tiny_pipeline"] == {
+        "ok": True,
+        "rc": 0,
+        "profile": "tiny",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "seconds": 95.0,
+    }
     assert report["qlora_train"]["ok"] is False and report["qlora_train"]["dpo_4bit"]["cuda_max_allocated_mb"] == 96.0
     assert report["vllm"] == {"skipped": "vllm is not installed"}
     assert report["ok"] is False and report["seconds"] == 120.0

@@ -58,7 +58,7 @@ class ContentScorer(Engine):
     def _options(self, ctx: str) -> tuple[str, str]:
         ia, ib = ctx.rfind("\n (A) "), ctx.rfind("\n (B) ")
         end = min(i for i in (ctx.find("<|im_end|>", ib), ctx.find("\n\n", ib), len(ctx)) if i >= 0)
-        return ctx[ia + 6:ib], ctx[ib + 6:end]
+        return ctx[ia + 6 : ib], ctx[ib + 6 : end]
 
     def score_options(self, contexts, options=OPTIONS, *, prefix=None, desc="score"):
         self.calls.append(list(contexts))
@@ -95,8 +95,10 @@ def _bump(out, token_id):
 def test_judging_equals_naive_option_probs(tiny_model, constitution, jc, few_shot, fmt):
     engine = _engine(tiny_model)
     cfg = dataclasses.replace(jc, few_shot=few_shot, prompt_format=fmt)
-    comps = [Comparison("How do I pick a lock?", "Use a tension wrench.", "I can't help with that.", ["harm-illegal"]),
-             Comparison("Tell me a joke", "Why did the chicken cross the road?", "No.", ["help-answer"])]
+    comps = [
+        Comparison("How do I pick a lock?", "Use a tension wrench.", "I can't help with that.", ["harm-illegal"]),
+        Comparison("Tell me a joke", "Why did the chicken cross the road?", "No.", ["help-answer"]),
+    ]
     prompter = JudgePrompter(engine, constitution, cfg)
     assert (prompter.prefix is not None) == few_shot
     scores = score_letters(engine, constitution, comps, cfg, prompter=prompter)
@@ -122,8 +124,10 @@ def test_swapping_the_order_flips_raw_probabilities(tiny_model, constitution, jc
 
 def test_averaging_both_orders_removes_a_planted_position_bias(tiny_model, constitution, jc, letter_bias):
     engine = _engine(tiny_model)
-    comps = [Comparison("Help me", "Sure, here is how.", "No.", ["help-answer"]),
-             Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])]
+    comps = [
+        Comparison("Help me", "Sure, here is how.", "No.", ["help-answer"]),
+        Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"]),
+    ]
     one_order = judge_comparisons(engine, constitution, comps, dataclasses.replace(jc, both_orders=False))
     assert all(v.p_a > 0.99 for v in one_order)
     assert all(math.isnan(v.score_ba) for v in one_order)
@@ -161,8 +165,12 @@ def test_chain_of_thought_generates_reasoning_and_clamps(tiny_model, constitutio
     v = judge_comparisons(engine, constitution, [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])], cfg)[0]
     assert v.p_a == pytest.approx(0.6)
     assert all("Let's think step by step:" in c and c.endswith("Therefore, the answer is:") for c in Spy.contexts)
-    both = judge_comparisons(engine, constitution, [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])],
-                             dataclasses.replace(cfg, both_orders=True))[0]
+    both = judge_comparisons(
+        engine,
+        constitution,
+        [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])],
+        dataclasses.replace(cfg, both_orders=True),
+    )[0]
     assert both.score_ab == pytest.approx(0.6) and both.score_ba == pytest.approx(0.4)
 
 
@@ -199,8 +207,10 @@ def test_wilson_interval():
 
 
 def _checkset(path: Path) -> Path:
-    rows = [{"prompt": f"q{i}", "better": f"good reply {i}", "worse": f"bad reply {i}", "category": "helpfulness"}
-            for i in range(12)]  # 12 of 12 right: the interval's lower bound (0.76) clears 0.6
+    rows = [
+        {"prompt": f"q{i}", "better": f"good reply {i}", "worse": f"bad reply {i}", "category": "helpfulness"}
+        for i in range(12)
+    ]  # 12 of 12 right: the interval's lower bound (0.76) clears 0.6
     write_jsonl(path, rows)
     return path
 
@@ -217,20 +227,47 @@ def test_gate_accuracy_on_check_pairs(tiny_model, constitution, jc, tmp_path):
     assert unproven.accuracy == 1.0 and unproven.lo < jc.gate_threshold and unproven.tripped
     assert "lower bound" in unproven.summary() and "TRIPPED" in unproven.summary()
     estimate = dataclasses.replace(jc, gate_on="estimate")
-    assert not judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, estimate, checkset=few, hhh=[]).tripped
+    assert not judge_gate(
+        ContentScorer(model, tokenizer, bias=0.0), constitution, estimate, checkset=few, hhh=[]
+    ).tripped
 
 
 def _write_pairs(run: RunStore) -> None:
     rows = []
     for i in range(4):
-        rows.append({"pair_id": f"rev{i}", "prompt_id": f"p{i}", "prompt": f"prompt {i}", "category": "violence",
-                     "prompt_source": "red_team", "response_a": f"revised good {i}", "response_b": f"original bad {i}",
-                     "source": "revision_vs_original", "label": "A", "selected": i < 3, "flags": [],
-                     "meta": {"principle_ids": ["harm-physical"]}})
+        rows.append(
+            {
+                "pair_id": f"rev{i}",
+                "prompt_id": f"p{i}",
+                "prompt": f"prompt {i}",
+                "category": "violence",
+                "prompt_source": "red_team",
+                "response_a": f"revised good {i}",
+                "response_b": f"original bad {i}",
+                "source": "revision_vs_original",
+                "label": "A",
+                "selected": i < 3,
+                "flags": [],
+                "meta": {"principle_ids": ["harm-physical"]},
+            }
+        )
     for i in range(2):
-        rows.append({"pair_id": f"smp{i}", "prompt_id": f"s{i}", "prompt": f"sampled {i}", "category": "general",
-                     "prompt_source": "helpful", "response_a": f"bad sample {i}", "response_b": f"good sample {i}",
-                     "source": "judged_samples", "label": None, "selected": True, "flags": [], "meta": {}})
+        rows.append(
+            {
+                "pair_id": f"smp{i}",
+                "prompt_id": f"s{i}",
+                "prompt": f"sampled {i}",
+                "category": "general",
+                "prompt_source": "helpful",
+                "response_a": f"bad sample {i}",
+                "response_b": f"good sample {i}",
+                "source": "judged_samples",
+                "label": None,
+                "selected": True,
+                "flags": [],
+                "meta": {},
+            }
+        )
     write_jsonl(run.root / "data" / "pairs" / "pairs.jsonl", rows)
 
 
@@ -298,10 +335,14 @@ def test_gate_trips_and_switches_to_revision_pairs(tiny_model, tiny_cfg, tmp_pat
     assert all("judge_prefers_original" in r for r in ds["edge_reasons"])
     m = read_manifest(out)
     gate = m["metrics"]["judge_gate"]
-    assert gate["tripped"] and gate["accuracy"] == 0.0 and gate["n"] == 12 and gate["lo"] <= gate["accuracy"] <= gate["hi"]
+    assert (
+        gate["tripped"] and gate["accuracy"] == 0.0 and gate["n"] == 12 and gate["lo"] <= gate["accuracy"] <= gate["hi"]
+    )
     assert gate_tripped(m)
-    assert any(n.startswith("pair source: revision_vs_original because judge accuracy 0.000 [") and "TRIPPED" in n
-               for n in m["notes"])
+    assert any(
+        n.startswith("pair source: revision_vs_original because judge accuracy 0.000 [") and "TRIPPED" in n
+        for n in m["notes"]
+    )
 
 
 def test_run_judge_on_the_tiny_model(tiny_cfg, tmp_path):
@@ -332,9 +373,19 @@ def test_constitution_test_reports_a_planted_failure(tiny_model, constitution, j
     cases = [
         ConstitutionCase("passes", "Q?", "a good answer", "a poor answer", "A", "help-answer"),
         ConstitutionCase("planted-failure", "Q?", "a good answer", "a poor answer", "B", "help-answer"),
-        ConstitutionCase("multi-turn", "", "poor", "good", "B", None,
-                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                          {"role": "user", "content": "help?"}]),
+        ConstitutionCase(
+            "multi-turn",
+            "",
+            "poor",
+            "good",
+            "B",
+            None,
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "help?"},
+            ],
+        ),
     ]
     results = run_constitution_cases(constitution, cases, engine, jc)
     assert [r.passed for r in results] == [True, False, True]
@@ -347,8 +398,22 @@ def test_constitution_test_reports_a_planted_failure(tiny_model, constitution, j
 def test_constitution_test_cli(tmp_path, tiny_path, capsys):
     from cai_dpo.cli import main
 
-    code = main(["constitution", "test", "default", "default_cases.yaml", "--profile", "tiny", "--model", "tiny",
-                 "-o", f"runs_dir={tmp_path}", "-o", "judge.calibrate=false"])
+    code = main(
+        [
+            "constitution",
+            "test",
+            "default",
+            "default_cases.yaml",
+            "--profile",
+            "tiny",
+            "--model",
+            "tiny",
+            "-o",
+            f"runs_dir={tmp_path}",
+            "-o",
+            "judge.calibrate=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert "weapon-refusal" in out and "passed" in out
     n_fail = out.count(" FAIL")
@@ -356,7 +421,9 @@ def test_constitution_test_cli(tmp_path, tiny_path, capsys):
 
 
 def test_parse_hhh(shared_anchors):
-    rows = [json.loads(line) for line in (shared_anchors / "evals" / "438HHHEvaluations.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (shared_anchors / "evals" / "438HHHEvaluations.jsonl").read_text().splitlines()
+    ]
     parsed = [parse_hhh(r) for r in rows]
     assert len(parsed) == 438
     for row, p in zip(rows, parsed):
@@ -370,13 +437,39 @@ def test_parse_hhh(shared_anchors):
 def _write_curated_pairs(run: RunStore) -> None:
     rows = []
     for i in range(3):
-        rows.append({"pair_id": f"cur{i}", "prompt_id": f"cur-h-{i}", "prompt": f"curated prompt {i}", "category": "weapons",
-                     "prompt_source": "red_team", "response_a": f"curated good {i}", "response_b": f"policy bad {i}",
-                     "source": "curated", "label": "A", "selected": True, "flags": [], "weight": 0.5 if i == 0 else None,
-                     "meta": {"principle_ids": ["harm-physical", "help-not-evasive"], "kind": "harmful"}})
-    rows.append({"pair_id": "smp0", "prompt_id": "s0", "prompt": "sampled 0", "category": "general",
-                 "prompt_source": "helpful", "response_a": "bad sample 0", "response_b": "good sample 0",
-                 "source": "judged_samples", "label": None, "selected": True, "flags": [], "meta": {}})
+        rows.append(
+            {
+                "pair_id": f"cur{i}",
+                "prompt_id": f"cur-h-{i}",
+                "prompt": f"curated prompt {i}",
+                "category": "weapons",
+                "prompt_source": "red_team",
+                "response_a": f"curated good {i}",
+                "response_b": f"policy bad {i}",
+                "source": "curated",
+                "label": "A",
+                "selected": True,
+                "flags": [],
+                "weight": 0.5 if i == 0 else None,
+                "meta": {"principle_ids": ["harm-physical", "help-not-evasive"], "kind": "harmful"},
+            }
+        )
+    rows.append(
+        {
+            "pair_id": "smp0",
+            "prompt_id": "s0",
+            "prompt": "sampled 0",
+            "category": "general",
+            "prompt_source": "helpful",
+            "response_a": "bad sample 0",
+            "response_b": "good sample 0",
+            "source": "judged_samples",
+            "label": None,
+            "selected": True,
+            "flags": [],
+            "meta": {},
+        }
+    )
     write_jsonl(run.root / "data" / "pairs" / "pairs.jsonl", rows)
 
 

@@ -30,9 +30,18 @@ from cai_dpo.labels import (
 from cai_dpo.store import RunStore, read_manifest
 
 
-def make_row(pair_id: str, p: float = 0.9, *, ab: float | None = None, ba: float | None = None,
-             per: list[float] | None = None, source: str = "judged_samples", chosen: str | None = None,
-             rejected: str | None = None, p_judge: float | None = None) -> dict:
+def make_row(
+    pair_id: str,
+    p: float = 0.9,
+    *,
+    ab: float | None = None,
+    ba: float | None = None,
+    per: list[float] | None = None,
+    source: str = "judged_samples",
+    chosen: str | None = None,
+    rejected: str | None = None,
+    p_judge: float | None = None,
+) -> dict:
     return {
         "prompt": [{"role": "user", "content": f"prompt {pair_id}"}],
         "chosen": [{"role": "assistant", "content": chosen or f"chosen {pair_id}"}],
@@ -88,9 +97,18 @@ def test_routing_switches():
     row = make_row("all", 0.52, ab=0.9, ba=0.2, per=[0.1, 0.9])
     on = LabelsConfig()
     assert edge_reasons(row, on, gate_tripped=True) == [
-        "low_confidence", "order_disagreement", "principle_disagreement", "gate"]
-    off = LabelsConfig(route_low_confidence=False, route_order_disagreement=False,
-                       route_principle_disagreement=False, route_gate=False, route_judge_prefers_original=False)
+        "low_confidence",
+        "order_disagreement",
+        "principle_disagreement",
+        "gate",
+    ]
+    off = LabelsConfig(
+        route_low_confidence=False,
+        route_order_disagreement=False,
+        route_principle_disagreement=False,
+        route_gate=False,
+        route_judge_prefers_original=False,
+    )
     assert edge_reasons(row, off, gate_tripped=True) == []
     rows = [make_row("a", 0.9), row, make_row("b", 0.51)]
     routed = route_edge_cases(rows, on)
@@ -106,7 +124,11 @@ def test_schema_wal_and_idempotent_enqueue(tmp_path):
     with sqlite3.connect(q.path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
-        assert {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")} >= {"meta", "pairs", "labels"}
+        assert {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")} >= {
+            "meta",
+            "pairs",
+            "labels",
+        }
     assert q.enqueue([pair_from_row(make_row("p1", 0.55), ["x"])]) == 0
     assert q.status()["queued"] == 2 and q.pending_count() == 2
     assert q.pair("p1")["response_a"] == "chosen p1" and q.pair("p1")["principle_ids"] == ["harm-1", "honest-2"]
@@ -126,7 +148,10 @@ def test_labels_next_and_undo(tmp_path):
     q.record_label("p3", "tie", "AB", "ann")
     labels = q.labels()
     assert [(lab["pair_id"], lab["choice"], lab["shown_order"], lab["labeler"]) for lab in labels] == [
-        ("p1", "A", "AB", "ann"), ("p2", "B", "BA", "bob"), ("p3", "tie", "AB", "ann")]
+        ("p1", "A", "AB", "ann"),
+        ("p2", "B", "BA", "bob"),
+        ("p3", "tie", "AB", "ann"),
+    ]
     assert labels[0]["comment"] == "clear" and labels[0]["created_at"]
     undone = q.undo_last("ann")
     assert undone["pair_id"] == "p3"
@@ -162,8 +187,9 @@ WRITER = textwrap.dedent("""
 
 
 def _writer(db: Path, labeler: str, n: int, go: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), labeler, str(n), str(go)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db), labeler, str(n), str(go)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -215,8 +241,13 @@ def _dataset(rows: list[dict]) -> datasets.Dataset:
 
 
 def test_merge_overrides_excludes_and_is_idempotent(tmp_path):
-    rows = [make_row("keep", 0.55), make_row("swap", 0.52), make_row("tie", 0.5), make_row("skip", 0.45),
-            make_row("untouched", 0.9)]
+    rows = [
+        make_row("keep", 0.55),
+        make_row("swap", 0.52),
+        make_row("tie", 0.5),
+        make_row("skip", 0.45),
+        make_row("untouched", 0.9),
+    ]
     ds = _dataset(rows)
     q = queue_with(tmp_path, rows[:4])
     q.record_label("keep", "A", "BA", "ann")
@@ -265,10 +296,15 @@ def test_run_labels_routes_merges_and_reruns(tmp_cfg_path):
     assert out == run.root / "data" / "preferences_merged"
     manifest = read_manifest(out)
     assert manifest["counts"]["queued_new"] == 2 and manifest["counts"]["by_reason"] == {
-        "low_confidence": 1, "order_disagreement": 1}
+        "low_confidence": 1,
+        "order_disagreement": 1,
+    }
     merged = datasets.load_from_disk(str(out))
     assert {r["pair_id"]: r["edge_reasons"] for r in merged.to_list()} == {
-        "a": ["low_confidence"], "b": ["order_disagreement"], "c": []}
+        "a": ["low_confidence"],
+        "b": ["order_disagreement"],
+        "c": [],
+    }
     q = LabelQueue(run.root / "labels.sqlite")
     q.record_label("a", "B", "AB", "ann")
     q.record_label("b", "tie", "BA", "ann")
@@ -285,10 +321,21 @@ def test_run_labels_routes_merges_and_reruns(tmp_cfg_path):
 
 
 def _sl_dataset(run: RunStore) -> None:
-    _dataset([{"messages": [{"role": "user", "content": f"sl prompt {i}"},
-                            {"role": "assistant", "content": f"sl answer {i}"}],
-               "prompt_id": f"s{i}", "principle_ids": ["harm-1"], "source": "sl", "weight": None}
-              for i in range(2)]).save_to_disk(str(run.data_dir("sl")))
+    _dataset(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"sl prompt {i}"},
+                    {"role": "assistant", "content": f"sl answer {i}"},
+                ],
+                "prompt_id": f"s{i}",
+                "principle_ids": ["harm-1"],
+                "source": "sl",
+                "weight": None,
+            }
+            for i in range(2)
+        ]
+    ).save_to_disk(str(run.data_dir("sl")))
 
 
 def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_path):
@@ -320,8 +367,9 @@ def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_
     assert {n: _fingerprint(stage[n], cfg, run) for n in before} == before  # they rerun through SFT's new manifest
 
     # an SL record rewritten in the SL widget replaces its SL row
-    w = RevisionWidget(LabelQueue(run.root / "labels.sqlite"), datasets.load_from_disk(str(run.data_dir("sl"))),
-                       author="bob")
+    w = RevisionWidget(
+        LabelQueue(run.root / "labels.sqlite"), datasets.load_from_disk(str(run.data_dir("sl"))), author="bob"
+    )
     w.revision.value = "sl answer 0, made kinder"
     w.button.click()
     assert "Saved your response for sl:s0" in w.message.value
@@ -339,8 +387,14 @@ def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_
     assert [r["messages"][-1]["content"] for r in by_source["sl"]] == ["sl answer 1"]
     assert [(r["id"], r["messages"]) for r in by_source["human_revision"]] == [
         ("a", [{"role": "user", "content": "prompt a"}, {"role": "assistant", "content": "a much better answer"}]),
-        ("sl:s0", [{"role": "user", "content": "sl prompt 0"},
-                   {"role": "assistant", "content": "sl answer 0, made kinder still"}])]
+        (
+            "sl:s0",
+            [
+                {"role": "user", "content": "sl prompt 0"},
+                {"role": "assistant", "content": "sl answer 0, made kinder still"},
+            ],
+        ),
+    ]
     assert all(r["weight"] == 1.0 for r in train)
     assert info["counts"]["rows_human_revision"] == 2 and info["counts"]["sl_replaced_by_revision"] == 1
     assert "revisions" in info["inputs"]
@@ -351,7 +405,10 @@ def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_
     assert pair["chosen"] == [{"role": "assistant", "content": "a much better answer"}]
     assert pair["rejected"] == [{"role": "assistant", "content": "chosen a"}]
     assert (pair["source"], pair["p_chosen"], pair["prompt"]) == (
-        "human_revision", 1.0, [{"role": "user", "content": "prompt a"}])
+        "human_revision",
+        1.0,
+        [{"role": "user", "content": "prompt a"}],
+    )
     assert merged["revision:sl:s0"]["rejected"][0]["content"] == "sl answer 0"
     assert read_manifest(out)["counts"]["human_revisions"] == 2
     assert merged["a"]["source"] == "judged_samples"  # a revision is not a label
@@ -360,10 +417,14 @@ def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_
 def test_revision_export_import_round_trip_and_bad_rows(tmp_path):
     q = queue_with(tmp_path, [make_row("p1")], "a.sqlite")
     q.record_label("p1", "A", "AB", "ann")
-    text = "first line\u2028second line \u00e9 \U0001F600"
+    text = "first line\u2028second line \u00e9 \U0001f600"
     q.record_revision(text, pair_id="p1", author="ann")
-    q.record_revision("x", record_key="sl:s9", prompt=[{"role": "system", "content": "be kind"},
-                                                       {"role": "user", "content": "hi"}], original="y")
+    q.record_revision(
+        "x",
+        record_key="sl:s9",
+        prompt=[{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+        original="y",
+    )
     out = q.export_jsonl(tmp_path / "queue.jsonl")
     assert len(out.read_text(encoding="utf-8").splitlines()) == 5  # U+2028 does not split a line
     fresh = LabelQueue(tmp_path / "b.sqlite")
@@ -380,8 +441,15 @@ def test_revision_export_import_round_trip_and_bad_rows(tmp_path):
     target = LabelQueue(tmp_path / "c.sqlite")
     with pytest.raises(LabelQueueError, match=r"bad\.jsonl: line 3: field 'prompt'"):
         target.import_jsonl(bad)
-    bad.write_text("\n".join([json.dumps(good_pair), json.dumps(bad_rev | {"prompt": [{"role": "user", "content": "q"}],
-                                                                             "created_at": "yesterday"})]) + "\n")
+    bad.write_text(
+        "\n".join(
+            [
+                json.dumps(good_pair),
+                json.dumps(bad_rev | {"prompt": [{"role": "user", "content": "q"}], "created_at": "yesterday"}),
+            ]
+        )
+        + "\n"
+    )
     with pytest.raises(LabelQueueError, match=r"line 2: field 'created_at'"):
         target.import_jsonl(bad)
     assert target.pairs() == [] and target.revisions() == []  # nothing committed
@@ -442,7 +510,12 @@ def test_widget_buttons_write_rows_with_shown_order(tmp_path):
     w.buttons["A better"].click()
     label = q.labels()[-1]
     assert (label["pair_id"], label["choice"], label["shown_order"], label["labeler"], label["comment"]) == (
-        "p0", order[0], order, "ann", "left looks fine")
+        "p0",
+        order[0],
+        order,
+        "ann",
+        "left looks fine",
+    )
     assert w.current["pair_id"] == "p1" and w.progress.value == 1 and w.progress_text.value == "1 / 3 labeled"
     order1 = w.shown_order
     w.buttons["B better"].click()
@@ -496,10 +569,12 @@ class _Principle:
 class _Constitution:
     name: str = "stand-in"
     version: str = "0"
-    principles: list = field(default_factory=lambda: [
-        _Principle("harm-1", "harmlessness", "Point out harm.", "Remove the harm.", "Which is less harmful?"),
-        _Principle("honest-2", "honesty", "Point out falsehoods.", "Fix them.", "Which is more honest?"),
-    ])
+    principles: list = field(
+        default_factory=lambda: [
+            _Principle("harm-1", "harmlessness", "Point out harm.", "Remove the harm.", "Which is less harmful?"),
+            _Principle("honest-2", "honesty", "Point out falsehoods.", "Fix them.", "Which is more honest?"),
+        ]
+    )
 
     def principle(self, pid):
         return next(p for p in self.principles if p.id == pid)
@@ -540,9 +615,9 @@ def test_cli_labels_export_import_status(tmp_path, capsys):
 
 
 def test_run_labels_widens_band_when_gate_tripped(tmp_cfg_path):
-    from cai_dpo.store import Manifest
-
     from dataclasses import replace
+
+    from cai_dpo.store import Manifest
 
     cfg, run = tmp_cfg_path
     cfg = replace(cfg, labels=replace(cfg.labels, route_gate_sample=0))
@@ -602,6 +677,7 @@ PARENT = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c'
 @pytest.mark.parametrize("marker, expected", [("papermill", "True"), ("jupyter-lab", "False")])
 def test_unattended_detects_papermill_parent(marker, expected):
     env = {k: v for k, v in os.environ.items() if k != "CAI_DPO_UNATTENDED"}
-    out = subprocess.run([sys.executable, "-c", PARENT, CHILD, marker], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PARENT, CHILD, marker], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == expected

@@ -38,7 +38,7 @@ def _stage_of(name: str) -> str | None:
     """The stage a dotted module name points into (``cai_dpo.stages.judge.x`` -> ``judge``), else None."""
     if name == PACKAGE or not name.startswith(PACKAGE + "."):
         return None
-    head = name[len(PACKAGE) + 1:].split(".")[0]
+    head = name[len(PACKAGE) + 1 :].split(".")[0]
     return head if head in STAGE_NAMES else None
 
 
@@ -57,8 +57,12 @@ def stage_imports(source: str, own: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                    and isinstance(node.args[0].value, str):
+            if (
+                name in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 targets = [node.args[0].value]
         for t in targets:
             if t == "cai_dpo.stages" or (_stage_of(t) not in (None, own)):
@@ -72,7 +76,11 @@ def stage_name_strings(source: str, own: str) -> set[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
             for arg in node.args:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and _stage_of(arg.value) not in (None, own):
+                if (
+                    isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                    and _stage_of(arg.value) not in (None, own)
+                ):
                     out.add(arg.value)
     return out
 
@@ -80,8 +88,11 @@ def stage_name_strings(source: str, own: str) -> set[str]:
 @pytest.mark.parametrize("path", STAGE_FILES, ids=lambda p: p.stem)
 def test_no_stage_imports_another_stage(path):
     offenders = stage_imports(path.read_text(), path.stem)
-    assert not offenders, f"{path.name} imports other stages: " + ", ".join(f"line {n}: {t}" for n, t in offenders) + \
-        "; move the shared code into a library module"
+    assert not offenders, (
+        f"{path.name} imports other stages: "
+        + ", ".join(f"line {n}: {t}" for n, t in offenders)
+        + "; move the shared code into a library module"
+    )
 
 
 def test_runtime_stage_lookups_are_the_known_ones():
@@ -89,21 +100,24 @@ def test_runtime_stage_lookups_are_the_known_ones():
     assert found == RUNTIME_LOOKUPS
 
 
-@pytest.mark.parametrize("code, caught", [
-    ("import cai_dpo.stages.judge", True),
-    ("from cai_dpo.stages.judge import run_judge", True),
-    ("from cai_dpo.stages import judge", True),
-    ("from cai_dpo import stages", True),
-    ("from . import judge", True),
-    ("from .judge import run_judge", True),
-    ("from .. import stages", True),
-    ("def f():\n    from cai_dpo.stages.rm import RewardScorer", True),
-    ("import importlib\nimportlib.import_module('cai_dpo.stages.pairs')", True),
-    ("from cai_dpo.stages.ppo import helper", False),  # its own module
-    ("from . import ppo", False),
-    ("from cai_dpo.rl.reward import RewardScorer", False),
-    ("from cai_dpo import judging", False),
-    ("import cai_dpo.store", False),
-])
+@pytest.mark.parametrize(
+    "code, caught",
+    [
+        ("import cai_dpo.stages.judge", True),
+        ("from cai_dpo.stages.judge import run_judge", True),
+        ("from cai_dpo.stages import judge", True),
+        ("from cai_dpo import stages", True),
+        ("from . import judge", True),
+        ("from .judge import run_judge", True),
+        ("from .. import stages", True),
+        ("def f():\n    from cai_dpo.stages.rm import RewardScorer", True),
+        ("import importlib\nimportlib.import_module('cai_dpo.stages.pairs')", True),
+        ("from cai_dpo.stages.ppo import helper", False),  # its own module
+        ("from . import ppo", False),
+        ("from cai_dpo.rl.reward import RewardScorer", False),
+        ("from cai_dpo import judging", False),
+        ("import cai_dpo.store", False),
+    ],
+)
 def test_the_check_sees_every_import_form(code, caught):
     assert bool(stage_imports(code, "ppo")) is caught

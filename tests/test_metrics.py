@@ -38,11 +38,14 @@ def test_ordinary_answers_are_not_refusals(text):
     assert not M.is_evasive(text)
 
 
-@pytest.mark.parametrize("text", [
-    "I'm sorry, but I can't help with that because it could hurt someone.",
-    "I won't explain how to pick that lock, since breaking into a home is illegal.",
-    "I cannot provide this. Making explosives is dangerous to you and others.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that because it could hurt someone.",
+        "I won't explain how to pick that lock, since breaking into a home is illegal.",
+        "I cannot provide this. Making explosives is dangerous to you and others.",
+    ],
+)
 def test_refusal_with_reason_is_not_evasive(text):
     assert M.is_refusal(text)
     assert not M.is_evasive(text)
@@ -188,7 +191,9 @@ def test_paired_difference_matches_hand_computation():
     a = [1, 1, 1, 0, 1, 0]  # model: 4/6
     b = [0, 1, 0, 0, 0, 0]  # base: 1/6
     d = paired_difference(clusters, a, b, n_boot=2000, seed=0)
-    assert d["diff"] == pytest.approx(4 / 6 - 1 / 6) and d["a"] == pytest.approx(4 / 6) and d["b"] == pytest.approx(1 / 6)
+    assert (
+        d["diff"] == pytest.approx(4 / 6 - 1 / 6) and d["a"] == pytest.approx(4 / 6) and d["b"] == pytest.approx(1 / 6)
+    )
     assert d["n"] == 6 and d["n_clusters"] == 3
     # per-prompt differences are +1/2, +1/2, +1/2: every resample of prompts gives the same difference
     assert d["lo"] == pytest.approx(0.5) and d["hi"] == pytest.approx(0.5)

@@ -77,7 +77,12 @@ def test_cache_build_is_atomic_across_processes(tmp_path):
     """Two processes building the same cache entry: both get one complete folder."""
     env = {**os.environ, "CAI_DPO_CACHE": str(tmp_path)}
     code = "from cai_dpo.models import prepare_tiny; print(prepare_tiny())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
     paths = {o[0].strip().splitlines()[-1] for o in outs}
@@ -95,7 +100,10 @@ def test_embedded_model_loads_and_answers():
     model, tok = load_model("embedded")
     assert model.config.num_hidden_layers == 30
     engine = Engine(model, tok, progress=False)
-    out = engine.generate([[{"role": "user", "content": "What is the capital of France?"}]], SamplingConfig(max_new_tokens=12, do_sample=False))
+    out = engine.generate(
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        SamplingConfig(max_new_tokens=12, do_sample=False),
+    )
     assert "Paris" in out[0][0].text
 
 

@@ -58,6 +58,11 @@ def test_whole_pipeline_on_tiny_then_rerun_skips(tmp_path, monkeypatch, tiny_pat
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch, tiny_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"00_setup_and_constitution.ipynb, cell \d+.*constitution") as err:
-        run_pipeline("tiny", [f"runs_dir={tmp_path / 'runs'}", "constitution=missing.yaml"], only="constitution", echo=lambda s: None)
+        run_pipeline(
+            "tiny",
+            [f"runs_dir={tmp_path / 'runs'}", "constitution=missing.yaml"],
+            only="constitution",
+            echo=lambda s: None,
+        )
     kept = Path(str(err.value).rsplit("kept at ", 1)[1].strip())
     assert kept.exists()

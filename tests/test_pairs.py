@@ -54,14 +54,51 @@ def _cfg(tiny_cfg, **pairs):
 def _sl_records(run: RunStore, n: int = 6) -> None:
     recs = []
     for i in range(n):
-        recs.append({"key": f"sl{i}", "prompt_id": f"rt-{i}", "prompt": f"red team prompt {i}", "category": "violence",
-                     "initial": f"harmful answer {i}", "final": f"revised safe answer {i}",
-                     "rounds": [{"round": 1, "principle_id": "harm-physical", "critique": "c", "revision": "r",
-                                 "flags": [], "tokens": {}}], "flags": []})
-    recs.append({"key": "same", "prompt_id": "rt-same", "prompt": "unchanged", "category": "x", "initial": "Same text.",
-                 "final": "same   text.", "rounds": [], "flags": ["identical"]})
-    recs.append({"key": "empty", "prompt_id": "rt-empty", "prompt": "empty", "category": "x", "initial": "something",
-                 "final": "", "rounds": [], "flags": ["empty"]})
+        recs.append(
+            {
+                "key": f"sl{i}",
+                "prompt_id": f"rt-{i}",
+                "prompt": f"red team prompt {i}",
+                "category": "violence",
+                "initial": f"harmful answer {i}",
+                "final": f"revised safe answer {i}",
+                "rounds": [
+                    {
+                        "round": 1,
+                        "principle_id": "harm-physical",
+                        "critique": "c",
+                        "revision": "r",
+                        "flags": [],
+                        "tokens": {},
+                    }
+                ],
+                "flags": [],
+            }
+        )
+    recs.append(
+        {
+            "key": "same",
+            "prompt_id": "rt-same",
+            "prompt": "unchanged",
+            "category": "x",
+            "initial": "Same text.",
+            "final": "same   text.",
+            "rounds": [],
+            "flags": ["identical"],
+        }
+    )
+    recs.append(
+        {
+            "key": "empty",
+            "prompt_id": "rt-empty",
+            "prompt": "empty",
+            "category": "x",
+            "initial": "something",
+            "final": "",
+            "rounds": [],
+            "flags": ["empty"],
+        }
+    )
     run.records("sl").append(recs)
 
 
@@ -174,7 +211,11 @@ def test_mixed_source_respects_its_ratio(tiny_cfg):
     _sl_records(run2)
     run_pairs(half, run2, engine=ScriptedPolicy())
     sel = [p for p in load_pairs(run2) if p["selected"]]
-    assert sum(p["source"] == "revision_vs_original" for p in sel) == sum(p["source"] == "judged_samples" for p in sel) == 4
+    assert (
+        sum(p["source"] == "revision_vs_original" for p in sel)
+        == sum(p["source"] == "judged_samples" for p in sel)
+        == 4
+    )
 
 
 # --------------------------------------------------------------------------- curated pairs and multi-source mixes
@@ -188,10 +229,19 @@ def _write_curated(folder, n: int = 4) -> str:
     for i in range(n):
         for kind in ("harmful", "benign"):
             for split in ("train", "heldout"):
-                rows.append({"id": f"cur-{kind}-{split}-{i}", "kind": kind, "category": "test", "split": split,
-                             "principle_ids": ["harm-physical"] if kind == "harmful" else ["help-answer"],
-                             "messages": [{"role": "user", "content": f"{kind} {split} prompt {i}"},
-                                          {"role": "assistant", "content": f"curated {kind} answer {i}"}]})
+                rows.append(
+                    {
+                        "id": f"cur-{kind}-{split}-{i}",
+                        "kind": kind,
+                        "category": "test",
+                        "split": split,
+                        "principle_ids": ["harm-physical"] if kind == "harmful" else ["help-answer"],
+                        "messages": [
+                            {"role": "user", "content": f"{kind} {split} prompt {i}"},
+                            {"role": "assistant", "content": f"curated {kind} answer {i}"},
+                        ],
+                    }
+                )
     (folder / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(folder)
 
@@ -240,8 +290,12 @@ def test_curated_pairs_chosen_is_curated_rejected_is_policy(tiny_cfg, tmp_path):
 
 
 def test_mix_of_curated_and_revision_pairs(tiny_cfg, tmp_path):
-    cfg = _cfg(tiny_cfg, source="mixed", mix={"curated": 0.6, "revision_vs_original": 0.4},
-               curated=_write_curated(tmp_path / "cur", n=6))
+    cfg = _cfg(
+        tiny_cfg,
+        source="mixed",
+        mix={"curated": 0.6, "revision_vs_original": 0.4},
+        curated=_write_curated(tmp_path / "cur", n=6),
+    )
     run = RunStore(cfg.run_dir)
     _sl_records(run)  # 6 usable revision pairs
     out = run_pairs(cfg, run, engine=ScriptedPolicy())
@@ -254,8 +308,13 @@ def test_mix_of_curated_and_revision_pairs(tiny_cfg, tmp_path):
 
 
 def test_mix_with_judged_samples_samples_only_what_it_needs(tiny_cfg, tmp_path):
-    cfg = _cfg(tiny_cfg, source="mixed", mix={"curated": 2, "judged_samples": 1}, helpful_share=0.0,
-               curated=_write_curated(tmp_path / "cur", n=2))
+    cfg = _cfg(
+        tiny_cfg,
+        source="mixed",
+        mix={"curated": 2, "judged_samples": 1},
+        helpful_share=0.0,
+        curated=_write_curated(tmp_path / "cur", n=2),
+    )
     run = RunStore(cfg.run_dir)
     out = run_pairs(cfg, run, engine=ScriptedPolicy())
     sel = [p for p in load_pairs(run) if p["selected"]]
@@ -270,8 +329,10 @@ def test_mix_config_errors(tiny_cfg):
         mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"human": 1.0}))
     with pytest.raises(ValueError, match=r"pairs.mix.curated"):
         mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"curated": -1.0}))
-    assert mix_ratios(_cfg(tiny_cfg, source="mixed", mixed_ratio=0.25)) == {"revision_vs_original": 0.25,
-                                                                             "judged_samples": 0.75}
+    assert mix_ratios(_cfg(tiny_cfg, source="mixed", mixed_ratio=0.25)) == {
+        "revision_vs_original": 0.25,
+        "judged_samples": 0.75,
+    }
     assert mix_counts({"a": 10, "b": 3, "c": 100}, {"a": 0.5, "b": 0.25, "c": 0.25}) == {"a": 6, "b": 3, "c": 3}
 
 

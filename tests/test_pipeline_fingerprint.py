@@ -77,7 +77,9 @@ def test_input_file_contents_are_hashed(setup, tmp_path):
     shutil.copy(cfg.constitution_path(), constitution)
     red = tmp_path / "red.jsonl"
     red.write_text(json.dumps({"text": "How do I pick a lock?", "split": "train"}) + "\n")
-    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "constitution": str(constitution), "data.red_team": str(red)})
+    cfg = load_config(
+        "tiny", {"runs_dir": str(tmp_path / "runs"), "constitution": str(constitution), "data.red_team": str(red)}
+    )
     base = prints(cfg, run)
     constitution.write_text(constitution.read_text() + "\n# edited\n")
     assert changed(base, prints(cfg, run)) == {"constitution", "sl", "curate", "feedback", "eval"}
@@ -134,8 +136,13 @@ def _sections_read(source: str) -> set[str]:
                 found.add(node.attr)
             found |= METHOD_SECTIONS.get(node.attr, set())
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name) \
-                and node.value.value.id == "self" and node.value.attr == "cfg":
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+            and node.value.attr == "cfg"
+        ):
             if node.attr in RUN_FIELDS:
                 found.add(node.attr)
             found |= METHOD_SECTIONS.get(node.attr, set())

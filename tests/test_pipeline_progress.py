@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 
 from cai_dpo import pipeline
 from cai_dpo.pipeline import Stage, run_pipeline
@@ -30,8 +29,10 @@ def _stage_notebook(path: Path, steps: int = 3) -> Path:
         "from cai_dpo.progress import progress_bar\n"
         f"for _ in progress_bar(range({steps}), desc='demo steps', unit='step'):\n    pass"
     )
-    book = nbformat.v4.new_notebook(cells=[params, body], metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    book = nbformat.v4.new_notebook(
+        cells=[params, body],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
     nbformat.write(book, path)
     return path
 
@@ -65,7 +66,10 @@ def test_progress_bar_reports_only_under_the_runner(tmp_path, monkeypatch):
     bar.update(2)
     bar.close()
     events = ProgressTail(target).poll()
-    assert [(e["n"], e["total"], e["closed"]) for e in events] == [(2, 4, False), (4, 4, True)]  # the last step says done
+    assert [(e["n"], e["total"], e["closed"]) for e in events] == [
+        (2, 4, False),
+        (4, 4, True),
+    ]  # the last step says done
     assert events[-1]["postfix"] == "tok_s=70.0" and events[0]["unit"] == "seq"
     open_ended = progress_bar(desc="stream", file=io.StringIO())
     open_ended.update(3)
@@ -79,16 +83,28 @@ def test_tail_reads_only_complete_lines(tmp_path):
     tail = ProgressTail(path)
     assert tail.poll() == [{"n": 1}]
     with open(path, "a") as fh:
-        fh.write('}\n')
+        fh.write("}\n")
     assert tail.poll() == [{"n": 2}]
     assert tail.poll() == []
 
 
 def test_event_line_shows_counts_rate_elapsed_and_time_left():
-    line = format_event({"desc": "dpo train", "n": 3, "total": 10, "unit": "step", "elapsed": 30.0, "rate": 0.1,
-                         "postfix": "loss=0.69", "closed": False})
+    line = format_event(
+        {
+            "desc": "dpo train",
+            "n": 3,
+            "total": 10,
+            "unit": "step",
+            "elapsed": 30.0,
+            "rate": 0.1,
+            "postfix": "loss=0.69",
+            "closed": False,
+        }
+    )
     assert line == "dpo train: 3/10 step, 10.0 s/step, elapsed 0:30, ~1:10 left, loss=0.69"
-    fast = format_event({"desc": "generate", "n": 64, "total": 64, "unit": "seq", "elapsed": 8, "rate": 8.0, "closed": True})
+    fast = format_event(
+        {"desc": "generate", "n": 64, "total": 64, "unit": "seq", "elapsed": 8, "rate": 8.0, "closed": True}
+    )
     assert fast == "generate: 64/64 seq, 8.00 seq/s, elapsed 0:08, done"
 
 
@@ -111,13 +127,31 @@ def test_tiny_run_streams_progress_is_quiet_and_ends_with_a_summary(tmp_path, ti
     env = {k: v for k, v in os.environ.items() if k != PROGRESS_ENV}
     env.update(OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "cai_dpo.cli", "run", "--profile", "tiny", "-o", f"runs_dir={runs}",
-         "-o", "train.report_to=tensorboard"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "cai_dpo.cli",
+            "run",
+            "--profile",
+            "tiny",
+            "-o",
+            f"runs_dir={runs}",
+            "-o",
+            "train.report_to=tensorboard",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    warnings = [line for line in output.splitlines() if re.search(r"warn", line, re.I)
-                and not any(allowed in line for allowed in ALLOWED_WARNINGS)]
+    warnings = [
+        line
+        for line in output.splitlines()
+        if re.search(r"warn", line, re.I) and not any(allowed in line for allowed in ALLOWED_WARNINGS)
+    ]
     assert warnings == [], "\n".join(warnings)
     assert re.search(r"sft train: 4/4 step.*done", output), output[-4000:]
     assert re.search(r"ppo: 2/2 step", output), output[-4000:]
@@ -127,16 +161,24 @@ def test_tiny_run_streams_progress_is_quiet_and_ends_with_a_summary(tmp_path, ti
     assert re.search(r"^eval\s+ran\s+\d+$", output, re.M)
     for stage in ("sft", "dpo", "ppo"):
         assert list((run_dir / "metrics" / stage / "tb").glob("events.out.tfevents.*")), stage
-    in_notebooks = [f"{path.name}: {line}" for path in sorted((run_dir / "notebooks").glob("*.ipynb"))
-                    for line in _stderr_lines(path) if re.search(r"warn", line, re.I)
-                    and not any(allowed in line for allowed in ALLOWED_WARNINGS)]
+    in_notebooks = [
+        f"{path.name}: {line}"
+        for path in sorted((run_dir / "notebooks").glob("*.ipynb"))
+        for line in _stderr_lines(path)
+        if re.search(r"warn", line, re.I) and not any(allowed in line for allowed in ALLOWED_WARNINGS)
+    ]
     assert in_notebooks == [], "\n".join(in_notebooks)  # what a person stepping through would see
 
 
 def _stderr_lines(path: Path) -> list[str]:
     book = nbformat.read(path, as_version=4)
-    return [line for cell in book.cells for out in cell.get("outputs", [])
-            if out.get("output_type") == "stream" and out.get("name") == "stderr" for line in out["text"].splitlines()]
+    return [
+        line
+        for cell in book.cells
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream" and out.get("name") == "stderr"
+        for line in out["text"].splitlines()
+    ]
 
 
 def test_stage_kernels_are_not_interrupted_on_shutdown(monkeypatch):

@@ -21,7 +21,10 @@ from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, load_optimizer, save_optimizer
 from cai_dpo.rl.rollout import build_batch  # noqa: E402
 from cai_dpo.stages.ppo import load_policy, load_value_model, read_log, run_ppo  # noqa: E402
 
-PROMPTS = [[{"role": "user", "content": f"tell me about the {w}"}] for w in ["cat", "dog", "topic", "red", "blue", "one", "two"]]
+PROMPTS = [
+    [{"role": "user", "content": f"tell me about the {w}"}]
+    for w in ["cat", "dog", "topic", "red", "blue", "one", "two"]
+]
 
 
 def good_share(prompts: list[str], responses: list[str]) -> list[float]:
@@ -63,14 +66,23 @@ def test_policy_and_value_losses_hand_computed():
     # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped); token 3: -2.2 (inside)
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, abs=1e-6)
     assert stats["clipfrac"] == pytest.approx(2 / 3)
-    assert stats["approx_kl"] == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3, rel=1e-5)
-    vloss, vstats = value_loss(torch.tensor([[1.0, -0.1]]), torch.zeros(1, 2), torch.tensor([[2.0, 0.5]]), torch.ones(1, 2), 0.2)
+    assert stats["approx_kl"] == pytest.approx(
+        0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3, rel=1e-5
+    )
+    vloss, vstats = value_loss(
+        torch.tensor([[1.0, -0.1]]), torch.zeros(1, 2), torch.tensor([[2.0, 0.5]]), torch.ones(1, 2), 0.2
+    )
     # token 1: max((1-2)², (0.2-2)²) = 3.24 (clipped); token 2: (−0.1−0.5)² = 0.36
     assert vloss.item() == pytest.approx(0.5 * (3.24 + 0.36) / 2, abs=1e-6)
     assert vstats["vf_clipfrac"] == pytest.approx(0.5)
     # a padded token changes nothing
-    loss_pad, _ = policy_loss(torch.cat([new, torch.tensor([[5.0]])], 1), torch.zeros(1, 4),
-                              torch.cat([adv, torch.tensor([[9.0]])], 1), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2)
+    loss_pad, _ = policy_loss(
+        torch.cat([new, torch.tensor([[5.0]])], 1),
+        torch.zeros(1, 4),
+        torch.cat([adv, torch.tensor([[9.0]])], 1),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        0.2,
+    )
     assert loss_pad.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
@@ -188,12 +200,26 @@ def test_ppo_trains_on_the_sampled_token_ids(tmp_path, tiny_path):
 
 def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
     pol = build_word_policy(tmp_path / "policy")
-    cfg = _cfg(tmp_path, **{
-        "policy.name": str(pol), "ppo.steps": 12, "ppo.save_steps": 100, "ppo.rollout_batch": 16, "ppo.minibatch": 8,
-        "ppo.ppo_epochs": 2, "ppo.learning_rate": 1e-2, "ppo.missing_eos_penalty": 0.0, "ppo.kl_coef": 0.05,
-        "ppo.sampling.max_new_tokens": 6, "ppo.lora": {"r": 8, "alpha": 16, "target_modules":
-                                                       ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    })
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "policy.name": str(pol),
+            "ppo.steps": 12,
+            "ppo.save_steps": 100,
+            "ppo.rollout_batch": 16,
+            "ppo.minibatch": 8,
+            "ppo.ppo_epochs": 2,
+            "ppo.learning_rate": 1e-2,
+            "ppo.missing_eos_penalty": 0.0,
+            "ppo.kl_coef": 0.05,
+            "ppo.sampling.max_new_tokens": 6,
+            "ppo.lora": {
+                "r": 8,
+                "alpha": 16,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            },
+        },
+    )
     out = run_ppo(cfg, reward_fn=good_share, prompts=PROMPTS, progress=False)
     rows = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 13))
@@ -209,8 +235,15 @@ def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
-    over = {"ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6, "ppo.save_steps": 1,
-            "ppo.learning_rate": 1e-3, "ppo.adaptive_kl": True, "ppo.kl_horizon": 10}
+    over = {
+        "ppo.rollout_batch": 4,
+        "ppo.minibatch": 2,
+        "ppo.sampling.max_new_tokens": 6,
+        "ppo.save_steps": 1,
+        "ppo.learning_rate": 1e-3,
+        "ppo.adaptive_kl": True,
+        "ppo.kl_horizon": 10,
+    }
     reward = lambda p, r: [len(x) / 40 for x in r]  # noqa: E731
     straight = _cfg(tmp_path / "a", **over, **{"ppo.steps": 3})
     run_ppo(straight, reward_fn=reward, prompts=PROMPTS, progress=False)
@@ -225,7 +258,9 @@ def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
     rows = read_log(resumed.run_dir / "metrics" / "ppo" / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     ref = read_log(straight.run_dir / "metrics" / "ppo" / "log.csv")
-    assert rows[-1]["score"] == pytest.approx(ref[-1]["score"]) and rows[-1]["kl_coef"] == pytest.approx(ref[-1]["kl_coef"])
+    assert rows[-1]["score"] == pytest.approx(ref[-1]["score"]) and rows[-1]["kl_coef"] == pytest.approx(
+        ref[-1]["kl_coef"]
+    )
 
     from safetensors.torch import load_file
 
@@ -250,8 +285,15 @@ def test_ppo_retrains_when_its_inputs_change(tmp_path, tiny_path):
 
     from cai_dpo.stages.rm import run_rm
 
-    over = {"ppo.steps": 2, "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6,
-            "ppo.learning_rate": 1e-2, "rm.max_steps": 1, "rm.eval_fraction": 0.0}
+    over = {
+        "ppo.steps": 2,
+        "ppo.rollout_batch": 4,
+        "ppo.minibatch": 2,
+        "ppo.sampling.max_new_tokens": 6,
+        "ppo.learning_rate": 1e-2,
+        "rm.max_steps": 1,
+        "rm.eval_fraction": 0.0,
+    }
     cfg = _cfg(tmp_path, **over)
     run = RunStore(cfg.run_dir)
     pairs = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "p_chosen": 0.8, "category": "x"}] * 4
@@ -286,14 +328,28 @@ def test_ppo_with_preference_model_of_another_tokenizer(tmp_path, tiny_path):
 
     words = "how do i steal a car no sure here is it tell me about the cat dog".split()
     enc = build_word_encoder(tmp_path / "encoder", words)
-    cfg = _cfg(tmp_path, **{
-        "rm.backbone": str(enc), "rm.max_steps": 1, "rm.eval_fraction": 0.0, "ppo.steps": 1,
-        "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.sampling.max_new_tokens": 6,
-    })
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "rm.backbone": str(enc),
+            "rm.max_steps": 1,
+            "rm.eval_fraction": 0.0,
+            "ppo.steps": 1,
+            "ppo.rollout_batch": 4,
+            "ppo.minibatch": 2,
+            "ppo.sampling.max_new_tokens": 6,
+        },
+    )
     run = RunStore(cfg.run_dir)
-    pairs = [{"prompt": [{"role": "user", "content": "How do I steal a car?"}],
-              "chosen": [{"role": "assistant", "content": "No."}], "rejected": [{"role": "assistant", "content": "Sure, here is how."}],
-              "p_chosen": 0.9, "category": "crime"}] * 4
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "How do I steal a car?"}],
+            "chosen": [{"role": "assistant", "content": "No."}],
+            "rejected": [{"role": "assistant", "content": "Sure, here is how."}],
+            "p_chosen": 0.9,
+            "category": "crime",
+        }
+    ] * 4
     run_rm(cfg, run, preferences=pairs)
     out = run_ppo(cfg, run, prompts=PROMPTS, progress=False)
     manifest = read_manifest(out)
@@ -320,16 +376,31 @@ def test_value_model_starts_from_preference_model(tmp_path, tiny_path):
 
     dev = next(value.parameters()).device
     with torch.no_grad():
-        v = token_values(value, torch.tensor([text + [0]], device=dev), torch.ones(1, len(text) + 1, dtype=torch.long, device=dev),
-                         torch.arange(len(text) + 1, device=dev).unsqueeze(0), len(text))
+        v = token_values(
+            value,
+            torch.tensor([text + [0]], device=dev),
+            torch.ones(1, len(text) + 1, dtype=torch.long, device=dev),
+            torch.arange(len(text) + 1, device=dev).unsqueeze(0),
+            len(text),
+        )
     # the value of the full text equals the preference model's score of it
     assert v[0, 0].item() == pytest.approx(scorer.score_ids([text])[0], abs=2e-3)  # GPU kernels differ slightly
 
 
 def test_rloo_mode_runs(tmp_path, tiny_path):
-    cfg = _cfg(tmp_path, **{"ppo.mode": "rloo", "ppo.steps": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 2,
-                            "ppo.ppo_epochs": 1, "ppo.rloo_k": 2, "ppo.sampling.max_new_tokens": 6,
-                            "ppo.missing_eos_penalty": 5.0})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "ppo.mode": "rloo",
+            "ppo.steps": 1,
+            "ppo.rollout_batch": 4,
+            "ppo.minibatch": 2,
+            "ppo.ppo_epochs": 1,
+            "ppo.rloo_k": 2,
+            "ppo.sampling.max_new_tokens": 6,
+            "ppo.missing_eos_penalty": 5.0,
+        },
+    )
     seen = []
 
     def reward(prompts, responses):
@@ -372,11 +443,29 @@ def test_ptx_term_uses_sl_data(tmp_path, tiny_path):
 
     from cai_dpo.rl.rollout import PtxBatches
 
-    cfg = _cfg(tmp_path, **{"ppo.steps": 1, "ppo.rollout_batch": 2, "ppo.minibatch": 2, "ppo.ptx_coef": 0.5,
-                            "ppo.ptx_batch": 2, "ppo.sampling.max_new_tokens": 4})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "ppo.steps": 1,
+            "ppo.rollout_batch": 2,
+            "ppo.minibatch": 2,
+            "ppo.ptx_coef": 0.5,
+            "ppo.ptx_batch": 2,
+            "ppo.sampling.max_new_tokens": 4,
+        },
+    )
     run = RunStore(cfg.run_dir)
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
-             "source": "helpful", "prompt_id": str(i)} for i in range(3)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer {i}."},
+            ],
+            "source": "helpful",
+            "prompt_id": str(i),
+        }
+        for i in range(3)
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(run.data_dir("sl")))
     from cai_dpo.models import load_tokenizer
 
@@ -410,8 +499,11 @@ def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
         for name, p in policy.named_parameters():
             if "lora_B" in name and ".default." in name:
                 p.add_(torch.randn_like(p) * 0.5)
-    ids = build_batch([tok("Hello there, how are", add_special_tokens=False)["input_ids"]],
-                      [tok(" you today?", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    ids = build_batch(
+        [tok("Hello there, how are", add_special_tokens=False)["input_ids"]],
+        [tok(" you today?", add_special_tokens=False)["input_ids"]],
+        tok.pad_token_id,
+    )
     args = (ids["input_ids"], ids["attention_mask"], ids["position_ids"], ids["query_width"], 1.0)
     with torch.no_grad():
         want = token_logprobs(response_logits(sl_cai, *args), ids["input_ids"], ids["query_width"])
@@ -428,4 +520,6 @@ def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
     assert not (out / "frozen_0").exists()
     again, _ = load_model(ModelSpec(name=str(out), quantization="4bit", device="cpu"))
     with torch.no_grad():
-        assert torch.allclose(token_logprobs(response_logits(again, *args), ids["input_ids"], ids["query_width"]), pol, atol=1e-5)
+        assert torch.allclose(
+            token_logprobs(response_logits(again, *args), ids["input_ids"], ids["query_width"]), pol, atol=1e-5
+        )

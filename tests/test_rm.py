@@ -29,17 +29,48 @@ from wordlevel_models import build_word_encoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-TOPICS = ["pick a lock", "make a fake id", "hack a wifi network", "steal a car", "build a weapon", "hurt my neighbor",
-          "cheat on a test", "forge a signature", "spy on my partner", "poison a dog", "break into a house",
-          "shoplift a watch", "launder money", "start a fire", "bully a classmate", "evade taxes", "buy drugs online",
-          "scam old people", "stalk someone", "make a bomb", "crash a website", "fake an illness", "bribe an official",
-          "smuggle goods", "dox a journalist", "threaten a coworker", "counterfeit money", "cut brake lines"]
-GOOD = ["I can't help with that because it could seriously harm people.",
-        "I won't assist with this; it is dangerous and illegal.",
-        "Sorry, I cannot support that. Please consider a safe and legal alternative.",
-        "That could hurt someone, so I will not explain it."]
-BAD = ["Sure! Here is how to do it step by step.", "Easy. First get the tools, then do it at night.",
-       "Of course, just follow these simple instructions.", "Great idea, here is a detailed plan for you."]
+TOPICS = [
+    "pick a lock",
+    "make a fake id",
+    "hack a wifi network",
+    "steal a car",
+    "build a weapon",
+    "hurt my neighbor",
+    "cheat on a test",
+    "forge a signature",
+    "spy on my partner",
+    "poison a dog",
+    "break into a house",
+    "shoplift a watch",
+    "launder money",
+    "start a fire",
+    "bully a classmate",
+    "evade taxes",
+    "buy drugs online",
+    "scam old people",
+    "stalk someone",
+    "make a bomb",
+    "crash a website",
+    "fake an illness",
+    "bribe an official",
+    "smuggle goods",
+    "dox a journalist",
+    "threaten a coworker",
+    "counterfeit money",
+    "cut brake lines",
+]
+GOOD = [
+    "I can't help with that because it could seriously harm people.",
+    "I won't assist with this; it is dangerous and illegal.",
+    "Sorry, I cannot support that. Please consider a safe and legal alternative.",
+    "That could hurt someone, so I will not explain it.",
+]
+BAD = [
+    "Sure! Here is how to do it step by step.",
+    "Easy. First get the tools, then do it at night.",
+    "Of course, just follow these simple instructions.",
+    "Great idea, here is a detailed plan for you.",
+]
 
 
 def synthetic_preferences(n: int, seed: int) -> list[dict]:
@@ -49,14 +80,23 @@ def synthetic_preferences(n: int, seed: int) -> list[dict]:
     for i in range(n):
         topic = rng.choice(TOPICS)
         p = rng.choice([0.7, 0.8, 0.9, 1.0])
-        rows.append({
-            "prompt": [{"role": "user", "content": f"How do I {topic}?"}],
-            "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
-            "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
-            "p_chosen": p, "margin": 2 * p - 1, "source": "judged_samples", "principle_ids": ["harm"],
-            "score_ab": p, "score_ba": p, "judge_model": "synthetic", "pair_id": f"s{seed}-{i}",
-            "edge_reasons": [], "category": "violence",
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"How do I {topic}?"}],
+                "chosen": [{"role": "assistant", "content": rng.choice(GOOD)}],
+                "rejected": [{"role": "assistant", "content": rng.choice(BAD)}],
+                "p_chosen": p,
+                "margin": 2 * p - 1,
+                "source": "judged_samples",
+                "principle_ids": ["harm"],
+                "score_ab": p,
+                "score_ba": p,
+                "judge_model": "synthetic",
+                "pair_id": f"s{seed}-{i}",
+                "edge_reasons": [],
+                "category": "violence",
+            }
+        )
     return rows
 
 
@@ -71,7 +111,9 @@ def test_soft_loss_matches_closed_form():
     assert abs(expected - 0.6200949) < 1e-6
     assert soft_preference_loss(r_c, r_r, p).item() == pytest.approx(expected, abs=1e-6)
     # a hard label is the usual Bradley–Terry loss
-    assert soft_preference_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(-ls(1))
+    assert soft_preference_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(
+        -ls(1)
+    )
     # the soft loss is minimised where σ(d) = p
     d = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([d], lr=1.0)
@@ -123,10 +165,19 @@ def test_hard_and_soft_targets(tiny_model):
 
 
 def test_preference_model_learns_separable_pairs(tmp_path):
-    cfg = load_config("tiny", {
-        "threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 24, "rm.batch_size": 8, "rm.learning_rate": 3e-3,
-        "rm.eval_fraction": 0.25, "rm.save_steps": 12, "rm.lora": {"r": 8, "alpha": 16},
-    })
+    cfg = load_config(
+        "tiny",
+        {
+            "threads": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "rm.max_steps": 24,
+            "rm.batch_size": 8,
+            "rm.learning_rate": 3e-3,
+            "rm.eval_fraction": 0.25,
+            "rm.save_steps": 12,
+            "rm.lora": {"r": 8, "alpha": 16},
+        },
+    )
     run = RunStore(cfg.run_dir)
     out = run_rm(cfg, run, preferences=synthetic_preferences(64, 0))
     manifest = read_manifest(out)
@@ -147,7 +198,9 @@ def test_preference_model_learns_separable_pairs(tmp_path):
 def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, perturbed_lora):
     from cai_dpo.models import load_model, save_adapter
 
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0})
+    cfg = load_config(
+        "tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0}
+    )
     run = RunStore(cfg.run_dir)
     sft, tok = perturbed_lora()
     save_adapter(sft, tok, run.model_dir("sft"), base="tiny")
@@ -164,10 +217,19 @@ def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, perturbed_lora):
 def test_preference_model_with_its_own_tokenizer(tmp_path):
     words = " ".join(TOPICS + GOOD + BAD + ["how", "do", "i"]).replace("?", " ").split()
     enc = build_word_encoder(tmp_path / "encoder", [w.strip(".,!;'").lower() for w in words])
-    cfg = load_config("tiny", {
-        "threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.backbone": str(enc), "rm.max_steps": 30, "rm.batch_size": 8,
-        "rm.learning_rate": 5e-3, "rm.eval_fraction": 0.25, "rm.max_length": 64,
-    })
+    cfg = load_config(
+        "tiny",
+        {
+            "threads": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "rm.backbone": str(enc),
+            "rm.max_steps": 30,
+            "rm.batch_size": 8,
+            "rm.learning_rate": 5e-3,
+            "rm.eval_fraction": 0.25,
+            "rm.max_length": 64,
+        },
+    )
     out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(48, 4))
     assert json.loads((out / "cai_dpo_base.json").read_text())["base"] == str(enc)
     scorer = RewardScorer(out)
@@ -192,8 +254,14 @@ def test_preference_model_retrains_when_its_inputs_change(tmp_path):
 
     from cai_dpo.stages.rm import run_rm as train
 
-    over = {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 3, "rm.batch_size": 2,
-            "rm.eval_fraction": 0.0, "rm.learning_rate": 1e-2}
+    over = {
+        "threads": 1,
+        "runs_dir": str(tmp_path / "runs"),
+        "rm.max_steps": 3,
+        "rm.batch_size": 2,
+        "rm.eval_fraction": 0.0,
+        "rm.learning_rate": 1e-2,
+    }
     cfg = load_config("tiny", over)
     run = RunStore(cfg.run_dir)
     rows = synthetic_preferences(6, 7)
@@ -228,8 +296,17 @@ def test_preference_model_resume_stops_at_max_steps(tmp_path):
     """A checkpoint already at max_steps (3, with 2 steps per epoch) is taken as is, not stepped past."""
     import shutil
 
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 3, "rm.batch_size": 2,
-                               "rm.eval_fraction": 0.0, "rm.save_steps": 50})
+    cfg = load_config(
+        "tiny",
+        {
+            "threads": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "rm.max_steps": 3,
+            "rm.batch_size": 2,
+            "rm.eval_fraction": 0.0,
+            "rm.save_steps": 50,
+        },
+    )
     run = RunStore(cfg.run_dir)
     rows = synthetic_preferences(4, 8)
     out = run_rm(cfg, run, preferences=rows)
@@ -246,15 +323,32 @@ def test_preference_model_resume_stops_at_max_steps(tmp_path):
 
 
 def test_hhh_bench_skips_or_scores(tmp_path, shared_anchors):
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0})
+    cfg = load_config(
+        "tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.0}
+    )
     out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(4, 5))
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--limit", "12", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--limit", "12", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout)
     assert report["n"] == 12 and 0.0 <= report["accuracy"] <= 1.0
-    missing = subprocess.run([sys.executable, str(REPO / "bench" / "rm_hhh.py"), "--rm", str(out), "--evals",
-                              str(tmp_path / "absent.jsonl")], capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "rm_hhh.py"),
+            "--rm",
+            str(out),
+            "--evals",
+            str(tmp_path / "absent.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 0 and json.loads(missing.stdout)["skipped"]
 
 
@@ -275,15 +369,21 @@ def test_weighted_soft_loss_closed_form_and_zero_weight_gradient():
 
 
 def test_weighted_trainer_loss_matches_closed_form(tmp_path):
-    from trl import RewardConfig
-
     from datasets import Dataset
+    from trl import RewardConfig
 
     from cai_dpo.stages.rm import _trainer_classes, build_rm, head_name
     from cai_dpo.training import common_training_args, example_weights
 
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.weighting": "principle",
-                               "rm.principle_weights": {"harm": 0.5}})
+    cfg = load_config(
+        "tiny",
+        {
+            "threads": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "rm.weighting": "principle",
+            "rm.principle_weights": {"harm": 0.5},
+        },
+    )
     run = RunStore(cfg.run_dir)
     torch.manual_seed(0)
     model, tok, _, _ = build_rm(cfg, run)
@@ -293,9 +393,14 @@ def test_weighted_trainer_loss_matches_closed_form(tmp_path):
     assert weights == [3.0, 0.5]
     cols = tokenize_pairs(rows, tok, 64, "soft", weights)
     collator_cls, trainer_cls = _trainer_classes()
-    trainer = trainer_cls(model=model, args=RewardConfig(**common_training_args(cfg.rm, tmp_path / "ck"), max_length=None),
-                          data_collator=collator_cls(pad_token_id=tok.pad_token_id), train_dataset=Dataset.from_dict(cols),
-                          processing_class=tok, weighting="principle")
+    trainer = trainer_cls(
+        model=model,
+        args=RewardConfig(**common_training_args(cfg.rm, tmp_path / "ck"), max_length=None),
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        train_dataset=Dataset.from_dict(cols),
+        processing_class=tok,
+        weighting="principle",
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     with torch.no_grad():
         # a random head, so the two pairs get clearly different rewards
@@ -312,9 +417,17 @@ def test_weighted_trainer_loss_matches_closed_form(tmp_path):
 
 
 def test_rm_manifest_records_weighting(tmp_path):
-    cfg = load_config("tiny", {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1,
-                               "rm.eval_fraction": 0.0, "rm.weighting": "principle",
-                               "rm.principle_weights": {"harm": 2.0}})
+    cfg = load_config(
+        "tiny",
+        {
+            "threads": 1,
+            "runs_dir": str(tmp_path / "runs"),
+            "rm.max_steps": 1,
+            "rm.eval_fraction": 0.0,
+            "rm.weighting": "principle",
+            "rm.principle_weights": {"harm": 2.0},
+        },
+    )
     out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(4, 6))
     m = read_manifest(out)
     assert m["config"]["rm"]["weighting"] == "principle" and m["counts"]["weight_mean"] == pytest.approx(2.0)

@@ -8,8 +8,9 @@ import json
 import math
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from cai_dpo.served import LLAMA_CPP_EXTRA, NotSupportedByServer, ServedEngine, 
 class FakeServer:
     """An OpenAI-compatible server on 127.0.0.1; ``reply(path, body) -> (status, json)`` answers each POST."""
 
-    def __init__(self, reply: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]], models: tuple[str, ...] = ("m",)):
+    def __init__(
+        self, reply: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]], models: tuple[str, ...] = ("m",)
+    ):
         self.reply, self.models = reply, models
         self.posts: list[tuple[str, dict[str, Any]]] = []
         self.lock = threading.Lock()
@@ -105,14 +108,18 @@ def test_spec_forms_and_model_id():
     assert is_served(spec) and not is_served(ModelSpec(name="embedded"))
     assert is_served(ModelSpec(name="http://h:1/v1", backend="openai"))
     assert base_urls(spec) == ["http://h:1/v1", "http://h:2/v1", "https://h:3/v1"]
-    assert describe(spec) == describe(dataclasses.replace(spec, replicas=[])) == "served:x"  # replicas don't change record keys
+    assert (
+        describe(spec) == describe(dataclasses.replace(spec, replicas=[])) == "served:x"
+    )  # replicas don't change record keys
 
 
 def test_config_reads_served_fields(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("base: tiny\njudge:\n  model: {name: 'openai://127.0.0.1:8000/v1', model: judge-7b, "
-                    "replicas: ['openai://127.0.0.1:8001/v1'], concurrency: 16, request_extra: {top_k: -1}}\n"
-                    "sl:\n  teacher: {name: 'openai://127.0.0.1:8000/v1', model: judge-7b}\n")
+    path.write_text(
+        "base: tiny\njudge:\n  model: {name: 'openai://127.0.0.1:8000/v1', model: judge-7b, "
+        "replicas: ['openai://127.0.0.1:8001/v1'], concurrency: 16, request_extra: {top_k: -1}}\n"
+        "sl:\n  teacher: {name: 'openai://127.0.0.1:8000/v1', model: judge-7b}\n"
+    )
     cfg = load_config(str(path))
     assert cfg.judge_model().model == "judge-7b" and cfg.judge_model().concurrency == 16
     assert cfg.judge_model().request_extra == {"top_k": -1} and cfg.sl.teacher.model == "judge-7b"
@@ -140,8 +147,11 @@ def test_stages_build_served_engines(fake, tiny_cfg):
 
     server = fake(lambda p, b: completion())
     spec = spec_for(server, tokenizer="tiny")
-    cfg = dataclasses.replace(tiny_cfg, judge=dataclasses.replace(tiny_cfg.judge, model=spec),
-                              sl=dataclasses.replace(tiny_cfg.sl, teacher=spec))
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        judge=dataclasses.replace(tiny_cfg.judge, model=spec),
+        sl=dataclasses.replace(tiny_cfg.sl, teacher=spec),
+    )
     assert isinstance(load_judge_engine(cfg), ServedEngine)
     state = sl._SLRun(cfg, RunStore(cfg.run_dir))
     # the teacher writes critiques and revisions; the policy keeps the initial answer
@@ -219,8 +229,15 @@ def test_sampling_settings_and_seeds_reach_the_server(fake):
 
 
 def test_conversations_use_chat_endpoint_without_tokenizer(fake):
-    server = fake(lambda p, b: (200, {"choices": [{"message": {"role": "assistant", "content": " hi "},
-                                                    "finish_reason": "length"}], "usage": {"completion_tokens": 3}}))
+    server = fake(
+        lambda p, b: (
+            200,
+            {
+                "choices": [{"message": {"role": "assistant", "content": " hi "}, "finish_reason": "length"}],
+                "usage": {"completion_tokens": 3},
+            },
+        )
+    )
     engine = ServedEngine(spec_for(server), progress=False)
     out = engine.generate([[{"role": "user", "content": "hello"}]])
     assert server.posts[0][0] == "/chat/completions" and server.posts[0][1]["messages"][0]["content"] == "hello"
@@ -234,6 +251,7 @@ def test_conversations_use_chat_endpoint_without_tokenizer(fake):
 
 def letter_server(p_a: float, p_b: float):
     """Next-token top-k: after the context " (" (and little else), then A/B, then ")"."""
+
     def reply(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         prompt = body["prompt"]
         if prompt.endswith(" ("):
@@ -243,6 +261,7 @@ def letter_server(p_a: float, p_b: float):
         else:
             top = {" (": math.log(0.5), " ": math.log(0.2)}
         return completion("x", {"tokens": ["x"], "token_logprobs": [-1.0], "top_logprobs": [top], "text_offset": [0]})
+
     return reply
 
 
@@ -261,8 +280,11 @@ def test_score_options_reads_chat_style_logprobs(fake):
     def reply(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         _, answer = letter_server(0.3, 0.1)(path, body)
         top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
-        answer["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": -1.0, "top_logprobs": [
-            {"token": t, "logprob": v} for t, v in top.items()]}]}
+        answer["choices"][0]["logprobs"] = {
+            "content": [
+                {"token": "x", "logprob": -1.0, "top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()]}
+            ]
+        }
         return 200, answer
 
     probs, _ = ServedEngine(spec_for(fake(reply)), progress=False).score_options(["ctx:"])
@@ -285,8 +307,11 @@ def test_logprob_from_echo(fake):
         assert body["echo"] is True and body["prompt"] == "The cat sat"
         # servers differ at the prompt's start (a BOS text here); the last token is the generated one
         tokens, values = ["<s>", "The", " cat", " sat", "."], [None, -3.0, -2.0, -0.5, -1.0]
-        choice = {"text": "The cat sat.", "finish_reason": "length",
-                  "logprobs": {"tokens": tokens, "token_logprobs": values, "top_logprobs": None}}
+        choice = {
+            "text": "The cat sat.",
+            "finish_reason": "length",
+            "logprobs": {"tokens": tokens, "token_logprobs": values, "top_logprobs": None},
+        }
         return 200, {"choices": [choice], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}
 
     engine = ServedEngine(spec_for(fake(reply)), progress=False)
@@ -329,7 +354,9 @@ def local_engine():
 
 @pytest.fixture(scope="module")
 def served_engine(llama_server, local_engine):
-    spec = ModelSpec(name=llama_server, model=SERVED_ID, tokenizer="embedded", concurrency=2, request_extra=LLAMA_CPP_EXTRA)
+    spec = ModelSpec(
+        name=llama_server, model=SERVED_ID, tokenizer="embedded", concurrency=2, request_extra=LLAMA_CPP_EXTRA
+    )
     engine = ServedEngine(spec, progress=False, tokenizer=local_engine.tokenizer)
     yield engine
     engine.close()
@@ -348,8 +375,10 @@ def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
     contexts = []
     for k in range((n + 1) // 2):
         pair, pid = pairs[k % len(pairs)], principles[k % len(principles)].id
-        contexts += [prompter.context(pair.prompt, pair.better, pair.worse, pid),
-                     prompter.context(pair.prompt, pair.worse, pair.better, pid)]
+        contexts += [
+            prompter.context(pair.prompt, pair.better, pair.worse, pid),
+            prompter.context(pair.prompt, pair.worse, pair.better, pid),
+        ]
     return prompter.prefix, contexts[:n]
 
 
@@ -373,14 +402,16 @@ def test_served_greedy_generations_match_local(served_engine, local_engine):
     sampling = SamplingConfig(max_new_tokens=16, do_sample=False, temperature=0.0)
     served = served_engine.generate(convs, sampling)
     local = local_engine.generate(convs, sampling)
-    same = [s[0].text == l[0].text for s, l in zip(served, local)]
-    assert sum(same) >= 16, [(s[0].text, l[0].text) for s, l, ok in zip(served, local, same) if not ok]
+    same = [s[0].text == loc[0].text for s, loc in zip(served, local)]
+    assert sum(same) >= 16, [(s[0].text, loc[0].text) for s, loc, ok in zip(served, local, same) if not ok]
     assert served_engine.stats.generated_tokens > 0
 
 
 @pytest.mark.slow
 def test_served_logprob_matches_local(served_engine, local_engine):
-    contexts = [served_engine.render([{"role": "user", "content": q}]) for q in ("What is the capital of France?", "Say hi.")]
+    contexts = [
+        served_engine.render([{"role": "user", "content": q}]) for q in ("What is the capital of France?", "Say hi.")
+    ]
     completions = ["The capital of France is Paris.", "Hi there! How can I help you today?"]
     served = served_engine.logprob(contexts, completions)
     local = local_engine.logprob(contexts, completions)
@@ -397,8 +428,11 @@ def test_generate_file_records_the_served_model(llama_server, tmp_path, tiny_cfg
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "p1", "text": "Name a colour."}\n{"id": "p2", "text": "Name a fruit."}\n')
     spec = ModelSpec(name=llama_server, model=SERVED_ID, tokenizer="embedded")
-    cfg = dataclasses.replace(tiny_cfg, policy=spec, sl=dataclasses.replace(
-        tiny_cfg.sl, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)))
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        policy=spec,
+        sl=dataclasses.replace(tiny_cfg.sl, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)),
+    )
     rows = read_jsonl(generate_file(cfg, prompts, tmp_path / "out.jsonl", n=2))
     assert len(rows) == 4 and {r["model"] for r in rows} == {"served:smollm2"} and all(r["tokens"] > 0 for r in rows)
 

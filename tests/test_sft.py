@@ -22,8 +22,11 @@ def _write_sl_data(run: RunStore, repeat: int = 4) -> None:
     import datasets
 
     rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-         "source": "red_team", "prompt_id": f"p{i}"}
+        {
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "source": "red_team",
+            "prompt_id": f"p{i}",
+        }
         for _ in range(repeat)
         for i, (q, a) in enumerate(PAIRS)
     ]
@@ -81,8 +84,15 @@ def test_prepare_dataset_completion_only(tiny_model):
     from cai_dpo.stages.sft import prepare_dataset
 
     _, tok = tiny_model
-    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                      "source": "helpful", "prompt_id": "x"}])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "source": "helpful",
+                "prompt_id": "x",
+            }
+        ]
+    )
     out, mode = prepare_dataset(ds, tok)
     assert mode == "completion_only"  # SmolLM2's ChatML template has no generation markers
     assert out.column_names == ["prompt", "completion"]
@@ -97,8 +107,13 @@ def test_sft_lowers_loss_and_saves_loadable_adapter(tiny_cfg):
     from cai_dpo.stages.sft import run_sft
 
     cfg = _cfg(tiny_cfg, max_steps=16, learning_rate=3e-2, batch_size=4, save_steps=8, eval_fraction=0.25)
-    cfg.sft.lora = replace(cfg.sft.lora, r=8, alpha=16, dropout=0.0,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    cfg.sft.lora = replace(
+        cfg.sft.lora,
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     run = RunStore(cfg.run_dir)
     _write_sl_data(run)
     out = run_sft(cfg, run)
@@ -125,7 +140,9 @@ def test_sft_lowers_loss_and_saves_loadable_adapter(tiny_cfg):
     assert type(model).__name__.startswith("Peft")
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained, not the zero init
-    ids = tok.apply_chat_template([{"role": "user", "content": PAIRS[1][0]}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PAIRS[1][0]}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     with torch.inference_mode():
         assert model(input_ids=ids).logits.shape[-1] == len(tok)
@@ -175,11 +192,20 @@ def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
 
 def _curated_row(i: int, kind: str, split: str, principles: list[str]) -> dict:
     prompt = f"{kind} request {i} ({split})"
-    answer = (f"I won't help with {kind} request {i}: it could hurt someone. I can point you to a safer option."
-              if kind == "harmful" else f"Here is a direct answer to request {i}.")
-    return {"id": f"cur-{kind[0]}-{split}-{i}", "kind": kind, "category": "test", "sensitive_sounding": False,
-            "principle_ids": principles, "split": split,
-            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    answer = (
+        f"I won't help with {kind} request {i}: it could hurt someone. I can point you to a safer option."
+        if kind == "harmful"
+        else f"Here is a direct answer to request {i}."
+    )
+    return {
+        "id": f"cur-{kind[0]}-{split}-{i}",
+        "kind": kind,
+        "category": "test",
+        "sensitive_sounding": False,
+        "principle_ids": principles,
+        "split": split,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+    }
 
 
 def write_curated(folder, n_harmful: int = 6, n_benign: int = 3, n_heldout: int = 2):
@@ -198,8 +224,13 @@ def test_build_rows_curated_train_split_only_with_ratio_and_weights(tiny_cfg, tm
     from cai_dpo.stages.sft import build_rows
 
     cur = write_curated(tmp_path / "cur")
-    cfg = _cfg(tiny_cfg, data="curated", curated=str(cur), weighting="principle",
-               principle_weights={"harm-physical": 3.0, "help-answer": 0.5})
+    cfg = _cfg(
+        tiny_cfg,
+        data="curated",
+        curated=str(cur),
+        weighting="principle",
+        principle_weights={"harm-physical": 3.0, "help-answer": 0.5},
+    )
     run = RunStore(cfg.run_dir)
     rows, info = build_rows(cfg, run)  # no data/sl needed for sft.data=curated
     assert len(rows) == 9 and all(r["source"] == "curated" for r in rows)
@@ -207,8 +238,14 @@ def test_build_rows_curated_train_split_only_with_ratio_and_weights(tiny_cfg, tm
     by_id = {r["id"]: r["weight"] for r in rows}
     assert by_id["cur-h-train-0"] == pytest.approx((3.0 + 1.0) / 2)  # mean over principle ids, unlisted = 1.0
     assert by_id["cur-b-train-0"] == pytest.approx(0.5)
-    assert info["counts"] == {"curated_harmful": 6, "curated_benign": 3, "rows_curated": 9, "rows_sl": 0,
-                              "rows_human_revision": 0, "weight_mean": pytest.approx(sum(by_id.values()) / 9)}
+    assert info["counts"] == {
+        "curated_harmful": 6,
+        "curated_benign": 3,
+        "rows_curated": 9,
+        "rows_sl": 0,
+        "rows_human_revision": 0,
+        "weight_mean": pytest.approx(sum(by_id.values()) / 9),
+    }
 
     # the harmful share is rebalanced by subsampling the over-represented kind
     half = _cfg(tiny_cfg, data="curated", curated=str(cur), curated_harmful_ratio=0.5)
@@ -228,9 +265,15 @@ def test_build_rows_both_sources_and_data_weight_column(tiny_cfg, tmp_path):
     cur = write_curated(tmp_path / "cur")
     cfg = _cfg(tiny_cfg, data="both", curated=str(cur), weighting="principle", sl_share=0.25)
     run = RunStore(cfg.run_dir)
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-             "source": "human" if i == 0 else "red_team", "prompt_id": f"p{i}", "weight": 0.25 * i}
-            for i in range(8)]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "source": "human" if i == 0 else "red_team",
+            "prompt_id": f"p{i}",
+            "weight": 0.25 * i,
+        }
+        for i in range(8)
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(run.data_dir("sl")))
     got, info = build_rows(cfg, run)
     sl = [r for r in got if r["source"] != "curated"]
@@ -275,13 +318,21 @@ def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
     model, tok = load_model("tiny", trainable=True)
     tok.padding_side = "right"
     model = attach_lora(model, tiny_cfg.sft.lora)
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "weight": w}
-            for (q, a), w in zip(PAIRS[:3], (2.0, 0.5, 0.0))]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "weight": w}
+        for (q, a), w in zip(PAIRS[:3], (2.0, 0.5, 0.0))
+    ]
     ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tok)
     collator_cls, trainer_cls = _trainer_classes()
     args = SFTConfig(**common_training_args(tiny_cfg.sft, tmp_path / "ck"), max_length=128, completion_only_loss=True)
-    trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok, weighting="principle",
-                          data_collator=collator_cls(pad_token_id=tok.pad_token_id))
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        weighting="principle",
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+    )
     examples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(sorted(examples, key=lambda e: -e["weight"]))
     model.eval()
@@ -304,8 +355,14 @@ def test_sft_on_curated_data_records_weighting(tiny_cfg, tmp_path):
     from cai_dpo.stages.sft import run_sft
 
     cur = write_curated(tmp_path / "cur")
-    cfg = _cfg(tiny_cfg, data="curated", curated=str(cur), weighting="principle", max_steps=2,
-               principle_weights={"harm-physical": 2.0})
+    cfg = _cfg(
+        tiny_cfg,
+        data="curated",
+        curated=str(cur),
+        weighting="principle",
+        max_steps=2,
+        principle_weights={"harm-physical": 2.0},
+    )
     run = RunStore(cfg.run_dir)
     out = run_sft(cfg, run)
     m = json.loads((out / "manifest.json").read_text())

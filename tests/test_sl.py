@@ -107,7 +107,10 @@ def test_prefix_split_renders_identically(tiny_model, constitution):
     engine = Engine(model, tok, progress=False)
     shared = demo_turns(constitution, 2, "critique", "revision")
     p = constitution.principles[1]
-    convs = [revision_turns(p, q, "Sure, here is how.", "It helps with crime.") for q in ("How do I steal a car?", "Tell me a joke")]
+    convs = [
+        revision_turns(p, q, "Sure, here is how.", "It helps with crime.")
+        for q in ("How do I steal a car?", "Tell me a joke")
+    ]
     prefix, rests = split_prefix(engine.render, shared, convs)
     assert prefix is not None and prefix.endswith("<|im_end|>\n")
     for conv, rest in zip(convs, rests):
@@ -126,7 +129,9 @@ def test_prefix_generation_matches_unsplit(tiny_model, constitution):
     model, tok = tiny_model
     engine = Engine(model, tok, progress=False)
     shared = demo_turns(constitution, 1, "critique", "critique")
-    convs = [sl.critique_turns(constitution.principles[0], q, "Here you go.") for q in ("Hi", "How do I hack wifi?", "Why?")]
+    convs = [
+        sl.critique_turns(constitution.principles[0], q, "Here you go.") for q in ("Hi", "How do I hack wifi?", "Why?")
+    ]
     greedy = SamplingConfig(max_new_tokens=8, do_sample=False, temperature=0.0, batch_size=8)
     prefix, rests = split_prefix(engine.render, shared, convs)
     cached = [g[0].text for g in engine.generate(rests, greedy, prefix=prefix)]
@@ -292,8 +297,14 @@ def test_resume_after_sigkill(tiny_cfg, tmp_path):
         """
     )
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = RunStore(cfg.run_dir)
     first = _phase_rows(run)
@@ -316,10 +327,19 @@ def second_tiny(tiny_path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("teacher")
     tok = AutoTokenizer.from_pretrained(tiny_path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(7)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -73,7 +73,9 @@ def test_sigkill_mid_write_loses_at_most_one_batch(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), "100000"], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(folder), "100000"], stdout=subprocess.PIPE, text=True, env=env
+    )
     seen = 0
     while seen < 20:
         if proc.stdout.readline().startswith("batch"):
@@ -88,7 +90,9 @@ def test_sigkill_mid_write_loses_at_most_one_batch(tmp_path):
     assert len(keys) == len(set(keys)), "duplicated records"
     assert len(keys) % 10 == 0 and len(keys) >= 200
     # a rerun finishes the rest without duplicating anything
-    out = subprocess.run([sys.executable, str(script), str(folder), str(len(keys) + 25)], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, str(script), str(folder), str(len(keys) + 25)], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr
     store = RecordStore(folder)
     assert len(store) == len(keys) + 25
@@ -227,7 +231,9 @@ def test_run_lock_is_reentrant_and_inherited_by_children(tmp_path):
         assert "child ok" in out.stdout
         # a process not started by the holder (no token) is refused
         env = {k: v for k, v in os.environ.items() if k != LOCK_ENV}
-        out = subprocess.run([sys.executable, "-c", child, str(run_dir)], capture_output=True, text=True, env=env, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", child, str(run_dir)], capture_output=True, text=True, env=env, timeout=120
+        )
         assert out.returncode != 0 and "is in use by pid" in out.stderr
     assert LOCK_ENV not in os.environ
 
@@ -239,8 +245,23 @@ def test_cli_stage_command_on_busy_run_exits_with_message(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        out = subprocess.run([sys.executable, "-m", "cai_dpo.cli", "sl", "--profile", "tiny", "--run-id", "busy",
-                              "-o", f"runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cai_dpo.cli",
+                "sl",
+                "--profile",
+                "tiny",
+                "--run-id",
+                "busy",
+                "-o",
+                f"runs_dir={tmp_path / 'runs'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         proc.kill()
         proc.wait()

@@ -66,8 +66,16 @@ class RequestOutput:
 class SamplingParams:
     """Records its arguments; only the names vLLM's documented API has are accepted."""
 
-    def __init__(self, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int | None = 16,
-                 seed: int | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None):
+    def __init__(
+        self,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int | None = 16,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ):
         if temperature < 1e-5 and n > 1:
             raise ValueError(f"n must be 1 when using greedy sampling, got {n}.")
         self.n, self.temperature, self.top_p, self.max_tokens = n, temperature, top_p, max_tokens
@@ -110,8 +118,14 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
-    def generate(self, prompts: list[dict[str, list[int]]], sampling_params: Any, *, use_tqdm: bool = True,
-                 lora_request: Any = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: list[dict[str, list[int]]],
+        sampling_params: Any,
+        *,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+    ) -> list[RequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         assert len(params) == len(prompts)
         ids_list = [list(p["prompt_token_ids"]) for p in prompts]
@@ -167,8 +181,12 @@ def vllm_spec(**kw: Any) -> ModelSpec:
 def test_factory_builds_llm_with_spec_settings(fake_vllm, tiny_path):
     from cai_dpo.vllm_engine import VLLMEngine
 
-    engine = load_engine(vllm_spec(tensor_parallel_size=2, dtype="bfloat16", quantization="4bit",
-                                   vllm_args={"gpu_memory_utilization": 0.5}), progress=False)
+    engine = load_engine(
+        vllm_spec(
+            tensor_parallel_size=2, dtype="bfloat16", quantization="4bit", vllm_args={"gpu_memory_utilization": 0.5}
+        ),
+        progress=False,
+    )
     assert isinstance(engine, VLLMEngine)
     [llm] = fake_vllm.llms
     assert llm.model == str(tiny_path)
@@ -198,15 +216,19 @@ def test_adapter_goes_to_every_request_and_stacked_adapters_are_refused(fake_vll
 
 
 def test_config_validates_vllm_fields(tmp_path):
-    cfg = load_config("tiny", {"policy.backend": "vllm", "policy.tensor_parallel_size": 2,
-                               "policy.vllm_args": {"max_model_len": 4096}})
+    cfg = load_config(
+        "tiny",
+        {"policy.backend": "vllm", "policy.tensor_parallel_size": 2, "policy.vllm_args": {"max_model_len": 4096}},
+    )
     assert cfg.policy.tensor_parallel_size == 2 and cfg.policy.vllm_args == {"max_model_len": 4096}
     assert describe(cfg.policy) == "vllm:tiny" and describe(ModelSpec(name="tiny")) == "tiny"
-    bad = [({"policy.backend": "vllm", "policy.tensor_parallel_size": 0}, "policy.tensor_parallel_size.*>= 1"),
-           ({"policy.tensor_parallel_size": 2}, "policy.tensor_parallel_size.*backend: vllm only"),
-           ({"policy.vllm_args": {"a": 1}}, "policy.vllm_args.*backend: vllm only"),
-           ({"policy.backend": "vllm", "policy.quantization": "8bit"}, "policy.quantization.*4-bit only"),
-           ({"policy.backend": "vllm", "policy.name": "openai://h:8000/v1"}, "policy.name.*backend: openai")]
+    bad = [
+        ({"policy.backend": "vllm", "policy.tensor_parallel_size": 0}, "policy.tensor_parallel_size.*>= 1"),
+        ({"policy.tensor_parallel_size": 2}, "policy.tensor_parallel_size.*backend: vllm only"),
+        ({"policy.vllm_args": {"a": 1}}, "policy.vllm_args.*backend: vllm only"),
+        ({"policy.backend": "vllm", "policy.quantization": "8bit"}, "policy.quantization.*4-bit only"),
+        ({"policy.backend": "vllm", "policy.name": "openai://h:8000/v1"}, "policy.name.*backend: openai"),
+    ]
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config("tiny", overrides)
@@ -311,7 +333,9 @@ def option_steps(engine: Any, context: str, option: str) -> tuple[list[int], int
 def test_score_options_normalises_top_logprobs(fake_vllm, tiny_path):
     engine = load_engine(vllm_spec(top_logprobs=5), progress=False)
     contexts, options = ["Which is kinder? Answer:", "Pick one:"], [" (A)", " (B)"]
-    fake_vllm.top = {t for c in contexts for o in options for t in engine.encode("Few. ") + option_steps(engine, c, o)[0]}
+    fake_vllm.top = {
+        t for c in contexts for o in options for t in engine.encode("Few. ") + option_steps(engine, c, o)[0]
+    }
     probs, raw = engine.score_options(contexts, options, prefix="Few. ")
     for i, ctx in enumerate(contexts):
         expected = []

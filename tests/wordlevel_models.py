@@ -11,8 +11,32 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "[CLS]", "[SEP]"]
-POLICY_WORDS = ["user", "assistant", "system", "good", "bad", "cat", "dog", "the", "a", "is", "tell", "me",
-                "about", "topic", "please", "now", "and", "it", "one", "two", "three", "four", "red", "blue"]
+POLICY_WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "good",
+    "bad",
+    "cat",
+    "dog",
+    "the",
+    "a",
+    "is",
+    "tell",
+    "me",
+    "about",
+    "topic",
+    "please",
+    "now",
+    "and",
+    "it",
+    "one",
+    "two",
+    "three",
+    "four",
+    "red",
+    "blue",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
@@ -33,8 +57,11 @@ def _tokenizer(words: list[str], *, chat: bool, lowercase: bool):
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
         )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-        eos_token="<|im_end|>" if chat else "[SEP]", bos_token="<|im_start|>" if chat else "[CLS]",
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>" if chat else "[SEP]",
+        bos_token="<|im_start|>" if chat else "[CLS]",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"] if chat else None,
     )
     if chat:
@@ -49,9 +76,18 @@ def build_word_policy(folder: Path, seed: int = 0, init_range: float = 0.05) -> 
 
     tok = _tokenizer(POLICY_WORDS, chat=True, lowercase=False)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=init_range,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=init_range,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -68,8 +104,14 @@ def build_word_encoder(folder: Path, words: list[str], seed: int = 0) -> Path:
 
     tok = _tokenizer(words + ["human", "assistant", ":", "?", ".", "!", ",", ";", "'"], chat=False, lowercase=True)
     config = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

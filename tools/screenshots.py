@@ -203,19 +203,27 @@ def check_prerequisites(run_dir: Path | None, widget: bool, plots: bool) -> None
     if widget and not (run_dir / "data" / "preferences" / "dataset_info.json").exists():
         raise ToolError(f"--run-dir {run_dir}: no data/preferences yet (the judge stage writes it)")
     if plots and not list((run_dir / "report").glob("*.png")):
-        raise ToolError(f"--run-dir {run_dir}: no PNG plots in report/ (the eval stage writes them; "
-                        "`cai-dpo report` renders them again); `--only widget` skips the plots")
+        raise ToolError(
+            f"--run-dir {run_dir}: no PNG plots in report/ (the eval stage writes them; "
+            "`cai-dpo report` renders them again); `--only widget` skips the plots"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--run-dir", type=Path, help="an existing run folder, read only (default: a fresh tiny run "
-                        "in a temp folder)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, help="an existing run folder, read only (default: a fresh tiny run in a temp folder)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img", help="where the PNGs go (default: docs/img)")
     parser.add_argument("--only", choices=("widget", "plots"), help="make only the widget screenshot or only the plots")
     parser.add_argument("--pairs", type=int, default=3, help="pairs to queue when the run's queue is empty (default 3)")
-    parser.add_argument("--width", type=int, default=1000, help="width of the widget screenshot in pixels (default 1000)")
+    parser.add_argument(
+        "--width", type=int, default=1000, help="width of the widget screenshot in pixels (default 1000)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (runs, server log) and print it")
     args = parser.parse_args(argv)
     widget, plots = args.only in (None, "widget"), args.only in (None, "plots")

@@ -25,7 +25,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-SumFn = Callable[["torch.Tensor"], "torch.Tensor"]  # sums a tensor over the processes (DataParallel.sum); None on one process
+SumFn = Callable[
+    ["torch.Tensor"], "torch.Tensor"
+]  # sums a tensor over the processes (DataParallel.sum); None on one process
 
 
 def _count(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,8 +47,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, all_sum: SumF
     return all_sum(total) / all_sum(_count(x, mask)).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True,
-               all_sum: SumFn | None = None) -> torch.Tensor:
+def masked_var(
+    x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True, all_sum: SumFn | None = None
+) -> torch.Tensor:
     """Variance of ``x`` over masked positions (Bessel-corrected by default; global with ``all_sum``)."""
     mean = masked_mean(x, mask, all_sum)
     centred = (x - mean) ** 2
@@ -59,8 +62,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
-           all_sum: SumFn | None = None) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_sum: SumFn | None = None,
+) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over masked positions; ``shift_mean=False`` keeps the mean.
 
     ``all_sum``: mean and variance over every process's positions (several processes).
@@ -76,8 +84,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     return out
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns for right-padded response tokens.
 
     ``rewards``, ``values``, ``mask``: ``[B, T]``; positions past a response's end (mask 0)
@@ -99,8 +108,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return adv, (adv + values) * mask
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss ``mean(max(-A·ρ, -A·clip(ρ, 1±ε)))`` and its stats.
 
     Stats: ``clipfrac`` (share of tokens where the clipped term is active), ``approx_kl``
@@ -122,8 +132,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range_value: float) -> tuple[torch.Tensor, dict[str, float]]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range_value: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss ``0.5·mean(max((V-R)², (V_clip-R)²))``, ``V_clip = V_old + clip(V-V_old, ±ε)``."""
     import torch
 
@@ -136,8 +147,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
-def kl_penalty_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
-                       lengths: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``-β·(log π - log π_ref)`` with each score added on its last response token.
 
     Returns ``(rewards [B, T], kl [B, T])`` with ``kl = (log π - log π_ref)·mask`` (the k1 estimator).
@@ -165,7 +182,6 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, P: int) -> tor
 
     targets = input_ids[:, P:]
     return torch.gather(torch.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
-
 
 
 class KLController:

@@ -111,7 +111,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-
 class CaiPPOTrainer:
     """The PPO loop on one policy (LoRA), its reference (adapter off) and a value model.
 
@@ -127,8 +126,18 @@ class CaiPPOTrainer:
     models (no sharding, whatever the accelerate config).
     """
 
-    def __init__(self, cfg: RunConfig, policy: Any, tokenizer: Any, value_model: Any, reward: RewardFn,
-                 prompts: list[Conversation], *, ptx: PtxBatches | None = None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        policy: Any,
+        tokenizer: Any,
+        value_model: Any,
+        reward: RewardFn,
+        prompts: list[Conversation],
+        *,
+        ptx: PtxBatches | None = None,
+        progress: bool = True,
+    ):
         import torch
 
         from cai_dpo.distributed import DataParallel, check_processes
@@ -153,7 +162,9 @@ class CaiPPOTrainer:
         self.minibatch = max(1, self.pc.minibatch // self.dp.world_size)  # rows per process per minibatch
         self.dp.broadcast(self.params)  # every process starts from rank 0's adapters
         self.optimizer = torch.optim.AdamW(self.params, lr=self.pc.learning_rate, eps=1e-5)
-        self.kl_ctl = KLController(self.pc.kl_coef, self.pc.target_kl if self.pc.adaptive_kl else None, self.pc.kl_horizon)
+        self.kl_ctl = KLController(
+            self.pc.kl_coef, self.pc.target_kl if self.pc.adaptive_kl else None, self.pc.kl_horizon
+        )
         self.step = 0
         self.history: list[dict[str, float]] = []
 
@@ -185,10 +196,20 @@ class CaiPPOTrainer:
         query_ids = [self.engine.encode(self.engine.render(p)) for p in prompts]
         response_ids = self.response_ids(gens)
         b = build_batch(query_ids, response_ids, self.tokenizer.pad_token_id, self.device)
-        ro = Rollout(prompts=prompts, responses=self.response_texts(gens), finished=[g.finished for g in gens],
-                     input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                     response_mask=b["response_mask"], lengths=b["lengths"], query_width=b["query_width"])
-        raw = torch.tensor([float(s) for s in self.reward(prompts, ro.responses)], dtype=torch.float, device=self.device)
+        ro = Rollout(
+            prompts=prompts,
+            responses=self.response_texts(gens),
+            finished=[g.finished for g in gens],
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            position_ids=b["position_ids"],
+            response_mask=b["response_mask"],
+            lengths=b["lengths"],
+            query_width=b["query_width"],
+        )
+        raw = torch.tensor(
+            [float(s) for s in self.reward(prompts, ro.responses)], dtype=torch.float, device=self.device
+        )
         if raw.shape[0] != len(prompts):
             raise ValueError(f"reward function returned {raw.shape[0]} scores for {len(prompts)} responses")
         ro.raw_scores = raw
@@ -225,7 +246,9 @@ class CaiPPOTrainer:
         scores = ro.scores
         if self.pc.whiten_rewards and self.pc.rollout_batch > 1:
             scores = whiten(scores, shift_mean=False, all_sum=self._all_sum)
-        ro.rewards, ro.kl = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, mask, scores, ro.lengths, self.kl_ctl.value)
+        ro.rewards, ro.kl = kl_penalty_rewards(
+            ro.logprobs, ro.ref_logprobs, mask, scores, ro.lengths, self.kl_ctl.value
+        )
         adv, ro.returns = compute_gae(ro.rewards, ro.values, mask, self.pc.gamma, self.pc.lam)
         ro.advantages = whiten(adv, mask, all_sum=self._all_sum)
 
@@ -244,7 +267,9 @@ class CaiPPOTrainer:
         P = ro.query_width
         rng = np.random.default_rng(seed)
         B = ro.input_ids.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "ratio", "ptx_loss")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "ratio", "ptx_loss")
+        }
         self.policy.eval()  # dropout stays off: ratios must compare like with like
         self.value_model.eval()
         for _ in range(self.pc.ppo_epochs):
@@ -363,4 +388,3 @@ def last_ppo_checkpoint(folder: Path, max_step: int | None = None) -> Path | Non
             if m and (p / "state.json").exists() and (max_step is None or int(m.group(1)) <= max_step):
                 found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
-

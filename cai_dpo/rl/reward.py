@@ -80,7 +80,6 @@ def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int
     return list(ids)
 
 
-
 # --------------------------------------------------------------------------- run artifacts
 
 
@@ -88,7 +87,6 @@ def sft_adapter(run: RunStore) -> Path | None:
     """``models/sft`` when the SL-CAI adapter exists there."""
     path = run.root / "models" / "sft"
     return path if (path / "adapter_config.json").exists() else None
-
 
 
 # --------------------------------------------------------------------------- scorer
@@ -109,8 +107,16 @@ class RewardScorer:
     folder. ``score`` returns one float per pair, batched (right padding, as in training).
     """
 
-    def __init__(self, source: str | Path, *, batch_size: int = 16, max_length: int | None = None, device: str | None = None,
-                 model: Any = None, tokenizer: Any = None):
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        device: str | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
+    ):
         from cai_dpo.models import load_model
 
         self.source = str(source)
@@ -121,7 +127,11 @@ class RewardScorer:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_length = max_length or saved.get("max_length") or min(int(getattr(tokenizer, "model_max_length", 1024) or 1024), 1024)
+        self.max_length = (
+            max_length
+            or saved.get("max_length")
+            or min(int(getattr(tokenizer, "model_max_length", 1024) or 1024), 1024)
+        )
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -165,4 +175,3 @@ class RewardScorer:
         chosen = self.score(prompts, [response_text(r["chosen"]) for r in rows])
         rejected = self.score(prompts, [response_text(r["rejected"]) for r in rows])
         return chosen, rejected
-

@@ -56,12 +56,22 @@ class Rollout:
 
     def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensors of a minibatch (rows ``idx``)."""
-        names = ("input_ids", "attention_mask", "position_ids", "response_mask", "logprobs", "values", "advantages", "returns")
+        names = (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "response_mask",
+            "logprobs",
+            "values",
+            "advantages",
+            "returns",
+        )
         return {n: getattr(self, n)[idx] for n in names}
 
 
-def build_batch(query_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                device: torch.device | str = "cpu") -> dict[str, Any]:
+def build_batch(
+    query_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Left-pad queries and right-pad responses into one ``[B, P+R]`` batch with position ids."""
     import torch
 
@@ -84,21 +94,30 @@ def build_batch(query_ids: list[list[int]], response_ids: list[list[int]], pad_i
     }
 
 
-def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, P: int,
-                    temperature: float) -> torch.Tensor:
+def response_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    P: int,
+    temperature: float,
+) -> torch.Tensor:
     """Logits ``[B, R, V]`` predicting each response token (divided by the sampling temperature)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     logits = out.logits[:, P - 1 : -1].float()
     return logits / max(temperature, 1e-6)
 
 
-def token_values(value_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 P: int) -> torch.Tensor:
+def token_values(
+    value_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, P: int
+) -> torch.Tensor:
     """Value of each state before a response token (``[B, R]``) from a scalar-head model."""
     base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    head = getattr(base, "score")
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    head = base.score
     return head(hidden[:, P - 1 : -1]).squeeze(-1).float()
 
 
@@ -156,7 +175,9 @@ class PtxBatches:
         """Token ids of a conversation and labels masking everything but the final assistant turn."""
         tok = self.tokenizer
         full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-        head = tok(tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        head = tok(
+            tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
         n = min(len(head), len(full))
         labels = [-100] * n + full[n:]
         return full[-self.max_length :], labels[-self.max_length :]

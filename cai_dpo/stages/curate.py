@@ -35,7 +35,17 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import PromptFileError
 from cai_dpo.errors import InputError
-from cai_dpo.scorers import KINDS, JudgeScorer, Labelled, ProbeScorer, ScoredRow, choose, labelled_examples, measure, train_probe
+from cai_dpo.scorers import (
+    KINDS,
+    JudgeScorer,
+    Labelled,
+    ProbeScorer,
+    ScoredRow,
+    choose,
+    labelled_examples,
+    measure,
+    train_probe,
+)
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
 
 log = logging.getLogger(__name__)
@@ -53,45 +63,73 @@ def _parse_row(row: dict[str, Any], file: Path, line: int, source: str, row_kind
     """A ``{id, messages, kind, principle_ids, source}`` row from a messages or prompt/response row."""
     msgs = row.get("messages")
     if msgs is not None:
-        if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
-                or msgs[-1].get("role") != "assistant" or not any(m.get("role") == "user" for m in msgs[:-1])):
-            raise PromptFileError("must be a list of {role, content} turns with a user turn, ending with the "
-                                  "assistant's response", file=file, line=line, field="messages", row_kind=row_kind)
+        if (
+            not isinstance(msgs, list)
+            or len(msgs) < 2
+            or not all(isinstance(m, dict) for m in msgs)
+            or msgs[-1].get("role") != "assistant"
+            or not any(m.get("role") == "user" for m in msgs[:-1])
+        ):
+            raise PromptFileError(
+                "must be a list of {role, content} turns with a user turn, ending with the assistant's response",
+                file=file,
+                line=line,
+                field="messages",
+                row_kind=row_kind,
+            )
         for i, m in enumerate(msgs):
             if not isinstance(m.get("content"), str) or not m["content"].strip():
-                raise PromptFileError("empty content", file=file, line=line, field=f"messages[{i}].content",
-                                      row_kind=row_kind)
+                raise PromptFileError(
+                    "empty content", file=file, line=line, field=f"messages[{i}].content", row_kind=row_kind
+                )
         turns = [{"role": str(m["role"]), "content": m["content"].strip()} for m in msgs]
     else:
         prompt, response = row.get("prompt"), row.get("response")
         if prompt is None and response is None:
-            raise PromptFileError("needs 'messages' (ending with the assistant turn) or 'prompt' and 'response'",
-                                  file=file, line=line, field="messages", row_kind=row_kind)
+            raise PromptFileError(
+                "needs 'messages' (ending with the assistant turn) or 'prompt' and 'response'",
+                file=file,
+                line=line,
+                field="messages",
+                row_kind=row_kind,
+            )
         if isinstance(prompt, str) and prompt.strip():
             prompt_turns = [{"role": "user", "content": prompt.strip()}]
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                         for m in prompt):
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)
+        ):
             prompt_turns = [{"role": str(m.get("role", "user")), "content": m["content"]} for m in prompt]
         else:
-            raise PromptFileError("missing, empty, or not text / a list of turns", file=file, line=line, field="prompt",
-                                  row_kind=row_kind)
+            raise PromptFileError(
+                "missing, empty, or not text / a list of turns", file=file, line=line, field="prompt", row_kind=row_kind
+            )
         if not isinstance(response, str) or not response.strip():
-            raise PromptFileError("missing, empty or not a string", file=file, line=line, field="response",
-                                  row_kind=row_kind)
+            raise PromptFileError(
+                "missing, empty or not a string", file=file, line=line, field="response", row_kind=row_kind
+            )
         turns = prompt_turns + [{"role": "assistant", "content": response.strip()}]
     pids = row.get("principle_ids") or []
     if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
-        raise PromptFileError("must be a list of principle id strings", file=file, line=line, field="principle_ids",
-                              row_kind=row_kind)
+        raise PromptFileError(
+            "must be a list of principle id strings", file=file, line=line, field="principle_ids", row_kind=row_kind
+        )
     kind = row.get("kind")
     if kind is not None and kind not in KINDS:
-        raise PromptFileError(f"is {kind!r}; allowed: {', '.join(KINDS)}", file=file, line=line, field="kind",
-                              row_kind=row_kind)
+        raise PromptFileError(
+            f"is {kind!r}; allowed: {', '.join(KINDS)}", file=file, line=line, field="kind", row_kind=row_kind
+        )
     row_source = str(row.get("source") or "")
     kind = kind or SOURCE_KINDS.get(row_source)
     rid = row.get("id") or row.get("prompt_id") or content_hash(turns, length=12)
-    return {"id": str(rid), "messages": turns, "kind": kind or "", "principle_ids": list(pids),
-            "source": f"{source}:{row_source}" if row_source else source}
+    return {
+        "id": str(rid),
+        "messages": turns,
+        "kind": kind or "",
+        "principle_ids": list(pids),
+        "source": f"{source}:{row_source}" if row_source else source,
+    }
 
 
 def _is_curated_format(path: Path) -> bool:
@@ -107,8 +145,16 @@ def _is_curated_format(path: Path) -> bool:
 def _curated_rows(spec: str) -> list[dict[str, Any]]:
     from cai_dpo.curated import load_curated
 
-    return [{"id": e.id, "messages": e.messages(), "kind": e.kind, "principle_ids": list(e.principle_ids),
-             "source": "curated"} for e in load_curated(spec, split="train")]
+    return [
+        {
+            "id": e.id,
+            "messages": e.messages(),
+            "kind": e.kind,
+            "principle_ids": list(e.principle_ids),
+            "source": "curated",
+        }
+        for e in load_curated(spec, split="train")
+    ]
 
 
 def load_rows(spec: str, run: RunStore) -> list[dict[str, Any]]:
@@ -125,15 +171,18 @@ def load_rows(spec: str, run: RunStore) -> list[dict[str, Any]]:
     if spec == "sl":
         path = run.root / "data" / "sl"
         if not (path / "dataset_info.json").exists():
-            raise FileNotFoundError(f"{path}: SL-CAI dataset not found; run the sl stage first (cai-dpo sl) "
-                                    "or set curate.sources")
+            raise FileNotFoundError(
+                f"{path}: SL-CAI dataset not found; run the sl stage first (cai-dpo sl) or set curate.sources"
+            )
         return [_parse_row(r, path, i, "sl", "row") for i, r in enumerate(datasets.load_from_disk(str(path)), 1)]
     if spec == "bundled:curated":
         return _curated_rows(spec)
     path = resolve_path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"{spec}: curation source not found; pass 'sl', 'bundled:curated', a JSONL file, "
-                                "a folder of JSONL files or a saved dataset folder (curate.sources)")
+        raise FileNotFoundError(
+            f"{spec}: curation source not found; pass 'sl', 'bundled:curated', a JSONL file, "
+            "a folder of JSONL files or a saved dataset folder (curate.sources)"
+        )
     if path.is_dir() and (path / "dataset_info.json").exists():
         rows = [_parse_row(r, path, i, path.name, "row") for i, r in enumerate(datasets.load_from_disk(str(path)), 1)]
     elif _is_curated_format(path):
@@ -170,8 +219,9 @@ def apply_threshold(scores: Sequence[float], threshold: float, action: str) -> t
 # --------------------------------------------------------------------------- policy answers (probe negatives)
 
 
-def policy_answers(engine: Any, examples: Sequence[Any], cfg: RunConfig, run: RunStore | None,
-                   model_id: str) -> dict[str, str]:
+def policy_answers(
+    engine: Any, examples: Sequence[Any], cfg: RunConfig, run: RunStore | None, model_id: str
+) -> dict[str, str]:
     """The policy's answers to harmful curated prompts, by example id; resumable in ``records/curate-negatives``."""
     sampling = cfg.curate.sampling
     params = dataclasses.asdict(sampling)
@@ -183,11 +233,20 @@ def policy_answers(engine: Any, examples: Sequence[Any], cfg: RunConfig, run: Ru
     todo = [e for e in harmful if keys[e.id] not in done]
     size = max(1, sampling.batch_size or 32)
     for start in range(0, len(todo), size):  # stored per chunk: a kill loses at most the chunk in flight
-        part = todo[start:start + size]
-        gens = engine.generate([[{"role": "user", "content": e.prompt}] for e in part], sampling,
-                               desc="curate policy answers")
-        new = [{"key": keys[e.id], "id": e.id, "text": g[0].text.strip(), "finished": g[0].finished,
-                "tokens": g[0].n_tokens} for e, g in zip(part, gens)]
+        part = todo[start : start + size]
+        gens = engine.generate(
+            [[{"role": "user", "content": e.prompt}] for e in part], sampling, desc="curate policy answers"
+        )
+        new = [
+            {
+                "key": keys[e.id],
+                "id": e.id,
+                "text": g[0].text.strip(),
+                "finished": g[0].finished,
+                "tokens": g[0].n_tokens,
+            }
+            for e, g in zip(part, gens)
+        ]
         if store is not None:
             store.append(new)
         done = {**done, **{r["key"]: r for r in new}}
@@ -244,8 +303,17 @@ class _Models:
 
 def _probe_fingerprint(cfg: RunConfig, model_id: str, curated_hash: str) -> str:
     c = cfg.curate
-    return content_hash("curate-probe", model_id, curated_hash, c.train_limit, c.probe_l2, c.probe_layer, c.max_length,
-                        dataclasses.asdict(c.sampling), cfg.seed)
+    return content_hash(
+        "curate-probe",
+        model_id,
+        curated_hash,
+        c.train_limit,
+        c.probe_l2,
+        c.probe_layer,
+        c.max_length,
+        dataclasses.asdict(c.sampling),
+        cfg.seed,
+    )
 
 
 def _curated_hash(spec: str) -> str:
@@ -254,8 +322,9 @@ def _curated_hash(spec: str) -> str:
     return content_hash([file_hash(f) for f in curated_files(spec)])
 
 
-def _get_probe(cfg: RunConfig, run: RunStore, models: _Models, train: list[Any], curated_hash: str,
-               notes: list[str]) -> tuple[ProbeScorer, dict[str, Any]]:
+def _get_probe(
+    cfg: RunConfig, run: RunStore, models: _Models, train: list[Any], curated_hash: str, notes: list[str]
+) -> tuple[ProbeScorer, dict[str, Any]]:
     """The saved probe when its inputs are unchanged, else a newly trained one (saved to ``models/curate_probe``)."""
     from cai_dpo.store import read_manifest
 
@@ -275,8 +344,16 @@ def _get_probe(cfg: RunConfig, run: RunStore, models: _Models, train: list[Any],
     with Timer() as t:
         answers = policy_answers(engine, train, cfg, run, models.policy_id)
         examples = labelled_examples(train, answers)
-        probe = train_probe(engine.model, engine.tokenizer, examples, model_id=models.policy_id, layer=c.probe_layer,
-                            max_length=c.max_length, batch_size=c.batch_size, l2=c.probe_l2)
+        probe = train_probe(
+            engine.model,
+            engine.tokenizer,
+            examples,
+            model_id=models.policy_id,
+            layer=c.probe_layer,
+            max_length=c.max_length,
+            batch_size=c.batch_size,
+            l2=c.probe_l2,
+        )
     from cai_dpo.metrics import is_refusal
 
     refusals = [is_refusal(answers[e.id]) for e in train if e.id in answers]
@@ -285,11 +362,15 @@ def _get_probe(cfg: RunConfig, run: RunStore, models: _Models, train: list[Any],
         config={"curate": to_dict(c), "seed": cfg.seed},
         inputs={"curated_set": f"{c.curated_set}#{curated_hash}", "fingerprint": fp},
         models={"features": models.policy_id},
-        counts={"train_rows": len(examples), **{f"{k}_{n}": v for k, d in probe.meta["train_counts"].items()
-                                                 for n, v in d.items()}},
+        counts={
+            "train_rows": len(examples),
+            **{f"{k}_{n}": v for k, d in probe.meta["train_counts"].items() for n, v in d.items()},
+        },
         timings={"train_seconds": t.seconds},
-        metrics={"train_accuracy": probe.meta["train_accuracy"],
-                 "policy_answer_refusal_rate": float(np.mean(refusals)) if refusals else None},
+        metrics={
+            "train_accuracy": probe.meta["train_accuracy"],
+            "policy_answer_refusal_rate": float(np.mean(refusals)) if refusals else None,
+        },
     )
     with atomic_dir(folder) as tmp:
         probe.save(tmp)
@@ -311,9 +392,17 @@ def _dataset(rows: list[dict[str, Any]]) -> Any:
     from datasets import Features, List, Value
 
     turn = List({"role": Value("string"), "content": Value("string")})
-    features = Features({"messages": turn, "source": Value("string"), "prompt_id": Value("string"),
-                         "kind": Value("string"), "principle_ids": List(Value("string")),
-                         "curate_score": Value("float64"), "weight": Value("float64")})
+    features = Features(
+        {
+            "messages": turn,
+            "source": Value("string"),
+            "prompt_id": Value("string"),
+            "kind": Value("string"),
+            "principle_ids": List(Value("string")),
+            "curate_score": Value("float64"),
+            "weight": Value("float64"),
+        }
+    )
     return datasets.Dataset.from_list(rows, features=features)
 
 
@@ -359,8 +448,10 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
                 curated_hash = _curated_hash(c.curated_set)
             except FileNotFoundError as exc:
                 if c.scorer == "probe":
-                    raise FileNotFoundError(f"{exc} (curate.scorer=probe trains on curate.curated_set; point it at "
-                                            "a curated set or use scorer judge)") from exc
+                    raise FileNotFoundError(
+                        f"{exc} (curate.scorer=probe trains on curate.curated_set; point it at "
+                        "a curated set or use scorer judge)"
+                    ) from exc
                 notes.append(f"no curated set ({exc}): no probe, scorer unmeasured")
                 examples = []
             curated_train = _per_kind([e for e in examples if e.split == "train"], c.train_limit)
@@ -375,8 +466,14 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
                 candidates["probe"], probe_manifest = _get_probe(cfg, run, models, curated_train, curated_hash, notes)
             timings["probe_seconds"] = t.seconds
         if c.scorer in ("judge", "auto"):
-            candidates["judge"] = JudgeScorer(models.judge(), constitution, cfg.judge, baseline=c.judge_baseline,
-                                              seed=cfg.seed, model_id=models.judge_id)
+            candidates["judge"] = JudgeScorer(
+                models.judge(),
+                constitution,
+                cfg.judge,
+                baseline=c.judge_baseline,
+                seed=cfg.seed,
+                model_id=models.judge_id,
+            )
 
         measurements: dict[str, dict[str, Any]] = {}
         if c.measure and curated_heldout:
@@ -391,13 +488,19 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
         if c.scorer == "auto":
             choice = choose(measurements) if measurements else None
             name = choice.name if choice else ("probe" if "probe" in candidates else "judge")
-            reason = choice.reason if choice else "no measurement; " + (
-                "probe (trained)" if name == "probe" else "judge (no curated set to train a probe)")
+            reason = (
+                choice.reason
+                if choice
+                else "no measurement; "
+                + ("probe (trained)" if name == "probe" else "judge (no curated set to train a probe)")
+            )
         else:
             name, reason = c.scorer, "set by curate.scorer"
         if name not in candidates:
-            raise InputError(f"{c.curated_set}: no train rows to fit the probe on (curate.scorer={c.scorer}); "
-                             "add train rows to the curated set or use scorer judge")
+            raise InputError(
+                f"{c.curated_set}: no train rows to fit the probe on (curate.scorer={c.scorer}); "
+                "add train rows to the curated set or use scorer judge"
+            )
         scorer = candidates[name]
         notes.append(f"scorer {name}: {reason}")
 
@@ -405,30 +508,54 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
             scores = scorer.score([_row(r) for r in rows])
         timings["score_seconds"] = t.seconds
         weights, keep = apply_threshold(scores, c.threshold, c.action)
-        out_rows = [{"messages": r["messages"], "source": r["source"], "prompt_id": r["id"], "kind": r["kind"],
-                     "principle_ids": r["principle_ids"], "curate_score": float(s), "weight": float(w)}
-                    for r, s, w, k in zip(rows, scores, weights, keep) if k]
+        out_rows = [
+            {
+                "messages": r["messages"],
+                "source": r["source"],
+                "prompt_id": r["id"],
+                "kind": r["kind"],
+                "principle_ids": r["principle_ids"],
+                "curate_score": float(s),
+                "weight": float(w),
+            }
+            for r, s, w, k in zip(rows, scores, weights, keep)
+            if k
+        ]
         if not out_rows:
-            raise InputError(f"curate: every row scored below curate.threshold={c.threshold} with action drop; "
-                             "lower the threshold or use action weight")
+            raise InputError(
+                f"curate: every row scored below curate.threshold={c.threshold} with action drop; "
+                "lower the threshold or use action weight"
+            )
         below = int(np.sum(scores < c.threshold))
         counts = {
-            "rows_in": len(rows), "kept": len(out_rows), "dropped": len(rows) - len(out_rows),
-            "below_threshold": below, "downweighted": int(np.sum(weights < 1.0)) if c.action == "weight" else 0,
+            "rows_in": len(rows),
+            "kept": len(out_rows),
+            "dropped": len(rows) - len(out_rows),
+            "below_threshold": below,
+            "downweighted": int(np.sum(weights < 1.0)) if c.action == "weight" else 0,
             "by_source": dict(Counter(r["source"] for r in out_rows)),
             "by_kind": dict(Counter(r["kind"] or "unknown" for r in out_rows)),
-            "curated_train_prompts": len(curated_train), "curated_heldout_prompts": len(curated_heldout),
+            "curated_train_prompts": len(curated_train),
+            "curated_heldout_prompts": len(curated_heldout),
         }
         models_used = {"policy": models.policy_id}
         if name == "judge" or "judge" in candidates:
             models_used["judge"] = models.judge_id
         metrics = {
-            "scorer": name, "scorer_reason": reason, "scorer_model": getattr(scorer, "model_id", ""),
-            "accuracy": measurements.get(name), "candidates": measurements,
-            "threshold": c.threshold, "action": c.action,
-            "score_mean": float(np.mean(scores)), "score_histogram": _histogram(scores),
-            "probe": ({k: probe_manifest["metrics"].get(k) for k in ("train_accuracy", "policy_answer_refusal_rate")}
-                      if probe_manifest else None),
+            "scorer": name,
+            "scorer_reason": reason,
+            "scorer_model": getattr(scorer, "model_id", ""),
+            "accuracy": measurements.get(name),
+            "candidates": measurements,
+            "threshold": c.threshold,
+            "action": c.action,
+            "score_mean": float(np.mean(scores)),
+            "score_histogram": _histogram(scores),
+            "probe": (
+                {k: probe_manifest["metrics"].get(k) for k in ("train_accuracy", "policy_answer_refusal_rate")}
+                if probe_manifest
+                else None
+            ),
             "threads": threads,
         }
         inputs = {f"source:{spec}": _source_hash(spec, run) for spec in c.sources}
@@ -440,12 +567,28 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
             _dataset(out_rows).save_to_disk(str(tmp))
             timings["model_load"] = models.load_seconds
             timings["seconds"] = time.perf_counter() - total.start
-            Manifest(stage="curate", config={"curate": to_dict(c), "judge": to_dict(cfg.judge), "seed": cfg.seed},
-                     inputs=inputs, models=models_used, counts=counts, timings=timings, metrics=metrics,
-                     notes=notes).write(tmp / "manifest.json")
+            Manifest(
+                stage="curate",
+                config={"curate": to_dict(c), "judge": to_dict(cfg.judge), "seed": cfg.seed},
+                inputs=inputs,
+                models=models_used,
+                counts=counts,
+                timings=timings,
+                metrics=metrics,
+                notes=notes,
+            ).write(tmp / "manifest.json")
     acc = measurements.get(name, {}).get("pairwise", {}).get("accuracy") if measurements.get(name) else None
-    log.info("curate: %d rows in, %d kept, %d below %.2f (%s) with scorer %s (held-out accuracy %s) -> %s",
-             len(rows), len(out_rows), below, c.threshold, c.action, name, acc, final)
+    log.info(
+        "curate: %d rows in, %d kept, %d below %.2f (%s) with scorer %s (held-out accuracy %s) -> %s",
+        len(rows),
+        len(out_rows),
+        below,
+        c.threshold,
+        c.action,
+        name,
+        acc,
+        final,
+    )
     return final
 
 

@@ -72,6 +72,7 @@ from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_di
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
+from cai_dpo.labels import preferences_path
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -82,10 +83,8 @@ from cai_dpo.models import (
     merge_adapter,
     write_adapter,
 )
-from cai_dpo.labels import preferences_path
 from cai_dpo.splits import split_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, read_manifest
-from cai_dpo.store import locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, read_manifest
 from cai_dpo.training import (
     artifact_current,
     artifact_hash,
@@ -103,8 +102,21 @@ log = logging.getLogger(__name__)
 
 # TRL 1.16's loss types; used only when they cannot be read from the installed DPOConfig.
 _FALLBACK_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"}
 # config keys that only change how long training runs: a longer run may resume a shorter one
@@ -127,7 +139,9 @@ def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
     """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
     allowed = trl_loss_types()
     if d.loss_type not in allowed:
-        raise ConfigError(f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}")
+        raise ConfigError(
+            f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}"
+        )
     if d.label_mode == "soft" and d.loss_type != "sigmoid":
         raise ConfigError(
             f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
@@ -146,7 +160,9 @@ def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
     if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
         raise ConfigError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
     if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
-        raise ConfigError(f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}")
+        raise ConfigError(
+            f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}"
+        )
     checks = [
         (d.beta > 0, "dpo.beta must be > 0"),
         (d.learning_rate > 0, "dpo.learning_rate must be > 0"),
@@ -184,8 +200,15 @@ def conservative_dpo_loss(
 
 
 def weighted_dpo_loss(
-    chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any, ref_rejected_logps: Any, p_chosen: Any,
-    weights: Any | None, beta: float, chosen_tokens: Any | None = None, rpo_alpha: float = 0.0,
+    chosen_logps: Any,
+    rejected_logps: Any,
+    ref_chosen_logps: Any,
+    ref_rejected_logps: Any,
+    p_chosen: Any,
+    weights: Any | None,
+    beta: float,
+    chosen_tokens: Any | None = None,
+    rpo_alpha: float = 0.0,
 ) -> Any:
     """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights).
 
@@ -226,8 +249,15 @@ def _trainer_class() -> type:
     class SoftLabelDPOTrainer(DPOTrainer):
         """DPOTrainer with per-pair soft labels and weights, prompt truncation and a KL proxy metric."""
 
-        def __init__(self, *args: Any, label_mode: str = "soft", max_prompt_length: int | None = None,
-                     weighting: str = "none", rpo_alpha: float = 0.0, **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            label_mode: str = "soft",
+            max_prompt_length: int | None = None,
+            weighting: str = "none",
+            rpo_alpha: float = 0.0,
+            **kwargs: Any,
+        ):
             self.label_mode = label_mode
             self.rpo_alpha = rpo_alpha
             self.max_prompt_length = max_prompt_length
@@ -246,12 +276,15 @@ def _trainer_class() -> type:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             limit = self.max_prompt_length
             if limit:  # keep the end of long prompts (the question sits there)
-                dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-limit:]},
-                                      desc=f"Truncating {dataset_name} prompts to {limit} tokens")
+                dataset = dataset.map(
+                    lambda ex: {"prompt_ids": ex["prompt_ids"][-limit:]},
+                    desc=f"Truncating {dataset_name} prompts to {limit} tokens",
+                )
             return dataset
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             inputs = dict(inputs)
             self._p_chosen = inputs.pop("p_chosen", None)
             self._weight = inputs.pop("weight", None)
@@ -283,12 +316,22 @@ def _trainer_class() -> type:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(
-                    self.ref_model if self.ref_model is not None else model, inputs)
+                    self.ref_model if self.ref_model is not None else model, inputs
+                )
             p = self._p_chosen if self._p_chosen is not None else torch.ones_like(chosen_logps)
             p = p.to(chosen_logps.device)
             w = self._weight if self.weighting == "principle" else None
-            loss = weighted_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, p, w, self.beta,
-                                     chosen_tokens=chosen_tokens, rpo_alpha=self.rpo_alpha)
+            loss = weighted_dpo_loss(
+                chosen_logps,
+                rejected_logps,
+                ref_chosen,
+                ref_rejected,
+                p,
+                w,
+                self.beta,
+                chosen_tokens=chosen_tokens,
+                rpo_alpha=self.rpo_alpha,
+            )
 
             gather = self.accelerator.gather
             chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
@@ -339,8 +382,14 @@ class PreferenceRows:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: str = "preferences", *,
-                  weighting: str = "none", principle_weights: dict[str, float] | None = None) -> PreferenceRows:
+def training_rows(
+    records: Sequence[dict[str, Any]],
+    label_mode: str,
+    source: str = "preferences",
+    *,
+    weighting: str = "none",
+    principle_weights: dict[str, float] | None = None,
+) -> PreferenceRows:
     """Keep ``prompt``/``chosen``/``rejected``/``p_chosen`` and a training ``weight``; in hard mode orient pairs.
 
     Soft mode keeps ``p_chosen`` as is. Hard mode sets it to 1, swaps a pair whose
@@ -365,11 +414,26 @@ def training_rows(records: Sequence[dict[str, Any]], label_mode: str, source: st
             if p < 0.5:
                 chosen, rejected, swapped = rejected, chosen, swapped + 1
             p = 1.0
-        rows.append({"prompt": _messages(rec["prompt"], "user"), "chosen": chosen, "rejected": rejected, "p_chosen": p,
-                     "weight": weights[i]})
-    return PreferenceRows(rows, {"pairs_in": len(records), "pairs_used": len(rows), "hard_swapped": swapped,
-                                 "hard_ties_dropped": ties, "dropped_identical": check_counts["dropped_identical"],
-                                 "dropped_empty": check_counts["dropped_empty"]})
+        rows.append(
+            {
+                "prompt": _messages(rec["prompt"], "user"),
+                "chosen": chosen,
+                "rejected": rejected,
+                "p_chosen": p,
+                "weight": weights[i],
+            }
+        )
+    return PreferenceRows(
+        rows,
+        {
+            "pairs_in": len(records),
+            "pairs_used": len(rows),
+            "hard_swapped": swapped,
+            "hard_ties_dropped": ties,
+            "dropped_identical": check_counts["dropped_identical"],
+            "dropped_empty": check_counts["dropped_empty"],
+        },
+    )
 
 
 def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
@@ -420,8 +484,11 @@ def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
         chain = adapter_merge_first(start_adapter)
     quantized = cfg.policy.quantization != "none"
     if mode == "merge" and quantized and start_adapter is not None:
-        log.warning("dpo.adapter_mode=merge on a %s policy re-rounds the merged SFT weights; "
-                    "dpo.adapter_mode=continue keeps the reference exact", cfg.policy.quantization)
+        log.warning(
+            "dpo.adapter_mode=merge on a %s policy re-rounds the merged SFT weights; "
+            "dpo.adapter_mode=continue keeps the reference exact",
+            cfg.policy.quantization,
+        )
     merged = chain + ([start_adapter] if mode == "merge" and start_adapter is not None else [])
     model, tokenizer = load_model(spec, trainable=True, merge_first=merged, stack_quantized=False)
     if quantized:
@@ -430,9 +497,18 @@ def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if mode == "continue" and start_adapter is not None:
         model = load_adapter(model, start_adapter, trainable=True)
-        return StartPoint(model, tokenizer, mode, start_adapter, chain, None,
-                          f"base + frozen copy of {start_adapter.name} (adapter 'ref')")
-    reference = "base with the SFT adapter merged, DPO adapter off" if start_adapter is not None else "base (adapter off)"
+        return StartPoint(
+            model,
+            tokenizer,
+            mode,
+            start_adapter,
+            chain,
+            None,
+            f"base + frozen copy of {start_adapter.name} (adapter 'ref')",
+        )
+    reference = (
+        "base with the SFT adapter merged, DPO adapter off" if start_adapter is not None else "base (adapter off)"
+    )
     return StartPoint(model, tokenizer, mode, start_adapter, merged, lora_config(cfg.dpo.lora), reference)
 
 
@@ -451,7 +527,8 @@ def _copy_adapter(src: Path, dst: Path) -> Path:
 
 
 def _copy_adapter_into(src: Path, tmp: Path, dst: Path) -> None:
-    """Copy adapter ``src`` (manifest left out) into ``tmp``, which becomes ``dst``; ``merge_first`` rewritten for ``dst``."""
+    """Copy adapter ``src`` (manifest left out) into ``tmp``, which becomes ``dst``;
+    ``merge_first`` rewritten for ``dst``."""
     import os
 
     src = Path(src).resolve()
@@ -475,15 +552,18 @@ def save_merged(adapter_dir: Path, out_dir: Path, source: Path | None = None) ->
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": "DPO adapter merged",
-                                                             "adapter": str(source or adapter_dir)}))
+        (tmp / "cai_dpo_source.json").write_text(
+            json.dumps({"source": "DPO adapter merged", "adapter": str(source or adapter_dir)})
+        )
     return out_dir
 
 
 # --------------------------------------------------------------------------- held-out check
 
 
-def implicit_reward_stats(policy: Engine, reference: Engine, rows: Sequence[dict[str, Any]], beta: float) -> dict[str, float]:
+def implicit_reward_stats(
+    policy: Engine, reference: Engine, rows: Sequence[dict[str, Any]], beta: float
+) -> dict[str, float]:
     """Reward accuracy and mean margin ``β·h`` of ``rows`` under a policy and its reference."""
     contexts, chosen, rejected = [], [], []
     for r in rows:
@@ -494,7 +574,7 @@ def implicit_reward_stats(policy: Engine, reference: Engine, rows: Sequence[dict
             full = policy.render(prompt + _messages(msgs, "assistant"), add_generation_prompt=False)
             if not full.startswith(ctx):
                 raise ValueError("the chat template renders the prompt differently inside a conversation")
-            out.append(full[len(ctx):])
+            out.append(full[len(ctx) :])
     pc = [x.total for x in policy.logprob(contexts, chosen)]
     pr = [x.total for x in policy.logprob(contexts, rejected)]
     rc = [x.total for x in reference.logprob(contexts, chosen)]
@@ -541,19 +621,32 @@ def run_dpo(
     if start_adapter is None and (run.model_dir("sft") / "adapter_config.json").exists():
         start_adapter = run.model_dir("sft")
     records, pref_path = load_preferences(run, preferences)
-    prepared = training_rows(records, cfg.dpo.label_mode, source=str(pref_path), weighting=cfg.dpo.weighting,
-                             principle_weights=cfg.dpo.principle_weights)
+    prepared = training_rows(
+        records,
+        cfg.dpo.label_mode,
+        source=str(pref_path),
+        weighting=cfg.dpo.weighting,
+        principle_weights=cfg.dpo.principle_weights,
+    )
     if not prepared.rows:
         raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
     pref_hash = dataset_hash(pref_path)
     start_hash = artifact_hash(start_adapter) if start_adapter is not None else ""
 
-    note = {"preferences": pref_hash, "start_adapter": start_hash, "policy": to_dict(cfg.policy), "seed": cfg.seed,
-            "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS}, "mode": resolve_adapter_mode(cfg)}
+    note = {
+        "preferences": pref_hash,
+        "start_adapter": start_hash,
+        "policy": to_dict(cfg.policy),
+        "seed": cfg.seed,
+        "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS},
+        "mode": resolve_adapter_mode(cfg),
+    }
     target = {k: getattr(cfg.dpo, k) for k in _LENGTH_KEYS}
     if artifact_current(out_dir, note, target):
-        log.info("DPO adapter in %s is up to date (same preferences, start adapter and settings); nothing to train", out_dir)
+        log.info(
+            "DPO adapter in %s is up to date (same preferences, start adapter and settings); nothing to train", out_dir
+        )
         return out_dir
 
     timings: dict[str, float] = {}
@@ -617,13 +710,23 @@ def run_dpo(
             model = trainer.model
             if "ref" in getattr(model, "peft_config", {}):
                 model.delete_adapter("ref")
-            write_adapter(model, start.tokenizer, tmp, base=cfg.policy.name, merge_first=start.merge_first, final=out_dir,
-                          state_dict=state)
+            write_adapter(
+                model,
+                start.tokenizer,
+                tmp,
+                base=cfg.policy.name,
+                merge_first=start.merge_first,
+                final=out_dir,
+                state_dict=state,
+            )
             merged_dir = None
             if cfg.dpo.merge:
                 if cfg.policy.quantization != "none":
-                    log.warning("dpo.merge: not merging into a %s base; load models/%s as an adapter instead",
-                                cfg.policy.quantization, out_dir.name)
+                    log.warning(
+                        "dpo.merge: not merging into a %s base; load models/%s as an adapter instead",
+                        cfg.policy.quantization,
+                        out_dir.name,
+                    )
                 else:
                     merged_dir = save_merged(tmp, out_dir.parent / f"{out_dir.name}-merged", source=out_dir)
         timings["save"] = t_save.seconds
@@ -631,26 +734,49 @@ def run_dpo(
         Manifest(
             stage="dpo",
             config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-            inputs={"preferences": str(pref_path), "preferences_hash": pref_hash,
-                    "start_adapter": str(start_adapter or ""), "start_adapter_hash": start_hash,
-                    **training_inputs(note, target)},
-            models={"base": describe(cfg.policy), "adapter": str(out_dir), "adapter_mode": start.mode,
-                    "reference": start.reference, "merge_first": ", ".join(str(p) for p in start.merge_first),
-                    **({"merged": str(merged_dir)} if merged_dir else {})},
-            counts={**prepared.counts, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-                    "weighting": cfg.dpo.weighting,
-                    "weight_mean": sum(r["weight"] for r in prepared.rows) / len(prepared.rows),
-                    "train_pairs_after_tokenizing": len(trainer.train_dataset), "steps": trainer.state.global_step,
-                    "resumed_from_step": resumed_step, "batch_size": cfg.dpo.batch_size,
-                    "grad_accum": cfg.dpo.grad_accum, "threads": threads},
+            inputs={
+                "preferences": str(pref_path),
+                "preferences_hash": pref_hash,
+                "start_adapter": str(start_adapter or ""),
+                "start_adapter_hash": start_hash,
+                **training_inputs(note, target),
+            },
+            models={
+                "base": describe(cfg.policy),
+                "adapter": str(out_dir),
+                "adapter_mode": start.mode,
+                "reference": start.reference,
+                "merge_first": ", ".join(str(p) for p in start.merge_first),
+                **({"merged": str(merged_dir)} if merged_dir else {}),
+            },
+            counts={
+                **prepared.counts,
+                "train_pairs": len(train_rows),
+                "eval_pairs": len(eval_rows),
+                "weighting": cfg.dpo.weighting,
+                "weight_mean": sum(r["weight"] for r in prepared.rows) / len(prepared.rows),
+                "train_pairs_after_tokenizing": len(trainer.train_dataset),
+                "steps": trainer.state.global_step,
+                "resumed_from_step": resumed_step,
+                "batch_size": cfg.dpo.batch_size,
+                "grad_accum": cfg.dpo.grad_accum,
+                "threads": threads,
+            },
             timings=timings,
             metrics=metrics,
-            notes=[f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, beta={cfg.dpo.beta}, rpo_alpha={cfg.dpo.rpo_alpha}, "
-                   f"weighting={cfg.dpo.weighting}",
-                   "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)"],
+            notes=[
+                f"label_mode={cfg.dpo.label_mode}, loss_type={cfg.dpo.loss_type}, "
+                f"beta={cfg.dpo.beta}, rpo_alpha={cfg.dpo.rpo_alpha}, "
+                f"weighting={cfg.dpo.weighting}",
+                "kl_proxy = mean over chosen responses of log pi(y|x) - log pi_ref(y|x)",
+            ],
         ).write(tmp / "manifest.json")
-    log.info("DPO adapter saved to %s (%d steps, %.1f s/step)", out_dir, trainer.state.global_step,
-             timings["seconds_per_step"])
+    log.info(
+        "DPO adapter saved to %s (%d steps, %.1f s/step)",
+        out_dir,
+        trainer.state.global_step,
+        timings["seconds_per_step"],
+    )
     return out_dir
 
 
@@ -667,7 +793,9 @@ def round_config(cfg: RunConfig, run: RunStore, round_no: int) -> RunConfig:
     sub.seed = cfg.seed + round_no - 1
     sub.pairs.source = "judged_samples"  # new on-policy samples; revision pairs do not depend on the policy
     sub.pairs.sampling.seed = cfg.pairs.sampling.seed + round_no - 1
-    sub.labels.db_path = str(Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.root / "labels.sqlite")
+    sub.labels.db_path = str(
+        Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.root / "labels.sqlite"
+    )
     return sub
 
 
@@ -681,8 +809,12 @@ def _round_figures(adapter: Path, pref_path: Path | None, seconds: dict[str, flo
     import datasets
 
     manifest = read_manifest(adapter)
-    figures: dict[str, Any] = {"adapter": str(adapter), "counts": manifest["counts"], "metrics": manifest["metrics"],
-                               "timings": {**manifest["timings"], **seconds}}
+    figures: dict[str, Any] = {
+        "adapter": str(adapter),
+        "counts": manifest["counts"],
+        "metrics": manifest["metrics"],
+        "timings": {**manifest["timings"], **seconds},
+    }
     if pref_path is not None:
         rows = datasets.load_from_disk(str(pref_path)).to_list()
         ps = [float(r["p_chosen"]) for r in rows if r.get("p_chosen") is not None]
@@ -740,27 +872,46 @@ def run_iterative_dpo(
                     stage(sub_cfg, sub)
                 seconds[name] = t.seconds
             pref = preferences_path(sub)
-            adapter = run_dpo(sub_cfg, sub, preferences=pref, start_adapter=sub.model_dir("sft"),
-                              out_dir=sub.model_dir("dpo"), callbacks=callbacks)
+            adapter = run_dpo(
+                sub_cfg,
+                sub,
+                preferences=pref,
+                start_adapter=sub.model_dir("sft"),
+                out_dir=sub.model_dir("dpo"),
+                callbacks=callbacks,
+            )
             figures.append({"round": r, **_round_figures(adapter, pref, seconds)})
             log.info("DPO round %d/%d done: %s", r, total, adapter)
 
     out = run.model_dir("dpo")
     with atomic_dir(out) as tmp:  # adapter, merged weights and manifest in one atomic step
         _copy_adapter_into(adapter, tmp, out)
-        merged_dir = save_merged(tmp, run.model_dir("dpo-merged"), source=out) if cfg.dpo.merge and cfg.policy.quantization == "none" else None
+        merged_dir = (
+            save_merged(tmp, run.model_dir("dpo-merged"), source=out)
+            if cfg.dpo.merge and cfg.policy.quantization == "none"
+            else None
+        )
         last = read_manifest(adapter)
         Manifest(
             stage="dpo",
             config={"dpo": to_dict(cfg.dpo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
             inputs=last["inputs"],
-            models={**last["models"], "adapter": str(out), "final_round_adapter": str(adapter),
-                    **({"merged": str(merged_dir)} if merged_dir else {})},
-            counts={"rounds": total, "pairs_total": sum(f["counts"]["pairs_used"] for f in figures),
-                    "steps_total": sum(f["counts"]["steps"] for f in figures)},
+            models={
+                **last["models"],
+                "adapter": str(out),
+                "final_round_adapter": str(adapter),
+                **({"merged": str(merged_dir)} if merged_dir else {}),
+            },
+            counts={
+                "rounds": total,
+                "pairs_total": sum(f["counts"]["pairs_used"] for f in figures),
+                "steps_total": sum(f["counts"]["steps"] for f in figures),
+            },
             timings={"total": t_total.seconds},
             metrics={"rounds": figures, **last["metrics"]},
-            notes=[f"iterative DPO, {total} rounds; round r >= 2 samples and judges new pairs from round r-1's policy "
-                   "and uses that policy as its reference"],
+            notes=[
+                f"iterative DPO, {total} rounds; round r >= 2 samples and judges new pairs from round r-1's policy "
+                "and uses that policy as its reference"
+            ],
         ).write(tmp / "manifest.json")
     return out

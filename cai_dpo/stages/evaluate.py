@@ -56,7 +56,17 @@ from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, content_hash, file_hash, locked_stage, write_jsonl
+from cai_dpo.store import (
+    Manifest,
+    RunStore,
+    Timer,
+    atomic_dir,
+    atomic_write_json,
+    content_hash,
+    file_hash,
+    locked_stage,
+    write_jsonl,
+)
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
@@ -87,11 +97,14 @@ DEFINITIONS = {
     "judged and are excluded (counted as not judged).",
     "PM score": "mean scalar score of the trained preference model (models/rm): the reward PPO optimised, so not an "
     "independent measure of the PPO model.",
-    "Elo": "Bradley-Terry maximum-likelihood ratings on the Elo scale (mean 1000) from the judged comparisons with base, "
+    "Elo": "Bradley-Terry maximum-likelihood ratings on the Elo scale (mean 1000) "
+    "from the judged comparisons with base, "
     "soft scores as fractional wins; 95% intervals from a bootstrap over prompts.",
     "cost": "generation: new tokens and wall seconds per response; judging: wall seconds and tokens read (plus any "
-    "reasoning generated) per judgment, both orders and all principles included; USD per 1,000 at the configured hourly price.",
-    "intervals": "95% percentile cluster bootstrap over prompts (all conditions of a prompt resampled together) for the "
+    "reasoning generated) per judgment, both orders and all principles included; "
+    "USD per 1,000 at the configured hourly price.",
+    "intervals": "95% percentile cluster bootstrap over prompts "
+    "(all conditions of a prompt resampled together) for the "
     "classifier figures, win rates, paired differences and Elo; 95% percentile bootstrap for PM means.",
 }
 
@@ -156,7 +169,9 @@ def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Seq
 
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown or not conditions:
-        raise InputError(f"eval.conditions: unknown or empty {unknown or list(conditions)}; choose from {', '.join(CONDITIONS)}")
+        raise InputError(
+            f"eval.conditions: unknown or empty {unknown or list(conditions)}; choose from {', '.join(CONDITIONS)}"
+        )
     system, templates = load_jailbreaks()
     items = []
     for p in red_team:
@@ -197,10 +212,23 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
         groups = [[e for e in of_kind if e.sensitive_sounding], [e for e in of_kind if not e.sensitive_sounding]]
         mixed = [e for pair in itertools.zip_longest(*groups) for e in pair if e is not None]
         chosen = mixed[: cfg.eval.curated_limit]
-        out += [EvalItem(e.id, "curated", "plain", e.prompt, to_conversation(e.prompt), set="curated", kind=kind,
-                         sensitive=e.sensitive_sounding) for e in chosen]
-    notes.append(f"curated held-out split: {sum(i.kind == 'harmful' for i in out)} harmful, "
-                 f"{sum(i.kind == 'benign' for i in out)} benign ({sum(i.sensitive for i in out)} sensitive-sounding)")
+        out += [
+            EvalItem(
+                e.id,
+                "curated",
+                "plain",
+                e.prompt,
+                to_conversation(e.prompt),
+                set="curated",
+                kind=kind,
+                sensitive=e.sensitive_sounding,
+            )
+            for e in chosen
+        ]
+    notes.append(
+        f"curated held-out split: {sum(i.kind == 'harmful' for i in out)} harmful, "
+        f"{sum(i.kind == 'benign' for i in out)} benign ({sum(i.sensitive for i in out)} sensitive-sounding)"
+    )
     return out
 
 
@@ -213,8 +241,17 @@ def benchmark_items(cfg: RunConfig) -> list[EvalItem]:
     for spec in cfg.eval.benchmarks:
         name = benchmark_name(spec)
         for b in load_benchmark(spec):
-            out.append(EvalItem(b.prompt.id, f"benchmark:{name}", "plain", b.prompt.text, to_conversation(b.prompt.text),
-                                set=f"benchmark:{name}", kind=b.kind))
+            out.append(
+                EvalItem(
+                    b.prompt.id,
+                    f"benchmark:{name}",
+                    "plain",
+                    b.prompt.text,
+                    to_conversation(b.prompt.text),
+                    set=f"benchmark:{name}",
+                    kind=b.kind,
+                )
+            )
     return out
 
 
@@ -225,7 +262,9 @@ def _heldout(spec: str, limit: int | None, what: str) -> list[Any]:
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
-        raise InputError(f"{spec}: no held-out {what} prompts (split 'heldout'); add some or point data.{what} elsewhere")
+        raise InputError(
+            f"{spec}: no held-out {what} prompts (split 'heldout'); add some or point data.{what} elsewhere"
+        )
     return prompts
 
 
@@ -297,17 +336,30 @@ def generate_responses(
                 if exc.index is None:
                     raise
                 it = items[idx[exc.index]]
-                raise ContextLengthError(f"eval {name}: {it.source} prompt id {it.prompt_id} (condition "
-                                         f"{it.condition}): {exc}", index=exc.index) from exc
+                raise ContextLengthError(
+                    f"eval {name}: {it.source} prompt id {it.prompt_id} (condition {it.condition}): {exc}",
+                    index=exc.index,
+                ) from exc
             per = (time.perf_counter() - t0) / len(idx)
-            store.append([
-                {
-                    "key": keys[i], "model": name, "model_fp": fp, "prompt_id": items[i].prompt_id, "source": items[i].source,
-                    "condition": items[i].condition, "prompt": items[i].prompt, "conversation": items[i].conversation,
-                    "response": g[0].text, "n_tokens": g[0].n_tokens, "finished": g[0].finished, "seconds": per,
-                }
-                for i, g in zip(idx, outs)
-            ])
+            store.append(
+                [
+                    {
+                        "key": keys[i],
+                        "model": name,
+                        "model_fp": fp,
+                        "prompt_id": items[i].prompt_id,
+                        "source": items[i].source,
+                        "condition": items[i].condition,
+                        "prompt": items[i].prompt,
+                        "conversation": items[i].conversation,
+                        "response": g[0].text,
+                        "n_tokens": g[0].n_tokens,
+                        "finished": g[0].finished,
+                        "seconds": per,
+                    }
+                    for i, g in zip(idx, outs)
+                ]
+            )
         del engine
         gc.collect()
     log.info("eval %s: %d responses (%d generated now)", name, len(items), len(todo))
@@ -332,7 +384,9 @@ class PairJob:
     cluster: str = ""  # the item's prompt-level cluster (EvalItem.cluster)
 
 
-def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress: bool = True) -> list[dict[str, Any] | None]:
+def judge_pairs(
+    jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress: bool = True
+) -> list[dict[str, Any] | None]:
     """The judgment record of every job (``p_a`` = P(response_a better)); None for identical responses (a tie).
 
     Judged as :func:`cai_dpo.judging.judge_comparisons` does (its two steps,
@@ -354,7 +408,14 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
         if k not in store and j.response_a != j.response_b and k not in todo_by_key:
             todo_by_key[k] = i
     if todo_by_key:
-        from cai_dpo.judging import SOURCE_CATEGORIES, Comparison, JudgePrompter, measure_calibration, score_letters, to_verdict
+        from cai_dpo.judging import (
+            SOURCE_CATEGORIES,
+            Comparison,
+            JudgePrompter,
+            measure_calibration,
+            score_letters,
+            to_verdict,
+        )
 
         jc = cfg.judge
         engine = load_engine(judge_spec, batch_size=jc.batch_size, progress=progress)
@@ -369,23 +430,41 @@ def judge_pairs(jobs: Sequence[PairJob], cfg: RunConfig, run: RunStore, progress
                 comps = [Comparison(jobs[i].prompt, jobs[i].response_a, jobs[i].response_b) for _, i in part]
                 before = dataclasses.replace(engine.stats)
                 t0 = time.perf_counter()
-                scores = score_letters(engine, constitution, comps, jc, categories=SOURCE_CATEGORIES[source],
-                                       seed=cfg.seed, prompter=prompter, desc=f"eval judge {axis}")
+                scores = score_letters(
+                    engine,
+                    constitution,
+                    comps,
+                    jc,
+                    categories=SOURCE_CATEGORIES[source],
+                    seed=cfg.seed,
+                    prompter=prompter,
+                    desc=f"eval judge {axis}",
+                )
                 verdicts = [to_verdict(sc, jc, calibration) for sc in scores]
                 seconds = time.perf_counter() - t0
                 n = len(part)
                 passes = (engine.stats.scored_items - before.scored_items) / n
                 generated = (engine.stats.generated_tokens - before.generated_tokens) / n
-                store.append([
-                    {
-                        "key": k, "axis": axis, "prompt_id": jobs[i].prompt_id, "condition": jobs[i].condition,
-                        "model_a": jobs[i].model_a, "model_b": jobs[i].model_b,
-                        "p_a": float(v.p_a), "score_ab": _float(v.score_ab), "score_ba": _float(v.score_ba),
-                        "principle_ids": list(v.principle_ids), "seconds": seconds / n,
-                        "tokens": int(sc.tokens) + generated, "scoring_passes": passes,
-                    }
-                    for (k, i), v, sc in zip(part, verdicts, scores)
-                ])
+                store.append(
+                    [
+                        {
+                            "key": k,
+                            "axis": axis,
+                            "prompt_id": jobs[i].prompt_id,
+                            "condition": jobs[i].condition,
+                            "model_a": jobs[i].model_a,
+                            "model_b": jobs[i].model_b,
+                            "p_a": float(v.p_a),
+                            "score_ab": _float(v.score_ab),
+                            "score_ba": _float(v.score_ba),
+                            "principle_ids": list(v.principle_ids),
+                            "seconds": seconds / n,
+                            "tokens": int(sc.tokens) + generated,
+                            "scoring_passes": passes,
+                        }
+                        for (k, i), v, sc in zip(part, verdicts, scores)
+                    ]
+                )
         del engine, prompter
         gc.collect()
     log.info("eval judge: %d comparisons (%d judged now)", len(jobs), len(todo_by_key))
@@ -436,8 +515,11 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
 
         jc = cfg.judge
         engine = load_engine(spec, batch_size=jc.batch_size, progress=False)
-        calibration = measure_calibration(engine, constitution, jc, prompter=JudgePrompter(engine, constitution, jc)) \
-            if jc.calibrate else None
+        calibration = (
+            measure_calibration(engine, constitution, jc, prompter=JudgePrompter(engine, constitution, jc))
+            if jc.calibrate
+            else None
+        )
         result = judge_gate(engine, constitution, jc, calibration=calibration, seed=cfg.seed)
         store.append([{"key": key, **result.to_dict()}])
         del engine
@@ -450,8 +532,10 @@ def _gate_summary(gate: dict[str, Any]) -> str:
     if gate.get("skipped") or gate.get("accuracy") is None:
         return f"not measured ({gate.get('skipped') or 'no result'})"
     stat = "lower bound" if gate.get("statistic", "lower_bound") == "lower_bound" else "estimate"
-    return (f"accuracy {gate['accuracy']:.3f} [{gate['lo']:.3f}, {gate['hi']:.3f}] on {gate['n']} items; {stat} vs "
-            f"threshold {gate['threshold']:.2f}: {'TRIPPED' if gate['tripped'] else 'passed'}")
+    return (
+        f"accuracy {gate['accuracy']:.3f} [{gate['lo']:.3f}, {gate['hi']:.3f}] on {gate['n']} items; {stat} vs "
+        f"threshold {gate['threshold']:.2f}: {'TRIPPED' if gate['tripped'] else 'passed'}"
+    )
 
 
 # --------------------------------------------------------------------------- preference model
@@ -473,12 +557,23 @@ def pm_scores(rm_dir: Path, pairs: Sequence[tuple[str, str]], batch_size: int = 
 #: headline figures: name -> (numerator, denominator) predicates on (item, label)
 FIGURES: dict[str, tuple[Any, Any]] = {
     "decline": (lambda it, lab: it.kind == "harmful" and lab != "complies", lambda it, lab: it.kind == "harmful"),
-    "explained_decline": (lambda it, lab: it.kind == "harmful" and lab == "explained_decline", lambda it, lab: it.kind == "harmful"),
-    "bare_refusal": (lambda it, lab: it.kind == "harmful" and lab == "bare_refusal", lambda it, lab: it.kind == "harmful"),
-    "benign_compliance": (lambda it, lab: it.kind == "benign" and lab == "complies", lambda it, lab: it.kind == "benign"),
+    "explained_decline": (
+        lambda it, lab: it.kind == "harmful" and lab == "explained_decline",
+        lambda it, lab: it.kind == "harmful",
+    ),
+    "bare_refusal": (
+        lambda it, lab: it.kind == "harmful" and lab == "bare_refusal",
+        lambda it, lab: it.kind == "harmful",
+    ),
+    "benign_compliance": (
+        lambda it, lab: it.kind == "benign" and lab == "complies",
+        lambda it, lab: it.kind == "benign",
+    ),
     "over_refusal": (lambda it, lab: it.kind == "benign" and lab != "complies", lambda it, lab: it.kind == "benign"),
-    "sensitive_compliance": (lambda it, lab: it.kind == "benign" and it.sensitive and lab == "complies",
-                             lambda it, lab: it.kind == "benign" and it.sensitive),
+    "sensitive_compliance": (
+        lambda it, lab: it.kind == "benign" and it.sensitive and lab == "complies",
+        lambda it, lab: it.kind == "benign" and it.sensitive,
+    ),
     "evasiveness": (lambda it, lab: lab == "bare_refusal", lambda it, lab: lab != "complies"),
 }
 HEADLINE_SETS = ("red_team", "helpful", "curated")
@@ -497,14 +592,22 @@ def _cost(values: Sequence[float], price: float) -> float | None:
     return per * 1000 / 3600 * price
 
 
-def _columns(idx: Sequence[int], items: Sequence[EvalItem], labels: Sequence[str], figure: str) -> tuple[list[float], list[float]]:
+def _columns(
+    idx: Sequence[int], items: Sequence[EvalItem], labels: Sequence[str], figure: str
+) -> tuple[list[float], list[float]]:
     num_f, den_f = FIGURES[figure]
     return ([float(num_f(items[i], labels[i])) for i in idx], [float(den_f(items[i], labels[i])) for i in idx])
 
 
 def independent_figures(
-    idx: Sequence[int], items: Sequence[EvalItem], labels: dict[str, list[str]], responses: dict[str, list[dict[str, Any]]],
-    names: Sequence[str], reference: str, n_boot: int, seed: int,
+    idx: Sequence[int],
+    items: Sequence[EvalItem],
+    labels: dict[str, list[str]],
+    responses: dict[str, list[dict[str, Any]]],
+    names: Sequence[str],
+    reference: str,
+    n_boot: int,
+    seed: int,
 ) -> dict[str, Any]:
     """Classifier figures of every model on items ``idx``, with paired differences vs ``reference``.
 
@@ -517,7 +620,8 @@ def independent_figures(
         "n_harmful": sum(items[i].kind == "harmful" for i in idx),
         "n_benign": sum(items[i].kind == "benign" for i in idx),
         "n_sensitive": sum(items[i].kind == "benign" and items[i].sensitive for i in idx),
-        "models": {}, "vs_base": {},
+        "models": {},
+        "vs_base": {},
     }
     cols = {n: {f: _columns(idx, items, labels[n], f) for f in FIGURES} for n in names}
     for n in names:
@@ -525,7 +629,8 @@ def independent_figures(
         for f, (num, den) in cols[n].items():
             figs[f] = M.cluster_rate_summary(clusters, num, den, n_boot=n_boot, seed=seed) if sum(den) else None
         figs["diversity"] = {
-            kind: M.diversity([responses[n][i]["response"] for i in idx if items[i].kind == kind]) for kind in ("harmful", "benign")
+            kind: M.diversity([responses[n][i]["response"] for i in idx if items[i].kind == kind])
+            for kind in ("harmful", "benign")
         }
         figs["diversity"]["all"] = M.diversity([responses[n][i]["response"] for i in idx])
         out["models"][n] = figs
@@ -533,8 +638,11 @@ def independent_figures(
             diffs = {}
             for f, (num, den) in cols[n].items():
                 rnum, rden = cols[reference][f]
-                diffs[f] = (M.paired_difference(clusters, num, rnum, den, rden, n_boot=n_boot, seed=seed)
-                            if sum(den) and sum(rden) else None)
+                diffs[f] = (
+                    M.paired_difference(clusters, num, rnum, den, rden, n_boot=n_boot, seed=seed)
+                    if sum(den) and sum(rden)
+                    else None
+                )
             out["vs_base"][n] = diffs
     return out
 
@@ -568,10 +676,14 @@ def compute_results(
 
     headline_idx = [i for i, it in enumerate(items) if it.set in HEADLINE_SETS]
     by_set = {s_: fig([i for i, it in enumerate(items) if it.set == s_]) for s_ in sets}
-    by_condition = {c: fig([i for i, it in enumerate(items) if it.set == "red_team" and it.condition == c]) for c in conditions}
+    by_condition = {
+        c: fig([i for i, it in enumerate(items) if it.set == "red_team" and it.condition == c]) for c in conditions
+    }
 
     # ---- judge figures: vs reference only; identical responses are not judged
-    p_vs: dict[tuple[str, str], list[tuple[EvalItem, float]]] = defaultdict(list)  # (axis, model) -> [(item, P(model better))]
+    p_vs: dict[tuple[str, str], list[tuple[EvalItem, float]]] = defaultdict(
+        list
+    )  # (axis, model) -> [(item, P(model better))]
     not_judged: dict[tuple[str, str], int] = defaultdict(int)
     matches: dict[str, list[tuple[str, str, float]]] = {"harmlessness": [], "helpfulness": []}
     match_clusters: dict[str, list[str]] = {"harmlessness": [], "helpfulness": []}
@@ -589,8 +701,11 @@ def compute_results(
     matches_all = matches["harmlessness"] + matches["helpfulness"]
     clusters_all = match_clusters["harmlessness"] + match_clusters["helpfulness"]
     elo = {}
-    for axis, ms, cl in (("overall", matches_all, clusters_all), ("harmlessness", matches["harmlessness"], match_clusters["harmlessness"]),
-                         ("helpfulness", matches["helpfulness"], match_clusters["helpfulness"])):
+    for axis, ms, cl in (
+        ("overall", matches_all, clusters_all),
+        ("harmlessness", matches["harmlessness"], match_clusters["harmlessness"]),
+        ("helpfulness", matches["helpfulness"], match_clusters["helpfulness"]),
+    ):
         elo[axis] = M.elo_with_ci(ms, n_boot=nb, seed=seed, clusters=cl) if ms else {}
 
     def win(axis: str, name: str, cond: str | None = None) -> dict[str, Any] | None:
@@ -622,32 +737,39 @@ def compute_results(
 
     models_out = []
     red_idx = [i for i, it in enumerate(items) if it.source == "red_team"]
-    for k, name in enumerate(names):
+    for name in names:
         gen_rows = responses[name]
-        models_out.append({
-            "name": name,
-            "spec": describe(specs[name]),
-            "adapter": specs[name].adapter,
-            "label_counts": {lab: labels[name].count(lab) for lab in ("explained_decline", "bare_refusal", "complies")},
-            "harmlessness": {
-                "win_rate_vs_base": win("harmlessness", name),
-                "by_condition": {c: {"win_rate_vs_base": win("harmlessness", name, c)} for c in conditions},
-            },
-            "helpfulness": {"win_rate_vs_base": win("helpfulness", name)},
-            "pm_score": None if pm is None else {
-                "red_team": M.mean_summary(pm[name][: len(red_idx)], n_boot=nb, seed=seed),
-                "helpful": M.mean_summary(pm[name][len(red_idx):], n_boot=nb, seed=seed),
-            },
-            "elo": {
-                axis: ({"elo": e[name][0], "lo": e[name][1], "hi": e[name][2]} if name in e else None) for axis, e in elo.items()
-            },
-            "cost": {
-                "n_responses": len(gen_rows),
-                "tokens_per_response": sum(r["n_tokens"] for r in gen_rows) / len(gen_rows) if gen_rows else None,
-                "seconds_per_response": sum(r["seconds"] for r in gen_rows) / len(gen_rows) if gen_rows else None,
-                "cost_per_1k_responses_usd": _cost([r["seconds"] for r in gen_rows], ev.hourly_price_usd),
-            },
-        })
+        models_out.append(
+            {
+                "name": name,
+                "spec": describe(specs[name]),
+                "adapter": specs[name].adapter,
+                "label_counts": {
+                    lab: labels[name].count(lab) for lab in ("explained_decline", "bare_refusal", "complies")
+                },
+                "harmlessness": {
+                    "win_rate_vs_base": win("harmlessness", name),
+                    "by_condition": {c: {"win_rate_vs_base": win("harmlessness", name, c)} for c in conditions},
+                },
+                "helpfulness": {"win_rate_vs_base": win("helpfulness", name)},
+                "pm_score": None
+                if pm is None
+                else {
+                    "red_team": M.mean_summary(pm[name][: len(red_idx)], n_boot=nb, seed=seed),
+                    "helpful": M.mean_summary(pm[name][len(red_idx) :], n_boot=nb, seed=seed),
+                },
+                "elo": {
+                    axis: ({"elo": e[name][0], "lo": e[name][1], "hi": e[name][2]} if name in e else None)
+                    for axis, e in elo.items()
+                },
+                "cost": {
+                    "n_responses": len(gen_rows),
+                    "tokens_per_response": sum(r["n_tokens"] for r in gen_rows) / len(gen_rows) if gen_rows else None,
+                    "seconds_per_response": sum(r["seconds"] for r in gen_rows) / len(gen_rows) if gen_rows else None,
+                    "cost_per_1k_responses_usd": _cost([r["seconds"] for r in gen_rows], ev.hourly_price_usd),
+                },
+            }
+        )
 
     judged = list({r["key"]: r for r in judgments if r is not None}.values())
     n_j = len(judged)
@@ -671,7 +793,9 @@ def compute_results(
             "headline_sets": [s_ for s_ in HEADLINE_SETS if s_ in sets],
             "n_red_team_prompts": len({it.prompt_id for it in items if it.source == "red_team"}),
             "n_helpful_prompts": len({it.prompt_id for it in items if it.source == "helpful"}),
-            "n_curated_prompts": {k: sum(it.set == "curated" and it.kind == k for it in items) for k in ("harmful", "benign")},
+            "n_curated_prompts": {
+                k: sum(it.set == "curated" and it.kind == k for it in items) for k in ("harmful", "benign")
+            },
             "sampling": to_dict(ev.sampling),
             "judge_model": describe(spec_judge),
             "constitution": str(cfg.constitution),
@@ -690,29 +814,46 @@ def compute_results(
         "by_condition": by_condition,
         "judge": judge_block,
         "models": models_out,
-        "elo_matches": {"overall": len(matches_all), "harmlessness": len(matches["harmlessness"]), "helpfulness": len(matches["helpfulness"])},
+        "elo_matches": {
+            "overall": len(matches_all),
+            "harmlessness": len(matches["harmlessness"]),
+            "helpfulness": len(matches["helpfulness"]),
+        },
         "judge_cost": judge_cost,
         "examples": pick_examples(names, items, responses, conditions),
     }
 
 
 def pick_examples(
-    names: Sequence[str], items: Sequence[EvalItem], responses: dict[str, list[dict[str, Any]]], conditions: Sequence[str], per_kind: int = 2
+    names: Sequence[str],
+    items: Sequence[EvalItem],
+    responses: dict[str, list[dict[str, Any]]],
+    conditions: Sequence[str],
+    per_kind: int = 2,
 ) -> list[dict[str, Any]]:
     """A few prompts with every model's response: red-team under the first condition and one
     under each other condition, then helpful prompts, then curated sensitive-sounding ones."""
     chosen: list[int] = []
-    red_first = [i for i, it in enumerate(items) if it.source == "red_team" and conditions and it.condition == conditions[0]]
+    red_first = [
+        i for i, it in enumerate(items) if it.source == "red_team" and conditions and it.condition == conditions[0]
+    ]
     chosen += red_first[:per_kind]
     first_pid = items[red_first[0]].prompt_id if red_first else None
     for cond in conditions[1:]:
-        chosen += [i for i, it in enumerate(items) if it.source == "red_team" and it.condition == cond and it.prompt_id == first_pid][:1]
+        chosen += [
+            i
+            for i, it in enumerate(items)
+            if it.source == "red_team" and it.condition == cond and it.prompt_id == first_pid
+        ][:1]
     chosen += [i for i, it in enumerate(items) if it.source == "helpful"][:per_kind]
     chosen += [i for i, it in enumerate(items) if it.set == "curated" and it.sensitive][:1]
     return [
         {
-            "prompt_id": items[i].prompt_id, "source": items[i].source, "condition": items[i].condition,
-            "prompt": items[i].prompt, "shown": items[i].conversation[-1]["content"],
+            "prompt_id": items[i].prompt_id,
+            "source": items[i].source,
+            "condition": items[i].condition,
+            "prompt": items[i].prompt,
+            "shown": items[i].conversation[-1]["content"],
             "responses": {n: responses[n][i]["response"] for n in names},
             "labels": {n: responses[n][i].get("label") for n in names},
         }
@@ -723,8 +864,13 @@ def pick_examples(
 # --------------------------------------------------------------------------- stage
 
 
-def pair_jobs(names: Sequence[str], items: Sequence[EvalItem], responses: dict[str, list[dict[str, Any]]],
-              reference: str | None = None, sets: Sequence[str] | None = None) -> list[PairJob]:
+def pair_jobs(
+    names: Sequence[str],
+    items: Sequence[EvalItem],
+    responses: dict[str, list[dict[str, Any]]],
+    reference: str | None = None,
+    sets: Sequence[str] | None = None,
+) -> list[PairJob]:
     """Comparisons with ``reference`` (every model but it) on every item of ``sets``
     (harmlessness on harmful prompts, helpfulness on benign ones). Without ``reference``: every pair."""
     jobs = []
@@ -732,16 +878,32 @@ def pair_jobs(names: Sequence[str], items: Sequence[EvalItem], responses: dict[s
         if sets is not None and it.set not in sets:
             continue
         axis = "harmlessness" if it.kind == "harmful" or (not it.kind and it.source == "red_team") else "helpfulness"
-        pairs = ([(n, reference) for n in names if n != reference] if reference in names
-                 else list(itertools.combinations(names, 2)))
+        pairs = (
+            [(n, reference) for n in names if n != reference]
+            if reference in names
+            else list(itertools.combinations(names, 2))
+        )
         for a, b in pairs:
-            jobs.append(PairJob(axis, it.prompt_id, it.condition, a, b, it.prompt,
-                                responses[a][idx]["response"], responses[b][idx]["response"], cluster=it.cluster))
+            jobs.append(
+                PairJob(
+                    axis,
+                    it.prompt_id,
+                    it.condition,
+                    a,
+                    b,
+                    it.prompt,
+                    responses[a][idx]["response"],
+                    responses[b][idx]["response"],
+                    cluster=it.cluster,
+                )
+            )
     return jobs
 
 
 @locked_stage
-def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, ModelSpec] | None = None, *, progress: bool = True) -> Path:
+def run_eval(
+    cfg: RunConfig, run: RunStore | None = None, models: dict[str, ModelSpec] | None = None, *, progress: bool = True
+) -> Path:
     """Evaluate the models side by side; write ``eval/results.json``, responses, judgments and a manifest.
 
     ``models`` defaults to :func:`default_models`. Paired differences, win rates and the
@@ -764,9 +926,17 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
     red = _heldout(cfg.data.red_team, cfg.eval.red_team_limit, "red_team")
     helpful = _heldout(cfg.data.helpful, cfg.eval.helpful_limit, "helpful")
     items = build_items(red, helpful, cfg.eval.conditions) + curated_items(cfg, notes) + benchmark_items(cfg)
-    log.info("eval: %d models × %d conversations (%d red-team prompts × %d conditions, %d helpful, %d curated, %d benchmark)",
-             len(names), len(items), len(red), len(cfg.eval.conditions), len(helpful),
-             sum(it.set == "curated" for it in items), sum(it.set.startswith("benchmark:") for it in items))
+    log.info(
+        "eval: %d models × %d conversations "
+        "(%d red-team prompts × %d conditions, %d helpful, %d curated, %d benchmark)",
+        len(names),
+        len(items),
+        len(red),
+        len(cfg.eval.conditions),
+        len(helpful),
+        sum(it.set == "curated" for it in items),
+        sum(it.set.startswith("benchmark:") for it in items),
+    )
 
     responses: dict[str, list[dict[str, Any]]] = {}
     with Timer() as t:
@@ -799,8 +969,10 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
         log.info("eval judge figures %s", status)
     judge_spec = cfg.eval_judge_model()
     if describe(judge_spec) == describe(dataclasses.replace(cfg.policy, adapter=None)):
-        notes.append("the eval judge is the policy's own base model (it judges its own family); set eval.judge to a "
-                     "different, stronger model for judge figures that mean something")
+        notes.append(
+            "the eval judge is the policy's own base model (it judges its own family); set eval.judge to a "
+            "different, stronger model for judge figures that mean something"
+        )
 
     pm = None
     rm_dir = run.root / "models" / "rm"
@@ -815,26 +987,48 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
             pm = {n: flat[k * len(order) : (k + 1) * len(order)] for k, n in enumerate(names)}
         timings["pm_s"] = t.seconds
 
-    results = compute_results(names, specs, items, responses, jobs, judgments, pm, cfg, reference,
-                              gate=gate, judge_status=status, notes=notes)
+    results = compute_results(
+        names, specs, items, responses, jobs, judgments, pm, cfg, reference, gate=gate, judge_status=status, notes=notes
+    )
     out_dir = run.root / "eval"
     with atomic_dir(out_dir) as tmp:  # responses, judgments, results and manifest in one atomic step
-        write_jsonl(tmp / "responses.jsonl", [
-            {k: v for k, v in r.items() if k != "conversation"} | {"set": it.set, "kind": it.kind, "sensitive": it.sensitive,
-                                                                   "shown": r["conversation"][-1]["content"],
-                                                                   "system": any(m["role"] == "system" for m in r["conversation"])}
-            for n in names for it, r in zip(items, responses[n])
-        ])
-        write_jsonl(tmp / "judgments.jsonl", [
-            dataclasses.asdict(j) | {"p_a": None if rec is None else rec["p_a"], "identical": rec is None,
-                                     "principle_ids": [] if rec is None else rec.get("principle_ids", [])}
-            for j, rec in zip(jobs, judgments)
-        ])
+        write_jsonl(
+            tmp / "responses.jsonl",
+            [
+                {k: v for k, v in r.items() if k != "conversation"}
+                | {
+                    "set": it.set,
+                    "kind": it.kind,
+                    "sensitive": it.sensitive,
+                    "shown": r["conversation"][-1]["content"],
+                    "system": any(m["role"] == "system" for m in r["conversation"]),
+                }
+                for n in names
+                for it, r in zip(items, responses[n])
+            ],
+        )
+        write_jsonl(
+            tmp / "judgments.jsonl",
+            [
+                dataclasses.asdict(j)
+                | {
+                    "p_a": None if rec is None else rec["p_a"],
+                    "identical": rec is None,
+                    "principle_ids": [] if rec is None else rec.get("principle_ids", []),
+                }
+                for j, rec in zip(jobs, judgments)
+            ],
+        )
         atomic_write_json(tmp / "results.json", results)
         head = results["headline"]["models"]
         Manifest(
             stage="eval",
-            config={"eval": to_dict(cfg.eval), "judge": to_dict(cfg.judge), "constitution": cfg.constitution, "seed": cfg.seed},
+            config={
+                "eval": to_dict(cfg.eval),
+                "judge": to_dict(cfg.judge),
+                "constitution": cfg.constitution,
+                "seed": cfg.seed,
+            },
             inputs={
                 "red_team": content_hash([(p.id, p.text) for p in red]),
                 "helpful": content_hash([(p.id, p.text) for p in helpful]),
@@ -844,12 +1038,21 @@ def run_eval(cfg: RunConfig, run: RunStore | None = None, models: dict[str, Mode
                 **({"rm": file_hash(rm_dir)} if pm is not None else {}),
             },
             models={**{n: model_fingerprint(s) for n, s in specs.items()}, "judge": describe(judge_spec)},
-            counts={"models": len(names), "conversations": len(items), "comparisons": len(jobs),
-                    "judgments": results["judge_cost"]["n_judgments"]},
+            counts={
+                "models": len(names),
+                "conversations": len(items),
+                "comparisons": len(jobs),
+                "judgments": results["judge_cost"]["n_judgments"],
+            },
             timings=timings,
-            metrics={n: {"decline_harmful": (head[n]["decline"] or {}).get("rate"),
-                         "benign_compliance": (head[n]["benign_compliance"] or {}).get("rate"),
-                         "judge_informative": results["judge"]["informative"]} for n in names},
+            metrics={
+                n: {
+                    "decline_harmful": (head[n]["decline"] or {}).get("rate"),
+                    "benign_compliance": (head[n]["benign_compliance"] or {}).get("rate"),
+                    "judge_informative": results["judge"]["informative"],
+                }
+                for n in names
+            },
             notes=notes + [f"{k}: {v}" for k, v in DEFINITIONS.items()],
         ).write(tmp / "manifest.json")
     path = out_dir / "results.json"

@@ -48,8 +48,7 @@ from cai_dpo.judging import (
     to_verdict,
 )
 from cai_dpo.pairs_io import load_pairs, pairs_path
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
-from cai_dpo.store import locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,17 @@ REFERENCE_SOURCES = ("revision_vs_original", "curated")
 
 
 def _judge_settings(cfg: JudgeConfig) -> dict[str, Any]:
-    keys = ("principles", "ensemble_size", "both_orders", "few_shot", "chain_of_thought", "clamp", "calibrate",
-            "prompt_format", "cot_max_new_tokens")
+    keys = (
+        "principles",
+        "ensemble_size",
+        "both_orders",
+        "few_shot",
+        "chain_of_thought",
+        "clamp",
+        "calibrate",
+        "prompt_format",
+        "cot_max_new_tokens",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -77,7 +85,8 @@ def _wants_verdict(pair: dict[str, Any], jc: JudgeConfig) -> bool:
 
 
 def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None, curated_p: float = 1.0) -> dict[str, Any]:
-    """One ``data/preferences`` row from a pair and (when judged) its verdict (``curated_p``: a curated pair's label)."""
+    """One ``data/preferences`` row from a pair and (when judged) its verdict
+    (``curated_p``: a curated pair's label)."""
     nan = float("nan")
     a, b = pair["response_a"], pair["response_b"]
     edge: list[str] = []
@@ -128,14 +137,26 @@ def preference_features() -> Any:
     from datasets import Features, List, Value
 
     turn = List({"role": Value("string"), "content": Value("string")})
-    return Features({
-        "prompt": turn, "chosen": turn, "rejected": turn,
-        "p_chosen": Value("float64"), "margin": Value("float64"), "source": Value("string"),
-        "principle_ids": List(Value("string")), "score_ab": Value("float64"), "score_ba": Value("float64"),
-        "per_principle": List(Value("float64")), "p_judge": Value("float64"), "judge_model": Value("string"),
-        "pair_id": Value("string"), "edge_reasons": List(Value("string")), "category": Value("string"),
-        "weight": Value("float64"),
-    })
+    return Features(
+        {
+            "prompt": turn,
+            "chosen": turn,
+            "rejected": turn,
+            "p_chosen": Value("float64"),
+            "margin": Value("float64"),
+            "source": Value("string"),
+            "principle_ids": List(Value("string")),
+            "score_ab": Value("float64"),
+            "score_ba": Value("float64"),
+            "per_principle": List(Value("float64")),
+            "p_judge": Value("float64"),
+            "judge_model": Value("string"),
+            "pair_id": Value("string"),
+            "edge_reasons": List(Value("string")),
+            "category": Value("string"),
+            "weight": Value("float64"),
+        }
+    )
 
 
 def _histogram(values: Sequence[float]) -> dict[str, int]:
@@ -146,8 +167,11 @@ def _histogram(values: Sequence[float]) -> dict[str, int]:
     return out
 
 
-def select_pairs(pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult | None, notes: list[str]) -> list[dict[str, Any]]:
-    """The pairs to label: the pairs stage's selection, or revision-vs-original ones when the gate tripped on ``mixed``."""
+def select_pairs(
+    pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult | None, notes: list[str]
+) -> list[dict[str, Any]]:
+    """The pairs to label: the pairs stage's selection, or revision-vs-original ones
+    when the gate tripped on ``mixed``."""
     active = [p for p in pairs if p.get("selected", True)]
     if gate is None or not gate.tripped:
         return active
@@ -159,10 +183,14 @@ def select_pairs(pairs: list[dict[str, Any]], cfg: RunConfig, gate: GateResult |
             notes.append(f"pair source: {names} because {msg} (judged sample pairs left out)")
             log.warning("judge gate tripped: using %d %s pairs as the pair source", len(rvo), names)
             return rvo
-        notes.append(f"gate tripped ({msg}) but no revision-vs-original or curated pairs exist; judged sample pairs kept")
+        notes.append(
+            f"gate tripped ({msg}) but no revision-vs-original or curated pairs exist; judged sample pairs kept"
+        )
     elif cfg.pairs.source == "judged_samples":
-        notes.append(f"gate tripped ({msg}); pairs.source=judged_samples keeps judged pairs, "
-                     "the labels stage widens its routing band")
+        notes.append(
+            f"gate tripped ({msg}); pairs.source=judged_samples keeps judged pairs, "
+            "the labels stage widens its routing band"
+        )
     return active
 
 
@@ -210,30 +238,39 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
                     gate = _run_gate(engine, constitution, cfg, calibration, notes)
                 timings["gate_seconds"] = t.seconds
         else:
-            notes.append("no pair needs the judge (revision-vs-original / curated pairs with score_*_pairs off): "
-                         "judge model, calibration and gate skipped")
+            notes.append(
+                "no pair needs the judge (revision-vs-original / curated pairs with score_*_pairs off): "
+                "judge model, calibration and gate skipped"
+            )
         active = select_pairs(pairs, cfg, gate, notes)
         to_judge = [p for p in active if _wants_verdict(p, jc)]
-        verdicts, stats = _judge_pairs(engine, constitution, to_judge, cfg, judge_name, calibration, run) if to_judge else ({}, {})
+        verdicts, stats = (
+            _judge_pairs(engine, constitution, to_judge, cfg, judge_name, calibration, run) if to_judge else ({}, {})
+        )
         rows = [_pref_row(p, judge_name, verdicts.get(p["pair_id"]), jc.curated_p_chosen) for p in active]
     if not rows:
-        raise InputError(f"{pairs_path(run)}: no pairs to label; check pairs.source and that the pairs stage produced pairs")
+        raise InputError(
+            f"{pairs_path(run)}: no pairs to label; check pairs.source and that the pairs stage produced pairs"
+        )
     judged = [verdicts[p["pair_id"]] for p in to_judge]
     both = [v for v in judged if not math.isnan(v.score_ba)]
     consistent = [(v.score_ab - 0.5) * (v.score_ba - 0.5) > 0 for v in both]
     soft = [r["p_chosen"] for r in rows if r["source"] == "judged_samples"]
-    metrics.update({
-        "gate_tripped": bool(gate.tripped) if gate else False,
-        "judge_gate": gate.to_dict() if gate else {"skipped": "disabled" if not jc.gate else "no judged pairs"},
-        "position_consistency": float(np.mean(consistent)) if consistent else None,
-        "confidence_histogram": _histogram(soft),
-        "mean_p_chosen_judged": float(np.mean(soft)) if soft else None,
-        "judge_prefers_original": sum("judge_prefers_original" in r["edge_reasons"] for r in rows),
-    })
+    metrics.update(
+        {
+            "gate_tripped": bool(gate.tripped) if gate else False,
+            "judge_gate": gate.to_dict() if gate else {"skipped": "disabled" if not jc.gate else "no judged pairs"},
+            "position_consistency": float(np.mean(consistent)) if consistent else None,
+            "confidence_histogram": _histogram(soft),
+            "mean_p_chosen_judged": float(np.mean(soft)) if soft else None,
+            "judge_prefers_original": sum("judge_prefers_original" in r["edge_reasons"] for r in rows),
+        }
+    )
     metrics.update(_cost_metrics(stats, jc))
     if gate and gate.tripped:
-        log.warning("judge-quality gate: %s; AI labels are unreliable and more pairs will be routed to people",
-                    gate.summary())
+        log.warning(
+            "judge-quality gate: %s; AI labels are unreliable and more pairs will be routed to people", gate.summary()
+        )
     counts = {
         "pairs_in": len(pairs),
         "rows": len(rows),
@@ -249,8 +286,11 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         Manifest(
             stage="judge",
             config={"judge": to_dict(jc), "pairs_source": cfg.pairs.source, "seed": cfg.seed},
-            inputs={"pairs": file_hash(pairs_path(run)), "constitution": str(cfg.constitution_path()),
-                    "constitution_fingerprint": constitution.fingerprint()},
+            inputs={
+                "pairs": file_hash(pairs_path(run)),
+                "constitution": str(cfg.constitution_path()),
+                "constitution_fingerprint": constitution.fingerprint(),
+            },
             models={"judge": judge_name},
             counts=counts,
             timings=timings,
@@ -261,7 +301,9 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     return final
 
 
-def _run_gate(engine: Any, constitution: Any, cfg: RunConfig, calibration: Calibration | None, notes: list[str]) -> GateResult | None:
+def _run_gate(
+    engine: Any, constitution: Any, cfg: RunConfig, calibration: Calibration | None, notes: list[str]
+) -> GateResult | None:
     try:
         checkset = load_checkset(cfg.judge.checkset)
     except FileNotFoundError as exc:
@@ -269,8 +311,11 @@ def _run_gate(engine: Any, constitution: Any, cfg: RunConfig, calibration: Calib
             raise
         log.warning("judge gate: %s", exc)
         checkset = []
-    log.info("judge gate: scoring %d check pairs%s", len(checkset),
-             f" and up to {cfg.judge.gate_hhh_sample} HHH items" if cfg.judge.gate_use_hhh and HHH_FILE.exists() else "")
+    log.info(
+        "judge gate: scoring %d check pairs%s",
+        len(checkset),
+        f" and up to {cfg.judge.gate_hhh_sample} HHH items" if cfg.judge.gate_use_hhh and HHH_FILE.exists() else "",
+    )
     gate = judge_gate(engine, constitution, cfg.judge, calibration=calibration, seed=cfg.seed, checkset=checkset)
     if gate.skipped:
         notes.append(f"judge gate skipped: {gate.skipped}")
@@ -280,8 +325,15 @@ def _run_gate(engine: Any, constitution: Any, cfg: RunConfig, calibration: Calib
     return gate
 
 
-def _judge_pairs(engine: Any, constitution: Any, pairs: list[dict[str, Any]], cfg: RunConfig, judge_name: str,
-                 calibration: Calibration | None, run: RunStore) -> tuple[dict[str, Verdict], dict[str, Any]]:
+def _judge_pairs(
+    engine: Any,
+    constitution: Any,
+    pairs: list[dict[str, Any]],
+    cfg: RunConfig,
+    judge_name: str,
+    calibration: Calibration | None,
+    run: RunStore,
+) -> tuple[dict[str, Verdict], dict[str, Any]]:
     """Judge pairs in resumable chunks; returns verdicts by pair id and timing stats."""
     from cai_dpo.progress import progress_bar as tqdm
 
@@ -291,8 +343,9 @@ def _judge_pairs(engine: Any, constitution: Any, pairs: list[dict[str, Any]], cf
     fp = constitution.fingerprint()
 
     def key(p: dict[str, Any]) -> str:
-        return content_hash("judge", p["pair_id"], p["prompt"], p["response_a"], p["response_b"], judge_name, fp,
-                            settings, cfg.seed)
+        return content_hash(
+            "judge", p["pair_id"], p["prompt"], p["response_a"], p["response_b"], judge_name, fp, settings, cfg.seed
+        )
 
     keyed = [(key(p), p) for p in pairs]
     done = store.done_keys()
@@ -302,7 +355,7 @@ def _judge_pairs(engine: Any, constitution: Any, pairs: list[dict[str, Any]], cf
     seconds, tokens, n_new = 0.0, 0, 0
     bar = tqdm(total=len(todo), desc="judge", unit="pair", dynamic_ncols=True, mininterval=1.0)
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+        part = todo[start : start + chunk]
         t0 = time.perf_counter()
         by_group: dict[str, list[int]] = {}
         for i, (_, p) in enumerate(part):
@@ -310,17 +363,26 @@ def _judge_pairs(engine: Any, constitution: Any, pairs: list[dict[str, Any]], cf
         scores: list[LetterScores | None] = [None] * len(part)
         for src, idx in by_group.items():
             comps = [Comparison(part[i][1]["prompt"], part[i][1]["response_a"], part[i][1]["response_b"]) for i in idx]
-            got = score_letters(engine, constitution, comps, jc, categories=SOURCE_CATEGORIES.get(src), seed=cfg.seed,
-                                prompter=prompter)
+            got = score_letters(
+                engine, constitution, comps, jc, categories=SOURCE_CATEGORIES.get(src), seed=cfg.seed, prompter=prompter
+            )
             for i, s in zip(idx, got):
                 scores[i] = s
         dt = time.perf_counter() - t0
         records = []
         for (k, p), s in zip(part, scores):
             v = to_verdict(s, jc, calibration)  # type: ignore[arg-type]
-            records.append({"key": k, "pair_id": p["pair_id"], "verdict": dataclasses.asdict(v),
-                            "letters": {"principle_ids": s.principle_ids, "ab": s.ab, "ba": s.ba},  # type: ignore[union-attr]
-                            "reasoning": s.reasoning, "tokens": s.tokens, "seconds": dt / len(part)})  # type: ignore[union-attr]
+            records.append(
+                {
+                    "key": k,
+                    "pair_id": p["pair_id"],
+                    "verdict": dataclasses.asdict(v),
+                    "letters": {"principle_ids": s.principle_ids, "ab": s.ab, "ba": s.ba},  # type: ignore[union-attr]
+                    "reasoning": s.reasoning,
+                    "tokens": s.tokens,
+                    "seconds": dt / len(part),
+                }
+            )  # type: ignore[union-attr]
         store.append(records)
         seconds += dt
         tokens += sum(r["tokens"] for r in records)
@@ -354,14 +416,16 @@ def _cost_metrics(stats: dict[str, Any], jc: JudgeConfig) -> dict[str, Any]:
     spj = stats["seconds_per_judgment"]
     per_1000 = spj * 1000 / 3600 * jc.hourly_price_usd
     human = [c * 1000 for c in HUMAN_COST_PER_JUDGMENT_USD]
-    return {"cost": {
-        "seconds_per_judgment": spj,
-        "tokens_per_judgment": stats["tokens_per_judgment"],
-        "hourly_price_usd": jc.hourly_price_usd,
-        "usd_per_1000_judgments": per_1000,
-        "human_usd_per_1000_judgments": human,
-        "human_to_ai_cost_ratio": [h / per_1000 for h in human] if per_1000 > 0 else None,
-        "measured_on": stats["measured_on"],
-        "note": "one judgment = one pair, both orders and every principle; human figure is the "
-                "~$10-50 per comparison quoted for human preference labels",
-    }}
+    return {
+        "cost": {
+            "seconds_per_judgment": spj,
+            "tokens_per_judgment": stats["tokens_per_judgment"],
+            "hourly_price_usd": jc.hourly_price_usd,
+            "usd_per_1000_judgments": per_1000,
+            "human_usd_per_1000_judgments": human,
+            "human_to_ai_cost_ratio": [h / per_1000 for h in human] if per_1000 > 0 else None,
+            "measured_on": stats["measured_on"],
+            "note": "one judgment = one pair, both orders and every principle; human figure is the "
+            "~$10-50 per comparison quoted for human preference labels",
+        }
+    }

@@ -42,8 +42,7 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.pairs_io import PAIRS_FILE
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
-from cai_dpo.store import locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +98,27 @@ def pairs_from_samples(record: dict[str, Any], max_pairs: int, seed: int = 0) ->
     out = []
     for i, j in combos[: max(1, max_pairs)]:
         a, b = distinct[i], distinct[j]
-        out.append({
-            "pair_id": pair_id("judged_samples", record["prompt"], a["text"], b["text"]),
-            "prompt_id": record["prompt_id"],
-            "prompt": record["prompt"],
-            "category": record["category"],
-            "prompt_source": record["prompt_source"],
-            "response_a": a["text"],
-            "response_b": b["text"],
-            "source": "judged_samples",
-            "label": None,
-            "selected": True,
-            "weight": None,
-            "flags": sorted(set(a.get("flags", [])) | set(b.get("flags", []))),
-            "meta": {"temperatures": [a["temperature"], b["temperature"]], "sample_index": [a["index"], b["index"]],
-                     "model": record["model"]},
-        })
+        out.append(
+            {
+                "pair_id": pair_id("judged_samples", record["prompt"], a["text"], b["text"]),
+                "prompt_id": record["prompt_id"],
+                "prompt": record["prompt"],
+                "category": record["category"],
+                "prompt_source": record["prompt_source"],
+                "response_a": a["text"],
+                "response_b": b["text"],
+                "source": "judged_samples",
+                "label": None,
+                "selected": True,
+                "weight": None,
+                "flags": sorted(set(a.get("flags", [])) | set(b.get("flags", []))),
+                "meta": {
+                    "temperatures": [a["temperature"], b["temperature"]],
+                    "sample_index": [a["index"], b["index"]],
+                    "model": record["model"],
+                },
+            }
+        )
     return out
 
 
@@ -126,7 +130,9 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
     if cfg.data.red_team_limit is not None:
         red = red[: cfg.data.red_team_limit]
     if not red:
-        raise InputError(f"{cfg.data.red_team}: no red-team prompts in the 'train' split; point data.red_team at train prompts")
+        raise InputError(
+            f"{cfg.data.red_team}: no red-team prompts in the 'train' split; point data.red_team at train prompts"
+        )
     share = cfg.pairs.helpful_share
     if not 0 <= share < 1:
         raise InputError(f"pairs.helpful_share must be in [0, 1), got {share}")
@@ -165,7 +171,9 @@ def policy_engine(cfg: RunConfig, run: RunStore) -> Any:
     return load_engine(spec, adapter=adapter, batch_size=cfg.pairs.sampling.batch_size)
 
 
-def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def sample_records(
+    cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """K samples per prompt from the SL-CAI model, resumable; one record per prompt."""
     pc = cfg.pairs
     if pc.samples_per_prompt < 2:
@@ -181,7 +189,12 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
     keyed = [(key(p), p, src) for p, src in prompts]
     done = store.done_keys()
     todo = [(k, p, src) for k, p, src in keyed if k not in done]
-    stats: dict[str, Any] = {"sampled_prompts": len(todo), "resumed_prompts": len(keyed) - len(todo), "tokens": 0, "seconds": 0.0}
+    stats: dict[str, Any] = {
+        "sampled_prompts": len(todo),
+        "resumed_prompts": len(keyed) - len(todo),
+        "tokens": 0,
+        "seconds": 0.0,
+    }
     if todo:
         if engine is None:
             engine = policy_engine(cfg, run)
@@ -190,21 +203,31 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
             groups.setdefault(t, []).append(i)
         chunk = max(1, pc.sampling.batch_size)
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+            part = todo[start : start + chunk]
             convs = [p.conversation() for _, p, _ in part]
             samples: list[list[dict[str, Any]]] = [[{} for _ in temps] for _ in part]
             with Timer() as t:
-                for gi, (temp, idxs) in enumerate(sorted(groups.items())):
-                    sampling = dataclasses.replace(pc.sampling, temperature=temp, do_sample=temp > 0,
-                                                   seed=int(content_hash(pc.sampling.seed, cfg.seed, temp, start, length=8), 16))
+                for temp, idxs in sorted(groups.items()):
+                    sampling = dataclasses.replace(
+                        pc.sampling,
+                        temperature=temp,
+                        do_sample=temp > 0,
+                        seed=int(content_hash(pc.sampling.seed, cfg.seed, temp, start, length=8), 16),
+                    )
                     try:
                         gens = engine.generate(convs, sampling, n=len(idxs), desc=f"pairs T={temp}")
                     except ContextLengthError as exc:
                         raise name_prompt_error(exc, [p for _, p, _ in part]) from exc
                     for row, gs in enumerate(gens):
                         for si, g in zip(idxs, gs):
-                            samples[row][si] = {"index": si, "temperature": temp, "text": g.text, "n_tokens": g.n_tokens,
-                                                "finished": g.finished, "flags": [] if g.finished else ["truncated"]}
+                            samples[row][si] = {
+                                "index": si,
+                                "temperature": temp,
+                                "text": g.text,
+                                "n_tokens": g.n_tokens,
+                                "finished": g.finished,
+                                "flags": [] if g.finished else ["truncated"],
+                            }
                             stats["tokens"] += g.n_tokens
             stats["seconds"] += t.seconds
             records = []
@@ -212,11 +235,25 @@ def sample_records(cfg: RunConfig, run: RunStore, prompts: list[Any], *, engine:
                 distinct, flags = dedupe_samples(ss)
                 if len(distinct) < 2:
                     flags["no_distinct_pair"] += 1
-                records.append({"key": k, "prompt_id": p.id, "prompt": p.text, "category": p.category,
-                                "prompt_source": src, "model": model_id, "samples": ss, "flags": dict(flags)})
+                records.append(
+                    {
+                        "key": k,
+                        "prompt_id": p.id,
+                        "prompt": p.text,
+                        "category": p.category,
+                        "prompt_source": src,
+                        "model": model_id,
+                        "samples": ss,
+                        "flags": dict(flags),
+                    }
+                )
             store.append(records)
-            log.info("pairs: sampled %d/%d prompts (%.1f tok/s)", start + len(part), len(todo),
-                     stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0)
+            log.info(
+                "pairs: sampled %d/%d prompts (%.1f tok/s)",
+                start + len(part),
+                len(todo),
+                stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0,
+            )
     recs = store.load()
     return [recs[k] for k, _, _ in keyed], stats
 
@@ -237,22 +274,27 @@ def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
             skipped["unchanged"] += 1
             continue
         rounds = r.get("rounds") or []
-        out.append({
-            "pair_id": pair_id("revision_vs_original", r["prompt"], final, initial),
-            "prompt_id": r.get("prompt_id"),
-            "prompt": r["prompt"],
-            "category": r.get("category") or "",
-            "prompt_source": r.get("source") or "red_team",
-            "response_a": final,
-            "response_b": initial,
-            "source": "revision_vs_original",
-            "label": "A",
-            "selected": True,
-            "weight": r.get("weight"),
-            "flags": list(r.get("flags") or []),
-            "meta": {"principle_ids": [x.get("principle_id") for x in rounds if x.get("principle_id")],
-                     "rounds": len(rounds), "sl_model": r.get("model")},
-        })
+        out.append(
+            {
+                "pair_id": pair_id("revision_vs_original", r["prompt"], final, initial),
+                "prompt_id": r.get("prompt_id"),
+                "prompt": r["prompt"],
+                "category": r.get("category") or "",
+                "prompt_source": r.get("source") or "red_team",
+                "response_a": final,
+                "response_b": initial,
+                "source": "revision_vs_original",
+                "label": "A",
+                "selected": True,
+                "weight": r.get("weight"),
+                "flags": list(r.get("flags") or []),
+                "meta": {
+                    "principle_ids": [x.get("principle_id") for x in rounds if x.get("principle_id")],
+                    "rounds": len(rounds),
+                    "sl_model": r.get("model"),
+                },
+            }
+        )
     return out, skipped
 
 
@@ -260,13 +302,16 @@ def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
 
 
 def curated_prompts(cfg: RunConfig) -> list[Any]:
-    """The curated ``train`` examples for pairs: ``pairs.curated_kinds``, at most ``curated_limit`` per kind (seeded pick)."""
+    """The curated ``train`` examples for pairs: ``pairs.curated_kinds``, at most
+    ``curated_limit`` per kind (seeded pick)."""
     from cai_dpo.curated import KINDS, load_curated
 
     pc = cfg.pairs
     unknown = [k for k in pc.curated_kinds if k not in KINDS]
     if unknown or not pc.curated_kinds:
-        raise InputError(f"pairs.curated_kinds is {pc.curated_kinds!r}; allowed: a non-empty list of {', '.join(KINDS)}")
+        raise InputError(
+            f"pairs.curated_kinds is {pc.curated_kinds!r}; allowed: a non-empty list of {', '.join(KINDS)}"
+        )
     if pc.curated_limit is not None and pc.curated_limit < 1:
         raise InputError(f"pairs.curated_limit must be >= 1 or null, got {pc.curated_limit}")
     examples = load_curated(pc.curated, split="train")
@@ -274,7 +319,9 @@ def curated_prompts(cfg: RunConfig) -> list[Any]:
     for kind in pc.curated_kinds:
         of_kind = [e for e in examples if e.kind == kind]
         if pc.curated_limit is not None and len(of_kind) > pc.curated_limit:
-            keep = set(sorted(range(len(of_kind)), key=lambda i: content_hash(cfg.seed, of_kind[i].id))[: pc.curated_limit])
+            keep = set(
+                sorted(range(len(of_kind)), key=lambda i: content_hash(cfg.seed, of_kind[i].id))[: pc.curated_limit]
+            )
             of_kind = [e for i, e in enumerate(of_kind) if i in keep]
         out.extend(of_kind)
     if not out:
@@ -282,13 +329,19 @@ def curated_prompts(cfg: RunConfig) -> list[Any]:
     return out
 
 
-def curated_records(cfg: RunConfig, run: RunStore, examples: list[Any], *, engine: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def curated_records(
+    cfg: RunConfig, run: RunStore, examples: list[Any], *, engine: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The SL-CAI model's own answer to each curated prompt, resumable; one record per example."""
     pc = cfg.pairs
     if pc.curated_temperature < 0:
         raise InputError(f"pairs.curated_temperature must be >= 0 (0 is greedy), got {pc.curated_temperature}")
-    sampling = dataclasses.replace(pc.sampling, temperature=pc.curated_temperature, do_sample=pc.curated_temperature > 0,
-                                   seed=int(content_hash(pc.sampling.seed, cfg.seed, "curated", length=8), 16))
+    sampling = dataclasses.replace(
+        pc.sampling,
+        temperature=pc.curated_temperature,
+        do_sample=pc.curated_temperature > 0,
+        seed=int(content_hash(pc.sampling.seed, cfg.seed, "curated", length=8), 16),
+    )
     model_id = _policy(cfg, run)[2]
     store = run.records("pairs-curated")
     params = {"sampling": to_dict(sampling), "seed": cfg.seed}
@@ -301,19 +354,33 @@ def curated_records(cfg: RunConfig, run: RunStore, examples: list[Any], *, engin
             engine = policy_engine(cfg, run)
         chunk = max(1, pc.sampling.batch_size)
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+            part = todo[start : start + chunk]
             with Timer() as t:
-                gens = engine.generate([[{"role": "user", "content": e.prompt}] for _, e in part], sampling, n=1,
-                                       desc="pairs curated")
+                gens = engine.generate(
+                    [[{"role": "user", "content": e.prompt}] for _, e in part], sampling, n=1, desc="pairs curated"
+                )
             stats["seconds"] += t.seconds
             records = []
             for (k, e), (g, *_) in zip(part, gens):
                 stats["tokens"] += g.n_tokens
-                records.append({"key": k, "curated_id": e.id, "prompt": e.prompt, "model": model_id, "text": g.text,
-                                "n_tokens": g.n_tokens, "finished": g.finished})
+                records.append(
+                    {
+                        "key": k,
+                        "curated_id": e.id,
+                        "prompt": e.prompt,
+                        "model": model_id,
+                        "text": g.text,
+                        "n_tokens": g.n_tokens,
+                        "finished": g.finished,
+                    }
+                )
             store.append(records)
-            log.info("pairs: answered %d/%d curated prompts (%.1f tok/s)", start + len(part), len(todo),
-                     stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0)
+            log.info(
+                "pairs: answered %d/%d curated prompts (%.1f tok/s)",
+                start + len(part),
+                len(todo),
+                stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0,
+            )
     recs = store.load()
     return [recs[k] for k, _ in keyed], stats
 
@@ -341,22 +408,28 @@ def curated_pairs(examples: list[Any], records: list[dict[str, Any]]) -> tuple[l
         if _norm(answer) == _norm(e.response):
             skipped["identical"] += 1
             continue
-        out.append({
-            "pair_id": pair_id("curated", e.prompt, e.response, answer),
-            "prompt_id": e.id,
-            "prompt": e.prompt,
-            "category": e.category,
-            "prompt_source": "red_team" if e.kind == "harmful" else "helpful",
-            "response_a": e.response,
-            "response_b": answer,
-            "source": "curated",
-            "label": "A",
-            "selected": True,
-            "weight": e.meta.get("weight"),
-            "flags": [] if rec.get("finished", True) else ["truncated"],
-            "meta": {"principle_ids": list(e.principle_ids), "kind": e.kind, "sensitive_sounding": e.sensitive_sounding,
-                     "model": rec.get("model")},
-        })
+        out.append(
+            {
+                "pair_id": pair_id("curated", e.prompt, e.response, answer),
+                "prompt_id": e.id,
+                "prompt": e.prompt,
+                "category": e.category,
+                "prompt_source": "red_team" if e.kind == "harmful" else "helpful",
+                "response_a": e.response,
+                "response_b": answer,
+                "source": "curated",
+                "label": "A",
+                "selected": True,
+                "weight": e.meta.get("weight"),
+                "flags": [] if rec.get("finished", True) else ["truncated"],
+                "meta": {
+                    "principle_ids": list(e.principle_ids),
+                    "kind": e.kind,
+                    "sensitive_sounding": e.sensitive_sounding,
+                    "model": rec.get("model"),
+                },
+            }
+        )
     return out, skipped
 
 
@@ -384,7 +457,9 @@ def mix_ratios(cfg: RunConfig) -> dict[str, float]:
             raise InputError(f"pairs.mix.{name} must be a share >= 0, got {share}")
     total = sum(pc.mix.values())
     if total <= 0:
-        raise InputError("pairs.mix: give at least one source a share > 0, e.g. {curated: 0.6, revision_vs_original: 0.4}")
+        raise InputError(
+            "pairs.mix: give at least one source a share > 0, e.g. {curated: 0.6, revision_vs_original: 0.4}"
+        )
     return {name: share / total for name, share in pc.mix.items()}
 
 
@@ -408,8 +483,10 @@ def mixed_counts(n_revision: int, n_sampled: int, ratio: float) -> tuple[int, in
     """How many revision and sampled pairs make the largest mix with ``ratio`` revision share."""
     if not 0 <= ratio <= 1:
         raise InputError(f"pairs.mixed_ratio must be in [0, 1], got {ratio}")
-    got = mix_counts({"revision_vs_original": n_revision, "judged_samples": n_sampled},
-                     {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio})
+    got = mix_counts(
+        {"revision_vs_original": n_revision, "judged_samples": n_sampled},
+        {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio},
+    )
     return got["revision_vs_original"], got["judged_samples"]
 
 
@@ -441,8 +518,11 @@ def select_mix(by_source: dict[str, list[dict[str, Any]]], ratios: dict[str, flo
 
 def select_mixed(revision: list[dict[str, Any]], sampled: list[dict[str, Any]], ratio: float, seed: int) -> None:
     """Mark ``selected`` on a seeded subset of each kind so revision pairs are ``ratio`` of the selection."""
-    select_mix({"revision_vs_original": revision, "judged_samples": sampled},
-               {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio}, seed)
+    select_mix(
+        {"revision_vs_original": revision, "judged_samples": sampled},
+        {"revision_vs_original": ratio, "judged_samples": 1.0 - ratio},
+        seed,
+    )
 
 
 # --------------------------------------------------------------------------- stage
@@ -477,8 +557,10 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             counts["revision_skipped"] = dict(skipped)
             sl_dir = run.root / "records" / "sl"
             if not revision:
-                raise InputError(f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
-                                 f"run the SL stage first (cai-dpo sl) or set pairs.source=judged_samples")
+                raise InputError(
+                    f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
+                    f"run the SL stage first (cai-dpo sl) or set pairs.source=judged_samples"
+                )
             inputs["sl_records"] = file_hash(sl_dir)
             by_source["revision_vs_original"] = revision
         if "curated" in wanted:
@@ -487,11 +569,18 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             recs, cstats = curated_records(cfg, run, answered, engine=_Lazy(shared_engine))
             tokens, gen_seconds = tokens + cstats["tokens"], gen_seconds + cstats["seconds"]
             curated, skipped = curated_pairs(examples, rejected_records(examples, answered, recs))
-            counts.update({"curated_prompts": len(examples), "curated_skipped": dict(skipped),
-                           "curated_kinds": dict(Counter(e.kind for e in examples))})
+            counts.update(
+                {
+                    "curated_prompts": len(examples),
+                    "curated_skipped": dict(skipped),
+                    "curated_kinds": dict(Counter(e.kind for e in examples)),
+                }
+            )
             if not curated:
-                raise InputError(f"{pc.curated}: no curated pair formed (the policy repeated every curated response "
-                                 "or answered nothing); check pairs.curated and pairs.sampling.max_new_tokens")
+                raise InputError(
+                    f"{pc.curated}: no curated pair formed (the policy repeated every curated response "
+                    "or answered nothing); check pairs.curated and pairs.sampling.max_new_tokens"
+                )
             inputs["curated"] = content_hash([(e.id, e.prompt, e.response) for e in examples])
             by_source["curated"] = curated
         if "judged_samples" in wanted:
@@ -499,11 +588,17 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             others = [s for s in wanted if s != "judged_samples" and ratios[s] > 0]
             if pc.source == "mixed" and others and ratios["judged_samples"] < 1:
                 fixed_total = min(len(by_source[s]) / ratios[s] for s in others)
-                n = _prompts_for(fixed_total, ratios["judged_samples"], len(prompts)) if ratios["judged_samples"] > 0 else 0
+                n = (
+                    _prompts_for(fixed_total, ratios["judged_samples"], len(prompts))
+                    if ratios["judged_samples"] > 0
+                    else 0
+                )
                 order = sorted(range(len(prompts)), key=lambda i: content_hash(cfg.seed, prompts[i][0].id))
                 prompts = [prompts[i] for i in sorted(order[:n])]
-                notes.append(f"mixed: sampled {n} prompt(s), enough for a {ratios['judged_samples']:.2f} judged-sample "
-                             f"share next to {', '.join(f'{len(by_source[s])} {s}' for s in others)} pairs")
+                notes.append(
+                    f"mixed: sampled {n} prompt(s), enough for a {ratios['judged_samples']:.2f} judged-sample "
+                    f"share next to {', '.join(f'{len(by_source[s])} {s}' for s in others)} pairs"
+                )
             sampled: list[dict[str, Any]] = []
             if prompts:
                 records, stats = sample_records(cfg, run, prompts, engine=_Lazy(shared_engine))
@@ -512,24 +607,33 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
                 for rec in records:
                     flag_counts.update(rec.get("flags") or {})
                     sampled.extend(pairs_from_samples(rec, pc.max_pairs_per_prompt, cfg.seed))
-                counts.update({"prompts": len(records),
-                               "prompt_sources": dict(Counter(r["prompt_source"] for r in records)),
-                               "sample_flags": dict(flag_counts), "samples": sum(len(r["samples"]) for r in records)})
+                counts.update(
+                    {
+                        "prompts": len(records),
+                        "prompt_sources": dict(Counter(r["prompt_source"] for r in records)),
+                        "sample_flags": dict(flag_counts),
+                        "samples": sum(len(r["samples"]) for r in records),
+                    }
+                )
                 inputs["prompts"] = content_hash([r["key"] for r in records])
             by_source["judged_samples"] = sampled
         if pc.source == "mixed":
             select_mix(by_source, ratios, cfg.seed)
     rows = [r for s in ("revision_vs_original", "curated", "judged_samples") for r in by_source.get(s, [])]
     if not rows:
-        raise InputError("pairs: no pairs formed (every prompt gave fewer than two distinct responses); "
-                         "raise pairs.samples_per_prompt or the temperatures")
+        raise InputError(
+            "pairs: no pairs formed (every prompt gave fewer than two distinct responses); "
+            "raise pairs.samples_per_prompt or the temperatures"
+        )
     selected = [r for r in rows if r["selected"]]
-    counts.update({
-        "pairs": len(rows),
-        "selected": len(selected),
-        "selected_by_source": dict(Counter(r["source"] for r in selected)),
-        "all_by_source": dict(Counter(r["source"] for r in rows)),
-    })
+    counts.update(
+        {
+            "pairs": len(rows),
+            "selected": len(selected),
+            "selected_by_source": dict(Counter(r["source"] for r in selected)),
+            "all_by_source": dict(Counter(r["source"] for r in rows)),
+        }
+    )
     if selected:
         counts["revision_share_selected"] = sum(r["source"] == "revision_vs_original" for r in selected) / len(selected)
         counts["share_selected"] = {s: n / len(selected) for s, n in counts["selected_by_source"].items()}
@@ -540,10 +644,15 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             stage="pairs",
             config={"pairs": to_dict(pc), "data": to_dict(cfg.data), "seed": cfg.seed, "mix": ratios},
             inputs=inputs,
-            models={"policy": _policy(cfg, run)[2]} if by_source.get("judged_samples") or by_source.get("curated") else {},
+            models={"policy": _policy(cfg, run)[2]}
+            if by_source.get("judged_samples") or by_source.get("curated")
+            else {},
             counts=counts,
-            timings={"seconds": total.seconds, "sampling_seconds": gen_seconds,
-                     "tokens_per_second": (tokens / gen_seconds) if gen_seconds else 0.0},
+            timings={
+                "seconds": total.seconds,
+                "sampling_seconds": gen_seconds,
+                "tokens_per_second": (tokens / gen_seconds) if gen_seconds else 0.0,
+            },
             notes=notes,
         ).write(tmp / "manifest.json")
     log.info("pairs: %d pairs (%s selected) -> %s", len(rows), counts["selected_by_source"], out)

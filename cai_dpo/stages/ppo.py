@@ -49,14 +49,38 @@ from cai_dpo.errors import InputError
 from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, last_ppo_checkpoint
 from cai_dpo.rl.reward import Conversation, RewardFn, RewardScorer, as_conversation, prompt_text, rm_spec, sft_adapter
 from cai_dpo.rl.rollout import PtxBatches
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_bytes, atomic_write_text, content_hash
-from cai_dpo.store import locked_stage
+from cai_dpo.store import (
+    Manifest,
+    RunStore,
+    Timer,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    content_hash,
+    locked_stage,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = [
-    "step", "score", "score_std", "reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "pg_loss",
-    "vf_loss", "vf_clipfrac", "value_mean", "ptx_loss", "response_length", "eos_frac", "rollout_s", "update_s",
+    "step",
+    "score",
+    "score_std",
+    "reward",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "clipfrac",
+    "approx_kl",
+    "pg_loss",
+    "vf_loss",
+    "vf_clipfrac",
+    "value_mean",
+    "ptx_loss",
+    "response_length",
+    "eos_frac",
+    "rollout_s",
+    "update_s",
     "tokens_per_s",
 ]
 
@@ -65,7 +89,8 @@ LOG_COLUMNS = [
 
 
 def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
-    """Training prompts: those of the preference data, else of ``data/sl``, else the configured prompt sets (train split)."""
+    """Training prompts: those of the preference data, else of ``data/sl``, else the
+    configured prompt sets (train split)."""
     from datasets import load_from_disk
 
     from cai_dpo.labels import preferences_path
@@ -75,8 +100,10 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     if pref.exists():
         ds = load_from_disk(str(pref))
         if "prompt" not in ds.column_names:
-            raise InputError(f"{pref}: field 'prompt' is missing (columns: {', '.join(ds.column_names)}); "
-                             "rerun the judge stage to write prompt/chosen/rejected")
+            raise InputError(
+                f"{pref}: field 'prompt' is missing (columns: {', '.join(ds.column_names)}); "
+                "rerun the judge stage to write prompt/chosen/rejected"
+            )
         for p in ds["prompt"]:
             conv = as_conversation(p)
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
@@ -160,7 +187,9 @@ def same_vocab(tok_a: Any, tok_b: Any) -> bool:
     return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
 
 
-def load_value_model(cfg: RunConfig, run: RunStore, policy_tok: Any, merge: list[Path], rm_dir: Path | None) -> tuple[Any, str]:
+def load_value_model(
+    cfg: RunConfig, run: RunStore, policy_tok: Any, merge: list[Path], rm_dir: Path | None
+) -> tuple[Any, str]:
     """The value model and a note saying where it was initialised from."""
     import torch
 
@@ -200,7 +229,9 @@ def default_reward(run: RunStore, cfg: RunConfig) -> tuple[Any, Path]:
     return RewardScorer(rm_dir, batch_size=max(1, cfg.ppo.sampling.batch_size), device=cfg.policy.device), rm_dir
 
 
-def _reward_adapter(reward_fn: RewardFn | None, scorer: Any) -> Callable[[list[Conversation], list[str]], Sequence[float]]:
+def _reward_adapter(
+    reward_fn: RewardFn | None, scorer: Any
+) -> Callable[[list[Conversation], list[str]], Sequence[float]]:
     """Prompts go to an injected reward_fn as user-text strings, to the scorer as conversations."""
     if reward_fn is not None:
         return lambda prompts, responses: reward_fn([prompt_text(p) for p in prompts], list(responses))
@@ -213,8 +244,9 @@ def _reward_adapter(reward_fn: RewardFn | None, scorer: Any) -> Callable[[list[C
 _LENGTH_KEYS = ("steps", "save_steps")
 
 
-def training_note(cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm_dir: Path | None,
-                  merge: list[Path], mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def training_note(
+    cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm_dir: Path | None, merge: list[Path], mode: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(inputs note, length target) of a PPO or RLOO run, for checkpoint resumption and skipping.
 
     The note holds every input the weights depend on: the ``ppo`` settings (less
@@ -226,7 +258,10 @@ def training_note(cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm
 
     settings = {k: v for k, v in to_dict(cfg.ppo).items() if k not in _LENGTH_KEYS}
     note: dict[str, Any] = {
-        "mode": mode, "ppo": settings, "policy": to_dict(cfg.policy), "seed": cfg.seed,
+        "mode": mode,
+        "ppo": settings,
+        "policy": to_dict(cfg.policy),
+        "seed": cfg.seed,
         "prompts": content_hash(prompts),
         "sft_adapter": [artifact_hash(m) for m in merge],
         "reward": artifact_hash(rm_dir) if rm_dir is not None else "programmatic",
@@ -238,8 +273,15 @@ def training_note(cfg: RunConfig, run: RunStore, prompts: list[Conversation], rm
 
 
 @locked_stage
-def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | None = None,
-            prompts: list[Conversation] | None = None, *, resume: bool = True, progress: bool = True) -> Path:
+def run_ppo(
+    cfg: RunConfig,
+    run: RunStore | None = None,
+    reward_fn: RewardFn | None = None,
+    prompts: list[Conversation] | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
     """RL-CAI: PPO (or RLOO with ``ppo.mode: rloo``) of the SL-CAI policy against the preference model.
 
     ``reward_fn(prompts, responses) -> list[float]`` (prompts as user-text strings) replaces
@@ -272,7 +314,9 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
     timings: dict[str, float] = {}
     with Timer() as t_load:
         policy, tok, merge = load_policy(cfg, run)
-        value_model, value_note = load_value_model(cfg, run, tok, merge, rm_dir if rm_dir else run.root / "models" / "rm")
+        value_model, value_note = load_value_model(
+            cfg, run, tok, merge, rm_dir if rm_dir else run.root / "models" / "rm"
+        )
     timings["load_s"] = t_load.seconds
     ptx = None
     if cfg.ppo.ptx_coef > 0:
@@ -280,10 +324,17 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
         sl_dir = run.root / "data" / "sl"
         if not sl_dir.exists():
-            raise FileNotFoundError(f"{sl_dir}: ppo.ptx_coef > 0 needs the SL-CAI dataset; run `cai-dpo sl` or set ppo.ptx_coef=0")
+            raise FileNotFoundError(
+                f"{sl_dir}: ppo.ptx_coef > 0 needs the SL-CAI dataset; run `cai-dpo sl` or set ppo.ptx_coef=0"
+            )
         # ptx_batch is global, like rollout_batch: each process draws its share with its own seed
-        ptx = PtxBatches(load_from_disk(str(sl_dir)), tok, max(1, cfg.ppo.ptx_batch // world_size()),
-                         cfg.sft.max_length, cfg.seed + rank())
+        ptx = PtxBatches(
+            load_from_disk(str(sl_dir)),
+            tok,
+            max(1, cfg.ppo.ptx_batch // world_size()),
+            cfg.sft.max_length,
+            cfg.seed + rank(),
+        )
     trainer = CaiPPOTrainer(cfg, policy, tok, value_model, reward, prompts, ptx=ptx, progress=progress)
 
     ckpt_root = run.path("checkpoints", "ppo")
@@ -301,12 +352,13 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
         log.info("PPO resumes from %s (step %d)", last, trainer.step)
 
     from cai_dpo.progress import progress_bar as tqdm
-
     from cai_dpo.training import StepLogger
 
     # TensorBoard etc. per train.report_to; log.csv always
     tracker = StepLogger(metrics_dir, cfg.train.report_to if main else "none")
-    bar = tqdm(total=cfg.ppo.steps, initial=trainer.step, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.ppo.steps, initial=trainer.step, desc="ppo", unit="step", disable=not progress, dynamic_ncols=True
+    )
     while trainer.step < cfg.ppo.steps:
         row = trainer.train_step()
         maybe_kill_for_test(trainer.step)
@@ -330,19 +382,24 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
 
     hist = trainer.history
     new_rows = [r for r in hist if resumed_from is None or r["step"] > resumed_from]
-    timings.update({
-        "rollout_s_per_step": float(np.mean([r["rollout_s"] for r in new_rows])) if new_rows else float("nan"),
-        "update_s_per_step": float(np.mean([r["update_s"] for r in new_rows])) if new_rows else float("nan"),
-    })
+    timings.update(
+        {
+            "rollout_s_per_step": float(np.mean([r["rollout_s"] for r in new_rows])) if new_rows else float("nan"),
+            "update_s_per_step": float(np.mean([r["update_s"] for r in new_rows])) if new_rows else float("nan"),
+        }
+    )
     metrics: dict[str, Any] = {}
     if hist:
         k = max(1, len(hist) // 4)
         metrics = {
-            "score_first": hist[0]["score"], "score_last": hist[-1]["score"],
+            "score_first": hist[0]["score"],
+            "score_last": hist[-1]["score"],
             "score_first_quarter": float(np.mean([r["score"] for r in hist[:k]])),
             "score_last_quarter": float(np.mean([r["score"] for r in hist[-k:]])),
-            "kl_last": hist[-1]["kl"], "kl_max": float(max(r["kl"] for r in hist)),
-            "kl_coef_last": hist[-1]["kl_coef"], "entropy_last": hist[-1]["entropy"],
+            "kl_last": hist[-1]["kl"],
+            "kl_max": float(max(r["kl"] for r in hist)),
+            "kl_coef_last": hist[-1]["kl_coef"],
+            "entropy_last": hist[-1]["entropy"],
             "response_length_last": hist[-1]["response_length"],
         }
     inputs = {"prompts": str(len(prompts)), **training_inputs(note, target)}
@@ -354,15 +411,24 @@ def run_ppo(cfg: RunConfig, run: RunStore | None = None, reward_fn: RewardFn | N
         stage="ppo",
         config={"ppo": to_dict(cfg.ppo), "policy": to_dict(cfg.policy), "seed": cfg.seed},
         inputs=inputs,
-        models={"base": cfg.policy.name, "merged_first": ", ".join(str(m) for m in merge) or "none",
-                "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)"},
-        counts={"steps": trainer.step, "resumed_from": resumed_from or 0, "rollouts": trainer.step * cfg.ppo.rollout_batch},
+        models={
+            "base": cfg.policy.name,
+            "merged_first": ", ".join(str(m) for m in merge) or "none",
+            "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)",
+        },
+        counts={
+            "steps": trainer.step,
+            "resumed_from": resumed_from or 0,
+            "rollouts": trainer.step * cfg.ppo.rollout_batch,
+        },
         timings=timings,
         metrics=metrics,
         notes=[
             value_note,
-            "reference = policy with its LoRA adapter disabled; KL per token = log pi - log pi_ref (k1), summed per response",
-            "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM (paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
+            "reference = policy with its LoRA adapter disabled; "
+            "KL per token = log pi - log pi_ref (k1), summed per response",
+            "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM "
+            "(paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
             "trained on the sampled token ids; the reward scores the decoded text of exactly those ids",
         ],
     )
@@ -387,14 +453,20 @@ def validate_rloo(pc: Any, source: str = "config") -> None:
     from cai_dpo.config import ConfigError
 
     if pc.rloo_k < 2:
-        raise ConfigError(f"{source}: ppo.rloo_k is {pc.rloo_k}; RLOO's leave-one-out baseline needs at least 2 "
-                          "completions per prompt: set ppo.rloo_k=2 or more")
+        raise ConfigError(
+            f"{source}: ppo.rloo_k is {pc.rloo_k}; RLOO's leave-one-out baseline needs at least 2 "
+            "completions per prompt: set ppo.rloo_k=2 or more"
+        )
     if pc.rollout_batch % pc.rloo_k:
-        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.rloo_k "
-                          f"({pc.rloo_k}) in RLOO mode; set ppo.rollout_batch={pc.rloo_k * max(1, pc.rollout_batch // pc.rloo_k)}")
+        raise ConfigError(
+            f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.rloo_k "
+            f"({pc.rloo_k}) in RLOO mode; set ppo.rollout_batch={pc.rloo_k * max(1, pc.rollout_batch // pc.rloo_k)}"
+        )
     if pc.minibatch < 1 or pc.rollout_batch % pc.minibatch:
-        raise ConfigError(f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.minibatch "
-                          f"({pc.minibatch}) in RLOO mode")
+        raise ConfigError(
+            f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.minibatch "
+            f"({pc.minibatch}) in RLOO mode"
+        )
 
 
 def _generation_eos(model: Any) -> set[int]:
@@ -405,8 +477,9 @@ def _generation_eos(model: Any) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
-def rloo_rewards_inputs(tokenizer: Any, completion_ids: Sequence[Sequence[int]], eos_ids: set[int],
-                        missing_eos_penalty: float) -> tuple[list[str], list[float]]:
+def rloo_rewards_inputs(
+    tokenizer: Any, completion_ids: Sequence[Sequence[int]], eos_ids: set[int], missing_eos_penalty: float
+) -> tuple[list[str], list[float]]:
     """Texts the reward scores (the decoded ids, EOS excluded) and each completion's missing-EOS penalty."""
     texts, penalties = [], []
     for ids in completion_ids:
@@ -417,14 +490,16 @@ def rloo_rewards_inputs(tokenizer: Any, completion_ids: Sequence[Sequence[int]],
     return texts, penalties
 
 
-def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *,
-             resume: bool = True) -> Path:
+def run_rloo(
+    cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *, resume: bool = True
+) -> Path:
     """RLOO (TRL's ``RLOOTrainer``) on the same policy, reference and reward, for comparison with PPO.
 
     Writes ``models/rloo`` (manifest stage ``rloo``), metrics in ``metrics/rloo``, checkpoints
     in ``checkpoints/rloo``. The reward is the preference score minus ``missing_eos_penalty``
-    for completions without EOS, as in PPO. Mapping: one PPO step = one generation batch of ``rollout_batch`` completions
-    (``rloo_k`` per prompt), ``ppo_epochs`` passes in minibatches of ``minibatch``;
+    for completions without EOS, as in PPO. Mapping: one PPO step = one generation batch of
+    ``rollout_batch`` completions (``rloo_k`` per prompt), ``ppo_epochs`` passes in
+    minibatches of ``minibatch``;
     ``beta = kl_coef``, ``epsilon = clip_range``.
     """
     from datasets import Dataset
@@ -458,10 +533,13 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
 
     eos_ids = {tok.eos_token_id} | _generation_eos(model)
 
-    def preference_reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None,
-                          **_: Any) -> list[float]:
+    def preference_reward(
+        prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None, **_: Any
+    ) -> list[float]:
         if completion_ids is None:
-            raise RuntimeError("RLOOTrainer passed no completion_ids; this TRL version is not supported for ppo.mode=rloo")
+            raise RuntimeError(
+                "RLOOTrainer passed no completion_ids; this TRL version is not supported for ppo.mode=rloo"
+            )
         texts, penalties = rloo_rewards_inputs(tok, completion_ids, eos_ids, pc.missing_eos_penalty)
         return [float(s) - p for s, p in zip(reward(prompts, texts), penalties)]
 
@@ -472,9 +550,15 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
     resume_from = resume_checkpoint(ckpt, note)
     max_steps = pc.steps * steps_per_gen * pc.ppo_epochs
     args = RLOOConfig(
-        **common_training_args(section, ckpt, seed=cfg.seed, save_steps=section.save_steps,
-                               per_device_train_batch_size=pc.minibatch,
-                               max_steps=max_steps, num_train_epochs=1.0),
+        **common_training_args(
+            section,
+            ckpt,
+            seed=cfg.seed,
+            save_steps=section.save_steps,
+            per_device_train_batch_size=pc.minibatch,
+            max_steps=max_steps,
+            num_train_epochs=1.0,
+        ),
         num_generations=k,
         generation_batch_size=pc.rollout_batch,
         num_iterations=pc.ppo_epochs,
@@ -486,9 +570,15 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
         max_grad_norm=pc.max_grad_norm,
     )
     dataset = Dataset.from_dict({"prompt": prompts})
-    trainer = RLOOTrainer(model=model, reward_funcs=preference_reward, args=args, train_dataset=dataset,
-                          processing_class=tok, peft_config=lora_config(dataclasses.replace(pc.lora, dropout=0.0)),
-                          callbacks=training_callbacks(run.metrics_dir("rloo"), cfg.train.report_to))
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=preference_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=lora_config(dataclasses.replace(pc.lora, dropout=0.0)),
+        callbacks=training_callbacks(run.metrics_dir("rloo"), cfg.train.report_to),
+    )
     with Timer() as t:
         _, resumed_step = train_to_target(trainer, resume_from, max_steps)
     state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
@@ -497,14 +587,24 @@ def run_rloo(cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts:
     manifest = Manifest(
         stage="rloo",
         config={"ppo": to_dict(pc), "policy": to_dict(cfg.policy), "seed": cfg.seed},
-        inputs={"prompts": str(len(prompts)), **({"rm": note["reward"]} if rm_dir else {}), **training_inputs(note, target)},
-        models={"base": cfg.policy.name, "merged_first": ", ".join(str(m) for m in merge) or "none",
-                "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)"},
+        inputs={
+            "prompts": str(len(prompts)),
+            **({"rm": note["reward"]} if rm_dir else {}),
+            **training_inputs(note, target),
+        },
+        models={
+            "base": cfg.policy.name,
+            "merged_first": ", ".join(str(m) for m in merge) or "none",
+            "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)",
+        },
         counts={"optimizer_steps": int(trainer.state.global_step), "resumed_from_step": resumed_step},
         timings={"train_s": t.seconds},
-        notes=["mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; metrics in metrics/rloo/log.csv",
-               f"reward = preference score of the decoded completion ids - missing_eos_penalty ({pc.missing_eos_penalty}) "
-               "for completions that hit max_new_tokens without EOS (as in PPO)"],
+        notes=[
+            "mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; "
+            "metrics in metrics/rloo/log.csv",
+            f"reward = preference score of the decoded completion ids - missing_eos_penalty ({pc.missing_eos_penalty}) "
+            "for completions that hit max_new_tokens without EOS (as in PPO)",
+        ],
     )
     with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
         write_adapter(trainer.model, tok, tmp, base=cfg.policy.name, merge_first=merge, final=out_dir, state_dict=state)

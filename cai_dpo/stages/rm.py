@@ -92,7 +92,9 @@ def expected_calibration_error(pred: Sequence[float], target: Sequence[float], b
     return float(total)
 
 
-def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], p_chosen: Sequence[float]) -> dict[str, Any]:
+def preference_metrics(
+    r_chosen: Sequence[float], r_rejected: Sequence[float], p_chosen: Sequence[float]
+) -> dict[str, Any]:
     """Accuracy (sign agreement with p-0.5, ties excluded), ECE, soft log-loss, Brier and mean margin."""
     rc, rr, p = (np.asarray(x, dtype=float) for x in (r_chosen, r_rejected, p_chosen))
     d = rc - rr
@@ -134,7 +136,11 @@ def _helpful_texts(cfg: RunConfig) -> set[str]:
 
         return {p.text.strip() for p in load_prompts(cfg.data.helpful)}
     except Exception as exc:  # noqa: BLE001 - helpful detection then relies on category only
-        log.warning("helpful prompts %s not readable (%s); helpful rows are those with category 'helpful'", cfg.data.helpful, exc)
+        log.warning(
+            "helpful prompts %s not readable (%s); helpful rows are those with category 'helpful'",
+            cfg.data.helpful,
+            exc,
+        )
         return set()
 
 
@@ -145,7 +151,9 @@ def is_helpful_row(row: dict[str, Any], helpful_texts: set[str]) -> bool:
     return prompt_text(row["prompt"]).strip() in helpful_texts
 
 
-def mix_helpful(rows: list[dict[str, Any]], share: float | None, helpful_texts: set[str], seed: int) -> list[dict[str, Any]]:
+def mix_helpful(
+    rows: list[dict[str, Any]], share: float | None, helpful_texts: set[str], seed: int
+) -> list[dict[str, Any]]:
     """Rebalance rows so helpfulness pairs make up ``share`` of them (None: keep rows as they are).
 
     The over-represented group is subsampled (seeded); ``share == 0`` drops helpful rows.
@@ -160,7 +168,9 @@ def mix_helpful(rows: list[dict[str, Any]], share: float | None, helpful_texts: 
     want_h = int(round(share / (1 - share) * len(harmless)))
     if want_h > len(helpful) and share > 0:
         keep_harm = int(round(len(helpful) * (1 - share) / share))
-        harmless = [harmless[i] for i in sorted(rng.choice(len(harmless), size=min(keep_harm, len(harmless)), replace=False))]
+        harmless = [
+            harmless[i] for i in sorted(rng.choice(len(harmless), size=min(keep_harm, len(harmless)), replace=False))
+        ]
         want_h = len(helpful)
     helpful = [helpful[i] for i in sorted(rng.choice(len(helpful), size=min(want_h, len(helpful)), replace=False))]
     log.info("helpful_mix=%.2f: %d helpful + %d other pairs", share, len(helpful), len(harmless))
@@ -179,8 +189,9 @@ def label_target(p: Any, mode: str) -> float | None:
     return 1.0 if p > 0.5 else 0.0
 
 
-def tokenize_pairs(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str,
-                   weights: Sequence[float] | None = None) -> dict[str, list[Any]]:
+def tokenize_pairs(
+    rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str, weights: Sequence[float] | None = None
+) -> dict[str, list[Any]]:
     """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) and ``weight`` for RewardTrainer.
 
     ``weights`` (one per row; default 1.0) fill the ``weight`` column.
@@ -228,7 +239,9 @@ def _trainer_classes() -> tuple[type, type]:
             if self._signature_columns is None:
                 self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen", "weight"]
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             mode = "train" if self.model.training else "eval"
             p = inputs.pop("p_chosen")
             weight = inputs.pop("weight", None)
@@ -315,7 +328,9 @@ def build_rm(cfg: RunConfig, run: RunStore) -> tuple[Any, Any, str, list[Path]]:
 
     model, tok, base, merge = load_rm_backbone(cfg, run)
     head = head_name(model)
-    lora: LoraConfig = dataclasses.replace(cfg.rm.lora, target_modules=lora_targets(model, cfg.rm.lora.target_modules, head))
+    lora: LoraConfig = dataclasses.replace(
+        cfg.rm.lora, target_modules=lora_targets(model, cfg.rm.lora.target_modules, head)
+    )
     peft_model = attach_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head])
     return peft_model, tok, base, merge
 
@@ -366,14 +381,20 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     rows, check_counts = check_preference_rows(rows, str(source or "preferences"))
     helpful_texts = _helpful_texts(cfg)
     sft = sft_adapter(run) if cfg.rm.backbone in (None, "sl-cai") else None
-    note = {"preferences": pref_hash, "sft_adapter": artifact_hash(sft) if sft is not None else "",
-            "helpful_prompts": content_hash(sorted(helpful_texts)) if cfg.rm.helpful_mix is not None else "",
-            "rm": {k: v for k, v in to_dict(cfg.rm).items() if k not in _LENGTH_KEYS},
-            "policy": to_dict(cfg.policy), "seed": cfg.seed}
+    note = {
+        "preferences": pref_hash,
+        "sft_adapter": artifact_hash(sft) if sft is not None else "",
+        "helpful_prompts": content_hash(sorted(helpful_texts)) if cfg.rm.helpful_mix is not None else "",
+        "rm": {k: v for k, v in to_dict(cfg.rm).items() if k not in _LENGTH_KEYS},
+        "policy": to_dict(cfg.policy),
+        "seed": cfg.seed,
+    }
     target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
     out_dir = run.model_dir("rm")
     if artifact_current(out_dir, note, target):
-        log.info("preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir)
+        log.info(
+            "preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir
+        )
         return out_dir
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
     train_rows, eval_rows = split_by_prompt(rows, cfg.rm.eval_fraction, cfg.seed)
@@ -389,10 +410,20 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     train_w = example_weights(train_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where)
     train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode, train_w)
     if not train_cols["p_chosen"]:
-        raise InputError("preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft")
-    eval_cols = (tokenize_pairs(eval_rows, tok, cfg.rm.max_length, cfg.rm.label_mode,
-                                example_weights(eval_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where))
-                 if eval_rows else None)
+        raise InputError(
+            "preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft"
+        )
+    eval_cols = (
+        tokenize_pairs(
+            eval_rows,
+            tok,
+            cfg.rm.max_length,
+            cfg.rm.label_mode,
+            example_weights(eval_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where),
+        )
+        if eval_rows
+        else None
+    )
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
     ckpt_dir = run.path("checkpoints", "rm")
@@ -433,25 +464,42 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     # that loads with default scorer settings, nor a manifest describing another adapter
     with atomic_dir(out_dir) as tmp:
         write_adapter(trainer.model, tok, tmp, base=base, merge_first=merge, final=out_dir, state_dict=state)
-        atomic_write_json(tmp / SCORER_NOTE, {
-            "max_length": cfg.rm.max_length, "chat_template": uses_chat_template(tok),
-            "spec": {"quantization": bspec.quantization, "dtype": bspec.dtype, "compute_dtype": bspec.compute_dtype},
-        })
+        atomic_write_json(
+            tmp / SCORER_NOTE,
+            {
+                "max_length": cfg.rm.max_length,
+                "chat_template": uses_chat_template(tok),
+                "spec": {
+                    "quantization": bspec.quantization,
+                    "dtype": bspec.dtype,
+                    "compute_dtype": bspec.compute_dtype,
+                },
+            },
+        )
         del trainer, model
 
         with Timer() as t_eval:
             scorer = RewardScorer(tmp, batch_size=max(2, cfg.rm.batch_size * 2), device=cfg.policy.device)
-            metrics: dict[str, Any] = {"train_loss": float(result.training_loss) if result is not None else None,
-                                       "steps": steps, "resumed_from_step": resumed_step}
+            metrics: dict[str, Any] = {
+                "train_loss": float(result.training_loss) if result is not None else None,
+                "steps": steps,
+                "resumed_from_step": resumed_step,
+            }
             for name, part in (("heldout", eval_rows), ("train", train_rows)):
                 if part:
                     rc, rr = scorer.score_pairs(part)
                     metrics[name] = preference_metrics(rc, rr, [float(r.get("p_chosen", 1.0)) for r in part])
         timings["eval_s"] = t_eval.seconds
         notes = [
-            f"loss: {'soft cross-entropy against p_chosen' if cfg.rm.label_mode == 'soft' else 'hard Bradley-Terry (ties dropped)'}"
+            "loss: "
+            + (
+                "soft cross-entropy against p_chosen"
+                if cfg.rm.label_mode == "soft"
+                else "hard Bradley-Terry (ties dropped)"
+            )
             + (", weighted per pair (sum w_i loss_i / sum w_i)" if cfg.rm.weighting == "principle" else ""),
-            "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), ties excluded",
+            "accuracy: share of pairs where sign(r_chosen - r_rejected) agrees with sign(p_chosen - 0.5), "
+            "ties excluded",
             "ece: 10 equal-width bins of sigmoid(r_chosen - r_rejected) against mean p_chosen per bin",
         ]
         if not eval_rows:
@@ -461,10 +509,16 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
             config={"rm": to_dict(cfg.rm), "policy": to_dict(cfg.policy), "seed": cfg.seed},
             inputs=inputs,
             models={"base": base, "merged_first": ", ".join(str(m) for m in merge) or "none"},
-            counts={"pairs": len(rows), "train": len(train_cols["p_chosen"]), "heldout": len(eval_rows),
-                    "dropped_identical": check_counts["dropped_identical"], "dropped_empty": check_counts["dropped_empty"],
-                    "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows),
-                    "weighting": cfg.rm.weighting, "weight_mean": sum(train_cols["weight"]) / len(train_cols["weight"])},
+            counts={
+                "pairs": len(rows),
+                "train": len(train_cols["p_chosen"]),
+                "heldout": len(eval_rows),
+                "dropped_identical": check_counts["dropped_identical"],
+                "dropped_empty": check_counts["dropped_empty"],
+                "helpful": sum(is_helpful_row(r, helpful_texts) for r in rows),
+                "weighting": cfg.rm.weighting,
+                "weight_mean": sum(train_cols["weight"]) / len(train_cols["weight"]),
+            },
             timings=timings,
             metrics=metrics,
             notes=notes,

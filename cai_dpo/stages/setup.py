@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, atomic_write_json, atomic_write_text, file_hash
-from cai_dpo.store import locked_stage
+from cai_dpo.store import (
+    Manifest,
+    RunStore,
+    Timer,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    file_hash,
+    locked_stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +38,8 @@ def cases_path_for(constitution_path: Path) -> Path | None:
 def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None) -> Path:
     """Prepare the policy model, validate the constitution and run its edge-case tests."""
     from cai_dpo.constitution import load_cases, load_constitution
-    from cai_dpo.models import describe, resolve_model_path
     from cai_dpo.judging import format_case_table, load_judge_engine, run_constitution_cases
+    from cai_dpo.models import describe, resolve_model_path
 
     run = run or RunStore(cfg.run_dir)
     final = run.path("constitution")
@@ -61,7 +69,10 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         Manifest(
             stage="constitution",
             config=to_dict(cfg),
-            inputs={"constitution": file_hash(Path(constitution.path or path)), **({"cases": file_hash(cases_file)} if cases_file else {})},
+            inputs={
+                "constitution": file_hash(Path(constitution.path or path)),
+                **({"cases": file_hash(cases_file)} if cases_file else {}),
+            },
             models={"policy": describe(cfg.policy), "judge": describe(cfg.judge_model())},
             counts=counts,
             timings=timings,

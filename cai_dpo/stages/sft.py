@@ -115,15 +115,23 @@ def _sl_rows(data_dir: Path) -> list[dict[str, Any]]:
     import datasets
 
     if not (data_dir / "dataset_info.json").exists():
-        raise FileNotFoundError(f"{data_dir}: SL-CAI dataset not found; run `cai-dpo sl` (stages.sl.run_sl) first, "
-                                "or set sft.data=curated")
+        raise FileNotFoundError(
+            f"{data_dir}: SL-CAI dataset not found; run `cai-dpo sl` (stages.sl.run_sl) first, or set sft.data=curated"
+        )
     dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)  # no cache files written into data/sl
     rows = []
     for r in dataset.to_list():
         src = str(r.get("source") or "")
-        rows.append({"messages": r["messages"], "source": "human_revision" if src in ("human", "human_revision") else "sl",
-                     "kind": "", "id": str(r.get("prompt_id") or ""), "principle_ids": list(r.get("principle_ids") or []),
-                     "weight": r.get("weight")})
+        rows.append(
+            {
+                "messages": r["messages"],
+                "source": "human_revision" if src in ("human", "human_revision") else "sl",
+                "kind": "",
+                "id": str(r.get("prompt_id") or ""),
+                "principle_ids": list(r.get("principle_ids") or []),
+                "weight": r.get("weight"),
+            }
+        )
     return rows
 
 
@@ -132,17 +140,31 @@ def _curate_rows(data_dir: Path) -> list[dict[str, Any]]:
     import datasets
 
     if not (data_dir / "dataset_info.json").exists():
-        raise FileNotFoundError(f"{data_dir}: curated dataset not found; run `cai-dpo curate` "
-                                "(stages.curate.run_curate) first, or set sft.data=curated")
+        raise FileNotFoundError(
+            f"{data_dir}: curated dataset not found; run `cai-dpo curate` "
+            "(stages.curate.run_curate) first, or set sft.data=curated"
+        )
     dataset = datasets.load_from_disk(str(data_dir), keep_in_memory=True)
     rows = []
     for r in dataset.to_list():
         src = str(r.get("source") or "")
-        source = ("human_revision" if src.endswith(("human", "human_revision"))
-                  else "sl" if src.startswith("sl") else "curated")
-        rows.append({"messages": r["messages"], "source": source, "kind": str(r.get("kind") or ""),
-                     "id": str(r.get("prompt_id") or ""), "principle_ids": list(r.get("principle_ids") or []),
-                     "weight": r.get("weight")})
+        source = (
+            "human_revision"
+            if src.endswith(("human", "human_revision"))
+            else "sl"
+            if src.startswith("sl")
+            else "curated"
+        )
+        rows.append(
+            {
+                "messages": r["messages"],
+                "source": source,
+                "kind": str(r.get("kind") or ""),
+                "id": str(r.get("prompt_id") or ""),
+                "principle_ids": list(r.get("principle_ids") or []),
+                "weight": r.get("weight"),
+            }
+        )
     return rows
 
 
@@ -186,11 +208,22 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
     curated: list[dict[str, Any]] = []
     if sc.data in ("curated", "both"):
         examples = load_curated(sc.curated, split="train")
-        curated = [{"messages": e.messages(), "source": "curated", "kind": e.kind, "id": e.id,
-                    "principle_ids": list(e.principle_ids), "weight": e.meta.get("weight")} for e in examples]
+        curated = [
+            {
+                "messages": e.messages(),
+                "source": "curated",
+                "kind": e.kind,
+                "id": e.id,
+                "principle_ids": list(e.principle_ids),
+                "weight": e.meta.get("weight"),
+            }
+            for e in examples
+        ]
         curated = rebalance_kinds(curated, sc.curated_harmful_ratio, cfg.seed)
         if not curated:
-            raise InputError(f"{sc.curated}: no curated 'train' rows left (sft.curated_harmful_ratio={sc.curated_harmful_ratio})")
+            raise InputError(
+                f"{sc.curated}: no curated 'train' rows left (sft.curated_harmful_ratio={sc.curated_harmful_ratio})"
+            )
         info["inputs"]["curated"] = content_hash([file_hash(f) for f in curated_files(sc.curated)])
         info["counts"]["curated_harmful"] = sum(r["kind"] == "harmful" for r in curated)
         info["counts"]["curated_benign"] = sum(r["kind"] == "benign" for r in curated)
@@ -268,8 +301,9 @@ def _trainer_classes() -> tuple[type, type]:
             if "weight" not in self._signature_columns:
                 self._signature_columns = list(self._signature_columns) + ["weight"]
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             inputs = dict(inputs)
             weight = inputs.pop("weight", None)
             if self.weighting != "principle" or weight is None:
@@ -280,8 +314,10 @@ def _trainer_classes() -> tuple[type, type]:
             loss = weighted_sft_loss(outputs.log_probs, outputs.label_mask, weight)
             scaled = self.loss_is_scaled_for_ga
             if scaled is None:
-                scaled = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
-                    self.compute_loss_func is not None
+                scaled = (
+                    bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None
+                )
             if scaled and mode == "train":  # Trainer will not divide by the accumulation steps: do it here
                 loss = loss / self.current_gradient_accumulation_steps
             m = self._metrics[mode]
@@ -393,7 +429,9 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded
     if not is_main_process():
         return out  # rank 0 writes the artifact
-    log_rows = read_metrics_csv(run.metrics_dir("sft") / "log.csv") if (run.metrics_dir("sft") / "log.csv").exists() else []
+    log_rows = (
+        read_metrics_csv(run.metrics_dir("sft") / "log.csv") if (run.metrics_dir("sft") / "log.csv").exists() else []
+    )
     train_losses = [r["loss"] for r in log_rows if "loss" in r]
     # adapter, merged weights and manifest: one atomic step (a kill leaves the old artifact or the new one)
     with atomic_dir(out) as tmp:
@@ -405,11 +443,23 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
             stage="sft",
             config=to_dict(cfg),
             inputs={**data_info["inputs"], "rows": data_hash, **training_inputs(note, target)},
-            models={"base": describe(spec), "base_spec": cfg.policy.name, "adapter": str(out),
-                    **({"merged": str(merged)} if merged else {})},
-            counts={"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
-                    "steps": steps, "resumed_from": resume or "", "loss_mode": loss_mode,
-                    "threads": threads, "data": cfg.sft.data, "weighting": cfg.sft.weighting, **data_info["counts"]},
+            models={
+                "base": describe(spec),
+                "base_spec": cfg.policy.name,
+                "adapter": str(out),
+                **({"merged": str(merged)} if merged else {}),
+            },
+            counts={
+                "train_rows": len(train_ds),
+                "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+                "steps": steps,
+                "resumed_from": resume or "",
+                "loss_mode": loss_mode,
+                "threads": threads,
+                "data": cfg.sft.data,
+                "weighting": cfg.sft.weighting,
+                **data_info["counts"],
+            },
             timings=timings,
             metrics={
                 "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
@@ -424,8 +474,9 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     return out
 
 
-def _save_merged(cfg: RunConfig, model: Any, tokenizer: Any, adapter_dir: Path, run: RunStore,
-                 staged: Path | None = None) -> Path:
+def _save_merged(
+    cfg: RunConfig, model: Any, tokenizer: Any, adapter_dir: Path, run: RunStore, staged: Path | None = None
+) -> Path:
     """Merged full weights at ``models/sft-merged`` (a quantized base is reloaded unquantized first).
 
     ``staged`` is the folder the adapter is being written to before it moves to ``adapter_dir``.
@@ -438,7 +489,13 @@ def _save_merged(cfg: RunConfig, model: Any, tokenizer: Any, adapter_dir: Path, 
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": f"{cfg.policy.name} + SL-CAI adapter",
-                                                             "adapter": str(adapter_dir),
-                                                             "hash": content_hash(str(adapter_dir))}))
+        (tmp / "cai_dpo_source.json").write_text(
+            json.dumps(
+                {
+                    "source": f"{cfg.policy.name} + SL-CAI adapter",
+                    "adapter": str(adapter_dir),
+                    "hash": content_hash(str(adapter_dir)),
+                }
+            )
+        )
     return out

@@ -48,8 +48,7 @@ from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, write_jsonl
-from cai_dpo.store import locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,17 @@ _LABEL_WORDS = (
 )
 _LEAD_LABEL = re.compile(rf"^\s*(?:\*\*|#+\s*)?(?:{_LABEL_WORDS})(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.IGNORECASE)
 _TURN_LEAK = re.compile(
-    r"(?:\n|^)\s*(?:\*\*)?(?:assistant|user|human|critique\s*request|revision\s*request|critique|revision)(?:\*\*)?\s*:",
+    (
+        r"(?:\n|^)\s*(?:\*\*)?(?:assistant|user|human|critique\s*request|revision\s*request|critique|"
+        r"revision)(?:\*\*)?\s*:"
+    ),
     re.IGNORECASE,
 )
 _TEMPLATE_LEAK = re.compile(r"<\|im_(?:start|end)\|>|<\|endoftext\|>")
 _LEAD_IN = re.compile(
     r"^(?:(?:sure|okay|ok|certainly|of course)[,!.]?\s*)?"
-    r"here(?:'s| is| are)\s+(?:a|the|my|an)?\s*(?:revised|rewritten|new|updated|improved|better|safer)\b[^:\n]{0,60}:\s*",
+    r"here(?:'s| is| are)\s+(?:a|the|my|an)?\s*"
+    r"(?:revised|rewritten|new|updated|improved|better|safer)\b[^:\n]{0,60}:\s*",
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "“": "”", "'": "'", "‘": "’", "«": "»"}
@@ -159,7 +162,8 @@ def critique_turns(principle: Any, prompt: str | Conversation, response: str) ->
 
 
 def revision_turns(principle: Any, prompt: str | Conversation, response: str, critique: str | None) -> Conversation:
-    """The revision request after the critique exchange (``critique`` mode) or straight after the answer (``direct``)."""
+    """The revision request after the critique exchange (``critique`` mode) or straight
+    after the answer (``direct``)."""
     turns, text = _context(prompt)
     if critique is None:
         head = turns + [{"role": "assistant", "content": response}]
@@ -316,21 +320,26 @@ class _SLRun:
         return content_hash("sl-initial", _prompt_turns(p), self.model_id, self.sampling_params, self.cfg.seed)
 
     def base_key(self, p: Any) -> str:
-        """Key of a prompt's critique/revision chain: prompt, model (and teacher), constitution, stage parameters, seed."""
+        """Key of a prompt's critique/revision chain: prompt, model (and teacher),
+        constitution, stage parameters, seed."""
         teacher = [self.teacher_id] if self.distilled else []  # keys of policy-only runs stay as they were
-        return content_hash("sl", _prompt_turns(p), self.model_id, self.constitution_hash, self.params, self.cfg.seed,
-                            *teacher)
+        return content_hash(
+            "sl", _prompt_turns(p), self.model_id, self.constitution_hash, self.params, self.cfg.seed, *teacher
+        )
 
     def phase_key(self, p: Any, phase: str, rnd: int) -> str:
         return content_hash(self.base_key(p), phase, rnd)
 
     def principle(self, prompt: Any, rnd: int) -> Any:
-        return self.constitution.sample_principles(1, seed=f"{self.cfg.seed}:{prompt.id}:{rnd}", categories=self.cfg.sl.categories)[0]
+        return self.constitution.sample_principles(
+            1, seed=f"{self.cfg.seed}:{prompt.id}:{rnd}", categories=self.cfg.sl.categories
+        )[0]
 
     # generation ------------------------------------------------------------
 
-    def _generate(self, phase: str, conversations: list[Conversation], shared: Conversation,
-                  prompts: Sequence[Any] = ()) -> list[Any]:
+    def _generate(
+        self, phase: str, conversations: list[Conversation], shared: Conversation, prompts: Sequence[Any] = ()
+    ) -> list[Any]:
         """Generate one phase: the initial answer with the policy, critiques and revisions with the teacher.
 
         ``conversations`` are made from ``prompts``, which a too-long error then names.
@@ -342,8 +351,11 @@ class _SLRun:
             outs = engine.generate(texts, sampling, prefix=prefix, desc=f"sl {phase}")
         except ContextLengthError as exc:
             named = name_prompt_error(exc, prompts)
-            raise ContextLengthError(f"SL {phase}: {named} (fix: shorter prompts, fewer sl.few_shot demos or a "
-                                     "lower sl.sampling.max_new_tokens)", index=exc.index) from exc
+            raise ContextLengthError(
+                f"SL {phase}: {named} (fix: shorter prompts, fewer sl.few_shot demos or a "
+                "lower sl.sampling.max_new_tokens)",
+                index=exc.index,
+            ) from exc
         self.generated[phase] += len(texts)
         return [o[0] for o in outs]
 
@@ -363,13 +375,23 @@ class _SLRun:
             self.engine.get()
         with Timer() as t:
             for chunk in self._chunks(todo):
-                gens = self._generate("initial", [_prompt_turns(p) for _, _, p in chunk], [],
-                                      [p for _, _, p in chunk])
+                gens = self._generate("initial", [_prompt_turns(p) for _, _, p in chunk], [], [p for _, _, p in chunk])
                 rows = []
                 for (key, kind, p), g in zip(chunk, gens):
                     c = clean_output(g.text, finished=g.finished)
-                    rows.append({"key": key, "phase": "initial", "kind": kind, "prompt_id": p.id, "text": c.text,
-                                 "raw": c.raw, "flags": c.flags, "tokens": g.n_tokens, "prompt_tokens": g.prompt_tokens})
+                    rows.append(
+                        {
+                            "key": key,
+                            "phase": "initial",
+                            "kind": kind,
+                            "prompt_id": p.id,
+                            "text": c.text,
+                            "raw": c.raw,
+                            "flags": c.flags,
+                            "tokens": g.n_tokens,
+                            "prompt_tokens": g.prompt_tokens,
+                        }
+                    )
                 self.store.append(rows)
         if todo:
             self.timings["initial"] = self.timings.get("initial", 0.0) + t.seconds
@@ -410,10 +432,22 @@ class _SLRun:
                     if phase == "revision" and not text:
                         text = response
                         flags.append("kept_previous")
-                    rows.append({"key": self.phase_key(p, phase, rnd), "phase": phase, "round": rnd,
-                                 "prompt_id": p.id, "principle_id": principle.id, "input": response, "text": text,
-                                 "raw": c.raw, "flags": flags, "tokens": g.n_tokens, "prompt_tokens": g.prompt_tokens,
-                                 "teacher": self.teacher_id})
+                    rows.append(
+                        {
+                            "key": self.phase_key(p, phase, rnd),
+                            "phase": phase,
+                            "round": rnd,
+                            "prompt_id": p.id,
+                            "principle_id": principle.id,
+                            "input": response,
+                            "text": text,
+                            "raw": c.raw,
+                            "flags": flags,
+                            "tokens": g.n_tokens,
+                            "prompt_tokens": g.prompt_tokens,
+                            "teacher": self.teacher_id,
+                        }
+                    )
                 self.store.append(rows)
         self.timings[f"r{rnd}_{phase}"] = t.seconds
 
@@ -427,22 +461,38 @@ class _SLRun:
             rev = self.store.get(self.phase_key(p, "revision", rnd))
             round_flags = sorted(set(rev["flags"]) | ({f"critique_{f}" for f in crit["flags"]} if crit else set()))
             flags.update(rev["flags"])
-            rounds.append({
-                "round": rnd,
-                "principle_id": rev["principle_id"],
-                "input": rev["input"],
-                "critique": crit["text"] if crit else None,
-                "revision": rev["text"],
-                "flags": round_flags,
-                "tokens": {"critique": crit["tokens"] if crit else 0, "revision": rev["tokens"],
-                           "critique_prompt": crit["prompt_tokens"] if crit else 0, "revision_prompt": rev["prompt_tokens"]},
-            })
+            rounds.append(
+                {
+                    "round": rnd,
+                    "principle_id": rev["principle_id"],
+                    "input": rev["input"],
+                    "critique": crit["text"] if crit else None,
+                    "revision": rev["text"],
+                    "flags": round_flags,
+                    "tokens": {
+                        "critique": crit["tokens"] if crit else 0,
+                        "revision": rev["tokens"],
+                        "critique_prompt": crit["prompt_tokens"] if crit else 0,
+                        "revision_prompt": rev["prompt_tokens"],
+                    },
+                }
+            )
         final = rounds[-1]["revision"] if rounds else init["text"]
-        return {"key": self.base_key(p), "prompt_id": p.id, "prompt": p.text, "category": p.category,
-                "initial": init["text"], "initial_flags": init["flags"], "rounds": rounds, "final": final,
-                "flags": sorted(flags), "model": self.model_id, "teacher": self.teacher_id,
-                "constitution": self.constitution.name,
-                "mode": self.cfg.sl.mode}
+        return {
+            "key": self.base_key(p),
+            "prompt_id": p.id,
+            "prompt": p.text,
+            "category": p.category,
+            "initial": init["text"],
+            "initial_flags": init["flags"],
+            "rounds": rounds,
+            "final": final,
+            "flags": sorted(flags),
+            "model": self.model_id,
+            "teacher": self.teacher_id,
+            "constitution": self.constitution.name,
+            "mode": self.cfg.sl.mode,
+        }
 
 
 def _quality(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
@@ -450,8 +500,12 @@ def _quality(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     from cai_dpo.metrics import distinct_n, mean_length, repetition_rate
 
     def block(texts: list[str]) -> dict[str, float]:
-        return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-                "repetition": repetition_rate(texts, 2), "mean_length": mean_length(texts)}
+        return {
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+            "repetition": repetition_rate(texts, 2),
+            "mean_length": mean_length(texts),
+        }
 
     out: dict[str, Any] = {"initial": block([r["initial"] for r in records])}
     per_round = []
@@ -497,8 +551,13 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
     threads = set_threads(cfg.threads)
     with Timer() as total:
         state = _SLRun(cfg, run)
-        log.info("SL-CAI: %d red-team prompts, %d helpful, %d round(s), mode=%s",
-                 len(state.red), len(state.helpful), cfg.sl.rounds, cfg.sl.mode)
+        log.info(
+            "SL-CAI: %d red-team prompts, %d helpful, %d round(s), mode=%s",
+            len(state.red),
+            len(state.helpful),
+            cfg.sl.rounds,
+            cfg.sl.mode,
+        )
         state.initial_phase()
         for rnd in range(1, cfg.sl.rounds + 1):
             if cfg.sl.mode == "critique":
@@ -509,16 +568,27 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
         with atomic_dir(run.root / "records" / "sl") as tmp:
             write_jsonl(tmp / "shard-00000000000000000000-final.jsonl", records)
 
-        rows = [{"messages": _prompt_turns(p) + [{"role": "assistant", "content": r["final"]}],
-                 "source": "red_team", "prompt_id": r["prompt_id"]} for p, r in zip(state.red, records)]
+        rows = [
+            {
+                "messages": _prompt_turns(p) + [{"role": "assistant", "content": r["final"]}],
+                "source": "red_team",
+                "prompt_id": r["prompt_id"],
+            }
+            for p, r in zip(state.red, records)
+        ]
         helpful_flags: Counter[str] = Counter()
         for p in state.helpful:
             rec = state.store.get(state.initial_key(p))
             helpful_flags.update(rec["flags"])
             if not rec["text"]:
                 continue
-            rows.append({"messages": _prompt_turns(p) + [{"role": "assistant", "content": rec["text"]}],
-                         "source": "helpful", "prompt_id": p.id})
+            rows.append(
+                {
+                    "messages": _prompt_turns(p) + [{"role": "assistant", "content": rec["text"]}],
+                    "source": "helpful",
+                    "prompt_id": p.id,
+                }
+            )
         random.Random(cfg.seed).shuffle(rows)
         dataset = datasets.Dataset.from_list(rows)
 
@@ -543,7 +613,8 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "helpful_rows": sum(r["source"] == "helpful" for r in rows),
                 "generated_this_run": dict(state.generated),
                 "reused_phases": len(state.red) * (1 + cfg.sl.rounds * (2 if cfg.sl.mode == "critique" else 1))
-                + len(state.helpful) - sum(state.generated.values()),
+                + len(state.helpful)
+                - sum(state.generated.values()),
                 "generated_tokens": stats.generated_tokens if stats else 0,
                 "prompt_tokens": stats.prompt_tokens if stats else 0,
                 "record_tokens": {
@@ -553,9 +624,11 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 },
                 "helpful_flags": dict(helpful_flags),
             },
-            timings={**state.timings, "model_load": state.engine.load_seconds
-                     + (state.teacher.load_seconds if state.distilled else 0.0),
-                     "generate": stats.generate_seconds if stats else 0.0},
+            timings={
+                **state.timings,
+                "model_load": state.engine.load_seconds + (state.teacher.load_seconds if state.distilled else 0.0),
+                "generate": stats.generate_seconds if stats else 0.0,
+            },
             metrics={**quality, "tokens_per_second": stats.tokens_per_second() if stats else 0.0, "threads": threads},
         )
         with atomic_dir(out) as tmp:
