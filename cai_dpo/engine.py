@@ -11,33 +11,34 @@ Every stage talks to models through :class:`Engine`:
 
 Shared prefixes are computed once: an explicit ``prefix`` (few-shot examples, a system
 prompt) and, per batch, whatever leading tokens all of its rows have in common (the chat
-template's system prompt, a judge's instructions). Decoding is the engine's own loop:
+template's system prompt, a judge's instructions); how their key/value caches are
+reused, cloned and grown is :mod:`cai_dpo.kv_cache`. Decoding is the engine's own loop:
 rows that reach EOS leave the batch, and nucleus sampling avoids a full-vocabulary sort
 (:mod:`cai_dpo.sampling`).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cai_dpo.config import SamplingConfig
 from cai_dpo.errors import ContextLengthError
+from cai_dpo.kv_cache import SharedPrefixes, cache_argument, grow_in_place, returned_cache
 from cai_dpo.sampling import next_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
-
-MIN_SHARED_TOKENS = 8  # below this, recomputing a common prefix per row costs less than caching it
 
 
 @dataclass
@@ -86,10 +87,10 @@ class EngineStats:
 class _Prefill:
     """A batch after its prompt pass: kept logits, the cache, attention mask and last positions."""
 
-    logits: Any
+    logits: torch.Tensor
     cache: Any
-    mask: Any
-    last_position: Any
+    mask: torch.Tensor
+    last_position: torch.Tensor
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
@@ -144,7 +145,7 @@ class Engine(ChatText):
     # ------------------------------------------------------------------ rendering
 
     @property
-    def device(self) -> Any:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _check_length(self, n: int, extra: int, what: str, index: int | None = None) -> None:
@@ -155,12 +156,12 @@ class Engine(ChatText):
 
     @functools.cached_property
     def _cache_kwarg(self) -> str:
-        """Name of the key/value-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        params = inspect.signature(type(base).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        """Name of the forward pass's key/value-cache argument (:func:`cai_dpo.kv_cache.cache_argument`)."""
+        return cache_argument(self.model)
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, keep: int) -> tuple[Any, Any]:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int
+    ) -> tuple[torch.Tensor, Any]:
         """Logits of the last ``keep`` positions and the (extended) key/value cache."""
         kwargs: dict[str, Any] = {
             "input_ids": ids,
@@ -172,8 +173,7 @@ class Engine(ChatText):
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
         out = self.model(**kwargs)
-        new_cache = getattr(out, "cache", None)
-        return out.logits, new_cache if new_cache is not None else out.past_key_values
+        return out.logits, returned_cache(out)
 
     @property
     def _branching_masks(self) -> bool:
@@ -186,7 +186,7 @@ class Engine(ChatText):
         rows: list[list[int]],
         limits: list[int],
         keep: int,
-        shared: _SharedPrefixes,
+        shared: SharedPrefixes,
         branches: list[list[list[int]]] | None = None,
     ) -> _Prefill:
         """One forward pass over left-padded ``rows``, reusing the cache of their common prefix.
@@ -201,8 +201,7 @@ class Engine(ChatText):
 
         dev = self.device
         c = min(_common_prefix_len(rows), *limits)
-        c = c if c >= MIN_SHARED_TOKENS else 0
-        cache = shared.get(rows[0][:c], len(rows)) if c else None
+        c, cache = shared.prefix(rows[0][:c], len(rows))
         rest = [r[c:] for r in rows]
         width = max(len(r) for r in rest)
         pad = self.tokenizer.pad_token_id
@@ -212,7 +211,7 @@ class Engine(ChatText):
         positions = (body.cumsum(-1) - 1).clamp(min=0) + c
         ids = [[pad] * (width - len(r)) + r for r in rest]
         n_branch = 0
-        attention: Any = mask
+        attention: torch.Tensor = mask
         if branches:
             n_branch = max(sum(len(t) for t in per) for per in branches)
             attention, branch_positions = self._branch_layout(ids, head, body, branches, n_branch)
@@ -221,8 +220,13 @@ class Engine(ChatText):
         return _Prefill(logits[:, -(keep + n_branch) :], cache, mask, positions[:, width - 1])
 
     def _branch_layout(
-        self, ids: list[list[int]], head: Any, body: Any, branches: list[list[list[int]]], n_branch: int
-    ) -> tuple[Any, Any]:
+        self,
+        ids: list[list[int]],
+        head: torch.Tensor,
+        body: torch.Tensor,
+        branches: list[list[list[int]]],
+        n_branch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each row's branches to ``ids`` (in place); return the 4D additive mask and branch position offsets."""
         import torch
 
@@ -280,7 +284,7 @@ class Engine(ChatText):
                 items.append((ci, si, prefix_ids + ids))
         order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), i))
         results: list[list[Generation | None]] = [[None] * n for _ in conversations]
-        shared = _SharedPrefixes(self)
+        shared = SharedPrefixes(self)
         eos_ids = set(self._eos_ids())
         bar = _progress(len(items), desc, "seq", self.progress)
         bs = max(1, sampling.batch_size or self.batch_size)
@@ -311,7 +315,7 @@ class Engine(ChatText):
         return results  # type: ignore[return-value]
 
     def _decode(
-        self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int, shared: _SharedPrefixes
+        self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int, shared: SharedPrefixes
     ) -> list[tuple[list[int], bool]]:
         """New tokens (EOS excluded) and whether EOS was reached, per row; finished rows leave the batch."""
         import torch
@@ -323,7 +327,7 @@ class Engine(ChatText):
         with torch.inference_mode():
             state = self._prefill(rows, [len(r) - 1 for r in rows], 1, shared)
             logits, cache, mask, position = state.logits[:, -1], state.cache, state.mask, state.last_position
-            _grow_in_place(cache, spare=sampling.max_new_tokens)
+            grow_in_place(cache, spare=sampling.max_new_tokens)
             for step in range(sampling.max_new_tokens):
                 chosen = next_tokens(logits, sampling, generator)
                 keep = []
@@ -394,7 +398,7 @@ class Engine(ChatText):
             seqs.append(prefix_ids + ids)
             starts.append(len(prefix_ids) + s)
         t0 = time.perf_counter()
-        shared = _SharedPrefixes(self)
+        shared = SharedPrefixes(self)
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         per_token: list[list[float]] = [[] for _ in seqs]
         bar = _progress(len(seqs), desc, "seq", self.progress)
@@ -445,7 +449,7 @@ class Engine(ChatText):
             self._check_length(max(len(s) for s in seqs), 0, "score_options input")
             items.append((seqs, starts, common))
         raw = np.zeros((len(contexts), len(options)))
-        shared = _SharedPrefixes(self)
+        shared = SharedPrefixes(self)
         order = sorted(range(len(items)), key=lambda i: (-items[i][2], i))
         bar = _progress(len(items), desc, "ctx", self.progress)
         with torch.inference_mode():
@@ -462,7 +466,7 @@ class Engine(ChatText):
         return probs, raw
 
     def _score_batch(
-        self, items: list[tuple[list[list[int]], list[int], int]], shared: _SharedPrefixes
+        self, items: list[tuple[list[list[int]], list[int], int]], shared: SharedPrefixes
     ) -> list[list[float]]:
         """Summed option log-probs for a batch of ``(option sequences, option starts, common length)``.
 
@@ -525,97 +529,6 @@ class Engine(ChatText):
                 seq = seqs[o]
                 out[row][o] += sum(float(tail_logp[row, t, seq[common + 1 + t]]) for t in range(len(seq) - common - 1))
             cache.crop(-width)
-
-
-class _SharedPrefixes:
-    """Key/value caches of token prefixes shared by a batch, each extended from the longest one already computed."""
-
-    def __init__(self, engine: Engine, capacity: int = 4):
-        self.engine = engine
-        self.capacity = capacity
-        self.entries: list[tuple[tuple[int, ...], Any]] = []
-
-    def get(self, tokens: list[int], batch: int) -> Any:
-        """A fresh cache of ``tokens`` repeated for ``batch`` rows."""
-        expanded = copy.deepcopy(self._single(tuple(tokens)))
-        layers = getattr(expanded, "layers", None)
-        if layers and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
-            for layer in layers:  # broadcast views: the first update copies them once, into the grown cache
-                layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-                layer.values = layer.values.expand(batch, *layer.values.shape[1:])
-        else:
-            expanded.batch_repeat_interleave(batch)
-        return expanded
-
-    def _single(self, key: tuple[int, ...]) -> Any:
-        import torch
-
-        base: tuple[tuple[int, ...], Any] | None = None
-        for entry in self.entries:
-            if key[: len(entry[0])] == entry[0] and (base is None or len(entry[0]) > len(base[0])):
-                base = entry
-        if base is not None and base[0] == key:
-            return base[1]
-        done = len(base[0]) if base else 0
-        cache = copy.deepcopy(base[1]) if base else None
-        dev = self.engine.device
-        ids = torch.tensor([key[done:]], device=dev)
-        mask = torch.ones(1, len(key), dtype=torch.long, device=dev)
-        positions = torch.arange(done, len(key), device=dev)[None]
-        with torch.inference_mode():
-            _, cache = self.engine._forward(ids, mask, positions, cache, 1)
-        self.entries = [(key, cache)] + self.entries[: self.capacity - 1]
-        return cache
-
-
-def _grow_in_place(cache: Any, spare: int) -> None:
-    """Let the cache's plain layers append decoded tokens into reserved room instead of re-concatenating per step."""
-    from transformers.cache_utils import DynamicLayer
-
-    growing = _growing_layer_class()
-    for layer in getattr(cache, "layers", []):
-        if type(layer) is DynamicLayer:
-            layer.__class__ = growing
-            layer.spare, layer.buffers = spare, None
-
-
-@functools.cache
-def _growing_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A key/value cache layer with spare room: appending writes in place.
-
-        The plain layer concatenates the whole cache for every decoded token, a copy that
-        grows with the sequence; this one copies once into a buffer ``spare`` tokens longer
-        (and again only after the batch shrinks) and hands out views of it.
-        """
-
-        spare: int = 64
-        buffers: tuple[Any, Any] | None = None
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized or self.keys.numel() == 0:
-                return super().update(key_states, value_states, *args, **kwargs)
-            n, m = self.keys.shape[-2], key_states.shape[-2]
-            bufs = self.buffers
-            if (
-                bufs is None
-                or self.keys.data_ptr() != bufs[0].data_ptr()
-                or self.keys.shape[0] != bufs[0].shape[0]
-                or n + m > bufs[0].shape[-2]
-            ):
-                shape = (*self.keys.shape[:-2], n + m + self.spare, self.keys.shape[-1])
-                bufs = (self.keys.new_empty(shape), self.values.new_empty(shape))
-                bufs[0][..., :n, :] = self.keys
-                bufs[1][..., :n, :] = self.values
-                self.buffers = bufs
-            bufs[0][..., n : n + m, :] = key_states
-            bufs[1][..., n : n + m, :] = value_states
-            self.keys, self.values = bufs[0][..., : n + m, :], bufs[1][..., : n + m, :]
-            return self.keys, self.values
-
-    return GrowingLayer
 
 
 def check_context(n: int, extra: int, max_length: int | None, what: str, index: int | None = None) -> None:

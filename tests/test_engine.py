@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cai_dpo import engine as engine_module
+from cai_dpo import kv_cache
 from cai_dpo.config import SamplingConfig
 from cai_dpo.engine import Engine, naive_option_probs
 
@@ -77,9 +77,9 @@ def test_common_prefix_of_a_batch_is_computed_once(engine, tiny_model, monkeypat
     shared = "Consider this long shared instruction that every judge context in the batch begins with. " * 2
     contexts = [shared + f"Question {i}: is {i} even? (A) yes (B) no\nThe answer is:" for i in range(4)]
     seen = []
-    original = engine_module._SharedPrefixes.get
+    original = kv_cache.SharedPrefixes.get
     monkeypatch.setattr(
-        engine_module._SharedPrefixes,
+        kv_cache.SharedPrefixes,
         "get",
         lambda self, tokens, batch: seen.append(len(tokens)) or original(self, tokens, batch),
     )
