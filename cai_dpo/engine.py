@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
+Prompts = Sequence[Conversation | str]  # what generate takes: conversations, or already-rendered text
 
 
 @dataclass
@@ -99,8 +100,10 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     return progress_bar(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
 
 
-class ChatText:
-    """``render`` and ``encode`` through ``self.tokenizer`` (a transformers tokenizer), shared by every engine."""
+class EngineBase:
+    """What every engine shares: ``render`` and ``encode`` through ``self.tokenizer`` (a transformers
+    tokenizer), and the public ``generate``, ``score_options`` and ``logprob`` with their defaults and
+    argument checks, which hand over to the engine's own ``_generate``, ``_score_options`` and ``_logprob``."""
 
     tokenizer: Any
 
@@ -116,8 +119,66 @@ class ChatText:
         """Token ids of already-rendered text (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def generate(
+        self,
+        conversations: Sequence[Conversation | str],
+        sampling: SamplingConfig | None = None,
+        n: int = 1,
+        *,
+        prefix: str | None = None,
+        desc: str = "generate",
+    ) -> list[list[Generation]]:
+        """``n`` completions per conversation, in input order.
 
-class Engine(ChatText):
+        ``prefix`` (rendered text) goes before every rendered conversation; ``sampling``
+        defaults to :class:`~cai_dpo.config.SamplingConfig`'s defaults; ``desc`` names the
+        progress bar and log line. How the engine batches, seeds and checks lengths: its ``_generate``.
+        """
+        return self._generate(conversations, sampling or SamplingConfig(), n, prefix, desc)
+
+    def score_options(
+        self,
+        contexts: Sequence[str],
+        options: Sequence[str] = (" (A)", " (B)"),
+        *,
+        prefix: str | None = None,
+        desc: str = "score",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised probabilities ``[N, K]`` of each option after each context, and raw log-probs ``[N, K]``.
+
+        Raises ``ValueError`` with fewer than two options. How the engine scores: its ``_score_options``.
+        """
+        check_options(options)
+        return self._score_options(contexts, options, prefix, desc)
+
+    def logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    ) -> list[LogProb]:
+        """Summed and per-token log-probs of each completion after its (rendered) context.
+
+        Raises ``ValueError`` when the lengths differ. How the engine scores: its ``_logprob``.
+        """
+        if len(contexts) != len(completions):
+            raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
+        return self._logprob(contexts, completions, prefix, desc)
+
+    def _generate(
+        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
+    ) -> list[list[Generation]]:
+        raise NotImplementedError
+
+    def _score_options(
+        self, contexts: Sequence[str], options: Sequence[str], prefix: str | None, desc: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], prefix: str | None, desc: str
+    ) -> list[LogProb]:
+        raise NotImplementedError
+
+
+class Engine(EngineBase):
     """Generation and scoring for one model + tokenizer pair."""
 
     def __init__(
@@ -260,21 +321,14 @@ class Engine(ChatText):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
-        n: int = 1,
-        *,
-        prefix: str | None = None,
-        desc: str = "generate",
+    def _generate(
+        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         """``n`` completions per conversation, in input order.
 
         ``prefix`` (rendered text) is prepended to every rendered conversation and its
         cache computed once. Results are reproducible for the same inputs, seed and batch size.
         """
-        sampling = sampling or SamplingConfig()
         prefix_ids = self.encode(prefix) if prefix else []
         items = []
         for ci, conv in enumerate(conversations):
@@ -380,14 +434,12 @@ class Engine(ChatText):
         """Token ids of context+completion and where the completion's tokens start."""
         return split_completion(self.encode, context, completion)
 
-    def logprob(
-        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    def _logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], prefix: str | None, desc: str
     ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context."""
         import torch
 
-        if len(contexts) != len(completions):
-            raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
         prefix_ids = self.encode(prefix) if prefix else []
         seqs, starts = [], []
         for c, x in zip(contexts, completions):
@@ -419,13 +471,8 @@ class Engine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return [LogProb(float(sum(v)), v) for v in per_token]
 
-    def score_options(
-        self,
-        contexts: Sequence[str],
-        options: Sequence[str] = (" (A)", " (B)"),
-        *,
-        prefix: str | None = None,
-        desc: str = "score",
+    def _score_options(
+        self, contexts: Sequence[str], options: Sequence[str], prefix: str | None, desc: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised probabilities ``[N, K]`` of each option after each context, and raw log-probs.
 
@@ -435,7 +482,6 @@ class Engine(ChatText):
         """
         import torch
 
-        check_options(options)
         prefix_ids = self.encode(prefix) if prefix else []
         t0 = time.perf_counter()
         items = []

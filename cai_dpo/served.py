@@ -41,13 +41,12 @@ import numpy as np
 
 from cai_dpo.config import ModelSpec, SamplingConfig
 from cai_dpo.engine import (
-    ChatText,
-    Conversation,
+    EngineBase,
     EngineStats,
     Generation,
     LogProb,
+    Prompts,
     _progress,
-    check_options,
     option_probs,
 )
 
@@ -134,7 +133,7 @@ class _Replicas:
             self._cond.notify()
 
 
-class ServedEngine(ChatText):
+class ServedEngine(EngineBase):
     """Generation and scoring against an OpenAI-compatible server (one model, one or more base URLs).
 
     ``tokenizer`` (or the spec's ``tokenizer`` field, loaded on first use) renders chat
@@ -298,14 +297,8 @@ class ServedEngine(ChatText):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
-        n: int = 1,
-        *,
-        prefix: str | None = None,
-        desc: str = "generate",
+    def _generate(
+        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         """``n`` completions per conversation, in input order (one request per completion).
 
@@ -314,7 +307,6 @@ class ServedEngine(ChatText):
         Sampling: greedy (temperature 0) unless ``do_sample`` and ``temperature > 0``;
         each request carries a seed from ``sampling.seed``, the prompt and the sample index.
         """
-        sampling = sampling or SamplingConfig()
         chat = (
             self._tokenizer is None and not self.spec.tokenizer and any(not isinstance(c, str) for c in conversations)
         )
@@ -401,13 +393,8 @@ class ServedEngine(ChatText):
             raise ValueError(f"option {option!r} does not decode token by token ({pieces}); use plain ASCII options")
         return pieces
 
-    def score_options(
-        self,
-        contexts: Sequence[str],
-        options: Sequence[str] = (" (A)", " (B)"),
-        *,
-        prefix: str | None = None,
-        desc: str = "score",
+    def _score_options(
+        self, contexts: Sequence[str], options: Sequence[str], prefix: str | None, desc: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised probabilities ``[N, K]`` of each option after each context, and raw log-probs ``[N, K]``.
 
@@ -417,7 +404,6 @@ class ServedEngine(ChatText):
         when the server returns no log-probs and :class:`ServedModelError` when an
         option's token is not among the top-k.
         """
-        check_options(options)
         if any(not c for c in contexts) and not prefix:
             raise ValueError("score_options needs a non-empty context")
         t0 = time.perf_counter()
@@ -459,8 +445,8 @@ class ServedEngine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return probs, raw
 
-    def logprob(
-        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    def _logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], prefix: str | None, desc: str
     ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context.
 
@@ -470,8 +456,6 @@ class ServedEngine(ChatText):
         :class:`NotSupportedByServer` when the server does not return the prompt's log-probs
         (llama.cpp's server needs ``--logits_all true``).
         """
-        if len(contexts) != len(completions):
-            raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
         pre = prefix or ""
         for c, x in zip(contexts, completions):
             if not x:

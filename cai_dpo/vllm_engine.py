@@ -44,14 +44,13 @@ import numpy as np
 
 from cai_dpo.config import ModelSpec, SamplingConfig
 from cai_dpo.engine import (
-    ChatText,
-    Conversation,
+    EngineBase,
     EngineStats,
     Generation,
     LogProb,
+    Prompts,
     _progress,
     check_context,
-    check_options,
     option_probs,
     split_completion,
 )
@@ -125,7 +124,7 @@ def llm_kwargs(spec: ModelSpec, model_path: str, adapter: Path | None) -> dict[s
     return {**kwargs, **spec.vllm_args}
 
 
-class VLLMEngine(ChatText):
+class VLLMEngine(EngineBase):
     """Generation and scoring with a model loaded by ``vllm.LLM`` in this process.
 
     ``adapter`` (else the spec's ``adapter``; or the spec's ``name`` when it is an adapter
@@ -187,14 +186,8 @@ class VLLMEngine(ChatText):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
-        n: int = 1,
-        *,
-        prefix: str | None = None,
-        desc: str = "generate",
+    def _generate(
+        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         """``n`` completions per conversation, in input order.
 
@@ -204,7 +197,6 @@ class VLLMEngine(ChatText):
         """
         from vllm import SamplingParams
 
-        sampling = sampling or SamplingConfig()
         greedy = not (sampling.do_sample and sampling.temperature > 0)
         prefix_ids = self.encode(prefix) if prefix else []
         prompts, params = [], []
@@ -253,13 +245,8 @@ class VLLMEngine(ChatText):
 
     # ------------------------------------------------------------------ scoring
 
-    def score_options(
-        self,
-        contexts: Sequence[str],
-        options: Sequence[str] = (" (A)", " (B)"),
-        *,
-        prefix: str | None = None,
-        desc: str = "score",
+    def _score_options(
+        self, contexts: Sequence[str], options: Sequence[str], prefix: str | None, desc: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised probabilities ``[N, K]`` of each option after each context, and raw log-probs ``[N, K]``.
 
@@ -270,7 +257,6 @@ class VLLMEngine(ChatText):
         """
         from vllm import SamplingParams
 
-        check_options(options)
         prefix_ids = self.encode(prefix) if prefix else []
         t0 = time.perf_counter()
         items: list[list[tuple[list[int], int]]] = []
@@ -308,8 +294,8 @@ class VLLMEngine(ChatText):
         self.stats.score_seconds += time.perf_counter() - t0
         return option_probs(raw), raw
 
-    def logprob(
-        self, contexts: Sequence[str], completions: Sequence[str], *, prefix: str | None = None, desc: str = "logprob"
+    def _logprob(
+        self, contexts: Sequence[str], completions: Sequence[str], prefix: str | None, desc: str
     ) -> list[LogProb]:
         """Summed and per-token log-probs of each completion after its (rendered) context.
 
@@ -318,8 +304,6 @@ class VLLMEngine(ChatText):
         """
         from vllm import SamplingParams
 
-        if len(contexts) != len(completions):
-            raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
         prefix_ids = self.encode(prefix) if prefix else []
         seqs, starts = [], []
         for i, (c, x) in enumerate(zip(contexts, completions)):
