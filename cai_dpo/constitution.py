@@ -518,6 +518,16 @@ def bundled_constitutions() -> list[Path]:
     return sorted(p for p in CONSTITUTIONS_DIR.glob("*.yaml") if not p.stem.endswith("_cases"))
 
 
+def _read_yaml(p: Path) -> Any:
+    """The parsed YAML file ``p``; :class:`ConstitutionError` naming it when it is not valid YAML or not UTF-8."""
+    try:
+        return load_yaml(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
+    except UnicodeDecodeError as exc:
+        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
+
+
 def load_constitution(path: str | Path) -> Constitution:
     """Read and validate a constitution YAML file (or a bundled name such as ``default``)."""
     p = resolve_constitution_path(path)
@@ -526,12 +536,7 @@ def load_constitution(path: str | Path) -> Constitution:
             f"{path}: constitution file not found; pass a YAML file or one of "
             f"{', '.join(b.stem for b in bundled_constitutions())}"
         )
-    try:
-        data = load_yaml(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
-    except UnicodeDecodeError as exc:
-        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
+    data = _read_yaml(p)
     if data is None:
         raise ConstitutionError("file is empty; see constitutions/default.yaml for the format", file=p)
     c = constitution_from_dict(data, p)
@@ -844,12 +849,7 @@ def load_cases(path: str | Path, constitution: Constitution | None = None) -> li
     p = resolve_constitution_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: case file not found")
-    try:
-        data = load_yaml(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConstitutionError(f"not valid YAML ({describe_yaml_error(exc)})", file=p) from exc
-    except UnicodeDecodeError as exc:
-        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from exc
+    data = _read_yaml(p)
     if isinstance(data, Mapping):
         data = data.get("cases")
     if not isinstance(data, list) or not data:
