@@ -199,6 +199,34 @@ def prompt_turns(msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]], str,
     return msgs[: last + 1], msgs[last]["content"].strip(), ("\n\n".join(tail) if tail else None)
 
 
+def _conversation_prompt(
+    msgs: list[dict[str, str]],
+    file: Path,
+    line: int,
+    source: str,
+    category: str,
+    split: str | None,
+    pid: str,
+    meta: dict[str, Any],
+) -> Prompt:
+    """The prompt of a conversation: its turns up to the last user turn, that turn's text, and the
+    assistant reply after it (if any) as ``meta["reference_reply"]``."""
+    prompt_msgs, last, reference = prompt_turns(msgs)
+    if reference is not None:
+        meta = {**meta, "reference_reply": reference}
+    return Prompt(
+        id=pid,
+        text=last,
+        category=category,
+        split=split,
+        source=source,
+        transcript=prompt_msgs,
+        meta=meta,
+        file=str(file),
+        line=line,
+    )
+
+
 def _from_transcript(
     raw: str,
     file: Path,
@@ -221,20 +249,7 @@ def _from_transcript(
             field=fld,
             row_kind=row_kind,
         ) from exc
-    prompt_msgs, last, reference = prompt_turns(msgs)
-    if reference is not None:
-        meta = {**meta, "reference_reply": reference}
-    return Prompt(
-        id=pid or prompt_id(raw),
-        text=last,
-        category=category,
-        split=split,
-        source=source,
-        transcript=prompt_msgs,
-        meta=meta,
-        file=str(file),
-        line=line,
-    )
+    return _conversation_prompt(msgs, file, line, source, category, split, pid or prompt_id(raw), meta)
 
 
 # --------------------------------------------------------------------------- rows -> prompts
@@ -330,20 +345,7 @@ def _from_messages(
             row_kind=row_kind,
         )
     clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    prompt_msgs, last, reference = prompt_turns(clean)
-    if reference is not None:
-        meta = {**meta, "reference_reply": reference}
-    return Prompt(
-        id=pid or prompt_id(json.dumps(clean)),
-        text=last,
-        category=category,
-        split=split,
-        source=source,
-        transcript=prompt_msgs,
-        meta=meta,
-        file=str(file),
-        line=line,
-    )
+    return _conversation_prompt(clean, file, line, source, category, split, pid or prompt_id(json.dumps(clean)), meta)
 
 
 # --------------------------------------------------------------------------- file formats
