@@ -96,15 +96,19 @@ def mean_length(responses: Iterable[str]) -> float:
     return float(np.mean(lengths)) if lengths else 0.0
 
 
-def diversity(responses: Sequence[str]) -> dict[str, float]:
-    """distinct-1, distinct-2, repetition (bigrams), mean length and count of a response set."""
+def diversity_signals(responses: Sequence[str]) -> dict[str, float]:
+    """distinct-1, distinct-2, repetition (bigrams) and mean length of a response set."""
     return {
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
         "repetition": repetition_rate(responses, 2),
         "mean_length": mean_length(responses),
-        "n": len(responses),
     }
+
+
+def diversity(responses: Sequence[str]) -> dict[str, float]:
+    """distinct-1, distinct-2, repetition (bigrams), mean length and count of a response set."""
+    return {**diversity_signals(responses), "n": len(responses)}
 
 
 # --------------------------------------------------------------------------- refusals

@@ -497,28 +497,20 @@ class _SLRun:
 
 def _quality(records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     """Collapse/quality signals: diversity, repetition, identical-revision share, lengths per round."""
-    from cai_dpo.metrics import distinct_n, mean_length, repetition_rate
+    from cai_dpo.metrics import diversity_signals, mean_length
 
-    def block(texts: list[str]) -> dict[str, float]:
-        return {
-            "distinct_1": distinct_n(texts, 1),
-            "distinct_2": distinct_n(texts, 2),
-            "repetition": repetition_rate(texts, 2),
-            "mean_length": mean_length(texts),
-        }
-
-    out: dict[str, Any] = {"initial": block([r["initial"] for r in records])}
+    out: dict[str, Any] = {"initial": diversity_signals([r["initial"] for r in records])}
     per_round = []
     for i in range(rounds):
         revs = [r["rounds"][i] for r in records]
-        entry = block([x["revision"] for x in revs])
+        entry = diversity_signals([x["revision"] for x in revs])
         entry["identical_fraction"] = sum("identical" in x["flags"] for x in revs) / max(1, len(revs))
         crits = [x["critique"] for x in revs if x["critique"] is not None]
         if crits:
             entry["critique_mean_length"] = mean_length(crits)
         per_round.append(entry)
     out["rounds"] = per_round
-    out["final"] = block([r["final"] for r in records])
+    out["final"] = diversity_signals([r["final"] for r in records])
     out["identical_fraction"] = (sum(e["identical_fraction"] for e in per_round) / len(per_round)) if per_round else 0.0
     out["mean_length_per_round"] = [out["initial"]["mean_length"]] + [e["mean_length"] for e in per_round]
     flag_counts: Counter[str] = Counter()
