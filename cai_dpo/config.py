@@ -54,7 +54,7 @@ def _optional_at_least(value: int | float | None, low: float) -> bool:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
     """LoRA adapter hyper-parameters (peft)."""
 
     r: int = field(default=8, metadata={"help": "LoRA rank: inner dimension of each adapter's low-rank update (>= 1)"})
@@ -236,7 +236,7 @@ class ModelSpec:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingSection:
     """Text generation settings shared by every stage that samples."""
 
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated at most per response (>= 1)"})
@@ -272,7 +272,7 @@ class SamplingConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Prompt sources: bundled sets by name, or files."""
 
     red_team: str = field(
@@ -304,7 +304,7 @@ class DataConfig:
 
 
 @dataclass
-class SLConfig:
+class SLSection:
     """Critique → revision data generation (SL-CAI)."""
 
     rounds: int = field(
@@ -337,8 +337,8 @@ class SLConfig:
         default=256,
         metadata={"help": "Prompts per generate call (>= 1); a kill loses at most one chunk"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.7),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(temperature=0.7),
         metadata={"help": "Generation settings of the initial answers, critiques and revisions"},
     )
     teacher: ModelSpec | None = field(
@@ -364,7 +364,7 @@ class SLConfig:
 
 
 @dataclass
-class CurateConfig:
+class CurateSection:
     """Constitution-guided curation of (prompt, response) rows (stage ``curate``, writes ``data/curated``).
 
     Each row of ``sources`` gets a score in [0, 1] from the ``scorer``; rows below ``threshold``
@@ -435,8 +435,8 @@ class CurateConfig:
         default=8,
         metadata={"help": "Conversations per forward pass when computing probe features (>= 1)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(max_new_tokens=64, temperature=0.7),
         metadata={"help": "Generation settings of the policy answers that are the probe's harmful negatives"},
     )
 
@@ -454,7 +454,7 @@ class CurateConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTSection:
     """Supervised fine-tuning of the SL-CAI model.
 
     Every training row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``;
@@ -541,7 +541,7 @@ class SFTConfig:
         default=False,
         metadata={"help": "Also write the merged weights (base + adapter) to models/sft-merged"},
     )
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/sft)"})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/sft)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
@@ -563,7 +563,7 @@ def _training_problems(s: Any) -> Problems:
 
 
 @dataclass
-class PairsConfig:
+class PairsSection:
     """Response pairs and their source.
 
     ``source`` picks where pairs come from; ``mixed`` combines sources (``mix``, else
@@ -632,8 +632,8 @@ class PairsConfig:
         default=1,
         metadata={"help": "Pairs formed at most from one prompt's distinct samples (>= 1)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=SamplingConfig,
+    sampling: SamplingSection = field(
+        default_factory=SamplingSection,
         metadata={
             "help": "Generation settings of the sampled responses (temperature and do_sample come from "
             "temperatures and curated_temperature)"
@@ -656,7 +656,7 @@ class PairsConfig:
 
 
 @dataclass
-class JudgeConfig:
+class JudgeSection:
     """Constitution-judged preference labels (RLAIF).
 
     The quality gate measures accuracy on ``checkset`` plus ``gate_hhh_sample`` HHH items (when
@@ -788,7 +788,7 @@ class JudgeConfig:
 
 
 @dataclass
-class LabelsConfig:
+class LabelsSection:
     """Edge-case routing and the human label queue.
 
     Each ``route_*`` switch turns one routing rule on or off (see
@@ -849,7 +849,7 @@ class LabelsConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOSection:
     """Direct preference optimisation on the preferences.
 
     ``weighting: principle`` minimises ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss,
@@ -963,7 +963,7 @@ class DPOConfig:
             "Pang et al. 2024); 0: plain DPO; needs loss_type sigmoid"
         },
     )
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/dpo)"})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/dpo)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
@@ -983,7 +983,7 @@ class DPOConfig:
 
 
 @dataclass
-class RMConfig:
+class RMSection:
     """Explicit preference (reward) model, trained with the soft Bradley-Terry loss."""
 
     backbone: str | None = field(
@@ -1061,8 +1061,8 @@ class RMConfig:
             "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
         },
     )
-    lora: LoraConfig = field(
-        default_factory=LoraConfig,
+    lora: LoraSection = field(
+        default_factory=LoraSection,
         metadata={"help": "The LoRA adapter trained with the scalar head (models/rm)"},
     )
 
@@ -1079,7 +1079,7 @@ class RMConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOSection:
     """PPO against the preference model (RL-CAI)."""
 
     mode: Literal["ppo", "rloo"] = field(
@@ -1179,12 +1179,12 @@ class PPOConfig:
         default=4,
         metadata={"help": "Steps between checkpoints (>= 1); a rerun resumes from the newest"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(max_new_tokens=48, temperature=1.0, top_p=1.0),
         metadata={"help": "Rollout generation settings (max_new_tokens, temperature, top_p)"},
     )
-    lora: LoraConfig = field(
-        default_factory=LoraConfig,
+    lora: LoraSection = field(
+        default_factory=LoraSection,
         metadata={"help": "The policy's LoRA adapter (trained with dropout 0, so log-probability ratios are exact)"},
     )
 
@@ -1214,7 +1214,7 @@ class PPOConfig:
 
 
 @dataclass
-class BenchmarkConfig:
+class BenchmarkSection:
     """A user-supplied labelled prompt file evaluated like the held-out sets (nothing is downloaded).
 
     A label is harmful when its lowercased text is in ``harmful_values``, benign when in
@@ -1244,7 +1244,7 @@ class BenchmarkConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSection:
     """Side-by-side evaluation of base, SL-CAI, PPO and DPO.
 
     Independent figures (rule-based response classifier, :mod:`cai_dpo.classify`) on the
@@ -1287,8 +1287,8 @@ class EvalConfig:
         default=0.0,
         metadata={"help": "Judgments with |P(better) - 0.5| <= tie_band count as ties (half a win); in [0, 0.5)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(temperature=0.0, do_sample=False),
         metadata={"help": "Generation settings shared by every evaluated model (default greedy)"},
     )
     curated: str | None = field(
@@ -1301,7 +1301,7 @@ class EvalConfig:
         default=None,
         metadata={"help": "Curated held-out prompts per kind (harmful, benign); null: all"},
     )
-    benchmarks: list[BenchmarkConfig] = field(
+    benchmarks: list[BenchmarkSection] = field(
         default_factory=list,
         metadata={
             "help": "User-supplied labelled prompt files evaluated like the held-out sets (nothing is downloaded)"
@@ -1343,7 +1343,7 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     """Settings shared by every trainer (SFT, DPO, preference model, PPO, RLOO).
 
     ``metrics/<stage>/log.csv`` is written whatever ``report_to`` chooses; PPO's own loop logs the
@@ -1439,34 +1439,36 @@ class RunConfig:
         default_factory=ModelSpec,
         metadata={"help": "The policy: the base model every stage starts from"},
     )
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt sources"})
-    sl: SLConfig = field(default_factory=SLConfig, metadata={"help": "SL-CAI critique → revision data (stage sl)"})
-    curate: CurateConfig = field(
-        default_factory=CurateConfig,
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "Prompt sources"})
+    sl: SLSection = field(default_factory=SLSection, metadata={"help": "SL-CAI critique → revision data (stage sl)"})
+    curate: CurateSection = field(
+        default_factory=CurateSection,
         metadata={"help": "Constitution-guided curation of rows (stage curate)"},
     )
-    sft: SFTConfig = field(
-        default_factory=SFTConfig,
+    sft: SFTSection = field(
+        default_factory=SFTSection,
         metadata={"help": "Supervised fine-tuning of the SL-CAI adapter (stage sft)"},
     )
-    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Response pairs to label (stage pairs)"})
-    judge: JudgeConfig = field(
-        default_factory=JudgeConfig,
+    pairs: PairsSection = field(
+        default_factory=PairsSection, metadata={"help": "Response pairs to label (stage pairs)"}
+    )
+    judge: JudgeSection = field(
+        default_factory=JudgeSection,
         metadata={"help": "Constitution judge: soft preference labels (stage judge)"},
     )
-    labels: LabelsConfig = field(
-        default_factory=LabelsConfig,
+    labels: LabelsSection = field(
+        default_factory=LabelsSection,
         metadata={"help": "Edge-case routing to the human label queue"},
     )
-    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "Direct preference optimisation (stage dpo)"})
-    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "Preference (reward) model (stage rm)"})
-    ppo: PPOConfig = field(
-        default_factory=PPOConfig,
+    dpo: DPOSection = field(default_factory=DPOSection, metadata={"help": "Direct preference optimisation (stage dpo)"})
+    rm: RMSection = field(default_factory=RMSection, metadata={"help": "Preference (reward) model (stage rm)"})
+    ppo: PPOSection = field(
+        default_factory=PPOSection,
         metadata={"help": "PPO or RLOO against the preference model (stage ppo)"},
     )
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Side-by-side evaluation (stage eval)"})
-    train: TrainConfig = field(
-        default_factory=TrainConfig,
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Side-by-side evaluation (stage eval)"})
+    train: TrainSection = field(
+        default_factory=TrainSection,
         metadata={"help": "Settings shared by every trainer: experiment trackers and multi-process launch"},
     )
 

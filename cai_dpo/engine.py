@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import SamplingConfig
+from cai_dpo.config import SamplingSection
 from cai_dpo.errors import ContextLengthError
 from cai_dpo.sampling import next_tokens
 
@@ -259,7 +259,7 @@ class Engine(ChatText):
     def generate(
         self,
         conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingSection | None = None,
         n: int = 1,
         *,
         prefix: str | None = None,
@@ -270,7 +270,7 @@ class Engine(ChatText):
         ``prefix`` (rendered text) is prepended to every rendered conversation and its
         cache computed once. Results are reproducible for the same inputs, seed and batch size.
         """
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or SamplingSection()
         prefix_ids = self.encode(prefix) if prefix else []
         items = []
         for ci, conv in enumerate(conversations):
@@ -311,7 +311,7 @@ class Engine(ChatText):
         return results  # type: ignore[return-value]
 
     def _decode(
-        self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int, shared: _SharedPrefixes
+        self, rows: list[list[int]], sampling: SamplingSection, eos_ids: set[int], *, seed: int, shared: _SharedPrefixes
     ) -> list[tuple[list[int], bool]]:
         """New tokens (EOS excluded) and whether EOS was reached, per row; finished rows leave the batch."""
         import torch

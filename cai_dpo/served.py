@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import ModelSpec, SamplingConfig
+from cai_dpo.config import ModelSpec, SamplingSection
 from cai_dpo.engine import (
     ChatText,
     Conversation,
@@ -301,7 +301,7 @@ class ServedEngine(ChatText):
     def generate(
         self,
         conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingSection | None = None,
         n: int = 1,
         *,
         prefix: str | None = None,
@@ -314,7 +314,7 @@ class ServedEngine(ChatText):
         Sampling: greedy (temperature 0) unless ``do_sample`` and ``temperature > 0``;
         each request carries a seed from ``sampling.seed``, the prompt and the sample index.
         """
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or SamplingSection()
         chat = (
             self._tokenizer is None and not self.spec.tokenizer and any(not isinstance(c, str) for c in conversations)
         )

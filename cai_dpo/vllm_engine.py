@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import ModelSpec, SamplingConfig
+from cai_dpo.config import ModelSpec, SamplingSection
 from cai_dpo.engine import (
     ChatText,
     Conversation,
@@ -190,7 +190,7 @@ class VLLMEngine(ChatText):
     def generate(
         self,
         conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingSection | None = None,
         n: int = 1,
         *,
         prefix: str | None = None,
@@ -204,7 +204,7 @@ class VLLMEngine(ChatText):
         """
         from vllm import SamplingParams
 
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or SamplingSection()
         greedy = not (sampling.do_sample and sampling.temperature > 0)
         prefix_ids = self.encode(prefix) if prefix else []
         prompts, params = [], []

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_dict
+from cai_dpo.config import ConfigError, DPOSection, RunConfig, save_config, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
@@ -135,7 +135,7 @@ def trl_loss_types() -> tuple[str, ...]:
     return found or _FALLBACK_LOSS_TYPES
 
 
-def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
+def validate_dpo_config(d: DPOSection, source: str = "config") -> None:
     """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
     allowed = trl_loss_types()
     if d.loss_type not in allowed:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
+from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.labels import preferences_path
 from cai_dpo.preferences import check_preference_rows
@@ -328,7 +328,7 @@ def build_rm(cfg: RunConfig, run: RunStore) -> tuple[Any, Any, str, list[Path]]:
 
     model, tok, base, merge = load_rm_backbone(cfg, run)
     head = head_name(model)
-    lora: LoraConfig = dataclasses.replace(
+    lora: LoraSection = dataclasses.replace(
         cfg.rm.lora, target_modules=lora_targets(model, cfg.rm.lora.target_modules, head)
     )
     peft_model = attach_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head])
