@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -454,12 +454,79 @@ class CurateSection:
 
 
 @dataclass
-class SFTSection:
+class TrainingSection:
+    """Training settings shared by the sections of the TRL trainers (SFT, DPO, preference model).
+
+    Like TRL's ``DPOConfig(TrainingArguments)``, :class:`SFTSection`, :class:`DPOSection` and
+    :class:`RMSection` inherit these fields and re-declare one only where their default differs
+    (:func:`_redeclared` keeps its help). ``trl_config`` names the ``trl`` config class the stage builds.
+    """
+
+    trl_config: ClassVar[str] = ""
+
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
+        },
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+            "training; 0: no evaluation (rm: the held-out accuracy and ECE come from these)"
+        },
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+            "newest checkpoint"
+        },
+    )
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return _failed(
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("epochs", self.max_steps > 0 or self.epochs > 0, "must be > 0 unless max_steps > 0"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 1, "must be >= 1"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+        )
+
+
+def _redeclared(name: str, default: Any) -> Any:
+    """A :class:`TrainingSection` field with another default and the same help, for a section to re-declare."""
+    return field(default=default, metadata=TrainingSection.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class SFTSection(TrainingSection):
     """Supervised fine-tuning of the SL-CAI model.
 
     Every training row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``;
     ``weighting: principle`` uses the weights, ``none`` ignores them.
     """
+
+    trl_config: ClassVar[str] = "SFTConfig"
 
     data: Literal["sl", "curated", "both", "curate"] = field(
         default="sl",
@@ -503,63 +570,11 @@ class SFTSection:
             "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
         },
     )
-    learning_rate: float = field(
-        default=2e-4,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
-    max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
-    )
     merge: bool = field(
         default=False,
         metadata={"help": "Also write the merged weights (base + adapter) to models/sft-merged"},
     )
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/sft)"})
-
-    def problems(self) -> Problems:
-        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _training_problems(self)
-
-
-def _training_problems(s: Any) -> Problems:
-    """Range checks shared by the SFT, DPO and preference-model sections."""
-    return _failed(
-        ("learning_rate", s.learning_rate > 0, "must be > 0"),
-        ("epochs", s.max_steps > 0 or s.epochs > 0, "must be > 0 unless max_steps > 0"),
-        ("max_steps", s.max_steps == -1 or s.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
-        ("batch_size", s.batch_size >= 1, "must be >= 1"),
-        ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
-        ("max_length", s.max_length >= 1, "must be >= 1"),
-        ("eval_fraction", 0 <= s.eval_fraction < 1, "must be in [0, 1)"),
-        ("save_steps", s.save_steps >= 1, "must be >= 1"),
-    )
 
 
 @dataclass
@@ -849,13 +864,15 @@ class LabelsSection:
 
 
 @dataclass
-class DPOSection:
+class DPOSection(TrainingSection):
     """Direct preference optimisation on the preferences.
 
     ``weighting: principle`` minimises ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss,
     ``w_i`` the pair's ``weight`` when set, else the mean of ``principle_weights`` over its principle
     ids, 1.0 by default). See :mod:`cai_dpo.stages.dpo` for the reference model of each ``adapter_mode``.
     """
+
+    trl_config: ClassVar[str] = "DPOConfig"
 
     beta: float = field(
         default=0.1,
@@ -890,25 +907,7 @@ class DPOSection:
             "policy is quantized"
         },
     )
-    learning_rate: float = field(
-        default=5e-5,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    learning_rate: float = _redeclared("learning_rate", 5e-5)
     max_length: int = field(
         default=384,
         metadata={"help": "Tokens; prompt + response are truncated to this (above max_prompt_length)"},
@@ -916,20 +915,6 @@ class DPOSection:
     max_prompt_length: int = field(
         default=192,
         metadata={"help": "Tokens kept of each prompt (its end, where the question sits); > 0 and below max_length"},
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
     )
     rounds: int = field(
         default=1,
@@ -967,7 +952,7 @@ class DPOSection:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
-        return _training_problems(self) + _failed(
+        return super().problems() + _failed(
             ("beta", self.beta > 0, "must be > 0"),
             ("rpo_alpha", self.rpo_alpha >= 0, "must be >= 0 (0: plain DPO)"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
@@ -983,8 +968,10 @@ class DPOSection:
 
 
 @dataclass
-class RMSection:
+class RMSection(TrainingSection):
     """Explicit preference (reward) model, trained with the soft Bradley-Terry loss."""
+
+    trl_config: ClassVar[str] = "RewardConfig"
 
     backbone: str | None = field(
         default=None,
@@ -1003,42 +990,10 @@ class RMSection:
         default=None,
         metadata={"help": "Share in [0, 1) of helpfulness pairs after rebalancing; null: keep the data as it is"},
     )
-    learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    learning_rate: float = _redeclared("learning_rate", 1e-4)
     max_length: int = field(
         default=384,
         metadata={"help": "Tokens; each (prompt, response) text is truncated to this (>= 1)"},
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation (the held-out accuracy and ECE come from these)"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
     )
     center_rewards_coefficient: float | None = field(
         default=None,
@@ -1068,7 +1023,7 @@ class RMSection:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _training_problems(self) + _failed(
+        return super().problems() + _failed(
             ("helpful_mix", self.helpful_mix is None or 0 <= self.helpful_mix < 1, "must be in [0, 1) or null"),
             (
                 "center_rewards_coefficient",
