@@ -12,6 +12,8 @@ one folder name (:data:`RUN_ID_RE`), so a run folder never lies outside ``runs_d
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
 import types
@@ -39,6 +41,9 @@ class ConfigError(CaiDpoInputError):
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Problems = list[tuple[str, str]]
+
+#: Field metadata key: :func:`to_dict` leaves the field out while it is empty
+OMIT_EMPTY = "omit_empty"
 
 
 def _failed(*checks: tuple[str, bool, str]) -> Problems:
@@ -459,14 +464,20 @@ class TrainingSection:
 
     Like TRL's ``DPOConfig(TrainingArguments)``, :class:`SFTSection`, :class:`DPOSection` and
     :class:`RMSection` inherit these fields and re-declare one only where their default differs
-    (:func:`_redeclared` keeps its help). ``trl_config`` names the ``trl`` config class the stage builds.
+    (:func:`_redeclared` keeps its help). ``section_key`` is the section's key in :class:`RunConfig`,
+    ``trl_config`` the ``trl`` config class its stage builds; ``trainer_kwargs`` reach that class
+    (:func:`cai_dpo.training.trl_config`) after :func:`trainer_option_problem`'s checks.
     """
 
+    section_key: ClassVar[str] = ""
     trl_config: ClassVar[str] = ""
 
     learning_rate: float = field(
         default=2e-4,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
+        metadata={
+            "help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up (unless "
+            "trainer_kwargs set lr_scheduler_type or warmup_steps)"
+        },
     )
     epochs: float = field(
         default=1.0,
@@ -498,9 +509,20 @@ class TrainingSection:
             "newest checkpoint"
         },
     )
+    trainer_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any further option of the stage's TRL/transformers trainer config (trl.SFTConfig, "
+            "trl.DPOConfig, trl.RewardConfig), e.g. {warmup_steps: 0.1, lr_scheduler_type: cosine}; an option "
+            "cai-dpo sets itself is refused (the message names the field to set instead)",
+            OMIT_EMPTY: True,
+        },
+    )
 
     def problems(self) -> Problems:
-        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        """``(field, requirement)`` for each out-of-range value or refused ``trainer_kwargs`` key (empty when valid)."""
+        options = trainer_options(self.trl_config) if self.trainer_kwargs else None
+        refused = [(key, trainer_option_problem(self, key, options)) for key in self.trainer_kwargs]
         return _failed(
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
             ("epochs", self.max_steps > 0 or self.epochs > 0, "must be > 0 unless max_steps > 0"),
@@ -510,7 +532,51 @@ class TrainingSection:
             ("max_length", self.max_length >= 1, "must be >= 1"),
             ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
             ("save_steps", self.save_steps >= 1, "must be >= 1"),
-        )
+        ) + [(f"trainer_kwargs.{key}", problem) for key, problem in refused if problem]
+
+
+#: Trainer options cai-dpo sets from its own fields: option -> ``(field, in the section)``; a field
+#: not in the section is a :class:`RunConfig` key
+TRAINER_OPTION_FIELDS: dict[str, tuple[str, bool]] = {
+    "learning_rate": ("learning_rate", True),
+    "num_train_epochs": ("epochs", True),
+    "max_steps": ("max_steps", True),
+    "per_device_train_batch_size": ("batch_size", True),
+    "per_device_eval_batch_size": ("batch_size", True),
+    "gradient_accumulation_steps": ("grad_accum", True),
+    "save_steps": ("save_steps", True),
+    "eval_steps": ("save_steps", True),
+    "seed": ("seed", False),
+    "data_seed": ("seed", False),
+    "report_to": ("train.report_to", False),
+}
+
+
+@functools.cache
+def trainer_options(trl_config: str) -> frozenset[str] | None:
+    """The options (init fields) of ``trl.<trl_config>``; None when trl cannot be imported."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return frozenset(f.name for f in dataclasses.fields(getattr(trl, trl_config)) if f.init)
+
+
+def trainer_option_problem(section: TrainingSection, key: str, options: frozenset[str] | None) -> str | None:
+    """Why ``section.trainer_kwargs[key]`` is refused, or None: an option cai-dpo sets from one of its
+    fields (named), or one that ``options`` (the TRL config's, None: unchecked) lacks."""
+    mapped = TRAINER_OPTION_FIELDS.get(key)
+    if mapped is not None:
+        target = f"{section.section_key}.{mapped[0]}" if mapped[1] else mapped[0]
+        return f"is set by cai-dpo from {target}; set {target} instead"
+    if options is not None and key not in options:
+        close = difflib.get_close_matches(key, sorted(options), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"is not an option of trl.{section.trl_config}{hint}"
+    if key in {f.name for f in dataclasses.fields(section)}:
+        target = f"{section.section_key}.{key}"
+        return f"is set by cai-dpo from {target}; set {target} instead"
+    return None
 
 
 def _redeclared(name: str, default: Any) -> Any:
@@ -526,6 +592,7 @@ class SFTSection(TrainingSection):
     ``weighting: principle`` uses the weights, ``none`` ignores them.
     """
 
+    section_key: ClassVar[str] = "sft"
     trl_config: ClassVar[str] = "SFTConfig"
 
     data: Literal["sl", "curated", "both", "curate"] = field(
@@ -872,6 +939,7 @@ class DPOSection(TrainingSection):
     ids, 1.0 by default). See :mod:`cai_dpo.stages.dpo` for the reference model of each ``adapter_mode``.
     """
 
+    section_key: ClassVar[str] = "dpo"
     trl_config: ClassVar[str] = "DPOConfig"
 
     beta: float = field(
@@ -971,6 +1039,7 @@ class DPOSection(TrainingSection):
 class RMSection(TrainingSection):
     """Explicit preference (reward) model, trained with the soft Bradley-Terry loss."""
 
+    section_key: ClassVar[str] = "rm"
     trl_config: ClassVar[str] = "RewardConfig"
 
     backbone: str | None = field(
@@ -1580,13 +1649,40 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str = "<config>", pref
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}", source) for name, value in data.items()}
     obj = cls(**kwargs)
     for key, requirement in obj.problems() if hasattr(obj, "problems") else ():
-        raise ConfigError(f"{source}: key '{prefix}{key}' is {getattr(obj, key, None)!r}; it {requirement}")
+        raise ConfigError(f"{source}: key '{prefix}{key}' is {_value_at(obj, key)!r}; it {requirement}")
+    return obj
+
+
+def _value_at(obj: Any, dotted: str) -> Any:
+    """The value of a dotted key below ``obj`` (dataclass fields, then mapping keys), None when absent."""
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
     return obj
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-dict form of a config dataclass (YAML-safe)."""
-    return dataclasses.asdict(cfg)
+    """Plain-dict form of a config dataclass (YAML-safe).
+
+    A field marked :data:`OMIT_EMPTY` (``trainer_kwargs``) is left out while empty: the dict, and the
+    hashes of it (stage fingerprints, training notes), of a config that does not use it stay as they
+    were before the field existed, and ``from_dict`` restores the empty default.
+    """
+    out = dataclasses.asdict(cfg)
+    _omit_empty(cfg, out)
+    return out
+
+
+def _omit_empty(obj: Any, out: dict[str, Any]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(OMIT_EMPTY) and not value:
+            del out[f.name]
+        elif dataclasses.is_dataclass(value):
+            _omit_empty(value, out[f.name])
+        elif isinstance(value, list):
+            for item, item_out in zip(value, out[f.name]):
+                if dataclasses.is_dataclass(item):
+                    _omit_empty(item, item_out)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -88,13 +88,13 @@ from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, f
 from cai_dpo.training import (
     artifact_current,
     artifact_hash,
-    common_training_args,
     example_weights,
     read_metrics_csv,
     resume_checkpoint,
     train_to_target,
     training_callbacks,
     training_inputs,
+    trl_config,
     weighted_mean,
 )
 
@@ -657,8 +657,12 @@ def run_dpo(
     ckpt_dir = run.root / "checkpoints" / out_dir.name
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
-    args = TrlDPOConfig(
-        **common_training_args(cfg.dpo, ckpt_dir, seed=cfg.seed, has_eval=bool(eval_rows)),
+    args = trl_config(
+        TrlDPOConfig,
+        cfg.dpo,
+        ckpt_dir,
+        seed=cfg.seed,
+        has_eval=bool(eval_rows),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,
