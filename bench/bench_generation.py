@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from cai_dpo.config import JudgeConfig, SamplingConfig
+from cai_dpo.config import JudgeSection, SamplingSection
 from cai_dpo.constitution import load_constitution
 from cai_dpo.data import load_checkset, load_prompts
 from cai_dpo.engine import Engine, set_threads
@@ -49,7 +49,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
-def naive_generation(model, tokenizer, convs, sampling: SamplingConfig) -> tuple[int, float]:
+def naive_generation(model, tokenizer, convs, sampling: SamplingSection) -> tuple[int, float]:
     """One ``model.generate`` call per prompt; returns (tokens up to EOS, seconds)."""
     tokens, t0 = 0, time.perf_counter()
     for conv in convs:
@@ -73,7 +73,7 @@ def judge_contexts(engine: Engine, n: int) -> tuple[str | None, list[str]]:
     """The judge's few-shot prefix and ``n`` contexts as the judge stage builds them: each check pair
     under a principle (in turn), in both option orders."""
     constitution = load_constitution("default")
-    prompter = JudgePrompter(engine, constitution, JudgeConfig(few_shot=True))
+    prompter = JudgePrompter(engine, constitution, JudgeSection(few_shot=True))
     pairs, principles = load_checkset(), constitution.principles
     contexts = []
     for k in range((n + 1) // 2):
@@ -131,13 +131,13 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     prompts = load_prompts("bundled:helpful")
     convs = [p.conversation() for p in (prompts * 4)[: args.prompts]]
-    sampling = SamplingConfig(
+    sampling = SamplingSection(
         max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95, seed=0, batch_size=args.batch_size
     )
     engine = Engine(model, tokenizer, batch_size=args.batch_size, progress=False)
 
     gflops = max(matmul_gflops() for _ in range(args.repeats))
-    engine.generate(convs[:2], SamplingConfig(max_new_tokens=4, batch_size=2))  # warm-up
+    engine.generate(convs[:2], SamplingSection(max_new_tokens=4, batch_size=2))  # warm-up
     prefix, contexts = judge_contexts(engine, args.pairs)
     naive_pairs = max(8, args.pairs // 4)
     rates: dict[str, list[float]] = {"engine": [], "naive": [], "score": [], "naive_score": []}
@@ -234,7 +234,7 @@ def bench_served(args, tokenizer, convs, sampling, prefix, contexts, local_probs
             request_extra={} if args.served_url else LLAMA_CPP_EXTRA,
         )
         engine = stack.enter_context(contextlib.closing(ServedEngine(spec, progress=False, tokenizer=tokenizer)))
-        engine.generate(convs[:2], SamplingConfig(max_new_tokens=4))  # warm-up
+        engine.generate(convs[:2], SamplingSection(max_new_tokens=4))  # warm-up
         t0 = time.perf_counter()
         outs = engine.generate(convs, sampling)
         gen_s = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 
-from cai_dpo.config import SamplingConfig, load_config
+from cai_dpo.config import SamplingSection, load_config
 from cai_dpo.constitution import load_constitution
 from cai_dpo.data import load_prompts, split_prompts
 from cai_dpo.engine import Engine, set_threads
@@ -23,7 +23,7 @@ from cai_dpo.models import describe, load_model
 from cai_dpo.stages.sl import demo_turns, revision_turns, split_prefix
 
 
-def _phase(engine: Engine, texts: list, sampling: SamplingConfig, prefix: str | None) -> dict:
+def _phase(engine: Engine, texts: list, sampling: SamplingSection, prefix: str | None) -> dict:
     before = (engine.stats.generated_tokens, engine.stats.prompt_tokens, engine.stats.generate_seconds)
     t0 = time.perf_counter()
     outs = engine.generate(texts, sampling, prefix=prefix, desc="cached" if prefix else "uncached")
@@ -66,7 +66,7 @@ def main() -> None:
     model, tokenizer = load_model(cfg.policy)
     load_s = time.perf_counter() - t0
     engine = Engine(model, tokenizer, progress=False)
-    greedy = SamplingConfig(
+    greedy = SamplingSection(
         max_new_tokens=args.max_new_tokens, do_sample=False, temperature=0.0, batch_size=args.batch_size
     )
 

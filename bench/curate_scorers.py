@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import JudgeConfig, ModelSpec, RunConfig, SamplingConfig
+from cai_dpo.config import JudgeSection, ModelSpec, RunConfig, SamplingSection
 from cai_dpo.constitution import load_constitution
 from cai_dpo.curated import load_curated, summary
 from cai_dpo.engine import Engine, set_threads
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {"load": round(time.perf_counter() - t0, 1)}
 
     cfg = RunConfig(seed=args.seed)
-    cfg.curate.sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.7, batch_size=32)
+    cfg.curate.sampling = SamplingSection(max_new_tokens=args.max_new_tokens, temperature=0.7, batch_size=32)
     cache = RunStore(Path(args.cache))
     t = time.perf_counter()
     answers = policy_answers(engine, train + heldout, cfg, cache, model_id)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_judge:
         constitution = load_constitution(args.constitution)
-        jcfg = JudgeConfig(batch_size=args.batch_size, few_shot=True)
+        jcfg = JudgeSection(batch_size=args.batch_size, few_shot=True)
         judge = JudgeScorer(engine, constitution, jcfg, seed=args.seed, model_id=model_id)
         out["judge_settings"] = {
             k: getattr(jcfg, k) for k in ("few_shot", "both_orders", "calibrate", "principles", "prompt_format")

@@ -36,13 +36,13 @@ def answer(
     spec: Any, adapter: str | None, prompts: list[str], max_new_tokens: int, batch_size: int
 ) -> tuple[list[str], float]:
     """Greedy answers of the policy (with ``adapter`` when given) to single-turn prompts, and the seconds taken."""
-    from cai_dpo.config import SamplingConfig
+    from cai_dpo.config import SamplingSection
     from cai_dpo.engine import Engine
     from cai_dpo.models import load_model
 
     model, tok = load_model(spec, adapter=adapter)
     engine = Engine(model, tok, batch_size=batch_size, progress=False)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0, batch_size=batch_size)
+    sampling = SamplingSection(max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0, batch_size=batch_size)
     t0 = time.perf_counter()
     gens = engine.generate([[{"role": "user", "content": p}] for p in prompts], sampling)
     return [g[0].text for g in gens], time.perf_counter() - t0

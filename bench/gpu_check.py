@@ -56,7 +56,7 @@ def vllm_vs_local() -> dict[str, Any]:
     import numpy as np
     from bench_generation import judge_contexts
 
-    from cai_dpo.config import ModelSpec, SamplingConfig
+    from cai_dpo.config import ModelSpec, SamplingSection
     from cai_dpo.judging import OPTIONS
     from cai_dpo.models import load_engine
     from cai_dpo.vllm_engine import VLLMEngineError
@@ -74,7 +74,7 @@ def vllm_vs_local() -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     local = load_engine(local_spec, progress=False)
     convs = [[{"role": "user", "content": p}] for p in PROMPTS]
-    greedy = SamplingConfig(max_new_tokens=32, do_sample=False, temperature=0.0)
+    greedy = SamplingSection(max_new_tokens=32, do_sample=False, temperature=0.0)
     a = [row[0] for row in local.generate(convs, greedy)]
     b = [row[0] for row in vllm.generate(convs, greedy)]
     same_prefix = [

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import JudgeConfig, ModelSpec
+from cai_dpo.config import JudgeSection, ModelSpec
 from cai_dpo.constitution import Principle, load_constitution
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.judging import (
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = 0
     t0 = time.perf_counter()
     for few_shot in (False, True):
-        cfg = JudgeConfig(
+        cfg = JudgeSection(
             few_shot=few_shot, prompt_format=args.format, both_orders=True, calibrate=False, batch_size=args.batch_size
         )
         prompter = JudgePrompter(engine, constitution, cfg)

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_dpo.config import BenchmarkConfig, ConfigError, resolve_path
+from cai_dpo.config import BenchmarkSection, ConfigError, resolve_path
 from cai_dpo.data import Prompt, PromptFileError, _read_text, load_csv, load_dataset_dir, load_jsonl
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class BenchmarkPrompt:
     label: str
 
 
-def benchmark_name(spec: BenchmarkConfig) -> str:
+def benchmark_name(spec: BenchmarkSection) -> str:
     """``spec.name`` or the file / folder stem."""
     return spec.name or Path(spec.path.rstrip("/")).stem or "benchmark"
 
@@ -47,7 +47,7 @@ def _format(path: Path, fmt: str) -> str:
     return "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
 
 
-def load_benchmark(spec: BenchmarkConfig) -> list[BenchmarkPrompt]:
+def load_benchmark(spec: BenchmarkSection) -> list[BenchmarkPrompt]:
     """The labelled prompts of one benchmark file (at most ``spec.limit``)."""
     if not spec.path:
         raise ConfigError("eval.benchmarks: an entry has no 'path'")

@@ -12,13 +12,15 @@ one folder name (:data:`RUN_ID_RE`), so a run folder never lies outside ``runs_d
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -40,6 +42,9 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Problems = list[tuple[str, str]]
 
+#: Field metadata key: :func:`to_dict` leaves the field out while it is empty
+OMIT_EMPTY = "omit_empty"
+
 
 def _failed(*checks: tuple[str, bool, str]) -> Problems:
     """The ``(field, requirement)`` of every check that did not hold."""
@@ -54,7 +59,7 @@ def _optional_at_least(value: int | float | None, low: float) -> bool:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
     """LoRA adapter hyper-parameters (peft)."""
 
     r: int = field(default=8, metadata={"help": "LoRA rank: inner dimension of each adapter's low-rank update (>= 1)"})
@@ -236,7 +241,7 @@ class ModelSpec:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingSection:
     """Text generation settings shared by every stage that samples."""
 
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated at most per response (>= 1)"})
@@ -272,7 +277,7 @@ class SamplingConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Prompt sources: bundled sets by name, or files."""
 
     red_team: str = field(
@@ -304,7 +309,7 @@ class DataConfig:
 
 
 @dataclass
-class SLConfig:
+class SLSection:
     """Critique → revision data generation (SL-CAI)."""
 
     rounds: int = field(
@@ -337,8 +342,8 @@ class SLConfig:
         default=256,
         metadata={"help": "Prompts per generate call (>= 1); a kill loses at most one chunk"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.7),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(temperature=0.7),
         metadata={"help": "Generation settings of the initial answers, critiques and revisions"},
     )
     teacher: ModelSpec | None = field(
@@ -364,7 +369,7 @@ class SLConfig:
 
 
 @dataclass
-class CurateConfig:
+class CurateSection:
     """Constitution-guided curation of (prompt, response) rows (stage ``curate``, writes ``data/curated``).
 
     Each row of ``sources`` gets a score in [0, 1] from the ``scorer``; rows below ``threshold``
@@ -435,8 +440,8 @@ class CurateConfig:
         default=8,
         metadata={"help": "Conversations per forward pass when computing probe features (>= 1)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(max_new_tokens=64, temperature=0.7),
         metadata={"help": "Generation settings of the policy answers that are the probe's harmful negatives"},
     )
 
@@ -454,12 +459,141 @@ class CurateConfig:
 
 
 @dataclass
-class SFTConfig:
+class TrainingSection:
+    """Training settings shared by the sections of the TRL trainers (SFT, DPO, preference model).
+
+    Like TRL's ``DPOConfig(TrainingArguments)``, :class:`SFTSection`, :class:`DPOSection` and
+    :class:`RMSection` inherit these fields and re-declare one only where their default differs
+    (:func:`_redeclared` keeps its help). ``section_key`` is the section's key in :class:`RunConfig`,
+    ``trl_config`` the ``trl`` config class its stage builds; ``trainer_kwargs`` reach that class
+    (:func:`cai_dpo.training.trl_config`) after :func:`trainer_option_problem`'s checks.
+    """
+
+    section_key: ClassVar[str] = ""
+    trl_config: ClassVar[str] = ""
+
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={
+            "help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up (unless "
+            "trainer_kwargs set lr_scheduler_type or warmup_steps)"
+        },
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
+        },
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
+            "training; 0: no evaluation (rm: the held-out accuracy and ECE come from these)"
+        },
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
+            "newest checkpoint"
+        },
+    )
+    trainer_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any further option of the stage's TRL/transformers trainer config (trl.SFTConfig, "
+            "trl.DPOConfig, trl.RewardConfig), e.g. {warmup_steps: 0.1, lr_scheduler_type: cosine}; an option "
+            "cai-dpo sets itself is refused (the message names the field to set instead)",
+            OMIT_EMPTY: True,
+        },
+    )
+
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value or refused ``trainer_kwargs`` key (empty when valid)."""
+        options = trainer_options(self.trl_config) if self.trainer_kwargs else None
+        refused = [(key, trainer_option_problem(self, key, options)) for key in self.trainer_kwargs]
+        return _failed(
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("epochs", self.max_steps > 0 or self.epochs > 0, "must be > 0 unless max_steps > 0"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 1, "must be >= 1"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+        ) + [(f"trainer_kwargs.{key}", problem) for key, problem in refused if problem]
+
+
+#: Trainer options cai-dpo sets from its own fields: option -> ``(field, in the section)``; a field
+#: not in the section is a :class:`RunConfig` key
+TRAINER_OPTION_FIELDS: dict[str, tuple[str, bool]] = {
+    "learning_rate": ("learning_rate", True),
+    "num_train_epochs": ("epochs", True),
+    "max_steps": ("max_steps", True),
+    "per_device_train_batch_size": ("batch_size", True),
+    "per_device_eval_batch_size": ("batch_size", True),
+    "gradient_accumulation_steps": ("grad_accum", True),
+    "save_steps": ("save_steps", True),
+    "eval_steps": ("save_steps", True),
+    "seed": ("seed", False),
+    "data_seed": ("seed", False),
+    "report_to": ("train.report_to", False),
+}
+
+
+@functools.cache
+def trainer_options(trl_config: str) -> frozenset[str] | None:
+    """The options (init fields) of ``trl.<trl_config>``; None when trl cannot be imported."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return frozenset(f.name for f in dataclasses.fields(getattr(trl, trl_config)) if f.init)
+
+
+def trainer_option_problem(section: TrainingSection, key: str, options: frozenset[str] | None) -> str | None:
+    """Why ``section.trainer_kwargs[key]`` is refused, or None: an option cai-dpo sets from one of its
+    fields (named), or one that ``options`` (the TRL config's, None: unchecked) lacks."""
+    mapped = TRAINER_OPTION_FIELDS.get(key)
+    if mapped is not None:
+        target = f"{section.section_key}.{mapped[0]}" if mapped[1] else mapped[0]
+        return f"is set by cai-dpo from {target}; set {target} instead"
+    if options is not None and key not in options:
+        close = difflib.get_close_matches(key, sorted(options), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"is not an option of trl.{section.trl_config}{hint}"
+    if key in {f.name for f in dataclasses.fields(section)}:
+        target = f"{section.section_key}.{key}"
+        return f"is set by cai-dpo from {target}; set {target} instead"
+    return None
+
+
+def _redeclared(name: str, default: Any) -> Any:
+    """A :class:`TrainingSection` field with another default and the same help, for a section to re-declare."""
+    return field(default=default, metadata=TrainingSection.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class SFTSection(TrainingSection):
     """Supervised fine-tuning of the SL-CAI model.
 
     Every training row carries ``source`` (``curated``, ``sl``, ``human_revision``) and ``weight``;
     ``weighting: principle`` uses the weights, ``none`` ignores them.
     """
+
+    section_key: ClassVar[str] = "sft"
+    trl_config: ClassVar[str] = "SFTConfig"
 
     data: Literal["sl", "curated", "both", "curate"] = field(
         default="sl",
@@ -503,67 +637,15 @@ class SFTConfig:
             "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
         },
     )
-    learning_rate: float = field(
-        default=2e-4,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
-    max_length: int = field(default=512, metadata={"help": "Tokens; prompt + completion are truncated to this (>= 1)"})
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
-    )
     merge: bool = field(
         default=False,
         metadata={"help": "Also write the merged weights (base + adapter) to models/sft-merged"},
     )
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/sft)"})
-
-    def problems(self) -> Problems:
-        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _training_problems(self)
-
-
-def _training_problems(s: Any) -> Problems:
-    """Range checks shared by the SFT, DPO and preference-model sections."""
-    return _failed(
-        ("learning_rate", s.learning_rate > 0, "must be > 0"),
-        ("epochs", s.max_steps > 0 or s.epochs > 0, "must be > 0 unless max_steps > 0"),
-        ("max_steps", s.max_steps == -1 or s.max_steps >= 1, "must be >= 1, or -1 to train by epochs"),
-        ("batch_size", s.batch_size >= 1, "must be >= 1"),
-        ("grad_accum", s.grad_accum >= 1, "must be >= 1"),
-        ("max_length", s.max_length >= 1, "must be >= 1"),
-        ("eval_fraction", 0 <= s.eval_fraction < 1, "must be in [0, 1)"),
-        ("save_steps", s.save_steps >= 1, "must be >= 1"),
-    )
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/sft)"})
 
 
 @dataclass
-class PairsConfig:
+class PairsSection:
     """Response pairs and their source.
 
     ``source`` picks where pairs come from; ``mixed`` combines sources (``mix``, else
@@ -632,8 +714,8 @@ class PairsConfig:
         default=1,
         metadata={"help": "Pairs formed at most from one prompt's distinct samples (>= 1)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=SamplingConfig,
+    sampling: SamplingSection = field(
+        default_factory=SamplingSection,
         metadata={
             "help": "Generation settings of the sampled responses (temperature and do_sample come from "
             "temperatures and curated_temperature)"
@@ -656,7 +738,7 @@ class PairsConfig:
 
 
 @dataclass
-class JudgeConfig:
+class JudgeSection:
     """Constitution-judged preference labels (RLAIF).
 
     The quality gate measures accuracy on ``checkset`` plus ``gate_hhh_sample`` HHH items (when
@@ -788,7 +870,7 @@ class JudgeConfig:
 
 
 @dataclass
-class LabelsConfig:
+class LabelsSection:
     """Edge-case routing and the human label queue.
 
     Each ``route_*`` switch turns one routing rule on or off (see
@@ -849,13 +931,16 @@ class LabelsConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOSection(TrainingSection):
     """Direct preference optimisation on the preferences.
 
     ``weighting: principle`` minimises ``Σ_i w_i·loss_i / Σ_i w_i`` (``loss_i`` the soft-label loss,
     ``w_i`` the pair's ``weight`` when set, else the mean of ``principle_weights`` over its principle
     ids, 1.0 by default). See :mod:`cai_dpo.stages.dpo` for the reference model of each ``adapter_mode``.
     """
+
+    section_key: ClassVar[str] = "dpo"
+    trl_config: ClassVar[str] = "DPOConfig"
 
     beta: float = field(
         default=0.1,
@@ -890,25 +975,7 @@ class DPOConfig:
             "policy is quantized"
         },
     )
-    learning_rate: float = field(
-        default=5e-5,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    learning_rate: float = _redeclared("learning_rate", 5e-5)
     max_length: int = field(
         default=384,
         metadata={"help": "Tokens; prompt + response are truncated to this (above max_prompt_length)"},
@@ -916,20 +983,6 @@ class DPOConfig:
     max_prompt_length: int = field(
         default=192,
         metadata={"help": "Tokens kept of each prompt (its end, where the question sits); > 0 and below max_length"},
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
     )
     rounds: int = field(
         default=1,
@@ -963,11 +1016,11 @@ class DPOConfig:
             "Pang et al. 2024); 0: plain DPO; needs loss_type sigmoid"
         },
     )
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The LoRA adapter trained (models/dpo)"})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/dpo)"})
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
-        return _training_problems(self) + _failed(
+        return super().problems() + _failed(
             ("beta", self.beta > 0, "must be > 0"),
             ("rpo_alpha", self.rpo_alpha >= 0, "must be >= 0 (0: plain DPO)"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
@@ -983,8 +1036,11 @@ class DPOConfig:
 
 
 @dataclass
-class RMConfig:
+class RMSection(TrainingSection):
     """Explicit preference (reward) model, trained with the soft Bradley-Terry loss."""
+
+    section_key: ClassVar[str] = "rm"
+    trl_config: ClassVar[str] = "RewardConfig"
 
     backbone: str | None = field(
         default=None,
@@ -1003,42 +1059,10 @@ class RMConfig:
         default=None,
         metadata={"help": "Share in [0, 1) of helpfulness pairs after rebalancing; null: keep the data as it is"},
     )
-    learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "Peak learning rate of AdamW (> 0), decayed linearly to 0 over training, no warm-up"},
-    )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training rows (fractions allowed); > 0 unless max_steps is set"},
-    )
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Optimizer steps to train (>= 1); -1 trains by epochs instead"},
-    )
-    batch_size: int = field(
-        default=4,
-        metadata={
-            "help": "Examples per process per step (>= 1); the global batch is batch_size × processes × grad_accum"
-        },
-    )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step (>= 1)"})
+    learning_rate: float = _redeclared("learning_rate", 1e-4)
     max_length: int = field(
         default=384,
         metadata={"help": "Tokens; each (prompt, response) text is truncated to this (>= 1)"},
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share in [0, 1) of the rows held out (split by prompt) for the evaluation loss during "
-            "training; 0: no evaluation (the held-out accuracy and ECE come from these)"
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Optimizer steps between checkpoints and evaluations (>= 1); a rerun resumes from the "
-            "newest checkpoint"
-        },
     )
     center_rewards_coefficient: float | None = field(
         default=None,
@@ -1061,14 +1085,14 @@ class RMConfig:
             "help": "Loss weight per principle id for weighting: principle (unlisted ids, and rows without ids: 1.0)"
         },
     )
-    lora: LoraConfig = field(
-        default_factory=LoraConfig,
+    lora: LoraSection = field(
+        default_factory=LoraSection,
         metadata={"help": "The LoRA adapter trained with the scalar head (models/rm)"},
     )
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _training_problems(self) + _failed(
+        return super().problems() + _failed(
             ("helpful_mix", self.helpful_mix is None or 0 <= self.helpful_mix < 1, "must be in [0, 1) or null"),
             (
                 "center_rewards_coefficient",
@@ -1079,7 +1103,7 @@ class RMConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOSection:
     """PPO against the preference model (RL-CAI)."""
 
     mode: Literal["ppo", "rloo"] = field(
@@ -1179,12 +1203,12 @@ class PPOConfig:
         default=4,
         metadata={"help": "Steps between checkpoints (>= 1); a rerun resumes from the newest"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0, top_p=1.0),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(max_new_tokens=48, temperature=1.0, top_p=1.0),
         metadata={"help": "Rollout generation settings (max_new_tokens, temperature, top_p)"},
     )
-    lora: LoraConfig = field(
-        default_factory=LoraConfig,
+    lora: LoraSection = field(
+        default_factory=LoraSection,
         metadata={"help": "The policy's LoRA adapter (trained with dropout 0, so log-probability ratios are exact)"},
     )
 
@@ -1214,7 +1238,7 @@ class PPOConfig:
 
 
 @dataclass
-class BenchmarkConfig:
+class BenchmarkSection:
     """A user-supplied labelled prompt file evaluated like the held-out sets (nothing is downloaded).
 
     A label is harmful when its lowercased text is in ``harmful_values``, benign when in
@@ -1244,7 +1268,7 @@ class BenchmarkConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSection:
     """Side-by-side evaluation of base, SL-CAI, PPO and DPO.
 
     Independent figures (rule-based response classifier, :mod:`cai_dpo.classify`) on the
@@ -1287,8 +1311,8 @@ class EvalConfig:
         default=0.0,
         metadata={"help": "Judgments with |P(better) - 0.5| <= tie_band count as ties (half a win); in [0, 0.5)"},
     )
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.0, do_sample=False),
+    sampling: SamplingSection = field(
+        default_factory=lambda: SamplingSection(temperature=0.0, do_sample=False),
         metadata={"help": "Generation settings shared by every evaluated model (default greedy)"},
     )
     curated: str | None = field(
@@ -1301,7 +1325,7 @@ class EvalConfig:
         default=None,
         metadata={"help": "Curated held-out prompts per kind (harmful, benign); null: all"},
     )
-    benchmarks: list[BenchmarkConfig] = field(
+    benchmarks: list[BenchmarkSection] = field(
         default_factory=list,
         metadata={
             "help": "User-supplied labelled prompt files evaluated like the held-out sets (nothing is downloaded)"
@@ -1343,7 +1367,7 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     """Settings shared by every trainer (SFT, DPO, preference model, PPO, RLOO).
 
     ``metrics/<stage>/log.csv`` is written whatever ``report_to`` chooses; PPO's own loop logs the
@@ -1439,34 +1463,36 @@ class RunConfig:
         default_factory=ModelSpec,
         metadata={"help": "The policy: the base model every stage starts from"},
     )
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt sources"})
-    sl: SLConfig = field(default_factory=SLConfig, metadata={"help": "SL-CAI critique → revision data (stage sl)"})
-    curate: CurateConfig = field(
-        default_factory=CurateConfig,
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "Prompt sources"})
+    sl: SLSection = field(default_factory=SLSection, metadata={"help": "SL-CAI critique → revision data (stage sl)"})
+    curate: CurateSection = field(
+        default_factory=CurateSection,
         metadata={"help": "Constitution-guided curation of rows (stage curate)"},
     )
-    sft: SFTConfig = field(
-        default_factory=SFTConfig,
+    sft: SFTSection = field(
+        default_factory=SFTSection,
         metadata={"help": "Supervised fine-tuning of the SL-CAI adapter (stage sft)"},
     )
-    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Response pairs to label (stage pairs)"})
-    judge: JudgeConfig = field(
-        default_factory=JudgeConfig,
+    pairs: PairsSection = field(
+        default_factory=PairsSection, metadata={"help": "Response pairs to label (stage pairs)"}
+    )
+    judge: JudgeSection = field(
+        default_factory=JudgeSection,
         metadata={"help": "Constitution judge: soft preference labels (stage judge)"},
     )
-    labels: LabelsConfig = field(
-        default_factory=LabelsConfig,
+    labels: LabelsSection = field(
+        default_factory=LabelsSection,
         metadata={"help": "Edge-case routing to the human label queue"},
     )
-    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "Direct preference optimisation (stage dpo)"})
-    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "Preference (reward) model (stage rm)"})
-    ppo: PPOConfig = field(
-        default_factory=PPOConfig,
+    dpo: DPOSection = field(default_factory=DPOSection, metadata={"help": "Direct preference optimisation (stage dpo)"})
+    rm: RMSection = field(default_factory=RMSection, metadata={"help": "Preference (reward) model (stage rm)"})
+    ppo: PPOSection = field(
+        default_factory=PPOSection,
         metadata={"help": "PPO or RLOO against the preference model (stage ppo)"},
     )
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Side-by-side evaluation (stage eval)"})
-    train: TrainConfig = field(
-        default_factory=TrainConfig,
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Side-by-side evaluation (stage eval)"})
+    train: TrainSection = field(
+        default_factory=TrainSection,
         metadata={"help": "Settings shared by every trainer: experiment trackers and multi-process launch"},
     )
 
@@ -1623,13 +1649,40 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str = "<config>", pref
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}", source) for name, value in data.items()}
     obj = cls(**kwargs)
     for key, requirement in obj.problems() if hasattr(obj, "problems") else ():
-        raise ConfigError(f"{source}: key '{prefix}{key}' is {getattr(obj, key, None)!r}; it {requirement}")
+        raise ConfigError(f"{source}: key '{prefix}{key}' is {_value_at(obj, key)!r}; it {requirement}")
+    return obj
+
+
+def _value_at(obj: Any, dotted: str) -> Any:
+    """The value of a dotted key below ``obj`` (dataclass fields, then mapping keys), None when absent."""
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
     return obj
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-dict form of a config dataclass (YAML-safe)."""
-    return dataclasses.asdict(cfg)
+    """Plain-dict form of a config dataclass (YAML-safe).
+
+    A field marked :data:`OMIT_EMPTY` (``trainer_kwargs``) is left out while empty: the dict, and the
+    hashes of it (stage fingerprints, training notes), of a config that does not use it stay as they
+    were before the field existed, and ``from_dict`` restores the empty default.
+    """
+    out = dataclasses.asdict(cfg)
+    _omit_empty(cfg, out)
+    return out
+
+
+def _omit_empty(obj: Any, out: dict[str, Any]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(OMIT_EMPTY) and not value:
+            del out[f.name]
+        elif dataclasses.is_dataclass(value):
+            _omit_empty(value, out[f.name])
+        elif isinstance(value, list):
+            for item, item_out in zip(value, out[f.name]):
+                if dataclasses.is_dataclass(item):
+                    _omit_empty(item, item_out)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

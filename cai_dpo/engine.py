@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cai_dpo.config import SamplingConfig
+from cai_dpo.config import SamplingSection
 from cai_dpo.errors import ContextLengthError
 from cai_dpo.kv_cache import SharedPrefixes, cache_argument, grow_in_place, returned_cache
 from cai_dpo.sampling import next_tokens
@@ -122,7 +122,7 @@ class EngineBase:
     def generate(
         self,
         conversations: Sequence[Conversation | str],
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingSection | None = None,
         n: int = 1,
         *,
         prefix: str | None = None,
@@ -131,10 +131,10 @@ class EngineBase:
         """``n`` completions per conversation, in input order.
 
         ``prefix`` (rendered text) goes before every rendered conversation; ``sampling``
-        defaults to :class:`~cai_dpo.config.SamplingConfig`'s defaults; ``desc`` names the
+        defaults to :class:`~cai_dpo.config.SamplingSection`'s defaults; ``desc`` names the
         progress bar and log line. How the engine batches, seeds and checks lengths: its ``_generate``.
         """
-        return self._generate(conversations, sampling or SamplingConfig(), n, prefix, desc)
+        return self._generate(conversations, sampling or SamplingSection(), n, prefix, desc)
 
     def score_options(
         self,
@@ -163,7 +163,7 @@ class EngineBase:
         return self._logprob(contexts, completions, prefix, desc)
 
     def _generate(
-        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
+        self, conversations: Prompts, sampling: SamplingSection, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         raise NotImplementedError
 
@@ -322,7 +322,7 @@ class Engine(EngineBase):
     # ------------------------------------------------------------------ generation
 
     def _generate(
-        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
+        self, conversations: Prompts, sampling: SamplingSection, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         """``n`` completions per conversation, in input order.
 
@@ -369,7 +369,7 @@ class Engine(EngineBase):
         return results  # type: ignore[return-value]
 
     def _decode(
-        self, rows: list[list[int]], sampling: SamplingConfig, eos_ids: set[int], *, seed: int, shared: SharedPrefixes
+        self, rows: list[list[int]], sampling: SamplingSection, eos_ids: set[int], *, seed: int, shared: SharedPrefixes
     ) -> list[tuple[list[int], bool]]:
         """New tokens (EOS excluded) and whether EOS was reached, per row; finished rows leave the batch."""
         import torch

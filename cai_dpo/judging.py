@@ -3,7 +3,7 @@
 For each comparison the judge reads a multiple-choice prompt — the conversation, a comparison
 principle's question, options (A) and (B) and "The answer is:" — and P(response A better) is
 the normalised probability of " (A)" vs " (B)" from one scoring pass
-(:meth:`Engine.score_options`, no generation). Controls, each from :class:`JudgeConfig`:
+(:meth:`Engine.score_options`, no generation). Controls, each from :class:`JudgeSection`:
 
 - both display orders are scored and averaged (position bias); per-order scores kept;
 - one sampled principle per pair (seeded) or an ensemble of ``ensemble_size``, averaged;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import REPO_ROOT, JudgeConfig, RunConfig, SamplingConfig, resolve_path
+from cai_dpo.config import REPO_ROOT, JudgeSection, RunConfig, SamplingSection, resolve_path
 from cai_dpo.store import content_hash, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class JudgePrompter:
     :meth:`context` the text after it, ending with the answer lead.
     """
 
-    def __init__(self, engine: Any, constitution: Any, cfg: JudgeConfig):
+    def __init__(self, engine: Any, constitution: Any, cfg: JudgeSection):
         self.engine = engine
         self.constitution = constitution
         self.fmt = cfg.prompt_format
@@ -250,7 +250,7 @@ def _pool_categories(constitution: Any, categories: Sequence[str] | None) -> lis
 def assign_principles(
     comparison: Comparison,
     constitution: Any,
-    cfg: JudgeConfig,
+    cfg: JudgeSection,
     *,
     categories: Sequence[str] | None = None,
     seed: int = 0,
@@ -275,7 +275,7 @@ def score_letters(
     engine: Any,
     constitution: Any,
     comparisons: Sequence[Comparison],
-    cfg: JudgeConfig,
+    cfg: JudgeSection,
     *,
     categories: Sequence[str] | None = None,
     seed: int = 0,
@@ -298,7 +298,7 @@ def score_letters(
                 contexts.append(prompter.context(c.prompt, c.response_b, c.response_a, pid))
     reasoning = [""] * len(contexts)
     if cfg.chain_of_thought and contexts:
-        sampling = SamplingConfig(
+        sampling = SamplingSection(
             max_new_tokens=cfg.cot_max_new_tokens,
             do_sample=False,
             temperature=0.0,
@@ -329,7 +329,7 @@ def score_letters(
 
 
 def _first_better(
-    letters: Sequence[float], principle_id: str, cfg: JudgeConfig, calibration: Calibration | None
+    letters: Sequence[float], principle_id: str, cfg: JudgeSection, calibration: Calibration | None
 ) -> float:
     """P(option A better) after calibration and (chain-of-thought) clamping."""
     p = np.asarray(letters, dtype=float)
@@ -342,7 +342,7 @@ def _first_better(
     return pa
 
 
-def to_verdict(scores: LetterScores, cfg: JudgeConfig, calibration: Calibration | None = None) -> Verdict:
+def to_verdict(scores: LetterScores, cfg: JudgeSection, calibration: Calibration | None = None) -> Verdict:
     """Combine one comparison's letter probabilities into a :class:`Verdict`."""
     per, abs_, bas = [], [], []
     for pi, pid in enumerate(scores.principle_ids):
@@ -366,7 +366,7 @@ def to_verdict(scores: LetterScores, cfg: JudgeConfig, calibration: Calibration 
 def measure_calibration(
     engine: Any,
     constitution: Any,
-    cfg: JudgeConfig,
+    cfg: JudgeSection,
     principle_ids: Sequence[str] | None = None,
     *,
     prompter: JudgePrompter | None = None,
@@ -407,7 +407,7 @@ def judge_comparisons(
     engine: Any,
     constitution: Any,
     comparisons: Sequence[Comparison],
-    cfg: JudgeConfig,
+    cfg: JudgeSection,
     *,
     categories: Sequence[str] | None = None,
     seed: int = 0,
@@ -479,7 +479,7 @@ def load_checkset(path: str | Path | None = None) -> list[dict[str, Any]]:
 def judge_gate(
     engine: Any,
     constitution: Any,
-    cfg: JudgeConfig,
+    cfg: JudgeSection,
     *,
     calibration: Calibration | None = None,
     seed: int = 0,
@@ -550,7 +550,7 @@ def judge_gate(
 # --------------------------------------------------------------------------- constitution tests
 
 
-def run_constitution_cases(constitution: Any, cases: Sequence[Any], engine: Any, cfg: JudgeConfig) -> list[CaseResult]:
+def run_constitution_cases(constitution: Any, cases: Sequence[Any], engine: Any, cfg: JudgeSection) -> list[CaseResult]:
     """Judge each case (see :func:`cai_dpo.constitution.load_cases`); a case passes when P(expected) > 0.5."""
     comps = [
         Comparison(dialogue_text(c.messages()), c.response_a, c.response_b, [c.principle] if c.principle else None)

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai_dpo.config import LabelsConfig, RunConfig, to_dict
+from cai_dpo.config import LabelsSection, RunConfig, to_dict
 from cai_dpo.errors import CaiDpoInputError
 from cai_dpo.store import (
     Manifest,
@@ -168,10 +168,10 @@ def _num(value: Any) -> float | None:
 # --------------------------------------------------------------------------- routing
 
 
-def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool = False) -> list[str]:
+def edge_reasons(row: dict[str, Any], cfg: LabelsSection, *, gate_tripped: bool = False) -> list[str]:
     """Why one preference row needs a person (empty list: it does not).
 
-    Rules (each switchable in ``LabelsConfig``): ``low_confidence`` |p_chosen-0.5| <
+    Rules (each switchable in ``LabelsSection``): ``low_confidence`` |p_chosen-0.5| <
     confidence_band; ``order_disagreement`` the two display orders pick different
     responses; ``principle_disagreement`` per-principle probabilities fall on both sides of
     0.5 with max-min > principle_disagreement_spread; ``judge_prefers_original`` a
@@ -208,7 +208,7 @@ def edge_reasons(row: dict[str, Any], cfg: LabelsConfig, *, gate_tripped: bool =
 
 
 def route_edge_cases(
-    rows: Iterable[dict[str, Any]], cfg: LabelsConfig, *, gate_tripped: bool = False, seed: int = 0
+    rows: Iterable[dict[str, Any]], cfg: LabelsSection, *, gate_tripped: bool = False, seed: int = 0
 ) -> list[tuple[dict[str, Any], list[str]]]:
     """The rows that need a person, each with its reasons (see :func:`edge_reasons`).
 

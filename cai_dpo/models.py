@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import LoraConfig, ModelSpec
+from cai_dpo.config import LoraSection, ModelSpec
 from cai_dpo.errors import CaiDpoInputError
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def adapter_merge_first(adapter_dir: Path) -> list[Path]:
     return out
 
 
-def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+def lora_config(cfg: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
     """A peft ``LoraConfig`` from the project's config."""
     from peft import LoraConfig as PeftLoraConfig
 
@@ -388,7 +388,7 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: 
 
 
 def attach_lora(
-    model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+    model: Any, cfg: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
 ) -> Any:
     """Wrap ``model`` with a fresh trainable LoRA adapter (k-bit models prepared first)."""
     from peft import get_peft_model, prepare_model_for_kbit_training

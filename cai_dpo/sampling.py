@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cai_dpo.config import SamplingConfig
+from cai_dpo.config import SamplingSection
 
 CANDIDATES = 64
 
@@ -28,7 +28,7 @@ def nucleus_mask(logits: Any, top_p: float) -> Any:
     return drop_sorted.scatter(1, order, drop_sorted)
 
 
-def next_tokens(logits: Any, sampling: SamplingConfig, generator: Any = None, candidates: int = CANDIDATES) -> Any:
+def next_tokens(logits: Any, sampling: SamplingSection, generator: Any = None, candidates: int = CANDIDATES) -> Any:
     """One token id per row of ``logits`` ``[B, V]``: argmax, or a sample after temperature and top-p."""
     import torch
 

@@ -2,8 +2,9 @@
 
 - :func:`common_training_args` — the keyword arguments every TRL config needs here:
   fp32 on CPU (``bf16=False``, ``use_cpu`` without a GPU), bf16 on a GPU that has it,
-  step-based logging/saving/evaluation, no hub, no gradient checkpointing on CPU;
-  pass the result (plus stage-specific keys) to ``SFTConfig``/``DPOConfig``/``RewardConfig``.
+  step-based logging/saving/evaluation, no hub, no gradient checkpointing on CPU.
+- :func:`trl_config` — ``SFTConfig``/``DPOConfig``/``RewardConfig`` from those, the stage's own keys
+  and the section's checked ``trainer_kwargs``.
 - :func:`training_callbacks` — a :class:`CsvMetricsCallback` writing ``log.csv`` into a
   metrics folder, progress events for the runner, and the trackers of ``train.report_to``
   (TensorBoard event files there by default when tensorboard is installed).
@@ -19,15 +20,17 @@
 
 Example::
 
-    args = common_training_args(cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True)
-    trainer = DPOTrainer(..., args=DPOConfig(**args, beta=cfg.dpo.beta),
+    args = trl_config(DPOConfig, cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True,
+                      beta=cfg.dpo.beta)
+    trainer = DPOTrainer(..., args=args,
                          callbacks=training_callbacks(run.metrics_dir("dpo"), cfg.train.report_to))
-    trainer.train(resume_from_checkpoint=last_checkpoint(args["output_dir"]))
+    trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -113,6 +116,37 @@ def common_training_args(
     }
     args.update(overrides)
     return args
+
+
+def trl_config(
+    config_cls: type,
+    section: Any,
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    has_eval: bool = False,
+    **stage_args: Any,
+) -> Any:
+    """The TRL config ``config_cls`` of a training section (:class:`cai_dpo.config.TrainingSection`).
+
+    Its arguments: :func:`common_training_args`, the stage's own ``stage_args``, then the
+    section's ``trainer_kwargs``. A ``trainer_kwargs`` key that ``config_cls`` does not accept,
+    that cai-dpo sets from one of its fields, or that the project or the stage sets here raises
+    ConfigError naming ``<section>.trainer_kwargs.<key>``.
+    """
+    from cai_dpo.config import ConfigError, trainer_option_problem
+
+    args = {**common_training_args(section, output_dir, seed=seed, has_eval=has_eval), **stage_args}
+    extra = dict(getattr(section, "trainer_kwargs", None) or {})
+    options = frozenset(f.name for f in dataclasses.fields(config_cls) if f.init)
+    name = getattr(section, "section_key", "") or type(section).__name__
+    for key in extra:
+        problem = trainer_option_problem(section, key, options)
+        if problem is None and key in args:
+            problem = f"is set by cai-dpo for this stage ({key}={args[key]!r}) and cannot be changed"
+        if problem is not None:
+            raise ConfigError(f"{name}.trainer_kwargs.{key} {problem}")
+    return config_cls(**args, **extra)
 
 
 def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import ModelSpec, SamplingConfig
+from cai_dpo.config import ModelSpec, SamplingSection
 from cai_dpo.engine import (
     EngineBase,
     EngineStats,
@@ -187,7 +187,7 @@ class VLLMEngine(EngineBase):
     # ------------------------------------------------------------------ generation
 
     def _generate(
-        self, conversations: Prompts, sampling: SamplingConfig, n: int, prefix: str | None, desc: str
+        self, conversations: Prompts, sampling: SamplingSection, n: int, prefix: str | None, desc: str
     ) -> list[list[Generation]]:
         """``n`` completions per conversation, in input order.
 

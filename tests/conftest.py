@@ -47,12 +47,12 @@ def perturbed_lora(tiny_path):
     def make(scale: float = 0.5, seed: int = 0):
         import torch
 
-        from cai_dpo.config import LoraConfig
+        from cai_dpo.config import LoraSection
         from cai_dpo.models import attach_lora, load_model
 
         torch.manual_seed(seed)
         model, tok = load_model("tiny", trainable=True)
-        peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
+        peft_model = attach_lora(model, LoraSection(r=4, alpha=8))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import cai_dpo
-from cai_dpo.config import ConfigError, DPOConfig, RunConfig
+from cai_dpo.config import ConfigError, DPOSection, RunConfig
 
 
 def _dataclasses_in(hint: typing.Any) -> list[type]:
@@ -41,7 +41,7 @@ def _all_sections() -> dict[str, type]:
 
 def test_every_config_field_has_help():
     sections = _all_sections()
-    assert {"LoraConfig", "ModelSpec", "SamplingConfig", "BenchmarkConfig", "DPOConfig"} <= {
+    assert {"LoraSection", "ModelSpec", "SamplingSection", "BenchmarkSection", "DPOSection"} <= {
         c.__name__ for c in sections.values()
     }
     missing = [
@@ -62,7 +62,7 @@ def test_explain_covers_every_section_and_key():
         assert explain(path).startswith(f"{path} (")
     assert explain("dpo.beta").startswith("dpo.beta: float = 0.1\n")
     everything = explain()
-    assert "\n  dpo: (DPOConfig)\n" in everything and "\n    lora: (LoraConfig)\n" in everything
+    assert "\n  dpo: (DPOSection)\n" in everything and "\n    lora: (LoraSection)\n" in everything
 
 
 def test_explain_profile_marks_values_that_differ():
@@ -92,11 +92,11 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
 def test_cli_config_explain_section():
     out = _cli("config", "explain", "dpo")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("dpo (DPOConfig):")
+    assert out.stdout.startswith("dpo (DPOSection):")
     assert "\n  beta: float = 0.1\n" in out.stdout
-    beta_help = next(f for f in dataclasses.fields(DPOConfig) if f.name == "beta").metadata["help"]
+    beta_help = next(f for f in dataclasses.fields(DPOSection) if f.name == "beta").metadata["help"]
     assert " ".join(beta_help.split()) in " ".join(out.stdout.split())
-    assert "\n  lora: (LoraConfig)\n" in out.stdout and "\n    r: int = 8\n" in out.stdout
+    assert "\n  lora: (LoraSection)\n" in out.stdout and "\n    r: int = 8\n" in out.stdout
 
 
 def test_cli_config_explain_unknown_section_fails_cleanly():

@@ -440,11 +440,11 @@ def test_rpo_term_adds_the_chosen_mean_token_nll():
 
 
 def test_rpo_alpha_needs_the_sigmoid_loss_and_a_non_negative_value():
-    from cai_dpo.config import DPOConfig
+    from cai_dpo.config import DPOSection
     from cai_dpo.stages.dpo import validate_dpo_config
 
     with pytest.raises(ValueError, match=r"dpo.rpo_alpha .* dpo.loss_type=sigmoid"):
-        validate_dpo_config(DPOConfig(loss_type="ipo", label_mode="hard", rpo_alpha=1.0))
+        validate_dpo_config(DPOSection(loss_type="ipo", label_mode="hard", rpo_alpha=1.0))
     with pytest.raises(ValueError, match=r"dpo.rpo_alpha.*must be >= 0"):
         load_config("tiny", {"dpo.rpo_alpha": -1})
 
@@ -466,11 +466,11 @@ def test_training_rows_weights_from_column_or_principles():
 
 
 def test_weighting_needs_the_sigmoid_loss():
-    from cai_dpo.config import DPOConfig
+    from cai_dpo.config import DPOSection
     from cai_dpo.stages.dpo import validate_dpo_config
 
     with pytest.raises(ValueError, match=r"dpo.weighting=principle .* dpo.loss_type=sigmoid"):
-        validate_dpo_config(DPOConfig(loss_type="ipo", label_mode="hard", weighting="principle"))
+        validate_dpo_config(DPOSection(loss_type="ipo", label_mode="hard", weighting="principle"))
 
 
 def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):

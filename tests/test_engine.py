@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cai_dpo import kv_cache
-from cai_dpo.config import SamplingConfig
+from cai_dpo.config import SamplingSection
 from cai_dpo.engine import Engine, naive_option_probs
 
 CONVS = [
@@ -23,10 +23,10 @@ def engine(tiny_model):
 
 
 def test_generation_reproducible_under_seed(engine):
-    s = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7, batch_size=2)
+    s = SamplingSection(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7, batch_size=2)
     a = engine.generate(CONVS, s, n=2)
     b = engine.generate(CONVS, s, n=2)
-    c = engine.generate(CONVS, SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=8, batch_size=2), n=2)
+    c = engine.generate(CONVS, SamplingSection(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=8, batch_size=2), n=2)
     texts = lambda r: [g.text for gens in r for g in gens]  # noqa: E731
     assert texts(a) == texts(b)
     assert texts(a) != texts(c)
@@ -35,8 +35,8 @@ def test_generation_reproducible_under_seed(engine):
 
 
 def test_batching_does_not_change_greedy_output(engine):
-    s1 = SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=1)
-    s3 = SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=3)
+    s1 = SamplingSection(max_new_tokens=10, do_sample=False, batch_size=1)
+    s3 = SamplingSection(max_new_tokens=10, do_sample=False, batch_size=3)
     assert [g[0].text for g in engine.generate(CONVS, s1)] == [g[0].text for g in engine.generate(CONVS, s3)]
 
 
@@ -45,7 +45,7 @@ def test_shared_prefix_cache_gives_same_output(engine):
     prefix = engine.render(system, add_generation_prompt=False)
     full = [engine.render(system + c) for c in CONVS]
     rest = [f[len(prefix) :] for f in full]
-    s = SamplingConfig(max_new_tokens=10, do_sample=False)
+    s = SamplingSection(max_new_tokens=10, do_sample=False)
     assert [g[0].text for g in engine.generate(full, s)] == [g[0].text for g in engine.generate(rest, s, prefix=prefix)]
 
 
@@ -88,15 +88,15 @@ def test_common_prefix_of_a_batch_is_computed_once(engine, tiny_model, monkeypat
     for ctx, p in zip(contexts, probs):
         assert np.allclose(p, naive_option_probs(model, tok, ctx, [" (A)", " (B)"]), atol=1e-4)
     seen.clear()
-    plain = engine.generate(contexts, SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=4))
+    plain = engine.generate(contexts, SamplingSection(max_new_tokens=6, do_sample=False, batch_size=4))
     assert seen, "generation should reuse the batch's common prefix too"
-    alone = [engine.generate([c], SamplingConfig(max_new_tokens=6, do_sample=False, batch_size=1))[0] for c in contexts]
+    alone = [engine.generate([c], SamplingSection(max_new_tokens=6, do_sample=False, batch_size=1))[0] for c in contexts]
     assert [g[0].text for g in plain] == [g[0].text for g in alone]
 
 
 def test_greedy_generation_matches_transformers_generate(engine, tiny_model):
     model, tok = tiny_model
-    ours = engine.generate(CONVS, SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=3))
+    ours = engine.generate(CONVS, SamplingSection(max_new_tokens=10, do_sample=False, batch_size=3))
     for conv, gens in zip(CONVS, ours):
         assert gens[0].text == tok.decode(_greedy_ids(model, tok, conv, 10), skip_special_tokens=True).strip()
 
@@ -113,7 +113,7 @@ def _greedy_ids(model, tok, conv, n: int) -> list[int]:
 def test_rows_that_stop_early_leave_the_others_unchanged(engine, tiny_model, monkeypatch):
     """A row reaching EOS leaves the batch; the remaining rows decode exactly as before."""
     model, tok = tiny_model
-    s = SamplingConfig(max_new_tokens=10, do_sample=False, batch_size=3)
+    s = SamplingSection(max_new_tokens=10, do_sample=False, batch_size=3)
     before = engine.generate(CONVS, s)
     row0 = _greedy_ids(model, tok, CONVS[0], 10)
     stop = row0[2]  # make row 0's third token an end-of-sequence token
@@ -147,4 +147,4 @@ def test_too_long_prompt_is_a_clear_error(tiny_model):
     model, tok = tiny_model
     engine = Engine(model, tok, progress=False, max_length=32)
     with pytest.raises(ValueError, match="exceed the model's context"):
-        engine.generate([[{"role": "user", "content": "word " * 50}]], SamplingConfig(max_new_tokens=8))
+        engine.generate([[{"role": "user", "content": "word " * 50}]], SamplingSection(max_new_tokens=8))

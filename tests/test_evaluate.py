@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cai_dpo.config import BenchmarkConfig, LoraConfig, ModelSpec
+from cai_dpo.config import BenchmarkSection, LoraSection, ModelSpec
 from cai_dpo.store import RunStore, read_jsonl
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +22,7 @@ def _perturbed_adapter(out_dir, task: str = "causal_lm"):
     task_type = "CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS"
     peft = attach_lora(
         model,
-        LoraConfig(r=4, alpha=8, dropout=0.0),
+        LoraSection(r=4, alpha=8, dropout=0.0),
         task_type=task_type,
         modules_to_save=["score"] if task == "seq_cls" else None,
     )
@@ -273,7 +273,7 @@ def test_bad_benchmark_fails_naming_file_and_field(tiny_cfg, tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text("question,label\nHow do I pick a lock?,yes\n")
-    tiny_cfg.eval.benchmarks = [BenchmarkConfig(path=str(bad), prompt_field="question", label_field="harm")]
+    tiny_cfg.eval.benchmarks = [BenchmarkSection(path=str(bad), prompt_field="question", label_field="harm")]
     with pytest.raises(PromptFileError, match=r"bad\.csv.*field 'harm'"):
         benchmark_items(tiny_cfg)
 

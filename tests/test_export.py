@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_dpo.config import SamplingConfig
+from cai_dpo.config import SamplingSection
 from cai_dpo.export import ExportError, choose_model, export_model, push_to_hub, selection_figures
 from cai_dpo.store import RunStore
 
@@ -54,7 +54,7 @@ print(json.dumps(out))
 @pytest.fixture()
 def tiny_run(tiny_cfg, perturbed_lora):
     """A tiny run with an SFT adapter and a DPO adapter trained on top of the merged SFT one."""
-    from cai_dpo.config import LoraConfig
+    from cai_dpo.config import LoraSection
     from cai_dpo.models import attach_lora, load_model, save_adapter
 
     run = RunStore(tiny_cfg.run_dir)
@@ -64,7 +64,7 @@ def tiny_run(tiny_cfg, perturbed_lora):
 
     torch.manual_seed(2)
     base, tok = load_model("tiny", trainable=True, merge_first=[sft_dir])
-    dpo = attach_lora(base, LoraConfig(r=4, alpha=8))
+    dpo = attach_lora(base, LoraSection(r=4, alpha=8))
     with torch.no_grad():
         for name, p in dpo.named_parameters():
             if "lora_B" in name:
@@ -80,7 +80,7 @@ def _engine_texts(adapter: Path, n: int) -> list[str]:
 
     model, tok = load_model("tiny", adapter=str(adapter))
     engine = Engine(model, tok, batch_size=1, progress=False)
-    gens = engine.generate(PROMPTS, SamplingConfig(max_new_tokens=n, do_sample=False, temperature=0.0, batch_size=1))
+    gens = engine.generate(PROMPTS, SamplingSection(max_new_tokens=n, do_sample=False, temperature=0.0, batch_size=1))
     return [g[0].text for g in gens]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cai_dpo.config import LoraConfig, ModelSpec, SamplingConfig
+from cai_dpo.config import LoraSection, ModelSpec, SamplingSection
 from cai_dpo.engine import Engine
 
 torch = pytest.importorskip("torch")
@@ -52,7 +52,7 @@ def test_engine_on_cuda_agrees_with_cpu(tiny_path, cpu_reference, spec, tol):
     assert np.allclose(probs.sum(axis=1), 1.0) and np.abs(probs - cpu_reference[0]).max() < tol
     totals = [lp.total for lp in engine.logprob(*TEXTS)]
     assert np.allclose(totals, cpu_reference[1], rtol=tol, atol=tol * 10)
-    outs = engine.generate(["Say hi.", "Count to three."], SamplingConfig(max_new_tokens=8, do_sample=False), n=2)
+    outs = engine.generate(["Say hi.", "Count to three."], SamplingSection(max_new_tokens=8, do_sample=False), n=2)
     assert all(len(row) == 2 and row[0].token_ids == row[1].token_ids for row in outs)
 
 
@@ -61,7 +61,7 @@ def test_qlora_step_and_adapter_reload_on_cuda(tiny_path, tmp_path):
 
     spec = ModelSpec(name="tiny", device="cuda", quantization="4bit", compute_dtype="bfloat16")
     model, tok = load_model(spec, trainable=True)
-    model = attach_lora(model, LoraConfig(r=4, alpha=8))
+    model = attach_lora(model, LoraSection(r=4, alpha=8))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ids = torch.tensor([tok("a short training line", add_special_tokens=False)["input_ids"]], device="cuda")

@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cai_dpo.config import LabelsConfig
+from cai_dpo.config import LabelsSection
 from cai_dpo.labels import (
     LabelQueue,
     LabelQueueError,
@@ -71,7 +71,7 @@ def queue_with(tmp_path: Path, rows: list[dict], name: str = "labels.sqlite") ->
 
 
 def test_each_routing_rule():
-    cfg = LabelsConfig(confidence_band=0.1, principle_disagreement_spread=0.3, gate_confidence_band=0.2)
+    cfg = LabelsSection(confidence_band=0.1, principle_disagreement_spread=0.3, gate_confidence_band=0.2)
     assert edge_reasons(make_row("sure", 0.9, ab=0.9, ba=0.85, per=[0.8, 0.9]), cfg) == []
     assert edge_reasons(make_row("low", 0.55), cfg) == ["low_confidence"]
     assert edge_reasons(make_row("edge", 0.6), cfg) == []  # |0.6-0.5| is not < 0.1
@@ -95,14 +95,14 @@ def test_each_routing_rule():
 
 def test_routing_switches():
     row = make_row("all", 0.52, ab=0.9, ba=0.2, per=[0.1, 0.9])
-    on = LabelsConfig()
+    on = LabelsSection()
     assert edge_reasons(row, on, gate_tripped=True) == [
         "low_confidence",
         "order_disagreement",
         "principle_disagreement",
         "gate",
     ]
-    off = LabelsConfig(
+    off = LabelsSection(
         route_low_confidence=False,
         route_order_disagreement=False,
         route_principle_disagreement=False,
@@ -636,7 +636,7 @@ def _rvo_rows(n: int) -> list[dict]:
 
 
 def test_gate_sample_routes_n_pairs_only_when_tripped():
-    cfg = LabelsConfig(route_gate_sample=3)
+    cfg = LabelsSection(route_gate_sample=3)
     rows = _rvo_rows(10)
     assert route_edge_cases(rows, cfg, gate_tripped=False) == []
     routed = route_edge_cases(rows, cfg, gate_tripped=True, seed=1)
@@ -649,7 +649,7 @@ def test_gate_sample_routes_n_pairs_only_when_tripped():
     reasons = {r["pair_id"]: rs for r, rs in routed2}
     assert "low_confidence" in reasons["low"] and "h" not in reasons
     assert sum(rs == ["gate_sample"] for rs in reasons.values()) == 3
-    assert route_edge_cases(rows, LabelsConfig(route_gate_sample=0), gate_tripped=True) == []
+    assert route_edge_cases(rows, LabelsSection(route_gate_sample=0), gate_tripped=True) == []
 
 
 def test_run_labels_queues_gate_sample_when_tripped(tmp_cfg_path):

@@ -94,7 +94,7 @@ def test_cache_build_is_atomic_across_processes(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_loads_and_answers():
-    from cai_dpo.config import SamplingConfig
+    from cai_dpo.config import SamplingSection
     from cai_dpo.engine import Engine
 
     model, tok = load_model("embedded")
@@ -102,18 +102,18 @@ def test_embedded_model_loads_and_answers():
     engine = Engine(model, tok, progress=False)
     out = engine.generate(
         [[{"role": "user", "content": "What is the capital of France?"}]],
-        SamplingConfig(max_new_tokens=12, do_sample=False),
+        SamplingSection(max_new_tokens=12, do_sample=False),
     )
     assert "Paris" in out[0][0].text
 
 
 def test_lora_layers_to_transform_adapts_only_those_layers(tiny_path):
-    from cai_dpo.config import LoraConfig
+    from cai_dpo.config import LoraSection
     from cai_dpo.models import attach_lora
 
     model, _ = load_model("tiny")
     top = model.config.num_hidden_layers - 1
-    peft_model = attach_lora(model, LoraConfig(layers_to_transform=[top]))
+    peft_model = attach_lora(model, LoraSection(layers_to_transform=[top]))
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert layers == {top}
-    assert LoraConfig(layers_to_transform=[-1]).problems() and not LoraConfig(layers_to_transform=[0, 1]).problems()
+    assert LoraSection(layers_to_transform=[-1]).problems() and not LoraSection(layers_to_transform=[0, 1]).problems()

@@ -423,7 +423,7 @@ def test_rloo_mode_runs(tmp_path, tiny_path):
 
 
 def test_rloo_reward_inputs_and_config_errors(tiny_path):
-    from cai_dpo.config import ConfigError, PPOConfig
+    from cai_dpo.config import ConfigError, PPOSection
     from cai_dpo.models import load_tokenizer
     from cai_dpo.stages.ppo import rloo_rewards_inputs, validate_rloo
 
@@ -432,10 +432,10 @@ def test_rloo_reward_inputs_and_config_errors(tiny_path):
     texts, penalties = rloo_rewards_inputs(tok, [ids + [tok.eos_token_id], ids], {tok.eos_token_id}, 1.5)
     assert texts == [tok.decode(ids), tok.decode(ids)] and penalties == [0.0, 1.5]
     with pytest.raises(ConfigError, match=r"ppo.rloo_k is 1.*rloo_k=2"):
-        validate_rloo(PPOConfig(rloo_k=1, rollout_batch=4, minibatch=2), "run/config.yaml")
+        validate_rloo(PPOSection(rloo_k=1, rollout_batch=4, minibatch=2), "run/config.yaml")
     with pytest.raises(ConfigError, match=r"run/config.yaml.*ppo.rollout_batch \(4\).*ppo.rloo_k \(3\)"):
-        validate_rloo(PPOConfig(rloo_k=3, rollout_batch=4, minibatch=2), "run/config.yaml")
-    validate_rloo(PPOConfig(rloo_k=4, rollout_batch=8, minibatch=4))
+        validate_rloo(PPOSection(rloo_k=3, rollout_batch=4, minibatch=2), "run/config.yaml")
+    validate_rloo(PPOSection(rloo_k=4, rollout_batch=8, minibatch=4))
 
 
 def test_ptx_term_uses_sl_data(tmp_path, tiny_path):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cai_dpo.config import ModelSpec, SamplingConfig, load_config
+from cai_dpo.config import ModelSpec, SamplingSection, load_config
 from cai_dpo.models import ModelLoadError, describe, load_engine, load_model
 from cai_dpo.served import LLAMA_CPP_EXTRA, NotSupportedByServer, ServedEngine, ServedModelError, base_urls, is_served
 
@@ -166,7 +166,7 @@ def test_retries_429_and_503_then_succeeds(fake):
     answers = iter([(429, {"error": "slow down"}), (503, {"error": "loading"})])
     server = fake(lambda p, b: next(answers, None) or completion("fine"))
     engine = ServedEngine(spec_for(server), progress=False)
-    out = engine.generate(["hi"], SamplingConfig(max_new_tokens=4))
+    out = engine.generate(["hi"], SamplingSection(max_new_tokens=4))
     assert out[0][0].text == "fine" and out[0][0].finished and out[0][0].n_tokens == 2
     assert len(server.posts) == 3
 
@@ -202,29 +202,29 @@ def test_wrong_model_is_named(fake):
 def test_requests_spread_over_replicas_and_fail_over(fake):
     a, b = fake(lambda p, body: completion("a")), fake(lambda p, body: completion("b"))
     engine = ServedEngine(spec_for(a, b, concurrency=2), progress=False)
-    outs = engine.generate([f"prompt {i}" for i in range(20)], SamplingConfig(max_new_tokens=4))
+    outs = engine.generate([f"prompt {i}" for i in range(20)], SamplingSection(max_new_tokens=4))
     assert len(a.posts) + len(b.posts) == 20 and min(len(a.posts), len(b.posts)) >= 6
     assert {o[0].text for o in outs} == {"a", "b"}
     down = fake(lambda p, body: (503, {"error": "down"}))
     engine = ServedEngine(spec_for(down, b, concurrency=2, max_retries=2), progress=False)
-    outs = engine.generate([f"prompt {i}" for i in range(6)], SamplingConfig(max_new_tokens=4))
+    outs = engine.generate([f"prompt {i}" for i in range(6)], SamplingSection(max_new_tokens=4))
     assert [o[0].text for o in outs] == ["b"] * 6  # every request that met the broken replica went on to the other
 
 
 def test_sampling_settings_and_seeds_reach_the_server(fake):
     server = fake(lambda p, b: completion())
     engine = ServedEngine(spec_for(server, request_extra={"top_k": -1}), progress=False)
-    engine.generate(["x", "y"], SamplingConfig(max_new_tokens=7, temperature=0.9, top_p=0.8, seed=3), n=2)
+    engine.generate(["x", "y"], SamplingSection(max_new_tokens=7, temperature=0.9, top_p=0.8, seed=3), n=2)
     bodies = sorted((b["prompt"], b["seed"]) for _, b in server.posts)
     assert len({s for _, s in bodies}) == 4
     first = server.posts[0][1]
     assert first["max_tokens"] == 7 and first["temperature"] == 0.9 and first["top_p"] == 0.8
     assert first["model"] == "m" and first["top_k"] == -1
     server.posts.clear()
-    engine.generate(["x", "y"], SamplingConfig(max_new_tokens=7, temperature=0.9, top_p=0.8, seed=3), n=2)
+    engine.generate(["x", "y"], SamplingSection(max_new_tokens=7, temperature=0.9, top_p=0.8, seed=3), n=2)
     assert sorted((b["prompt"], b["seed"]) for _, b in server.posts) == bodies  # same inputs, same seeds
     server.posts.clear()
-    engine.generate(["x"], SamplingConfig(do_sample=False))
+    engine.generate(["x"], SamplingSection(do_sample=False))
     assert server.posts[0][1]["temperature"] == 0.0
 
 
@@ -364,13 +364,13 @@ def served_engine(llama_server, local_engine):
 
 def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
     """Judge contexts as the judge stage builds them: check pairs under principles in turn, both orders."""
-    from cai_dpo.config import JudgeConfig
+    from cai_dpo.config import JudgeSection
     from cai_dpo.constitution import load_constitution
     from cai_dpo.data import load_checkset
     from cai_dpo.judging import JudgePrompter
 
     constitution = load_constitution("default")
-    prompter = JudgePrompter(engine, constitution, JudgeConfig(few_shot=True))
+    prompter = JudgePrompter(engine, constitution, JudgeSection(few_shot=True))
     pairs, principles = load_checkset(), constitution.principles
     contexts = []
     for k in range((n + 1) // 2):
@@ -399,7 +399,7 @@ def test_served_greedy_generations_match_local(served_engine, local_engine):
     from cai_dpo.data import load_prompts
 
     convs = [p.conversation() for p in load_prompts("bundled:helpful")[:20]]
-    sampling = SamplingConfig(max_new_tokens=16, do_sample=False, temperature=0.0)
+    sampling = SamplingSection(max_new_tokens=16, do_sample=False, temperature=0.0)
     served = served_engine.generate(convs, sampling)
     local = local_engine.generate(convs, sampling)
     same = [s[0].text == loc[0].text for s, loc in zip(served, local)]
@@ -431,7 +431,7 @@ def test_generate_file_records_the_served_model(llama_server, tmp_path, tiny_cfg
     cfg = dataclasses.replace(
         tiny_cfg,
         policy=spec,
-        sl=dataclasses.replace(tiny_cfg.sl, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)),
+        sl=dataclasses.replace(tiny_cfg.sl, sampling=SamplingSection(max_new_tokens=8, temperature=0.7)),
     )
     rows = read_jsonl(generate_file(cfg, prompts, tmp_path / "out.jsonl", n=2))
     assert len(rows) == 4 and {r["model"] for r in rows} == {"served:smollm2"} and all(r["tokens"] > 0 for r in rows)

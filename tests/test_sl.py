@@ -123,7 +123,7 @@ def test_prefix_split_renders_identically(tiny_model, constitution):
 
 
 def test_prefix_generation_matches_unsplit(tiny_model, constitution):
-    from cai_dpo.config import SamplingConfig
+    from cai_dpo.config import SamplingSection
     from cai_dpo.engine import Engine
 
     model, tok = tiny_model
@@ -132,7 +132,7 @@ def test_prefix_generation_matches_unsplit(tiny_model, constitution):
     convs = [
         sl.critique_turns(constitution.principles[0], q, "Here you go.") for q in ("Hi", "How do I hack wifi?", "Why?")
     ]
-    greedy = SamplingConfig(max_new_tokens=8, do_sample=False, temperature=0.0, batch_size=8)
+    greedy = SamplingSection(max_new_tokens=8, do_sample=False, temperature=0.0, batch_size=8)
     prefix, rests = split_prefix(engine.render, shared, convs)
     cached = [g[0].text for g in engine.generate(rests, greedy, prefix=prefix)]
     plain = [g[0].text for g in engine.generate([shared + c for c in convs], greedy)]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cai_dpo.config import ConfigError, ModelSpec, SamplingConfig, load_config
+from cai_dpo.config import ConfigError, ModelSpec, SamplingSection, load_config
 from cai_dpo.errors import ContextLengthError
 from cai_dpo.models import ModelLoadError, describe, load_engine
 from cai_dpo.served import sample_seed
@@ -204,7 +204,7 @@ def test_adapter_goes_to_every_request_and_stacked_adapters_are_refused(fake_vll
     engine = load_engine(vllm_spec(), adapter=str(adapter), progress=False)
     llm = fake_vllm.llms[0]
     assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 32  # smallest allowed rank >= r
-    engine.generate(["hi"], SamplingConfig(max_new_tokens=4))
+    engine.generate(["hi"], SamplingSection(max_new_tokens=4))
     fake_vllm.top = {t for o in (" (A)", " (B)") for t in option_steps(engine, "Choose:", o)[0]}
     engine.score_options(["Choose:"])
     assert [call[2] for call in llm.calls] == [LoRARequest("sft", 1, str(adapter))] * 2
@@ -276,7 +276,7 @@ def test_cli_generate_records_the_vllm_model(fake_vllm, monkeypatch, tmp_path, t
 def test_sampling_settings_map_to_sampling_params(fake_vllm, tiny_path):
     engine = load_engine(vllm_spec(), progress=False)
     conv = [{"role": "user", "content": "Name a colour."}]
-    sampling = SamplingConfig(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3)
+    sampling = SamplingSection(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3)
     outs = engine.generate([conv, "plain text"], sampling, n=3, prefix="Be brief. ")
     [(prompts, params, _)] = fake_vllm.llms[0].calls
     rendered = [engine.render(conv), "plain text"]
@@ -290,7 +290,7 @@ def test_sampling_settings_map_to_sampling_params(fake_vllm, tiny_path):
 
 def test_greedy_sends_one_sample_and_repeats_it(fake_vllm, tiny_path):
     engine = load_engine(vllm_spec(), progress=False)
-    for sampling in (SamplingConfig(do_sample=False), SamplingConfig(temperature=0.0)):
+    for sampling in (SamplingSection(do_sample=False), SamplingSection(temperature=0.0)):
         outs = engine.generate(["hi"], sampling, n=2)
         _, [p], _ = fake_vllm.llms[0].calls[-1]
         assert (p.n, p.temperature, p.top_p) == (1, 0.0, 1.0)
@@ -301,14 +301,14 @@ def test_greedy_sends_one_sample_and_repeats_it(fake_vllm, tiny_path):
 def test_completions_come_back_in_the_record_shape(fake_vllm, tiny_path):
     engine = load_engine(vllm_spec(), progress=False)
     eos = engine.tokenizer.eos_token_id
-    [[g]] = engine.generate(["hi"], SamplingConfig(max_new_tokens=8))
+    [[g]] = engine.generate(["hi"], SamplingSection(max_new_tokens=8))
     [(prompts, _, _)] = fake_vllm.llms[0].calls
     assert g.finished and g.n_tokens == 3 == len(g.token_ids) and eos not in g.token_ids  # EOS dropped
     assert g.prompt_tokens == len(prompts[0]) and g.text == g.text.strip() and g.text
-    [[g]] = engine.generate(["hi"], SamplingConfig(max_new_tokens=2))  # cut by the length limit: nothing dropped
+    [[g]] = engine.generate(["hi"], SamplingSection(max_new_tokens=2))  # cut by the length limit: nothing dropped
     assert not g.finished and g.n_tokens == 2 == len(g.token_ids)
     fake_vllm.stop_with = 7  # a generation-config stop token (vLLM reports it as stop_reason)
-    [[g]] = engine.generate(["hi"], SamplingConfig(max_new_tokens=8))
+    [[g]] = engine.generate(["hi"], SamplingSection(max_new_tokens=8))
     assert g.finished and g.n_tokens == 3 and 7 not in g.token_ids
     assert engine.stats.generated_tokens == 8 and engine.stats.prompt_tokens == 3 * len(prompts[0])
 
@@ -317,7 +317,7 @@ def test_context_length_error_names_the_conversation(fake_vllm, tiny_path):
     fake_vllm.max_model_len = 40
     engine = load_engine(vllm_spec(), progress=False)
     with pytest.raises(ContextLengthError, match="conversation 1") as info:
-        engine.generate(["short", "word " * 60], SamplingConfig(max_new_tokens=4))
+        engine.generate(["short", "word " * 60], SamplingSection(max_new_tokens=4))
     assert info.value.index == 1
 
 

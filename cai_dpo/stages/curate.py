@@ -158,7 +158,7 @@ def _curated_rows(spec: str) -> list[dict[str, Any]]:
 
 
 def load_rows(spec: str, run: RunStore) -> list[dict[str, Any]]:
-    """The rows of one source spec (see :class:`cai_dpo.config.CurateConfig`).
+    """The rows of one source spec (see :class:`cai_dpo.config.CurateSection`).
 
     Raises FileNotFoundError for a missing source (naming it and the fix) and
     :class:`PromptFileError` for a malformed row (naming the file, the line and the field).

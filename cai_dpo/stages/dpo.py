@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_dict
+from cai_dpo.config import ConfigError, DPOSection, RunConfig, save_config, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
@@ -88,13 +88,13 @@ from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, f
 from cai_dpo.training import (
     artifact_current,
     artifact_hash,
-    common_training_args,
     example_weights,
     read_metrics_csv,
     resume_checkpoint,
     train_to_target,
     training_callbacks,
     training_inputs,
+    trl_config,
     weighted_mean,
 )
 
@@ -135,7 +135,7 @@ def trl_loss_types() -> tuple[str, ...]:
     return found or _FALLBACK_LOSS_TYPES
 
 
-def validate_dpo_config(d: DPOConfig, source: str = "config") -> None:
+def validate_dpo_config(d: DPOSection, source: str = "config") -> None:
     """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
     allowed = trl_loss_types()
     if d.loss_type not in allowed:
@@ -657,8 +657,12 @@ def run_dpo(
     ckpt_dir = run.root / "checkpoints" / out_dir.name
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
-    args = TrlDPOConfig(
-        **common_training_args(cfg.dpo, ckpt_dir, seed=cfg.seed, has_eval=bool(eval_rows)),
+    args = trl_config(
+        TrlDPOConfig,
+        cfg.dpo,
+        ckpt_dir,
+        seed=cfg.seed,
+        has_eval=bool(eval_rows),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,

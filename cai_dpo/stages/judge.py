@@ -3,7 +3,7 @@
 The judge (:mod:`cai_dpo.judging`) reads each pair as a multiple-choice question and its
 soft label is the normalised probability of " (A)" vs " (B)" — both orders, one sampled
 principle or an ensemble, few-shot demos, optional chain-of-thought and contextual
-calibration, each from :class:`JudgeConfig`. Before labeling, its quality gate measures
+calibration, each from :class:`JudgeSection`. Before labeling, its quality gate measures
 accuracy (Wilson 95 % interval) on clear-cut check pairs and HHH items; below
 ``gate_threshold`` the run says so and, for ``pairs.source: mixed``, labels come from
 revision-vs-original (and curated) pairs instead.
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import JudgeConfig, RunConfig, to_dict
+from cai_dpo.config import JudgeSection, RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.judging import (
     HHH_FILE,
@@ -60,7 +60,7 @@ REFERENCE_SOURCES = ("revision_vs_original", "curated")
 # --------------------------------------------------------------------------- stage
 
 
-def _judge_settings(cfg: JudgeConfig) -> dict[str, Any]:
+def _judge_settings(cfg: JudgeSection) -> dict[str, Any]:
     keys = (
         "principles",
         "ensemble_size",
@@ -75,7 +75,7 @@ def _judge_settings(cfg: JudgeConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _wants_verdict(pair: dict[str, Any], jc: JudgeConfig) -> bool:
+def _wants_verdict(pair: dict[str, Any], jc: JudgeSection) -> bool:
     """True when the judge scores this pair (sampled pairs always; revision and curated pairs when configured)."""
     if pair["source"] == "revision_vs_original":
         return jc.score_revision_pairs
@@ -409,7 +409,7 @@ def _letters(record: dict[str, Any]) -> LetterScores:
     return LetterScores(lt["principle_ids"], lt["ab"], lt["ba"], record.get("tokens", 0), record.get("reasoning", []))
 
 
-def _cost_metrics(stats: dict[str, Any], jc: JudgeConfig) -> dict[str, Any]:
+def _cost_metrics(stats: dict[str, Any], jc: JudgeSection) -> dict[str, Any]:
     """Seconds and tokens per judgment, and the estimated cost per 1,000 judgments vs human labels."""
     if not stats:
         return {"cost": None}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
+from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.labels import preferences_path
 from cai_dpo.preferences import check_preference_rows
@@ -328,7 +328,7 @@ def build_rm(cfg: RunConfig, run: RunStore) -> tuple[Any, Any, str, list[Path]]:
 
     model, tok, base, merge = load_rm_backbone(cfg, run)
     head = head_name(model)
-    lora: LoraConfig = dataclasses.replace(
+    lora: LoraSection = dataclasses.replace(
         cfg.rm.lora, target_modules=lora_targets(model, cfg.rm.lora.target_modules, head)
     )
     peft_model = attach_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head])
@@ -355,12 +355,12 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     from cai_dpo.training import (
         artifact_current,
         artifact_hash,
-        common_training_args,
         example_weights,
         resume_checkpoint,
         train_to_target,
         training_callbacks,
         training_inputs,
+        trl_config,
     )
 
     run = run or RunStore(cfg.run_dir)
@@ -429,8 +429,12 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     ckpt_dir = run.path("checkpoints", "rm")
     resume = resume_checkpoint(ckpt_dir, note)
     collator_cls, trainer_cls = _trainer_classes()
-    args = RewardConfig(
-        **common_training_args(cfg.rm, ckpt_dir, seed=cfg.seed, has_eval=has_eval),
+    args = trl_config(
+        RewardConfig,
+        cfg.rm,
+        ckpt_dir,
+        seed=cfg.seed,
+        has_eval=has_eval,
         max_length=None,
         disable_dropout=True,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,

@@ -42,13 +42,13 @@ from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
 from cai_dpo.training import (
     artifact_current,
-    common_training_args,
     example_weights,
     read_metrics_csv,
     resume_checkpoint,
     train_to_target,
     training_callbacks,
     training_inputs,
+    trl_config,
     weighted_mean,
 )
 
@@ -395,9 +395,12 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
 
     ckpt_dir = run.root / "checkpoints" / "sft"
     resume = resume_checkpoint(ckpt_dir, note)
-    args = common_training_args(cfg.sft, ckpt_dir, seed=cfg.seed, has_eval=eval_ds is not None)
-    sft_args = SFTConfig(
-        **args,
+    sft_args = trl_config(
+        SFTConfig,
+        cfg.sft,
+        ckpt_dir,
+        seed=cfg.seed,
+        has_eval=eval_ds is not None,
         max_length=cfg.sft.max_length,
         packing=False,
         completion_only_loss=True if loss_mode == "completion_only" else None,

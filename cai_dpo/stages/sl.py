@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import RunConfig, SamplingConfig, to_dict
+from cai_dpo.config import RunConfig, SamplingSection, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
@@ -346,7 +346,7 @@ class _SLRun:
         """
         engine = (self.engine if phase == "initial" else self.teacher).get()
         prefix, texts = split_prefix(engine.render, shared, conversations)
-        sampling: SamplingConfig = dataclasses.replace(self.cfg.sl.sampling, seed=_phase_seed(self.cfg, phase))
+        sampling: SamplingSection = dataclasses.replace(self.cfg.sl.sampling, seed=_phase_seed(self.cfg, phase))
         try:
             outs = engine.generate(texts, sampling, prefix=prefix, desc=f"sl {phase}")
         except ContextLengthError as exc:
