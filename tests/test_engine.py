@@ -26,7 +26,9 @@ def test_generation_reproducible_under_seed(engine):
     s = SamplingSection(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7, batch_size=2)
     a = engine.generate(CONVS, s, n=2)
     b = engine.generate(CONVS, s, n=2)
-    c = engine.generate(CONVS, SamplingSection(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=8, batch_size=2), n=2)
+    c = engine.generate(
+        CONVS, SamplingSection(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=8, batch_size=2), n=2
+    )
     texts = lambda r: [g.text for gens in r for g in gens]  # noqa: E731
     assert texts(a) == texts(b)
     assert texts(a) != texts(c)
@@ -90,7 +92,9 @@ def test_common_prefix_of_a_batch_is_computed_once(engine, tiny_model, monkeypat
     seen.clear()
     plain = engine.generate(contexts, SamplingSection(max_new_tokens=6, do_sample=False, batch_size=4))
     assert seen, "generation should reuse the batch's common prefix too"
-    alone = [engine.generate([c], SamplingSection(max_new_tokens=6, do_sample=False, batch_size=1))[0] for c in contexts]
+    alone = [
+        engine.generate([c], SamplingSection(max_new_tokens=6, do_sample=False, batch_size=1))[0] for c in contexts
+    ]
     assert [g[0].text for g in plain] == [g[0].text for g in alone]
 
 
