@@ -37,7 +37,7 @@ Principle weights (``dpo.weighting: principle``): the batch loss is
 in hard label mode ``loss_i`` is the same expression with ``p_i = 1``.
 
 Chosen-likelihood term (``dpo.rpo_alpha`` = α > 0; RPO, Pang et al. 2024, "Iterative Reasoning
-Preference Optimization", arXiv 2404.19733, eq. 3, TRL's former ``rpo_alpha``): each pair's loss
+Preference Optimization", arXiv 2404.19733; TRL's former ``rpo_alpha``): each pair's loss
 gains α times the chosen response's mean token negative log-likelihood,
 
     loss_i ← loss_i + α · ( -log π(y_c|x) / |y_c| ),
