@@ -19,7 +19,7 @@
 
 Example::
 
-    args = common_training_args(cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True)
+    args = common_training_args(cfg.dpo, run.checkpoint_dir("dpo"), seed=cfg.seed, has_eval=True)
     trainer = DPOTrainer(..., args=DPOConfig(**args, beta=cfg.dpo.beta),
                          callbacks=training_callbacks(run.metrics_dir("dpo"), cfg.train.report_to))
     trainer.train(resume_from_checkpoint=last_checkpoint(args["output_dir"]))

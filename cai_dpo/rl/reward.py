@@ -85,7 +85,7 @@ def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int
 
 def sft_adapter(run: RunStore) -> Path | None:
     """``models/sft`` when the SL-CAI adapter exists there."""
-    path = run.root / "models" / "sft"
+    path = run.sft_adapter
     return path if (path / "adapter_config.json").exists() else None
 
 

@@ -46,7 +46,7 @@ from cai_dpo.scorers import (
     measure,
     train_probe,
 )
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
+from cai_dpo.store import MANIFEST, Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def load_rows(spec: str, run: RunStore) -> list[dict[str, Any]]:
     from cai_dpo.data import _jsonl_objects
 
     if spec == "sl":
-        path = run.root / "data" / "sl"
+        path = run.sl_data
         if not (path / "dataset_info.json").exists():
             raise FileNotFoundError(
                 f"{path}: SL-CAI dataset not found; run the sl stage first (cai-dpo sl) or set curate.sources"
@@ -562,7 +562,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
         inputs["constitution_fingerprint"] = constitution.fingerprint()
         if curated_hash:
             inputs["curated_set"] = f"{c.curated_set}#{curated_hash}"
-        final = run.data_dir("curated")
+        final = run.curated_data
         with atomic_dir(final) as tmp:
             _dataset(out_rows).save_to_disk(str(tmp))
             timings["model_load"] = models.load_seconds
@@ -597,7 +597,7 @@ def _source_hash(spec: str, run: RunStore) -> str:
     from cai_dpo.config import resolve_path
 
     if spec == "sl":
-        m = run.root / "data" / "sl" / "manifest.json"
+        m = run.sl_data / MANIFEST
         return file_hash(m) if m.exists() else ""
     if spec == "bundled:curated":
         return _curated_hash(spec)

@@ -615,11 +615,11 @@ def run_dpo(
     from trl import DPOConfig as TrlDPOConfig
 
     run = run or RunStore(cfg.run_dir)
-    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    validate_dpo_config(cfg.dpo, source=str(run.config_file))
     threads = set_threads(cfg.threads)
-    out_dir = Path(out_dir) if out_dir is not None else run.model_dir("dpo")
-    if start_adapter is None and (run.model_dir("sft") / "adapter_config.json").exists():
-        start_adapter = run.model_dir("sft")
+    out_dir = Path(out_dir) if out_dir is not None else run.dpo_adapter
+    if start_adapter is None and (run.sft_adapter / "adapter_config.json").exists():
+        start_adapter = run.sft_adapter
     records, pref_path = load_preferences(run, preferences)
     prepared = training_rows(
         records,
@@ -654,7 +654,7 @@ def run_dpo(
         start = prepare_policy(cfg, start_adapter)
     timings["model_load"] = t_load.seconds
 
-    ckpt_dir = run.root / "checkpoints" / out_dir.name
+    ckpt_dir = run.checkpoint_dir(out_dir.name)
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
     args = TrlDPOConfig(
@@ -788,14 +788,12 @@ RoundStage = Callable[[RunConfig, RunStore], Any]
 def round_config(cfg: RunConfig, run: RunStore, round_no: int) -> RunConfig:
     """The config of round ``round_no`` >= 2: its own run folder, fresh samples, the run's label queue."""
     sub = copy.deepcopy(cfg)
-    sub.runs_dir = str(run.root / "dpo_rounds")
+    sub.runs_dir = str(run.dpo_rounds)
     sub.run_id = f"round-{round_no}"
     sub.seed = cfg.seed + round_no - 1
     sub.pairs.source = "judged_samples"  # new on-policy samples; revision pairs do not depend on the policy
     sub.pairs.sampling.seed = cfg.pairs.sampling.seed + round_no - 1
-    sub.labels.db_path = str(
-        Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.root / "labels.sqlite"
-    )
+    sub.labels.db_path = str(Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.labels_db)
     return sub
 
 
@@ -852,20 +850,20 @@ def run_iterative_dpo(
         raise ConfigError("dpo.rounds must be >= 1")
     if total == 1:
         return run_dpo(cfg, run, callbacks=callbacks)
-    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    validate_dpo_config(cfg.dpo, source=str(run.config_file))
     sample = sample or _default_stage("cai_dpo.stages.pairs", "run_pairs")
     judge = judge or _default_stage("cai_dpo.stages.judge", "run_judge")
     label = label or _default_stage("cai_dpo.labels", "run_labels")
 
     with Timer() as t_total:
-        first = RunStore(run.root / "dpo_rounds" / "round-1")
-        adapter = run_dpo(cfg, run, out_dir=first.model_dir("dpo"), callbacks=callbacks)
+        first = RunStore(run.dpo_rounds / "round-1")
+        adapter = run_dpo(cfg, run, out_dir=first.dpo_adapter, callbacks=callbacks)
         figures = [{"round": 1, **_round_figures(adapter, preferences_path(run), {})}]
         for r in range(2, total + 1):
             sub_cfg = round_config(cfg, run, r)
             sub = RunStore(sub_cfg.run_dir)
-            save_config(sub_cfg, sub.path("config.yaml"))
-            _copy_adapter(adapter, sub.model_dir("sft"))
+            save_config(sub_cfg, sub.config_file)
+            _copy_adapter(adapter, sub.sft_adapter)
             seconds: dict[str, float] = {}
             for name, stage in (("sample", sample), ("judge", judge), ("label", label)):
                 with Timer() as t:
@@ -876,18 +874,18 @@ def run_iterative_dpo(
                 sub_cfg,
                 sub,
                 preferences=pref,
-                start_adapter=sub.model_dir("sft"),
-                out_dir=sub.model_dir("dpo"),
+                start_adapter=sub.sft_adapter,
+                out_dir=sub.dpo_adapter,
                 callbacks=callbacks,
             )
             figures.append({"round": r, **_round_figures(adapter, pref, seconds)})
             log.info("DPO round %d/%d done: %s", r, total, adapter)
 
-    out = run.model_dir("dpo")
+    out = run.dpo_adapter
     with atomic_dir(out) as tmp:  # adapter, merged weights and manifest in one atomic step
         _copy_adapter_into(adapter, tmp, out)
         merged_dir = (
-            save_merged(tmp, run.model_dir("dpo-merged"), source=out)
+            save_merged(tmp, run.dpo_merged, source=out)
             if cfg.dpo.merge and cfg.policy.quantization == "none"
             else None
         )

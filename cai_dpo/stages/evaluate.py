@@ -57,6 +57,7 @@ from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
 from cai_dpo.store import (
+    MANIFEST,
     Manifest,
     RunStore,
     Timer,
@@ -286,7 +287,7 @@ def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
     base = dataclasses.replace(cfg.policy, adapter=None)
     models = {REFERENCE: base}
     for name in ("sft", "dpo", "ppo", "rloo"):
-        folder = run.root / "models" / name
+        folder = run.model_dir(name)
         if (folder / "adapter_config.json").exists():
             models[name] = dataclasses.replace(base, adapter=str(folder))
     for extra in cfg.eval.extra_models:
@@ -496,7 +497,7 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
 
     spec = cfg.eval_judge_model()
     name = describe(spec)
-    man_path = run.root / "data" / "preferences" / "manifest.json"
+    man_path = run.preferences / MANIFEST
     if man_path.exists():
         try:
             man = json.loads(man_path.read_text())
@@ -975,7 +976,7 @@ def run_eval(
         )
 
     pm = None
-    rm_dir = run.root / "models" / "rm"
+    rm_dir = run.preference_model
     if (rm_dir / "adapter_config.json").exists() or (rm_dir / "config.json").exists():
         with Timer() as t:
             red_items = [i for i, it in enumerate(items) if it.source == "red_team"]
@@ -990,7 +991,7 @@ def run_eval(
     results = compute_results(
         names, specs, items, responses, jobs, judgments, pm, cfg, reference, gate=gate, judge_status=status, notes=notes
     )
-    out_dir = run.root / "eval"
+    out_dir = run.eval_dir
     with atomic_dir(out_dir) as tmp:  # responses, judgments, results and manifest in one atomic step
         write_jsonl(
             tmp / "responses.jsonl",

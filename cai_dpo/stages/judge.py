@@ -280,7 +280,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         "calibrated": calibration is not None,
     }
     timings["seconds"] = total.seconds
-    final = run.data_dir("preferences")
+    final = run.preferences
     with atomic_dir(final) as tmp:
         datasets.Dataset.from_list(rows, features=preference_features()).save_to_disk(str(tmp))
         Manifest(

@@ -155,7 +155,7 @@ def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
     from cai_dpo.models import describe
     from cai_dpo.served import is_served
 
-    sft = run.root / "models" / "sft"
+    sft = run.sft_adapter
     adapter = str(sft) if (sft / "adapter_config.json").exists() and not is_served(cfg.policy) else None
     model_id = describe(cfg.policy) + (f" + sft@{file_hash(sft)}" if adapter else "")
     return cfg.policy, adapter, model_id
@@ -555,7 +555,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         if "revision_vs_original" in wanted:
             revision, skipped = revision_pairs(run)
             counts["revision_skipped"] = dict(skipped)
-            sl_dir = run.root / "records" / "sl"
+            sl_dir = run.records_dir("sl")
             if not revision:
                 raise InputError(
                     f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
@@ -637,7 +637,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     if selected:
         counts["revision_share_selected"] = sum(r["source"] == "revision_vs_original" for r in selected) / len(selected)
         counts["share_selected"] = {s: n / len(selected) for s, n in counts["selected_by_source"].items()}
-    out = run.data_dir("pairs")
+    out = run.pairs
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / PAIRS_FILE, rows)
         Manifest(

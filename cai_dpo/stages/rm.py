@@ -390,7 +390,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         "seed": cfg.seed,
     }
     target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
-    out_dir = run.model_dir("rm")
+    out_dir = run.preference_model
     if artifact_current(out_dir, note, target):
         log.info(
             "preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir
@@ -426,7 +426,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     )
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    ckpt_dir = run.path("checkpoints", "rm")
+    ckpt_dir = run.checkpoint_dir("rm")
     resume = resume_checkpoint(ckpt_dir, note)
     collator_cls, trainer_cls = _trainer_classes()
     args = RewardConfig(

@@ -565,7 +565,7 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
             state.round_phase(rnd, "revision")
 
         records = [state.prompt_record(p) for p in state.red]
-        with atomic_dir(run.root / "records" / "sl") as tmp:
+        with atomic_dir(run.records_dir("sl")) as tmp:
             write_jsonl(tmp / "shard-00000000000000000000-final.jsonl", records)
 
         rows = [
@@ -595,7 +595,7 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
         engines = [e.engine for e in dict.fromkeys([state.engine, state.teacher]) if e.engine is not None]
         stats = _sum_stats([e.stats for e in engines]) if engines else None
         quality = _quality(records, cfg.sl.rounds)
-        out = run.data_dir("sl")
+        out = run.sl_data
         manifest = Manifest(
             stage="sl",
             config=to_dict(cfg),
