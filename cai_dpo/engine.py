@@ -32,10 +32,9 @@ import numpy as np
 from cai_dpo.config import SamplingConfig
 from cai_dpo.errors import ContextLengthError
 from cai_dpo.sampling import next_tokens
+from cai_dpo.schema import Conversation
 
 log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
 
 MIN_SHARED_TOKENS = 8  # below this, recomputing a common prefix per row costs less than caching it
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LabelsConfig, RunConfig, to_dict
 from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
     Manifest,
     RunLayout,
@@ -562,7 +563,7 @@ class LabelQueue:
             original = pair["response_a"] if original is None else original
             principle_ids = pair["principle_ids"] if principle_ids is None else principle_ids
         if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
+            prompt = as_conversation(prompt)
         revision = {
             "revision_id": uuid.uuid4().hex,
             "record_key": record_key,

@@ -35,6 +35,7 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import PromptFileError
 from cai_dpo.errors import InputError
+from cai_dpo.schema import as_conversation
 from cai_dpo.scorers import (
     KINDS,
     JudgeScorer,
@@ -94,7 +95,7 @@ def _parse_row(row: dict[str, Any], file: Path, line: int, source: str, row_kind
                 row_kind=row_kind,
             )
         if isinstance(prompt, str) and prompt.strip():
-            prompt_turns = [{"role": "user", "content": prompt.strip()}]
+            prompt_turns = as_conversation(prompt.strip())
         elif (
             isinstance(prompt, list)
             and prompt
@@ -234,9 +235,7 @@ def policy_answers(
     size = max(1, sampling.batch_size or 32)
     for start in range(0, len(todo), size):  # stored per chunk: a kill loses at most the chunk in flight
         part = todo[start : start + size]
-        gens = engine.generate(
-            [[{"role": "user", "content": e.prompt}] for e in part], sampling, desc="curate policy answers"
-        )
+        gens = engine.generate([as_conversation(e.prompt) for e in part], sampling, desc="curate policy answers")
         new = [
             {
                 "key": keys[e.id],

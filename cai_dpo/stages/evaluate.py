@@ -56,6 +56,7 @@ from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
+from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
     MANIFEST,
     Manifest,
@@ -166,7 +167,6 @@ def _template_for(prompt_id: str, templates: Sequence[dict[str, str]]) -> dict[s
 
 def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Sequence[str]) -> list[EvalItem]:
     """Conversations for every red-team prompt × condition and every helpful prompt."""
-    from cai_dpo.data import to_conversation
 
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown or not conditions:
@@ -180,10 +180,10 @@ def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Seq
             text = p.text
             if "jailbreak" in cond:
                 text = _template_for(p.id, templates)["text"].replace("{prompt}", p.text)
-            conv = to_conversation(text, system=system if "system" in cond else None)
+            conv = as_conversation(text, system=system if "system" in cond else None)
             items.append(EvalItem(p.id, "red_team", cond, p.text, conv, set="red_team", kind="harmful"))
     for p in helpful:
-        items.append(EvalItem(p.id, "helpful", "plain", p.text, to_conversation(p.text), set="helpful", kind="benign"))
+        items.append(EvalItem(p.id, "helpful", "plain", p.text, as_conversation(p.text), set="helpful", kind="benign"))
     return items
 
 
@@ -194,7 +194,6 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
     A missing set is not an error: the evaluation runs without it and ``notes`` says so.
     """
     from cai_dpo.curated import load_curated
-    from cai_dpo.data import to_conversation
 
     if not cfg.eval.curated:
         notes.append("curated held-out split: not configured (eval.curated is null)")
@@ -219,7 +218,7 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
                 "curated",
                 "plain",
                 e.prompt,
-                to_conversation(e.prompt),
+                as_conversation(e.prompt),
                 set="curated",
                 kind=kind,
                 sensitive=e.sensitive_sounding,
@@ -236,7 +235,6 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
 def benchmark_items(cfg: RunConfig) -> list[EvalItem]:
     """Items of every ``eval.benchmarks`` file (errors name the file and field)."""
     from cai_dpo.benchmarks import benchmark_name, load_benchmark
-    from cai_dpo.data import to_conversation
 
     out = []
     for spec in cfg.eval.benchmarks:
@@ -248,7 +246,7 @@ def benchmark_items(cfg: RunConfig) -> list[EvalItem]:
                     f"benchmark:{name}",
                     "plain",
                     b.prompt.text,
-                    to_conversation(b.prompt.text),
+                    as_conversation(b.prompt.text),
                     set=f"benchmark:{name}",
                     kind=b.kind,
                 )

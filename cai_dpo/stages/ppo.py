@@ -47,8 +47,9 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, last_ppo_checkpoint
-from cai_dpo.rl.reward import Conversation, RewardFn, RewardScorer, as_conversation, prompt_text, rm_spec, sft_adapter
+from cai_dpo.rl.reward import RewardFn, RewardScorer, prompt_text, rm_spec, sft_adapter
 from cai_dpo.rl.rollout import PtxBatches
+from cai_dpo.schema import Conversation, as_conversation
 from cai_dpo.store import (
     Manifest,
     RunStore,
@@ -112,12 +113,12 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
             conv = as_conversation([m for m in msgs[:-1]])
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     else:
-        from cai_dpo.data import load_prompts, split_prompts, to_conversation
+        from cai_dpo.data import load_prompts, split_prompts
 
         for spec, limit in ((cfg.data.red_team, cfg.data.red_team_limit), (cfg.data.helpful, cfg.data.helpful_limit)):
             prompts = split_prompts(load_prompts(spec), "train")[: limit or None]
             for p in prompts:
-                conv = to_conversation(p.text)
+                conv = as_conversation(p.text)
                 seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     if not seen:
         raise InputError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")

@@ -48,11 +48,10 @@ from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
+from cai_dpo.schema import Conversation, as_conversation
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, write_jsonl
 
 log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
 
 #: Appended to every revision request so the model answers with the new text only.
 REVISION_SUFFIX = " Reply with the new answer only."
@@ -146,7 +145,7 @@ def _revision_request(principle: Any, prompt: str, response: str, critique: str)
 def _context(prompt: str | Conversation) -> tuple[Conversation, str]:
     """Chat turns before the answer, and the prompt text for ``{prompt}`` placeholders."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}], prompt
+        return as_conversation(prompt), prompt
     turns = [dict(m) for m in prompt]
     users = [m["content"] for m in turns if m["role"] == "user"]
     return turns, users[-1] if users else ""
