@@ -965,12 +965,6 @@ def open_queue(cfg: RunConfig) -> LabelQueue:
     return LabelQueue(queue_path(cfg))
 
 
-def preferences_path(run: RunStore) -> Path:
-    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
-    merged = run.preferences_merged
-    return merged if (merged / "dataset_info.json").exists() else run.preferences
-
-
 @locked_stage
 def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Route edge cases of ``data/preferences`` into the queue, merge the labels so far, add a

@@ -314,6 +314,14 @@ def file_hash(path: Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def dataset_hash(folder: Path) -> str:
+    """Content hash of a saved dataset's Arrow data (not its manifest, metadata or cache files)."""
+    files = sorted(Path(folder).glob("data-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no data-*.arrow files; is this a dataset saved with save_to_disk?")
+    return content_hash([file_hash(f) for f in files])
+
+
 # --------------------------------------------------------------------------- records
 
 

@@ -72,7 +72,6 @@ from cai_dpo.config import ConfigError, DPOConfig, RunConfig, save_config, to_di
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.labels import preferences_path
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -83,8 +82,9 @@ from cai_dpo.models import (
     merge_adapter,
     write_adapter,
 )
+from cai_dpo.preferences import load_preferences, preferences_path
 from cai_dpo.splits import split_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, read_manifest
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, locked_stage, read_manifest
 from cai_dpo.training import (
     artifact_current,
     artifact_hash,
@@ -360,13 +360,6 @@ def _trainer_class() -> type:
 # --------------------------------------------------------------------------- data
 
 
-def dataset_hash(folder: Path) -> str:
-    """Hash of a saved dataset's data files (its manifest, which holds a timestamp, is left out)."""
-    folder = Path(folder)
-    parts = [(p.name, file_hash(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"]
-    return content_hash(parts)
-
-
 def _messages(value: Any, role: str) -> Any:
     """A conversation list as stored, or a plain string wrapped as one message."""
     if isinstance(value, str):
@@ -434,21 +427,6 @@ def training_rows(
             "dropped_empty": check_counts["dropped_empty"],
         },
     )
-
-
-def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
-    """Rows of the run's preference dataset (merged when present) or of ``preferences``."""
-    import datasets
-
-    path = Path(preferences) if preferences is not None else preferences_path(run)
-    if not (path / "dataset_info.json").exists():
-        raise FileNotFoundError(
-            f"{path}: preference dataset not found; run `cai-dpo judge` (and `cai-dpo labels` for human labels) first"
-        )
-    records = datasets.load_from_disk(str(path)).to_list()
-    if not records:
-        raise InputError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
-    return records, path
 
 
 # --------------------------------------------------------------------------- models
@@ -631,7 +609,7 @@ def run_dpo(
     if not prepared.rows:
         raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
-    pref_hash = dataset_hash(pref_path)
+    pref_hash = artifact_hash(pref_path)  # the dataset's files, its manifest left out
     start_hash = artifact_hash(start_adapter) if start_adapter is not None else ""
 
     note = {

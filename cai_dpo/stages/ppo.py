@@ -94,7 +94,7 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     configured prompt sets (train split)."""
     from datasets import load_from_disk
 
-    from cai_dpo.labels import preferences_path
+    from cai_dpo.preferences import preferences_path
 
     seen: dict[str, Conversation] = {}
     pref = preferences_path(run)

@@ -36,8 +36,7 @@ import numpy as np
 
 from cai_dpo.config import LoraConfig, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
-from cai_dpo.labels import preferences_path
-from cai_dpo.preferences import check_preference_rows
+from cai_dpo.preferences import check_preference_rows, load_preferences
 from cai_dpo.rl.reward import (
     SCORER_NOTE,
     RewardScorer,
@@ -114,19 +113,6 @@ def preference_metrics(
 
 
 # --------------------------------------------------------------------------- data
-
-
-def load_preferences(run: RunStore) -> tuple[Any, Path]:
-    """The run's preference dataset and where it came from; a missing one raises naming the fix."""
-    from datasets import load_from_disk
-
-    path = preferences_path(run)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no preference data; run `cai-dpo judge` (and optionally `cai-dpo labels`) first, "
-            "or pass preferences= to run_rm"
-        )
-    return load_from_disk(str(path)), path
 
 
 def _helpful_texts(cfg: RunConfig) -> set[str]:
@@ -367,8 +353,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     set_threads(cfg.threads)
     timings: dict[str, float] = {}
     if preferences is None:
-        data, source = load_preferences(run)
-        rows = list(data)
+        rows, source = load_preferences(run)
         pref_hash = artifact_hash(source)
         inputs = {"preferences": f"{source.name}:{pref_hash}"}
     else:

@@ -39,7 +39,7 @@ from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.splits import split_indices_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, dataset_hash, file_hash, locked_stage
 from cai_dpo.training import (
     artifact_current,
     common_training_args,
@@ -352,14 +352,6 @@ def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | Non
     if not held:
         return dataset, None
     return dataset.select(train), dataset.select(held)
-
-
-def dataset_hash(folder: Path) -> str:
-    """Content hash of a saved dataset's Arrow data (not its manifest or cache files)."""
-    files = sorted(Path(folder).glob("data-*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no data-*.arrow files; is this a dataset saved with save_to_disk?")
-    return content_hash([file_hash(f) for f in files])
 
 
 @locked_stage
