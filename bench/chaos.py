@@ -304,13 +304,13 @@ def manifest_mismatches(run: Path) -> list[str]:
             if not target.exists():
                 actual = "<missing>"
             elif kind == "dataset":
-                from cai_dpo.stages.sft import dataset_hash
+                from cai_dpo.store import dataset_hash
 
                 actual = dataset_hash(target)
             elif kind == "dpo_dataset":
-                from cai_dpo.stages.dpo import dataset_hash as dpo_dataset_hash
+                from cai_dpo.training import artifact_hash
 
-                actual = dpo_dataset_hash(target)
+                actual = artifact_hash(target)
             elif kind == "artifact":
                 from cai_dpo.training import artifact_hash
 

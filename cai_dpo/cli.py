@@ -612,10 +612,13 @@ def run_summary(cfg: RunConfig, results: list[Any]) -> str:
     ran = sum(r.seconds for r in results)
     rows.append(f"{'total':<14}{'':<10}{ran:>9.0f}")
     lines = [f"run '{cfg.run_id}' complete: {cfg.run_dir}", *rows]
-    report = cfg.run_dir / "report" / "report.md"
+    from cai_dpo.store import RunLayout
+
+    layout = RunLayout(cfg.run_dir)
+    report = layout.report_file
     if report.exists():
         lines.append(f"report: {report}")
-    exports = sorted((cfg.run_dir / "export").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    exports = sorted(layout.exports.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     if exports:
         lines.append(f"exported model: {exports[-1].parent}")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.schema import as_conversation
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _prompt_messages(prompt: str) -> list[dict[str, str]]:
             return parse_transcript(prompt)
         except ValueError:
             pass
-    return [{"role": "user", "content": prompt}]
+    return as_conversation(prompt)
 
 
 @dataclass
@@ -836,7 +837,7 @@ class ConstitutionCase:
 
     def messages(self) -> list[dict[str, str]]:
         """The conversation up to the compared responses (the prompt as one user turn by default)."""
-        return list(self.conversation) if self.conversation else [{"role": "user", "content": self.prompt}]
+        return list(self.conversation) if self.conversation else as_conversation(self.prompt)
 
 
 def load_cases(path: str | Path, constitution: Constitution | None = None) -> list[ConstitutionCase]:

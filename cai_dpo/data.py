@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.errors import CaiDpoInputError, ContextLengthError
+from cai_dpo.schema import as_conversation
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Prompt:
             if system is not None and (not msgs or msgs[0]["role"] != "system"):
                 msgs.insert(0, {"role": "system", "content": system})
             return msgs
-        return to_conversation(self.text, system)
+        return as_conversation(self.text, system)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON-serialisable)."""
@@ -139,13 +140,6 @@ def name_prompt_error(exc: ContextLengthError, prompts: Sequence[Prompt]) -> Con
     if exc.index is None or not 0 <= exc.index < len(prompts):
         return exc
     return ContextLengthError(f"{prompts[exc.index].where()}: {exc}", index=exc.index)
-
-
-def to_conversation(text: str, system: str | None = None) -> list[dict[str, str]]:
-    """``[{"role": "system", ...}?, {"role": "user", "content": text}]``."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": text})
-    return msgs
 
 
 def prompt_id(text: str, prefix: str = "p") -> str:

@@ -304,7 +304,7 @@ def launch_stage(stage: str, cfg: Any, **options: Any) -> Path:
     when the launch exits non-zero.
     """
     from cai_dpo.config import save_config
-    from cai_dpo.store import run_lock
+    from cai_dpo.store import RunLayout, run_lock
 
     stage_function(stage)  # an unknown stage or a setting that cannot be split fails here, not in N processes
     check_processes(stage, cfg, process_count(cfg.train))
@@ -320,7 +320,7 @@ def launch_stage(stage: str, cfg: Any, **options: Any) -> Path:
             raise LaunchError(
                 f"{stage}: training under accelerate launch ({n or 'config file'} processes) failed with exit code "
                 f"{code}: a process raised, died or timed out (the report above names the rank and its error). "
-                f"Checkpoints are kept in {cfg.run_dir / 'checkpoints'}: rerun the same command to resume."
+                f"Checkpoints are kept in {RunLayout(cfg.run_dir).checkpoints}: rerun the same command to resume."
             )
         return Path(json.loads(result.read_text())["artifact"])
 

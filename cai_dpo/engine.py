@@ -32,13 +32,13 @@ from cai_dpo.config import SamplingSection
 from cai_dpo.errors import ContextLengthError
 from cai_dpo.kv_cache import SharedPrefixes, cache_argument, grow_in_place, returned_cache
 from cai_dpo.sampling import next_tokens
+from cai_dpo.schema import Conversation
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-Conversation = list[dict[str, str]]
 Prompts = Sequence[Conversation | str]  # what generate takes: conversations, or already-rendered text
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import RunConfig, to_dict
-from cai_dpo.store import RunStore, atomic_dir, read_manifest
+from cai_dpo.store import MANIFEST, RunLayout, RunStore, atomic_dir, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,13 @@ def choose_model(run_root: Path, available: list[str] | None = None) -> tuple[st
     rate whose benign compliance is at least 90 %; ``dpo`` when the evaluation is missing,
     has no such figures, or no model qualifies.
     """
+    layout = RunLayout(run_root)
     available = (
         available
         if available is not None
-        else [m for m in EXPORTABLE if (run_root / "models" / m / "adapter_config.json").exists()]
+        else [m for m in EXPORTABLE if (layout.model_dir(m) / "adapter_config.json").exists()]
     )
-    path = run_root / "eval" / "results.json"
+    path = layout.eval_results
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -194,15 +195,14 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
             f"- PPO (LoRA r={p.lora.r}, {p.mode}): {p.steps} steps x {p.rollout_batch} rollouts, KL coefficient "
             f"{p.kl_coef}, learning rate {p.learning_rate}, clip {p.clip_range}, GAE gamma {p.gamma} lambda {p.lam}"
         )
-    trained = (
-        read_manifest(run_root / "models" / model) if (run_root / "models" / model / "manifest.json").exists() else {}
-    )
+    model_dir = RunLayout(run_root).model_dir(model)
+    trained = read_manifest(model_dir) if (model_dir / MANIFEST).exists() else {}
     if trained.get("timings"):
         settings.append(
             f"- {model} timings: "
             + ", ".join(f"{k} {v:.1f}" for k, v in trained["timings"].items() if isinstance(v, (int, float)))
         )
-    report = run_root / "report" / "report.md"
+    report = RunLayout(run_root).report_file
     table = _headline_table(report.read_text()) if report.exists() else None
     eval_text = (
         f"From the run's evaluation report (`report/report.md`); "
@@ -292,15 +292,15 @@ def export_model(
         why = "chosen by name"
     if model not in EXPORTABLE:
         raise ExportError(f"model '{model}': choose one of {', '.join(EXPORTABLE)}")
-    adapter = root / "models" / model
+    adapter = RunLayout(root).model_dir(model)
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(
             f"{adapter}: no adapter there; run the {model} stage first "
             f"(cai-dpo {model} or cai-dpo run) or export another model (--model)"
         )
     run = run or RunStore(root)
-    chain = [os.path.relpath(p, run.root) for p in adapter_merge_first(adapter)] + [f"models/{model}"]
-    folder = Path(out_dir) if out_dir else run.root / "export" / model
+    chain = [os.path.relpath(p, run.root) for p in adapter_merge_first(adapter)] + [os.path.relpath(adapter, root)]
+    folder = Path(out_dir) if out_dir else run.export_dir(model)
     merged, tok = merged_model(cfg, adapter)
     tok.padding_side = "left"
     card = model_card_text(cfg, run.root, model, why, chain)

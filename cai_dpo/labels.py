@@ -46,8 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LabelsSection, RunConfig, to_dict
 from cai_dpo.errors import CaiDpoInputError
+from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
     Manifest,
+    RunLayout,
     RunStore,
     Timer,
     atomic_dir,
@@ -561,7 +563,7 @@ class LabelQueue:
             original = pair["response_a"] if original is None else original
             principle_ids = pair["principle_ids"] if principle_ids is None else principle_ids
         if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
+            prompt = as_conversation(prompt)
         revision = {
             "revision_id": uuid.uuid4().hex,
             "record_key": record_key,
@@ -955,18 +957,12 @@ def revision_pref_rows(queue: LabelQueue, columns: Iterable[str] | None = None) 
 
 def queue_path(cfg: RunConfig) -> Path:
     """The label database of a run: ``labels.db_path`` or ``<run_dir>/labels.sqlite``."""
-    return Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else cfg.run_dir / "labels.sqlite"
+    return Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else RunLayout(cfg.run_dir).labels_db
 
 
 def open_queue(cfg: RunConfig) -> LabelQueue:
     """Open (creating if needed) the run's label queue."""
     return LabelQueue(queue_path(cfg))
-
-
-def preferences_path(run: RunStore) -> Path:
-    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
-    merged = run.root / "data" / "preferences_merged"
-    return merged if (merged / "dataset_info.json").exists() else run.root / "data" / "preferences"
 
 
 @locked_stage
@@ -977,7 +973,7 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
     import datasets
 
     run = run or RunStore(cfg.run_dir)
-    src = run.root / "data" / "preferences"
+    src = run.preferences
     if not (src / "dataset_info.json").exists():
         raise FileNotFoundError(f"{src}: preference dataset not found; run the judge stage first (cai-dpo judge)")
     with Timer() as timer:
@@ -1006,7 +1002,7 @@ def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
             if revised:
                 merged = datasets.concatenate_datasets([merged, _rows_to_dataset(revised, features)])
             status = queue.status()
-    final = run.root / "data" / "preferences_merged"
+    final = run.preferences_merged
     with atomic_dir(final) as tmp:
         merged.save_to_disk(str(tmp))
         Manifest(

@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.store import RunStore, read_jsonl
+from cai_dpo.store import RUN_LAYOUT, RunStore, read_jsonl
 
-PAIRS_FILE = "pairs.jsonl"
+#: The pairs file's name inside ``data/pairs`` (:data:`cai_dpo.store.RUN_LAYOUT`).
+PAIRS_FILE = Path(RUN_LAYOUT["pairs_file"]).name
 
 
 def pairs_path(run: RunStore) -> Path:
     """``data/pairs/pairs.jsonl`` of a run."""
-    return run.root / "data" / "pairs" / PAIRS_FILE
+    return run.pairs_file
 
 
 def load_pairs(run: RunStore) -> list[dict[str, Any]]:

@@ -29,7 +29,16 @@ from cai_dpo.config import (
     save_config,
     to_dict,
 )
-from cai_dpo.store import RunStore, atomic_write_json, content_hash, file_hash, run_lock
+from cai_dpo.store import (
+    RUN_LAYOUT,
+    RunLayout,
+    RunStore,
+    artifact_manifest,
+    atomic_write_json,
+    content_hash,
+    file_hash,
+    run_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,34 +101,35 @@ def _ppo_ptx(cfg: RunConfig) -> bool:
 
 
 _MODEL = ("policy", "seed", "threads")
+_m = artifact_manifest  # "<artifact>/manifest.json" of a named artifact of the run layout
 STAGES: tuple[Stage, ...] = (
     Stage(
         "constitution",
         "00_setup_and_constitution.ipynb",
-        ("constitution/manifest.json",),
+        (_m("constitution"),),
         sections=("constitution", "policy", "judge"),
         files=("constitution", "constitution_cases"),
     ),
     Stage(
         "sl",
         "01_sl_critique_revision.ipynb",
-        ("data/sl/manifest.json",),
+        (_m("sl_data"),),
         sections=("sl", "constitution", "data", *_MODEL),
         files=("constitution", "prompts"),
     ),
     Stage(
         "curate",
         "02_curate.ipynb",
-        ("data/curated/manifest.json",),
-        ("data/sl/manifest.json",),
+        (_m("curated_data"),),
+        (_m("sl_data"),),
         sections=("curate", "judge", "constitution", *_MODEL),
         files=("constitution", "curated"),
     ),
     Stage(
         "sft",
         "03_sft.ipynb",
-        ("models/sft/manifest.json",),
-        ("data/sl/manifest.json", "data/curated/manifest.json"),
+        (_m("sft_adapter"),),
+        (_m("sl_data"), _m("curated_data")),
         sections=("sft", "train", *_MODEL),
         files=("curated",),
         volatile_inputs=("revisions",),
@@ -127,24 +137,24 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "feedback",
         "04_pairs_and_ai_feedback.ipynb",
-        ("data/preferences/manifest.json",),
-        ("models/sft/manifest.json", "data/sl/manifest.json"),
+        (_m("preferences"),),
+        (_m("sft_adapter"), _m("sl_data")),
         sections=("pairs", "judge", "constitution", "data", *_MODEL),
         files=("constitution", "prompts", "checkset", "curated"),
     ),
     Stage(
         "labels",
         "05_label_edge_cases.ipynb",
-        ("data/preferences_merged/manifest.json",),
-        ("data/preferences/manifest.json",),
+        (_m("preferences_merged"),),
+        (_m("preferences"),),
         ("labels",),
         sections=("labels", "seed"),
     ),
     Stage(
         "dpo",
         "06_dpo.ipynb",
-        ("models/dpo/manifest.json",),
-        ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+        (_m("dpo_adapter"),),
+        (_m("preferences_merged"), _m("sft_adapter")),
         sections=("dpo", "train", *_MODEL),
         conditional=((_dpo_rounds, ("pairs", "judge", "labels", "constitution", "data")),),
         files=("constitution?rounds", "prompts?rounds", "checkset?rounds", "curated?rounds"),
@@ -152,8 +162,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ppo",
         "07_preference_model_and_ppo.ipynb",
-        ("models/rm/manifest.json", "models/{ppo_mode}/manifest.json"),
-        ("data/preferences_merged/manifest.json", "models/sft/manifest.json"),
+        (_m("preference_model"), _m("rl_adapter")),
+        (_m("preferences_merged"), _m("sft_adapter")),
         sections=("rm", "ppo", "train", "data", *_MODEL),
         conditional=((_ppo_ptx, ("sft",)),),
         files=("prompts",),
@@ -161,13 +171,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "eval",
         "08_evaluate_and_compare.ipynb",
-        ("eval/results.json", "report/report.md"),
-        (
-            "models/sft/manifest.json",
-            "models/dpo/manifest.json",
-            "models/{ppo_mode}/manifest.json",
-            "models/rm/manifest.json",
-        ),
+        (RUN_LAYOUT["eval_results"], RUN_LAYOUT["report_file"]),
+        (_m("sft_adapter"), _m("dpo_adapter"), _m("rl_adapter"), _m("preference_model")),
         sections=("eval", "judge", "constitution", "data", *_MODEL),
         files=("constitution", "prompts", "jailbreaks", "curated"),
     ),
@@ -207,7 +212,7 @@ def open_run(
     extra_items.update({k: v for k, v in (knobs or {}).items() if v is not None})
     if not config_path and not create:
         run_dir = load_config(profile, extra_items).run_dir
-        saved = run_dir / "config.yaml"
+        saved = RunLayout(run_dir).config_file
         if not saved.exists():
             raise FileNotFoundError(
                 f"no run at {run_dir} (no config.yaml there). Create it with `cai-dpo run --profile {profile}"
@@ -225,7 +230,7 @@ def open_run(
         cfg = load_config(profile, extra_items)
     run = RunStore(cfg.run_dir)
     if not config_path or extra_items:
-        save_config(cfg, run.path("config.yaml"))
+        save_config(cfg, run.config_file)
     return cfg, run
 
 
@@ -233,7 +238,7 @@ def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
     """Content of the human labels (so new labels make the labels stage rerun)."""
     from cai_dpo.labels import LabelQueue
 
-    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.path("labels.sqlite")
+    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.labels_db
     if not db.exists():
         return "none"
     with LabelQueue(db, read_only=True) as queue:
@@ -500,7 +505,7 @@ def _run_stages(
     echo: Callable[[str], None],
     on_progress: Callable[[dict[str, Any]], None],
 ) -> tuple[RunConfig, list[StageResult]]:
-    config_path = run.path("config.yaml")
+    config_path = run.config_file
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
     stages = select_stages(from_stage, only)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cai_dpo.errors import InputError
+from cai_dpo.store import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +93,25 @@ def check_preference_rows(
             f"identical chosen and rejected, {len(empty)} with an empty response)"
         )
     return kept, counts
+
+
+def preferences_path(run: RunLayout) -> Path:
+    """``data/preferences_merged`` (human labels applied) when present, else ``data/preferences``."""
+    merged = run.preferences_merged
+    return merged if (merged / "dataset_info.json").exists() else run.preferences
+
+
+def load_preferences(run: RunLayout, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Rows of the run's preference dataset (:func:`preferences_path`) or of the saved dataset
+    ``preferences``, and the folder read; a missing or empty dataset raises naming the fix."""
+    import datasets
+
+    path = Path(preferences) if preferences is not None else preferences_path(run)
+    if not (path / "dataset_info.json").exists():
+        raise FileNotFoundError(
+            f"{path}: preference dataset not found; run `cai-dpo judge` (and `cai-dpo labels` for human labels) first"
+        )
+    records = datasets.load_from_disk(str(path)).to_list()
+    if not records:
+        raise InputError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
+    return records, path

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.errors import CaiDpoInputError
-from cai_dpo.store import atomic_dir
+from cai_dpo.store import MANIFEST, RunLayout, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +546,7 @@ def _fmt_value(v: Any) -> str:
 
 def preference_notes(run_dir: Path) -> str:
     """Pair source and judge-gate notes from ``data/preferences/manifest.json`` (if present)."""
-    path = run_dir / "data" / "preferences" / "manifest.json"
+    path = RunLayout(run_dir).preferences / MANIFEST
     if not path.exists():
         return (
             f"No preference manifest at `{path.relative_to(run_dir)}`; "
@@ -762,10 +762,11 @@ def _definitions(results: dict[str, Any]) -> str:
 def render_report(run_dir: Path | str) -> Path:
     """Render ``<run>/report/`` from ``<run>/eval/results.json``; return the path of ``report.md``."""
     run_dir = Path(run_dir)
-    results = load_results(run_dir / "eval" / "results.json")
+    layout = RunLayout(run_dir)
+    results = load_results(layout.eval_results)
     if results.get("schema") not in (None, SCHEMA) or "headline" not in results:
         raise ReportError(
-            f"{run_dir / 'eval' / 'results.json'}: field 'schema' is {results.get('schema')!r}, this report "
+            f"{layout.eval_results}: field 'schema' is {results.get('schema')!r}, this report "
             f"reads {SCHEMA!r}; rerun `cai-dpo eval`"
         )
     s = results.get("settings") or {}
@@ -776,7 +777,7 @@ def render_report(run_dir: Path | str) -> Path:
     elo_md, elo_csv = elo_tables(results)
     cost_md, cost_csv = cost_tables(results)
     informative = bool(_get(results, "judge", "informative"))
-    final = run_dir / "report"
+    final = layout.report_dir
     with atomic_dir(final) as tmp:
         figures: list[tuple[str, str]] = []
         if pareto_plot(results, tmp / "pareto.png"):
@@ -784,7 +785,7 @@ def render_report(run_dir: Path | str) -> Path:
         if informative and elo_plot(results, tmp / "elo.png"):
             figures.append(("Elo ratings (judge)", "elo.png"))
         for stage in TRAINING_STAGES:
-            if training_plot(read_curves(run_dir / "metrics" / stage), stage, tmp / f"training_{stage}.png"):
+            if training_plot(read_curves(layout.metrics_dir(stage)), stage, tmp / f"training_{stage}.png"):
                 figures.append((f"{stage.upper()} training curves", f"training_{stage}.png"))
         for name, text in (
             ("headline.csv", head_csv),

@@ -35,6 +35,7 @@ import numpy as np
 
 from cai_dpo.curated import benign_declines
 from cai_dpo.metrics import rate_ci
+from cai_dpo.schema import as_conversation
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ScoredRow:
                 return parse_transcript(self.prompt)
             except ValueError:
                 pass
-        return [{"role": "user", "content": self.prompt}]
+        return as_conversation(self.prompt)
 
     def conversation(self) -> list[dict[str, str]]:
         """Prompt turns followed by the response as the assistant turn."""

@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cai_dpo.schema import as_conversation
 from cai_dpo.store import content_hash
 
 
 def prompt_key(prompt: Any) -> str:
     """Hash of a prompt; a plain string equals the same text as one user turn."""
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    else:
-        prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    return content_hash(prompt)
+    return content_hash(as_conversation(prompt))
 
 
 def split_indices_by_prompt(prompts: Sequence[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -314,6 +314,14 @@ def file_hash(path: Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def dataset_hash(folder: Path) -> str:
+    """Content hash of a saved dataset's Arrow data (not its manifest, metadata or cache files)."""
+    files = sorted(Path(folder).glob("data-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no data-*.arrow files; is this a dataset saved with save_to_disk?")
+    return content_hash([file_hash(f) for f in files])
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -443,16 +451,222 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- runs
 
+#: The run layout: every artifact's place inside a run folder, by name, relative to the run
+#: folder. :class:`RunLayout`'s named paths and the inputs and outputs of
+#: :data:`cai_dpo.pipeline.STAGES` are built from this one table; runs made before use the
+#: same paths. ``{ppo_mode}`` is the RL stage's own result (``ppo`` or ``rloo``).
+RUN_LAYOUT: dict[str, str] = {
+    "config_file": "config.yaml",
+    "labels_db": "labels.sqlite",
+    "constitution": "constitution",
+    "sl_data": "data/sl",
+    "curated_data": "data/curated",
+    "pairs": "data/pairs",
+    "pairs_file": "data/pairs/pairs.jsonl",
+    "preferences": "data/preferences",
+    "preferences_merged": "data/preferences_merged",
+    "sft_adapter": "models/sft",
+    "sft_merged": "models/sft-merged",
+    "dpo_adapter": "models/dpo",
+    "dpo_merged": "models/dpo-merged",
+    "preference_model": "models/rm",
+    "rl_adapter": "models/{ppo_mode}",
+    "eval_dir": "eval",
+    "eval_results": "eval/results.json",
+    "report_dir": "report",
+    "report_file": "report/report.md",
+    "dpo_rounds": "dpo_rounds",
+    "checkpoints": "checkpoints",
+    "exports": "export",
+    "records": "records",
+    "metrics": "metrics",
+    "data": "data",
+    "models": "models",
+}
 
-class RunStore:
-    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it.
+MANIFEST = "manifest.json"
 
-    Folders are created as paths are asked for, except on a rank other than 0 of a
-    multi-process stage (:mod:`cai_dpo.distributed`), which writes nothing in the run.
+
+def artifact_manifest(name: str) -> str:
+    """``<artifact>/manifest.json`` of the artifact ``name`` of :data:`RUN_LAYOUT`, relative to the run folder."""
+    return f"{RUN_LAYOUT[name]}/{MANIFEST}"
+
+
+class RunLayout:
+    """The named places of a run folder (:data:`RUN_LAYOUT`); creates nothing.
+
+    Build one from any run folder (``RunLayout(cfg.run_dir)``) to read a run without
+    touching it; :class:`RunStore` has the same names and creates parent folders as its
+    paths are asked for.
     """
 
     def __init__(self, run_dir: Path):
         self.root = Path(run_dir)
+
+    def _at(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def named(self, name: str, **fmt: str) -> Path:
+        """The path of artifact ``name`` of :data:`RUN_LAYOUT` (``fmt`` fills its placeholders)."""
+        return self._at(*RUN_LAYOUT[name].format(**fmt).split("/"))
+
+    # files
+    @property
+    def config_file(self) -> Path:
+        """``config.yaml``: the run's config."""
+        return self.named("config_file")
+
+    @property
+    def labels_db(self) -> Path:
+        """``labels.sqlite``: the label queue, unless ``labels.db_path`` puts it elsewhere."""
+        return self.named("labels_db")
+
+    @property
+    def pairs_file(self) -> Path:
+        """``data/pairs/pairs.jsonl``: every pair the pairs stage wrote (the reserve included)."""
+        return self.named("pairs_file")
+
+    @property
+    def eval_results(self) -> Path:
+        """``eval/results.json``."""
+        return self.named("eval_results")
+
+    @property
+    def report_file(self) -> Path:
+        """``report/report.md``."""
+        return self.named("report_file")
+
+    # artifacts (folders with a manifest.json)
+    @property
+    def constitution(self) -> Path:
+        """``constitution/``: the checked constitution (setup stage)."""
+        return self.named("constitution")
+
+    @property
+    def sl_data(self) -> Path:
+        """``data/sl``: SL-CAI critique/revision dataset."""
+        return self.named("sl_data")
+
+    @property
+    def curated_data(self) -> Path:
+        """``data/curated``: the curate stage's dataset."""
+        return self.named("curated_data")
+
+    @property
+    def pairs(self) -> Path:
+        """``data/pairs``: the pairs stage's folder."""
+        return self.named("pairs")
+
+    @property
+    def preferences(self) -> Path:
+        """``data/preferences``: AI-judged preference dataset."""
+        return self.named("preferences")
+
+    @property
+    def preferences_merged(self) -> Path:
+        """``data/preferences_merged``: preferences with human labels applied."""
+        return self.named("preferences_merged")
+
+    @property
+    def sft_adapter(self) -> Path:
+        """``models/sft``."""
+        return self.named("sft_adapter")
+
+    @property
+    def sft_merged(self) -> Path:
+        """``models/sft-merged``: the SFT adapter merged into the base model."""
+        return self.named("sft_merged")
+
+    @property
+    def dpo_adapter(self) -> Path:
+        """``models/dpo``."""
+        return self.named("dpo_adapter")
+
+    @property
+    def dpo_merged(self) -> Path:
+        """``models/dpo-merged``."""
+        return self.named("dpo_merged")
+
+    @property
+    def preference_model(self) -> Path:
+        """``models/rm``: the preference (reward) model."""
+        return self.named("preference_model")
+
+    def rl_adapter(self, mode: str) -> Path:
+        """``models/<mode>``: the RL stage's policy (``ppo`` or ``rloo``)."""
+        return self.named("rl_adapter", ppo_mode=mode)
+
+    @property
+    def ppo_adapter(self) -> Path:
+        """``models/ppo``."""
+        return self.rl_adapter("ppo")
+
+    @property
+    def rloo_adapter(self) -> Path:
+        """``models/rloo``."""
+        return self.rl_adapter("rloo")
+
+    @property
+    def eval_dir(self) -> Path:
+        """``eval/``: the evaluation's results."""
+        return self.named("eval_dir")
+
+    @property
+    def report_dir(self) -> Path:
+        """``report/``: the report and its figures."""
+        return self.named("report_dir")
+
+    @property
+    def dpo_rounds(self) -> Path:
+        """``dpo_rounds/``: the run folders of iterative DPO's rounds."""
+        return self.named("dpo_rounds")
+
+    # families of folders
+    def data_dir(self, name: str) -> Path:
+        """Folder of dataset ``name`` (``data/<name>``)."""
+        return self._at(RUN_LAYOUT["data"], name)
+
+    def model_dir(self, name: str) -> Path:
+        """Folder of adapter/model ``name`` (``models/<name>``)."""
+        return self._at(RUN_LAYOUT["models"], name)
+
+    def metrics_dir(self, name: str) -> Path:
+        """Folder of metrics of stage ``name`` (``metrics/<name>``)."""
+        return self._at(RUN_LAYOUT["metrics"], name)
+
+    def records_dir(self, name: str) -> Path:
+        """Folder of the record store ``name`` (``records/<name>``)."""
+        return self._at(RUN_LAYOUT["records"], name)
+
+    @property
+    def checkpoints(self) -> Path:
+        """``checkpoints/``: every trainer's checkpoints."""
+        return self.named("checkpoints")
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """Checkpoints of trainer ``name`` (``checkpoints/<name>``)."""
+        return self._at(RUN_LAYOUT["checkpoints"], name)
+
+    @property
+    def exports(self) -> Path:
+        """``export/``: exported models."""
+        return self.named("exports")
+
+    def export_dir(self, model: str) -> Path:
+        """Default folder of an exported model (``export/<model>``)."""
+        return self._at(RUN_LAYOUT["exports"], model)
+
+
+class RunStore(RunLayout):
+    """A run folder ``<runs_dir>/<run_id>/`` and the conventional places inside it (:class:`RunLayout`).
+
+    Folders are created as paths are asked for (the parent of every path, and the
+    ``metrics/<name>`` folder itself), except on a rank other than 0 of a multi-process stage
+    (:mod:`cai_dpo.distributed`), which writes nothing in the run.
+    """
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir)
         self._mkdir(self.root)
 
     @staticmethod
@@ -462,6 +676,9 @@ class RunStore:
         if is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
 
+    def _at(self, *parts: str) -> Path:
+        return self.path(*parts)
+
     def path(self, *parts: str) -> Path:
         """A path inside the run (parents created)."""
         p = self.root.joinpath(*parts)
@@ -470,19 +687,11 @@ class RunStore:
 
     def records(self, name: str) -> RecordStore:
         """The record store ``records/<name>/``."""
-        return RecordStore(self.root / "records" / name)
-
-    def data_dir(self, name: str) -> Path:
-        """Folder of dataset ``name`` (``data/<name>``)."""
-        return self.path("data", name)
-
-    def model_dir(self, name: str) -> Path:
-        """Folder of adapter/model ``name`` (``models/<name>``)."""
-        return self.path("models", name)
+        return RecordStore(self.root / RUN_LAYOUT["records"] / name)
 
     def metrics_dir(self, name: str) -> Path:
-        """Folder of metrics of stage ``name`` (``metrics/<name>``)."""
-        p = self.path("metrics", name)
+        """Folder of metrics of stage ``name`` (``metrics/<name>``, created)."""
+        p = super().metrics_dir(name)
         self._mkdir(p)
         return p
 

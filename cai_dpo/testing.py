@@ -172,11 +172,12 @@ def queue_sample_pairs(cfg: RunConfig, n: int = 1, reason: str = "sample") -> in
     import datasets
 
     from cai_dpo.labels import LabelQueue, pair_from_row, queue_path
+    from cai_dpo.store import RunLayout
 
     with LabelQueue(queue_path(cfg)) as queue:
         if queue.status()["queued"]:
             return 0
-        src = cfg.run_dir / "data" / "preferences"
+        src = RunLayout(cfg.run_dir).preferences
         if not (src / "dataset_info.json").exists():
             raise FileNotFoundError(f"{src}: preference dataset not found; run the judge stage first (cai-dpo judge)")
         rows = datasets.load_from_disk(str(src)).to_list()[:n]

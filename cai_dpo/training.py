@@ -20,7 +20,7 @@
 
 Example::
 
-    args = trl_config(DPOConfig, cfg.dpo, run.path("checkpoints", "dpo"), seed=cfg.seed, has_eval=True,
+    args = trl_config(DPOConfig, cfg.dpo, run.checkpoint_dir("dpo"), seed=cfg.seed, has_eval=True,
                       beta=cfg.dpo.beta)
     trainer = DPOTrainer(..., args=args,
                          callbacks=training_callbacks(run.metrics_dir("dpo"), cfg.train.report_to))

@@ -16,7 +16,6 @@ from cai_dpo.data import (
     load_prompts,
     parse_transcript,
     split_prompts,
-    to_conversation,
 )
 
 HH = (
@@ -200,11 +199,6 @@ def test_missing_sources(tmp_path):
 
 
 # --------------------------------------------------------------------------- splits
-
-
-def test_to_conversation():
-    assert to_conversation("hi") == [{"role": "user", "content": "hi"}]
-    assert to_conversation("hi", system="s")[0] == {"role": "system", "content": "s"}
 
 
 def test_assign_and_split(tmp_path):

@@ -431,3 +431,30 @@ def test_rm_manifest_records_weighting(tmp_path):
     out = run_rm(cfg, RunStore(cfg.run_dir), preferences=synthetic_preferences(4, 6))
     m = read_manifest(out)
     assert m["config"]["rm"]["weighting"] == "principle" and m["counts"]["weight_mean"] == pytest.approx(2.0)
+
+
+def test_preference_model_holds_out_whole_prompts(tmp_path, monkeypatch):
+    """Several pairs per prompt: every pair of a held-out prompt is held out, so no prompt
+    is on both sides of the preference model's train/held-out split."""
+    from cai_dpo.splits import prompt_key
+    from cai_dpo.stages import rm
+
+    rows = [
+        {**row, "pair_id": f"{row['pair_id']}-{k}"} for k in range(4) for row in synthetic_preferences(10, 3)
+    ]  # each prompt (a topic) in several rows
+    splits, real = [], rm.split_by_prompt
+
+    def spy(*args, **kwargs):
+        splits.append(real(*args, **kwargs))
+        return splits[-1]
+
+    monkeypatch.setattr(rm, "split_by_prompt", spy)
+    cfg = load_config(
+        "tiny",
+        {"threads": 1, "runs_dir": str(tmp_path / "runs"), "rm.max_steps": 1, "rm.eval_fraction": 0.3},
+    )
+    out = run_rm(cfg, RunStore(cfg.run_dir), preferences=rows)
+    train, held = splits[-1]
+    assert held and len(train) + len(held) == len(rows)
+    assert {prompt_key(r["prompt"]) for r in train}.isdisjoint({prompt_key(r["prompt"]) for r in held})
+    assert read_manifest(out)["metrics"]["heldout"]["n"] == len(held)

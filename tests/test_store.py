@@ -267,3 +267,85 @@ def test_cli_stage_command_on_busy_run_exits_with_message(tmp_path):
         proc.wait()
     assert out.returncode == 3, out.stderr
     assert f"run busy is in use by pid {proc.pid}" in out.stderr and "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- run layout
+
+HISTORIC_LAYOUT = {  # paths of runs made before the layout had names: they must still be read
+    "sl_data": "data/sl",
+    "curated_data": "data/curated",
+    "pairs": "data/pairs",
+    "pairs_file": "data/pairs/pairs.jsonl",
+    "preferences": "data/preferences",
+    "preferences_merged": "data/preferences_merged",
+    "sft_adapter": "models/sft",
+    "sft_merged": "models/sft-merged",
+    "dpo_adapter": "models/dpo",
+    "dpo_merged": "models/dpo-merged",
+    "preference_model": "models/rm",
+    "ppo_adapter": "models/ppo",
+    "rloo_adapter": "models/rloo",
+    "eval_dir": "eval",
+    "eval_results": "eval/results.json",
+    "report_dir": "report",
+    "report_file": "report/report.md",
+    "labels_db": "labels.sqlite",
+    "config_file": "config.yaml",
+    "constitution": "constitution",
+    "dpo_rounds": "dpo_rounds",
+    "checkpoints": "checkpoints",
+    "exports": "export",
+}
+
+
+def test_run_layout_named_paths_are_the_historic_ones(tmp_path):
+    from cai_dpo.store import RunLayout, RunStore
+
+    layout, run = RunLayout(tmp_path / "read-only"), RunStore(tmp_path / "run")
+    for name, rel in HISTORIC_LAYOUT.items():
+        assert getattr(layout, name) == layout.root / rel, name
+        assert getattr(run, name) == run.root / rel, name
+    assert run.checkpoint_dir("sft") == run.root / "checkpoints" / "sft"
+    assert run.records_dir("sl") == run.root / "records" / "sl"
+    assert run.metrics_dir("dpo").is_dir()
+    assert not layout.root.exists()  # a RunLayout only names paths
+
+
+def test_pipeline_stages_use_the_run_layout():
+    from cai_dpo.config import load_config
+    from cai_dpo.pipeline import STAGES
+    from cai_dpo.store import RUN_LAYOUT
+
+    known = {f"{rel}/manifest.json" for rel in RUN_LAYOUT.values()} | set(RUN_LAYOUT.values())
+    for stage in STAGES:
+        assert set(stage.outputs) | set(stage.inputs) <= known, stage.name
+    by_name = {s.name: s for s in STAGES}
+    cfg = load_config("tiny", {"ppo.mode": "rloo"})
+    assert by_name["ppo"].outputs_for(cfg) == ("models/rm/manifest.json", "models/rloo/manifest.json")
+    assert by_name["sl"].outputs == ("data/sl/manifest.json",)
+
+
+def test_one_dataset_hash_and_the_dpo_preferences_hash_is_unchanged(tmp_path):
+    import re
+    from pathlib import Path
+
+    import datasets
+
+    from cai_dpo.store import dataset_hash, file_hash
+    from cai_dpo.training import artifact_hash
+
+    folder = tmp_path / "prefs"
+    datasets.Dataset.from_list([{"a": 1}, {"a": 2}]).save_to_disk(str(folder))
+    (folder / "manifest.json").write_text("{}")
+    before = dataset_hash(folder), artifact_hash(folder)
+    # what DPO hashed its preferences with before (the dataset's files, its manifest left out)
+    old = content_hash(
+        [(p.name, file_hash(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"]
+    )
+    assert artifact_hash(folder) == old
+    (folder / "manifest.json").write_text('{"created": "later"}')
+    assert (dataset_hash(folder), artifact_hash(folder)) == before
+    src = Path(__file__).resolve().parent.parent / "cai_dpo"
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    assert len(re.findall(r"^def dataset_hash\(", text, re.M)) == 1
+    assert len(re.findall(r"^def load_preferences\(", text, re.M)) == 1

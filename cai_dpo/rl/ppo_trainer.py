@@ -55,7 +55,7 @@ from cai_dpo.rl.ppo_math import (
     value_loss,
     whiten,
 )
-from cai_dpo.rl.reward import Conversation, RewardFn
+from cai_dpo.rl.reward import RewardFn
 from cai_dpo.rl.rollout import (
     PtxBatches,
     Rollout,
@@ -66,6 +66,7 @@ from cai_dpo.rl.rollout import (
     step_prompts,
     token_values,
 )
+from cai_dpo.schema import Conversation
 from cai_dpo.store import atomic_dir
 
 if TYPE_CHECKING:

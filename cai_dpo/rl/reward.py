@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from cai_dpo.config import ModelSpec
+from cai_dpo.schema import Conversation, PromptLike, as_conversation
 from cai_dpo.store import RunStore
 
-Conversation = list[dict[str, str]]
-PromptLike = str | Conversation
 #: A programmatic reward: ``reward_fn(prompts, responses) -> one float per response`` (prompts as user-text strings).
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 #: Scorer settings written beside a trained preference model (``max_length``, chat template, load spec).
@@ -29,13 +28,6 @@ SCORER_NOTE = "cai_dpo_rm.json"
 
 
 # --------------------------------------------------------------------------- text
-
-
-def as_conversation(prompt: PromptLike) -> Conversation:
-    """A prompt as a list of chat messages (a plain string becomes one user turn)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
 def prompt_text(prompt: PromptLike) -> str:
@@ -85,7 +77,7 @@ def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int
 
 def sft_adapter(run: RunStore) -> Path | None:
     """``models/sft`` when the SL-CAI adapter exists there."""
-    path = run.root / "models" / "sft"
+    path = run.sft_adapter
     return path if (path / "adapter_config.json").exists() else None
 
 

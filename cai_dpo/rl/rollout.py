@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cai_dpo.errors import InputError
-from cai_dpo.rl.reward import Conversation
+from cai_dpo.schema import Conversation
 
 if TYPE_CHECKING:
     import torch

@@ -35,6 +35,7 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import PromptFileError
 from cai_dpo.errors import InputError
+from cai_dpo.schema import as_conversation
 from cai_dpo.scorers import (
     KINDS,
     JudgeScorer,
@@ -46,7 +47,7 @@ from cai_dpo.scorers import (
     measure,
     train_probe,
 )
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
+from cai_dpo.store import MANIFEST, Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _parse_row(row: dict[str, Any], file: Path, line: int, source: str, row_kind
                 row_kind=row_kind,
             )
         if isinstance(prompt, str) and prompt.strip():
-            prompt_turns = [{"role": "user", "content": prompt.strip()}]
+            prompt_turns = as_conversation(prompt.strip())
         elif (
             isinstance(prompt, list)
             and prompt
@@ -169,7 +170,7 @@ def load_rows(spec: str, run: RunStore) -> list[dict[str, Any]]:
     from cai_dpo.data import _jsonl_objects
 
     if spec == "sl":
-        path = run.root / "data" / "sl"
+        path = run.sl_data
         if not (path / "dataset_info.json").exists():
             raise FileNotFoundError(
                 f"{path}: SL-CAI dataset not found; run the sl stage first (cai-dpo sl) or set curate.sources"
@@ -234,9 +235,7 @@ def policy_answers(
     size = max(1, sampling.batch_size or 32)
     for start in range(0, len(todo), size):  # stored per chunk: a kill loses at most the chunk in flight
         part = todo[start : start + size]
-        gens = engine.generate(
-            [[{"role": "user", "content": e.prompt}] for e in part], sampling, desc="curate policy answers"
-        )
+        gens = engine.generate([as_conversation(e.prompt) for e in part], sampling, desc="curate policy answers")
         new = [
             {
                 "key": keys[e.id],
@@ -562,7 +561,7 @@ def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = Non
         inputs["constitution_fingerprint"] = constitution.fingerprint()
         if curated_hash:
             inputs["curated_set"] = f"{c.curated_set}#{curated_hash}"
-        final = run.data_dir("curated")
+        final = run.curated_data
         with atomic_dir(final) as tmp:
             _dataset(out_rows).save_to_disk(str(tmp))
             timings["model_load"] = models.load_seconds
@@ -597,7 +596,7 @@ def _source_hash(spec: str, run: RunStore) -> str:
     from cai_dpo.config import resolve_path
 
     if spec == "sl":
-        m = run.root / "data" / "sl" / "manifest.json"
+        m = run.sl_data / MANIFEST
         return file_hash(m) if m.exists() else ""
     if spec == "bundled:curated":
         return _curated_hash(spec)

@@ -72,7 +72,6 @@ from cai_dpo.config import ConfigError, DPOSection, RunConfig, save_config, to_d
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.labels import preferences_path
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -83,8 +82,9 @@ from cai_dpo.models import (
     merge_adapter,
     write_adapter,
 )
+from cai_dpo.preferences import load_preferences, preferences_path
 from cai_dpo.splits import split_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, read_manifest
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, locked_stage, read_manifest
 from cai_dpo.training import (
     artifact_current,
     artifact_hash,
@@ -360,13 +360,6 @@ def _trainer_class() -> type:
 # --------------------------------------------------------------------------- data
 
 
-def dataset_hash(folder: Path) -> str:
-    """Hash of a saved dataset's data files (its manifest, which holds a timestamp, is left out)."""
-    folder = Path(folder)
-    parts = [(p.name, file_hash(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"]
-    return content_hash(parts)
-
-
 def _messages(value: Any, role: str) -> Any:
     """A conversation list as stored, or a plain string wrapped as one message."""
     if isinstance(value, str):
@@ -434,21 +427,6 @@ def training_rows(
             "dropped_empty": check_counts["dropped_empty"],
         },
     )
-
-
-def load_preferences(run: RunStore, preferences: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
-    """Rows of the run's preference dataset (merged when present) or of ``preferences``."""
-    import datasets
-
-    path = Path(preferences) if preferences is not None else preferences_path(run)
-    if not (path / "dataset_info.json").exists():
-        raise FileNotFoundError(
-            f"{path}: preference dataset not found; run `cai-dpo judge` (and `cai-dpo labels` for human labels) first"
-        )
-    records = datasets.load_from_disk(str(path)).to_list()
-    if not records:
-        raise InputError(f"{path}: the preference dataset is empty; rerun the pairs and judge stages with more prompts")
-    return records, path
 
 
 # --------------------------------------------------------------------------- models
@@ -615,11 +593,11 @@ def run_dpo(
     from trl import DPOConfig as TrlDPOConfig
 
     run = run or RunStore(cfg.run_dir)
-    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    validate_dpo_config(cfg.dpo, source=str(run.config_file))
     threads = set_threads(cfg.threads)
-    out_dir = Path(out_dir) if out_dir is not None else run.model_dir("dpo")
-    if start_adapter is None and (run.model_dir("sft") / "adapter_config.json").exists():
-        start_adapter = run.model_dir("sft")
+    out_dir = Path(out_dir) if out_dir is not None else run.dpo_adapter
+    if start_adapter is None and (run.sft_adapter / "adapter_config.json").exists():
+        start_adapter = run.sft_adapter
     records, pref_path = load_preferences(run, preferences)
     prepared = training_rows(
         records,
@@ -631,7 +609,7 @@ def run_dpo(
     if not prepared.rows:
         raise InputError(f"{pref_path}: no usable pairs (all ties in hard label mode); use dpo.label_mode=soft")
     train_rows, eval_rows = split_by_prompt(prepared.rows, cfg.dpo.eval_fraction, cfg.seed)
-    pref_hash = dataset_hash(pref_path)
+    pref_hash = artifact_hash(pref_path)  # the dataset's files, its manifest left out
     start_hash = artifact_hash(start_adapter) if start_adapter is not None else ""
 
     note = {
@@ -654,7 +632,7 @@ def run_dpo(
         start = prepare_policy(cfg, start_adapter)
     timings["model_load"] = t_load.seconds
 
-    ckpt_dir = run.root / "checkpoints" / out_dir.name
+    ckpt_dir = run.checkpoint_dir(out_dir.name)
     resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
     args = trl_config(
@@ -792,14 +770,12 @@ RoundStage = Callable[[RunConfig, RunStore], Any]
 def round_config(cfg: RunConfig, run: RunStore, round_no: int) -> RunConfig:
     """The config of round ``round_no`` >= 2: its own run folder, fresh samples, the run's label queue."""
     sub = copy.deepcopy(cfg)
-    sub.runs_dir = str(run.root / "dpo_rounds")
+    sub.runs_dir = str(run.dpo_rounds)
     sub.run_id = f"round-{round_no}"
     sub.seed = cfg.seed + round_no - 1
     sub.pairs.source = "judged_samples"  # new on-policy samples; revision pairs do not depend on the policy
     sub.pairs.sampling.seed = cfg.pairs.sampling.seed + round_no - 1
-    sub.labels.db_path = str(
-        Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.root / "labels.sqlite"
-    )
+    sub.labels.db_path = str(Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.labels_db)
     return sub
 
 
@@ -856,20 +832,20 @@ def run_iterative_dpo(
         raise ConfigError("dpo.rounds must be >= 1")
     if total == 1:
         return run_dpo(cfg, run, callbacks=callbacks)
-    validate_dpo_config(cfg.dpo, source=str(run.root / "config.yaml"))
+    validate_dpo_config(cfg.dpo, source=str(run.config_file))
     sample = sample or _default_stage("cai_dpo.stages.pairs", "run_pairs")
     judge = judge or _default_stage("cai_dpo.stages.judge", "run_judge")
     label = label or _default_stage("cai_dpo.labels", "run_labels")
 
     with Timer() as t_total:
-        first = RunStore(run.root / "dpo_rounds" / "round-1")
-        adapter = run_dpo(cfg, run, out_dir=first.model_dir("dpo"), callbacks=callbacks)
+        first = RunStore(run.dpo_rounds / "round-1")
+        adapter = run_dpo(cfg, run, out_dir=first.dpo_adapter, callbacks=callbacks)
         figures = [{"round": 1, **_round_figures(adapter, preferences_path(run), {})}]
         for r in range(2, total + 1):
             sub_cfg = round_config(cfg, run, r)
             sub = RunStore(sub_cfg.run_dir)
-            save_config(sub_cfg, sub.path("config.yaml"))
-            _copy_adapter(adapter, sub.model_dir("sft"))
+            save_config(sub_cfg, sub.config_file)
+            _copy_adapter(adapter, sub.sft_adapter)
             seconds: dict[str, float] = {}
             for name, stage in (("sample", sample), ("judge", judge), ("label", label)):
                 with Timer() as t:
@@ -880,18 +856,18 @@ def run_iterative_dpo(
                 sub_cfg,
                 sub,
                 preferences=pref,
-                start_adapter=sub.model_dir("sft"),
-                out_dir=sub.model_dir("dpo"),
+                start_adapter=sub.sft_adapter,
+                out_dir=sub.dpo_adapter,
                 callbacks=callbacks,
             )
             figures.append({"round": r, **_round_figures(adapter, pref, seconds)})
             log.info("DPO round %d/%d done: %s", r, total, adapter)
 
-    out = run.model_dir("dpo")
+    out = run.dpo_adapter
     with atomic_dir(out) as tmp:  # adapter, merged weights and manifest in one atomic step
         _copy_adapter_into(adapter, tmp, out)
         merged_dir = (
-            save_merged(tmp, run.model_dir("dpo-merged"), source=out)
+            save_merged(tmp, run.dpo_merged, source=out)
             if cfg.dpo.merge and cfg.policy.quantization == "none"
             else None
         )

@@ -56,7 +56,9 @@ from cai_dpo.config import ModelSpec, RunConfig, to_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
+from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
+    MANIFEST,
     Manifest,
     RunStore,
     Timer,
@@ -165,7 +167,6 @@ def _template_for(prompt_id: str, templates: Sequence[dict[str, str]]) -> dict[s
 
 def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Sequence[str]) -> list[EvalItem]:
     """Conversations for every red-team prompt × condition and every helpful prompt."""
-    from cai_dpo.data import to_conversation
 
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown or not conditions:
@@ -179,10 +180,10 @@ def build_items(red_team: Sequence[Any], helpful: Sequence[Any], conditions: Seq
             text = p.text
             if "jailbreak" in cond:
                 text = _template_for(p.id, templates)["text"].replace("{prompt}", p.text)
-            conv = to_conversation(text, system=system if "system" in cond else None)
+            conv = as_conversation(text, system=system if "system" in cond else None)
             items.append(EvalItem(p.id, "red_team", cond, p.text, conv, set="red_team", kind="harmful"))
     for p in helpful:
-        items.append(EvalItem(p.id, "helpful", "plain", p.text, to_conversation(p.text), set="helpful", kind="benign"))
+        items.append(EvalItem(p.id, "helpful", "plain", p.text, as_conversation(p.text), set="helpful", kind="benign"))
     return items
 
 
@@ -193,7 +194,6 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
     A missing set is not an error: the evaluation runs without it and ``notes`` says so.
     """
     from cai_dpo.curated import load_curated
-    from cai_dpo.data import to_conversation
 
     if not cfg.eval.curated:
         notes.append("curated held-out split: not configured (eval.curated is null)")
@@ -218,7 +218,7 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
                 "curated",
                 "plain",
                 e.prompt,
-                to_conversation(e.prompt),
+                as_conversation(e.prompt),
                 set="curated",
                 kind=kind,
                 sensitive=e.sensitive_sounding,
@@ -235,7 +235,6 @@ def curated_items(cfg: RunConfig, notes: list[str]) -> list[EvalItem]:
 def benchmark_items(cfg: RunConfig) -> list[EvalItem]:
     """Items of every ``eval.benchmarks`` file (errors name the file and field)."""
     from cai_dpo.benchmarks import benchmark_name, load_benchmark
-    from cai_dpo.data import to_conversation
 
     out = []
     for spec in cfg.eval.benchmarks:
@@ -247,7 +246,7 @@ def benchmark_items(cfg: RunConfig) -> list[EvalItem]:
                     f"benchmark:{name}",
                     "plain",
                     b.prompt.text,
-                    to_conversation(b.prompt.text),
+                    as_conversation(b.prompt.text),
                     set=f"benchmark:{name}",
                     kind=b.kind,
                 )
@@ -286,7 +285,7 @@ def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
     base = dataclasses.replace(cfg.policy, adapter=None)
     models = {REFERENCE: base}
     for name in ("sft", "dpo", "ppo", "rloo"):
-        folder = run.root / "models" / name
+        folder = run.model_dir(name)
         if (folder / "adapter_config.json").exists():
             models[name] = dataclasses.replace(base, adapter=str(folder))
     for extra in cfg.eval.extra_models:
@@ -496,7 +495,7 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
 
     spec = cfg.eval_judge_model()
     name = describe(spec)
-    man_path = run.root / "data" / "preferences" / "manifest.json"
+    man_path = run.preferences / MANIFEST
     if man_path.exists():
         try:
             man = json.loads(man_path.read_text())
@@ -975,7 +974,7 @@ def run_eval(
         )
 
     pm = None
-    rm_dir = run.root / "models" / "rm"
+    rm_dir = run.preference_model
     if (rm_dir / "adapter_config.json").exists() or (rm_dir / "config.json").exists():
         with Timer() as t:
             red_items = [i for i, it in enumerate(items) if it.source == "red_team"]
@@ -990,7 +989,7 @@ def run_eval(
     results = compute_results(
         names, specs, items, responses, jobs, judgments, pm, cfg, reference, gate=gate, judge_status=status, notes=notes
     )
-    out_dir = run.root / "eval"
+    out_dir = run.eval_dir
     with atomic_dir(out_dir) as tmp:  # responses, judgments, results and manifest in one atomic step
         write_jsonl(
             tmp / "responses.jsonl",

@@ -48,6 +48,7 @@ from cai_dpo.judging import (
     to_verdict,
 )
 from cai_dpo.pairs_io import load_pairs, pairs_path
+from cai_dpo.schema import Pair, PreferenceRow, as_conversation
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _wants_verdict(pair: dict[str, Any], jc: JudgeSection) -> bool:
     return True
 
 
-def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None, curated_p: float = 1.0) -> dict[str, Any]:
+def _pref_row(pair: Pair, judge_name: str, verdict: Verdict | None, curated_p: float = 1.0) -> PreferenceRow:
     """One ``data/preferences`` row from a pair and (when judged) its verdict
     (``curated_p``: a curated pair's label)."""
     nan = float("nan")
@@ -113,7 +114,7 @@ def _pref_row(pair: dict[str, Any], judge_name: str, verdict: Verdict | None, cu
             per = [1.0 - x for x in verdict.per_principle]
         ids = verdict.principle_ids
     return {
-        "prompt": [{"role": "user", "content": pair["prompt"]}],
+        "prompt": as_conversation(pair["prompt"]),
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         "p_chosen": float(p),
@@ -280,7 +281,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         "calibrated": calibration is not None,
     }
     timings["seconds"] = total.seconds
-    final = run.data_dir("preferences")
+    final = run.preferences
     with atomic_dir(final) as tmp:
         datasets.Dataset.from_list(rows, features=preference_features()).save_to_disk(str(tmp))
         Manifest(

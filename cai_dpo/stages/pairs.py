@@ -42,6 +42,7 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.pairs_io import PAIRS_FILE
+from cai_dpo.schema import Pair, as_conversation
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def dedupe_samples(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return out, flags
 
 
-def pairs_from_samples(record: dict[str, Any], max_pairs: int, seed: int = 0) -> list[dict[str, Any]]:
+def pairs_from_samples(record: dict[str, Any], max_pairs: int, seed: int = 0) -> list[Pair]:
     """Pairs from one prompt record's distinct samples (mixed-temperature pairs first, seeded)."""
     distinct, _ = dedupe_samples(record["samples"])
     combos = list(itertools.combinations(range(len(distinct)), 2))
@@ -155,7 +156,7 @@ def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
     from cai_dpo.models import describe
     from cai_dpo.served import is_served
 
-    sft = run.root / "models" / "sft"
+    sft = run.sft_adapter
     adapter = str(sft) if (sft / "adapter_config.json").exists() and not is_served(cfg.policy) else None
     model_id = describe(cfg.policy) + (f" + sft@{file_hash(sft)}" if adapter else "")
     return cfg.policy, adapter, model_id
@@ -261,7 +262,7 @@ def sample_records(
 # --------------------------------------------------------------------------- revision pairs
 
 
-def revision_pairs(run: RunStore) -> tuple[list[dict[str, Any]], Counter[str]]:
+def revision_pairs(run: RunStore) -> tuple[list[Pair], Counter[str]]:
     """Chosen = final revision, rejected = initial answer, from ``records/sl``; skip counts by reason."""
     records = run.records("sl").records()
     out, skipped = [], Counter()
@@ -357,7 +358,7 @@ def curated_records(
             part = todo[start : start + chunk]
             with Timer() as t:
                 gens = engine.generate(
-                    [[{"role": "user", "content": e.prompt}] for _, e in part], sampling, n=1, desc="pairs curated"
+                    [as_conversation(e.prompt) for _, e in part], sampling, n=1, desc="pairs curated"
                 )
             stats["seconds"] += t.seconds
             records = []
@@ -397,7 +398,7 @@ def rejected_records(examples: list[Any], answered: list[Any], records: list[dic
     return [by_id.get(e.id) or {"text": declines[e.id], "model": "decline", "finished": True} for e in examples]
 
 
-def curated_pairs(examples: list[Any], records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+def curated_pairs(examples: list[Any], records: list[dict[str, Any]]) -> tuple[list[Pair], Counter[str]]:
     """Chosen = curated response, rejected = the policy's answer; skip counts (``empty``, ``identical``)."""
     out, skipped = [], Counter()
     for e, rec in zip(examples, records):
@@ -555,7 +556,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         if "revision_vs_original" in wanted:
             revision, skipped = revision_pairs(run)
             counts["revision_skipped"] = dict(skipped)
-            sl_dir = run.root / "records" / "sl"
+            sl_dir = run.records_dir("sl")
             if not revision:
                 raise InputError(
                     f"{sl_dir}: no usable SL records (final revision differing from the initial answer); "
@@ -637,7 +638,7 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     if selected:
         counts["revision_share_selected"] = sum(r["source"] == "revision_vs_original" for r in selected) / len(selected)
         counts["share_selected"] = {s: n / len(selected) for s, n in counts["selected_by_source"].items()}
-    out = run.data_dir("pairs")
+    out = run.pairs
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / PAIRS_FILE, rows)
         Manifest(

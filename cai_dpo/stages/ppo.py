@@ -47,8 +47,9 @@ import numpy as np
 from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, last_ppo_checkpoint
-from cai_dpo.rl.reward import Conversation, RewardFn, RewardScorer, as_conversation, prompt_text, rm_spec, sft_adapter
+from cai_dpo.rl.reward import RewardFn, RewardScorer, prompt_text, rm_spec, sft_adapter
 from cai_dpo.rl.rollout import PtxBatches
+from cai_dpo.schema import Conversation, as_conversation
 from cai_dpo.store import (
     Manifest,
     RunStore,
@@ -93,7 +94,7 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     configured prompt sets (train split)."""
     from datasets import load_from_disk
 
-    from cai_dpo.labels import preferences_path
+    from cai_dpo.preferences import preferences_path
 
     seen: dict[str, Conversation] = {}
     pref = preferences_path(run)
@@ -107,17 +108,17 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
         for p in ds["prompt"]:
             conv = as_conversation(p)
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
-    elif (run.root / "data" / "sl").exists():
-        for msgs in load_from_disk(str(run.root / "data" / "sl"))["messages"]:
+    elif run.sl_data.exists():
+        for msgs in load_from_disk(str(run.sl_data))["messages"]:
             conv = as_conversation([m for m in msgs[:-1]])
             seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     else:
-        from cai_dpo.data import load_prompts, split_prompts, to_conversation
+        from cai_dpo.data import load_prompts, split_prompts
 
         for spec, limit in ((cfg.data.red_team, cfg.data.red_team_limit), (cfg.data.helpful, cfg.data.helpful_limit)):
             prompts = split_prompts(load_prompts(spec), "train")[: limit or None]
             for p in prompts:
-                conv = to_conversation(p.text)
+                conv = as_conversation(p.text)
                 seen.setdefault(json.dumps(conv, sort_keys=True), conv)
     if not seen:
         raise InputError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")
@@ -217,7 +218,7 @@ def load_value_model(
 
 def reward_model_dir(run: RunStore) -> Path:
     """``models/rm``; a missing one raises naming the fix."""
-    rm_dir = run.root / "models" / "rm"
+    rm_dir = run.preference_model
     if not rm_dir.exists():
         raise FileNotFoundError(f"{rm_dir}: no preference model; run `cai-dpo rm` first (or pass reward_fn=)")
     return rm_dir
@@ -266,7 +267,7 @@ def training_note(
         "sft_adapter": [artifact_hash(m) for m in merge],
         "reward": artifact_hash(rm_dir) if rm_dir is not None else "programmatic",
     }
-    sl_dir = run.root / "data" / "sl"
+    sl_dir = run.sl_data
     if mode == "ppo" and cfg.ppo.ptx_coef > 0 and sl_dir.exists():
         note["ptx_data"] = artifact_hash(sl_dir)
     return note, {k: getattr(cfg.ppo, k) for k in _LENGTH_KEYS}
@@ -303,7 +304,7 @@ def run_ppo(
     rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
     note, target = training_note(cfg, run, prompts, rm_dir, merge, "ppo")
-    out_dir = run.model_dir("ppo")
+    out_dir = run.ppo_adapter
     if resume and artifact_current(out_dir, note, target):
         log.info("PPO adapter in %s is up to date (same prompts, preference model, SFT adapter and settings)", out_dir)
         return out_dir
@@ -314,15 +315,13 @@ def run_ppo(
     timings: dict[str, float] = {}
     with Timer() as t_load:
         policy, tok, merge = load_policy(cfg, run)
-        value_model, value_note = load_value_model(
-            cfg, run, tok, merge, rm_dir if rm_dir else run.root / "models" / "rm"
-        )
+        value_model, value_note = load_value_model(cfg, run, tok, merge, rm_dir if rm_dir else run.preference_model)
     timings["load_s"] = t_load.seconds
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         from datasets import load_from_disk
 
-        sl_dir = run.root / "data" / "sl"
+        sl_dir = run.sl_data
         if not sl_dir.exists():
             raise FileNotFoundError(
                 f"{sl_dir}: ppo.ptx_coef > 0 needs the SL-CAI dataset; run `cai-dpo sl` or set ppo.ptx_coef=0"
@@ -337,7 +336,7 @@ def run_ppo(
         )
     trainer = CaiPPOTrainer(cfg, policy, tok, value_model, reward, prompts, ptx=ptx, progress=progress)
 
-    ckpt_root = run.path("checkpoints", "ppo")
+    ckpt_root = run.checkpoint_dir("ppo")
     metrics_dir = run.metrics_dir("ppo")
     log_path = metrics_dir / "log.csv"
     resumed_from = None
@@ -517,12 +516,12 @@ def run_rloo(
     )
 
     pc = cfg.ppo
-    validate_rloo(pc, source=str(run.root / "config.yaml"))
+    validate_rloo(pc, source=str(run.config_file))
     k = pc.rloo_k
     rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
     note, target = training_note(cfg, run, prompts, rm_dir, merge, "rloo")
-    out_dir = run.model_dir("rloo")
+    out_dir = run.rloo_adapter
     if resume and artifact_current(out_dir, note, target):
         log.info("RLOO adapter in %s is up to date; nothing to train", out_dir)
         return out_dir
@@ -544,7 +543,7 @@ def run_rloo(
         return [float(s) - p for s, p in zip(reward(prompts, texts), penalties)]
 
     section = dataclasses.replace(pc, save_steps=pc.save_steps * steps_per_gen * pc.ppo_epochs)
-    ckpt = run.path("checkpoints", "rloo")
+    ckpt = run.checkpoint_dir("rloo")
     if not resume and ckpt.exists():
         shutil.rmtree(ckpt)
     resume_from = resume_checkpoint(ckpt, note)

@@ -36,8 +36,7 @@ import numpy as np
 
 from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
-from cai_dpo.labels import preferences_path
-from cai_dpo.preferences import check_preference_rows
+from cai_dpo.preferences import check_preference_rows, load_preferences
 from cai_dpo.rl.reward import (
     SCORER_NOTE,
     RewardScorer,
@@ -114,19 +113,6 @@ def preference_metrics(
 
 
 # --------------------------------------------------------------------------- data
-
-
-def load_preferences(run: RunStore) -> tuple[Any, Path]:
-    """The run's preference dataset and where it came from; a missing one raises naming the fix."""
-    from datasets import load_from_disk
-
-    path = preferences_path(run)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no preference data; run `cai-dpo judge` (and optionally `cai-dpo labels`) first, "
-            "or pass preferences= to run_rm"
-        )
-    return load_from_disk(str(path)), path
 
 
 def _helpful_texts(cfg: RunConfig) -> set[str]:
@@ -367,8 +353,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     set_threads(cfg.threads)
     timings: dict[str, float] = {}
     if preferences is None:
-        data, source = load_preferences(run)
-        rows = list(data)
+        rows, source = load_preferences(run)
         pref_hash = artifact_hash(source)
         inputs = {"preferences": f"{source.name}:{pref_hash}"}
     else:
@@ -390,7 +375,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         "seed": cfg.seed,
     }
     target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
-    out_dir = run.model_dir("rm")
+    out_dir = run.preference_model
     if artifact_current(out_dir, note, target):
         log.info(
             "preference model in %s is up to date (same preferences, backbone and settings); nothing to train", out_dir
@@ -426,7 +411,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     )
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    ckpt_dir = run.path("checkpoints", "rm")
+    ckpt_dir = run.checkpoint_dir("rm")
     resume = resume_checkpoint(ckpt_dir, note)
     collator_cls, trainer_cls = _trainer_classes()
     args = trl_config(

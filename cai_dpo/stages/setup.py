@@ -42,7 +42,7 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     from cai_dpo.models import describe, resolve_model_path
 
     run = run or RunStore(cfg.run_dir)
-    final = run.path("constitution")
+    final = run.constitution
     with atomic_dir(final) as out:  # constitution copy, case results and manifest in one atomic step
         timings: dict[str, float] = {}
         with Timer() as t:

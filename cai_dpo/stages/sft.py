@@ -39,7 +39,7 @@ from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.splits import split_indices_by_prompt
-from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
+from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, dataset_hash, file_hash, locked_stage
 from cai_dpo.training import (
     artifact_current,
     example_weights,
@@ -228,7 +228,7 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
         info["counts"]["curated_harmful"] = sum(r["kind"] == "harmful" for r in curated)
         info["counts"]["curated_benign"] = sum(r["kind"] == "benign" for r in curated)
     if sc.data == "curate":
-        data_dir = run.data_dir("curated")
+        data_dir = run.curated_data
         rows = _curate_rows(data_dir)
         kinds = [r for r in rows if r["kind"] in ("harmful", "benign")]
         kept = {id(r) for r in rebalance_kinds(kinds, sc.curated_harmful_ratio, cfg.seed)}
@@ -237,7 +237,7 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
         info["counts"]["curated_harmful"] = sum(r["kind"] == "harmful" for r in rows)
         info["counts"]["curated_benign"] = sum(r["kind"] == "benign" for r in rows)
     if sc.data in ("sl", "both"):
-        data_dir = run.data_dir("sl")
+        data_dir = run.sl_data
         sl = _sl_rows(data_dir)
         info["inputs"]["data/sl"] = dataset_hash(data_dir)
         if sc.data == "both" and sc.sl_share is not None:
@@ -354,14 +354,6 @@ def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | Non
     return dataset.select(train), dataset.select(held)
 
 
-def dataset_hash(folder: Path) -> str:
-    """Content hash of a saved dataset's Arrow data (not its manifest or cache files)."""
-    files = sorted(Path(folder).glob("data-*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no data-*.arrow files; is this a dataset saved with save_to_disk?")
-    return content_hash([file_hash(f) for f in files])
-
-
 @locked_stage
 def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Train the SL-CAI adapter on the rows of ``sft.data`` (see :func:`build_rows`); returns ``models/sft``."""
@@ -377,7 +369,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     settings = {k: v for k, v in to_dict(cfg.sft).items() if k not in ("max_steps", "epochs", "save_steps", "merge")}
     note = {"data": data_hash, "sft": settings, "policy": to_dict(spec), "seed": cfg.seed}
     target = {"max_steps": cfg.sft.max_steps, "epochs": cfg.sft.epochs, "merge": cfg.sft.merge}
-    out = run.model_dir("sft")
+    out = run.sft_adapter
     if artifact_current(out, note, target):
         log.info("SL-CAI adapter in %s is up to date (same data and settings); nothing to train", out)
         return out
@@ -393,7 +385,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     dataset, loss_mode = prepare_dataset(dataset, tokenizer)
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 
-    ckpt_dir = run.root / "checkpoints" / "sft"
+    ckpt_dir = run.checkpoint_dir("sft")
     resume = resume_checkpoint(ckpt_dir, note)
     sft_args = trl_config(
         SFTConfig,
@@ -488,7 +480,7 @@ def _save_merged(
         spec = dataclasses.replace(cfg.policy, adapter=None, quantization="none")
         model, tokenizer = load_model(spec, adapter=str(staged or adapter_dir))
     merged = merge_adapter(model)
-    out = run.model_dir("sft-merged")
+    out = run.sft_merged
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

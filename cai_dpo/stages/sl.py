@@ -48,11 +48,10 @@ from cai_dpo.data import name_prompt_error
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
+from cai_dpo.schema import Conversation, as_conversation
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage, write_jsonl
 
 log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
 
 #: Appended to every revision request so the model answers with the new text only.
 REVISION_SUFFIX = " Reply with the new answer only."
@@ -146,7 +145,7 @@ def _revision_request(principle: Any, prompt: str, response: str, critique: str)
 def _context(prompt: str | Conversation) -> tuple[Conversation, str]:
     """Chat turns before the answer, and the prompt text for ``{prompt}`` placeholders."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}], prompt
+        return as_conversation(prompt), prompt
     turns = [dict(m) for m in prompt]
     users = [m["content"] for m in turns if m["role"] == "user"]
     return turns, users[-1] if users else ""
@@ -557,7 +556,7 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
             state.round_phase(rnd, "revision")
 
         records = [state.prompt_record(p) for p in state.red]
-        with atomic_dir(run.root / "records" / "sl") as tmp:
+        with atomic_dir(run.records_dir("sl")) as tmp:
             write_jsonl(tmp / "shard-00000000000000000000-final.jsonl", records)
 
         rows = [
@@ -587,7 +586,7 @@ def run_sl(cfg: RunConfig, run: RunStore | None = None) -> Path:
         engines = [e.engine for e in dict.fromkeys([state.engine, state.teacher]) if e.engine is not None]
         stats = _sum_stats([e.stats for e in engines]) if engines else None
         quality = _quality(records, cfg.sl.rounds)
-        out = run.data_dir("sl")
+        out = run.sl_data
         manifest = Manifest(
             stage="sl",
             config=to_dict(cfg),
