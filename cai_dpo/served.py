@@ -523,7 +523,8 @@ def llama_cpp_server(
 
     if importlib.util.find_spec("llama_cpp") is None:
         raise ServedModelError(
-            "llama-cpp-python is not installed; pip install 'cai-dpo[served]' (or llama-cpp-python[server])"
+            "llama-cpp-python is not installed; run `make served` (the `served` extra, built with "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF")'
         )
     port = port or _free_port()
     log_file = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])

@@ -335,7 +335,7 @@ SERVED_ID = "smollm2"
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """llama.cpp's server (llama-cpp-python) on the embedded GGUF, on a free port; stopped at the end."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[served]')")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make served)")
     from cai_dpo.models import embedded_gguf_path
     from cai_dpo.served import llama_cpp_server
 
@@ -446,7 +446,7 @@ def test_generate_file_records_the_served_model(llama_server, tmp_path, tiny_cfg
 
 @pytest.mark.slow
 def test_llama_server_that_cannot_start_is_reported(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[served]')")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make served)")
     from cai_dpo.served import llama_cpp_server
 
     bad = tmp_path / "not-a-model.gguf"
