@@ -1064,6 +1064,15 @@ class RMSection(TrainingSection):
         default=384,
         metadata={"help": "Tokens; each (prompt, response) text is truncated to this (>= 1)"},
     )
+    response_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens (>= 1); score only the first N tokens of every response, in training and when PPO and "
+            "evaluation score with the model, so a chosen answer that is complete and a rejected one cut at the "
+            "sampling limit cannot be told apart by length; set it to ppo.sampling.max_new_tokens; null: whole "
+            "responses"
+        },
+    )
     center_rewards_coefficient: float | None = field(
         default=None,
         metadata={
@@ -1094,6 +1103,7 @@ class RMSection(TrainingSection):
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
         return super().problems() + _failed(
             ("helpful_mix", self.helpful_mix is None or 0 <= self.helpful_mix < 1, "must be in [0, 1) or null"),
+            ("response_tokens", _optional_at_least(self.response_tokens, 1), "must be >= 1 or null"),
             (
                 "center_rewards_coefficient",
                 _optional_at_least(self.center_rewards_coefficient, 0),

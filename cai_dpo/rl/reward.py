@@ -59,9 +59,20 @@ def rm_text(tokenizer: Any, prompt: PromptLike, response: str) -> str:
     return "\n\n".join(turns + [f"Assistant: {response}"])
 
 
-def encode_rm(tokenizer: Any, prompt: PromptLike, response: str, max_length: int) -> list[int]:
-    """Token ids of :func:`rm_text`, cut from the left to ``max_length`` (the response end is kept)."""
-    text = rm_text(tokenizer, prompt, response)
+def first_tokens(tokenizer: Any, text: str, n: int | None) -> str:
+    """``text`` cut to its first ``n`` tokens (``None``: unchanged)."""
+    if n is None:
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= n else tokenizer.decode(ids[:n])
+
+
+def encode_rm(
+    tokenizer: Any, prompt: PromptLike, response: str, max_length: int, response_tokens: int | None = None
+) -> list[int]:
+    """Token ids of :func:`rm_text`, cut from the left to ``max_length`` (the response end is kept);
+    ``response_tokens``: the response is first cut to that many tokens (see ``rm.response_tokens``)."""
+    text = rm_text(tokenizer, prompt, first_tokens(tokenizer, response, response_tokens))
     chat = uses_chat_template(tokenizer)
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
@@ -124,6 +135,7 @@ class RewardScorer:
             or saved.get("max_length")
             or min(int(getattr(tokenizer, "model_max_length", 1024) or 1024), 1024)
         )
+        self.response_tokens: int | None = saved.get("response_tokens")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -135,7 +147,10 @@ class RewardScorer:
         """Token ids of each pair's scored text."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [encode_rm(self.tokenizer, p, response_text(r), self.max_length) for p, r in zip(prompts, responses)]
+        return [
+            encode_rm(self.tokenizer, p, response_text(r), self.max_length, self.response_tokens)
+            for p, r in zip(prompts, responses)
+        ]
 
     def score_ids(self, seqs: Sequence[list[int]]) -> list[float]:
         """Scalar scores of already-tokenized sequences (length-sorted batches, right padding)."""

@@ -176,7 +176,12 @@ def label_target(p: Any, mode: str) -> float | None:
 
 
 def tokenize_pairs(
-    rows: list[dict[str, Any]], tokenizer: Any, max_length: int, mode: str, weights: Sequence[float] | None = None
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    mode: str,
+    weights: Sequence[float] | None = None,
+    response_tokens: int | None = None,
 ) -> dict[str, list[Any]]:
     """Columns ``chosen_ids``, ``rejected_ids``, ``p_chosen`` (the training target) and ``weight`` for RewardTrainer.
 
@@ -187,8 +192,9 @@ def tokenize_pairs(
         target = label_target(row.get("p_chosen", 1.0), mode)
         if target is None:
             continue
-        out["chosen_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["chosen"]), max_length))
-        out["rejected_ids"].append(encode_rm(tokenizer, row["prompt"], response_text(row["rejected"]), max_length))
+        for side in ("chosen", "rejected"):
+            ids = encode_rm(tokenizer, row["prompt"], response_text(row[side]), max_length, response_tokens)
+            out[f"{side}_ids"].append(ids)
         out["p_chosen"].append(target)
         out["weight"].append(float(weights[i]) if weights is not None else 1.0)
     return out
@@ -393,7 +399,9 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     inputs.update(training_inputs(note, target))
     where = str(source or "preferences")
     train_w = example_weights(train_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where)
-    train_cols = tokenize_pairs(train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode, train_w)
+    train_cols = tokenize_pairs(
+        train_rows, tok, cfg.rm.max_length, cfg.rm.label_mode, train_w, response_tokens=cfg.rm.response_tokens
+    )
     if not train_cols["p_chosen"]:
         raise InputError(
             "preferences: no usable training pairs (all ties in label_mode 'hard'?); use rm.label_mode=soft"
@@ -405,6 +413,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
             cfg.rm.max_length,
             cfg.rm.label_mode,
             example_weights(eval_rows, cfg.rm.weighting, cfg.rm.principle_weights, source=where),
+            response_tokens=cfg.rm.response_tokens,
         )
         if eval_rows
         else None
@@ -457,6 +466,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
             tmp / SCORER_NOTE,
             {
                 "max_length": cfg.rm.max_length,
+                "response_tokens": cfg.rm.response_tokens,
                 "chat_template": uses_chat_template(tok),
                 "spec": {
                     "quantization": bspec.quantization,
