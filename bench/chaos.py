@@ -42,11 +42,11 @@ ENTRY_POINTS = {
     "sft": ("cai_dpo.stages.sft", "run_sft"),
     "pairs": ("cai_dpo.stages.pairs", "run_pairs"),
     "judge": ("cai_dpo.stages.judge", "run_judge"),
-    "labels": ("cai_dpo.labels", "run_labels"),
+    "labels": ("cai_dpo.stages.labels", "run_labels"),
     "dpo": ("cai_dpo.stages.dpo", "run_iterative_dpo"),
     "rm": ("cai_dpo.stages.rm", "run_rm"),
     "ppo": ("cai_dpo.stages.ppo", "run_ppo"),
-    "eval": ("cai_dpo.stages.evaluate", "run_eval"),
+    "eval": ("cai_dpo.stages.eval", "run_eval"),
 }
 # records compared with the reference run byte for byte: record stores and artifact files
 COMPARED = {

@@ -162,8 +162,33 @@ def _add_config_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_config_explain)
 
 
-# --------------------------------------------------------------------------- constitution and SL-CAI
-# (constitution validate|show|import|test, sl, sft)
+# --------------------------------------------------------------------------- setup, constitution and SL-CAI
+# (setup, constitution validate|show|import|test, sl, curate, sft)
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    from cai_dpo.pipeline import open_run
+    from cai_dpo.stages.setup import run_setup
+    from cai_dpo.store import read_manifest
+
+    cfg, run = open_run(args.profile, args.run_id, args.overrides, create=True)  # as notebooks/00_setup does
+    out = run_setup(cfg, run)
+    print(f"run folder: {run.root}")
+    print(f"constitution: {out} ({read_manifest(out)['counts']['principles']} principles)")
+    cases = out / "cases.txt"
+    print(cases.read_text().rstrip() if cases.exists() else "no edge-case file beside this constitution")
+    return 0
+
+
+def _add_setup_command(sub: Any) -> None:
+    """``setup``: the first stage; creates the run folder with its config."""
+    p = sub.add_parser(
+        "setup",
+        help="create the run (config.yaml), prepare the policy model, check the constitution and run its "
+        "edge-case tests -> constitution/",
+    )
+    _config_args(p)
+    p.set_defaults(func=_cmd_setup)
 
 
 def _cmd_sl(args: argparse.Namespace) -> int:
@@ -285,12 +310,13 @@ def _add_constitution_commands(sub: Any) -> Any:
 
 
 def _add_sl_commands(sub: Any) -> None:
+    _add_setup_command(sub)
     _add_constitution_test_command(_add_constitution_commands(sub))
     _add_sl_stage_commands(sub)
 
 
-# --------------------------------------------------------------------------- AI feedback and labels
-# (pairs, judge, labels export|import|status)
+# --------------------------------------------------------------------------- pairs, judge and labels
+# (pairs, judge, labels merge|export|import|status)
 
 
 def _label_queue(args: argparse.Namespace, read_only: bool = False) -> Any:
@@ -331,10 +357,30 @@ def _cmd_labels_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_labels_commands(sub: Any) -> None:
-    labels = sub.add_parser("labels", help="human label queue: export, import, status").add_subparsers(
-        dest="labels_cmd", required=True
+def _cmd_labels_merge(args: argparse.Namespace) -> int:
+    from cai_dpo.stages.labels import run_labels
+    from cai_dpo.store import read_manifest
+
+    out = run_labels(config_from_args(args))
+    counts = read_manifest(out)["counts"]
+    print(
+        f"preferences with human labels: {out} ({counts['rows_out']} rows; {counts['queued_new']} newly queued, "
+        f"{counts['pending']} pending, {counts['overridden']} overridden)"
     )
+    return 0
+
+
+def _add_labels_commands(sub: Any) -> None:
+    """``labels merge`` (the labels stage) and ``labels export|import|status`` (the queue itself)."""
+    labels = sub.add_parser(
+        "labels", help="the labels stage (merge) and the human label queue: export, import, status"
+    ).add_subparsers(dest="labels_cmd", required=True)
+    p = labels.add_parser(
+        "merge",
+        help="route the judge's edge cases into the queue and merge the labels so far -> data/preferences_merged",
+    )
+    _config_args(p)
+    p.set_defaults(func=_cmd_labels_merge)
     for name, func, help_text in (
         ("export", _cmd_labels_export, "write the queue's pairs and labels to a JSONL file"),
         ("import", _cmd_labels_import, "add pairs and labels from a JSONL export (idempotent)"),
@@ -426,7 +472,7 @@ def _add_constitution_test_command(csub: Any) -> None:
     p.set_defaults(func=_cmd_constitution_test)
 
 
-def _add_feedback_commands(sub: Any) -> None:
+def _add_pairs_judge_labels_commands(sub: Any) -> None:
     _add_pairs_judge_commands(sub)
     _add_labels_commands(sub)
 
@@ -523,7 +569,7 @@ def _add_ppo_commands(sub: Any) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cai_dpo.report import render_report
-    from cai_dpo.stages.evaluate import default_models, parse_model_arg, run_eval
+    from cai_dpo.stages.eval import default_models, parse_model_arg, run_eval
     from cai_dpo.store import RunStore
 
     cfg = config_from_args(args)
@@ -624,13 +670,26 @@ def run_summary(cfg: RunConfig, results: list[Any]) -> str:
     return "\n".join(lines)
 
 
+def _stage_arg(text: str) -> str:
+    """A ``--from``/``--only`` value: a stage name (an old name fails with the name that replaced it)."""
+    from cai_dpo.pipeline import check_stage_name
+
+    try:
+        return check_stage_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_pipeline_commands(sub: Any) -> None:
     from cai_dpo.pipeline import stage_names
 
     p = sub.add_parser("run", help="execute the stage notebooks in order with papermill (the whole pipeline)")
     _config_args(p)
-    p.add_argument("--from", dest="from_stage", choices=stage_names(), help="rerun from this stage on")
-    p.add_argument("--only", choices=stage_names(), help="rerun just this stage")
+    names = ", ".join(stage_names())
+    p.add_argument(
+        "--from", dest="from_stage", type=_stage_arg, metavar="STAGE", help=f"rerun from this stage on: {names}"
+    )
+    p.add_argument("--only", type=_stage_arg, metavar="STAGE", help=f"rerun just this stage: {names}")
     p.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel (default: this environment's python3)")
     p.set_defaults(func=_cmd_run)
@@ -674,7 +733,7 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [
     _add_foundation_commands,
     _add_config_commands,
     _add_sl_commands,
-    _add_feedback_commands,
+    _add_pairs_judge_labels_commands,
     _add_dpo_commands,
     _add_ppo_commands,
     _add_eval_commands,
@@ -696,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that write into a run folder: they hold the run's lock while they work
-RUN_COMMANDS = frozenset({"sl", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"})
+RUN_COMMANDS = frozenset({"setup", "sl", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"})
 
 
 def _command_lock(args: argparse.Namespace) -> Any:

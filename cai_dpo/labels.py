@@ -22,7 +22,7 @@ Human revisions: a person may also *write* a better response (for a queued pair,
 SL-CAI record). :meth:`LabelQueue.record_revision` commits it at once to the ``revisions``
 table; the latest revision of each ``record_key`` becomes an SFT row (source
 ``human_revision``, see :func:`revision_sft_rows`) and a preference pair with the written
-response chosen over the original (:func:`revision_pref_rows`, merged by :func:`run_labels`).
+response chosen over the original (:func:`revision_pref_rows`, merged by :func:`cai_dpo.stages.labels.run_labels`).
 
 The database has a ``meta`` table with ``schema_version``, runs in WAL mode and commits
 every label in its own transaction, so a killed labeling process loses nothing already
@@ -44,19 +44,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai_dpo.config import LabelsSection, RunConfig, to_dict
+from cai_dpo.config import LabelsSection, RunConfig
 from cai_dpo.errors import CaiDpoInputError
 from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
-    Manifest,
     RunLayout,
-    RunStore,
-    Timer,
-    atomic_dir,
-    file_hash,
     jsonl_lines,
-    locked_stage,
-    read_manifest,
     write_jsonl,
 )
 
@@ -847,7 +840,8 @@ def _insert_pairs(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
 # --------------------------------------------------------------------------- merge
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> datasets.Dataset:
+def rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> datasets.Dataset:
+    """A dataset of ``rows`` with the columns and types of ``features``."""
     import datasets
 
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
@@ -892,7 +886,7 @@ def merge_labels_with_counts(dataset: datasets.Dataset, queue: LabelQueue) -> tu
             row["source"] = "human"
         counts["overridden"] += 1
         out.append(row)
-    return _rows_to_dataset(out, dataset.features), dict(counts)
+    return rows_to_dataset(out, dataset.features), dict(counts)
 
 
 def merge_labels(dataset: datasets.Dataset, queue: LabelQueue) -> datasets.Dataset:
@@ -952,7 +946,7 @@ def revision_pref_rows(queue: LabelQueue, columns: Iterable[str] | None = None) 
     return rows
 
 
-# --------------------------------------------------------------------------- stage
+# --------------------------------------------------------------------------- the run's queue
 
 
 def queue_path(cfg: RunConfig) -> Path:
@@ -963,79 +957,3 @@ def queue_path(cfg: RunConfig) -> Path:
 def open_queue(cfg: RunConfig) -> LabelQueue:
     """Open (creating if needed) the run's label queue."""
     return LabelQueue(queue_path(cfg))
-
-
-@locked_stage
-def run_labels(cfg: RunConfig, run: RunStore | None = None) -> Path:
-    """Route edge cases of ``data/preferences`` into the queue, merge the labels so far, add a
-    pair per written response (:func:`revision_pref_rows`) and write ``data/preferences_merged``
-    (with a manifest). Safe to rerun: pairs are queued once."""
-    import datasets
-
-    run = run or RunStore(cfg.run_dir)
-    src = run.preferences
-    if not (src / "dataset_info.json").exists():
-        raise FileNotFoundError(f"{src}: preference dataset not found; run the judge stage first (cai-dpo judge)")
-    with Timer() as timer:
-        prefs = datasets.load_from_disk(str(src))
-        try:
-            tripped = gate_tripped(read_manifest(src))
-        except FileNotFoundError:
-            tripped = False
-        rows = prefs.to_list()
-        routed = route_edge_cases(rows, cfg.labels, gate_tripped=tripped, seed=cfg.seed)
-        reasons_by_id = {row["pair_id"]: reasons for row, reasons in routed}
-        qpath = queue_path(cfg)
-        with LabelQueue(qpath) as queue:
-            added = queue.enqueue(pair_from_row(row, reasons) for row, reasons in routed)
-            if "edge_reasons" in prefs.column_names:
-                for row in rows:
-                    if row.get("pair_id") in reasons_by_id:
-                        row["edge_reasons"] = sorted(
-                            set(row.get("edge_reasons") or []) | set(reasons_by_id[row["pair_id"]])
-                        )
-            features = prefs.features.copy()
-            if "edge_reasons" in features:  # an all-empty column loads as a list of nulls
-                features["edge_reasons"] = datasets.List(datasets.Value("string"))
-            merged, counts = merge_labels_with_counts(_rows_to_dataset(rows, features), queue)
-            revised = revision_pref_rows(queue, features)
-            if revised:
-                merged = datasets.concatenate_datasets([merged, _rows_to_dataset(revised, features)])
-            status = queue.status()
-    final = run.preferences_merged
-    with atomic_dir(final) as tmp:
-        merged.save_to_disk(str(tmp))
-        Manifest(
-            stage="labels",
-            config=to_dict(cfg.labels),
-            inputs={"preferences": file_hash(src), "labels_db": str(qpath)},
-            counts={
-                "rows_in": len(prefs),
-                "rows_out": len(merged),
-                "routed": len(routed),
-                "queued_new": added,
-                "queued": status["queued"],
-                "pending": status["pending"],
-                "labeled": counts["labeled"],
-                "overridden": counts["overridden"],
-                "swapped": counts["swapped"],
-                "excluded": counts["excluded_tie"] + counts["excluded_skip"],
-                "excluded_tie": counts["excluded_tie"],
-                "excluded_skip": counts["excluded_skip"],
-                "mismatched": counts["mismatched"],
-                "by_reason": dict(Counter(r for _, rs in routed for r in rs)),
-                "human_revisions": len(revised),
-            },
-            timings={"seconds": timer.seconds},
-            metrics={"gate_tripped": tripped},
-        ).write(tmp / "manifest.json")
-    log.info(
-        "labels: %d routed (%d new), %d labeled, %d overridden, %d excluded -> %s",
-        len(routed),
-        added,
-        counts["labeled"],
-        counts["overridden"],
-        counts["excluded_tie"] + counts["excluded_skip"],
-        final,
-    )
-    return final

@@ -104,15 +104,15 @@ _MODEL = ("policy", "seed", "threads")
 _m = artifact_manifest  # "<artifact>/manifest.json" of a named artifact of the run layout
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "constitution",
-        "00_setup_and_constitution.ipynb",
+        "setup",
+        "00_setup.ipynb",
         (_m("constitution"),),
         sections=("constitution", "policy", "judge"),
         files=("constitution", "constitution_cases"),
     ),
     Stage(
         "sl",
-        "01_sl_critique_revision.ipynb",
+        "01_sl.ipynb",
         (_m("sl_data"),),
         sections=("sl", "constitution", "data", *_MODEL),
         files=("constitution", "prompts"),
@@ -135,16 +135,24 @@ STAGES: tuple[Stage, ...] = (
         volatile_inputs=("revisions",),
     ),
     Stage(
-        "feedback",
-        "04_pairs_and_ai_feedback.ipynb",
-        (_m("preferences"),),
+        "pairs",
+        "04_pairs.ipynb",
+        (_m("pairs"),),
         (_m("sft_adapter"), _m("sl_data")),
-        sections=("pairs", "judge", "constitution", "data", *_MODEL),
-        files=("constitution", "prompts", "checkset", "curated"),
+        sections=("pairs", "data", *_MODEL),
+        files=("prompts", "curated"),
+    ),
+    Stage(
+        "judge",
+        "05_judge.ipynb",
+        (_m("preferences"),),
+        (_m("pairs"),),
+        sections=("judge", "pairs", "constitution", "policy", "seed"),
+        files=("constitution", "checkset"),
     ),
     Stage(
         "labels",
-        "05_label_edge_cases.ipynb",
+        "06_labels.ipynb",
         (_m("preferences_merged"),),
         (_m("preferences"),),
         ("labels",),
@@ -152,7 +160,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "dpo",
-        "06_dpo.ipynb",
+        "07_dpo.ipynb",
         (_m("dpo_adapter"),),
         (_m("preferences_merged"), _m("sft_adapter")),
         sections=("dpo", "train", *_MODEL),
@@ -160,17 +168,25 @@ STAGES: tuple[Stage, ...] = (
         files=("constitution?rounds", "prompts?rounds", "checkset?rounds", "curated?rounds"),
     ),
     Stage(
-        "ppo",
-        "07_preference_model_and_ppo.ipynb",
-        (_m("preference_model"), _m("rl_adapter")),
+        "rm",
+        "08_rm.ipynb",
+        (_m("preference_model"),),
         (_m("preferences_merged"), _m("sft_adapter")),
-        sections=("rm", "ppo", "train", "data", *_MODEL),
+        sections=("rm", "train", "data", *_MODEL),
+        files=("prompts",),
+    ),
+    Stage(
+        "ppo",
+        "09_ppo.ipynb",
+        (_m("rl_adapter"),),
+        (_m("preference_model"), _m("preferences_merged"), _m("sft_adapter")),
+        sections=("ppo", "train", "data", *_MODEL),
         conditional=((_ppo_ptx, ("sft",)),),
         files=("prompts",),
     ),
     Stage(
         "eval",
-        "08_evaluate_and_compare.ipynb",
+        "10_eval.ipynb",
         (RUN_LAYOUT["eval_results"], RUN_LAYOUT["report_file"]),
         (_m("sft_adapter"), _m("dpo_adapter"), _m("rl_adapter"), _m("preference_model")),
         sections=("eval", "judge", "constitution", "data", *_MODEL),
@@ -178,13 +194,28 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 
+#: stage names the pipeline used before, with the stages that do their work now
+RENAMED_STAGES: dict[str, tuple[str, ...]] = {"constitution": ("setup",), "feedback": ("pairs", "judge")}
+
 
 class PipelineError(RuntimeError):
     """A stage notebook failed; the message names the notebook and the cell."""
 
 
 def stage_names() -> list[str]:
+    """The stage names in pipeline order (each also a module, a notebook and a ``cai-dpo`` command)."""
     return [s.name for s in STAGES]
+
+
+def check_stage_name(name: str) -> str:
+    """``name`` when it names a stage; else ValueError naming the stages (and, for an old name, its replacement)."""
+    if name in stage_names():
+        return name
+    if name in RENAMED_STAGES:
+        new = RENAMED_STAGES[name]
+        now = f"stage '{new[0]}'" if len(new) == 1 else "stages " + " and ".join(f"'{n}'" for n in new)
+        raise ValueError(f"stage '{name}' is now {now}; stages: {', '.join(stage_names())}")
+    raise ValueError(f"unknown stage '{name}'; stages: {', '.join(stage_names())}")
 
 
 def open_run(
@@ -214,10 +245,11 @@ def open_run(
         run_dir = load_config(profile, extra_items).run_dir
         saved = RunLayout(run_dir).config_file
         if not saved.exists():
+            rid = f" --run-id {run_id}" if run_id else ""
             raise FileNotFoundError(
-                f"no run at {run_dir} (no config.yaml there). Create it with `cai-dpo run --profile {profile}"
-                f"{f' --run-id {run_id}' if run_id else ''}` from the project folder, or run "
-                "notebooks/00_setup_and_constitution.ipynb first with the same profile and run_id "
+                f"no run at {run_dir} (no config.yaml there). Create it with `cai-dpo run --profile {profile}{rid}` "
+                f"(every stage) or `cai-dpo setup --profile {profile}{rid}` (the first) from the project folder, "
+                "or run notebooks/00_setup.ipynb first with the same profile and run_id "
                 f"(set {RUNS_ENV} or runs_dir to use another runs folder)."
             )
         config_path = str(saved)
@@ -351,8 +383,8 @@ def select_stages(from_stage: str | None = None, only: str | None = None) -> lis
     """The stages to consider, in order, after ``--from`` / ``--only``."""
     names = stage_names()
     for given in (from_stage, only):
-        if given is not None and given not in names:
-            raise ValueError(f"unknown stage '{given}'; stages: {', '.join(names)}")
+        if given is not None:
+            check_stage_name(given)
     if only:
         return [s for s in STAGES if s.name == only]
     start = names.index(from_stage) if from_stage else 0

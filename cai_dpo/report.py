@@ -1,7 +1,7 @@
 """The evaluation report: Markdown tables, CSV copies and PNG plots from ``eval/results.json``.
 
 :func:`render_report` reads ``<run>/eval/results.json`` (schema below, written by
-:mod:`cai_dpo.stages.evaluate`), the optional training curves ``<run>/metrics/dpo/*.csv``,
+:mod:`cai_dpo.stages.eval`), the optional training curves ``<run>/metrics/dpo/*.csv``,
 ``<run>/metrics/ppo/*.csv`` and ``<run>/metrics/rloo/*.csv`` (a ``step`` column and any
 numeric metric columns), and the
 optional preference-data manifest ``<run>/data/preferences/manifest.json``, and writes

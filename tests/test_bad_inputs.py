@@ -224,7 +224,7 @@ def constitution_without_principles(ctx):
 
 @case
 def jailbreaks_malformed_yaml(ctx):
-    from cai_dpo.stages.evaluate import load_jailbreaks
+    from cai_dpo.stages.eval import load_jailbreaks
 
     path = ctx.write("jb.yaml", "safety_system_prompt: [x\n")
     return (lambda: load_jailbreaks(path)), [str(path), "not valid YAML"]
@@ -232,7 +232,7 @@ def jailbreaks_malformed_yaml(ctx):
 
 @case
 def jailbreaks_template_without_slot(ctx):
-    from cai_dpo.stages.evaluate import load_jailbreaks
+    from cai_dpo.stages.eval import load_jailbreaks
 
     path = ctx.write("jb2.yaml", "safety_system_prompt: be safe\ntemplates:\n  - {id: t, text: no slot}\n")
     return (lambda: load_jailbreaks(path)), [str(path), "templates[0].text"]

@@ -76,7 +76,7 @@ def _write_curated(folder):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_path):
     from cai_dpo.config import load_config
-    from cai_dpo.stages.evaluate import run_eval
+    from cai_dpo.stages.eval import run_eval
 
     root = tmp_path_factory.mktemp("eval")
     bench = root / "bench.csv"
@@ -171,7 +171,7 @@ def test_results_have_every_section(evaluated):
 
 
 def test_conditions_shape_the_conversations(evaluated):
-    from cai_dpo.stages.evaluate import load_jailbreaks
+    from cai_dpo.stages.eval import load_jailbreaks
 
     cfg, run, _ = evaluated
     system, _ = load_jailbreaks()
@@ -193,7 +193,7 @@ def test_conditions_shape_the_conversations(evaluated):
 
 
 def test_rerun_resumes_without_models(evaluated, monkeypatch):
-    import cai_dpo.stages.evaluate as ev
+    import cai_dpo.stages.eval as ev
 
     cfg, run, _ = evaluated
     before = json.loads((run.root / "eval" / "results.json").read_text())
@@ -238,7 +238,7 @@ def test_report_renders_from_eval(evaluated):
 
 
 def test_model_args_and_bad_conditions(tiny_cfg):
-    from cai_dpo.stages.evaluate import build_items, default_models, parse_model_arg
+    from cai_dpo.stages.eval import build_items, default_models, parse_model_arg
 
     assert parse_model_arg("mine=some/folder") == ("mine", ModelSpec(name="some/folder"))
     assert parse_model_arg("runs/x/models/dpo/")[0] == "dpo"
@@ -252,14 +252,14 @@ def test_model_args_and_bad_conditions(tiny_cfg):
 
 
 def test_win_counting_with_tie_band():
-    from cai_dpo.stages.evaluate import _win_k
+    from cai_dpo.stages.eval import _win_k
 
     assert _win_k([0.6, 0.5, 0.4, 0.51]) == 2.5
     assert _win_k([0.6, 0.5, 0.4, 0.51], band=0.02) == 2.0
 
 
 def test_eval_without_curated_set_logs_a_note(tiny_cfg, caplog):
-    from cai_dpo.stages.evaluate import curated_items
+    from cai_dpo.stages.eval import curated_items
 
     tiny_cfg.eval.curated = str(tiny_cfg.run_dir / "nowhere")
     notes: list[str] = []
@@ -269,7 +269,7 @@ def test_eval_without_curated_set_logs_a_note(tiny_cfg, caplog):
 
 def test_bad_benchmark_fails_naming_file_and_field(tiny_cfg, tmp_path):
     from cai_dpo.data import PromptFileError
-    from cai_dpo.stages.evaluate import benchmark_items
+    from cai_dpo.stages.eval import benchmark_items
 
     bad = tmp_path / "bad.csv"
     bad.write_text("question,label\nHow do I pick a lock?,yes\n")
@@ -281,7 +281,7 @@ def test_bad_benchmark_fails_naming_file_and_field(tiny_cfg, tmp_path):
 def test_identical_responses_are_not_judged_and_not_wins(tiny_cfg):
     """Synthetic judgments with known answers: identical answers are 'not judged', never wins;
     paired differences equal the hand computation."""
-    from cai_dpo.stages.evaluate import EvalItem, compute_results, pair_jobs
+    from cai_dpo.stages.eval import EvalItem, compute_results, pair_jobs
 
     def conv(q):
         return [{"role": "user", "content": q}]
@@ -347,7 +347,7 @@ def test_identical_responses_are_not_judged_and_not_wins(tiny_cfg):
 
 
 def test_curated_limit_keeps_sensitive_and_plain_benign_prompts(tiny_cfg, tmp_path):
-    from cai_dpo.stages.evaluate import curated_items
+    from cai_dpo.stages.eval import curated_items
 
     folder = _write_curated(tmp_path / "cur")
     with open(folder / "set.jsonl", "a") as f:

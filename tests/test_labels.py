@@ -25,8 +25,8 @@ from cai_dpo.labels import (
     merge_labels_with_counts,
     pair_from_row,
     route_edge_cases,
-    run_labels,
 )
+from cai_dpo.stages.labels import run_labels
 from cai_dpo.store import RunStore, read_manifest
 
 

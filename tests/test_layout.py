@@ -21,9 +21,9 @@ STAGE_FILES = sorted(p for p in STAGES_DIR.glob("*.py") if p.name != "__init__.p
 STAGE_NAMES = {p.stem for p in STAGE_FILES}
 
 #: Stage runners looked up by name at run time rather than imported: iterative DPO runs the
-#: pairs and judge stages as the default steps of each later round (``run_iterative_dpo``'s
-#: ``sample``/``judge`` arguments; the pipeline fingerprint test follows these calls too).
-RUNTIME_LOOKUPS = {("dpo", "cai_dpo.stages.pairs"), ("dpo", "cai_dpo.stages.judge")}
+#: pairs, judge and labels stages as the default steps of each later round (``run_iterative_dpo``'s
+#: ``sample``/``judge``/``label`` arguments; the pipeline fingerprint test follows these calls too).
+RUNTIME_LOOKUPS = {("dpo", "cai_dpo.stages.pairs"), ("dpo", "cai_dpo.stages.judge"), ("dpo", "cai_dpo.stages.labels")}
 
 
 def _resolve(module: str | None, level: int, own: str) -> str:

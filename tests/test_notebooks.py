@@ -33,6 +33,11 @@ def test_stage_selection():
     assert [s.name for s in select_stages(from_stage="ppo")] == ["ppo", "eval"]
     with pytest.raises(ValueError, match="unknown stage"):
         select_stages(only="nope")
+    assert [s.name for s in select_stages(from_stage="rm")] == ["rm", "ppo", "eval"]
+    with pytest.raises(ValueError, match="'feedback' is now stages 'pairs' and 'judge'"):
+        select_stages(from_stage="feedback")
+    with pytest.raises(ValueError, match="'constitution' is now stage 'setup'"):
+        select_stages(only="constitution")
 
 
 def test_whole_pipeline_on_tiny_then_rerun_skips(tmp_path, monkeypatch, tiny_path):
@@ -57,11 +62,11 @@ def test_whole_pipeline_on_tiny_then_rerun_skips(tmp_path, monkeypatch, tiny_pat
 
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch, tiny_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PipelineError, match=r"00_setup_and_constitution.ipynb, cell \d+.*constitution") as err:
+    with pytest.raises(PipelineError, match=r"00_setup.ipynb, cell \d+.*constitution") as err:
         run_pipeline(
             "tiny",
             [f"runs_dir={tmp_path / 'runs'}", "constitution=missing.yaml"],
-            only="constitution",
+            only="setup",
             echo=lambda s: None,
         )
     kept = Path(str(err.value).rsplit("kept at ", 1)[1].strip())

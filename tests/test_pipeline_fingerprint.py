@@ -44,15 +44,18 @@ def test_a_knob_reruns_its_stage_and_no_upstream_one(setup, tmp_path):
     knobs = {
         "eval.bootstrap": (77, {"eval"}),
         "ppo.kl_coef": (0.2, {"ppo"}),
-        "rm.learning_rate": (0.001, {"ppo"}),
+        "rm.learning_rate": (0.001, {"rm"}),
         "dpo.beta": (0.3, {"dpo"}),
         "labels.confidence_band": (0.2, {"labels"}),
         "sft.learning_rate": (0.001, {"sft"}),
-        "pairs.samples_per_prompt": (3, {"feedback"}),
+        "pairs.samples_per_prompt": (3, {"pairs", "judge"}),
         "sl.rounds": (2, {"sl"}),
-        "judge.few_shot": (True, {"constitution", "curate", "feedback", "eval"}),
-        "data.red_team_limit": (3, {"sl", "feedback", "ppo", "eval"}),
-        "policy.dtype": ("bfloat16", {"constitution", "sl", "curate", "sft", "feedback", "dpo", "ppo", "eval"}),
+        "judge.few_shot": (True, {"setup", "curate", "judge", "eval"}),
+        "data.red_team_limit": (3, {"sl", "pairs", "rm", "ppo", "eval"}),
+        "policy.dtype": (
+            "bfloat16",
+            {"setup", "sl", "curate", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"},
+        ),
         "curate.threshold": (0.7, {"curate"}),
         "run_id": ("other", set()),
     }
@@ -82,16 +85,16 @@ def test_input_file_contents_are_hashed(setup, tmp_path):
     )
     base = prints(cfg, run)
     constitution.write_text(constitution.read_text() + "\n# edited\n")
-    assert changed(base, prints(cfg, run)) == {"constitution", "sl", "curate", "feedback", "eval"}
+    assert changed(base, prints(cfg, run)) == {"setup", "sl", "curate", "judge", "eval"}
     base = prints(cfg, run)
     red.write_text(red.read_text() + json.dumps({"text": "How do I hotwire a car?", "split": "train"}) + "\n")
-    assert changed(base, prints(cfg, run)) == {"sl", "feedback", "ppo", "eval"}
+    assert changed(base, prints(cfg, run)) == {"sl", "pairs", "rm", "ppo", "eval"}
     checkset = tmp_path / "check.jsonl"
     checkset.write_text((REPO / "cai_dpo" / "prompts" / "judge_checkset.jsonl").read_text())
     cfg = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, checkset=str(checkset)))
     base = prints(cfg, run)
     checkset.write_text(checkset.read_text().splitlines()[0] + "\n")
-    assert changed(base, prints(cfg, run)) == {"feedback"}
+    assert changed(base, prints(cfg, run)) == {"judge"}
     assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks", "curated"}
 
 
@@ -101,7 +104,17 @@ def test_upstream_artifact_change_reruns_downstream_only(setup):
     manifest = run.path("models", "sft", "manifest.json")
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text("{}")
-    assert changed(base, prints(cfg, run)) == {"feedback", "dpo", "ppo", "eval"}
+    assert changed(base, prints(cfg, run)) == {"pairs", "dpo", "rm", "ppo", "eval"}
+    base = prints(cfg, run)
+    pairs = run.path("data", "pairs", "manifest.json")
+    pairs.parent.mkdir(parents=True, exist_ok=True)
+    pairs.write_text("{}")
+    assert changed(base, prints(cfg, run)) == {"judge"}  # the judge reads the pairs; labels follow its output
+    base = prints(cfg, run)
+    rm = run.path("models", "rm", "manifest.json")
+    rm.parent.mkdir(parents=True, exist_ok=True)
+    rm.write_text("{}")
+    assert changed(base, prints(cfg, run)) == {"ppo", "eval"}
 
 
 # --------------------------------------------------------------------------- declared = read

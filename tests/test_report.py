@@ -19,7 +19,7 @@ def _elo(e):
 
 def _figures(names, declines, complies, condition=None):
     """Figures block from the library function on synthetic items: 6 harmful prompts x 2 conditions, 5 benign."""
-    from cai_dpo.stages.evaluate import EvalItem, independent_figures
+    from cai_dpo.stages.eval import EvalItem, independent_figures
 
     items = [
         EvalItem(f"rt-{p}", "red_team", c, "q", [], set="red_team", kind="harmful")

@@ -321,7 +321,10 @@ def test_pipeline_stages_use_the_run_layout():
         assert set(stage.outputs) | set(stage.inputs) <= known, stage.name
     by_name = {s.name: s for s in STAGES}
     cfg = load_config("tiny", {"ppo.mode": "rloo"})
-    assert by_name["ppo"].outputs_for(cfg) == ("models/rm/manifest.json", "models/rloo/manifest.json")
+    assert by_name["rm"].outputs_for(cfg) == ("models/rm/manifest.json",)
+    assert by_name["ppo"].outputs_for(cfg) == ("models/rloo/manifest.json",)
+    assert by_name["ppo"].inputs_for(cfg)[0] == "models/rm/manifest.json"
+    assert by_name["pairs"].outputs == by_name["judge"].inputs == ("data/pairs/manifest.json",)
     assert by_name["sl"].outputs == ("data/sl/manifest.json",)
 
 

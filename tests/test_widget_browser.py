@@ -1,7 +1,7 @@
 """The shipped labeling notebook in a real JupyterLab, driven by headless Chromium through Playwright.
 
 After the stages the labeling notebook needs have run (through the library, into
-``$CAI_DPO_RUNS``), ``notebooks/05_label_edge_cases.ipynb`` is opened unchanged from a
+``$CAI_DPO_RUNS``), ``notebooks/06_labels.ipynb`` is opened unchanged from a
 folder that is not the project root, as a user opens it: it finds the run, shows the
 queued pairs, one written response and one click land in SQLite, and the merge cell counts both.
 
@@ -65,7 +65,7 @@ def test_shipped_labeling_notebook_edit_and_click_land_in_sqlite_and_merge_count
 
     cfg, run = labeling_run
     root = lab.root
-    shipped = NOTEBOOKS_DIR / "05_label_edge_cases.ipynb"
+    shipped = NOTEBOOKS_DIR / "06_labels.ipynb"
     (root / shipped.name).write_bytes(shipped.read_bytes())  # unchanged; the kernel's cwd is not the project
 
     with sync_playwright() as pw:

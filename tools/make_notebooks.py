@@ -53,9 +53,10 @@ def nb(
 
 
 def build() -> Iterator[tuple[str, nbformat.NotebookNode]]:
-    """Every stage notebook as ``(file name, notebook)``, in pipeline order."""
+    """Every stage notebook as ``(file name, notebook)``, in pipeline order: ``NN_<stage>.ipynb`` for
+    each stage of :data:`cai_dpo.pipeline.STAGES`."""
     yield nb(
-        "00_setup_and_constitution",
+        "00_setup",
         """# 0 · Setup and the constitution
 
 Constitutional AI (Bai et al. 2022) trains a model to be harmless without human harm labels: a short
@@ -102,7 +103,7 @@ obvious, so a judge that fails them is not to be trusted with the real pairs."""
     )
 
     yield nb(
-        "01_sl_critique_revision",
+        "01_sl",
         """# 1 · SL-CAI: critique and revision
 
 The helpful-only model answers red-team prompts. Then, for a few rounds, it **critiques** its own
@@ -237,20 +238,39 @@ response pairs, and DPO and PPO start from it.""",
     )
 
     yield nb(
-        "04_pairs_and_ai_feedback",
-        """# 4 · Response pairs and AI feedback (RLAIF)
+        "04_pairs",
+        """# 4 · Response pairs
 
-The SL-CAI model samples two answers per prompt; the **judge** reads the conversation, one
-constitutional principle and the two answers as options (A) and (B), and its soft label is the
-normalised probability of " (A)" vs " (B)" — averaged over both orders to cancel position bias.
-Before labelling, the judge's accuracy is measured on clear-cut pairs (the **quality gate**). A judge
-near chance (as the embedded 135M model is) cannot give a useful signal; then the pipeline leans on
-**revision-vs-original** pairs (chosen = the final revision, rejected = the first answer) and routes
-more pairs to a person. **Curated** pairs (chosen = the curated answer, rejected = what the SL-CAI
-model says now to the same prompt) carry signal at any scale and pass through with a fixed confidence.""",
+The SL-CAI model samples two answers per prompt for the judge of the next notebook (`05_judge`) to
+compare. Two kinds of pair already know their better answer: **revision-vs-original** pairs
+(chosen = the final revision, rejected = the first answer) and **curated** pairs (chosen = the curated
+answer, rejected = what the SL-CAI model says now to the same prompt), which carry signal at any scale.
+`pairs.source` picks the kind, or `mixed` for all of them.""",
         {"source": "pairs.source  (judged_samples | revision_vs_original | curated | mixed)"},
         [
             ("code", "pairs_dir = run_pairs(cfg, run)\nread_manifest(pairs_dir)['counts']"),
+        ],
+        (
+            "from cai_dpo.pipeline import open_run\n"
+            "from cai_dpo.stages.pairs import run_pairs\n"
+            "from cai_dpo.store import read_manifest"
+        ),
+    )
+
+    yield nb(
+        "05_judge",
+        """# 5 · AI feedback (RLAIF): the judge
+
+The **judge** reads the conversation, one constitutional principle and the two answers of a pair as
+options (A) and (B), and its soft label is the normalised probability of " (A)" vs " (B)" — averaged
+over both orders to cancel position bias. Before labelling, the judge's accuracy is measured on
+clear-cut pairs (the **quality gate**). A judge near chance (as the embedded 135M model is) cannot give
+a useful signal; then the pipeline leans on **revision-vs-original** pairs (chosen = the final
+revision, rejected = the first answer) and routes more pairs to a person. **Curated** pairs (chosen =
+the curated answer, rejected = what the SL-CAI model says now to the same prompt) carry signal at any
+scale and pass through with a fixed confidence.""",
+        {},
+        [
             (
                 "code",
                 (
@@ -274,14 +294,13 @@ model says now to the same prompt) carry signal at any scale and pass through wi
             "\n"
             "from cai_dpo.pipeline import open_run\n"
             "from cai_dpo.stages.judge import run_judge\n"
-            "from cai_dpo.stages.pairs import run_pairs\n"
             "from cai_dpo.store import read_manifest"
         ),
     )
 
     yield nb(
-        "05_label_edge_cases",
-        """# 5 · Edge cases for a person
+        "06_labels",
+        """# 6 · Edge cases for a person
 
 Pairs the judge is unsure of (confidence near 0.5), whose two orders disagree, whose principles
 disagree, or where the judge prefers the original over the revision go to a **label queue** (SQLite in
@@ -306,16 +325,17 @@ from `cai_dpo.widgets` in a cell of your own.""",
             ("code", "merged_dir = run_labels(cfg, run)\nread_manifest(merged_dir)['counts']"),
         ],
         (
-            "from cai_dpo.labels import queue_path, run_labels\n"
+            "from cai_dpo.labels import queue_path\n"
             "from cai_dpo.pipeline import open_run\n"
+            "from cai_dpo.stages.labels import run_labels\n"
             "from cai_dpo.store import read_manifest\n"
             "from cai_dpo.widgets import labeling_ui"
         ),
     )
 
     yield nb(
-        "06_dpo",
-        """# 6 · DPO: the shortcut
+        "07_dpo",
+        """# 7 · DPO: the shortcut
 
 Direct preference optimisation trains the policy on the preferences directly, with no reward model
 and no sampling during training. The reference model is the SL-CAI model itself (the new adapter
@@ -351,15 +371,13 @@ current model, judges them and continues (iterative, on-policy DPO).""",
     )
 
     yield nb(
-        "07_preference_model_and_ppo",
-        """# 7 · Preference model and PPO (the paper's RL-CAI)
+        "08_rm",
+        """# 8 · The preference model
 
-The same preferences train an explicit **preference model** (a scalar head on the SL-CAI model,
-soft cross-entropy on p(chosen)). **PPO** then samples from the policy, scores each answer with the
-preference model, subtracts a per-token KL penalty to the SL-CAI model, and updates with clipped
-policy and value losses over GAE advantages. DPO gets there without the reward model and the
-sampling loop; this notebook lets you compare the two.""",
-        {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"},
+The same preferences DPO learns from train an explicit **preference model** (a scalar head on the
+SL-CAI model, soft cross-entropy on p(chosen)): the reward of the paper's RL-CAI, which PPO optimises
+in the next notebook (`09_ppo`).""",
+        {},
         [
             (
                 "code",
@@ -368,6 +386,24 @@ sampling loop; this notebook lets you compare the two.""",
                     "read_manifest(rm_dir)['metrics']"
                 ),
             ),
+        ],
+        (
+            "from cai_dpo.distributed import run_stage\n"
+            "from cai_dpo.pipeline import open_run\n"
+            "from cai_dpo.store import read_manifest"
+        ),
+    )
+
+    yield nb(
+        "09_ppo",
+        """# 9 · PPO (the paper's RL-CAI)
+
+**PPO** samples from the policy, scores each answer with the preference model of `08_rm`, subtracts a
+per-token KL penalty to the SL-CAI model, and updates with clipped policy and value losses over GAE
+advantages. DPO (`07_dpo`) gets there without the reward model and the sampling loop; these notebooks
+let you compare the two.""",
+        {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"},
+        [
             (
                 "code",
                 (
@@ -395,8 +431,8 @@ sampling loop; this notebook lets you compare the two.""",
     )
 
     yield nb(
-        "08_evaluate_and_compare",
-        """# 8 · Evaluate and compare
+        "10_eval",
+        """# 10 · Evaluate and compare
 
 Base, SL-CAI, DPO and PPO answer **labelled held-out** prompts (never seen in training) with identical
 sampling: red-team prompts (plain and in the configured conditions), everyday helpful prompts, the
@@ -435,16 +471,21 @@ quality gate. The report opens with a "How to read this" block.""",
             "\n"
             "from cai_dpo.pipeline import open_run\n"
             "from cai_dpo.report import render_report\n"
-            "from cai_dpo.stages.evaluate import run_eval"
+            "from cai_dpo.stages.eval import run_eval"
         ),
     )
 
 
 def main(out: Path = OUT) -> None:
-    """Write every notebook of :func:`build` into ``out``."""
+    """Write every notebook of :func:`build` into ``out`` and remove the stage notebooks it no longer names."""
     out.mkdir(exist_ok=True)
+    names = set()
     for name, book in build():
         nbformat.write(book, out / name)
+        names.add(name)
+    for stale in out.glob("[0-9][0-9]_*.ipynb"):
+        if stale.name not in names:
+            stale.unlink()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ copied into a temporary runs folder (``$CAI_DPO_RUNS``) as the run the labeling 
 with its default parameters, so the run itself is never written to. When its label queue is
 empty (the run routed no pair to a person) the first preference rows are queued with the
 reason ``sample``. JupyterLab then starts headless on a free port with this interpreter as its
-kernel, the shipped ``notebooks/05_label_edge_cases.ipynb`` is opened unchanged in headless
+kernel, the shipped ``notebooks/06_labels.ipynb`` is opened unchanged in headless
 Chromium (Debian's ``chromium``, through Playwright), its cells run up to the one that shows the
 widget, and the widget is saved as ``<out>/labeling-widget.png``.
 
@@ -45,7 +45,7 @@ from cai_dpo.config import (  # noqa: E402
 from cai_dpo.errors import CaiDpoInputError  # noqa: E402
 from cai_dpo.testing import CHROMIUM, CHROMIUM_ARGS, LabError, jupyter_lab, open_notebook, queue_sample_pairs, run_cell  # noqa: E402
 
-NOTEBOOK = REPO / "notebooks" / "05_label_edge_cases.ipynb"
+NOTEBOOK = REPO / "notebooks" / "06_labels.ipynb"
 NOTEBOOK_PROFILE = "cpu-demo"  # the profile in the notebook's parameters cell: it names the run it opens
 WIDGET_PNG = "labeling-widget.png"
 MARGIN = 8  # pixels of white around the widget

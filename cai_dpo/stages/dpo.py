@@ -47,7 +47,7 @@ on long chosen and short rejected answers mostly pushes the rejected likelihood 
 ``loss_type: sigmoid``; weights and soft labels compose as above.
 
 Human labels override AI labels: ``data/preferences_merged`` (written
-by :func:`cai_dpo.labels.run_labels`) is read when present, else ``data/preferences``.
+by :func:`cai_dpo.stages.labels.run_labels`) is read when present, else ``data/preferences``.
 
 Metrics per step go to ``metrics/dpo/log.csv`` (and TensorBoard when installed): loss,
 reward accuracy, chosen/rejected implicit rewards, margins and ``kl_proxy`` = mean over the
@@ -822,7 +822,7 @@ def run_iterative_dpo(
     ``dpo_rounds/round-<r>/``, whose ``models/sft`` is the previous round's policy: ``sample``
     draws new pairs from it (default :func:`cai_dpo.stages.pairs.run_pairs`), ``judge`` labels
     them (:func:`cai_dpo.stages.judge.run_judge`), ``label`` routes edge cases into the run's
-    label queue and applies human labels (:func:`cai_dpo.labels.run_labels`), and DPO
+    label queue and applies human labels (:func:`cai_dpo.stages.labels.run_labels`), and DPO
     continues from the previous round with it as the reference. The last round's adapter is
     copied to ``models/dpo`` with a manifest of per-round figures.
     """
@@ -835,7 +835,7 @@ def run_iterative_dpo(
     validate_dpo_config(cfg.dpo, source=str(run.config_file))
     sample = sample or _default_stage("cai_dpo.stages.pairs", "run_pairs")
     judge = judge or _default_stage("cai_dpo.stages.judge", "run_judge")
-    label = label or _default_stage("cai_dpo.labels", "run_labels")
+    label = label or _default_stage("cai_dpo.stages.labels", "run_labels")
 
     with Timer() as t_total:
         first = RunStore(run.dpo_rounds / "round-1")

@@ -1,4 +1,4 @@
-"""Stage 0: check the machine, prepare the model cache, validate and test the constitution.
+"""The setup stage: check the machine, prepare the model cache, validate and test the constitution.
 
 Writes ``constitution/`` in the run: a copy of the constitution used, the results of
 its edge-case tests (``<name>_cases.yaml`` beside the constitution, when present)
@@ -67,7 +67,7 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             metrics["edge_cases"] = {"file": str(cases_file), "passed": passed, "total": len(results)}
             log.info("constitution edge cases: %d/%d passed", passed, len(results))
         Manifest(
-            stage="constitution",
+            stage="setup",
             config=to_dict(cfg),
             inputs={
                 "constitution": file_hash(Path(constitution.path or path)),
