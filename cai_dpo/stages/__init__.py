@@ -1,7 +1,7 @@
 """The pipeline's stages, one module each, each with one ``run_<stage>(cfg, run)`` entry.
 
 No stage imports another (``tests/test_layout.py``); what they share lives in the library beside
-them (``judging``, ``rl``, ``training``, ``store``, ``labels``). The pipeline stage, its notebook,
+them (``judge``, ``rl``, ``training``, ``store``, ``labels``). The pipeline stage, its notebook,
 its modules and CLI commands:
 
 =============  ==============================  ================  ====================  ==========================
