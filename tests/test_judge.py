@@ -16,12 +16,13 @@ from cai_dpo.judge import (
     OPTIONS,
     Comparison,
     Judge,
+    KeyedComparison,
     format_case_table,
     load_checkset,
     parse_hhh,
     wilson_interval,
 )
-from cai_dpo.store import RunStore, read_manifest, write_jsonl
+from cai_dpo.store import RecordStore, RunStore, read_manifest, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ class ContentScorer(Engine):
 
     def score_options(self, contexts, options=OPTIONS, *, prefix=None, desc="score"):
         self.calls.append(list(contexts))
+        self.stats.scored_items += len(contexts)
         raw = []
         for ctx in contexts:
             a, b = self._options(ctx)
@@ -188,6 +190,106 @@ def test_calibration_removes_a_planted_letter_prior(tiny_model, constitution, jc
     assert accuracy(calibrated) == 1.0
     for v in calibrated:  # the corrected probability is the content signal alone
         assert max(v.p_a, 1 - v.p_a) == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- resumable judging
+
+
+def _keyed(n: int = 6) -> list[KeyedComparison]:
+    """``n`` comparisons in two principle groups, the better answer alternately first."""
+    out = []
+    for i in range(n):
+        good, bad = f"a good answer number {i}", f"a poor answer number {i}"
+        a, b = (good, bad) if i % 2 == 0 else (bad, good)
+        cats = ["helpfulness"] if i % 3 else ["harmlessness"]
+        out.append(KeyedComparison(f"k{i}", Comparison(f"question {i}", a, b), cats, {"pair_id": f"p{i}"}))
+    return out
+
+
+def _judged_texts(engine: ContentScorer) -> str:
+    return "\n".join(c for call in engine.calls for c in call)
+
+
+def _without_seconds(records: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in records.items()}
+
+
+class Interrupted(ContentScorer):
+    """A judge that fails on its ``fail_on``-th scoring call, as a run killed midway."""
+
+    def __init__(self, *args, fail_on: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_on = fail_on
+
+    def score_options(self, contexts, options=OPTIONS, *, prefix=None, desc="score"):
+        if len(self.calls) + 1 == self.fail_on:
+            raise RuntimeError("interrupted")
+        return super().score_options(contexts, options, prefix=prefix, desc=desc)
+
+
+def test_judge_resumable_resumes_after_an_interruption(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    items = _keyed()
+    straight = Judge(ContentScorer(model, tokenizer, bias=1.0), constitution, jc, seed=3)
+    full = straight.judge_resumable(tmp_path / "full", items, chunk=2, progress=False)
+    assert (full.new, full.resumed) == (6, 0) and list(full.records) == [it.key for it in items]
+    for i, it in enumerate(items):
+        r = full.records[it.key]
+        assert r["pair_id"] == f"p{i}" and (r["verdict"]["p_a"] > 0.5) == (i % 2 == 0)
+        assert r["letters"]["ab"] and r["tokens"] > 0 and r["seconds"] >= 0
+
+    broken = Interrupted(model, tokenizer, bias=1.0, fail_on=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        Judge(broken, constitution, jc, seed=3).judge_resumable(str(tmp_path / "part"), items, chunk=2, progress=False)
+    stored = RecordStore(tmp_path / "part").records()
+    assert len(stored) == 2  # the first chunk was written before the failure
+    done = {r["key"] for r in stored}
+
+    engine = ContentScorer(model, tokenizer, bias=1.0)
+    resumed = Judge(engine, constitution, jc, seed=3).judge_resumable(
+        RecordStore(tmp_path / "part"), items, chunk=2, progress=False
+    )
+    assert (resumed.new, resumed.resumed) == (4, 2)
+    texts = _judged_texts(engine)
+    for it in items:  # the stored comparisons are not scored again, the others are
+        assert (f"question {it.key[1:]}\n" in texts) == (it.key not in done)
+    assert _without_seconds(resumed.records) == _without_seconds(full.records)
+
+    again = ContentScorer(model, tokenizer, bias=1.0)
+    rerun = Judge(again, constitution, jc, seed=3).judge_resumable(tmp_path / "part", items, progress=False)
+    assert (rerun.new, rerun.resumed) == (0, 6) and again.calls == []
+    assert _without_seconds(rerun.records) == _without_seconds(full.records)
+
+
+def test_judge_resumable_equals_judge_and_takes_a_record_builder(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    items = _keyed(4)
+    items.append(items[0])  # a repeated key is judged and returned once
+    judge = Judge(ContentScorer(model, tokenizer, bias=1.0), constitution, jc)
+
+    def flat(item, verdict, scores, cost):
+        return {"key": item.key, "p_a": verdict.p_a, "passes": cost.scoring_passes}
+
+    out = judge.judge_resumable(tmp_path / "flat", items, record=flat, progress=False)
+    assert out.new == 4 and list(out.records) == ["k0", "k1", "k2", "k3"]
+    for it in items[:4]:
+        expected = judge.judge([it.comparison], categories=it.categories)[0]
+        assert out.records[it.key]["p_a"] == pytest.approx(expected.p_a)
+        assert out.records[it.key]["passes"] == 2  # one principle, both orders
+    assert len(RecordStore(tmp_path / "flat").records()) == 4
+    assert Judge.pending(RecordStore(tmp_path / "flat"), _keyed(5)) == [_keyed(5)[4]]
+
+
+def test_judge_resumable_calibrates_only_when_something_is_left(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    cfg = dataclasses.replace(jc, calibrate=True)
+    items = _keyed(2)
+    first = Judge(ContentScorer(model, tokenizer, bias=3.0), constitution, cfg)
+    first.judge_resumable(tmp_path / "cal", items, progress=False)
+    assert first.calibration is not None and set(first.calibration.prior) == {p.id for p in constitution.principles}
+    idle = Judge(ContentScorer(model, tokenizer, bias=3.0), constitution, cfg)
+    idle.judge_resumable(tmp_path / "cal", items, progress=False)
+    assert idle.calibration is None and idle.engine.calls == []
 
 
 # --------------------------------------------------------------------------- gate
