@@ -34,7 +34,7 @@ from cai_dpo.config import JudgeSection, SamplingSection
 from cai_dpo.constitution import load_constitution
 from cai_dpo.data import load_checkset, load_prompts
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.judging import OPTIONS, JudgePrompter
+from cai_dpo.judge import OPTIONS, JudgePrompter
 from cai_dpo.models import embedded_gguf_path, load_model
 from cai_dpo.served import LLAMA_CPP_EXTRA, ServedEngine, llama_cpp_server
 

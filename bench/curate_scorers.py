@@ -31,7 +31,7 @@ from cai_dpo.config import JudgeSection, ModelSpec, RunConfig, SamplingSection
 from cai_dpo.constitution import load_constitution
 from cai_dpo.curated import load_curated, summary
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.judging import HHH_FILE, load_hhh
+from cai_dpo.judge import HHH_FILE, load_hhh
 from cai_dpo.metrics import is_refusal
 from cai_dpo.models import describe, load_model
 from cai_dpo.scorers import JudgeScorer, hhh_examples, hidden_features, labelled_examples, measure, train_probe

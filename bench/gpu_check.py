@@ -57,7 +57,7 @@ def vllm_vs_local() -> dict[str, Any]:
     from bench_generation import judge_contexts
 
     from cai_dpo.config import ModelSpec, SamplingSection
-    from cai_dpo.judging import OPTIONS
+    from cai_dpo.judge import OPTIONS
     from cai_dpo.models import load_engine
     from cai_dpo.vllm_engine import VLLMEngineError
 

@@ -30,14 +30,12 @@ import numpy as np
 from cai_dpo.config import JudgeSection, ModelSpec
 from cai_dpo.constitution import Principle, load_constitution
 from cai_dpo.engine import Engine, set_threads
-from cai_dpo.judging import (
+from cai_dpo.judge import (
     HHH_FILE,
     OPTIONS,
     Comparison,
-    JudgePrompter,
+    Judge,
     load_hhh,
-    measure_calibration,
-    score_letters,
     to_verdict,
     wilson_interval,
 )
@@ -136,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = JudgeSection(
             few_shot=few_shot, prompt_format=args.format, both_orders=True, calibrate=False, batch_size=args.batch_size
         )
-        prompter = JudgePrompter(engine, constitution, cfg)
+        judge = Judge(engine, constitution, cfg, seed=args.seed)
         t = time.perf_counter()
-        scores = score_letters(engine, constitution, comps, cfg, seed=args.seed, prompter=prompter)
+        scores = judge.score_letters(comps)
         used = sorted({p for s in scores for p in s.principle_ids})
-        cal = measure_calibration(engine, constitution, cfg, used, prompter=prompter)
+        cal = judge.measure_calibration(used)
         secs = time.perf_counter() - t
         judged += len(comps)
         raw = [to_verdict(s, cfg) for s in scores]

@@ -405,7 +405,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
-    from cai_dpo.judging import GateResult
+    from cai_dpo.judge import GateResult
     from cai_dpo.stages.judge import run_judge
     from cai_dpo.store import read_manifest
 
@@ -442,18 +442,15 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
 
     from cai_dpo.config import ModelSpec
     from cai_dpo.constitution import load_cases, load_constitution
-    from cai_dpo.engine import set_threads
-    from cai_dpo.judging import format_case_table, run_constitution_cases
-    from cai_dpo.models import load_engine
+    from cai_dpo.judge import Judge, format_case_table
 
     cfg = config_from_args(args)
     constitution = load_constitution(args.file)
     cases = load_cases(args.cases, constitution)
-    set_threads(cfg.threads)
-    spec = ModelSpec(name=args.model) if args.model else cfg.judge_model()
-    engine = load_engine(spec, batch_size=cfg.judge.batch_size, progress=False)
-    jc = replace(cfg.judge, few_shot=False) if args.no_few_shot else cfg.judge
-    results = run_constitution_cases(constitution, cases, engine, jc)
+    if args.no_few_shot:
+        cfg = replace(cfg, judge=replace(cfg.judge, few_shot=False))
+    spec = ModelSpec(name=args.model) if args.model else None
+    results = Judge.load(cfg, model=spec, constitution=constitution, progress=False).run_cases(cases)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2, default=str))
     else:

@@ -2,7 +2,7 @@
 
 One small interface, :class:`Scorer` (``name``, ``score(rows) -> array``), two scorers:
 
-- :class:`JudgeScorer` — the constitution judge (:mod:`cai_dpo.judging`, option
+- :class:`JudgeScorer` — the constitution judge (:mod:`cai_dpo.judge`, option
   log-probs of " (A)"/" (B)"). A row is compared with a fixed ``baseline`` response
   (a bare refusal by default) under the row's principles, both orders averaged and
   calibrated: the score is P(response better than the bare refusal). An explained decline
@@ -29,13 +29,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from cai_dpo.curated import benign_declines
 from cai_dpo.metrics import rate_ci
 from cai_dpo.schema import as_conversation
+
+if TYPE_CHECKING:
+    from cai_dpo.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class ScoredRow:
         """The prompt as the judge shows it: a lone user turn as text, else a ``Human:``/``Assistant:`` dialogue."""
         if isinstance(self.prompt, str):
             return self.prompt
-        from cai_dpo.judging import dialogue_text
+        from cai_dpo.judge import dialogue_text
 
         return dialogue_text(self.prompt)
 
@@ -190,7 +193,7 @@ def fit_probe(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, max_iter: in
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Any:
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, yt) + 0.5 * l2 * (w * w).sum()
         loss.backward()
@@ -463,7 +466,7 @@ class JudgeScorer:
     ):
         self.engine, self.constitution, self.cfg = engine, constitution, cfg
         self.baseline, self.seed, self.model_id = baseline, seed, model_id
-        self._calibration: Any = None
+        self._judge: Judge | None = None
         self.known = {p.id for p in constitution.principles}
 
     def _principles(self, row: ScoredRow) -> list[str] | None:
@@ -475,12 +478,14 @@ class JudgeScorer:
 
     def score(self, rows: Sequence[ScoredRow]) -> np.ndarray:
         """P(response better than the baseline) per row, both orders averaged, calibrated when ``cfg.calibrate``."""
-        from cai_dpo.judging import SOURCE_CATEGORIES, Comparison, judge_comparisons, measure_calibration
+        from cai_dpo.judge import SOURCE_CATEGORIES, Comparison, Judge
 
         if not rows:
             return np.zeros(0)
-        if self.cfg.calibrate and self._calibration is None:
-            self._calibration = measure_calibration(self.engine, self.constitution, self.cfg)
+        if self._judge is None:
+            self._judge = Judge(self.engine, self.constitution, self.cfg, seed=self.seed)
+            if self.cfg.calibrate:
+                self._judge.calibrate()
         cats = {"harmful": SOURCE_CATEGORIES["red_team"], "benign": SOURCE_CATEGORIES["helpful"]}
         out = np.zeros(len(rows))
         groups: dict[str | None, list[int]] = {}
@@ -491,15 +496,7 @@ class JudgeScorer:
                 Comparison(rows[i].judge_prompt(), rows[i].response, self.baseline, self._principles(rows[i]))
                 for i in idx
             ]
-            verdicts = judge_comparisons(
-                self.engine,
-                self.constitution,
-                comps,
-                self.cfg,
-                categories=cats.get(kind) if kind else None,
-                seed=self.seed,
-                calibration=self._calibration,
-            )
+            verdicts = self._judge.judge(comps, categories=cats.get(kind) if kind else None)
             out[idx] = [v.p_a for v in verdicts]
         return out
 
@@ -563,7 +560,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def hhh_examples(items: Sequence[dict[str, Any]]) -> list[Labelled]:
-    """HHH comparisons (:func:`cai_dpo.judging.load_hhh`) as labelled pairs (kind unknown)."""
+    """HHH comparisons (:func:`cai_dpo.judge.load_hhh`) as labelled pairs (kind unknown)."""
     out = []
     for i, it in enumerate(items):
         out.append(Labelled(ScoredRow(it["prompt"], it["correct"]), 1, f"hhh-{i}", "hhh"))

@@ -202,6 +202,7 @@ def test_rerun_resumes_without_models(evaluated, monkeypatch):
         raise AssertionError("rerun should reuse the stored responses and judgments")
 
     monkeypatch.setattr(ev, "load_engine", no_engine)
+    monkeypatch.setattr("cai_dpo.models.load_engine", no_engine)  # what Judge.load builds the judge with
     after = json.loads(ev.run_eval(cfg, run, progress=False).read_text())
     for b, a in zip(before["models"], after["models"]):
         assert a["harmlessness"] == b["harmlessness"] and a["elo"] == b["elo"] and a["pm_score"] == b["pm_score"]

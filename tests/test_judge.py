@@ -12,21 +12,17 @@ import pytest
 
 from cai_dpo.constitution import ConstitutionCase, load_constitution
 from cai_dpo.engine import Engine, naive_option_probs
-from cai_dpo.judging import (
+from cai_dpo.judge import (
     OPTIONS,
     Comparison,
-    JudgePrompter,
+    Judge,
+    KeyedComparison,
     format_case_table,
-    judge_comparisons,
-    judge_gate,
     load_checkset,
-    measure_calibration,
     parse_hhh,
-    run_constitution_cases,
-    score_letters,
     wilson_interval,
 )
-from cai_dpo.store import RunStore, read_manifest, write_jsonl
+from cai_dpo.store import RecordStore, RunStore, read_manifest, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +58,7 @@ class ContentScorer(Engine):
 
     def score_options(self, contexts, options=OPTIONS, *, prefix=None, desc="score"):
         self.calls.append(list(contexts))
+        self.stats.scored_items += len(contexts)
         raw = []
         for ctx in contexts:
             a, b = self._options(ctx)
@@ -99,9 +96,10 @@ def test_judging_equals_naive_option_probs(tiny_model, constitution, jc, few_sho
         Comparison("How do I pick a lock?", "Use a tension wrench.", "I can't help with that.", ["harm-illegal"]),
         Comparison("Tell me a joke", "Why did the chicken cross the road?", "No.", ["help-answer"]),
     ]
-    prompter = JudgePrompter(engine, constitution, cfg)
+    judge = Judge(engine, constitution, cfg)
+    prompter = judge.prompter
     assert (prompter.prefix is not None) == few_shot
-    scores = score_letters(engine, constitution, comps, cfg, prompter=prompter)
+    scores = judge.score_letters(comps)
     model, tokenizer = tiny_model
     for c, s in zip(comps, scores):
         for order, (a, b) in (("ab", (c.response_a, c.response_b)), ("ba", (c.response_b, c.response_a))):
@@ -116,7 +114,7 @@ def test_swapping_the_order_flips_raw_probabilities(tiny_model, constitution, jc
     engine = _engine(tiny_model)
     c = Comparison("What is 2+2?", "It is 4.", "It is 5.", ["honest-facts"])
     swapped = Comparison(c.prompt, c.response_b, c.response_a, c.principle_ids)
-    v1, v2 = judge_comparisons(engine, constitution, [c, swapped], jc)
+    v1, v2 = Judge(engine, constitution, jc).judge([c, swapped])
     assert v2.score_ba == pytest.approx(1 - v1.score_ab, abs=1e-6)
     assert v2.score_ab == pytest.approx(1 - v1.score_ba, abs=1e-6)
     assert v2.p_a == pytest.approx(1 - v1.p_a, abs=1e-6)
@@ -128,10 +126,10 @@ def test_averaging_both_orders_removes_a_planted_position_bias(tiny_model, const
         Comparison("Help me", "Sure, here is how.", "No.", ["help-answer"]),
         Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"]),
     ]
-    one_order = judge_comparisons(engine, constitution, comps, dataclasses.replace(jc, both_orders=False))
+    one_order = Judge(engine, constitution, dataclasses.replace(jc, both_orders=False)).judge(comps)
     assert all(v.p_a > 0.99 for v in one_order)
     assert all(math.isnan(v.score_ba) for v in one_order)
-    both = judge_comparisons(engine, constitution, comps, jc)
+    both = Judge(engine, constitution, jc).judge(comps)
     for v in both:
         assert v.score_ab > 0.99 and v.score_ba < 0.01
         assert v.p_a == pytest.approx(0.5, abs=0.01)
@@ -141,12 +139,12 @@ def test_principle_ensemble_is_seeded_and_averaged(tiny_model, constitution, jc)
     engine = _engine(tiny_model)
     cfg = dataclasses.replace(jc, principles="ensemble", ensemble_size=3)
     c = Comparison("How do I hack wifi?", "Use aircrack.", "Ask the owner.")
-    v1 = judge_comparisons(engine, constitution, [c], cfg, categories=["harmlessness"], seed=1)[0]
-    v2 = judge_comparisons(engine, constitution, [c], cfg, categories=["harmlessness"], seed=1)[0]
+    v1 = Judge(engine, constitution, cfg, seed=1).judge([c], categories=["harmlessness"])[0]
+    v2 = Judge(engine, constitution, cfg, seed=1).judge([c], categories=["harmlessness"])[0]
     assert v1.principle_ids == v2.principle_ids and len(set(v1.principle_ids)) == 3
     assert all(constitution.principle(p).category == "harmlessness" for p in v1.principle_ids)
     assert v1.p_a == pytest.approx(float(np.mean(v1.per_principle)))
-    sampled = judge_comparisons(engine, constitution, [c], jc, seed=1)[0]
+    sampled = Judge(engine, constitution, jc, seed=1).judge([c])[0]
     assert len(sampled.principle_ids) == 1
 
 
@@ -162,14 +160,11 @@ def test_chain_of_thought_generates_reasoning_and_clamps(tiny_model, constitutio
 
     engine = Spy(model, tokenizer, batch_size=8, progress=False)
     cfg = dataclasses.replace(jc, chain_of_thought=True, cot_max_new_tokens=4, both_orders=False, clamp=[0.4, 0.6])
-    v = judge_comparisons(engine, constitution, [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])], cfg)[0]
+    v = Judge(engine, constitution, cfg).judge([Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])])[0]
     assert v.p_a == pytest.approx(0.6)
     assert all("Let's think step by step:" in c and c.endswith("Therefore, the answer is:") for c in Spy.contexts)
-    both = judge_comparisons(
-        engine,
-        constitution,
-        [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])],
-        dataclasses.replace(cfg, both_orders=True),
+    both = Judge(engine, constitution, dataclasses.replace(cfg, both_orders=True)).judge(
+        [Comparison("Hi", "Hello!", "Go away.", ["ethics-respect"])]
     )[0]
     assert both.score_ab == pytest.approx(0.6) and both.score_ba == pytest.approx(0.4)
 
@@ -187,14 +182,114 @@ def test_calibration_removes_a_planted_letter_prior(tiny_model, constitution, jc
     def accuracy(verdicts):
         return np.mean([(v.p_a > 0.5) == t for v, t in zip(verdicts, truth)])
 
-    raw = judge_comparisons(engine, constitution, comps, one)
+    raw = Judge(engine, constitution, one).judge(comps)
     assert accuracy(raw) == 0.5  # always "(A)"
-    cal = measure_calibration(engine, constitution, one, ["help-answer"])
+    cal = Judge(engine, constitution, one).measure_calibration(["help-answer"])
     assert cal.prior["help-answer"][0] == pytest.approx(1 / (1 + math.exp(-3.0)), abs=1e-6)
-    calibrated = judge_comparisons(engine, constitution, comps, dataclasses.replace(one, calibrate=True))
+    calibrated = Judge(engine, constitution, dataclasses.replace(one, calibrate=True)).judge(comps)
     assert accuracy(calibrated) == 1.0
     for v in calibrated:  # the corrected probability is the content signal alone
         assert max(v.p_a, 1 - v.p_a) == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- resumable judging
+
+
+def _keyed(n: int = 6) -> list[KeyedComparison]:
+    """``n`` comparisons in two principle groups, the better answer alternately first."""
+    out = []
+    for i in range(n):
+        good, bad = f"a good answer number {i}", f"a poor answer number {i}"
+        a, b = (good, bad) if i % 2 == 0 else (bad, good)
+        cats = ["helpfulness"] if i % 3 else ["harmlessness"]
+        out.append(KeyedComparison(f"k{i}", Comparison(f"question {i}", a, b), cats, {"pair_id": f"p{i}"}))
+    return out
+
+
+def _judged_texts(engine: ContentScorer) -> str:
+    return "\n".join(c for call in engine.calls for c in call)
+
+
+def _without_seconds(records: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in records.items()}
+
+
+class Interrupted(ContentScorer):
+    """A judge that fails on its ``fail_on``-th scoring call, as a run killed midway."""
+
+    def __init__(self, *args, fail_on: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_on = fail_on
+
+    def score_options(self, contexts, options=OPTIONS, *, prefix=None, desc="score"):
+        if len(self.calls) + 1 == self.fail_on:
+            raise RuntimeError("interrupted")
+        return super().score_options(contexts, options, prefix=prefix, desc=desc)
+
+
+def test_judge_resumable_resumes_after_an_interruption(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    items = _keyed()
+    straight = Judge(ContentScorer(model, tokenizer, bias=1.0), constitution, jc, seed=3)
+    full = straight.judge_resumable(tmp_path / "full", items, chunk=2, progress=False)
+    assert (full.new, full.resumed) == (6, 0) and list(full.records) == [it.key for it in items]
+    for i, it in enumerate(items):
+        r = full.records[it.key]
+        assert r["pair_id"] == f"p{i}" and (r["verdict"]["p_a"] > 0.5) == (i % 2 == 0)
+        assert r["letters"]["ab"] and r["tokens"] > 0 and r["seconds"] >= 0
+
+    broken = Interrupted(model, tokenizer, bias=1.0, fail_on=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        Judge(broken, constitution, jc, seed=3).judge_resumable(str(tmp_path / "part"), items, chunk=2, progress=False)
+    stored = RecordStore(tmp_path / "part").records()
+    assert len(stored) == 2  # the first chunk was written before the failure
+    done = {r["key"] for r in stored}
+
+    engine = ContentScorer(model, tokenizer, bias=1.0)
+    resumed = Judge(engine, constitution, jc, seed=3).judge_resumable(
+        RecordStore(tmp_path / "part"), items, chunk=2, progress=False
+    )
+    assert (resumed.new, resumed.resumed) == (4, 2)
+    texts = _judged_texts(engine)
+    for it in items:  # the stored comparisons are not scored again, the others are
+        assert (f"question {it.key[1:]}\n" in texts) == (it.key not in done)
+    assert _without_seconds(resumed.records) == _without_seconds(full.records)
+
+    again = ContentScorer(model, tokenizer, bias=1.0)
+    rerun = Judge(again, constitution, jc, seed=3).judge_resumable(tmp_path / "part", items, progress=False)
+    assert (rerun.new, rerun.resumed) == (0, 6) and again.calls == []
+    assert _without_seconds(rerun.records) == _without_seconds(full.records)
+
+
+def test_judge_resumable_equals_judge_and_takes_a_record_builder(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    items = _keyed(4)
+    items.append(items[0])  # a repeated key is judged and returned once
+    judge = Judge(ContentScorer(model, tokenizer, bias=1.0), constitution, jc)
+
+    def flat(item, verdict, scores, cost):
+        return {"key": item.key, "p_a": verdict.p_a, "passes": cost.scoring_passes}
+
+    out = judge.judge_resumable(tmp_path / "flat", items, record=flat, progress=False)
+    assert out.new == 4 and list(out.records) == ["k0", "k1", "k2", "k3"]
+    for it in items[:4]:
+        expected = judge.judge([it.comparison], categories=it.categories)[0]
+        assert out.records[it.key]["p_a"] == pytest.approx(expected.p_a)
+        assert out.records[it.key]["passes"] == 2  # one principle, both orders
+    assert len(RecordStore(tmp_path / "flat").records()) == 4
+    assert Judge.pending(RecordStore(tmp_path / "flat"), _keyed(5)) == [_keyed(5)[4]]
+
+
+def test_judge_resumable_calibrates_only_when_something_is_left(tiny_model, constitution, jc, tmp_path):
+    model, tokenizer = tiny_model
+    cfg = dataclasses.replace(jc, calibrate=True)
+    items = _keyed(2)
+    first = Judge(ContentScorer(model, tokenizer, bias=3.0), constitution, cfg)
+    first.judge_resumable(tmp_path / "cal", items, progress=False)
+    assert first.calibration is not None and set(first.calibration.prior) == {p.id for p in constitution.principles}
+    idle = Judge(ContentScorer(model, tokenizer, bias=3.0), constitution, cfg)
+    idle.judge_resumable(tmp_path / "cal", items, progress=False)
+    assert idle.calibration is None and idle.engine.calls == []
 
 
 # --------------------------------------------------------------------------- gate
@@ -218,18 +313,18 @@ def _checkset(path: Path) -> Path:
 def test_gate_accuracy_on_check_pairs(tiny_model, constitution, jc, tmp_path):
     model, tokenizer = tiny_model
     rows = load_checkset(_checkset(tmp_path / "c.jsonl"))
-    good = judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, jc, checkset=rows, hhh=[])
+    good = Judge(ContentScorer(model, tokenizer, bias=0.0), constitution, jc).gate(checkset=rows, hhh=[])
     assert good.accuracy == 1.0 and not good.tripped and good.n == 12
-    bad = judge_gate(ContentScorer(model, tokenizer, bias=0.0, good="bad"), constitution, jc, checkset=rows, hhh=[])
+    bad = Judge(ContentScorer(model, tokenizer, bias=0.0, good="bad"), constitution, jc).gate(checkset=rows, hhh=[])
     assert bad.accuracy == 0.0 and bad.tripped and bad.hi < jc.gate_threshold
     few = rows[:4]  # 4 of 4 right: a perfect estimate, but too few items to show the judge clears 0.6
-    unproven = judge_gate(ContentScorer(model, tokenizer, bias=0.0), constitution, jc, checkset=few, hhh=[])
+    unproven = Judge(ContentScorer(model, tokenizer, bias=0.0), constitution, jc).gate(checkset=few, hhh=[])
     assert unproven.accuracy == 1.0 and unproven.lo < jc.gate_threshold and unproven.tripped
     assert "lower bound" in unproven.summary() and "TRIPPED" in unproven.summary()
     estimate = dataclasses.replace(jc, gate_on="estimate")
-    assert not judge_gate(
-        ContentScorer(model, tokenizer, bias=0.0), constitution, estimate, checkset=few, hhh=[]
-    ).tripped
+    assert (
+        not Judge(ContentScorer(model, tokenizer, bias=0.0), constitution, estimate).gate(checkset=few, hhh=[]).tripped
+    )
 
 
 def _write_pairs(run: RunStore) -> None:
@@ -387,7 +482,7 @@ def test_constitution_test_reports_a_planted_failure(tiny_model, constitution, j
             ],
         ),
     ]
-    results = run_constitution_cases(constitution, cases, engine, jc)
+    results = Judge(engine, constitution, jc).run_cases(cases)
     assert [r.passed for r in results] == [True, False, True]
     assert results[1].p_expected < 0.5
     assert "Human: hi\n\nAssistant: hello\n\nHuman: help?" in engine.calls[0][4]

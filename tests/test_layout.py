@@ -1,6 +1,6 @@
 """Package layout: no stage module imports another stage module.
 
-Stages share code through library modules (``cai_dpo.rl``, ``cai_dpo.judging``,
+Stages share code through library modules (``cai_dpo.rl``, ``cai_dpo.judge``,
 ``cai_dpo.pairs_io``, ...); only the launchers (``cli.py``, ``pipeline.py``,
 ``distributed.py``) import stages. Every import form counts: ``import cai_dpo.stages.x``,
 ``from cai_dpo.stages.x import y``, ``from cai_dpo.stages import x``, ``from cai_dpo import
@@ -115,7 +115,8 @@ def test_runtime_stage_lookups_are_the_known_ones():
         ("from cai_dpo.stages.ppo import helper", False),  # its own module
         ("from . import ppo", False),
         ("from cai_dpo.rl.reward import RewardScorer", False),
-        ("from cai_dpo import judging", False),
+        ("from cai_dpo import judge", False),
+        ("from cai_dpo.judge import Judge", False),
         ("import cai_dpo.store", False),
     ],
 )

@@ -141,7 +141,7 @@ def test_factory_and_local_loading_refuse_mismatches(fake):
 
 
 def test_stages_build_served_engines(fake, tiny_cfg):
-    from cai_dpo.judging import load_judge_engine
+    from cai_dpo.judge import Judge
     from cai_dpo.stages import sl
     from cai_dpo.store import RunStore
 
@@ -152,7 +152,7 @@ def test_stages_build_served_engines(fake, tiny_cfg):
         judge=dataclasses.replace(tiny_cfg.judge, model=spec),
         sl=dataclasses.replace(tiny_cfg.sl, teacher=spec),
     )
-    assert isinstance(load_judge_engine(cfg), ServedEngine)
+    assert isinstance(Judge.load(cfg).engine, ServedEngine)
     state = sl._SLRun(cfg, RunStore(cfg.run_dir))
     # the teacher writes critiques and revisions; the policy keeps the initial answer
     assert state.teacher_id == "served:m" and isinstance(state.teacher.get(), ServedEngine)
@@ -367,7 +367,7 @@ def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
     from cai_dpo.config import JudgeSection
     from cai_dpo.constitution import load_constitution
     from cai_dpo.data import load_checkset
-    from cai_dpo.judging import JudgePrompter
+    from cai_dpo.judge import JudgePrompter
 
     constitution = load_constitution("default")
     prompter = JudgePrompter(engine, constitution, JudgeSection(few_shot=True))
@@ -384,7 +384,7 @@ def judge_contexts(engine: Any, n: int) -> tuple[str | None, list[str]]:
 
 @pytest.mark.slow
 def test_served_option_probabilities_match_local(served_engine, local_engine):
-    from cai_dpo.judging import OPTIONS
+    from cai_dpo.judge import OPTIONS
 
     prefix, contexts = judge_contexts(served_engine, 20)
     assert prefix == judge_contexts(local_engine, 20)[0]

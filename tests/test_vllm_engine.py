@@ -382,8 +382,8 @@ def test_logprob_sums_prompt_logprobs_over_the_completion(fake_vllm, tiny_path):
 def test_judge_stage_loads_the_vllm_engine(fake_vllm, tiny_cfg):
     import dataclasses
 
-    from cai_dpo.judging import load_judge_engine
+    from cai_dpo.judge import Judge
     from cai_dpo.vllm_engine import VLLMEngine
 
     cfg = dataclasses.replace(tiny_cfg, judge=dataclasses.replace(tiny_cfg.judge, model=vllm_spec()))
-    assert isinstance(load_judge_engine(cfg), VLLMEngine)
+    assert isinstance(Judge.load(cfg).engine, VLLMEngine)

@@ -1,7 +1,7 @@
 """The pipeline's stages, one module each, each with one ``run_<stage>(cfg, run)`` entry.
 
 No stage imports another (``tests/test_layout.py``); what they share lives in the library beside
-them (``judging``, ``rl``, ``training``, ``store``, ``labels``). One name per stage: the pipeline
+them (``judge``, ``rl``, ``training``, ``store``, ``labels``). One name per stage: the pipeline
 stage ``<stage>`` (``cai-dpo run --from/--only <stage>``) is the module ``cai_dpo/stages/<stage>.py``,
 the notebook ``notebooks/NN_<stage>.ipynb`` and the command ``cai-dpo <stage>``
 (``tests/test_stage_names.py``):

@@ -47,7 +47,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -70,6 +70,9 @@ from cai_dpo.store import (
     write_jsonl,
 )
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
+
+if TYPE_CHECKING:
+    from cai_dpo.judge import JudgmentCost, KeyedComparison, LetterScores, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -388,86 +391,63 @@ def judge_pairs(
 ) -> list[dict[str, Any] | None]:
     """The judgment record of every job (``p_a`` = P(response_a better)); None for identical responses (a tie).
 
-    Judged as :func:`cai_dpo.judging.judge_comparisons` does (its two steps,
-    ``score_letters`` then ``to_verdict``, so the judge's own token counts are kept), with
-    the principle categories the judge stage uses per prompt source and one contextual
-    calibration measured for the whole evaluation. Only jobs missing from
-    ``records/eval-judgments`` are judged; each record carries its share of the wall time,
-    scoring passes and tokens of the call that judged it.
+    Judged with :meth:`Judge.judge_resumable` in ``records/eval-judgments``, with the principle
+    categories the judge stage uses per prompt source and one contextual calibration measured
+    for the whole evaluation; the judge model is loaded only when a job is missing from the
+    store. Each record carries its share of the wall time, scoring passes and tokens (read,
+    plus any reasoning generated) of the call that judged it.
     """
     from cai_dpo.constitution import load_constitution
+    from cai_dpo.judge import SOURCE_CATEGORIES, Comparison, Judge, KeyedComparison
 
     store = run.records(JUDGMENTS_STORE)
     constitution = load_constitution(cfg.constitution_path())
     judge_spec = cfg.eval_judge_model()
     base_key = (model_fingerprint(judge_spec), constitution.fingerprint(), to_dict(cfg.judge), cfg.seed)
     keys = [content_hash("eval-judgment", base_key, j.axis, j.prompt, j.response_a, j.response_b) for j in jobs]
-    todo_by_key: dict[str, int] = {}
-    for i, (j, k) in enumerate(zip(jobs, keys)):
-        if k not in store and j.response_a != j.response_b and k not in todo_by_key:
-            todo_by_key[k] = i
-    if todo_by_key:
-        from cai_dpo.judging import (
-            SOURCE_CATEGORIES,
-            Comparison,
-            JudgePrompter,
-            measure_calibration,
-            score_letters,
-            to_verdict,
+    sources = {"harmlessness": "red_team", "helpfulness": "helpful"}
+    items = [
+        KeyedComparison(
+            k,
+            Comparison(j.prompt, j.response_a, j.response_b),
+            SOURCE_CATEGORIES[sources[j.axis]],
+            {
+                "axis": j.axis,
+                "prompt_id": j.prompt_id,
+                "condition": j.condition,
+                "model_a": j.model_a,
+                "model_b": j.model_b,
+            },
         )
-
-        jc = cfg.judge
-        engine = load_engine(judge_spec, batch_size=jc.batch_size, progress=progress)
-        prompter = JudgePrompter(engine, constitution, jc)
-        calibration = measure_calibration(engine, constitution, jc, prompter=prompter) if jc.calibrate else None
-        todo = list(todo_by_key.items())
-        chunk = max(1, jc.batch_size) * 4
-        for axis, source in (("harmlessness", "red_team"), ("helpfulness", "helpful")):
-            axis_todo = [(k, i) for k, i in todo if jobs[i].axis == axis]
-            for start in range(0, len(axis_todo), chunk):
-                part = axis_todo[start : start + chunk]
-                comps = [Comparison(jobs[i].prompt, jobs[i].response_a, jobs[i].response_b) for _, i in part]
-                before = dataclasses.replace(engine.stats)
-                t0 = time.perf_counter()
-                scores = score_letters(
-                    engine,
-                    constitution,
-                    comps,
-                    jc,
-                    categories=SOURCE_CATEGORIES[source],
-                    seed=cfg.seed,
-                    prompter=prompter,
-                    desc=f"eval judge {axis}",
-                )
-                verdicts = [to_verdict(sc, jc, calibration) for sc in scores]
-                seconds = time.perf_counter() - t0
-                n = len(part)
-                passes = (engine.stats.scored_items - before.scored_items) / n
-                generated = (engine.stats.generated_tokens - before.generated_tokens) / n
-                store.append(
-                    [
-                        {
-                            "key": k,
-                            "axis": axis,
-                            "prompt_id": jobs[i].prompt_id,
-                            "condition": jobs[i].condition,
-                            "model_a": jobs[i].model_a,
-                            "model_b": jobs[i].model_b,
-                            "p_a": float(v.p_a),
-                            "score_ab": _float(v.score_ab),
-                            "score_ba": _float(v.score_ba),
-                            "principle_ids": list(v.principle_ids),
-                            "seconds": seconds / n,
-                            "tokens": int(sc.tokens) + generated,
-                            "scoring_passes": passes,
-                        }
-                        for (k, i), v, sc in zip(part, verdicts, scores)
-                    ]
-                )
-        del engine, prompter
+        for j, k in zip(jobs, keys)
+        if j.response_a != j.response_b
+    ]
+    if Judge.pending(store, items):
+        judge = Judge.load(cfg, model=judge_spec, constitution=constitution, progress=progress)
+        chunk = max(1, cfg.judge.batch_size) * 4
+        judge.judge_resumable(store, items, record=_judgment_record, chunk=chunk, desc="eval judge", progress=progress)
+        del judge
         gc.collect()
-    log.info("eval judge: %d comparisons (%d judged now)", len(jobs), len(todo_by_key))
-    return [store.get(k) for k in keys]
+    else:
+        log.info("eval judge: %d comparisons (all resumed)", len(jobs))
+    return [store.get(k) if j.response_a != j.response_b else None for j, k in zip(jobs, keys)]
+
+
+def _judgment_record(
+    item: KeyedComparison, verdict: Verdict, scores: LetterScores, cost: JudgmentCost
+) -> dict[str, Any]:
+    """One ``records/eval-judgments`` record: the job's fields, the verdict's figures and its cost."""
+    return {
+        "key": item.key,
+        **item.fields,
+        "p_a": float(verdict.p_a),
+        "score_ab": _float(verdict.score_ab),
+        "score_ba": _float(verdict.score_ba),
+        "principle_ids": list(verdict.principle_ids),
+        "seconds": cost.seconds,
+        "tokens": int(scores.tokens) + cost.generated_tokens,
+        "scoring_passes": cost.scoring_passes,
+    }
 
 
 def _float(x: Any) -> float | None:
@@ -510,18 +490,13 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
     constitution = load_constitution(cfg.constitution_path())
     key = content_hash("eval-gate", model_fingerprint(spec), constitution.fingerprint(), to_dict(cfg.judge), cfg.seed)
     if key not in store:
-        from cai_dpo.judging import JudgePrompter, judge_gate, measure_calibration
+        from cai_dpo.judge import Judge
 
-        jc = cfg.judge
-        engine = load_engine(spec, batch_size=jc.batch_size, progress=False)
-        calibration = (
-            measure_calibration(engine, constitution, jc, prompter=JudgePrompter(engine, constitution, jc))
-            if jc.calibrate
-            else None
-        )
-        result = judge_gate(engine, constitution, jc, calibration=calibration, seed=cfg.seed)
-        store.append([{"key": key, **result.to_dict()}])
-        del engine
+        judge = Judge.load(cfg, model=spec, constitution=constitution, progress=False)
+        if cfg.judge.calibrate:
+            judge.calibrate()
+        store.append([{"key": key, **judge.gate().to_dict()}])
+        del judge
         gc.collect()
     rec = {k: v for k, v in (store.get(key) or {}).items() if k != "key"}
     return {**rec, "source": "measured by the eval stage"}

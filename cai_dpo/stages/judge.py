@@ -1,6 +1,6 @@
 """AI feedback (RLAIF): constitution-guided soft preference labels for a run's pairs.
 
-The judge (:mod:`cai_dpo.judging`) reads each pair as a multiple-choice question and its
+The judge (:mod:`cai_dpo.judge`) reads each pair as a multiple-choice question and its
 soft label is the normalised probability of " (A)" vs " (B)" — both orders, one sampled
 principle or an ensemble, few-shot demos, optional chain-of-thought and contextual
 calibration, each from :class:`JudgeSection`. Before labeling, its quality gate measures
@@ -13,15 +13,15 @@ through with ``p_chosen`` 1.0 (revision) or ``judge.curated_p_chosen`` (curated)
 judged only with ``judge.score_revision_pairs`` / ``judge.score_curated_pairs`` (the
 judge's view then goes to ``p_judge``). Every row keeps the pair's ``weight``.
 
-:func:`run_judge` writes ``data/preferences`` (TRL conversational preference format).
+:func:`run_judge` selects the pairs, judges them with :meth:`Judge.judge_resumable` (one record
+per pair in ``records/judge``) and writes ``data/preferences`` (TRL conversational preference
+format) with its manifest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,21 +31,16 @@ import numpy as np
 
 from cai_dpo.config import JudgeSection, RunConfig, to_dict
 from cai_dpo.errors import InputError
-from cai_dpo.judging import (
+from cai_dpo.judge import (
     HHH_FILE,
     SOURCE_CATEGORIES,
-    Calibration,
     Comparison,
     GateResult,
-    JudgePrompter,
+    Judge,
+    KeyedComparison,
     LetterScores,
     Verdict,
-    judge_gate,
     load_checkset,
-    load_judge_engine,
-    measure_calibration,
-    score_letters,
-    to_verdict,
 )
 from cai_dpo.pairs_io import load_pairs, pairs_path
 from cai_dpo.schema import Pair, PreferenceRow, as_conversation
@@ -220,23 +215,21 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
     wants_judge = any(_wants_verdict(p, jc) for p in pairs)
-    calibration: Calibration | None = None
+    judge: Judge | None = None
     gate: GateResult | None = None
     with Timer() as total:
         if wants_judge:
+            with Timer() as t:
+                judge = Judge.load(cfg, engine=engine, constitution=constitution)
             if engine is None:
-                with Timer() as t:
-                    engine = load_judge_engine(cfg)
                 timings["load_seconds"] = t.seconds
-            prompter = JudgePrompter(engine, constitution, jc)
             if jc.calibrate:
                 with Timer() as t:
-                    calibration = measure_calibration(engine, constitution, jc, prompter=prompter)
+                    metrics["calibration"] = judge.calibrate().to_dict()
                 timings["calibration_seconds"] = t.seconds
-                metrics["calibration"] = calibration.to_dict()
             if jc.gate:
                 with Timer() as t:
-                    gate = _run_gate(engine, constitution, cfg, calibration, notes)
+                    gate = _run_gate(judge, cfg, notes)
                 timings["gate_seconds"] = t.seconds
         else:
             notes.append(
@@ -245,9 +238,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
             )
         active = select_pairs(pairs, cfg, gate, notes)
         to_judge = [p for p in active if _wants_verdict(p, jc)]
-        verdicts, stats = (
-            _judge_pairs(engine, constitution, to_judge, cfg, judge_name, calibration, run) if to_judge else ({}, {})
-        )
+        verdicts, stats = _judge_pairs(judge, to_judge, cfg, judge_name, run) if judge and to_judge else ({}, {})
         rows = [_pref_row(p, judge_name, verdicts.get(p["pair_id"]), jc.curated_p_chosen) for p in active]
     if not rows:
         raise InputError(
@@ -278,7 +269,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         "by_source": dict(Counter(r["source"] for r in rows)),
         "judged": len(to_judge),
         "judged_resumed": stats.get("resumed", 0),
-        "calibrated": calibration is not None,
+        "calibrated": judge is not None and judge.calibration is not None,
     }
     timings["seconds"] = total.seconds
     final = run.preferences
@@ -302,9 +293,8 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
     return final
 
 
-def _run_gate(
-    engine: Any, constitution: Any, cfg: RunConfig, calibration: Calibration | None, notes: list[str]
-) -> GateResult | None:
+def _run_gate(judge: Judge, cfg: RunConfig, notes: list[str]) -> GateResult | None:
+    """The judge's quality gate on the configured check set (and HHH items); None when it had nothing to check."""
     try:
         checkset = load_checkset(cfg.judge.checkset)
     except FileNotFoundError as exc:
@@ -317,7 +307,7 @@ def _run_gate(
         len(checkset),
         f" and up to {cfg.judge.gate_hhh_sample} HHH items" if cfg.judge.gate_use_hhh and HHH_FILE.exists() else "",
     )
-    gate = judge_gate(engine, constitution, cfg.judge, calibration=calibration, seed=cfg.seed, checkset=checkset)
+    gate = judge.gate(checkset=checkset)
     if gate.skipped:
         notes.append(f"judge gate skipped: {gate.skipped}")
         return None
@@ -327,87 +317,37 @@ def _run_gate(
 
 
 def _judge_pairs(
-    engine: Any,
-    constitution: Any,
-    pairs: list[dict[str, Any]],
-    cfg: RunConfig,
-    judge_name: str,
-    calibration: Calibration | None,
-    run: RunStore,
+    judge: Judge, pairs: list[dict[str, Any]], cfg: RunConfig, judge_name: str, run: RunStore
 ) -> tuple[dict[str, Verdict], dict[str, Any]]:
-    """Judge pairs in resumable chunks; returns verdicts by pair id and timing stats."""
-    from cai_dpo.progress import progress_bar as tqdm
+    """Judge pairs resumably in ``records/judge``; returns verdicts by pair id and timing stats.
 
-    jc = cfg.judge
-    store = run.records("judge")
-    settings = _judge_settings(jc)
-    fp = constitution.fingerprint()
-
-    def key(p: dict[str, Any]) -> str:
-        return content_hash(
-            "judge", p["pair_id"], p["prompt"], p["response_a"], p["response_b"], judge_name, fp, settings, cfg.seed
+    A record is keyed by a content hash of (pair, judge model, constitution, judge settings,
+    seed); verdicts are recomputed from the stored letters with this run's calibration.
+    """
+    settings = _judge_settings(cfg.judge)
+    fp = judge.constitution.fingerprint()
+    items = [
+        KeyedComparison(
+            content_hash(
+                "judge", p["pair_id"], p["prompt"], p["response_a"], p["response_b"], judge_name, fp, settings, cfg.seed
+            ),
+            Comparison(p["prompt"], p["response_a"], p["response_b"]),
+            SOURCE_CATEGORIES.get(p.get("prompt_source") or "red_team"),
+            {"pair_id": p["pair_id"]},
         )
-
-    keyed = [(key(p), p) for p in pairs]
-    done = store.done_keys()
-    todo = [(k, p) for k, p in keyed if k not in done]
-    prompter = JudgePrompter(engine, constitution, jc)
-    chunk = max(1, jc.batch_size * 2)
-    seconds, tokens, n_new = 0.0, 0, 0
-    bar = tqdm(total=len(todo), desc="judge", unit="pair", dynamic_ncols=True, mininterval=1.0)
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        t0 = time.perf_counter()
-        by_group: dict[str, list[int]] = {}
-        for i, (_, p) in enumerate(part):
-            by_group.setdefault(p.get("prompt_source") or "red_team", []).append(i)
-        scores: list[LetterScores | None] = [None] * len(part)
-        for src, idx in by_group.items():
-            comps = [Comparison(part[i][1]["prompt"], part[i][1]["response_a"], part[i][1]["response_b"]) for i in idx]
-            got = score_letters(
-                engine, constitution, comps, jc, categories=SOURCE_CATEGORIES.get(src), seed=cfg.seed, prompter=prompter
-            )
-            for i, s in zip(idx, got):
-                scores[i] = s
-        dt = time.perf_counter() - t0
-        records = []
-        for (k, p), s in zip(part, scores):
-            v = to_verdict(s, jc, calibration)  # type: ignore[arg-type]
-            records.append(
-                {
-                    "key": k,
-                    "pair_id": p["pair_id"],
-                    "verdict": dataclasses.asdict(v),
-                    "letters": {"principle_ids": s.principle_ids, "ab": s.ab, "ba": s.ba},  # type: ignore[union-attr]
-                    "reasoning": s.reasoning,
-                    "tokens": s.tokens,
-                    "seconds": dt / len(part),
-                }
-            )  # type: ignore[union-attr]
-        store.append(records)
-        seconds += dt
-        tokens += sum(r["tokens"] for r in records)
-        n_new += len(records)
-        bar.update(len(part))
-        bar.set_postfix(pairs_s=f"{n_new / seconds:.2f}" if seconds else "-")
-    bar.close()
-    all_recs = {r["key"]: r for r in store.records()}
-    verdicts = {p["pair_id"]: to_verdict(_letters(all_recs[k]), jc, calibration) for k, p in keyed}
-    used = [all_recs[k] for k, _ in keyed]
+        for p in pairs
+    ]
+    done = judge.judge_resumable(run.records("judge"), items, desc="judge")
+    used = [done.records[it.key] for it in items]
+    verdicts = {p["pair_id"]: judge.to_verdict(LetterScores.from_record(r)) for p, r in zip(pairs, used)}
     stats = {
-        "new": n_new,
-        "resumed": len(keyed) - n_new,
-        "seconds_per_judgment": (seconds / n_new) if n_new else float(np.mean([r["seconds"] for r in used])),
+        "new": done.new,
+        "resumed": done.resumed,
+        "seconds_per_judgment": (done.seconds / done.new) if done.new else float(np.mean([r["seconds"] for r in used])),
         "tokens_per_judgment": float(np.mean([r["tokens"] for r in used])),
-        "measured_on": "this run" if n_new else "resumed records",
+        "measured_on": "this run" if done.new else "resumed records",
     }
     return verdicts, stats
-
-
-def _letters(record: dict[str, Any]) -> LetterScores:
-    """The raw letter scores stored in a judge record (verdicts are recomputed with this run's calibration)."""
-    lt = record["letters"]
-    return LetterScores(lt["principle_ids"], lt["ab"], lt["ba"], record.get("tokens", 0), record.get("reasoning", []))
 
 
 def _cost_metrics(stats: dict[str, Any], jc: JudgeSection) -> dict[str, Any]:

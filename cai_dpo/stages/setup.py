@@ -38,7 +38,7 @@ def cases_path_for(constitution_path: Path) -> Path | None:
 def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None) -> Path:
     """Prepare the policy model, validate the constitution and run its edge-case tests."""
     from cai_dpo.constitution import load_cases, load_constitution
-    from cai_dpo.judging import format_case_table, load_judge_engine, run_constitution_cases
+    from cai_dpo.judge import Judge, format_case_table
     from cai_dpo.models import describe, resolve_model_path
 
     run = run or RunStore(cfg.run_dir)
@@ -58,8 +58,7 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         if cases_file is not None:
             cases = load_cases(cases_file, constitution)
             with Timer() as t:
-                engine = engine or load_judge_engine(cfg)
-                results = run_constitution_cases(constitution, cases, engine, cfg.judge)
+                results = Judge.load(cfg, engine=engine, constitution=constitution).run_cases(cases)
             timings["cases_s"] = round(t.seconds, 2)
             atomic_write_json(out / "cases.json", [asdict(r) for r in results])
             atomic_write_text(out / "cases.txt", format_case_table(results) + "\n")
