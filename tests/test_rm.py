@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cai_dpo.config import load_config
-from cai_dpo.rl.reward import RewardScorer, rm_text
+from cai_dpo.rl.reward import RewardScorer, first_tokens, rm_text
 from cai_dpo.stages.rm import (
     expected_calibration_error,
     mix_helpful,
@@ -161,6 +161,24 @@ def test_hard_and_soft_targets(tiny_model):
     assert soft["chosen_ids"][3] == full[-64:]
 
 
+def test_response_tokens_cut_both_sides_to_the_same_budget(tiny_model):
+    """rm.response_tokens: each response is scored on its first N tokens, chosen and rejected alike."""
+    _, tok = tiny_model
+    rows = synthetic_preferences(4, 2)
+    long_reply = " ".join(["I can't help with that because it could seriously harm people."] * 6)
+    rows[0]["chosen"] = [{"role": "assistant", "content": long_reply}]
+    cut = tokenize_pairs(rows, tok, 256, "soft", response_tokens=5)
+    for i, row in enumerate(rows):
+        for side in ("chosen", "rejected"):
+            text = row[side][0]["content"]
+            first5 = tok.decode(tok(text, add_special_tokens=False)["input_ids"][:5])
+            want = tok(rm_text(tok, row["prompt"], first5), add_special_tokens=False)["input_ids"]
+            assert cut[f"{side}_ids"][i] == want
+    whole = tokenize_pairs(rows, tok, 256, "soft")
+    assert len(whole["chosen_ids"][0]) > len(cut["chosen_ids"][0])  # the long reply was cut
+    assert first_tokens(tok, "short", None) == "short"
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -175,6 +193,7 @@ def test_preference_model_learns_separable_pairs(tmp_path):
             "rm.learning_rate": 3e-3,
             "rm.eval_fraction": 0.25,
             "rm.save_steps": 12,
+            "rm.response_tokens": 12,
             "rm.lora": {"r": 8, "alpha": 16},
         },
     )
@@ -193,6 +212,11 @@ def test_preference_model_learns_separable_pairs(tmp_path):
     cb, _ = b.score_pairs(fresh)
     assert ca == pytest.approx(cb, abs=1e-5)
     assert sum(c > r for c, r in zip(ca, ra)) >= 11
+    # the scorer cuts responses to the trained budget: text after the first 12 tokens changes nothing
+    assert a.response_tokens == 12
+    prompt, reply = fresh[0]["prompt"], fresh[0]["chosen"][0]["content"]
+    padded = reply + " Sure! Here is how to do it step by step." * 3
+    assert a.score([prompt], [padded]) == pytest.approx(a.score([prompt], [first_tokens(a.tokenizer, padded, 12)]))
 
 
 def test_rm_on_sl_cai_backbone_merges_sft(tmp_path, perturbed_lora):
