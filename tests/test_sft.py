@@ -312,7 +312,8 @@ def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
     from trl import SFTConfig
 
     from cai_dpo.models import attach_lora, load_model
-    from cai_dpo.stages.sft import _trainer_classes, prepare_dataset
+    from cai_dpo.stages.sft import prepare_dataset
+    from cai_dpo.trl_trainers import WeightedLMCollator, WeightedSFTTrainer
 
     torch.manual_seed(0)
     model, tok = load_model("tiny", trainable=True)
@@ -323,15 +324,14 @@ def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
         for (q, a), w in zip(PAIRS[:3], (2.0, 0.5, 0.0))
     ]
     ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tok)
-    collator_cls, trainer_cls = _trainer_classes()
     args = SFTConfig(**common_training_args(tiny_cfg.sft, tmp_path / "ck"), max_length=128, completion_only_loss=True)
-    trainer = trainer_cls(
+    trainer = WeightedSFTTrainer(
         model=model,
         args=args,
         train_dataset=ds,
         processing_class=tok,
         weighting="principle",
-        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        data_collator=WeightedLMCollator(pad_token_id=tok.pad_token_id),
     )
     examples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(sorted(examples, key=lambda e: -e["weight"]))

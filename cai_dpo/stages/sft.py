@@ -37,6 +37,7 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
+from cai_dpo.losses import weighted_sft_loss as weighted_sft_loss
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, dataset_hash, file_hash, locked_stage
@@ -49,7 +50,6 @@ from cai_dpo.training import (
     training_callbacks,
     training_inputs,
     trl_config,
-    weighted_mean,
 )
 
 log = logging.getLogger(__name__)
@@ -261,84 +261,6 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
     return rows, info
 
 
-def weighted_sft_loss(token_logps: Any, label_mask: Any, weights: Any) -> Any:
-    """``Σ_i w_i·NLL_i / Σ_i w_i`` with ``NLL_i`` example i's mean negative log-prob over its completion tokens.
-
-    ``token_logps`` and ``label_mask`` are [B, T] (log-probs of the next tokens, zero where
-    masked; 1 on completion tokens), ``weights`` is [B]. An example with no completion token
-    has NLL 0; all-zero weights give 0.
-    """
-    mask = label_mask.to(token_logps.dtype)
-    nll = -(token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    return weighted_mean(nll, weights)
-
-
-def _trainer_classes() -> tuple[type, type]:
-    """(collator, SFTTrainer subclass) carrying per-example weights (TRL is imported lazily)."""
-    import torch
-    from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    @dataclasses.dataclass
-    class WeightedLMCollator(DataCollatorForLanguageModeling):
-        """TRL's language-modeling collator, plus a ``weight`` tensor [B] when the examples carry it."""
-
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            out = super().torch_call(examples)
-            if "weight" in examples[0]:
-                out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
-            return out
-
-    class WeightedSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss, with ``weighting='principle'``, is :func:`weighted_sft_loss`."""
-
-        def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
-            self.weighting = weighting
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            if "weight" not in self._signature_columns:
-                self._signature_columns = list(self._signature_columns) + ["weight"]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            inputs = dict(inputs)
-            weight = inputs.pop("weight", None)
-            if self.weighting != "principle" or weight is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
-            loss = weighted_sft_loss(outputs.log_probs, outputs.label_mask, weight)
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (
-                    bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None
-                )
-            if scaled and mode == "train":  # Trainer will not divide by the accumulation steps: do it here
-                loss = loss / self.current_gradient_accumulation_steps
-            m = self._metrics[mode]
-            valid = outputs.label_mask.sum()
-            if outputs.entropy is not None:
-                m["entropy"].append((outputs.entropy.detach().sum() / valid).item() if valid > 0 else 0.0)
-            if outputs.is_top1 is not None:
-                m["mean_token_accuracy"].append((outputs.is_top1.sum() / valid).item() if valid > 0 else 0.0)
-            m["weight_mean"].append(weight.float().mean().item())
-            if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum().item())
-            m["num_tokens"] = [self._total_train_tokens]
-            if return_outputs:
-                with torch.no_grad():
-                    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-                return loss, outputs
-            return loss
-
-    return WeightedLMCollator, WeightedSFTTrainer
-
-
 def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
     """Hold out ``fraction`` of the prompts (every row of a held-out prompt) for evaluation; none for tiny datasets.
 
@@ -359,6 +281,8 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Train the SL-CAI adapter on the rows of ``sft.data`` (see :func:`build_rows`); returns ``models/sft``."""
     import datasets
     from trl import SFTConfig
+
+    from cai_dpo.trl_trainers import WeightedLMCollator, WeightedSFTTrainer
 
     run = run or RunStore(cfg.run_dir)
     threads = set_threads(cfg.threads)
@@ -398,11 +322,12 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         completion_only_loss=True if loss_mode == "completion_only" else None,
         assistant_only_loss=loss_mode == "assistant_only",
     )
-    collator_cls, trainer_cls = _trainer_classes()
-    trainer = trainer_cls(
+    trainer = WeightedSFTTrainer(
         model=model,
         args=sft_args,
-        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sft_args.pad_to_multiple_of),
+        data_collator=WeightedLMCollator(
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sft_args.pad_to_multiple_of
+        ),
         weighting=cfg.sft.weighting,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
