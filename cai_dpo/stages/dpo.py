@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import ConfigError, DPOSection, RunConfig, save_config, to_dict
+from cai_dpo.config import ConfigError, DPOSection, RunConfig, raise_problems, save_config, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
@@ -136,46 +136,18 @@ def trl_loss_types() -> tuple[str, ...]:
 
 
 def validate_dpo_config(d: DPOSection, source: str = "config") -> None:
-    """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
+    """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train.
+
+    ``dpo.loss_type`` is checked against the installed TRL here (reading TRL at config load
+    would cost seconds); every other check is the section's own (:meth:`DPOSection.problems`,
+    run when the config is loaded), repeated for a section built or changed in code.
+    """
     allowed = trl_loss_types()
     if d.loss_type not in allowed:
         raise ConfigError(
             f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}"
         )
-    if d.label_mode == "soft" and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.rpo_alpha and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.rpo_alpha (the chosen-NLL term) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.rpo_alpha=0 to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.weighting == "principle" and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.weighting=principle (per-pair weights) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.weighting=none to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
-        raise ConfigError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
-        raise ConfigError(
-            f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}"
-        )
-    checks = [
-        (d.beta > 0, "dpo.beta must be > 0"),
-        (d.learning_rate > 0, "dpo.learning_rate must be > 0"),
-        (d.batch_size >= 1, "dpo.batch_size must be >= 1"),
-        (d.grad_accum >= 1, "dpo.grad_accum must be >= 1"),
-        (d.rounds >= 1, "dpo.rounds must be >= 1"),
-        (0 <= d.eval_fraction < 1, "dpo.eval_fraction must be in [0, 1)"),
-        (d.max_steps > 0 or d.epochs > 0, "set dpo.max_steps > 0 or dpo.epochs > 0"),
-        (0 < d.max_prompt_length < d.max_length, "dpo.max_prompt_length must be > 0 and below dpo.max_length"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{source}: {message}")
+    raise_problems(d, source=source, prefix="dpo.")
 
 
 def resolve_adapter_mode(cfg: RunConfig) -> str:

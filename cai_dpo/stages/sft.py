@@ -33,7 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.config import RunConfig, raise_problems, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
@@ -198,11 +198,12 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
     in the run's label database are added whatever ``sft.data`` is (see
     :func:`_add_human_revisions`). Returns (rows, info) with
     ``info`` holding input hashes and counts for the manifest. Raises ``FileNotFoundError``
-    for missing data and ``InputError`` for an empty selection or a bad setting.
+    for missing data, ``InputError`` for an empty selection and ``ConfigError`` for a bad ``sft`` setting.
     """
     from cai_dpo.curated import curated_files, load_curated
 
     sc = cfg.sft
+    raise_problems(sc, source=str(run.config_file), prefix="sft.")
     info: dict[str, Any] = {"inputs": {}, "counts": {}}
     rows: list[dict[str, Any]] = []
     curated: list[dict[str, Any]] = []
@@ -240,11 +241,8 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
         data_dir = run.sl_data
         sl = _sl_rows(data_dir)
         info["inputs"]["data/sl"] = dataset_hash(data_dir)
-        if sc.data == "both" and sc.sl_share is not None:
-            if not 0.0 <= sc.sl_share <= 1.0:
-                raise InputError(f"sft.sl_share must be in [0, 1] or null, got {sc.sl_share}")
-            if sc.sl_share < 1.0:
-                sl = _subsample(sl, int(round(sc.sl_share / (1 - sc.sl_share) * len(curated))), cfg.seed, "sl")
+        if sc.data == "both" and sc.sl_share is not None and sc.sl_share < 1.0:
+            sl = _subsample(sl, int(round(sc.sl_share / (1 - sc.sl_share) * len(curated))), cfg.seed, "sl")
         if sc.data == "sl" and not sl:
             raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
         rows.extend(sl)
