@@ -178,6 +178,46 @@ def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:
     return cleared
 
 
+@dataclasses.dataclass
+class TrainerSetup:
+    """What a TRL stage builds its trainer from.
+
+    ``args``: the TRL config (:func:`trl_config`); ``resume``: the checkpoint to resume from, None to
+    start afresh (:func:`resume_checkpoint`); ``callbacks``: :func:`training_callbacks`.
+    """
+
+    args: Any
+    resume: str | None
+    callbacks: list[TrainerCallback]
+
+    def train(self, trainer: Any, max_steps: int) -> tuple[Any, int]:
+        """:func:`train_to_target` of ``trainer`` from :attr:`resume`: (train output or None, step resumed from)."""
+        return train_to_target(trainer, self.resume, max_steps)
+
+
+def trainer_setup(
+    config_cls: type,
+    section: Any,
+    checkpoint_dir: str | Path,
+    metrics_dir: str | Path,
+    note: dict[str, Any],
+    *,
+    seed: int,
+    has_eval: bool,
+    report_to: str | list[str] | None,
+    **stage_args: Any,
+) -> TrainerSetup:
+    """The checkpoint to resume from (stale ones cleared), the TRL config and the callbacks of a TRL stage.
+
+    ``note`` describes the inputs (see :func:`clear_stale_checkpoints`); ``stage_args`` go to
+    :func:`trl_config`, ``report_to`` (``train.report_to``) to :func:`training_callbacks`. Raises
+    ConfigError for a refused ``trainer_kwargs`` key or an unknown tracker.
+    """
+    resume = resume_checkpoint(checkpoint_dir, note)
+    args = trl_config(config_cls, section, checkpoint_dir, seed=seed, has_eval=has_eval, **stage_args)
+    return TrainerSetup(args, resume, training_callbacks(metrics_dir, report_to))
+
+
 def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
     """The ``checkpoint-*`` in ``folder`` to resume from, after clearing checkpoints made from other inputs.
 

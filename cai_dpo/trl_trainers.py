@@ -16,7 +16,7 @@ Importing this module imports ``trl`` (seconds), so the stages import it inside 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from trl import DPOTrainer, RewardTrainer, SFTTrainer
@@ -30,24 +30,33 @@ from cai_dpo.losses import mean_chosen_nll, soft_preference_loss, weighted_dpo_l
 DPO_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"})
 
 
-def float_column(examples: list[dict[str, Any]], key: str) -> torch.Tensor:
-    """The examples' ``key`` values as a float32 tensor of shape [B]."""
-    return torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+class FloatColumns:
+    """Collator mixin: the examples' ``float_columns`` added to TRL's batch as float32 tensors of shape [B].
+
+    ``required_columns`` must be in every example (a ``KeyError`` otherwise); each of
+    ``optional_columns`` is added when the first example has it.
+    """
+
+    required_columns: ClassVar[tuple[str, ...]] = ()
+    optional_columns: ClassVar[tuple[str, ...]] = ()
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's batch plus the float columns."""
+        out = super().torch_call(examples)  # type: ignore[misc]
+        present = tuple(k for k in self.optional_columns if k in examples[0])
+        for key in self.required_columns + present:
+            out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+        return out
 
 
 # --------------------------------------------------------------------------- SFT
 
 
 @dataclass
-class WeightedLMCollator(DataCollatorForLanguageModeling):
+class WeightedLMCollator(FloatColumns, DataCollatorForLanguageModeling):
     """TRL's language-modeling collator, plus a ``weight`` tensor [B] when the examples carry it."""
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's batch, with ``weight`` (float32 [B]) added when the examples have that column."""
-        out = super().torch_call(examples)
-        if "weight" in examples[0]:
-            out["weight"] = float_column(examples, "weight")
-        return out
+    optional_columns = ("weight",)
 
 
 class WeightedSFTTrainer(SFTTrainer):
@@ -107,16 +116,10 @@ class WeightedSFTTrainer(SFTTrainer):
 
 
 @dataclass
-class PreferenceCollatorWithLabels(DPOCollator):
-    """TRL's DPO preference collator, plus ``p_chosen`` and ``weight`` tensors when the examples carry them."""
+class PreferenceCollatorWithLabels(FloatColumns, DPOCollator):
+    """TRL's DPO preference collator, plus ``p_chosen`` and ``weight`` tensors [B] when the examples carry them."""
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's batch, with ``p_chosen`` and ``weight`` (float32 [B]) for the columns the examples have."""
-        out = super().torch_call(examples)
-        for key in ("p_chosen", "weight"):
-            if key in examples[0]:
-                out[key] = float_column(examples, key)
-        return out
+    optional_columns = ("p_chosen", "weight")
 
 
 class SoftLabelDPOTrainer(DPOTrainer):
@@ -246,16 +249,11 @@ class SoftLabelDPOTrainer(DPOTrainer):
 
 
 @dataclass
-class SoftPreferenceCollator(RewardCollator):
-    """TRL's reward-model preference collator that also carries the ``p_chosen`` target and the ``weight``."""
+class SoftPreferenceCollator(FloatColumns, RewardCollator):
+    """TRL's reward-model preference collator that also carries the ``p_chosen`` target and the ``weight`` [B]."""
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's batch, with ``p_chosen`` (float32 [B]) and ``weight`` when the examples have that column."""
-        out = super().torch_call(examples)
-        out["p_chosen"] = float_column(examples, "p_chosen")
-        if "weight" in examples[0]:
-            out["weight"] = float_column(examples, "weight")
-        return out
+    required_columns = ("p_chosen",)
+    optional_columns = ("weight",)
 
 
 class SoftRewardTrainer(RewardTrainer):

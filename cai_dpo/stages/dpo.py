@@ -92,11 +92,8 @@ from cai_dpo.training import (
     artifact_hash,
     example_weights,
     read_metrics_csv,
-    resume_checkpoint,
-    train_to_target,
-    training_callbacks,
+    trainer_setup,
     training_inputs,
-    trl_config,
 )
 
 log = logging.getLogger(__name__)
@@ -434,15 +431,16 @@ def run_dpo(
         start = prepare_policy(cfg, start_adapter)
     timings["model_load"] = t_load.seconds
 
-    ckpt_dir = run.checkpoint_dir(out_dir.name)
-    resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
-    args = trl_config(
+    setup = trainer_setup(
         TrlDPOConfig,
         cfg.dpo,
-        ckpt_dir,
+        run.checkpoint_dir(out_dir.name),
+        metrics_dir,
+        note,
         seed=cfg.seed,
         has_eval=bool(eval_rows),
+        report_to=cfg.train.report_to,
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,
@@ -451,7 +449,7 @@ def run_dpo(
     )
     trainer = SoftLabelDPOTrainer(
         model=start.model,
-        args=args,
+        args=setup.args,
         data_collator=PreferenceCollatorWithLabels(
             pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length
         ),
@@ -459,14 +457,14 @@ def run_dpo(
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=start.tokenizer,
         peft_config=start.peft_config,
-        callbacks=training_callbacks(metrics_dir, cfg.train.report_to) + list(callbacks or []),
+        callbacks=setup.callbacks + list(callbacks or []),
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
         weighting=cfg.dpo.weighting,
         rpo_alpha=cfg.dpo.rpo_alpha,
     )
     with Timer() as t_train:
-        result, resumed_step = train_to_target(trainer, resume, cfg.dpo.max_steps)
+        result, resumed_step = setup.train(trainer, cfg.dpo.max_steps)
     timings["train"] = t_train.seconds
     steps_here = trainer.state.global_step - resumed_step
     timings["seconds_per_step"] = t_train.seconds / steps_here if steps_here > 0 else 0.0

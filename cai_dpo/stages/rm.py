@@ -265,11 +265,8 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         artifact_current,
         artifact_hash,
         example_weights,
-        resume_checkpoint,
-        train_to_target,
-        training_callbacks,
+        trainer_setup,
         training_inputs,
-        trl_config,
     )
     from cai_dpo.trl_trainers import SoftPreferenceCollator, SoftRewardTrainer
 
@@ -335,26 +332,27 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     )
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    ckpt_dir = run.checkpoint_dir("rm")
-    resume = resume_checkpoint(ckpt_dir, note)
-    args = trl_config(
+    setup = trainer_setup(
         RewardConfig,
         cfg.rm,
-        ckpt_dir,
+        run.checkpoint_dir("rm"),
+        run.metrics_dir("rm"),
+        note,
         seed=cfg.seed,
         has_eval=has_eval,
+        report_to=cfg.train.report_to,
         max_length=None,
         disable_dropout=True,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
     )
     trainer = SoftRewardTrainer(
         model=model,
-        args=args,
+        args=setup.args,
         data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id),
         train_dataset=Dataset.from_dict(train_cols),
         eval_dataset=Dataset.from_dict(eval_cols) if has_eval else None,
         processing_class=tok,
-        callbacks=training_callbacks(run.metrics_dir("rm"), cfg.train.report_to),
+        callbacks=setup.callbacks,
         weighting=cfg.rm.weighting,
     )
     bspec = backbone_spec(cfg)
@@ -366,7 +364,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
             if param.requires_grad and param.dtype != compute:
                 param.data = param.data.to(compute)
     with Timer() as t_train:
-        result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
+        result, resumed_step = setup.train(trainer, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
     steps = int(trainer.state.global_step)
     state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded

@@ -45,11 +45,8 @@ from cai_dpo.training import (
     artifact_current,
     example_weights,
     read_metrics_csv,
-    resume_checkpoint,
-    train_to_target,
-    training_callbacks,
+    trainer_setup,
     training_inputs,
-    trl_config,
 )
 
 log = logging.getLogger(__name__)
@@ -307,14 +304,15 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     dataset, loss_mode = prepare_dataset(dataset, tokenizer)
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 
-    ckpt_dir = run.checkpoint_dir("sft")
-    resume = resume_checkpoint(ckpt_dir, note)
-    sft_args = trl_config(
+    setup = trainer_setup(
         SFTConfig,
         cfg.sft,
-        ckpt_dir,
+        run.checkpoint_dir("sft"),
+        run.metrics_dir("sft"),
+        note,
         seed=cfg.seed,
         has_eval=eval_ds is not None,
+        report_to=cfg.train.report_to,
         max_length=cfg.sft.max_length,
         packing=False,
         completion_only_loss=True if loss_mode == "completion_only" else None,
@@ -322,18 +320,18 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     )
     trainer = WeightedSFTTrainer(
         model=model,
-        args=sft_args,
+        args=setup.args,
         data_collator=WeightedLMCollator(
-            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sft_args.pad_to_multiple_of
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=setup.args.pad_to_multiple_of
         ),
         weighting=cfg.sft.weighting,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=training_callbacks(run.metrics_dir("sft"), cfg.train.report_to),
+        callbacks=setup.callbacks,
     )
     with Timer() as t_train:
-        result, _ = train_to_target(trainer, resume, cfg.sft.max_steps)
+        result, _ = setup.train(trainer, cfg.sft.max_steps)
     train_metrics: dict[str, Any] = result.metrics if result is not None else {}
     if result is not None:
         timings["train"] = t_train.seconds
@@ -371,7 +369,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "train_rows": len(train_ds),
                 "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                 "steps": steps,
-                "resumed_from": resume or "",
+                "resumed_from": setup.resume or "",
                 "loss_mode": loss_mode,
                 "threads": threads,
                 "data": cfg.sft.data,
