@@ -37,12 +37,15 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from cai_dpo.errors import InputError
 from cai_dpo.store import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +525,7 @@ def example_weights(
     return out
 
 
-def weighted_mean(losses: Any, weights: Any | None) -> Any:
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """``Σ_i w_i·loss_i / Σ_i w_i`` over a batch (torch tensors of shape [B]); the plain mean without weights.
 
     All-zero weights give a loss of 0 with zero gradient (the sum is clamped at 1e-12).
