@@ -140,7 +140,7 @@ def test_config_validation_names_key_and_fix():
 
     allowed = trl_loss_types()
     assert {"sigmoid", "ipo", "robust", "hinge"} <= set(allowed)
-    cfg = load_config("tiny", {"dpo.loss_type": "nonsense"})
+    cfg = load_config("tiny", {"dpo.loss_type": "nonsense", "dpo.label_mode": "hard"})
     with pytest.raises(ValueError, match="dpo.loss_type.*allows: sigmoid"):
         validate_dpo_config(cfg.dpo)
     with pytest.raises(ValueError, match="label_mode=hard"):

@@ -151,6 +151,7 @@ def test_sft_lowers_loss_and_saves_loadable_adapter(tiny_cfg):
 def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
     from transformers import TrainerCallback
 
+    from cai_dpo import training
     from cai_dpo.stages import sft
 
     cfg = _cfg(tiny_cfg, max_steps=4, save_steps=2, eval_fraction=0.0)
@@ -162,15 +163,15 @@ def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
             if state.global_step == 3:
                 raise KeyboardInterrupt("killed at step 3")
 
-    real = sft.training_callbacks
-    monkeypatch.setattr(sft, "training_callbacks", lambda d, *args: real(d, *args) + [Crash()])
+    real = training.training_callbacks
+    monkeypatch.setattr(training, "training_callbacks", lambda d, *args: real(d, *args) + [Crash()])
     with pytest.raises(KeyboardInterrupt):
         sft.run_sft(cfg, run)
     ckpt = run.root / "checkpoints" / "sft"
     assert last_checkpoint(ckpt).endswith("checkpoint-2")
     assert not (run.model_dir("sft") / "adapter_config.json").exists()
 
-    monkeypatch.setattr(sft, "training_callbacks", real)
+    monkeypatch.setattr(training, "training_callbacks", real)
     out = sft.run_sft(cfg, run)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from"].endswith("checkpoint-2")

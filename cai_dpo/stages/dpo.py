@@ -19,7 +19,7 @@ reference is obtained depends on ``cfg.dpo.adapter_mode``:
 
 Soft labels (conservative DPO)
 ------------------------------
-TRL has no per-example soft target. :class:`SoftLabelDPOTrainer` carries the judge's
+TRL has no per-example soft target. :class:`~cai_dpo.trl_trainers.SoftLabelDPOTrainer` carries the judge's
 ``p_chosen`` through tokenization and collation and, in ``label_mode: soft``, minimises
 
     loss_i = -( p_i · logσ(β·h_i) + (1 - p_i) · logσ(-β·h_i) ),
