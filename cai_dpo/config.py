@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -45,6 +46,11 @@ Problems = list[tuple[str, str]]
 #: Field metadata key: :func:`to_dict` leaves the field out while it is empty
 OMIT_EMPTY = "omit_empty"
 
+#: The sources of response pairs that ``pairs.mix`` may name (``pairs.source`` adds ``mixed``)
+PAIR_SOURCES: tuple[str, ...] = ("judged_samples", "revision_vs_original", "curated")
+#: The kinds of curated prompts (:data:`cai_dpo.curated.KINDS`)
+CURATED_KINDS: tuple[str, ...] = ("harmful", "benign")
+
 
 def _failed(*checks: tuple[str, bool, str]) -> Problems:
     """The ``(field, requirement)`` of every check that did not hold."""
@@ -53,6 +59,18 @@ def _failed(*checks: tuple[str, bool, str]) -> Problems:
 
 def _optional_at_least(value: int | float | None, low: float) -> bool:
     return value is None or value >= low
+
+
+def _principle_weights_problem(weights: dict[str, float]) -> tuple[str, bool, str]:
+    """The check of a section's ``principle_weights``: every weight a finite number >= 0."""
+    bad = [name for name, w in weights.items() if not (math.isfinite(w) and w >= 0)]
+    key = f"principle_weights.{bad[0]}" if bad else "principle_weights"
+    return (key, not bad, "must be a finite number >= 0")
+
+
+def _optional_share(value: float | None) -> bool:
+    """Whether ``value`` is null or a share in [0, 1]."""
+    return value is None or 0 <= value <= 1
 
 
 # --------------------------------------------------------------------------- models
@@ -643,6 +661,14 @@ class SFTSection(TrainingSection):
     )
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter trained (models/sft)"})
 
+    def problems(self) -> Problems:
+        """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return super().problems() + _failed(
+            ("curated_harmful_ratio", _optional_share(self.curated_harmful_ratio), "must be in [0, 1] or null"),
+            ("sl_share", _optional_share(self.sl_share), "must be in [0, 1] or null"),
+            _principle_weights_problem(self.principle_weights),
+        )
+
 
 @dataclass
 class PairsSection:
@@ -724,17 +750,42 @@ class PairsSection:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
-        return _failed(
-            ("mixed_ratio", 0 <= self.mixed_ratio <= 1, "must be in [0, 1]"),
-            ("samples_per_prompt", self.samples_per_prompt >= 2, "must be >= 2 to form a pair"),
-            (
-                "temperatures",
-                bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
-                "must list at least one temperature, each >= 0",
-            ),
-            ("helpful_share", 0 <= self.helpful_share < 1, "must be in [0, 1)"),
-            ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"),
+        return (
+            _failed(
+                ("mixed_ratio", 0 <= self.mixed_ratio <= 1, "must be in [0, 1]"),
+                ("samples_per_prompt", self.samples_per_prompt >= 2, "must be >= 2 to form a pair"),
+                (
+                    "temperatures",
+                    bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
+                    "must list at least one temperature, each >= 0",
+                ),
+                ("helpful_share", 0 <= self.helpful_share < 1, "must be in [0, 1)"),
+                ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"),
+                (
+                    "curated_kinds",
+                    bool(self.curated_kinds) and all(k in CURATED_KINDS for k in self.curated_kinds),
+                    f"must be a non-empty list of {', '.join(CURATED_KINDS)}",
+                ),
+                ("curated_limit", _optional_at_least(self.curated_limit, 1), "must be >= 1 or null"),
+                ("curated_temperature", self.curated_temperature >= 0, "must be >= 0 (0 is greedy)"),
+            )
+            + self._mix_problems()
         )
+
+    def _mix_problems(self) -> Problems:
+        """The problems of ``mix``: an unknown source, a share that is negative or not finite, no share > 0."""
+        if self.mix is None:
+            return []
+        for name, share in self.mix.items():
+            if name not in PAIR_SOURCES:
+                return [("mix", f"names unknown source {name!r}; sources: {', '.join(PAIR_SOURCES)}")]
+            if not math.isfinite(share) or share < 0:
+                return [(f"mix.{name}", "must be a share >= 0")]
+        if sum(self.mix.values()) <= 0:
+            return [
+                ("mix", "must give at least one source a share > 0, e.g. {curated: 0.6, revision_vs_original: 0.4}")
+            ]
+        return []
 
 
 @dataclass
@@ -1022,6 +1073,7 @@ class DPOSection(TrainingSection):
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
         return super().problems() + _failed(
             ("beta", self.beta > 0, "must be > 0"),
+            _principle_weights_problem(self.principle_weights),
             ("rpo_alpha", self.rpo_alpha >= 0, "must be >= 0 (0: plain DPO)"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
             (
@@ -1032,6 +1084,32 @@ class DPOSection(TrainingSection):
             ),
             ("rounds", self.rounds >= 1, "must be >= 1"),
             ("max_prompt_length", 0 < self.max_prompt_length < self.max_length, "must be > 0 and below max_length"),
+            (
+                "label_mode",
+                self.label_mode != "soft" or self.loss_type == "sigmoid",
+                "must be hard unless dpo.loss_type is sigmoid: dpo.label_mode=soft (per-pair judge probabilities) is "
+                f"defined for dpo.loss_type=sigmoid only; set dpo.label_mode=hard to train with {self.loss_type!r}, "
+                "or dpo.loss_type=sigmoid",
+            ),
+            (
+                "rpo_alpha",
+                not self.rpo_alpha or self.loss_type == "sigmoid",
+                "must be 0 unless dpo.loss_type is sigmoid: the chosen-NLL term dpo.rpo_alpha is defined for "
+                f"dpo.loss_type=sigmoid only; set dpo.rpo_alpha=0 to train with {self.loss_type!r}, or "
+                "dpo.loss_type=sigmoid",
+            ),
+            (
+                "weighting",
+                self.weighting != "principle" or self.loss_type == "sigmoid",
+                "must be none unless dpo.loss_type is sigmoid: dpo.weighting=principle (per-pair weights) is defined "
+                f"for dpo.loss_type=sigmoid only; set dpo.weighting=none to train with {self.loss_type!r}, or "
+                "dpo.loss_type=sigmoid",
+            ),
+            (
+                "label_smoothing",
+                self.loss_type != "exo_pair" or self.label_smoothing > 0,
+                "must be > 0 with dpo.loss_type=exo_pair (the EXO paper uses 1e-3)",
+            ),
         )
 
 
@@ -1109,6 +1187,7 @@ class RMSection(TrainingSection):
                 _optional_at_least(self.center_rewards_coefficient, 0),
                 "must be >= 0 or null",
             ),
+            _principle_weights_problem(self.principle_weights),
         )
 
 
@@ -1224,26 +1303,54 @@ class PPOSection:
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range value (empty when valid)."""
+        return (
+            _failed(
+                ("steps", self.steps >= 1, "must be >= 1"),
+                ("rollout_batch", self.rollout_batch >= 1, "must be >= 1"),
+                ("minibatch", 1 <= self.minibatch <= self.rollout_batch, "must be in [1, rollout_batch]"),
+                ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+                ("learning_rate", self.learning_rate > 0, "must be > 0"),
+                ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+                ("target_kl", self.target_kl > 0, "must be > 0"),
+                ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+                ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+                ("clip_range", self.clip_range > 0, "must be > 0"),
+                ("clip_range_value", self.clip_range_value > 0, "must be > 0"),
+                ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
+                ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+                ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
+                ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
+                ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
+                ("ptx_batch", self.ptx_batch >= 1, "must be >= 1"),
+                (
+                    "rloo_k",
+                    self.rloo_k >= 2,
+                    "must be >= 2: RLOO's leave-one-out baseline needs at least 2 completions per prompt; set "
+                    "ppo.rloo_k=2 or more",
+                ),
+                ("save_steps", self.save_steps >= 1, "must be >= 1"),
+            )
+            + self._rloo_problems()
+        )
+
+    def _rloo_problems(self) -> Problems:
+        """In mode rloo: ``rollout_batch`` must split into groups of ``rloo_k`` and into minibatches."""
+        if self.mode != "rloo" or self.rloo_k < 2 or self.minibatch < 1:
+            return []  # the ranges themselves are checked by problems()
+        fit = self.rloo_k * max(1, self.rollout_batch // self.rloo_k)
         return _failed(
-            ("steps", self.steps >= 1, "must be >= 1"),
-            ("rollout_batch", self.rollout_batch >= 1, "must be >= 1"),
-            ("minibatch", 1 <= self.minibatch <= self.rollout_batch, "must be in [1, rollout_batch]"),
-            ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
-            ("learning_rate", self.learning_rate > 0, "must be > 0"),
-            ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
-            ("target_kl", self.target_kl > 0, "must be > 0"),
-            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
-            ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
-            ("clip_range", self.clip_range > 0, "must be > 0"),
-            ("clip_range_value", self.clip_range_value > 0, "must be > 0"),
-            ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
-            ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
-            ("kl_horizon", self.kl_horizon >= 1, "must be >= 1"),
-            ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0"),
-            ("ptx_coef", self.ptx_coef >= 0, "must be >= 0"),
-            ("ptx_batch", self.ptx_batch >= 1, "must be >= 1"),
-            ("rloo_k", self.rloo_k >= 2, "must be >= 2"),
-            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+            (
+                "rollout_batch",
+                self.rollout_batch % self.rloo_k == 0,
+                f"must be a multiple of ppo.rloo_k in mode rloo: ppo.rollout_batch ({self.rollout_batch}) is not a "
+                f"multiple of ppo.rloo_k ({self.rloo_k}); set ppo.rollout_batch={fit}",
+            ),
+            (
+                "rollout_batch",
+                self.rollout_batch % self.minibatch == 0,
+                f"must be a multiple of ppo.minibatch in mode rloo: ppo.rollout_batch ({self.rollout_batch}) is not a "
+                f"multiple of ppo.minibatch ({self.minibatch})",
+            ),
         )
 
 
@@ -1658,9 +1765,18 @@ def from_dict(cls: type, data: dict[str, Any], *, source: str = "<config>", pref
         )
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}", source) for name, value in data.items()}
     obj = cls(**kwargs)
-    for key, requirement in obj.problems() if hasattr(obj, "problems") else ():
-        raise ConfigError(f"{source}: key '{prefix}{key}' is {_value_at(obj, key)!r}; it {requirement}")
+    raise_problems(obj, source=source, prefix=prefix)
     return obj
+
+
+def raise_problems(section: Any, source: str = "config", prefix: str = "") -> None:
+    """Raise ConfigError for the first of ``section.problems()``, naming ``source`` and the key ``<prefix><field>``.
+
+    The loader calls it on every section it builds; a stage calls it on a section it is given, which
+    may have been built or changed in code (``prefix`` then names the section, e.g. ``"dpo."``).
+    """
+    for key, requirement in section.problems() if hasattr(section, "problems") else ():
+        raise ConfigError(f"{source}: key '{prefix}{key}' is {_value_at(section, key)!r}; it {requirement}")
 
 
 def _value_at(obj: Any, dotted: str) -> Any:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cai_dpo.config import CURATED_KINDS
 from cai_dpo.data import PROMPTS_DIR, SPLITS, Prompt, PromptFileError, _jsonl_objects
 
 CURATED_DIR = PROMPTS_DIR / "curated"
-KINDS: tuple[str, ...] = ("harmful", "benign")
+KINDS: tuple[str, ...] = CURATED_KINDS
 Kind = Literal["harmful", "benign"]
 
 

@@ -106,6 +106,11 @@ class EngineBase:
     argument checks, which hand over to the engine's own ``_generate``, ``_score_options`` and ``_logprob``."""
 
     tokenizer: Any
+    progress: bool
+
+    def _progress_bar(self, total: int, desc: str, unit: str, show: bool = True) -> Any:
+        """A progress bar over ``total`` items counted in ``unit``; disabled unless ``self.progress`` and ``show``."""
+        return _progress(total, desc, unit, self.progress and show)
 
     def render(self, conversation: Conversation | str, add_generation_prompt: bool = True) -> str:
         """Chat-template text of a conversation (a plain string is passed through)."""
@@ -340,7 +345,7 @@ class Engine(EngineBase):
         results: list[list[Generation | None]] = [[None] * n for _ in conversations]
         shared = SharedPrefixes(self)
         eos_ids = set(self._eos_ids())
-        bar = _progress(len(items), desc, "seq", self.progress)
+        bar = self._progress_bar(len(items), desc, "seq")
         bs = max(1, sampling.batch_size or self.batch_size)
         for b, start in enumerate(range(0, len(order), bs)):
             batch = [items[i] for i in order[start : start + bs]]
@@ -453,7 +458,7 @@ class Engine(EngineBase):
         shared = SharedPrefixes(self)
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         per_token: list[list[float]] = [[] for _ in seqs]
-        bar = _progress(len(seqs), desc, "seq", self.progress)
+        bar = self._progress_bar(len(seqs), desc, "seq")
         with torch.inference_mode():
             for idx in self._scoring_batches(order, [len(x) - len(prefix_ids) for x in seqs]):
                 keep = max(len(seqs[i]) - starts[i] for i in idx) + 1
@@ -497,7 +502,7 @@ class Engine(EngineBase):
         raw = np.zeros((len(contexts), len(options)))
         shared = SharedPrefixes(self)
         order = sorted(range(len(items)), key=lambda i: (-items[i][2], i))
-        bar = _progress(len(items), desc, "ctx", self.progress)
+        bar = self._progress_bar(len(items), desc, "ctx")
         with torch.inference_mode():
             for idx in self._scoring_batches(
                 order, [max(len(x) for x in seqs) - len(prefix_ids) for seqs, _, _ in items]

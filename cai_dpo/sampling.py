@@ -10,14 +10,17 @@ to the full sort.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cai_dpo.config import SamplingSection
+
+if TYPE_CHECKING:
+    import torch
 
 CANDIDATES = 64
 
 
-def nucleus_mask(logits: Any, top_p: float) -> Any:
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the tokens to drop (full-vocabulary sort; same rule as transformers' TopPLogitsWarper)."""
     import torch
 
@@ -28,7 +31,12 @@ def nucleus_mask(logits: Any, top_p: float) -> Any:
     return drop_sorted.scatter(1, order, drop_sorted)
 
 
-def next_tokens(logits: Any, sampling: SamplingSection, generator: Any = None, candidates: int = CANDIDATES) -> Any:
+def next_tokens(
+    logits: torch.Tensor,
+    sampling: SamplingSection,
+    generator: torch.Generator | None = None,
+    candidates: int = CANDIDATES,
+) -> torch.Tensor:
     """One token id per row of ``logits`` ``[B, V]``: argmax, or a sample after temperature and top-p."""
     import torch
 

@@ -46,7 +46,6 @@ from cai_dpo.engine import (
     Generation,
     LogProb,
     Prompts,
-    _progress,
     option_probs,
 )
 
@@ -262,7 +261,7 @@ class ServedEngine(EngineBase):
         """``fn`` over ``items`` on the request pool, results in input order, with a progress bar when ``show``."""
         if not items:
             return []
-        bar = _progress(len(items), desc, unit, self.progress and show)
+        bar = self._progress_bar(len(items), desc, unit, show)
         out: list[Any] = [None] * len(items)
         with ThreadPoolExecutor(max_workers=min(self.batch_size, len(items))) as pool:
             futures = {pool.submit(fn, it): k for k, it in enumerate(items)}
@@ -413,7 +412,7 @@ class ServedEngine(EngineBase):
         consumed = np.zeros((len(contexts), len(options)), dtype=int)  # characters of the option already scored
         pending = [(i, k) for i in range(len(contexts)) for k in range(len(options))]
         steps = np.zeros((len(contexts), len(options)), dtype=int)
-        bar = _progress(len(contexts), desc, "ctx", self.progress)
+        bar = self._progress_bar(len(contexts), desc, "ctx")
         while pending:
             prompts = sorted({pre + contexts[i] + options[k][: consumed[i, k]] for i, k in pending})
             tops = dict(zip(prompts, self._map(self._top_logprobs, prompts, desc, show=False)))

@@ -37,12 +37,15 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from cai_dpo.errors import InputError
 from cai_dpo.store import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,46 @@ def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:
         atomic_write_json(path, wanted)
     barrier()
     return cleared
+
+
+@dataclasses.dataclass
+class TrainerSetup:
+    """What a TRL stage builds its trainer from.
+
+    ``args``: the TRL config (:func:`trl_config`); ``resume``: the checkpoint to resume from, None to
+    start afresh (:func:`resume_checkpoint`); ``callbacks``: :func:`training_callbacks`.
+    """
+
+    args: Any
+    resume: str | None
+    callbacks: list[TrainerCallback]
+
+    def train(self, trainer: Any, max_steps: int) -> tuple[Any, int]:
+        """:func:`train_to_target` of ``trainer`` from :attr:`resume`: (train output or None, step resumed from)."""
+        return train_to_target(trainer, self.resume, max_steps)
+
+
+def trainer_setup(
+    config_cls: type,
+    section: Any,
+    checkpoint_dir: str | Path,
+    metrics_dir: str | Path,
+    note: dict[str, Any],
+    *,
+    seed: int,
+    has_eval: bool,
+    report_to: str | list[str] | None,
+    **stage_args: Any,
+) -> TrainerSetup:
+    """The checkpoint to resume from (stale ones cleared), the TRL config and the callbacks of a TRL stage.
+
+    ``note`` describes the inputs (see :func:`clear_stale_checkpoints`); ``stage_args`` go to
+    :func:`trl_config`, ``report_to`` (``train.report_to``) to :func:`training_callbacks`. Raises
+    ConfigError for a refused ``trainer_kwargs`` key or an unknown tracker.
+    """
+    resume = resume_checkpoint(checkpoint_dir, note)
+    args = trl_config(config_cls, section, checkpoint_dir, seed=seed, has_eval=has_eval, **stage_args)
+    return TrainerSetup(args, resume, training_callbacks(metrics_dir, report_to))
 
 
 def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:
@@ -482,7 +525,7 @@ def example_weights(
     return out
 
 
-def weighted_mean(losses: Any, weights: Any | None) -> Any:
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """``Σ_i w_i·loss_i / Σ_i w_i`` over a batch (torch tensors of shape [B]); the plain mean without weights.
 
     All-zero weights give a loss of 0 with zero gradient (the sum is clamped at 1e-12).

@@ -49,7 +49,6 @@ from cai_dpo.engine import (
     Generation,
     LogProb,
     Prompts,
-    _progress,
     check_context,
     option_probs,
     split_completion,
@@ -214,7 +213,7 @@ class VLLMEngine(EngineBase):
                     seed=sample_seed(sampling.seed, (prefix or "") + text, 0),
                 )
             )
-        bar = _progress(len(prompts) * n, desc, "seq", self.progress)
+        bar = self._progress_bar(len(prompts) * n, desc, "seq")
         t0 = time.perf_counter()
         outs = self._run(prompts, params)
         results: list[list[Generation]] = []
@@ -273,7 +272,7 @@ class VLLMEngine(EngineBase):
         steps = list(
             dict.fromkeys(tuple(seq[:p]) for row in items for seq, start in row for p in range(start, len(seq)))
         )
-        bar = _progress(len(contexts), desc, "ctx", self.progress)
+        bar = self._progress_bar(len(contexts), desc, "ctx")
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=self.spec.top_logprobs)
         tops = {step: _top_logprobs(out) for step, out in zip(steps, self._run([list(s) for s in steps], params))}
         raw = np.zeros((len(contexts), len(options)))
@@ -314,7 +313,7 @@ class VLLMEngine(EngineBase):
             seqs.append(prefix_ids + ids)
             starts.append(len(prefix_ids) + start)
         t0 = time.perf_counter()
-        bar = _progress(len(seqs), desc, "seq", self.progress)
+        bar = self._progress_bar(len(seqs), desc, "seq")
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=1)
         out: list[LogProb] = []
         for seq, start, answer in zip(seqs, starts, self._run(seqs, params)):

@@ -208,3 +208,63 @@ def test_old_section_names_are_gone():
     for name in old:
         assert hasattr(config_mod, name.replace("Config", "Section")), name
     assert config_mod.RunConfig and config_mod.ConfigError
+
+
+#: Checks that run when a config is loaded: (overrides, the key the error names, a part of the requirement)
+LOAD_CHECKS = [
+    ({"dpo.loss_type": "ipo"}, "dpo.label_mode", "dpo.label_mode=hard"),
+    ({"dpo.loss_type": "ipo", "dpo.label_mode": "hard", "dpo.rpo_alpha": 1.0}, "dpo.rpo_alpha", "dpo.rpo_alpha=0"),
+    (
+        {"dpo.loss_type": "ipo", "dpo.label_mode": "hard", "dpo.weighting": "principle"},
+        "dpo.weighting",
+        "dpo.weighting=none",
+    ),
+    ({"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard"}, "dpo.label_smoothing", "exo_pair"),
+    ({"dpo.principle_weights": {"harm": -1.0}}, "dpo.principle_weights.harm", "finite number >= 0"),
+    ({"rm.principle_weights": {"harm": float("inf")}}, "rm.principle_weights.harm", "finite number >= 0"),
+    ({"sft.principle_weights": {"harm": -0.5}}, "sft.principle_weights.harm", "finite number >= 0"),
+    ({"sft.curated_harmful_ratio": 1.5}, "sft.curated_harmful_ratio", r"in \[0, 1\] or null"),
+    ({"sft.sl_share": -0.1}, "sft.sl_share", r"in \[0, 1\] or null"),
+    ({"ppo.mode": "rloo", "ppo.rloo_k": 3, "ppo.rollout_batch": 4}, "ppo.rollout_batch", r"ppo.rloo_k \(3\)"),
+    (
+        {"ppo.mode": "rloo", "ppo.rloo_k": 2, "ppo.rollout_batch": 6, "ppo.minibatch": 4},
+        "ppo.rollout_batch",
+        r"ppo.minibatch \(4\)",
+    ),
+    ({"ppo.rloo_k": 1}, "ppo.rloo_k", "rloo_k=2 or more"),
+    ({"pairs.curated_kinds": ["harmful", "evil"]}, "pairs.curated_kinds", "harmful, benign"),
+    ({"pairs.curated_kinds": []}, "pairs.curated_kinds", "non-empty"),
+    ({"pairs.curated_limit": 0}, "pairs.curated_limit", ">= 1 or null"),
+    ({"pairs.curated_temperature": -0.1}, "pairs.curated_temperature", ">= 0"),
+    ({"pairs.mix": {"human": 1.0}}, "pairs.mix", "unknown source 'human'"),
+    ({"pairs.mix": {"curated": -1.0}}, "pairs.mix.curated", "share >= 0"),
+    ({"pairs.mix": {"curated": 0.0}}, "pairs.mix", "share > 0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "requirement"), LOAD_CHECKS, ids=[c[1] for c in LOAD_CHECKS])
+def test_section_checks_fail_at_load_naming_file_and_key(overrides, key, requirement, tmp_path):
+    with pytest.raises(ConfigError, match=rf"tiny\.yaml: key '{key}' is .*{requirement}"):
+        load_config("tiny", overrides)
+    raw = to_dict(load_config("tiny"))
+    for dotted, value in overrides.items():
+        section, name = dotted.split(".")
+        raw[section][name] = value
+    with pytest.raises(ConfigError, match=rf"^my-run\.yaml: key '{key}' is "):
+        config_from_yaml_text(yaml.safe_dump(raw), source="my-run.yaml")
+
+
+def test_rloo_multiples_are_checked_in_rloo_mode_only():
+    cfg = load_config("tiny", {"ppo.mode": "ppo", "ppo.rloo_k": 3, "ppo.rollout_batch": 4})
+    assert cfg.ppo.rollout_batch == 4
+
+
+def test_stages_repeat_the_section_checks_for_a_section_changed_in_code(tmp_path):
+    from cai_dpo.stages.dpo import validate_dpo_config
+
+    cfg = load_config("tiny")
+    bad = dataclasses.replace(cfg.dpo, loss_type="ipo")
+    with pytest.raises(ConfigError, match=r"^run/config\.yaml: key 'dpo\.label_mode' is 'soft'; it must be hard"):
+        validate_dpo_config(bad, source="run/config.yaml")
+    with pytest.raises(ConfigError, match=r"key 'dpo\.beta' is 0"):
+        validate_dpo_config(dataclasses.replace(cfg.dpo, beta=0), source="run/config.yaml")

@@ -140,7 +140,7 @@ def test_config_validation_names_key_and_fix():
 
     allowed = trl_loss_types()
     assert {"sigmoid", "ipo", "robust", "hinge"} <= set(allowed)
-    cfg = load_config("tiny", {"dpo.loss_type": "nonsense"})
+    cfg = load_config("tiny", {"dpo.loss_type": "nonsense", "dpo.label_mode": "hard"})
     with pytest.raises(ValueError, match="dpo.loss_type.*allows: sigmoid"):
         validate_dpo_config(cfg.dpo)
     with pytest.raises(ValueError, match="label_mode=hard"):
@@ -175,8 +175,9 @@ def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none", rpo_alpha
     import datasets
     from trl import DPOConfig as TrlDPOConfig
 
-    from cai_dpo.stages.dpo import _collator_class, _trainer_class, prepare_policy
+    from cai_dpo.stages.dpo import prepare_policy
     from cai_dpo.training import common_training_args
+    from cai_dpo.trl_trainers import PreferenceCollatorWithLabels, SoftLabelDPOTrainer
 
     cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, label_mode=label_mode))
     start = prepare_policy(cfg, run.model_dir("sft"))
@@ -185,11 +186,13 @@ def _trainer(cfg, run, rows, label_mode: str, weighting: str = "none", rpo_alpha
         beta=cfg.dpo.beta,
         max_length=cfg.dpo.max_length,
     )
-    trainer = _trainer_class()(
+    trainer = SoftLabelDPOTrainer(
         model=start.model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
-        data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
+        data_collator=PreferenceCollatorWithLabels(
+            pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length
+        ),
         processing_class=start.tokenizer,
         peft_config=start.peft_config,
         label_mode=label_mode,

@@ -325,7 +325,7 @@ def test_mix_with_judged_samples_samples_only_what_it_needs(tiny_cfg, tmp_path):
 def test_mix_config_errors(tiny_cfg):
     from cai_dpo.stages.pairs import mix_counts, mix_ratios
 
-    with pytest.raises(ValueError, match="pairs.mix: unknown source 'human'"):
+    with pytest.raises(ValueError, match=r"pairs.mix' .*unknown source 'human'"):
         mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"human": 1.0}))
     with pytest.raises(ValueError, match=r"pairs.mix.curated"):
         mix_ratios(_cfg(tiny_cfg, source="mixed", mix={"curated": -1.0}))

@@ -431,7 +431,7 @@ def test_rloo_reward_inputs_and_config_errors(tiny_path):
     ids = tok(" hello there", add_special_tokens=False)["input_ids"]
     texts, penalties = rloo_rewards_inputs(tok, [ids + [tok.eos_token_id], ids], {tok.eos_token_id}, 1.5)
     assert texts == [tok.decode(ids), tok.decode(ids)] and penalties == [0.0, 1.5]
-    with pytest.raises(ConfigError, match=r"ppo.rloo_k is 1.*rloo_k=2"):
+    with pytest.raises(ConfigError, match=r"ppo.rloo_k' is 1.*rloo_k=2"):
         validate_rloo(PPOSection(rloo_k=1, rollout_batch=4, minibatch=2), "run/config.yaml")
     with pytest.raises(ConfigError, match=r"run/config.yaml.*ppo.rollout_batch \(4\).*ppo.rloo_k \(3\)"):
         validate_rloo(PPOSection(rloo_k=3, rollout_batch=4, minibatch=2), "run/config.yaml")

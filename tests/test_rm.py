@@ -396,8 +396,9 @@ def test_weighted_trainer_loss_matches_closed_form(tmp_path):
     from datasets import Dataset
     from trl import RewardConfig
 
-    from cai_dpo.stages.rm import _trainer_classes, build_rm, head_name
+    from cai_dpo.stages.rm import build_rm, head_name
     from cai_dpo.training import common_training_args, example_weights
+    from cai_dpo.trl_trainers import SoftPreferenceCollator, SoftRewardTrainer
 
     cfg = load_config(
         "tiny",
@@ -416,11 +417,10 @@ def test_weighted_trainer_loss_matches_closed_form(tmp_path):
     weights = example_weights(rows, cfg.rm.weighting, cfg.rm.principle_weights)
     assert weights == [3.0, 0.5]
     cols = tokenize_pairs(rows, tok, 64, "soft", weights)
-    collator_cls, trainer_cls = _trainer_classes()
-    trainer = trainer_cls(
+    trainer = SoftRewardTrainer(
         model=model,
         args=RewardConfig(**common_training_args(cfg.rm, tmp_path / "ck"), max_length=None),
-        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id),
         train_dataset=Dataset.from_dict(cols),
         processing_class=tok,
         weighting="principle",

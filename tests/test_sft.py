@@ -151,6 +151,7 @@ def test_sft_lowers_loss_and_saves_loadable_adapter(tiny_cfg):
 def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
     from transformers import TrainerCallback
 
+    from cai_dpo import training
     from cai_dpo.stages import sft
 
     cfg = _cfg(tiny_cfg, max_steps=4, save_steps=2, eval_fraction=0.0)
@@ -162,15 +163,15 @@ def test_sft_resumes_from_checkpoint(tiny_cfg, monkeypatch):
             if state.global_step == 3:
                 raise KeyboardInterrupt("killed at step 3")
 
-    real = sft.training_callbacks
-    monkeypatch.setattr(sft, "training_callbacks", lambda d, *args: real(d, *args) + [Crash()])
+    real = training.training_callbacks
+    monkeypatch.setattr(training, "training_callbacks", lambda d, *args: real(d, *args) + [Crash()])
     with pytest.raises(KeyboardInterrupt):
         sft.run_sft(cfg, run)
     ckpt = run.root / "checkpoints" / "sft"
     assert last_checkpoint(ckpt).endswith("checkpoint-2")
     assert not (run.model_dir("sft") / "adapter_config.json").exists()
 
-    monkeypatch.setattr(sft, "training_callbacks", real)
+    monkeypatch.setattr(training, "training_callbacks", real)
     out = sft.run_sft(cfg, run)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from"].endswith("checkpoint-2")
@@ -312,7 +313,8 @@ def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
     from trl import SFTConfig
 
     from cai_dpo.models import attach_lora, load_model
-    from cai_dpo.stages.sft import _trainer_classes, prepare_dataset
+    from cai_dpo.stages.sft import prepare_dataset
+    from cai_dpo.trl_trainers import WeightedLMCollator, WeightedSFTTrainer
 
     torch.manual_seed(0)
     model, tok = load_model("tiny", trainable=True)
@@ -323,15 +325,14 @@ def test_weighted_sft_trainer_loss_matches_closed_form(tiny_cfg, tmp_path):
         for (q, a), w in zip(PAIRS[:3], (2.0, 0.5, 0.0))
     ]
     ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tok)
-    collator_cls, trainer_cls = _trainer_classes()
     args = SFTConfig(**common_training_args(tiny_cfg.sft, tmp_path / "ck"), max_length=128, completion_only_loss=True)
-    trainer = trainer_cls(
+    trainer = WeightedSFTTrainer(
         model=model,
         args=args,
         train_dataset=ds,
         processing_class=tok,
         weighting="principle",
-        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        data_collator=WeightedLMCollator(pad_token_id=tok.pad_token_id),
     )
     examples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(sorted(examples, key=lambda e: -e["weight"]))

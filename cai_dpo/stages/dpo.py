@@ -19,7 +19,7 @@ reference is obtained depends on ``cfg.dpo.adapter_mode``:
 
 Soft labels (conservative DPO)
 ------------------------------
-TRL has no per-example soft target. :class:`SoftLabelDPOTrainer` carries the judge's
+TRL has no per-example soft target. :class:`~cai_dpo.trl_trainers.SoftLabelDPOTrainer` carries the judge's
 ``p_chosen`` through tokenization and collation and, in ``label_mode: soft``, minimises
 
     loss_i = -( p_i · logσ(β·h_i) + (1 - p_i) · logσ(-β·h_i) ),
@@ -68,10 +68,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import ConfigError, DPOSection, RunConfig, save_config, to_dict
+from cai_dpo.config import ConfigError, DPOSection, RunConfig, raise_problems, save_config, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
+from cai_dpo.losses import conservative_dpo_loss as conservative_dpo_loss
+from cai_dpo.losses import weighted_dpo_loss as weighted_dpo_loss
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -90,12 +92,8 @@ from cai_dpo.training import (
     artifact_hash,
     example_weights,
     read_metrics_csv,
-    resume_checkpoint,
-    train_to_target,
-    training_callbacks,
+    trainer_setup,
     training_inputs,
-    trl_config,
-    weighted_mean,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,6 @@ _FALLBACK_LOSS_TYPES = (
     "sft",
     "sigmoid_norm",
 )
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"}
 # config keys that only change how long training runs: a longer run may resume a shorter one
 _LENGTH_KEYS = ("epochs", "max_steps", "save_steps", "rounds", "merge")
 
@@ -136,46 +133,18 @@ def trl_loss_types() -> tuple[str, ...]:
 
 
 def validate_dpo_config(d: DPOSection, source: str = "config") -> None:
-    """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train."""
+    """Raise ``ConfigError`` naming the key and the fix when the DPO section cannot train.
+
+    ``dpo.loss_type`` is checked against the installed TRL here (reading TRL at config load
+    would cost seconds); every other check is the section's own (:meth:`DPOSection.problems`,
+    run when the config is loaded), repeated for a section built or changed in code.
+    """
     allowed = trl_loss_types()
     if d.loss_type not in allowed:
         raise ConfigError(
             f"{source}: key 'dpo.loss_type' is {d.loss_type!r}; TRL's DPOTrainer allows: {', '.join(allowed)}"
         )
-    if d.label_mode == "soft" and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.label_mode=soft (per-pair judge probabilities) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.label_mode=hard to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.rpo_alpha and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.rpo_alpha (the chosen-NLL term) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.rpo_alpha=0 to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.weighting == "principle" and d.loss_type != "sigmoid":
-        raise ConfigError(
-            f"{source}: dpo.weighting=principle (per-pair weights) is defined for dpo.loss_type=sigmoid only; "
-            f"set dpo.weighting=none to train with {d.loss_type!r}, or dpo.loss_type=sigmoid"
-        )
-    if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
-        raise ConfigError(f"{source}: dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if d.loss_type == "robust" and not 0 <= d.label_smoothing < 0.5:
-        raise ConfigError(
-            f"{source}: dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {d.label_smoothing}"
-        )
-    checks = [
-        (d.beta > 0, "dpo.beta must be > 0"),
-        (d.learning_rate > 0, "dpo.learning_rate must be > 0"),
-        (d.batch_size >= 1, "dpo.batch_size must be >= 1"),
-        (d.grad_accum >= 1, "dpo.grad_accum must be >= 1"),
-        (d.rounds >= 1, "dpo.rounds must be >= 1"),
-        (0 <= d.eval_fraction < 1, "dpo.eval_fraction must be in [0, 1)"),
-        (d.max_steps > 0 or d.epochs > 0, "set dpo.max_steps > 0 or dpo.epochs > 0"),
-        (0 < d.max_prompt_length < d.max_length, "dpo.max_prompt_length must be > 0 and below dpo.max_length"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{source}: {message}")
+    raise_problems(d, source=source, prefix="dpo.")
 
 
 def resolve_adapter_mode(cfg: RunConfig) -> str:
@@ -183,178 +152,6 @@ def resolve_adapter_mode(cfg: RunConfig) -> str:
     if cfg.dpo.adapter_mode != "auto":
         return cfg.dpo.adapter_mode
     return "continue" if cfg.policy.quantization != "none" else "merge"
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def conservative_dpo_loss(
-    chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any, ref_rejected_logps: Any, p_chosen: Any, beta: float
-) -> Any:
-    """Per-pair soft-label DPO loss ``-(p·logσ(βh) + (1-p)·logσ(-βh))`` (tensors of shape [B])."""
-    import torch.nn.functional as F
-
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    p = p_chosen.to(h.dtype)
-    return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
-
-
-def weighted_dpo_loss(
-    chosen_logps: Any,
-    rejected_logps: Any,
-    ref_chosen_logps: Any,
-    ref_rejected_logps: Any,
-    p_chosen: Any,
-    weights: Any | None,
-    beta: float,
-    chosen_tokens: Any | None = None,
-    rpo_alpha: float = 0.0,
-) -> Any:
-    """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights).
-
-    With ``rpo_alpha`` > 0 each ``loss_i`` gains ``rpo_alpha · (-chosen_logps_i / chosen_tokens_i)``, the
-    chosen response's mean token NLL (``chosen_tokens``: its completion token count, shape [B]).
-    """
-    losses = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, p_chosen, beta)
-    if rpo_alpha:
-        if chosen_tokens is None:
-            raise ValueError("rpo_alpha > 0 needs chosen_tokens (the chosen completions' token counts)")
-        losses = losses + rpo_alpha * (-chosen_logps / chosen_tokens.to(chosen_logps.dtype).clamp_min(1))
-    return weighted_mean(losses, weights)
-
-
-def _collator_class() -> type:
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    @dataclass
-    class PreferenceCollatorWithLabels(DataCollatorForPreference):
-        """TRL's preference collator, plus ``p_chosen`` and ``weight`` tensors when the examples carry them."""
-
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            import torch
-
-            out = super().torch_call(examples)
-            for key in ("p_chosen", "weight"):
-                if key in examples[0]:
-                    out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
-            return out
-
-    return PreferenceCollatorWithLabels
-
-
-def _trainer_class() -> type:
-    """Build the DPOTrainer subclass (TRL is imported lazily: it takes seconds)."""
-    from trl import DPOTrainer
-
-    class SoftLabelDPOTrainer(DPOTrainer):
-        """DPOTrainer with per-pair soft labels and weights, prompt truncation and a KL proxy metric."""
-
-        def __init__(
-            self,
-            *args: Any,
-            label_mode: str = "soft",
-            max_prompt_length: int | None = None,
-            weighting: str = "none",
-            rpo_alpha: float = 0.0,
-            **kwargs: Any,
-        ):
-            self.label_mode = label_mode
-            self.rpo_alpha = rpo_alpha
-            self.max_prompt_length = max_prompt_length
-            self.weighting = weighting
-            self._p_chosen = None
-            self._weight = None
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            extra = [c for c in ("p_chosen", "weight") if c not in self._signature_columns]
-            if extra:
-                self._signature_columns = list(self._signature_columns) + extra
-
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            limit = self.max_prompt_length
-            if limit:  # keep the end of long prompts (the question sits there)
-                dataset = dataset.map(
-                    lambda ex: {"prompt_ids": ex["prompt_ids"][-limit:]},
-                    desc=f"Truncating {dataset_name} prompts to {limit} tokens",
-                )
-            return dataset
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            inputs = dict(inputs)
-            self._p_chosen = inputs.pop("p_chosen", None)
-            self._weight = inputs.pop("weight", None)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            if self.label_mode == "soft" or self.weighting == "principle" or self.rpo_alpha:
-                result = self._soft_label_loss(model, inputs, return_outputs)
-            else:
-                result = super()._compute_loss(model, inputs, return_outputs)
-            metrics = self._metrics["train" if self.model.training else "eval"]
-            metrics["kl_proxy"].append(metrics["rewards/chosen"][-1] / self.beta)
-            return result
-
-        def _soft_label_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            import torch
-
-            mode = "train" if self.model.training else "eval"
-            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-            model_kwargs["use_cache"] = False
-            completion_mask = inputs["completion_mask"]
-            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-            seq_len = completion_mask.size(1) - 1
-            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
-            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-            chosen_tokens = completion_mask[:, 1:].sum(dim=1).chunk(2, dim=0)[0]
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(
-                    self.ref_model if self.ref_model is not None else model, inputs
-                )
-            p = self._p_chosen if self._p_chosen is not None else torch.ones_like(chosen_logps)
-            p = p.to(chosen_logps.device)
-            w = self._weight if self.weighting == "principle" else None
-            loss = weighted_dpo_loss(
-                chosen_logps,
-                rejected_logps,
-                ref_chosen,
-                ref_rejected,
-                p,
-                w,
-                self.beta,
-                chosen_tokens=chosen_tokens,
-                rpo_alpha=self.rpo_alpha,
-            )
-
-            gather = self.accelerator.gather
-            chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
-            rejected_rewards = self.beta * (rejected_logps - ref_rejected).detach()
-            m = self._metrics[mode]
-            m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-            m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-            m["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-            m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-            m["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
-            m["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-            if self.rpo_alpha:
-                m["nll/chosen"].append(gather((-chosen_logps / chosen_tokens.clamp_min(1)).detach()).mean().item())
-            m["labels/p_chosen"].append(gather(p.float()).mean().item())
-            if w is not None:
-                m["weight_mean"].append(gather(w.float().to(p.device)).mean().item())
-            if return_outputs:
-                with torch.no_grad():
-                    outputs = model(**model_kwargs)
-                return loss, outputs
-            return loss
-
-    return SoftLabelDPOTrainer
 
 
 # --------------------------------------------------------------------------- data
@@ -592,6 +389,8 @@ def run_dpo(
     import datasets
     from trl import DPOConfig as TrlDPOConfig
 
+    from cai_dpo.trl_trainers import PreferenceCollatorWithLabels, SoftLabelDPOTrainer
+
     run = run or RunStore(cfg.run_dir)
     validate_dpo_config(cfg.dpo, source=str(run.config_file))
     threads = set_threads(cfg.threads)
@@ -632,37 +431,40 @@ def run_dpo(
         start = prepare_policy(cfg, start_adapter)
     timings["model_load"] = t_load.seconds
 
-    ckpt_dir = run.checkpoint_dir(out_dir.name)
-    resume = resume_checkpoint(ckpt_dir, note)
     metrics_dir = run.metrics_dir("dpo")
-    args = trl_config(
+    setup = trainer_setup(
         TrlDPOConfig,
         cfg.dpo,
-        ckpt_dir,
+        run.checkpoint_dir(out_dir.name),
+        metrics_dir,
+        note,
         seed=cfg.seed,
         has_eval=bool(eval_rows),
+        report_to=cfg.train.report_to,
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,
         max_length=cfg.dpo.max_length,
         remove_unused_columns=True,
     )
-    trainer = _trainer_class()(
+    trainer = SoftLabelDPOTrainer(
         model=start.model,
-        args=args,
-        data_collator=_collator_class()(pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length),
+        args=setup.args,
+        data_collator=PreferenceCollatorWithLabels(
+            pad_token_id=start.tokenizer.pad_token_id, max_length=cfg.dpo.max_length
+        ),
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=start.tokenizer,
         peft_config=start.peft_config,
-        callbacks=training_callbacks(metrics_dir, cfg.train.report_to) + list(callbacks or []),
+        callbacks=setup.callbacks + list(callbacks or []),
         label_mode=cfg.dpo.label_mode,
         max_prompt_length=cfg.dpo.max_prompt_length,
         weighting=cfg.dpo.weighting,
         rpo_alpha=cfg.dpo.rpo_alpha,
     )
     with Timer() as t_train:
-        result, resumed_step = train_to_target(trainer, resume, cfg.dpo.max_steps)
+        result, resumed_step = setup.train(trainer, cfg.dpo.max_steps)
     timings["train"] = t_train.seconds
     steps_here = trainer.state.global_step - resumed_step
     timings["seconds_per_step"] = t_train.seconds / steps_here if steps_here > 0 else 0.0

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.config import PAIR_SOURCES, RunConfig, raise_problems, to_dict
 from cai_dpo.data import name_prompt_error
 from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.pairs_io import PAIRS_FILE
@@ -48,7 +48,7 @@ from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, f
 log = logging.getLogger(__name__)
 
 #: Pair sources; ``mixed`` combines them.
-SOURCES: tuple[str, ...] = ("judged_samples", "revision_vs_original", "curated")
+SOURCES: tuple[str, ...] = PAIR_SOURCES
 #: Sources whose first response is the preferred one (not judged unless configured).
 ORDERED_SOURCES: tuple[str, ...] = ("revision_vs_original", "curated")
 
@@ -134,9 +134,8 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
         raise InputError(
             f"{cfg.data.red_team}: no red-team prompts in the 'train' split; point data.red_team at train prompts"
         )
+    raise_problems(cfg.pairs, prefix="pairs.")
     share = cfg.pairs.helpful_share
-    if not 0 <= share < 1:
-        raise InputError(f"pairs.helpful_share must be in [0, 1), got {share}")
     helpful: list[Any] = []
     if share > 0:
         pool = split_prompts(load_prompts(cfg.data.helpful), "train")
@@ -177,8 +176,7 @@ def sample_records(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """K samples per prompt from the SL-CAI model, resumable; one record per prompt."""
     pc = cfg.pairs
-    if pc.samples_per_prompt < 2:
-        raise InputError(f"pairs.samples_per_prompt must be >= 2 to form pairs, got {pc.samples_per_prompt}")
+    raise_problems(pc, source=str(run.config_file), prefix="pairs.")
     temps = temperature_plan(pc.samples_per_prompt, pc.temperatures)
     model_id = _policy(cfg, run)[2]
     store = run.records("pairs")
@@ -305,16 +303,10 @@ def revision_pairs(run: RunStore) -> tuple[list[Pair], Counter[str]]:
 def curated_prompts(cfg: RunConfig) -> list[Any]:
     """The curated ``train`` examples for pairs: ``pairs.curated_kinds``, at most
     ``curated_limit`` per kind (seeded pick)."""
-    from cai_dpo.curated import KINDS, load_curated
+    from cai_dpo.curated import load_curated
 
     pc = cfg.pairs
-    unknown = [k for k in pc.curated_kinds if k not in KINDS]
-    if unknown or not pc.curated_kinds:
-        raise InputError(
-            f"pairs.curated_kinds is {pc.curated_kinds!r}; allowed: a non-empty list of {', '.join(KINDS)}"
-        )
-    if pc.curated_limit is not None and pc.curated_limit < 1:
-        raise InputError(f"pairs.curated_limit must be >= 1 or null, got {pc.curated_limit}")
+    raise_problems(pc, prefix="pairs.")
     examples = load_curated(pc.curated, split="train")
     out: list[Any] = []
     for kind in pc.curated_kinds:
@@ -335,8 +327,7 @@ def curated_records(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The SL-CAI model's own answer to each curated prompt, resumable; one record per example."""
     pc = cfg.pairs
-    if pc.curated_temperature < 0:
-        raise InputError(f"pairs.curated_temperature must be >= 0 (0 is greedy), got {pc.curated_temperature}")
+    raise_problems(pc, source=str(run.config_file), prefix="pairs.")
     sampling = dataclasses.replace(
         pc.sampling,
         temperature=pc.curated_temperature,
@@ -442,25 +433,15 @@ def mix_ratios(cfg: RunConfig) -> dict[str, float]:
 
     ``pairs.source`` other than ``mixed``: that source alone. ``mixed``: ``pairs.mix``
     normalised, else ``{revision_vs_original: mixed_ratio, judged_samples: 1 - mixed_ratio}``.
-    Raises ``InputError`` naming the key for an unknown source or a bad share.
+    Raises ``ConfigError`` naming the key for an unknown source or a bad share.
     """
     pc = cfg.pairs
     if pc.source != "mixed":
         return {pc.source: 1.0}
+    raise_problems(pc, prefix="pairs.")
     if pc.mix is None:
-        if not 0 <= pc.mixed_ratio <= 1:
-            raise InputError(f"pairs.mixed_ratio must be in [0, 1], got {pc.mixed_ratio}")
         return {"revision_vs_original": pc.mixed_ratio, "judged_samples": 1.0 - pc.mixed_ratio}
-    for name, share in pc.mix.items():
-        if name not in SOURCES:
-            raise InputError(f"pairs.mix: unknown source {name!r}; sources: {', '.join(SOURCES)}")
-        if not math.isfinite(share) or share < 0:
-            raise InputError(f"pairs.mix.{name} must be a share >= 0, got {share}")
     total = sum(pc.mix.values())
-    if total <= 0:
-        raise InputError(
-            "pairs.mix: give at least one source a share > 0, e.g. {curated: 0.6, revision_vs_original: 0.4}"
-        )
     return {name: share / total for name, share in pc.mix.items()}
 
 

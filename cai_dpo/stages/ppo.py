@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.config import PPOSection, RunConfig, raise_problems, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, last_ppo_checkpoint
 from cai_dpo.rl.reward import RewardFn, RewardScorer, prompt_text, rm_spec, sft_adapter
@@ -447,25 +447,13 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
 # --------------------------------------------------------------------------- RLOO
 
 
-def validate_rloo(pc: Any, source: str = "config") -> None:
-    """Raise :class:`~cai_dpo.config.ConfigError` naming the key and the fix when RLOO cannot run with ``pc``."""
-    from cai_dpo.config import ConfigError
+def validate_rloo(pc: PPOSection, source: str = "config") -> None:
+    """Raise :class:`~cai_dpo.config.ConfigError` naming the key and the fix when RLOO cannot run with ``pc``.
 
-    if pc.rloo_k < 2:
-        raise ConfigError(
-            f"{source}: ppo.rloo_k is {pc.rloo_k}; RLOO's leave-one-out baseline needs at least 2 "
-            "completions per prompt: set ppo.rloo_k=2 or more"
-        )
-    if pc.rollout_batch % pc.rloo_k:
-        raise ConfigError(
-            f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.rloo_k "
-            f"({pc.rloo_k}) in RLOO mode; set ppo.rollout_batch={pc.rloo_k * max(1, pc.rollout_batch // pc.rloo_k)}"
-        )
-    if pc.minibatch < 1 or pc.rollout_batch % pc.minibatch:
-        raise ConfigError(
-            f"{source}: ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of ppo.minibatch "
-            f"({pc.minibatch}) in RLOO mode"
-        )
+    The checks are :meth:`~cai_dpo.config.PPOSection.problems` in mode ``rloo`` (run when a config
+    with ``ppo.mode: rloo`` is loaded), repeated for a section built or changed in code.
+    """
+    raise_problems(dataclasses.replace(pc, mode="rloo"), source=source, prefix="ppo.")
 
 
 def _generation_eos(model: Any) -> set[int]:

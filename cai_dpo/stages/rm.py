@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
+from cai_dpo.losses import soft_preference_loss as soft_preference_loss
 from cai_dpo.preferences import check_preference_rows, load_preferences
 from cai_dpo.rl.reward import (
     SCORER_NOTE,
@@ -57,19 +57,6 @@ _LENGTH_KEYS = ("epochs", "max_steps", "save_steps")
 
 
 # --------------------------------------------------------------------------- losses and metrics
-
-
-def soft_preference_loss(r_chosen: Any, r_rejected: Any, p_chosen: Any, weights: Any | None = None) -> Any:
-    """Cross-entropy of σ(r_c - r_r) against the soft target ``p_chosen`` (torch tensors of shape [B]).
-
-    The plain mean over the batch, or with ``weights`` ``Σ_i w_i·loss_i / Σ_i w_i``.
-    """
-    import torch.nn.functional as F
-
-    from cai_dpo.training import weighted_mean
-
-    d = r_chosen - r_rejected
-    return weighted_mean(-(p_chosen * F.logsigmoid(d) + (1.0 - p_chosen) * F.logsigmoid(-d)), weights)
 
 
 def expected_calibration_error(pred: Sequence[float], target: Sequence[float], bins: int = 10) -> float:
@@ -200,70 +187,6 @@ def tokenize_pairs(
     return out
 
 
-# --------------------------------------------------------------------------- trainer
-
-
-def _trainer_classes() -> tuple[type, type]:
-    """The collator and RewardTrainer subclasses (built lazily: trl is slow to import)."""
-    import torch
-    from trl import RewardTrainer
-    from trl.trainer.reward_trainer import DataCollatorForPreference
-
-    @dataclass
-    class SoftPreferenceCollator(DataCollatorForPreference):
-        """TRL's preference collator that also carries the ``p_chosen`` target and the ``weight``."""
-
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            out = super().torch_call(examples)
-            out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float)
-            if "weight" in examples[0]:
-                out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float)
-            return out
-
-    class SoftRewardTrainer(RewardTrainer):
-        """RewardTrainer whose loss is the (weighted) cross-entropy against the soft label ``p_chosen``."""
-
-        def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
-            self.weighting = weighting
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen", "weight"]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            mode = "train" if self.model.training else "eval"
-            p = inputs.pop("p_chosen")
-            weight = inputs.pop("weight", None)
-            inputs.pop("margin", None)
-            inputs["use_cache"] = False
-            outputs = model(**inputs)
-            r_c, r_r = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            w = weight if self.weighting == "principle" else None
-            loss = soft_preference_loss(r_c, r_r, p.to(r_c.dtype), w)
-            if self.args.center_rewards_coefficient is not None:
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)
-            if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum().item())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():
-                d = r_c - r_r
-                decided = p != 0.5
-                agree = ((d > 0) == (p > 0.5)).float()
-                acc = agree[decided].mean().item() if decided.any() else float("nan")
-                self._metrics[mode]["accuracy"].append(acc)
-                self._metrics[mode]["margin"].append(d.mean().item())
-                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
-                self._metrics[mode]["calibration_gap"].append((torch.sigmoid(d) - p).abs().mean().item())
-                if w is not None:
-                    self._metrics[mode]["weight_mean"].append(w.float().mean().item())
-            return (loss, outputs) if return_outputs else loss
-
-    return SoftPreferenceCollator, SoftRewardTrainer
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -348,12 +271,10 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         artifact_current,
         artifact_hash,
         example_weights,
-        resume_checkpoint,
-        train_to_target,
-        training_callbacks,
+        trainer_setup,
         training_inputs,
-        trl_config,
     )
+    from cai_dpo.trl_trainers import SoftPreferenceCollator, SoftRewardTrainer
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
@@ -420,27 +341,27 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     )
     has_eval = bool(eval_cols and eval_cols["p_chosen"])
 
-    ckpt_dir = run.checkpoint_dir("rm")
-    resume = resume_checkpoint(ckpt_dir, note)
-    collator_cls, trainer_cls = _trainer_classes()
-    args = trl_config(
+    setup = trainer_setup(
         RewardConfig,
         cfg.rm,
-        ckpt_dir,
+        run.checkpoint_dir("rm"),
+        run.metrics_dir("rm"),
+        note,
         seed=cfg.seed,
         has_eval=has_eval,
+        report_to=cfg.train.report_to,
         max_length=None,
         disable_dropout=True,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
     )
-    trainer = trainer_cls(
+    trainer = SoftRewardTrainer(
         model=model,
-        args=args,
-        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        args=setup.args,
+        data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id),
         train_dataset=Dataset.from_dict(train_cols),
         eval_dataset=Dataset.from_dict(eval_cols) if has_eval else None,
         processing_class=tok,
-        callbacks=training_callbacks(run.metrics_dir("rm"), cfg.train.report_to),
+        callbacks=setup.callbacks,
         weighting=cfg.rm.weighting,
     )
     bspec = backbone_spec(cfg)
@@ -452,7 +373,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
             if param.requires_grad and param.dtype != compute:
                 param.data = param.data.to(compute)
     with Timer() as t_train:
-        result, resumed_step = train_to_target(trainer, resume, cfg.rm.max_steps)
+        result, resumed_step = setup.train(trainer, cfg.rm.max_steps)
     timings["train_s"] = t_train.seconds
     steps = int(trainer.state.global_step)
     state = sharded_state_dict(trainer)  # every process takes part when the weights are sharded

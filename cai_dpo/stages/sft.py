@@ -33,10 +33,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cai_dpo.config import RunConfig, to_dict
+from cai_dpo.config import RunConfig, raise_problems, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
+from cai_dpo.losses import weighted_sft_loss as weighted_sft_loss
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, dataset_hash, file_hash, locked_stage
@@ -44,12 +45,8 @@ from cai_dpo.training import (
     artifact_current,
     example_weights,
     read_metrics_csv,
-    resume_checkpoint,
-    train_to_target,
-    training_callbacks,
+    trainer_setup,
     training_inputs,
-    trl_config,
-    weighted_mean,
 )
 
 log = logging.getLogger(__name__)
@@ -198,11 +195,12 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
     in the run's label database are added whatever ``sft.data`` is (see
     :func:`_add_human_revisions`). Returns (rows, info) with
     ``info`` holding input hashes and counts for the manifest. Raises ``FileNotFoundError``
-    for missing data and ``InputError`` for an empty selection or a bad setting.
+    for missing data, ``InputError`` for an empty selection and ``ConfigError`` for a bad ``sft`` setting.
     """
     from cai_dpo.curated import curated_files, load_curated
 
     sc = cfg.sft
+    raise_problems(sc, source=str(run.config_file), prefix="sft.")
     info: dict[str, Any] = {"inputs": {}, "counts": {}}
     rows: list[dict[str, Any]] = []
     curated: list[dict[str, Any]] = []
@@ -240,11 +238,8 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
         data_dir = run.sl_data
         sl = _sl_rows(data_dir)
         info["inputs"]["data/sl"] = dataset_hash(data_dir)
-        if sc.data == "both" and sc.sl_share is not None:
-            if not 0.0 <= sc.sl_share <= 1.0:
-                raise InputError(f"sft.sl_share must be in [0, 1] or null, got {sc.sl_share}")
-            if sc.sl_share < 1.0:
-                sl = _subsample(sl, int(round(sc.sl_share / (1 - sc.sl_share) * len(curated))), cfg.seed, "sl")
+        if sc.data == "both" and sc.sl_share is not None and sc.sl_share < 1.0:
+            sl = _subsample(sl, int(round(sc.sl_share / (1 - sc.sl_share) * len(curated))), cfg.seed, "sl")
         if sc.data == "sl" and not sl:
             raise InputError(f"{data_dir}: the SL-CAI dataset is empty; check data.red_team and rerun `cai-dpo sl`")
         rows.extend(sl)
@@ -259,84 +254,6 @@ def build_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dic
     info["counts"]["weight_mean"] = sum(weights) / len(weights)
     info["data_hash"] = content_hash([(r["messages"], r["weight"]) for r in rows])
     return rows, info
-
-
-def weighted_sft_loss(token_logps: Any, label_mask: Any, weights: Any) -> Any:
-    """``Σ_i w_i·NLL_i / Σ_i w_i`` with ``NLL_i`` example i's mean negative log-prob over its completion tokens.
-
-    ``token_logps`` and ``label_mask`` are [B, T] (log-probs of the next tokens, zero where
-    masked; 1 on completion tokens), ``weights`` is [B]. An example with no completion token
-    has NLL 0; all-zero weights give 0.
-    """
-    mask = label_mask.to(token_logps.dtype)
-    nll = -(token_logps * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    return weighted_mean(nll, weights)
-
-
-def _trainer_classes() -> tuple[type, type]:
-    """(collator, SFTTrainer subclass) carrying per-example weights (TRL is imported lazily)."""
-    import torch
-    from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    @dataclasses.dataclass
-    class WeightedLMCollator(DataCollatorForLanguageModeling):
-        """TRL's language-modeling collator, plus a ``weight`` tensor [B] when the examples carry it."""
-
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            out = super().torch_call(examples)
-            if "weight" in examples[0]:
-                out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
-            return out
-
-    class WeightedSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss, with ``weighting='principle'``, is :func:`weighted_sft_loss`."""
-
-        def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
-            self.weighting = weighting
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            if "weight" not in self._signature_columns:
-                self._signature_columns = list(self._signature_columns) + ["weight"]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            inputs = dict(inputs)
-            weight = inputs.pop("weight", None)
-            if self.weighting != "principle" or weight is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
-            loss = weighted_sft_loss(outputs.log_probs, outputs.label_mask, weight)
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (
-                    bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None
-                )
-            if scaled and mode == "train":  # Trainer will not divide by the accumulation steps: do it here
-                loss = loss / self.current_gradient_accumulation_steps
-            m = self._metrics[mode]
-            valid = outputs.label_mask.sum()
-            if outputs.entropy is not None:
-                m["entropy"].append((outputs.entropy.detach().sum() / valid).item() if valid > 0 else 0.0)
-            if outputs.is_top1 is not None:
-                m["mean_token_accuracy"].append((outputs.is_top1.sum() / valid).item() if valid > 0 else 0.0)
-            m["weight_mean"].append(weight.float().mean().item())
-            if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum().item())
-            m["num_tokens"] = [self._total_train_tokens]
-            if return_outputs:
-                with torch.no_grad():
-                    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-                return loss, outputs
-            return loss
-
-    return WeightedLMCollator, WeightedSFTTrainer
 
 
 def split_eval(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
@@ -359,6 +276,8 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     """Train the SL-CAI adapter on the rows of ``sft.data`` (see :func:`build_rows`); returns ``models/sft``."""
     import datasets
     from trl import SFTConfig
+
+    from cai_dpo.trl_trainers import WeightedLMCollator, WeightedSFTTrainer
 
     run = run or RunStore(cfg.run_dir)
     threads = set_threads(cfg.threads)
@@ -385,32 +304,34 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     dataset, loss_mode = prepare_dataset(dataset, tokenizer)
     train_ds, eval_ds = split_eval(dataset, cfg.sft.eval_fraction, cfg.seed)
 
-    ckpt_dir = run.checkpoint_dir("sft")
-    resume = resume_checkpoint(ckpt_dir, note)
-    sft_args = trl_config(
+    setup = trainer_setup(
         SFTConfig,
         cfg.sft,
-        ckpt_dir,
+        run.checkpoint_dir("sft"),
+        run.metrics_dir("sft"),
+        note,
         seed=cfg.seed,
         has_eval=eval_ds is not None,
+        report_to=cfg.train.report_to,
         max_length=cfg.sft.max_length,
         packing=False,
         completion_only_loss=True if loss_mode == "completion_only" else None,
         assistant_only_loss=loss_mode == "assistant_only",
     )
-    collator_cls, trainer_cls = _trainer_classes()
-    trainer = trainer_cls(
+    trainer = WeightedSFTTrainer(
         model=model,
-        args=sft_args,
-        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sft_args.pad_to_multiple_of),
+        args=setup.args,
+        data_collator=WeightedLMCollator(
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=setup.args.pad_to_multiple_of
+        ),
         weighting=cfg.sft.weighting,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=training_callbacks(run.metrics_dir("sft"), cfg.train.report_to),
+        callbacks=setup.callbacks,
     )
     with Timer() as t_train:
-        result, _ = train_to_target(trainer, resume, cfg.sft.max_steps)
+        result, _ = setup.train(trainer, cfg.sft.max_steps)
     train_metrics: dict[str, Any] = result.metrics if result is not None else {}
     if result is not None:
         timings["train"] = t_train.seconds
@@ -448,7 +369,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
                 "train_rows": len(train_ds),
                 "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                 "steps": steps,
-                "resumed_from": resume or "",
+                "resumed_from": setup.resume or "",
                 "loss_mode": loss_mode,
                 "threads": threads,
                 "data": cfg.sft.data,
