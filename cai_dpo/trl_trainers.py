@@ -26,6 +26,13 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from cai_dpo.losses import mean_chosen_nll, soft_preference_loss, weighted_dpo_loss, weighted_sft_loss
 
+#: A batch as the collators build it: tensors by column name
+Batch = dict[str, Any]
+#: ``compute_loss``'s result: the scalar loss, with the model outputs when ``return_outputs``
+LossResult = torch.Tensor | tuple[torch.Tensor, Any]
+#: ``compute_loss``'s ``num_items_in_batch``: tokens in the accumulated batch, when Transformers counts them
+ItemCount = torch.Tensor | int | None
+
 #: Batch keys of a DPO batch that the model's forward does not take
 DPO_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"})
 
@@ -59,25 +66,29 @@ class WeightedLMCollator(FloatColumns, DataCollatorForLanguageModeling):
     optional_columns = ("weight",)
 
 
-class WeightedSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss, with ``weighting='principle'``, is :func:`cai_dpo.losses.weighted_sft_loss`."""
+class ExtraColumns:
+    """Trainer mixin: takes ``weighting`` (``none`` or ``principle``) and keeps the dataset columns in
+    ``extra_columns`` beside the base trainer's own, so Transformers does not drop them before the collator."""
+
+    extra_columns: tuple[str, ...] = ("weight",)
 
     def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
         self.weighting = weighting
         super().__init__(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if "weight" not in self._signature_columns:
-            self._signature_columns = list(self._signature_columns) + ["weight"]
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        missing = [c for c in self.extra_columns if c not in self._signature_columns]
+        if missing:
+            self._signature_columns = list(self._signature_columns) + missing
+
+
+class WeightedSFTTrainer(ExtraColumns, SFTTrainer):
+    """SFTTrainer whose loss, with ``weighting='principle'``, is :func:`cai_dpo.losses.weighted_sft_loss`."""
 
     def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        self, model: Any, inputs: Batch, return_outputs: bool = False, num_items_in_batch: ItemCount = None
+    ) -> LossResult:
         """The weighted loss (a scalar), TRL's own without weights or with ``weighting='none'``."""
         inputs = dict(inputs)
         weight = inputs.pop("weight", None)
@@ -164,21 +175,15 @@ class SoftLabelDPOTrainer(DPOTrainer):
         return dataset
 
     def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        self, model: Any, inputs: Batch, return_outputs: bool = False, num_items_in_batch: ItemCount = None
+    ) -> LossResult:
         """TRL's ``compute_loss`` after taking the ``p_chosen`` and ``weight`` columns out of the batch."""
         inputs = dict(inputs)
         self._p_chosen = inputs.pop("p_chosen", None)
         self._weight = inputs.pop("weight", None)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _compute_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+    def _compute_loss(self, model: Any, inputs: Batch, return_outputs: bool) -> LossResult:
         if self.label_mode == "soft" or self.weighting == "principle" or self.rpo_alpha:
             result = self._soft_label_loss(model, inputs, return_outputs)
         else:
@@ -187,9 +192,7 @@ class SoftLabelDPOTrainer(DPOTrainer):
         metrics["kl_proxy"].append(metrics["rewards/chosen"][-1] / self.beta)
         return result
 
-    def _soft_label_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+    def _soft_label_loss(self, model: Any, inputs: Batch, return_outputs: bool) -> LossResult:
         """:func:`cai_dpo.losses.weighted_dpo_loss` of the batch (a scalar) and TRL's reward metrics."""
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in DPO_NON_MODEL_KEYS}
@@ -256,24 +259,14 @@ class SoftPreferenceCollator(FloatColumns, RewardCollator):
     optional_columns = ("weight",)
 
 
-class SoftRewardTrainer(RewardTrainer):
+class SoftRewardTrainer(ExtraColumns, RewardTrainer):
     """RewardTrainer whose loss is the (weighted) cross-entropy against the soft label ``p_chosen``."""
 
-    def __init__(self, *args: Any, weighting: str = "none", **kwargs: Any):
-        self.weighting = weighting
-        super().__init__(*args, **kwargs)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen", "weight"]
+    extra_columns = ("p_chosen", "weight")
 
     def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        self, model: Any, inputs: Batch, return_outputs: bool = False, num_items_in_batch: ItemCount = None
+    ) -> LossResult:
         """:func:`cai_dpo.losses.soft_preference_loss` of the batch (a scalar), plus TRL's centring term when set."""
         mode = "train" if self.model.training else "eval"
         p = inputs.pop("p_chosen")
