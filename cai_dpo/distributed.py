@@ -42,9 +42,12 @@ import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai_dpo.errors import CaiDpoInputError, InputError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +151,11 @@ class DataParallel:
         k = len(items) // self.world_size
         return items[self.rank * k : (self.rank + 1) * k]
 
-    def sum(self, tensor: Any) -> Any:
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the processes."""
         return tensor if self.accelerator is None else self.accelerator.reduce(tensor, reduction="sum")
 
-    def gather(self, tensor: Any) -> Any:
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Same-shaped tensors of every process concatenated along dim 0 (rank order)."""
         return tensor if self.accelerator is None else self.accelerator.gather(tensor.contiguous())
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import ModelSpec
 from cai_dpo.schema import Conversation, PromptLike, as_conversation
 from cai_dpo.store import RunStore
+
+if TYPE_CHECKING:
+    import torch
 
 #: A programmatic reward: ``reward_fn(prompts, responses) -> one float per response`` (prompts as user-text strings).
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -140,7 +143,7 @@ class RewardScorer:
             self.model.config.pad_token_id = tokenizer.pad_token_id
 
     @property
-    def device(self) -> Any:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def encode(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[list[int]]:
