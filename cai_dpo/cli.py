@@ -184,8 +184,8 @@ def _add_setup_command(sub: Any) -> None:
     """``setup``: the first stage; creates the run folder with its config."""
     p = sub.add_parser(
         "setup",
-        help="create the run (config.yaml), prepare the policy model, check the constitution and run its "
-        "edge-case tests -> constitution/",
+        help="create the run (config.yaml from the profile and -o; an existing run's config.yaml is replaced), "
+        "prepare the policy model, check the constitution and run its edge-case tests -> constitution/",
     )
     _config_args(p)
     p.set_defaults(func=_cmd_setup)

@@ -855,7 +855,7 @@ class JudgeSection:
     curated_p_chosen: float = field(
         default=0.9,
         metadata={
-            "help": "Soft label in [0, 1] of a curated-vs-policy pair: the probability the curated response is better"
+            "help": "Soft label in (0.5, 1] of a curated-vs-policy pair: the probability the curated response is better"
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Comparisons scored per batch (>= 1)"})
@@ -917,6 +917,7 @@ class JudgeSection:
             ("cot_max_new_tokens", self.cot_max_new_tokens >= 1, "must be >= 1"),
             ("gate_threshold", 0 <= self.gate_threshold <= 1, "must be in [0, 1]"),
             ("gate_hhh_sample", self.gate_hhh_sample >= 0, "must be >= 0"),
+            ("curated_p_chosen", 0.5 < self.curated_p_chosen <= 1, "must be in (0.5, 1]"),
         )
 
 

@@ -107,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
         "setup",
         "00_setup.ipynb",
         (_m("constitution"),),
-        sections=("constitution", "policy", "judge"),
+        sections=("constitution", "judge", *_MODEL),
         files=("constitution", "constitution_cases"),
     ),
     Stage(
@@ -147,7 +147,7 @@ STAGES: tuple[Stage, ...] = (
         "05_judge.ipynb",
         (_m("preferences"),),
         (_m("pairs"),),
-        sections=("judge", "pairs", "constitution", "policy", "seed"),
+        sections=("judge", "pairs", "constitution", *_MODEL),
         files=("constitution", "checkset"),
     ),
     Stage(

@@ -212,6 +212,8 @@ def test_old_section_names_are_gone():
 
 #: Checks that run when a config is loaded: (overrides, the key the error names, a part of the requirement)
 LOAD_CHECKS = [
+    ({"judge.curated_p_chosen": 0.5}, "judge.curated_p_chosen", r"must be in \(0\.5, 1\]"),
+    ({"rm.response_tokens": 0}, "rm.response_tokens", ">= 1"),
     ({"dpo.loss_type": "ipo"}, "dpo.label_mode", "dpo.label_mode=hard"),
     ({"dpo.loss_type": "ipo", "dpo.label_mode": "hard", "dpo.rpo_alpha": 1.0}, "dpo.rpo_alpha", "dpo.rpo_alpha=0"),
     (

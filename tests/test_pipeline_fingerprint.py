@@ -139,9 +139,19 @@ def _modules_of(notebook: Path) -> list[Path]:
     return files, code
 
 
+#: library calls that read run config fields on the stage's behalf: (class, method) -> fields
+CALL_SECTIONS = {("Judge", "load"): {"judge", "policy", "seed", "threads", "constitution"}}
+
+
 def _sections_read(source: str) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+        ):
+            found |= CALL_SECTIONS.get((node.func.value.id, node.func.attr), set())
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "cfg":
             node = node.value  # self.cfg.X
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":

@@ -1,6 +1,7 @@
 """The :class:`Judge`: one engine, constitution and set of judge settings that score comparisons.
 
-:meth:`Judge.load` builds the configured judge model (the one place it is built);
+:meth:`Judge.load` builds the configured judge model (curation alone loads its own engine, to share
+the policy's when the judge is the same model);
 :meth:`Judge.judge` turns comparisons into verdicts; :meth:`Judge.judge_resumable` is the
 resumable loop the judge stage and the evaluation share: verdicts are appended to a record
 store as they come, and a restart skips the keys already there.

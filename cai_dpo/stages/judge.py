@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_dpo.config import JudgeSection, RunConfig, to_dict
+from cai_dpo.config import JudgeSection, RunConfig, raise_problems, to_dict
 from cai_dpo.errors import InputError
 from cai_dpo.judge import (
     HHH_FILE,
@@ -205,8 +205,7 @@ def run_judge(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
 
     run = run or RunStore(cfg.run_dir)
     jc = cfg.judge
-    if not 0.5 < jc.curated_p_chosen <= 1.0:
-        raise ValueError(f"judge.curated_p_chosen must be in (0.5, 1], got {jc.curated_p_chosen}")
+    raise_problems(jc, source=str(run.config_file), prefix="judge.")
     pairs = load_pairs(run)
     constitution = load_constitution(cfg.constitution_path())
     spec = cfg.judge_model()
