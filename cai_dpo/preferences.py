@@ -109,7 +109,8 @@ def load_preferences(run: RunLayout, preferences: Path | None = None) -> tuple[l
     path = Path(preferences) if preferences is not None else preferences_path(run)
     if not (path / "dataset_info.json").exists():
         raise FileNotFoundError(
-            f"{path}: preference dataset not found; run `cai-dpo judge` (and `cai-dpo labels merge` for human labels) first"
+            f"{path}: preference dataset not found; run `cai-dpo judge` "
+            "(and `cai-dpo labels merge` for human labels) first"
         )
     records = datasets.load_from_disk(str(path)).to_list()
     if not records:
