@@ -717,6 +717,15 @@ class PairsSection:
         default=0.0,
         metadata={"help": "Temperature (>= 0) of the SL-CAI model's answer to a curated prompt; 0 is greedy"},
     )
+    curated_rejected_model: Literal["sl-cai", "base"] = field(
+        default="sl-cai",
+        metadata={
+            "help": "Who answers a curated prompt for the rejected side: sl-cai (the policy with models/sft: what "
+            "the model does now) or base (the policy without it). At small scale the SL-CAI model already "
+            "declines many harmful prompts, so sl-cai pairs rank its own declines below the curated ones, and a "
+            "preference model trained on them scores the SL-CAI model's declines low"
+        },
+    )
     curated_benign_rejected: Literal["policy", "decline"] = field(
         default="policy",
         metadata={

@@ -355,3 +355,30 @@ def test_curated_benign_rejected_decline_generates_nothing_for_benign(tiny_cfg, 
         assert p["meta"]["model"] == "decline"
     assert {p["response_b"] in DECLINE_TEMPLATES for p in benign} == {True, False}  # both kinds of decline
     assert sum(n for n, _, _ in policy.calls) == 4  # only the harmful prompts were answered
+
+
+def test_curated_rejected_model_base_answers_without_the_sft_adapter(tiny_cfg, tmp_path, monkeypatch):
+    """pairs.curated_rejected_model: base: the rejected answers come from the policy without models/sft."""
+    import cai_dpo.stages.pairs as pairs_stage
+
+    curated = _write_curated(tmp_path / "cur")
+    asked = []
+
+    def engine_for(cfg, run, *, base=False):
+        asked.append(base)
+        return ScriptedPolicy()
+
+    monkeypatch.setattr(pairs_stage, "policy_engine", engine_for)
+    ids = {}
+    for who in ("base", "sl-cai"):
+        cfg = _cfg(tiny_cfg, source="curated", curated=curated, curated_rejected_model=who)
+        run = RunStore(cfg.run_dir.parent / who)
+        run.sft_adapter.mkdir(parents=True)
+        (run.sft_adapter / "adapter_config.json").write_text("{}")
+        run_pairs(cfg, run, engine=Exploding() if who == "base" else ScriptedPolicy())
+        pairs = load_pairs(run)
+        assert len(pairs) == 8 and all(p["response_b"].startswith("answer to") for p in pairs)
+        ids[who] = {p["meta"]["model"] for p in pairs}
+    assert asked == [True]  # base: its own engine, without the adapter; sl-cai: the stage's shared engine
+    (base_id,), (sl_cai_id,) = ids["base"], ids["sl-cai"]
+    assert "sft@" not in base_id and "sft@" in sl_cai_id

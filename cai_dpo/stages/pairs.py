@@ -146,27 +146,29 @@ def stage_prompts(cfg: RunConfig) -> list[Any]:
     return [(p, "red_team") for p in red] + [(p, "helpful") for p in helpful]
 
 
-def _policy(cfg: RunConfig, run: RunStore) -> tuple[Any, str | None, str]:
+def _policy(cfg: RunConfig, run: RunStore, *, base: bool = False) -> tuple[Any, str | None, str]:
     """Policy spec, SL-CAI adapter folder (when present) and a model id for record keys.
 
     A served policy is sampled as served (it should be the SL-CAI model itself); a local
-    SFT adapter is not applied to it.
+    SFT adapter is not applied to it, nor with ``base``.
     """
     from cai_dpo.models import describe
     from cai_dpo.served import is_served
 
     sft = run.sft_adapter
-    adapter = str(sft) if (sft / "adapter_config.json").exists() and not is_served(cfg.policy) else None
+    local_sft = (sft / "adapter_config.json").exists() and not is_served(cfg.policy)
+    adapter = str(sft) if local_sft and not base else None
     model_id = describe(cfg.policy) + (f" + sft@{file_hash(sft)}" if adapter else "")
     return cfg.policy, adapter, model_id
 
 
-def policy_engine(cfg: RunConfig, run: RunStore) -> Any:
-    """An engine on the SL-CAI model (the policy with ``models/sft`` when present; a served policy as served)."""
+def policy_engine(cfg: RunConfig, run: RunStore, *, base: bool = False) -> Any:
+    """An engine on the SL-CAI model (the policy with ``models/sft`` when present; a served policy as served);
+    ``base``: on the policy without the SFT adapter."""
     from cai_dpo.engine import set_threads
     from cai_dpo.models import load_engine
 
-    spec, adapter, _ = _policy(cfg, run)
+    spec, adapter, _ = _policy(cfg, run, base=base)
     set_threads(cfg.threads)
     return load_engine(spec, adapter=adapter, batch_size=cfg.pairs.sampling.batch_size)
 
@@ -325,8 +327,10 @@ def curated_prompts(cfg: RunConfig) -> list[Any]:
 def curated_records(
     cfg: RunConfig, run: RunStore, examples: list[Any], *, engine: Any = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The SL-CAI model's own answer to each curated prompt, resumable; one record per example."""
+    """The SL-CAI model's own answer to each curated prompt (the base policy's with
+    ``pairs.curated_rejected_model: base``; ``engine`` must then be on it), resumable; one record per example."""
     pc = cfg.pairs
+    base = pc.curated_rejected_model == "base"
     raise_problems(pc, source=str(run.config_file), prefix="pairs.")
     sampling = dataclasses.replace(
         pc.sampling,
@@ -334,7 +338,7 @@ def curated_records(
         do_sample=pc.curated_temperature > 0,
         seed=int(content_hash(pc.sampling.seed, cfg.seed, "curated", length=8), 16),
     )
-    model_id = _policy(cfg, run)[2]
+    model_id = _policy(cfg, run, base=base)[2]
     store = run.records("pairs-curated")
     params = {"sampling": to_dict(sampling), "seed": cfg.seed}
     keyed = [(content_hash("pairs-curated", e.prompt, model_id, params), e) for e in examples]
@@ -343,7 +347,7 @@ def curated_records(
     stats: dict[str, Any] = {"generated": len(todo), "resumed": len(keyed) - len(todo), "tokens": 0, "seconds": 0.0}
     if todo:
         if engine is None:
-            engine = policy_engine(cfg, run)
+            engine = policy_engine(cfg, run, base=base)
         chunk = max(1, pc.sampling.batch_size)
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
@@ -548,7 +552,8 @@ def run_pairs(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         if "curated" in wanted:
             examples = curated_prompts(cfg)
             answered = [e for e in examples if e.kind == "harmful" or pc.curated_benign_rejected == "policy"]
-            recs, cstats = curated_records(cfg, run, answered, engine=_Lazy(shared_engine))
+            own = pc.curated_rejected_model == "sl-cai"  # else curated_records loads the base policy itself
+            recs, cstats = curated_records(cfg, run, answered, engine=_Lazy(shared_engine) if own else None)
             tokens, gen_seconds = tokens + cstats["tokens"], gen_seconds + cstats["seconds"]
             curated, skipped = curated_pairs(examples, rejected_records(examples, answered, recs))
             counts.update(
