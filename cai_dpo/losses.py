@@ -2,8 +2,8 @@
 
 Every function takes and returns torch tensors; ``B`` is the batch size (pairs for DPO and the
 preference model, examples for SFT), ``T`` the sequence length. Log-probabilities are natural
-logs (nats). The trainer subclasses of :mod:`cai_dpo.trl_trainers` call these; the stages
-re-export them, and tests check them against closed forms.
+logs (nats). The trainer subclasses of :mod:`cai_dpo.trl_trainers` call these; tests check
+them against closed forms.
 """
 
 from __future__ import annotations

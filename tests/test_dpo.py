@@ -114,7 +114,7 @@ def sequence_logps(model, tok, rows: list[dict]) -> tuple[torch.Tensor, torch.Te
 
 
 def test_conservative_loss_closed_form():
-    from cai_dpo.stages.dpo import conservative_dpo_loss
+    from cai_dpo.losses import conservative_dpo_loss
 
     pc, pr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
     rc, rr = torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
@@ -211,7 +211,8 @@ def _perturb_lora(model, seed: int = 1) -> None:
 
 
 def test_soft_loss_in_trainer_matches_closed_form_and_reference_is_sft(tmp_path):
-    from cai_dpo.stages.dpo import conservative_dpo_loss, training_rows
+    from cai_dpo.losses import conservative_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     rows = training_rows(synthetic_pairs(TOPICS[:2], 0), "soft").rows
@@ -403,7 +404,7 @@ def test_cli_has_dpo_command():
 
 
 def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
-    from cai_dpo.stages.dpo import weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
 
     pc = torch.tensor([-10.0, -4.0, -6.0], requires_grad=True)
     pr = torch.tensor([-12.0, -3.0, -5.0], requires_grad=True)
@@ -423,7 +424,7 @@ def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
 
 
 def test_rpo_term_adds_the_chosen_mean_token_nll():
-    from cai_dpo.stages.dpo import weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
 
     pc = torch.tensor([-10.0, -4.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
@@ -477,7 +478,8 @@ def test_weighting_needs_the_sigmoid_loss():
 
 
 def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
-    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     recs = synthetic_pairs(TOPICS[:2], 0)  # one batch of the tiny profile (batch_size 2)
@@ -505,7 +507,8 @@ def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
 
 
 def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
-    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     recs = synthetic_pairs(TOPICS[:2], 0)

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from cai_dpo.config import load_config
+from cai_dpo.losses import soft_preference_loss
 from cai_dpo.rl.reward import RewardScorer, first_tokens, rm_text
 from cai_dpo.stages.rm import (
     expected_calibration_error,
     mix_helpful,
     preference_metrics,
     run_rm,
-    soft_preference_loss,
     tokenize_pairs,
 )
 from cai_dpo.store import RunStore, read_manifest
