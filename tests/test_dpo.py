@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai_dpo.config import load_config
+from cai_dpo.config import ConfigError, load_config
 from cai_dpo.models import attach_lora, load_model, save_adapter
 from cai_dpo.store import RunStore, read_manifest
 
@@ -143,11 +143,19 @@ def test_config_validation_names_key_and_fix():
     cfg = load_config("tiny", {"dpo.loss_type": "nonsense", "dpo.label_mode": "hard"})
     with pytest.raises(ValueError, match="dpo.loss_type.*allows: sigmoid"):
         validate_dpo_config(cfg.dpo)
-    with pytest.raises(ValueError, match="label_mode=hard"):
-        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo"}).dpo)
-    validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "hard"}).dpo)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard"}).dpo)
+    base = load_config("tiny").dpo
+    # a section built or changed in code is checked again when the stage validates it
+    with pytest.raises(ConfigError, match="dpo.label_mode.*label_mode=hard"):
+        validate_dpo_config(dataclasses.replace(base, loss_type="ipo", label_mode="soft"))
+    validate_dpo_config(dataclasses.replace(base, loss_type="ipo", label_mode="hard"))
+    with pytest.raises(ConfigError, match="dpo.label_smoothing.*exo_pair"):
+        validate_dpo_config(dataclasses.replace(base, loss_type="exo_pair", label_mode="hard", label_smoothing=0.0))
+    # the same values in an override are refused when the config is loaded
+    with pytest.raises(ConfigError, match="dpo.label_mode"):
+        load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "soft"})
+    load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "hard"})
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config("tiny", {"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard", "dpo.label_smoothing": 0.0})
 
 
 def test_training_rows_hard_mode_orients_and_drops_ties():
