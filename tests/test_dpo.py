@@ -432,7 +432,7 @@ def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
 
 
 def test_rpo_term_adds_the_chosen_mean_token_nll():
-    from cai_dpo.losses import weighted_dpo_loss
+    from cai_dpo.losses import mean_chosen_nll, weighted_dpo_loss
 
     pc = torch.tensor([-10.0, -4.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
@@ -440,14 +440,16 @@ def test_rpo_term_adds_the_chosen_mean_token_nll():
     ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
     # h = [1.5, 1.5]; NLL per token = [10/5, 4/2] = [2, 2]
     losses = [-ls(0.75) + alpha * 2.0, -ls(0.75) + alpha * 2.0]
-    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta, chosen_tokens=n, rpo_alpha=alpha)
+    assert mean_chosen_nll(pc, n).tolist() == pytest.approx([2.0, 2.0])
+    assert mean_chosen_nll(pc, torch.tensor([0, 2])).tolist() == pytest.approx([10.0, 2.0])  # a count of 0 is 1
+    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta, rpo_alpha=alpha, chosen_nll=mean_chosen_nll(pc, n))
     assert got.item() == pytest.approx((losses[0] + 3 * losses[1]) / 4, rel=1e-6)
     got.backward()
     # d/dpc_i = w_i/Σw · (-β·σ(-βh_i) - α/n_i): the NLL term pulls the chosen log-prob up
     sig = 1 / (1 + math.exp(0.75))
     assert pc.grad.tolist() == pytest.approx([0.25 * (-beta * sig - alpha / 5), 0.75 * (-beta * sig - alpha / 2)])
     assert weighted_dpo_loss(pc.detach(), pr, rc, rr, p, None, beta).item() == pytest.approx(-ls(0.75))  # alpha 0
-    with pytest.raises(ValueError, match="chosen_tokens"):
+    with pytest.raises(ValueError, match="chosen_nll"):
         weighted_dpo_loss(pc, pr, rc, rr, p, None, beta, rpo_alpha=1.0)
 
 
@@ -515,7 +517,7 @@ def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
 
 
 def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
-    from cai_dpo.losses import weighted_dpo_loss
+    from cai_dpo.losses import mean_chosen_nll, weighted_dpo_loss
     from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
@@ -547,7 +549,9 @@ def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
     ones = torch.ones(len(rows))
-    expected = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta, chosen_tokens=n, rpo_alpha=0.5)
+    expected = weighted_dpo_loss(
+        pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta, rpo_alpha=0.5, chosen_nll=mean_chosen_nll(pol_c, n)
+    )
     plain = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta).item()
     assert got == pytest.approx(expected.item(), rel=1e-3)
     assert got - plain == pytest.approx(0.5 * (-pol_c / n).mean().item(), rel=1e-3)  # the NLL term, and only it
