@@ -2,8 +2,8 @@
 
 Every function takes and returns torch tensors; ``B`` is the batch size (pairs for DPO and the
 preference model, examples for SFT), ``T`` the sequence length. Log-probabilities are natural
-logs (nats). The trainer subclasses of :mod:`cai_dpo.trl_trainers` call these; the stages
-re-export them, and tests check them against closed forms.
+logs (nats). The trainer subclasses of :mod:`cai_dpo.trl_trainers` call these; tests check
+them against closed forms.
 """
 
 from __future__ import annotations
@@ -53,24 +53,20 @@ def weighted_dpo_loss(
     p_chosen: torch.Tensor,
     weights: torch.Tensor | None,
     beta: float,
-    chosen_tokens: torch.Tensor | None = None,
-    rpo_alpha: float = 0.0,
     *,
+    rpo_alpha: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch loss ``Σ_i w_i·loss_i / Σ_i w_i`` of :func:`conservative_dpo_loss` (plain mean without weights), a scalar.
 
-    With ``rpo_alpha`` > 0 each ``loss_i`` gains ``rpo_alpha · chosen_nll_i``, the chosen response's
-    mean token NLL: ``chosen_nll`` [B] when given (see :func:`mean_chosen_nll`), else computed from
-    ``chosen_tokens`` (the completion token counts, shape [B]). Raises ``ValueError`` when
-    ``rpo_alpha`` > 0 and neither is given.
+    With ``rpo_alpha`` > 0 each ``loss_i`` gains ``rpo_alpha · chosen_nll_i``, where ``chosen_nll`` [B]
+    is the chosen response's mean token NLL (:func:`mean_chosen_nll`). Raises ``ValueError`` when
+    ``rpo_alpha`` > 0 and ``chosen_nll`` is not given.
     """
     losses = conservative_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, p_chosen, beta)
     if rpo_alpha:
         if chosen_nll is None:
-            if chosen_tokens is None:
-                raise ValueError("rpo_alpha > 0 needs chosen_tokens (the chosen completions' token counts)")
-            chosen_nll = mean_chosen_nll(chosen_logps, chosen_tokens)
+            raise ValueError("rpo_alpha > 0 needs chosen_nll (mean_chosen_nll of the chosen completions)")
         losses = losses + rpo_alpha * chosen_nll
     return weighted_mean(losses, weights)
 

@@ -133,36 +133,31 @@ class PreferenceCollatorWithLabels(FloatColumns, DPOCollator):
     optional_columns = ("p_chosen", "weight")
 
 
-class SoftLabelDPOTrainer(DPOTrainer):
+class SoftLabelDPOTrainer(ExtraColumns, DPOTrainer):
     """DPOTrainer with per-pair soft labels and weights, prompt truncation and a KL proxy metric.
 
     ``label_mode='soft'``, ``weighting='principle'`` or ``rpo_alpha`` > 0 train on
     :func:`cai_dpo.losses.weighted_dpo_loss` (``loss_type: sigmoid``); otherwise TRL's own loss.
-    ``max_prompt_length`` keeps the last tokens of each prompt.
+    ``max_prompt_length`` keeps the last tokens of each prompt; ``weighting`` is taken by
+    :class:`ExtraColumns`.
     """
+
+    extra_columns = ("p_chosen", "weight")
 
     def __init__(
         self,
         *args: Any,
         label_mode: str = "soft",
         max_prompt_length: int | None = None,
-        weighting: str = "none",
         rpo_alpha: float = 0.0,
         **kwargs: Any,
     ):
         self.label_mode = label_mode
         self.rpo_alpha = rpo_alpha
         self.max_prompt_length = max_prompt_length
-        self.weighting = weighting
         self._p_chosen: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        extra = [c for c in ("p_chosen", "weight") if c not in self._signature_columns]
-        if extra:
-            self._signature_columns = list(self._signature_columns) + extra
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai_dpo.config import load_config
+from cai_dpo.config import ConfigError, load_config
 from cai_dpo.models import attach_lora, load_model, save_adapter
 from cai_dpo.store import RunStore, read_manifest
 
@@ -114,7 +114,7 @@ def sequence_logps(model, tok, rows: list[dict]) -> tuple[torch.Tensor, torch.Te
 
 
 def test_conservative_loss_closed_form():
-    from cai_dpo.stages.dpo import conservative_dpo_loss
+    from cai_dpo.losses import conservative_dpo_loss
 
     pc, pr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
     rc, rr = torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
@@ -143,11 +143,19 @@ def test_config_validation_names_key_and_fix():
     cfg = load_config("tiny", {"dpo.loss_type": "nonsense", "dpo.label_mode": "hard"})
     with pytest.raises(ValueError, match="dpo.loss_type.*allows: sigmoid"):
         validate_dpo_config(cfg.dpo)
-    with pytest.raises(ValueError, match="label_mode=hard"):
-        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo"}).dpo)
-    validate_dpo_config(load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "hard"}).dpo)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        validate_dpo_config(load_config("tiny", {"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard"}).dpo)
+    base = load_config("tiny").dpo
+    # a section built or changed in code is checked again when the stage validates it
+    with pytest.raises(ConfigError, match="dpo.label_mode.*label_mode=hard"):
+        validate_dpo_config(dataclasses.replace(base, loss_type="ipo", label_mode="soft"))
+    validate_dpo_config(dataclasses.replace(base, loss_type="ipo", label_mode="hard"))
+    with pytest.raises(ConfigError, match="dpo.label_smoothing.*exo_pair"):
+        validate_dpo_config(dataclasses.replace(base, loss_type="exo_pair", label_mode="hard", label_smoothing=0.0))
+    # the same values in an override are refused when the config is loaded
+    with pytest.raises(ConfigError, match="dpo.label_mode"):
+        load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "soft"})
+    load_config("tiny", {"dpo.loss_type": "ipo", "dpo.label_mode": "hard"})
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config("tiny", {"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard", "dpo.label_smoothing": 0.0})
 
 
 def test_training_rows_hard_mode_orients_and_drops_ties():
@@ -211,7 +219,8 @@ def _perturb_lora(model, seed: int = 1) -> None:
 
 
 def test_soft_loss_in_trainer_matches_closed_form_and_reference_is_sft(tmp_path):
-    from cai_dpo.stages.dpo import conservative_dpo_loss, training_rows
+    from cai_dpo.losses import conservative_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     rows = training_rows(synthetic_pairs(TOPICS[:2], 0), "soft").rows
@@ -403,7 +412,7 @@ def test_cli_has_dpo_command():
 
 
 def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
-    from cai_dpo.stages.dpo import weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
 
     pc = torch.tensor([-10.0, -4.0, -6.0], requires_grad=True)
     pr = torch.tensor([-12.0, -3.0, -5.0], requires_grad=True)
@@ -423,7 +432,7 @@ def test_weighted_dpo_loss_closed_form_and_zero_weight_gradient():
 
 
 def test_rpo_term_adds_the_chosen_mean_token_nll():
-    from cai_dpo.stages.dpo import weighted_dpo_loss
+    from cai_dpo.losses import mean_chosen_nll, weighted_dpo_loss
 
     pc = torch.tensor([-10.0, -4.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -2.0])
@@ -431,14 +440,16 @@ def test_rpo_term_adds_the_chosen_mean_token_nll():
     ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
     # h = [1.5, 1.5]; NLL per token = [10/5, 4/2] = [2, 2]
     losses = [-ls(0.75) + alpha * 2.0, -ls(0.75) + alpha * 2.0]
-    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta, chosen_tokens=n, rpo_alpha=alpha)
+    assert mean_chosen_nll(pc, n).tolist() == pytest.approx([2.0, 2.0])
+    assert mean_chosen_nll(pc, torch.tensor([0, 2])).tolist() == pytest.approx([10.0, 2.0])  # a count of 0 is 1
+    got = weighted_dpo_loss(pc, pr, rc, rr, p, w, beta, rpo_alpha=alpha, chosen_nll=mean_chosen_nll(pc, n))
     assert got.item() == pytest.approx((losses[0] + 3 * losses[1]) / 4, rel=1e-6)
     got.backward()
     # d/dpc_i = w_i/Σw · (-β·σ(-βh_i) - α/n_i): the NLL term pulls the chosen log-prob up
     sig = 1 / (1 + math.exp(0.75))
     assert pc.grad.tolist() == pytest.approx([0.25 * (-beta * sig - alpha / 5), 0.75 * (-beta * sig - alpha / 2)])
     assert weighted_dpo_loss(pc.detach(), pr, rc, rr, p, None, beta).item() == pytest.approx(-ls(0.75))  # alpha 0
-    with pytest.raises(ValueError, match="chosen_tokens"):
+    with pytest.raises(ValueError, match="chosen_nll"):
         weighted_dpo_loss(pc, pr, rc, rr, p, None, beta, rpo_alpha=1.0)
 
 
@@ -477,7 +488,8 @@ def test_weighting_needs_the_sigmoid_loss():
 
 
 def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
-    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+    from cai_dpo.losses import weighted_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     recs = synthetic_pairs(TOPICS[:2], 0)  # one batch of the tiny profile (batch_size 2)
@@ -505,7 +517,8 @@ def test_weighted_loss_in_trainer_matches_closed_form(tmp_path):
 
 
 def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
-    from cai_dpo.stages.dpo import training_rows, weighted_dpo_loss
+    from cai_dpo.losses import mean_chosen_nll, weighted_dpo_loss
+    from cai_dpo.stages.dpo import training_rows
 
     cfg, run = make_run(tmp_path)
     recs = synthetic_pairs(TOPICS[:2], 0)
@@ -536,7 +549,9 @@ def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
     ones = torch.ones(len(rows))
-    expected = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta, chosen_tokens=n, rpo_alpha=0.5)
+    expected = weighted_dpo_loss(
+        pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta, rpo_alpha=0.5, chosen_nll=mean_chosen_nll(pol_c, n)
+    )
     plain = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta).item()
     assert got == pytest.approx(expected.item(), rel=1e-3)
     assert got - plain == pytest.approx(0.5 * (-pol_c / n).mean().item(), rel=1e-3)  # the NLL term, and only it

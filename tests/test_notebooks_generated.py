@@ -17,3 +17,13 @@ def test_committed_notebooks_equal_the_generators_output(tmp_path):
     assert written == committed, "notebooks/ and tools/make_notebooks.py name different notebooks"
     stale = [n for n in written if (tmp_path / n).read_bytes() != (REPO / "notebooks" / n).read_bytes()]
     assert not stale, f"edited by hand or not regenerated: {stale}; run python tools/make_notebooks.py"
+
+
+def test_regenerating_removes_only_retired_notebooks(tmp_path):
+    (tmp_path / "99_mine.ipynb").write_text("{}")
+    (tmp_path / "06_dpo.ipynb").write_text("{}")  # written by an earlier generator; dpo is 07_dpo now
+    make_notebooks.main(tmp_path)
+    assert (tmp_path / "99_mine.ipynb").read_text() == "{}"
+    assert not (tmp_path / "06_dpo.ipynb").exists()
+    generated = {name for name, _ in make_notebooks.build()}
+    assert "06_dpo.ipynb" in make_notebooks.RETIRED and not generated & set(make_notebooks.RETIRED)

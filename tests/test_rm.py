@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from cai_dpo.config import load_config
+from cai_dpo.losses import soft_preference_loss
 from cai_dpo.rl.reward import RewardScorer, first_tokens, rm_text
 from cai_dpo.stages.rm import (
     expected_calibration_error,
     mix_helpful,
     preference_metrics,
     run_rm,
-    soft_preference_loss,
     tokenize_pairs,
 )
 from cai_dpo.store import RunStore, read_manifest
@@ -171,9 +171,22 @@ def test_response_tokens_cut_both_sides_to_the_same_budget(tiny_model):
     for i, row in enumerate(rows):
         for side in ("chosen", "rejected"):
             text = row[side][0]["content"]
-            first5 = tok.decode(tok(text, add_special_tokens=False)["input_ids"][:5])
+            first5 = first_tokens(tok, text, 5)
+            # a prefix of the reply, at most 5 tokens, and the whole reply when it is that short
+            assert text.startswith(first5) and len(tok(first5, add_special_tokens=False)["input_ids"]) <= 5
+            if len(tok(text, add_special_tokens=False)["input_ids"]) <= 5:
+                assert first5 == text
             want = tok(rm_text(tok, row["prompt"], first5), add_special_tokens=False)["input_ids"]
             assert cut[f"{side}_ids"][i] == want
+    assert tok.is_fast
+    first5 = first_tokens(tok, long_reply, 5)
+    ids = tok(long_reply, add_special_tokens=False, return_offsets_mapping=True)
+    assert first5 == long_reply[: ids["offset_mapping"][4][1]]  # cut at the 5th token's end
+    assert tok(first5, add_special_tokens=False)["input_ids"] == ids["input_ids"][:5]
+    multibyte = "naïve café 😀 日本語 ok"
+    for n in range(1, len(tok(multibyte, add_special_tokens=False)["input_ids"]) + 1):
+        head = first_tokens(tok, multibyte, n)  # never half a character
+        assert multibyte.startswith(head) and len(tok(head, add_special_tokens=False)["input_ids"]) <= n
     whole = tokenize_pairs(rows, tok, 256, "soft")
     assert len(whole["chosen_ids"][0]) > len(cut["chosen_ids"][0])  # the long reply was cut
     assert first_tokens(tok, "short", None) == "short"

@@ -290,7 +290,7 @@ def test_build_rows_both_sources_and_data_weight_column(tiny_cfg, tmp_path):
 def test_weighted_sft_loss_closed_form_and_zero_weight_gradient():
     import torch
 
-    from cai_dpo.stages.sft import weighted_sft_loss
+    from cai_dpo.losses import weighted_sft_loss
 
     logps = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0], [-0.5, -0.5, -2.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])

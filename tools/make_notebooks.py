@@ -476,16 +476,35 @@ quality gate. The report opens with a "How to read this" block.""",
     )
 
 
+#: Notebooks earlier versions of this generator wrote under other names; :func:`main` removes them
+#: (and no other file, so a notebook of the user's own stays)
+RETIRED = (
+    "00_setup_and_constitution.ipynb",
+    "01_sl_critique_revision.ipynb",
+    "02_sft.ipynb",
+    "03_pairs_and_ai_feedback.ipynb",
+    "04_label_edge_cases.ipynb",
+    "04_pairs_and_ai_feedback.ipynb",
+    "05_dpo.ipynb",
+    "05_label_edge_cases.ipynb",
+    "06_dpo.ipynb",
+    "06_preference_model_and_ppo.ipynb",
+    "07_evaluate_and_compare.ipynb",
+    "07_preference_model_and_ppo.ipynb",
+    "08_evaluate_and_compare.ipynb",
+)
+
+
 def main(out: Path = OUT) -> None:
-    """Write every notebook of :func:`build` into ``out`` and remove the stage notebooks it no longer names."""
+    """Write every notebook of :func:`build` into ``out`` and remove the retired ones (:data:`RETIRED`)."""
     out.mkdir(exist_ok=True)
     names = set()
     for name, book in build():
         nbformat.write(book, out / name)
         names.add(name)
-    for stale in out.glob("[0-9][0-9]_*.ipynb"):
-        if stale.name not in names:
-            stale.unlink()
+    for name in RETIRED:
+        if name not in names:
+            (out / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,27 @@ def rm_text(tokenizer: Any, prompt: PromptLike, response: str) -> str:
 
 
 def first_tokens(tokenizer: Any, text: str, n: int | None) -> str:
-    """``text`` cut to its first ``n`` tokens (``None``: unchanged)."""
+    """``text`` cut to its first ``n`` tokens (``None``: unchanged).
+
+    With a fast tokenizer the result is a prefix of ``text``, cut at the end of the ``n``-th token's
+    characters (``return_offsets_mapping``), that encodes to at most ``n`` tokens; where a character
+    spans two tokens the cut moves back to the previous token's end. A slow tokenizer (no offsets)
+    decodes the first ``n`` token ids instead.
+    """
     if n is None:
         return text
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= n else tokenizer.decode(ids[:n])
+    if not getattr(tokenizer, "is_fast", False):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= n else tokenizer.decode(ids[:n])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= n:
+        return text
+    ends = [end for _, end in enc["offset_mapping"][:n]]
+    for k in range(n, 0, -1):  # usually the first try; a split character or a merge may need fewer
+        cut = text[: ends[k - 1]]
+        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n:
+            return cut
+    return ""
 
 
 def encode_rm(

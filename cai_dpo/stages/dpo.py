@@ -72,8 +72,6 @@ from cai_dpo.config import ConfigError, DPOSection, RunConfig, raise_problems, s
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.losses import conservative_dpo_loss as conservative_dpo_loss
-from cai_dpo.losses import weighted_dpo_loss as weighted_dpo_loss
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,

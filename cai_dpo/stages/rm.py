@@ -35,7 +35,6 @@ import numpy as np
 
 from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
-from cai_dpo.losses import soft_preference_loss as soft_preference_loss
 from cai_dpo.preferences import check_preference_rows, load_preferences
 from cai_dpo.rl.reward import (
     SCORER_NOTE,

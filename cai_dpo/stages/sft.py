@@ -37,7 +37,6 @@ from cai_dpo.config import RunConfig, raise_problems, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.losses import weighted_sft_loss as weighted_sft_loss
 from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, dataset_hash, file_hash, locked_stage
