@@ -64,6 +64,19 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (``transformers.set_seed``).
+
+    A training stage calls it before it builds anything randomly initialised: the A matrices of a
+    fresh LoRA adapter, a scalar or value head. The trainers seed again in their constructors, but
+    the stages attach their adapters, and TRL wraps a ``peft_config``, before that; without this the
+    same run config trains a different adapter in every process.
+    """
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def common_training_args(
     section: Any,
     output_dir: str | Path,

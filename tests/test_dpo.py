@@ -555,3 +555,19 @@ def test_rpo_loss_in_trainer_matches_closed_form(tmp_path):
     plain = weighted_dpo_loss(pol_c, pol_r, ref_c, ref_r, ones, None, cfg.dpo.beta).item()
     assert got == pytest.approx(expected.item(), rel=1e-3)
     assert got - plain == pytest.approx(0.5 * (-pol_c / n).mean().item(), rel=1e-3)  # the NLL term, and only it
+
+
+def test_same_config_trains_the_same_dpo_adapter_whatever_the_process_rng(tmp_path):
+    """DPO's fresh adapter (TRL wraps the peft_config) is reproducible too: the stage seeds first."""
+    from safetensors.torch import load_file
+
+    from cai_dpo.stages.dpo import run_dpo
+
+    outs = []
+    for disturb in (1, 2):
+        cfg, run = make_run(tmp_path / f"rng{disturb}", **{"dpo.max_steps": 2})
+        torch.manual_seed(disturb)
+        outs.append(load_file(str(run_dpo(cfg, run) / "adapter_model.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key

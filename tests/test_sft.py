@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -372,3 +373,29 @@ def test_sft_on_curated_data_records_weighting(tiny_cfg, tmp_path):
     assert m["counts"]["rows_curated"] == 9 and "curated" in m["inputs"]
     rows = read_metrics_csv(run.metrics_dir("sft") / "log.csv")
     assert any("weight_mean" in r for r in rows)
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_same_config_trains_the_same_adapter_whatever_the_process_rng(tiny_cfg):
+    """The stage seeds before it attaches the fresh LoRA adapter: the global RNG state a process
+    happens to be in (other imports, earlier work) does not change the trained weights."""
+    import torch
+
+    from cai_dpo.stages.sft import run_sft
+
+    outs = []
+    for disturb in (1, 2):
+        cfg = _cfg(tiny_cfg, max_steps=2, batch_size=4, save_steps=2, eval_fraction=0.0)
+        cfg = replace(cfg, runs_dir=str(Path(cfg.runs_dir) / f"rng{disturb}"))
+        run = RunStore(cfg.run_dir)
+        _write_sl_data(run)
+        torch.manual_seed(disturb)
+        outs.append(_adapter_tensors(run_sft(cfg, run)))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key

@@ -90,6 +90,7 @@ from cai_dpo.training import (
     artifact_hash,
     example_weights,
     read_metrics_csv,
+    seed_everything,
     trainer_setup,
     training_inputs,
 )
@@ -425,6 +426,7 @@ def run_dpo(
         return out_dir
 
     timings: dict[str, float] = {}
+    seed_everything(cfg.seed)
     with Timer() as t_load:
         start = prepare_policy(cfg, start_adapter)
     timings["model_load"] = t_load.seconds

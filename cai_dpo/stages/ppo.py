@@ -290,11 +290,10 @@ def run_ppo(
     ``models/ppo`` (``models/rloo`` in RLOO mode) and returns it; resumes from its checkpoints
     unless ``resume=False``. Raises ``ConfigError`` for an RLOO setup that cannot run.
     """
-    import torch
 
     from cai_dpo.distributed import is_main_process, maybe_kill_for_test, rank, world_size
     from cai_dpo.engine import set_threads
-    from cai_dpo.training import artifact_current, clear_stale_checkpoints, training_inputs
+    from cai_dpo.training import artifact_current, clear_stale_checkpoints, seed_everything, training_inputs
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
@@ -311,7 +310,7 @@ def run_ppo(
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
     reward = _reward_adapter(reward_fn, scorer)
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     with Timer() as t_load:
         policy, tok, merge = load_policy(cfg, run)
@@ -498,6 +497,7 @@ def run_rloo(
         artifact_current,
         common_training_args,
         resume_checkpoint,
+        seed_everything,
         train_to_target,
         training_callbacks,
         training_inputs,
@@ -516,6 +516,7 @@ def run_rloo(
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
     reward = _reward_adapter(reward_fn, scorer)
     steps_per_gen = pc.rollout_batch // pc.minibatch
+    seed_everything(cfg.seed)  # before RLOOTrainer wraps the peft_config adapter
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
 
     eos_ids = {tok.eos_token_id} | _generation_eos(model)

@@ -270,6 +270,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         artifact_current,
         artifact_hash,
         example_weights,
+        seed_everything,
         trainer_setup,
         training_inputs,
     )
@@ -310,7 +311,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     rows = mix_helpful(rows, cfg.rm.helpful_mix, helpful_texts, cfg.seed)
     train_rows, eval_rows = split_by_prompt(rows, cfg.rm.eval_fraction, cfg.seed)
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     with Timer() as t_load:
         model, tok, base, merge = build_rm(cfg, run)
     timings["load_s"] = t_load.seconds

@@ -44,6 +44,7 @@ from cai_dpo.training import (
     artifact_current,
     example_weights,
     read_metrics_csv,
+    seed_everything,
     trainer_setup,
     training_inputs,
 )
@@ -293,6 +294,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         return out
 
     timings: dict[str, float] = {}
+    seed_everything(cfg.seed)
     with Timer() as t_load:
         model, tokenizer = load_model(spec, trainable=True)
         tokenizer.padding_side = "right"
