@@ -1275,13 +1275,20 @@ class PPOSection:
     ptx_coef: float = field(
         default=0.0,
         metadata={
-            "help": "Weight (>= 0) of the pretraining-mix term: the SFT language-model loss on a batch of "
-            "data/sl; 0 is plain PPO"
+            "help": "Weight (>= 0) of the pretraining-mix term: the language-model loss on a batch of "
+            "ptx_data; 0 is plain PPO"
+        },
+    )
+    ptx_data: Literal["sl", "sft"] = field(
+        default="sl",
+        metadata={
+            "help": "Rows of the pretraining-mix term: sl (the SL-CAI dataset data/sl) or sft (the SFT stage's "
+            "training rows for sft.data, e.g. the curated train split)"
         },
     )
     ptx_batch: int = field(
         default=4,
-        metadata={"help": "data/sl rows per pretraining-mix batch, global over processes (>= 1)"},
+        metadata={"help": "ptx_data rows per pretraining-mix batch, global over processes (>= 1)"},
     )
     value_init: Literal["reward", "policy"] = field(
         default="reward",

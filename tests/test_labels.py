@@ -341,7 +341,7 @@ def _sl_dataset(run: RunStore) -> None:
 def test_revisions_feed_sft_rows_merged_preferences_and_the_sft_fingerprint(tmp_path):
     from cai_dpo.config import load_config
     from cai_dpo.pipeline import STAGES, _fingerprint
-    from cai_dpo.stages.sft import build_rows
+    from cai_dpo.sft_rows import build_rows
     from cai_dpo.widgets import RevisionWidget
 
     cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "sft.data": "sl"})

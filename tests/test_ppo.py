@@ -523,3 +523,42 @@ def test_4bit_reference_is_the_sft_model(tmp_path, tiny_path, perturbed_lora):
         assert torch.allclose(
             token_logprobs(response_logits(again, *args), ids["input_ids"], ids["query_width"]), pol, atol=1e-5
         )
+
+
+def test_ptx_data_sft_trains_on_the_sft_stage_rows(tmp_path, tiny_path):
+    """ppo.ptx_data=sft: the LM term draws the SFT stage's rows (here the curated train split), no data/sl needed,
+    and the rows' hash is an input of the PPO adapter, so other SFT rows retrain it."""
+    from cai_dpo.sft_rows import build_rows
+    from cai_dpo.stages.ppo import ptx_rows, training_note
+
+    over = {
+        "ppo.steps": 1,
+        "ppo.rollout_batch": 2,
+        "ppo.minibatch": 2,
+        "ppo.ptx_coef": 0.5,
+        "ppo.ptx_batch": 2,
+        "ppo.ptx_data": "sft",
+        "ppo.sampling.max_new_tokens": 4,
+        "sft.data": "curated",
+    }
+    cfg = _cfg(tmp_path, **over)
+    run = RunStore(cfg.run_dir)
+    assert not run.sl_data.exists()
+    rows, info = build_rows(cfg, run)
+    assert [r["messages"] for r in ptx_rows(cfg, run)] == [r["messages"] for r in rows]
+    assert {r["source"] for r in rows} == {"curated"}
+    note = training_note(cfg, run, PROMPTS[:2], None, [], "ppo")[0]
+    assert note["ptx_data"] == info["data_hash"]
+    other = _cfg(tmp_path, **over, **{"sft.curated_harmful_ratio": 0.8})
+    assert training_note(other, run, PROMPTS[:2], None, [], "ppo")[0]["ptx_data"] != note["ptx_data"]
+    run_ppo(cfg, run, reward_fn=lambda p, r: [0.0] * len(r), prompts=PROMPTS[:2], progress=False)
+    row = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")[0]
+    assert math.isfinite(row["ptx_loss"]) and row["ptx_loss"] > 5.0
+
+
+def test_ptx_data_sl_without_the_sl_dataset_names_the_fix(tmp_path, tiny_path):
+    from cai_dpo.stages.ppo import ptx_rows
+
+    cfg = _cfg(tmp_path, **{"ppo.ptx_coef": 0.5})
+    with pytest.raises(FileNotFoundError, match=r"data/sl.*ppo.ptx_data=sft"):
+        ptx_rows(cfg, RunStore(cfg.run_dir))

@@ -223,7 +223,7 @@ def write_curated(folder, n_harmful: int = 6, n_benign: int = 3, n_heldout: int 
 
 
 def test_build_rows_curated_train_split_only_with_ratio_and_weights(tiny_cfg, tmp_path):
-    from cai_dpo.stages.sft import build_rows
+    from cai_dpo.sft_rows import build_rows
 
     cur = write_curated(tmp_path / "cur")
     cfg = _cfg(
@@ -262,7 +262,7 @@ def test_build_rows_curated_train_split_only_with_ratio_and_weights(tiny_cfg, tm
 def test_build_rows_both_sources_and_data_weight_column(tiny_cfg, tmp_path):
     import datasets
 
-    from cai_dpo.stages.sft import build_rows
+    from cai_dpo.sft_rows import build_rows
 
     cur = write_curated(tmp_path / "cur")
     cfg = _cfg(tiny_cfg, data="both", curated=str(cur), weighting="principle", sl_share=0.25)

@@ -165,7 +165,7 @@ class PtxBatches:
     def __init__(self, dataset: Any, tokenizer: Any, batch_size: int, max_length: int, seed: int):
         self.rows = [r["messages"] for r in dataset]
         if not self.rows:
-            raise InputError("data/sl is empty; the ptx term needs SFT examples (set ppo.ptx_coef=0 to skip it)")
+            raise InputError("ppo.ptx_data is empty; the ptx term needs SFT examples (set ppo.ptx_coef=0 to skip it)")
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length

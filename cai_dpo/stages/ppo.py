@@ -125,6 +125,28 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     return list(seen.values())
 
 
+def sft_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The SFT stage's training rows and their info (:func:`cai_dpo.sft_rows.build_rows`)."""
+    from cai_dpo.sft_rows import build_rows
+
+    return build_rows(cfg, run)
+
+
+def ptx_rows(cfg: RunConfig, run: RunStore) -> Any:
+    """Rows (``messages``) of the pretraining-mix term for ``ppo.ptx_data``: ``data/sl``, or the
+    SFT stage's training rows. Raises ``FileNotFoundError`` naming the missing dataset."""
+    from datasets import load_from_disk
+
+    if cfg.ppo.ptx_data == "sft":
+        return sft_rows(cfg, run)[0]
+    if not run.sl_data.exists():
+        raise FileNotFoundError(
+            f"{run.sl_data}: ppo.ptx_coef > 0 with ppo.ptx_data 'sl' needs the SL-CAI dataset; run `cai-dpo sl`, "
+            "set ppo.ptx_data=sft or ppo.ptx_coef=0"
+        )
+    return load_from_disk(str(run.sl_data))
+
+
 # --------------------------------------------------------------------------- logging
 
 
@@ -253,7 +275,7 @@ def training_note(
     The note holds every input the weights depend on: the ``ppo`` settings (less
     ``steps``/``save_steps``), the policy spec, the seed, the prompts, the SFT adapter, the
     preference model (``"programmatic"`` for an injected ``reward_fn``) and, with a
-    pretraining mix, ``data/sl``.
+    pretraining mix, its rows (``ppo.ptx_data``).
     """
     from cai_dpo.training import artifact_hash
 
@@ -267,9 +289,11 @@ def training_note(
         "sft_adapter": [artifact_hash(m) for m in merge],
         "reward": artifact_hash(rm_dir) if rm_dir is not None else "programmatic",
     }
-    sl_dir = run.sl_data
-    if mode == "ppo" and cfg.ppo.ptx_coef > 0 and sl_dir.exists():
-        note["ptx_data"] = artifact_hash(sl_dir)
+    if mode == "ppo" and cfg.ppo.ptx_coef > 0:
+        if cfg.ppo.ptx_data == "sft":
+            note["ptx_data"] = sft_rows(cfg, run)[1]["data_hash"]
+        elif run.sl_data.exists():
+            note["ptx_data"] = artifact_hash(run.sl_data)
     return note, {k: getattr(cfg.ppo, k) for k in _LENGTH_KEYS}
 
 
@@ -318,16 +342,9 @@ def run_ppo(
     timings["load_s"] = t_load.seconds
     ptx = None
     if cfg.ppo.ptx_coef > 0:
-        from datasets import load_from_disk
-
-        sl_dir = run.sl_data
-        if not sl_dir.exists():
-            raise FileNotFoundError(
-                f"{sl_dir}: ppo.ptx_coef > 0 needs the SL-CAI dataset; run `cai-dpo sl` or set ppo.ptx_coef=0"
-            )
         # ptx_batch is global, like rollout_batch: each process draws its share with its own seed
         ptx = PtxBatches(
-            load_from_disk(str(sl_dir)),
+            ptx_rows(cfg, run),
             tok,
             max(1, cfg.ppo.ptx_batch // world_size()),
             cfg.sft.max_length,
