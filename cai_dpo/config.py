@@ -1157,7 +1157,7 @@ class RMSection(TrainingSection):
         metadata={
             "help": "Tokens (>= 1); score only the first N tokens of every response, in training and when PPO and "
             "evaluation score with the model, so a chosen answer that is complete and a rejected one cut at the "
-            "sampling limit cannot be told apart by length; set it to ppo.sampling.max_new_tokens; null: whole "
+            "sampling limit cannot be told apart by length; at most ppo.sampling.max_new_tokens; null: whole "
             "responses"
         },
     )

@@ -50,6 +50,7 @@ from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, last_ppo_checkpoint
 from cai_dpo.rl.reward import RewardFn, RewardScorer, prompt_text, rm_spec, sft_adapter
 from cai_dpo.rl.rollout import PtxBatches
 from cai_dpo.schema import Conversation, as_conversation
+from cai_dpo.sft_rows import build_rows
 from cai_dpo.store import (
     Manifest,
     RunStore,
@@ -125,20 +126,16 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     return list(seen.values())
 
 
-def sft_rows(cfg: RunConfig, run: RunStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The SFT stage's training rows and their info (:func:`cai_dpo.sft_rows.build_rows`)."""
-    from cai_dpo.sft_rows import build_rows
-
-    return build_rows(cfg, run)
-
-
 def ptx_rows(cfg: RunConfig, run: RunStore) -> Any:
-    """Rows (``messages``) of the pretraining-mix term for ``ppo.ptx_data``: ``data/sl``, or the
-    SFT stage's training rows. Raises ``FileNotFoundError`` naming the missing dataset."""
+    """Rows (``messages``) of the pretraining-mix term for ``ppo.ptx_data``: ``data/sl``, or the SFT
+    stage's training rows (:func:`cai_dpo.sft_rows.build_rows`).
+
+    Raises ``FileNotFoundError`` naming the missing dataset.
+    """
     from datasets import load_from_disk
 
     if cfg.ppo.ptx_data == "sft":
-        return sft_rows(cfg, run)[0]
+        return build_rows(cfg, run)[0]
     if not run.sl_data.exists():
         raise FileNotFoundError(
             f"{run.sl_data}: ppo.ptx_coef > 0 with ppo.ptx_data 'sl' needs the SL-CAI dataset; run `cai-dpo sl`, "
@@ -291,7 +288,7 @@ def training_note(
     }
     if mode == "ppo" and cfg.ppo.ptx_coef > 0:
         if cfg.ppo.ptx_data == "sft":
-            note["ptx_data"] = sft_rows(cfg, run)[1]["data_hash"]
+            note["ptx_data"] = build_rows(cfg, run)[1]["data_hash"]
         elif run.sl_data.exists():
             note["ptx_data"] = artifact_hash(run.sl_data)
     return note, {k: getattr(cfg.ppo, k) for k in _LENGTH_KEYS}
