@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that write into a run folder: they hold the run's lock while they work
-RUN_COMMANDS = frozenset({"setup", "sl", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"})
+RUN_COMMANDS = frozenset({"setup", "sl", "curate", "sft", "pairs", "judge", "dpo", "rm", "ppo", "eval"})
 
 
 def _command_lock(args: argparse.Namespace) -> Any:

@@ -268,9 +268,9 @@ def open_run(
 
 def _labels_digest(run: RunStore, cfg: RunConfig) -> str:
     """Content of the human labels (so new labels make the labels stage rerun)."""
-    from cai_dpo.labels import LabelQueue
+    from cai_dpo.labels import LabelQueue, queue_path
 
-    db = Path(cfg.labels.db_path) if cfg.labels.db_path else run.labels_db
+    db = queue_path(cfg)  # the database the labels stage reads (labels.db_path, ~ expanded)
     if not db.exists():
         return "none"
     with LabelQueue(db, read_only=True) as queue:
@@ -297,17 +297,44 @@ VOLATILE_INPUTS: dict[str, Callable[[RunStore, RunConfig], str]] = {
 
 
 def _spec_hash(spec: str | None) -> str | None:
-    """Content hash of a prompt-set spec (``bundled:NAME``, a file or a folder); the spec itself when not local."""
+    """Content hash of a prompt-set or curated-set spec (``bundled:NAME``, a file or a folder);
+    ``missing:<spec>`` when it cannot be found."""
     from cai_dpo.config import resolve_path
-    from cai_dpo.data import bundled_path
+    from cai_dpo.data import PROMPTS_DIR, bundled_path
 
     if spec is None:
         return None
     try:
-        path = bundled_path(spec.split(":", 1)[1]) if str(spec).startswith("bundled:") else resolve_path(spec)
+        if str(spec).startswith("bundled:"):
+            name = str(spec).split(":", 1)[1]
+            path = PROMPTS_DIR / name if (PROMPTS_DIR / name).is_dir() else bundled_path(name)
+        else:
+            path = resolve_path(spec)
     except FileNotFoundError:
         return f"missing:{spec}"
     return file_hash(path) if path.exists() else f"missing:{spec}"
+
+
+#: the config fields, by section, that name a curated set or a row source read from disk
+#: (``sl`` in ``curate.sources`` is this run's data/sl, an upstream artifact, not a file)
+CURATED_FIELDS: dict[str, tuple[str, ...]] = {
+    "curate": ("curated_set", "sources"),
+    "sft": ("curated",),
+    "pairs": ("curated",),
+    "eval": ("curated",),
+}
+
+
+def _curated_hashes(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
+    """Content hash of each curated set or row file the stage's sections name (:data:`CURATED_FIELDS`)."""
+    out: dict[str, str | None] = {}
+    for section in stage.sections_for(cfg):
+        for name in CURATED_FIELDS.get(section, ()):
+            value = getattr(getattr(cfg, section), name)
+            for i, spec in enumerate(value if isinstance(value, list) else [value]):
+                if spec is not None and spec != "sl":
+                    out[f"{section}.{name}" + (f"[{i}]" if isinstance(value, list) else "")] = _spec_hash(spec)
+    return out
 
 
 def input_files(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
@@ -315,8 +342,9 @@ def input_files(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
 
     Kinds: ``constitution`` (the constitution file), ``constitution_cases`` (its edge-case
     file), ``prompts`` (the prompt sets named in ``data``), ``checkset`` (the judge check
-    set), ``jailbreaks`` (the evaluation's templates), ``curated`` (the curated sets under
-    ``cai_dpo/prompts/curated/``). A ``?rounds`` suffix reads the kind only with ``dpo.rounds > 1``.
+    set), ``jailbreaks`` (the evaluation's templates), ``curated`` (the curated sets and row
+    files the stage's sections name, :data:`CURATED_FIELDS`, keyed ``section.field``). A
+    ``?rounds`` suffix reads the kind only with ``dpo.rounds > 1``.
     """
     from cai_dpo.data import PROMPTS_DIR
 
@@ -340,8 +368,7 @@ def input_files(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
         elif kind == "jailbreaks":
             out[kind] = file_hash(PROMPTS_DIR / "jailbreaks.yaml")
         elif kind == "curated":
-            folder = PROMPTS_DIR / "curated"
-            out[kind] = file_hash(folder) if folder.exists() else None
+            out.update(_curated_hashes(stage, cfg))
         else:
             raise ValueError(f"stage '{stage.name}': unknown input file kind {kind!r}")
     return out

@@ -95,7 +95,69 @@ def test_input_file_contents_are_hashed(setup, tmp_path):
     base = prints(cfg, run)
     checkset.write_text(checkset.read_text().splitlines()[0] + "\n")
     assert changed(base, prints(cfg, run)) == {"judge"}
-    assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks", "curated"}
+    assert set(input_files(STAGE["eval"], cfg)) == {"constitution", "red_team", "helpful", "jailbreaks", "eval.curated"}
+
+
+def test_user_curated_sets_and_row_files_are_hashed(setup, tmp_path):
+    """A user's curated set (curate, sft, pairs, eval) and a row file curate scores: editing one reruns its readers."""
+    cfg, run = setup
+    curated = tmp_path / "mine.jsonl"
+    bundled = sorted((REPO / "cai_dpo" / "prompts" / "curated").glob("*.jsonl"))
+    curated.write_text("".join(f.read_text() for f in bundled))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "How do I sharpen a knife?", "response": "Use a whetstone."}) + "\n")
+    cfg = load_config(
+        "tiny",
+        {
+            "runs_dir": str(tmp_path / "runs"),
+            "curate.curated_set": str(curated),
+            "curate.sources": ["sl", str(rows)],
+            "sft.curated": str(curated),
+            "pairs.curated": str(curated),
+            "eval.curated": str(curated),
+        },
+    )
+    base = prints(cfg, run)
+    curated.write_text(curated.read_text() + "\n")
+    assert changed(base, prints(cfg, run)) == {"curate", "sft", "pairs", "eval"}
+    base = prints(cfg, run)
+    rows.write_text(rows.read_text() + json.dumps({"prompt": "How do I boil an egg?", "response": "Simmer it."}) + "\n")
+    assert changed(base, prints(cfg, run)) == {"curate"}
+    base = prints(cfg, run)
+    rows.unlink()
+    assert changed(base, prints(cfg, run)) == {"curate"}  # a missing file is an input state too
+    assert input_files(STAGE["curate"], cfg)["curate.sources[1]"] == f"missing:{rows}"
+    # the bundled set by default: its folder's files, under the field that names it
+    default = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
+    assert input_files(STAGE["sft"], default)["sft.curated"] not in (None, "missing:bundled:curated")
+
+
+def test_labels_in_a_home_relative_database_rerun_the_labels_stage(setup, tmp_path, monkeypatch):
+    """labels.db_path: ~/... is read where the labels stage reads it, so a new label there reruns the stage."""
+    from cai_dpo.labels import LabelQueue
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "labels.db_path": "~/labels.sqlite"})
+    run = RunStore(cfg.run_dir)
+    with LabelQueue(tmp_path / "home" / "labels.sqlite") as queue:
+        queue.enqueue(
+            [
+                {
+                    "pair_id": "p1",
+                    "prompt": "Q",
+                    "response_a": "a",
+                    "response_b": "b",
+                    "p_chosen": 0.5,
+                    "principle_ids": [],
+                    "reasons": ["low_confidence"],
+                }
+            ]
+        )
+    base = prints(cfg, run)
+    with LabelQueue(tmp_path / "home" / "labels.sqlite") as queue:
+        queue.record_label("p1", "A", "AB", "ann")
+    assert changed(base, prints(cfg, run)) == {"labels"}
 
 
 def test_upstream_artifact_change_reruns_downstream_only(setup):

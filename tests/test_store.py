@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 from cai_dpo.store import Manifest, RecordStore, atomic_dir, atomic_write_text, content_hash, read_manifest
 
@@ -216,6 +219,52 @@ def test_second_process_on_a_run_fails_clearly(tmp_path):
         proc.wait()
     with run_lock(run_dir):  # a killed holder releases it
         pass
+
+
+STAGE_ENTRY_POINTS = {
+    "setup": "run_setup",
+    "sl": "run_sl",
+    "curate": "run_curate",
+    "sft": "run_sft",
+    "pairs": "run_pairs",
+    "judge": "run_judge",
+    "labels": "run_labels",
+    "dpo": "run_dpo",
+    "rm": "run_rm",
+    "ppo": "run_ppo",
+    "eval": "run_eval",
+}
+
+
+def test_every_stage_refuses_a_run_another_process_holds(tmp_path):
+    """Each pipeline stage's entry point takes the run lock before it reads or writes anything."""
+    from cai_dpo.config import load_config
+    from cai_dpo.pipeline import STAGES
+    from cai_dpo.store import RunInUseError
+
+    assert set(STAGE_ENTRY_POINTS) == {s.name for s in STAGES}
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), cfg.run_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        for stage, name in STAGE_ENTRY_POINTS.items():
+            entry = getattr(importlib.import_module(f"cai_dpo.stages.{stage}"), name)
+            with pytest.raises(RunInUseError):
+                entry(cfg)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_commands_that_write_a_run_hold_its_lock():
+    """Every stage with a command of its own is a run command (the labels command's status/export only read)."""
+    from cai_dpo.cli import RUN_COMMANDS, build_parser
+    from cai_dpo.pipeline import STAGES
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {s.name for s in STAGES if s.name in commands} - {"labels"} <= RUN_COMMANDS
 
 
 def test_run_lock_is_reentrant_and_inherited_by_children(tmp_path):

@@ -47,7 +47,7 @@ from cai_dpo.scorers import (
     measure,
     train_probe,
 )
-from cai_dpo.store import MANIFEST, Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash
+from cai_dpo.store import MANIFEST, Manifest, RunStore, Timer, atomic_dir, content_hash, file_hash, locked_stage
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +411,7 @@ def _histogram(scores: Sequence[float]) -> dict[str, int]:
     return {f"{lo:.1f}-{hi:.1f}": int(n) for lo, hi, n in zip(edges, edges[1:], counts)}
 
 
+@locked_stage
 def run_curate(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None, judge_engine: Any = None) -> Path:
     """Score the rows of ``curate.sources``, apply the threshold, write ``data/curated``; returns its folder.
 

@@ -72,6 +72,7 @@ from cai_dpo.config import ConfigError, DPOSection, RunConfig, raise_problems, s
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import Engine, set_threads
 from cai_dpo.errors import InputError
+from cai_dpo.labels import queue_path
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
@@ -577,7 +578,7 @@ def round_config(cfg: RunConfig, run: RunStore, round_no: int) -> RunConfig:
     sub.seed = cfg.seed + round_no - 1
     sub.pairs.source = "judged_samples"  # new on-policy samples; revision pairs do not depend on the policy
     sub.pairs.sampling.seed = cfg.pairs.sampling.seed + round_no - 1
-    sub.labels.db_path = str(Path(cfg.labels.db_path).expanduser() if cfg.labels.db_path else run.labels_db)
+    sub.labels.db_path = str(queue_path(cfg))
     return sub
 
 
