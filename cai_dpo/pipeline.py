@@ -553,6 +553,22 @@ def run_pipeline(
         return _run_stages(cfg, run, profile, from_stage, only, kernel, force, echo, on_progress)
 
 
+def stale_upstream(stages: list[Stage], cfg: RunConfig, run: RunStore) -> list[str]:
+    """Stages before the first of ``stages``, and not among them, that ran once but whose inputs,
+    config or notebook changed since (their outputs are what ``--only``/``--from`` will read)."""
+    if not stages:
+        return []
+    chosen = {s.name for s in stages}
+    first = next(i for i, s in enumerate(STAGES) if s.name in chosen)
+    return [
+        s.name
+        for s in STAGES[:first]
+        if s.name not in chosen
+        and _state_path(run, s).exists()
+        and not _is_fresh(s, _fingerprint(s, cfg, run), run, cfg)
+    ]
+
+
 def _run_stages(
     cfg: RunConfig,
     run: RunStore,
@@ -569,6 +585,12 @@ def _run_stages(
     os.environ[UNATTENDED_ENV] = "1"
     stages = select_stages(from_stage, only)
     chosen = {s.name for s in stages}
+    if from_stage is not None or only is not None:
+        for name in stale_upstream(stages, cfg, run):
+            echo(
+                f"warning: stage {name} is out of date (its inputs or settings changed since it ran); the stages "
+                f"chosen read its old output. Run --from {name} to bring it up to date."
+            )
     results: list[StageResult] = []
     t_all = time.perf_counter()
     for i, stage in enumerate(STAGES, 1):

@@ -12,7 +12,7 @@ import pytest
 
 from cai_dpo.config import RunConfig, load_config
 from cai_dpo.distributed import STAGES as DISTRIBUTED_STAGES
-from cai_dpo.pipeline import STAGES, _fingerprint, input_files
+from cai_dpo.pipeline import STAGES, _fingerprint, _state_path, input_files, select_stages, stale_upstream
 from cai_dpo.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,3 +248,21 @@ def test_declared_sections_are_what_the_stage_reads(stage):
                 read |= _sections_read((REPO / (module.replace(".", "/") + ".py")).read_text())
     read -= {"run_dir", "run_id", "runs_dir", "profile"}  # where the run lives, not what it computes
     assert read == stage.all_sections(), f"{stage.name}: reads {sorted(read)}, declares {sorted(stage.all_sections())}"
+
+
+def test_only_and_from_name_the_upstream_stages_that_are_out_of_date(setup, tmp_path):
+    """``--only ppo`` after the preference model's settings changed: rm is named, a current sft is not."""
+    cfg, run = setup
+    for name in ("sft", "rm"):
+        stage = STAGE[name]
+        for out in stage.outputs_for(cfg):
+            (run.root / out).parent.mkdir(parents=True, exist_ok=True)
+            (run.root / out).write_text("{}")
+    for name in ("sft", "rm"):  # as the pipeline records them, after the outputs exist
+        _state_path(run, STAGE[name]).parent.mkdir(parents=True, exist_ok=True)
+        _state_path(run, STAGE[name]).write_text(json.dumps({"fingerprint": _fingerprint(STAGE[name], cfg, run)}))
+    assert stale_upstream(select_stages(only="ppo"), cfg, run) == []
+    changed_rm = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "rm.learning_rate": 0.002})
+    assert stale_upstream(select_stages(only="ppo"), changed_rm, run) == ["rm"]
+    assert stale_upstream(select_stages(from_stage="rm"), changed_rm, run) == []  # rm reruns itself
+    assert stale_upstream(select_stages(only="sft"), changed_rm, run) == []  # rm is not upstream of sft
