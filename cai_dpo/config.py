@@ -1145,7 +1145,10 @@ class RMSection(TrainingSection):
     )
     helpful_mix: float | None = field(
         default=None,
-        metadata={"help": "Share in [0, 1) of helpfulness pairs after rebalancing; null: keep the data as it is"},
+        metadata={
+            "help": "Share in [0, 1) of helpfulness pairs (category helpful, or a prompt of data.helpful or a benign "
+            "prompt of pairs.curated) after rebalancing; null: keep the data as it is"
+        },
     )
     learning_rate: float = _redeclared("learning_rate", 1e-4)
     max_length: int = field(

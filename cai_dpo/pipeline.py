@@ -100,6 +100,10 @@ def _ppo_ptx(cfg: RunConfig) -> bool:
     return cfg.ppo.ptx_coef > 0
 
 
+def _rm_helpful_mix(cfg: RunConfig) -> bool:
+    return cfg.rm.helpful_mix is not None  # helpful rows: prompts of data.helpful and pairs.curated's benign ones
+
+
 _MODEL = ("policy", "seed", "threads")
 _m = artifact_manifest  # "<artifact>/manifest.json" of a named artifact of the run layout
 STAGES: tuple[Stage, ...] = (
@@ -173,7 +177,8 @@ STAGES: tuple[Stage, ...] = (
         (_m("preference_model"),),
         (_m("preferences_merged"), _m("sft_adapter")),
         sections=("rm", "train", "data", *_MODEL),
-        files=("prompts",),
+        conditional=((_rm_helpful_mix, ("pairs",)),),
+        files=("prompts", "curated"),
     ),
     Stage(
         "ppo",

@@ -127,6 +127,11 @@ def test_user_curated_sets_and_row_files_are_hashed(setup, tmp_path):
     rows.unlink()
     assert changed(base, prints(cfg, run)) == {"curate"}  # a missing file is an input state too
     assert input_files(STAGE["curate"], cfg)["curate.sources[1]"] == f"missing:{rows}"
+    # rm.helpful_mix counts pairs.curated's benign prompts as helpful: the preference model reads that set too
+    mixed = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, helpful_mix=0.3))
+    base = prints(mixed, run)
+    curated.write_text(curated.read_text() + "\n")
+    assert changed(base, prints(mixed, run)) == {"curate", "sft", "pairs", "rm", "eval"}
     # the bundled set by default: its folder's files, under the field that names it
     default = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
     assert input_files(STAGE["sft"], default)["sft.curated"] not in (None, "missing:bundled:curated")

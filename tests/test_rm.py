@@ -147,6 +147,21 @@ def test_helpful_mix_rebalances():
     assert len(by_text) == 8
 
 
+def test_curated_benign_prompts_count_as_helpful(tmp_path):
+    """rm.helpful_mix sees curated benign pairs (category e.g. 'cooking') as helpfulness pairs, harmful ones not."""
+    from cai_dpo.curated import load_curated
+    from cai_dpo.stages.rm import _helpful_texts
+
+    cfg = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
+    benign = load_curated(kind="benign", split="train")[:4]
+    harmful = load_curated(kind="harmful", split="train")[:4]
+    texts = _helpful_texts(cfg)
+    assert all(e.prompt.strip() in texts for e in benign)
+    assert not any(e.prompt.strip() in texts for e in harmful)
+    rows = [{"prompt": [{"role": "user", "content": e.prompt}], "category": e.category} for e in benign + harmful]
+    assert [r["category"] for r in mix_helpful(rows, 0.0, texts, 0)] == [e.category for e in harmful]
+
+
 def test_hard_and_soft_targets(tiny_model):
     _, tok = tiny_model
     rows = synthetic_preferences(4, 1)

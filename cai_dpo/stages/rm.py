@@ -102,18 +102,23 @@ def preference_metrics(
 
 
 def _helpful_texts(cfg: RunConfig) -> set[str]:
-    """User texts of the configured helpful prompt set (empty when it cannot be read)."""
-    try:
-        from cai_dpo.data import load_prompts
+    """User texts of the configured helpful prompt set and of the benign prompts of the curated
+    set that curated pairs come from (``pairs.curated``); a set that cannot be read adds nothing."""
+    from cai_dpo.curated import load_curated
+    from cai_dpo.data import load_prompts
 
-        return {p.text.strip() for p in load_prompts(cfg.data.helpful)}
-    except Exception as exc:  # noqa: BLE001 - helpful detection then relies on category only
-        log.warning(
-            "helpful prompts %s not readable (%s); helpful rows are those with category 'helpful'",
-            cfg.data.helpful,
-            exc,
-        )
-        return set()
+    texts: set[str] = set()
+    for spec, read in (
+        (cfg.data.helpful, lambda spec: [p.text for p in load_prompts(spec)]),
+        (cfg.pairs.curated, lambda spec: [e.prompt for e in load_curated(spec, kind="benign")]),
+    ):
+        try:
+            texts |= {t.strip() for t in read(spec)}
+        except Exception as exc:  # noqa: BLE001 - helpful detection then relies on the other set and the category
+            log.warning(
+                "helpful prompts of %s not readable (%s); its rows count as helpful by category only", spec, exc
+            )
+    return texts
 
 
 def is_helpful_row(row: dict[str, Any], helpful_texts: set[str]) -> bool:
