@@ -132,7 +132,12 @@ def _add_foundation_commands(sub: Any) -> None:
     p.add_argument("prompts", help="prompt file (.jsonl, .csv, .txt, transcript, or dataset folder)")
     p.add_argument("output", help="output .jsonl")
     p.add_argument("-n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--model", default=None, help="model spec (default: the profile's policy)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model spec: embedded, a folder, a hub id or a served model as openai://host:port/v1#<id> "
+        "(default: the profile's policy)",
+    )
     p.set_defaults(func=_cmd_generate)
 
 
@@ -449,7 +454,7 @@ def _cmd_constitution_test(args: argparse.Namespace) -> int:
     cases = load_cases(args.cases, constitution)
     if args.no_few_shot:
         cfg = replace(cfg, judge=replace(cfg.judge, few_shot=False))
-    spec = ModelSpec(name=args.model) if args.model else None
+    spec = ModelSpec.from_text(args.model) if args.model else None
     results = Judge.load(cfg, model=spec, constitution=constitution, progress=False).run_cases(cases)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2, default=str))
@@ -463,7 +468,11 @@ def _add_constitution_test_command(csub: Any) -> None:
     p.add_argument("file", help="constitution file or bundled name")
     p.add_argument("cases", help="cases YAML (e.g. constitutions/default_cases.yaml)")
     _config_args(p)
-    p.add_argument("--model", default=None, help="judge model spec (default: the profile's judge)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="judge model spec, as for generate --model (default: the profile's judge)",
+    )
     p.add_argument("--no-few-shot", action="store_true", help="leave out the constitution's comparison demos")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_constitution_test)
@@ -769,6 +778,7 @@ def _command_lock(args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cai-dpo`` console script."""
     from cai_dpo.distributed import LaunchError
+    from cai_dpo.served import ServedModelError
     from cai_dpo.store import RunInUseError
 
     args = build_parser().parse_args(argv)
@@ -781,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunInUseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LaunchError, ServedModelError) as exc:  # a launcher or a served model that failed: named, no traceback
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except (CaiDpoInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # bad input (the project's own error types): one line naming the file/argument and field

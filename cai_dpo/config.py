@@ -235,6 +235,22 @@ class ModelSpec:
         },
     )
 
+    @classmethod
+    def from_text(cls, text: str) -> ModelSpec:
+        """The spec a command-line argument or a list entry names: ``embedded``, a folder, a hub id, or
+        a served model as ``openai://host:port/v1#<id>`` (the id the server serves, after ``#``).
+
+        A served URL without ``#<id>`` keeps ``model`` empty; the served engine then says how to set it.
+        """
+        from cai_dpo.served import SCHEMES
+
+        text = text.strip()
+        if not text.startswith((*SCHEMES, "http://", "https://")):
+            return cls(name=text)
+        url, _, served_id = text.partition("#")
+        http = url.startswith(("http://", "https://"))  # an openai:// name says it is served by itself
+        return cls(name=url, model=served_id.strip() or None, backend="openai" if http else "local")
+
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
         from cai_dpo.served import SCHEMES
@@ -1433,7 +1449,7 @@ class EvalSection:
         default_factory=list,
         metadata={
             "help": "More models to evaluate beside base and the run's sft/dpo/ppo/rloo: NAME=SPEC or SPEC (a "
-            "folder, an adapter folder or a hub id)"
+            "folder, an adapter folder, a hub id or a served model as openai://host:port/v1#<id>)"
         },
     )
     bootstrap: int = field(

@@ -19,7 +19,7 @@ def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model
     from cai_dpo.data import load_prompts, name_prompt_error
 
     items = load_prompts(str(prompts))
-    spec = ModelSpec(name=model) if model else cfg.policy
+    spec = ModelSpec.from_text(model) if model else cfg.policy
     set_threads(cfg.threads)
     engine = load_engine(spec, batch_size=cfg.sl.sampling.batch_size)
     try:

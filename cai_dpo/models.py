@@ -227,7 +227,7 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:
     """The spec's tokenizer with a pad token and the requested padding side."""
     from transformers import AutoTokenizer
 
-    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    spec = ModelSpec.from_text(spec) if isinstance(spec, str) else spec
     if spec.tokenizer and _is_served(spec):
         spec = ModelSpec(name=spec.tokenizer)  # a served model's local tokenizer
     _refuse_served(spec)
@@ -276,7 +276,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    spec = ModelSpec.from_text(spec) if isinstance(spec, str) else spec
     _refuse_served(spec)
     adapter = adapter or spec.adapter
     base_name = spec.name
@@ -581,7 +581,7 @@ def load_engine(
     from cai_dpo.engine import Engine
     from cai_dpo.served import ServedEngine, is_served
 
-    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
+    spec = ModelSpec.from_text(spec) if isinstance(spec, str) else spec
     if is_served(spec):
         if adapter or spec.adapter:
             raise ModelLoadError(

@@ -149,7 +149,7 @@ class ServedEngine(EngineBase):
         if not spec.model:
             raise ServedModelError(
                 f"served model {spec.name}: field 'model' is empty; set it to the id the server serves "
-                "(GET <url>/models lists them)"
+                "(GET <url>/models lists them), or on the command line write the model as <url>#<id>"
             )
         self.spec = spec
         self.model_id = spec.model

@@ -113,6 +113,40 @@ def test_spec_forms_and_model_id():
     )  # replicas don't change record keys
 
 
+def test_a_served_model_written_as_one_string():
+    """``openai://host:port/v1#<id>``: how a command-line flag or an eval.extra_models entry names a served model."""
+    from cai_dpo.stages.eval import parse_model_arg
+
+    spec = ModelSpec.from_text("openai://h:1/v1#smol")
+    assert (spec.name, spec.model, is_served(spec)) == ("openai://h:1/v1", "smol", True)
+    assert ModelSpec.from_text("http://h:1/v1#smol").backend == "openai"
+    assert ModelSpec.from_text("openai://h:1/v1").model is None  # the served engine names the fix
+    assert ModelSpec.from_text(" some/folder ") == ModelSpec(name="some/folder")
+    assert parse_model_arg("openai://h:1/v1?a=b#smol") == ("smol", ModelSpec.from_text("openai://h:1/v1?a=b#smol"))
+    assert parse_model_arg("mine=openai://h:1/v1#smol")[0] == "mine"
+
+
+def test_generate_command_on_a_served_model(fake, tmp_path, capsys):
+    """``cai-dpo generate --model <url>#<id>`` asks the server for that id and records it; an unreachable
+    server or a missing id is one error line naming the fix, exit 1, no traceback, no output file."""
+    from cai_dpo.cli import main
+    from cai_dpo.store import read_jsonl
+
+    reply = {"choices": [{"message": {"role": "assistant", "content": "Blue."}, "finish_reason": "stop"}]}
+    server = fake(lambda p, b: (200, {**reply, "usage": {"completion_tokens": 2}}))
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"id": "p1", "text": "Name a colour."}\n')
+    args = ["generate", str(prompts), str(out), "--profile", "tiny", "-o", f"runs_dir={tmp_path / 'runs'}"]
+    assert main([*args, "--model", f"{server.url}#m"]) == 0
+    assert [r["model"] for r in read_jsonl(out)] == ["served:m"] and server.posts[0][1]["model"] == "m"
+    out.unlink()
+    assert main([*args, "--model", server.url]) == 1
+    assert "field 'model' is empty" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--model", f"openai://127.0.0.1:{free_port()}/v1#m"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "127.0.0.1" in err and "Traceback" not in err and not out.exists()
+
+
 def test_config_reads_served_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
@@ -442,6 +476,9 @@ def test_generate_file_records_the_served_model(llama_server, tmp_path, tiny_cfg
     )
     rows = read_jsonl(generate_file(cfg, prompts, tmp_path / "out.jsonl", n=2))
     assert len(rows) == 4 and {r["model"] for r in rows} == {"served:smollm2"} and all(r["tokens"] > 0 for r in rows)
+    # the one-string form (generate --model): no local tokenizer, so the chat endpoint
+    rows = read_jsonl(generate_file(cfg, prompts, tmp_path / "chat.jsonl", model=f"{llama_server}#{SERVED_ID}"))
+    assert [r["model"] for r in rows] == ["served:smollm2"] * 2 and all(r["completion"].strip() for r in rows)
 
 
 @pytest.mark.slow

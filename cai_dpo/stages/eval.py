@@ -271,16 +271,20 @@ def _heldout(spec: str, limit: int | None, what: str) -> list[Any]:
 
 
 def parse_model_arg(text: str) -> tuple[str, ModelSpec]:
-    """``NAME=SPEC`` (or just ``SPEC``, named after its last path part) as (name, ModelSpec)."""
-    if "=" in text:
-        name, spec = text.split("=", 1)
-    else:
-        spec = text
-        name = Path(text.rstrip("/")).name or text
-    name, spec = name.strip(), spec.strip()
-    if not name or not spec:
+    """``NAME=SPEC`` or just ``SPEC`` as (name, ModelSpec); SPEC as :meth:`ModelSpec.from_text` reads it
+    (a folder, a hub id, ``openai://host:port/v1#<id>``). Without NAME: a served model's id, else
+    SPEC's last path part."""
+    from cai_dpo.served import SCHEMES
+
+    text = text.strip()
+    url = text.startswith((*SCHEMES, "http://", "https://"))  # a bare URL: an "=" in it is not NAME=
+    named = "=" in text and not url
+    name, spec = (part.strip() for part in text.split("=", 1)) if named else ("", text)
+    if not spec or (named and not name):
         raise InputError(f"model '{text}': expected NAME=SPEC, e.g. mine=artifacts/runs/x/models/dpo")
-    return name, ModelSpec(name=spec)
+    model = ModelSpec.from_text(spec)
+    name = name or model.model or Path(spec.rstrip("/")).name or spec
+    return name, model
 
 
 def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
