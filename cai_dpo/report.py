@@ -625,6 +625,36 @@ def _yerr(point: float, lo: Any, hi: Any) -> list[list[float]]:
     return [[max(0.0, point - lo)], [max(0.0, hi - point)]]
 
 
+#: where a point's label may go, in offset points from it, tried in this order
+LABEL_OFFSETS = ((6, 6), (-6, 6), (6, -14), (-6, -14), (6, 18), (-6, 18), (6, -26), (-6, -26))
+
+
+def _place_labels(ax: Any, points: list[tuple[str, float, float]]) -> list[Any]:
+    """Annotate each (name, x, y) at the first of :data:`LABEL_OFFSETS` where its text stays inside
+    the axes and clear of the labels placed before it (else at the first offset); returns the texts."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for name, x, y in points:
+        text = None
+        for dx, dy in LABEL_OFFSETS:
+            if text is not None:
+                text.remove()
+            text = ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9, ha="left" if dx > 0 else "right"
+            )
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other.get_window_extent(renderer)) for other in placed):
+                break
+        else:
+            text.remove()
+            dx, dy = LABEL_OFFSETS[0]
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9)
+        placed.append(text)
+    return placed
+
+
 def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
     """Benign compliance against harmful-prompt decline rate (independent classifier figures), one point
     per model, 95 % cluster-bootstrap intervals."""
@@ -651,9 +681,9 @@ def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
             capsize=4,
             label=f"{name}{' (reference)' if is_ref else ''}",
         )
-        ax.annotate(name, (x["rate"], y["rate"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
+    _place_labels(ax, [(name, x["rate"], y["rate"]) for name, x, y, _ in points])
     ax.set_xlabel("complies on benign prompts (classifier)")
     ax.set_ylabel("declines on harmful prompts (classifier)")
     h = _get(results, "headline") or {}

@@ -312,3 +312,24 @@ def test_bad_results_named(tmp_path):
     p.write_text(json.dumps({"schema": "cai-dpo/eval-results/1", "models": [{"name": "base"}]}))
     with pytest.raises(ReportError, match="field 'schema'"):
         render_report(tmp_path)
+
+
+def test_pareto_labels_stay_inside_and_apart():
+    """The demo's points (two models 0.03 apart, one on the right edge): no label overlaps another or leaves the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from cai_dpo.report import _place_labels
+
+    points = [("base", 1.0, 0.017), ("sft", 0.975, 0.317), ("dpo", 0.9, 0.483), ("ppo", 0.875, 0.517)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in _place_labels(ax, points)]
+    frame = ax.get_window_extent(renderer)
+    plt.close(fig)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
