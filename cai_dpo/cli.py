@@ -471,7 +471,8 @@ def _add_constitution_test_command(csub: Any) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="judge model spec, as for generate --model (default: the profile's judge)",
+        help="judge model spec: embedded, a folder or a hub id (default: the profile's judge; a served judge "
+        "needs a local tokenizer: set judge.model in the config)",
     )
     p.add_argument("--no-few-shot", action="store_true", help="leave out the constitution's comparison demos")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -613,7 +614,8 @@ def _add_eval_commands(sub: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=SPEC",
-        help="evaluate another model too: a folder, adapter folder or hub id (repeatable)",
+        help="evaluate another model too: a folder, adapter folder, hub id or served model as "
+        "openai://host:port/v1#<id> (repeatable)",
     )
     p.add_argument("--no-report", action="store_true", help="write eval/results.json only, not report/")
     p.set_defaults(func=_cmd_eval)

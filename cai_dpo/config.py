@@ -249,7 +249,7 @@ class ModelSpec:
             return cls(name=text)
         url, _, served_id = text.partition("#")
         http = url.startswith(("http://", "https://"))  # an openai:// name says it is served by itself
-        return cls(name=url, model=served_id.strip() or None, backend="openai" if http else "local")
+        return cls(name=url.strip(), model=served_id.strip() or None, backend="openai" if http else "local")
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""

@@ -187,7 +187,7 @@ STAGES: tuple[Stage, ...] = (
         (_m("preference_model"), _m("preferences_merged"), _m("sft_adapter")),
         sections=("ppo", "train", "data", *_MODEL),
         conditional=((_ppo_ptx, ("sft",)),),
-        files=("prompts",),
+        files=("prompts", "curated"),  # with ptx_data sft, the SFT rows come from sft.curated
     ),
     Stage(
         "eval",
@@ -320,13 +320,14 @@ def _spec_hash(spec: str | None) -> str | None:
     return file_hash(path) if path.exists() else f"missing:{spec}"
 
 
-#: the config fields, by section, that name a curated set or a row source read from disk
-#: (``sl`` in ``curate.sources`` is this run's data/sl, an upstream artifact, not a file)
+#: the config fields, by section, that name a curated set or a row file read from disk: a spec, a
+#: list of specs, or a list of sections with a ``path`` (``eval.benchmarks``); ``sl`` in
+#: ``curate.sources`` is this run's data/sl, an upstream artifact, not a file
 CURATED_FIELDS: dict[str, tuple[str, ...]] = {
     "curate": ("curated_set", "sources"),
     "sft": ("curated",),
     "pairs": ("curated",),
-    "eval": ("curated",),
+    "eval": ("curated", "benchmarks"),
 }
 
 
@@ -336,7 +337,8 @@ def _curated_hashes(stage: Stage, cfg: RunConfig) -> dict[str, str | None]:
     for section in stage.sections_for(cfg):
         for name in CURATED_FIELDS.get(section, ()):
             value = getattr(getattr(cfg, section), name)
-            for i, spec in enumerate(value if isinstance(value, list) else [value]):
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                spec = getattr(item, "path", item)
                 if spec is not None and spec != "sl":
                     out[f"{section}.{name}" + (f"[{i}]" if isinstance(value, list) else "")] = _spec_hash(spec)
     return out
@@ -559,18 +561,19 @@ def run_pipeline(
 
 
 def stale_upstream(stages: list[Stage], cfg: RunConfig, run: RunStore) -> list[str]:
-    """Stages before the first of ``stages``, and not among them, that ran once but whose inputs,
-    config or notebook changed since (their outputs are what ``--only``/``--from`` will read)."""
-    if not stages:
-        return []
+    """The stages, in pipeline order, whose outputs the chosen ``stages`` read directly or through
+    other stages not chosen, that ran once but whose inputs, settings or notebook changed since."""
     chosen = {s.name for s in stages}
-    first = next(i for i, s in enumerate(STAGES) if s.name in chosen)
+    needed = {path for s in stages for path in s.inputs_for(cfg)}
+    ancestors = []
+    for stage in reversed(STAGES[: max((i for i, s in enumerate(STAGES) if s.name in chosen), default=-1)]):
+        if stage.name not in chosen and needed.intersection(stage.outputs_for(cfg)):
+            ancestors.append(stage)
+            needed.update(stage.inputs_for(cfg))
     return [
         s.name
-        for s in STAGES[:first]
-        if s.name not in chosen
-        and _state_path(run, s).exists()
-        and not _is_fresh(s, _fingerprint(s, cfg, run), run, cfg)
+        for s in reversed(ancestors)
+        if _state_path(run, s).exists() and not _is_fresh(s, _fingerprint(s, cfg, run), run, cfg)
     ]
 
 
@@ -591,10 +594,12 @@ def _run_stages(
     stages = select_stages(from_stage, only)
     chosen = {s.name for s in stages}
     if from_stage is not None or only is not None:
-        for name in stale_upstream(stages, cfg, run):
+        stale = stale_upstream(stages, cfg, run)
+        if stale:
             echo(
-                f"warning: stage {name} is out of date (its inputs or settings changed since it ran); the stages "
-                f"chosen read its old output. Run --from {name} to bring it up to date."
+                f"warning: {', '.join(stale)}: out of date (inputs, settings or notebook changed since the last run, "
+                f"or an older cai-dpo ran it), and the stages chosen read the old output; --from {stale[0]} brings "
+                "it up to date"
             )
     results: list[StageResult] = []
     t_all = time.perf_counter()

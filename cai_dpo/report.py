@@ -631,9 +631,12 @@ LABEL_OFFSETS = ((6, 6), (-6, 6), (6, -14), (-6, -14), (6, 18), (-6, 18), (6, -2
 
 def _place_labels(ax: Any, points: list[tuple[str, float, float]]) -> list[Any]:
     """Annotate each (name, x, y) at the first of :data:`LABEL_OFFSETS` where its text stays inside
-    the axes and clear of the labels placed before it (else at the first offset); returns the texts."""
+    the axes and clear of the legend and of the labels placed before it (else at the first offset);
+    returns the texts."""
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    obstacles = [legend.get_window_extent(renderer)] if legend is not None else []
     placed: list[Any] = []
     for name, x, y in points:
         text = None
@@ -645,7 +648,9 @@ def _place_labels(ax: Any, points: list[tuple[str, float, float]]) -> list[Any]:
             )
             box = text.get_window_extent(renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(other.get_window_extent(renderer)) for other in placed):
+            if inside and not any(
+                box.overlaps(o) for o in [*obstacles, *(t.get_window_extent(renderer) for t in placed)]
+            ):
                 break
         else:
             text.remove()
@@ -683,6 +688,7 @@ def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
         )
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="best")  # where it covers the fewest points and error bars
     _place_labels(ax, [(name, x["rate"], y["rate"]) for name, x, y, _ in points])
     ax.set_xlabel("complies on benign prompts (classifier)")
     ax.set_ylabel("declines on harmful prompts (classifier)")
@@ -692,7 +698,6 @@ def pareto_plot(results: dict[str, Any], path: Path) -> Path | None:
         f"{h.get('n_benign', '?')} benign items per model",
         fontsize=10,
     )
-    ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

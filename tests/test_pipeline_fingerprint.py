@@ -132,6 +132,20 @@ def test_user_curated_sets_and_row_files_are_hashed(setup, tmp_path):
     base = prints(mixed, run)
     curated.write_text(curated.read_text() + "\n")
     assert changed(base, prints(mixed, run)) == {"curate", "sft", "pairs", "rm", "eval"}
+    # PPO's likelihood term on the SFT rows reads sft.curated too
+    ptx = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=0.1, ptx_data="sft"))
+    base = prints(ptx, run)
+    curated.write_text(curated.read_text() + "\n")
+    assert "ppo" in changed(base, prints(ptx, run))
+    # a labelled benchmark file the evaluation reads
+    from cai_dpo.config import BenchmarkSection
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "How do I whittle a spoon?", "label": "benign"}) + "\n")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, benchmarks=[BenchmarkSection(path=str(bench))]))
+    base = prints(cfg, run)
+    bench.write_text(bench.read_text() + json.dumps({"prompt": "How do I pick a lock?", "label": "harmful"}) + "\n")
+    assert changed(base, prints(cfg, run)) == {"eval"}
     # the bundled set by default: its folder's files, under the field that names it
     default = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
     assert input_files(STAGE["sft"], default)["sft.curated"] not in (None, "missing:bundled:curated")
@@ -256,18 +270,26 @@ def test_declared_sections_are_what_the_stage_reads(stage):
 
 
 def test_only_and_from_name_the_upstream_stages_that_are_out_of_date(setup, tmp_path):
-    """``--only ppo`` after the preference model's settings changed: rm is named, a current sft is not."""
+    """``--only ppo`` after the preference model's settings changed: rm is named; a changed stage the
+    chosen ones do not read (dpo for ppo), or that reruns itself, is not."""
     cfg, run = setup
-    for name in ("sft", "rm"):
-        stage = STAGE[name]
-        for out in stage.outputs_for(cfg):
+    ran = ("sft", "pairs", "judge", "labels", "dpo", "rm")
+    for name in ran:
+        for out in STAGE[name].outputs_for(cfg):
             (run.root / out).parent.mkdir(parents=True, exist_ok=True)
             (run.root / out).write_text("{}")
-    for name in ("sft", "rm"):  # as the pipeline records them, after the outputs exist
+    for name in ran:  # as the pipeline records them, after the outputs exist
         _state_path(run, STAGE[name]).parent.mkdir(parents=True, exist_ok=True)
         _state_path(run, STAGE[name]).write_text(json.dumps({"fingerprint": _fingerprint(STAGE[name], cfg, run)}))
+
+    def with_(key, value):
+        return load_config("tiny", {"runs_dir": str(tmp_path / "runs"), key: value})
+
     assert stale_upstream(select_stages(only="ppo"), cfg, run) == []
-    changed_rm = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "rm.learning_rate": 0.002})
-    assert stale_upstream(select_stages(only="ppo"), changed_rm, run) == ["rm"]
-    assert stale_upstream(select_stages(from_stage="rm"), changed_rm, run) == []  # rm reruns itself
-    assert stale_upstream(select_stages(only="sft"), changed_rm, run) == []  # rm is not upstream of sft
+    assert stale_upstream(select_stages(only="ppo"), with_("rm.learning_rate", 0.002), run) == ["rm"]
+    assert stale_upstream(select_stages(from_stage="rm"), with_("rm.learning_rate", 0.002), run) == []
+    assert stale_upstream(select_stages(only="sft"), with_("rm.learning_rate", 0.002), run) == []
+    assert stale_upstream(select_stages(only="ppo"), with_("dpo.beta", 0.3), run) == []  # ppo does not read dpo
+    assert stale_upstream(select_stages(only="eval"), with_("dpo.beta", 0.3), run) == ["dpo"]
+    # through stages not chosen: labels reads the judge's preferences, rm reads labels' merged ones
+    assert stale_upstream(select_stages(only="rm"), with_("judge.few_shot", True), run) == ["judge"]

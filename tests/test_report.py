@@ -315,7 +315,8 @@ def test_bad_results_named(tmp_path):
 
 
 def test_pareto_labels_stay_inside_and_apart():
-    """The demo's points (two models 0.03 apart, one on the right edge): no label overlaps another or leaves the axes."""
+    """The demo's points (two models 0.03 apart, one on the right edge) and a legend: no label overlaps
+    another label or the legend, or leaves the axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -325,11 +326,15 @@ def test_pareto_labels_stay_inside_and_apart():
 
     points = [("base", 1.0, 0.017), ("sft", 0.975, 0.317), ("dpo", 0.9, 0.483), ("ppo", 0.875, 0.517)]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    points.append(("rloo", 0.04, 0.06))  # where a lower-left legend would be
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
+    for name, x, y in points:
+        ax.plot([x], [y], "o", label=name)
+    ax.legend(fontsize=8, loc="best")
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in _place_labels(ax, points)]
-    frame = ax.get_window_extent(renderer)
+    frame, legend = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
     plt.close(fig)
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in [*boxes[i + 1 :], legend])

@@ -126,6 +126,20 @@ def test_a_served_model_written_as_one_string():
     assert parse_model_arg("mine=openai://h:1/v1#smol")[0] == "mine"
 
 
+def test_eval_refuses_two_servers_with_one_served_id(tiny_cfg):
+    """Responses are keyed by the served id: two models served as 'm' would share them, so eval refuses."""
+    from cai_dpo.errors import InputError
+    from cai_dpo.stages.eval import default_models, run_eval
+    from cai_dpo.store import RunStore
+
+    tiny_cfg.eval.extra_models = ["a=openai://127.0.0.1:1/v1#m", "b=openai://127.0.0.1:2/v1#m"]
+    with pytest.raises(InputError, match="'a' and 'b' are both served as 'm'"):
+        run_eval(tiny_cfg)
+    tiny_cfg.eval.extra_models = ["openai://127.0.0.1:1/v1#base"]  # named after its id, which base already is
+    with pytest.raises(InputError, match="OTHERNAME=openai://127.0.0.1:1/v1#base"):
+        default_models(tiny_cfg, RunStore(tiny_cfg.run_dir))
+
+
 def test_generate_command_on_a_served_model(fake, tmp_path, capsys):
     """``cai-dpo generate --model <url>#<id>`` asks the server for that id and records it; an unreachable
     server or a missing id is one error line naming the fix, exit 1, no traceback, no output file."""

@@ -298,7 +298,7 @@ def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
     for extra in cfg.eval.extra_models:
         name, spec = parse_model_arg(extra)
         if name in models:
-            raise InputError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={spec.name}")
+            raise InputError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={extra.strip()}")
         models[name] = spec
     return models
 
@@ -878,6 +878,23 @@ def pair_jobs(
     return jobs
 
 
+def _refuse_same_served_id(specs: dict[str, ModelSpec]) -> None:
+    """Raise :class:`InputError` when two served models share a served id: their responses are keyed by
+    the id (replicas of one model share them), so the second would silently get the first's."""
+    from cai_dpo.served import is_served
+
+    seen: dict[str, str] = {}
+    for name, spec in specs.items():
+        if is_served(spec) and spec.model:
+            if spec.model in seen:
+                raise InputError(
+                    f"models '{seen[spec.model]}' and '{name}' are both served as '{spec.model}'; responses are "
+                    "keyed by the served id, so give each server's model its own id (vLLM --served-model-name, "
+                    "llama.cpp --model_alias) or list the URLs as replicas of one model"
+                )
+            seen[spec.model] = name
+
+
 @locked_stage
 def run_eval(
     cfg: RunConfig, run: RunStore | None = None, models: dict[str, ModelSpec] | None = None, *, progress: bool = True
@@ -897,6 +914,7 @@ def run_eval(
     if not specs:
         raise InputError("run_eval: no models to evaluate; pass models= or train an adapter first")
     names = list(specs)
+    _refuse_same_served_id(specs)
     reference = REFERENCE if REFERENCE in specs else names[0]
     timings: dict[str, float] = {}
     notes: list[str] = []

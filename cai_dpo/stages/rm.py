@@ -296,7 +296,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
     if not rows:
         raise InputError(f"{source or 'preferences'}: the preference dataset is empty; nothing to train on")
     rows, check_counts = check_preference_rows(rows, str(source or "preferences"))
-    helpful_texts = _helpful_texts(cfg) if cfg.rm.helpful_mix is not None else set()
+    helpful_texts = _helpful_texts(cfg)  # also counts helpful rows for the manifest
     sft = sft_adapter(run) if cfg.rm.backbone in (None, "sl-cai") else None
     note = {
         "preferences": pref_hash,
