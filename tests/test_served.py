@@ -138,6 +138,9 @@ def test_eval_refuses_two_servers_with_one_served_id(tiny_cfg):
     tiny_cfg.eval.extra_models = ["openai://127.0.0.1:1/v1#base"]  # named after its id, which base already is
     with pytest.raises(InputError, match="OTHERNAME=openai://127.0.0.1:1/v1#base"):
         default_models(tiny_cfg, RunStore(tiny_cfg.run_dir))
+    tiny_cfg.eval.extra_models = ["base=openai://127.0.0.1:1/v1#x"]
+    with pytest.raises(InputError, match="as OTHERNAME=openai://127.0.0.1:1/v1#x$"):
+        default_models(tiny_cfg, RunStore(tiny_cfg.run_dir))
 
 
 def test_generate_command_on_a_served_model(fake, tmp_path, capsys):

@@ -298,7 +298,9 @@ def default_models(cfg: RunConfig, run: RunStore) -> dict[str, ModelSpec]:
     for extra in cfg.eval.extra_models:
         name, spec = parse_model_arg(extra)
         if name in models:
-            raise InputError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={extra.strip()}")
+            text = extra.strip()
+            text = text.split("=", 1)[1].strip() if text.startswith(f"{name}=") else text
+            raise InputError(f"eval.extra_models: name '{name}' is already used; write it as OTHERNAME={text}")
         models[name] = spec
     return models
 
