@@ -599,7 +599,7 @@ def _run_stages(
             echo(
                 f"warning: {', '.join(stale)}: out of date (inputs, settings or notebook changed since the last run, "
                 f"or an older cai-dpo ran it), and the stages chosen read the old output; --from {stale[0]} brings "
-                "it up to date"
+                f"{'it' if len(stale) == 1 else 'them'} up to date"
             )
     results: list[StageResult] = []
     t_all = time.perf_counter()
