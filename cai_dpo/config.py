@@ -242,18 +242,19 @@ class ModelSpec:
 
         A served URL without ``#<id>`` keeps ``model`` empty; the served engine then says how to set it.
         """
-        from cai_dpo.served import SCHEMES
+        from cai_dpo.served import HTTP_SCHEMES, url_scheme
 
         text = text.strip()
-        if not text.startswith((*SCHEMES, "http://", "https://")):
+        scheme = url_scheme(text)
+        if scheme is None:
             return cls(name=text)
         url, _, served_id = text.partition("#")
-        http = url.startswith(("http://", "https://"))  # an openai:// name says it is served by itself
+        http = scheme in HTTP_SCHEMES  # an openai:// name says it is served by itself
         return cls(name=url.strip(), model=served_id.strip() or None, backend="openai" if http else "local")
 
     def problems(self) -> Problems:
         """``(field, requirement)`` for each out-of-range or contradictory value (empty when valid)."""
-        from cai_dpo.served import SCHEMES
+        from cai_dpo.served import SCHEMES, url_scheme
 
         vllm = self.backend == "vllm"
         return _failed(
@@ -262,7 +263,7 @@ class ModelSpec:
             ("vllm_args", vllm or not self.vllm_args, "applies to backend: vllm only"),
             (
                 "name",
-                not vllm or not self.name.startswith(tuple(SCHEMES)),
+                not vllm or url_scheme(self.name) not in SCHEMES,
                 "is a served model's URL; backend: vllm loads weights (a hub id or a folder); for a vLLM server "
                 "use backend: openai",
             ),

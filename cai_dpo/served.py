@@ -52,6 +52,7 @@ from cai_dpo.engine import (
 log = logging.getLogger(__name__)
 
 SCHEMES = {"openai://": "http://", "openai+http://": "http://", "openai+https://": "https://"}
+HTTP_SCHEMES = ("http://", "https://")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_BACKOFF = 30.0
 
@@ -64,20 +65,31 @@ class NotSupportedByServer(ServedModelError):
     """The server does not offer what a call needs (log-probs, echo of the prompt)."""
 
 
+def url_scheme(text: str) -> str | None:
+    """The served-model scheme ``text`` starts with, lower-cased (one of :data:`SCHEMES` or
+    :data:`HTTP_SCHEMES`), else None. Schemes are case-insensitive (RFC 3986, 3.1): ``OpenAI://`` is ``openai://``."""
+    text = text.strip()
+    head = text[: text.find("://") + 3].lower() if "://" in text else ""
+    return head if head in SCHEMES or head in HTTP_SCHEMES else None
+
+
 def is_served(spec: ModelSpec | None) -> bool:
     """Whether ``spec`` names a served model (``openai://`` name or ``backend: openai``)."""
-    return spec is not None and (getattr(spec, "backend", "local") == "openai" or spec.name.startswith(tuple(SCHEMES)))
+    return spec is not None and (getattr(spec, "backend", "local") == "openai" or url_scheme(spec.name) in SCHEMES)
 
 
 def to_http(url: str) -> str:
-    """``openai://host:port/v1`` → ``http://host:port/v1`` (``http(s)://`` unchanged, trailing ``/`` dropped)."""
-    for scheme, http in SCHEMES.items():
-        if url.startswith(scheme):
-            url = http + url[len(scheme) :]
-            break
-    if not url.startswith(("http://", "https://")):
+    """``openai://host:port/v1`` → ``http://host:port/v1`` (``http(s)://`` kept, scheme lower-cased, trailing ``/``
+    dropped). Raises ``ServedModelError`` for another scheme or a URL without a host."""
+    from urllib.parse import urlsplit
+
+    scheme = url_scheme(url)
+    if scheme is None:
         raise ServedModelError(f"served model URL {url!r}: expected openai://host:port/v1 or http(s)://host:port/v1")
-    return url.rstrip("/")
+    http = SCHEMES.get(scheme, scheme) + url.strip()[len(scheme) :]
+    if not urlsplit(http).hostname:
+        raise ServedModelError(f"served model URL {url!r}: no host; expected openai://host:port/v1")
+    return http.rstrip("/")
 
 
 def base_urls(spec: ModelSpec) -> list[str]:

@@ -126,6 +126,22 @@ def test_a_served_model_written_as_one_string():
     assert parse_model_arg("mine=openai://h:1/v1#smol")[0] == "mine"
 
 
+def test_url_schemes_are_case_insensitive_and_need_a_host():
+    """RFC 3986: ``OpenAI://`` and ``HTTP://`` are the same schemes as their lower-case forms (they were read as hub
+    ids), and a URL without a host fails with a message naming it (it failed later, deep in the HTTP client)."""
+    from cai_dpo.stages.eval import parse_model_arg
+
+    spec = ModelSpec.from_text("OpenAI://h:1/v1#smol")
+    assert is_served(spec) and base_urls(spec) == ["http://h:1/v1"]
+    assert ModelSpec.from_text("HTTPS://h:1/v1#smol").backend == "openai"
+    assert base_urls(ModelSpec(name="OPENAI+HTTPS://h:3/v1", model="m")) == ["https://h:3/v1"]
+    assert parse_model_arg("OpenAI://h:1/v1?a=b#smol")[0] == "smol"  # a URL: its "=" is not NAME=
+    assert ModelSpec(name="OpenAI://h:1/v1", backend="vllm").problems()  # vLLM loads weights, not a URL
+    for bad in ("openai://#m", "openai:///v1", "ftp://h:1/v1"):
+        with pytest.raises(ServedModelError, match="served model URL"):
+            base_urls(ModelSpec(name=bad, model="m", backend="openai"))
+
+
 def test_eval_refuses_two_servers_with_one_served_id(tiny_cfg):
     """Responses are keyed by the served id: two models served as 'm' would share them, so eval refuses."""
     from cai_dpo.errors import InputError

@@ -274,10 +274,10 @@ def parse_model_arg(text: str) -> tuple[str, ModelSpec]:
     """``NAME=SPEC`` or just ``SPEC`` as (name, ModelSpec); SPEC as :meth:`ModelSpec.from_text` reads it
     (a folder, a hub id, ``openai://host:port/v1#<id>``). Without NAME: a served model's id, else
     SPEC's last path part."""
-    from cai_dpo.served import SCHEMES
+    from cai_dpo.served import url_scheme
 
     text = text.strip()
-    url = text.startswith((*SCHEMES, "http://", "https://"))  # a bare URL: an "=" in it is not NAME=
+    url = url_scheme(text) is not None  # a bare URL: an "=" in it is not NAME=
     named = "=" in text and not url
     name, spec = (part.strip() for part in text.split("=", 1)) if named else ("", text)
     if not spec or (named and not name):
