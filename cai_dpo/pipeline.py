@@ -403,12 +403,20 @@ def _state_path(run: RunStore, stage: Stage) -> Path:
 
 
 def _is_fresh(stage: Stage, fingerprint: str, run: RunStore, cfg: RunConfig | None = None) -> bool:
+    """Whether the stage's recorded fingerprint equals ``fingerprint`` and its outputs exist; an
+    unreadable record (edited or damaged by hand) is not fresh, so the stage reruns and rewrites it."""
     import json
 
     state = _state_path(run, stage)
     if not state.exists():
         return False
-    recorded = json.loads(state.read_text())
+    try:
+        recorded = json.loads(state.read_text(encoding="utf-8"))
+    except ValueError:  # bad JSON or not UTF-8
+        recorded = None
+    if not isinstance(recorded, dict):
+        log.warning("%s: not a readable stage record; %s reruns", state, stage.name)
+        return False
     outputs = stage.outputs_for(cfg) if cfg is not None else stage.outputs
     return recorded.get("fingerprint") == fingerprint and all((run.root / o).exists() for o in outputs)
 

@@ -12,7 +12,7 @@ import pytest
 
 from cai_dpo.config import RunConfig, load_config
 from cai_dpo.distributed import STAGES as DISTRIBUTED_STAGES
-from cai_dpo.pipeline import STAGES, _fingerprint, _state_path, input_files, select_stages, stale_upstream
+from cai_dpo.pipeline import STAGES, _fingerprint, _is_fresh, _state_path, input_files, select_stages, stale_upstream
 from cai_dpo.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -293,3 +293,20 @@ def test_only_and_from_name_the_upstream_stages_that_are_out_of_date(setup, tmp_
     assert stale_upstream(select_stages(only="eval"), with_("dpo.beta", 0.3), run) == ["dpo"]
     # through stages not chosen: labels reads the judge's preferences, rm reads labels' merged ones
     assert stale_upstream(select_stages(only="rm"), with_("judge.few_shot", True), run) == ["judge"]
+
+
+@pytest.mark.parametrize("damage", [b'{"fingerprint": ', b"\xff\xfe", b"[1, 2]"])
+def test_a_damaged_stage_record_means_the_stage_reruns(setup, damage):
+    """A stage record cut short or edited by hand made every run, ``--only`` and ``--from`` fail with a
+    traceback; it now counts as not up to date, so the stage reruns and writes a good record."""
+    cfg, run = setup
+    stage = STAGE["rm"]
+    for out in stage.outputs_for(cfg):
+        (run.root / out).parent.mkdir(parents=True, exist_ok=True)
+        (run.root / out).write_text("{}")
+    _state_path(run, stage).parent.mkdir(parents=True, exist_ok=True)
+    _state_path(run, stage).write_text(json.dumps({"fingerprint": _fingerprint(stage, cfg, run)}))
+    assert _is_fresh(stage, _fingerprint(stage, cfg, run), run, cfg)
+    _state_path(run, stage).write_bytes(damage)
+    assert not _is_fresh(stage, _fingerprint(stage, cfg, run), run, cfg)
+    assert stale_upstream(select_stages(only="ppo"), cfg, run) == ["rm"]
