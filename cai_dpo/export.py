@@ -275,6 +275,22 @@ class ExportResult:
     files: list[str]
 
 
+EXPORT_NOTE = "cai_dpo_export.json"
+
+
+def check_export_folder(folder: Path) -> None:
+    """Refuse an output folder whose contents an export would replace but did not write: a file, or
+    a folder that is neither empty nor an earlier export (no ``cai_dpo_export.json``), such as a
+    run's own folder or its adapter. Raises ExportError naming the folder."""
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"--output {folder}: a file is there; name a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_NOTE).exists():
+        raise ExportError(
+            f"--output {folder}: the folder holds files that are not an export (no {EXPORT_NOTE}), "
+            "which the export would delete; name a new folder or an earlier export"
+        )
+
+
 def export_model(
     cfg: RunConfig, run: RunStore | None = None, model: str | None = None, out_dir: str | Path | None = None
 ) -> ExportResult:
@@ -300,7 +316,8 @@ def export_model(
         )
     run = run or RunStore(root)
     chain = [os.path.relpath(p, run.root) for p in adapter_merge_first(adapter)] + [os.path.relpath(adapter, root)]
-    folder = Path(out_dir) if out_dir else run.export_dir(model)
+    folder = Path(out_dir).resolve() if out_dir else run.export_dir(model)
+    check_export_folder(folder)
     merged, tok = merged_model(cfg, adapter)
     tok.padding_side = "left"
     card = model_card_text(cfg, run.root, model, why, chain)
@@ -308,7 +325,7 @@ def export_model(
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
-        (tmp / "cai_dpo_export.json").write_text(
+        (tmp / EXPORT_NOTE).write_text(
             json.dumps(
                 {
                     "run_id": cfg.run_id,

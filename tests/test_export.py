@@ -128,6 +128,30 @@ def test_missing_adapter_names_the_folder_and_the_stage(tiny_run):
     assert not (run.root.parent / "no-such-runs").exists()  # nothing written
 
 
+def test_output_that_holds_other_files_is_refused_and_left_as_it_was(tiny_run, tmp_path, monkeypatch):
+    """``--output`` pointed at a folder of the user's, the run itself, its adapter, a file or ``.`` replaced
+    it (the run's data and models were deleted, exit 0); now each is refused before anything is written.
+    An earlier export, or an empty folder, is still replaced."""
+    cfg, run = tiny_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("precious")
+    monkeypatch.chdir(mine)
+    for out in (mine, run.root, run.model_dir("sft"), a_file, Path(".")):
+        before = sorted(p.relative_to(out.resolve().parent) for p in out.resolve().parent.rglob("*"))
+        with pytest.raises(ExportError, match="--output .*(not an export|a file is there)"):
+            export_model(cfg, run, model="dpo", out_dir=out)
+        assert sorted(p.relative_to(out.resolve().parent) for p in out.resolve().parent.rglob("*")) == before
+    assert (mine / "notes.txt").read_text() == "important" and a_file.read_text() == "precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = export_model(cfg, run, model="dpo", out_dir=empty).folder
+    assert export_model(cfg, run, model="sft", out_dir=first).folder == first  # an earlier export is replaced
+    assert json.loads((first / "cai_dpo_export.json").read_text())["model"] == "sft"
+
+
 def _results(**models: tuple[float, float]) -> dict:
     return {
         "schema": "cai-dpo/eval-results/2",
