@@ -731,7 +731,11 @@ def _add_export_commands(sub: Any) -> None:
         help="model to export (default: the highest harmful-prompt decline rate with benign compliance "
         ">= 90%% in the evaluation, else dpo)",
     )
-    p.add_argument("--output", default=None, help="output folder (default: <run>/export/<model>)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output folder: new, empty or an earlier export, which is replaced (default: <run>/export/<model>)",
+    )
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the folder to this hub repo")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo (default private)")
     p.set_defaults(func=_cmd_export)
