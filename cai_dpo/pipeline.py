@@ -29,6 +29,7 @@ from cai_dpo.config import (
     save_config,
     to_dict,
 )
+from cai_dpo.errors import InputError
 from cai_dpo.store import (
     RUN_LAYOUT,
     RunLayout,
@@ -223,6 +224,19 @@ def check_stage_name(name: str) -> str:
     raise ValueError(f"unknown stage '{name}'; stages: {', '.join(stage_names())}")
 
 
+def check_named_files(cfg: RunConfig) -> None:
+    """Before a config is saved over a run's ``config.yaml``: the constitution it names must load and
+    each model it names by a local path (``policy``, ``judge.model``, ``sl.teacher``) must exist, so a
+    mistyped value fails without replacing the run's working config. Raises InputError naming the key."""
+    from cai_dpo.constitution import load_constitution
+
+    load_constitution(cfg.constitution_path())
+    for key, spec in (("policy", cfg.policy), ("judge.model", cfg.judge.model), ("sl.teacher", cfg.sl.teacher)):
+        name = spec.name if spec is not None else ""
+        if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+            raise InputError(f"key '{key}.name': '{name}': no such folder")
+
+
 def open_run(
     profile: str = "cpu-demo",
     run_id: str | None = None,
@@ -265,6 +279,8 @@ def open_run(
             cfg = apply_overrides(cfg, extra_items, source=str(path))
     else:
         cfg = load_config(profile, extra_items)
+    if not config_path or extra_items:
+        check_named_files(cfg)
     run = RunStore(cfg.run_dir)
     if not config_path or extra_items:
         save_config(cfg, run.config_file)
@@ -597,6 +613,7 @@ def _run_stages(
     on_progress: Callable[[dict[str, Any]], None],
 ) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.config_file
+    check_named_files(cfg)
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
     stages = select_stages(from_stage, only)

@@ -36,11 +36,12 @@ ODD = f"one{LS}two{PS}three{NEL}four\u000bfive\u001cend"
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder``, by relative path (the run folder's whole state)."""
+    """SHA-256 of every file under ``folder``, by relative path (the run folder's whole state; the run
+    lock file, which a command taking the lock leaves, is not state)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
@@ -404,6 +405,35 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     "constitution_show_malformed": (
         lambda c: ["constitution", "show", str(c.write("c.yaml", "principles: [\n"))],
         ["c.yaml", "not valid YAML"],
+    ),
+    # a failed setup replaced the run's config.yaml with the bad value (snapshot: the run is unchanged)
+    "setup_missing_constitution": (
+        lambda c: [
+            "setup",
+            "--profile",
+            "tiny",
+            "--run-id",
+            "r1",
+            "-o",
+            f"runs_dir={c.runs}",
+            "-o",
+            "constitution=/no.yaml",
+        ],
+        ["/no.yaml", "not found"],
+    ),
+    "setup_missing_policy_folder": (
+        lambda c: [
+            "setup",
+            "--profile",
+            "tiny",
+            "--run-id",
+            "r1",
+            "-o",
+            f"runs_dir={c.runs}",
+            "-o",
+            "policy.name=/no/dir",
+        ],
+        ["'policy.name'", "/no/dir", "no such folder"],
     ),
     "generate_bad_tsv": (
         lambda c: [
