@@ -44,6 +44,7 @@ import yaml
 
 from cai_dpo.errors import CaiDpoInputError
 from cai_dpo.schema import as_conversation
+from cai_dpo.store import loads_json
 from cai_dpo.yamlio import describe_yaml_error, load_yaml
 
 log = logging.getLogger(__name__)
@@ -670,7 +671,7 @@ def _read_json(path: Path) -> Any:
             "CritiqueRevisionInstructions.json and RLMadisonInstructions.json"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConstitutionError(f"not valid JSON ({exc.msg}, line {exc.lineno})", file=path) from exc
 

@@ -365,12 +365,12 @@ def load_jsonl(path: str | Path, source: str | None = None, text_field: str | No
 
 def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line (split on ``\n`` only); errors name the file and line."""
-    from cai_dpo.store import jsonl_lines
+    from cai_dpo.store import jsonl_lines, loads_json
 
     rows = []
     for i, line in jsonl_lines(_read_text(path)):
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"not valid JSON ({exc.msg}, column {exc.colno})", file=path, line=i) from exc
         if not isinstance(row, dict):
@@ -381,9 +381,11 @@ def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def load_json_array(path: str | Path, source: str | None = None, text_field: str | None = None) -> list[Prompt]:
     """Prompts from a JSON file holding a list of objects."""
+    from cai_dpo.store import loads_json
+
     path = Path(path)
     try:
-        data = json.loads(_read_text(path))
+        data = loads_json(_read_text(path))
     except json.JSONDecodeError as exc:
         raise PromptFileError(f"not valid JSON ({exc.msg}, column {exc.colno})", file=path, line=exc.lineno) from exc
     if not isinstance(data, list):

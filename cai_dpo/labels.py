@@ -50,6 +50,7 @@ from cai_dpo.schema import as_conversation
 from cai_dpo.store import (
     RunLayout,
     jsonl_lines,
+    loads_json,
     write_jsonl,
 )
 
@@ -653,7 +654,7 @@ class LabelQueue:
         pair_rows, labels, label_lines, revisions = [], [], {}, []
         for i, line in jsonl_lines(text):
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except json.JSONDecodeError as exc:
                 raise LabelQueueError(f"{path}: line {i} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
             kind = row.get("kind") if isinstance(row, dict) else None

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,36 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
         line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             yield i, line
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` for input files, refusing a lone UTF-16 surrogate escape (``"\\ud800"``
+    without its pair): JSON's grammar allows one, but it is no text (UTF-8 cannot encode it, and
+    tokenizers, SQLite and hashing fail on it later, with a traceback). Raises
+    ``json.JSONDecodeError``, for the lone surrogate at the column of its escape."""
+    obj = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return obj
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        matches = list(_SURROGATE_ESCAPE.finditer(text))
+        codes = [int(m.group()[2:], 16) for m in matches]
+        pos, i = matches[0].start(), 0
+        while i < len(matches):  # skip high + low pairs; the first other escape is the lone one
+            pair = i + 1 < len(matches) and matches[i + 1].start() == matches[i].end()
+            if pair and codes[i] < 0xDC00 <= codes[i + 1]:
+                i += 2
+                continue
+            pos = matches[i].start()
+            break
+        raise json.JSONDecodeError(
+            f"a lone UTF-16 surrogate escape ({text[pos : pos + 6]}) is not text", text, pos
+        ) from None
+    return obj
 
 
 _RENAME_EXCHANGE = 2
@@ -285,7 +316,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for i, line in jsonl_lines(text):
         try:
-            rows.append(json.loads(line))
+            rows.append(loads_json(line))
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: line {i} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
     return rows

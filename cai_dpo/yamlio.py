@@ -29,6 +29,25 @@ class Yaml12SafeLoader(yaml.SafeLoader):
 
 Yaml12SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _construct_str(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    """A string, with ``"\\ud83d\\ude00"``-style surrogate pairs joined into their character; a lone
+    surrogate escape (``"\\ud800"``) is no text (UTF-8 cannot encode it) and raises, at its line."""
+    value = loader.construct_scalar(node)
+    if _SURROGATE.search(value) is None:
+        return value
+    try:
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise yaml.constructor.ConstructorError(
+            None, None, "a lone UTF-16 surrogate escape is not text", node.start_mark
+        ) from None
+
+
+Yaml12SafeLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
+
 YAMLError = yaml.YAMLError
 
 

@@ -158,6 +158,15 @@ _config_case("config_quantization_choice", "policy: {quantization: 3bit}\n", "po
 _config_case("config_sft_learning_rate_zero", "sft: {learning_rate: 0}\n", "sft.learning_rate")
 _config_case("config_threads_zero", "threads: 0\n", "threads")
 _config_case("config_top_level_list", "- a\n- b\n", "mapping")
+_config_case(
+    "config_lone_surrogate", 'sl: {few_shot: 1}\nconstitution: "x\\ud800"\n', "column 15", "lone UTF-16 surrogate"
+)
+
+
+def test_yaml_joins_a_surrogate_pair_escape():
+    from cai_dpo.yamlio import load_yaml
+
+    assert load_yaml('a: "\\ud83d\\ude00 \\U0001F600"') == {"a": "\U0001f600 \U0001f600"}
 
 
 @case
@@ -189,6 +198,23 @@ def override_without_equals(ctx):
 @case
 def override_run_id_with_hash(ctx):
     return (lambda: load_config("tiny", ["run_id=ablation #2"])), ["run_id", "ablation #2"]
+
+
+@case
+def curated_lone_surrogate(ctx):
+    from cai_dpo.curated import load_curated
+
+    row = {"id": "h1", "kind": "harmful", "messages": [{"role": "user", "content": "a\udc00"}]}
+    path = ctx.write("cur.jsonl", json.dumps(row) + "\n")
+    return (lambda: load_curated(str(path))), [str(path), "line 1", "lone UTF-16 surrogate"]
+
+
+@case
+def jsonl_record_lone_surrogate(ctx):
+    from cai_dpo.store import read_jsonl
+
+    path = ctx.write("rows.jsonl", '{"ok": "\\ud83d\\ude00"}\n{"bad": "x\\ud800y"}\n')
+    return (lambda: read_jsonl(path)), [str(path), "line 2", "lone UTF-16 surrogate", "column 11"]
 
 
 @case
@@ -405,6 +431,39 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     "constitution_show_malformed": (
         lambda c: ["constitution", "show", str(c.write("c.yaml", "principles: [\n"))],
         ["c.yaml", "not valid YAML"],
+    ),
+    # a lone UTF-16 surrogate escape ("\ud800") is valid JSON but no text: tokenizers, SQLite and hashing failed on
+    # it with a traceback; every JSON reader (data.py, store.read_jsonl, labels, constitution import) now refuses it
+    "generate_lone_surrogate": (
+        lambda c: [
+            "generate",
+            "--profile",
+            "tiny",
+            str(c.write("p.jsonl", json.dumps({"id": "a", "text": "hi\ud800"}) + "\n")),
+            str(c.root / "out.jsonl"),
+        ],
+        ["p.jsonl", "line 1", "lone UTF-16 surrogate"],
+    ),
+    "labels_import_lone_surrogate": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", prompt="hi\ud800")])),
+        ],
+        ["labels.jsonl", "line 2", "lone UTF-16 surrogate"],
+    ),
+    "constitution_import_lone_surrogate": (
+        lambda c: [
+            "constitution",
+            "import",
+            str(c.write("paper/CritiqueRevisionInstructions.json", '{"a": {"prompt": ["x\\udc00"]}}').parent),
+            str(c.root / "out.yaml"),
+        ],
+        ["CritiqueRevisionInstructions.json", "lone UTF-16 surrogate"],
     ),
     # a failed setup replaced the run's config.yaml with the bad value (snapshot: the run is unchanged)
     "setup_missing_constitution": (
