@@ -87,7 +87,12 @@ def to_http(url: str) -> str:
     if scheme is None:
         raise ServedModelError(f"served model URL {url!r}: expected openai://host:port/v1 or http(s)://host:port/v1")
     http = SCHEMES.get(scheme, scheme) + url.strip()[len(scheme) :]
-    if not urlsplit(http).hostname:
+    try:
+        parts = urlsplit(http)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ServedModelError(f"served model URL {url!r}: {exc}; expected openai://host:port/v1") from None
+    if not parts.hostname:
         raise ServedModelError(f"served model URL {url!r}: no host; expected openai://host:port/v1")
     return http.rstrip("/")
 

@@ -137,7 +137,7 @@ def test_url_schemes_are_case_insensitive_and_need_a_host():
     assert base_urls(ModelSpec(name="OPENAI+HTTPS://h:3/v1", model="m")) == ["https://h:3/v1"]
     assert parse_model_arg("OpenAI://h:1/v1?a=b#smol")[0] == "smol"  # a URL: its "=" is not NAME=
     assert ModelSpec(name="OpenAI://h:1/v1", backend="vllm").problems()  # vLLM loads weights, not a URL
-    for bad in ("openai://#m", "openai:///v1", "ftp://h:1/v1"):
+    for bad in ("openai://#m", "openai:///v1", "ftp://h:1/v1", "openai://h:notaport/v1", "openai://[::1/v1"):
         with pytest.raises(ServedModelError, match="served model URL"):
             base_urls(ModelSpec(name=bad, model="m", backend="openai"))
 
