@@ -62,6 +62,17 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config named by ``--profile``, ``--run-id``, ``-o`` overrides and the launch options.
 
@@ -131,7 +142,7 @@ def _add_foundation_commands(sub: Any) -> None:
     _config_args(p)
     p.add_argument("prompts", help="prompt file (.jsonl, .csv, .txt, transcript, or dataset folder)")
     p.add_argument("output", help="output .jsonl")
-    p.add_argument("-n", type=int, default=1, help="completions per prompt")
+    p.add_argument("-n", type=_count, default=1, help="completions per prompt (>= 1)")
     p.add_argument(
         "--model",
         default=None,

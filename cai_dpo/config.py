@@ -57,6 +57,10 @@ def _failed(*checks: tuple[str, bool, str]) -> Problems:
     return [(key, message) for key, ok, message in checks if not ok]
 
 
+#: torch device strings a model spec accepts (``auto``: cuda when available, else cpu)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 def _optional_at_least(value: int | float | None, low: float) -> bool:
     return value is None or value >= low
 
@@ -258,6 +262,12 @@ class ModelSpec:
 
         vllm = self.backend == "vllm"
         return _failed(
+            ("device", _DEVICE_RE.match(self.device) is not None, "must be auto, cpu, mps, cuda or cuda:<index>"),
+            ("concurrency", self.concurrency >= 1, "must be >= 1"),
+            ("timeout", self.timeout > 0, "must be > 0 (seconds)"),
+            ("max_retries", self.max_retries >= 0, "must be >= 0"),
+            ("retry_backoff", self.retry_backoff >= 0, "must be >= 0 (seconds)"),
+            ("top_logprobs", self.top_logprobs >= 1, "must be >= 1"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("tensor_parallel_size", vllm or self.tensor_parallel_size == 1, "applies to backend: vllm only"),
             ("vllm_args", vllm or not self.vllm_args, "applies to backend: vllm only"),
@@ -1769,6 +1779,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
+        if math.isinf(value):  # every range check passes inf (NaN fails them)
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

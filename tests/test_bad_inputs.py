@@ -158,6 +158,20 @@ _config_case("config_quantization_choice", "policy: {quantization: 3bit}\n", "po
 _config_case("config_sft_learning_rate_zero", "sft: {learning_rate: 0}\n", "sft.learning_rate")
 _config_case("config_threads_zero", "threads: 0\n", "threads")
 _config_case("config_top_level_list", "- a\n- b\n", "mapping")
+# inf passed every "> 0" check (NaN fails them); served-model fields and the device had no range check
+_config_case("config_beta_infinite", "dpo: {beta: .inf}\n", "dpo.beta", "finite")
+_config_case("config_policy_device_unknown", "policy: {device: banana}\n", "policy.device", "cuda:<index>")
+_config_case("config_served_concurrency_zero", "policy: {concurrency: 0}\n", "policy.concurrency", ">= 1")
+_config_case("config_served_timeout_negative", "judge: {model: {name: embedded, timeout: -5}}\n", "judge.model.timeout")
+_config_case("config_served_retries_negative", "policy: {max_retries: -1}\n", "policy.max_retries")
+_config_case("config_served_top_logprobs_zero", "policy: {top_logprobs: 0}\n", "policy.top_logprobs")
+
+
+@case
+def override_learning_rate_overflows_to_inf(ctx):
+    return (lambda: load_config("tiny", ["sft.learning_rate=1e999"])), ["sft.learning_rate", "finite"]
+
+
 _config_case(
     "config_lone_surrogate", 'sl: {few_shot: 1}\nconstitution: "x\\ud800"\n', "column 15", "lone UTF-16 surrogate"
 )
@@ -869,3 +883,12 @@ def test_ppo_prompts_without_prompt_column_name_the_field(tiny_cfg):
     )
     with pytest.raises(CaiDpoInputError, match="'prompt'"):
         ppo_prompts(tiny_cfg, run)
+
+
+def test_generate_count_must_be_positive(capsys):
+    """``generate -n 0`` wrote an empty output file and exited 0."""
+    from cai_dpo.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--profile", "tiny", "p.jsonl", "out.jsonl", "-n", "0"])
+    assert exc.value.code == 2 and "argument -n: expected an integer >= 1" in capsys.readouterr().err

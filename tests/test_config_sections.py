@@ -223,7 +223,7 @@ LOAD_CHECKS = [
     ),
     ({"dpo.loss_type": "exo_pair", "dpo.label_mode": "hard"}, "dpo.label_smoothing", "exo_pair"),
     ({"dpo.principle_weights": {"harm": -1.0}}, "dpo.principle_weights.harm", "finite number >= 0"),
-    ({"rm.principle_weights": {"harm": float("inf")}}, "rm.principle_weights.harm", "finite number >= 0"),
+    ({"rm.principle_weights": {"harm": float("inf")}}, "rm.principle_weights.harm", "finite number"),
     ({"sft.principle_weights": {"harm": -0.5}}, "sft.principle_weights.harm", "finite number >= 0"),
     ({"sft.curated_harmful_ratio": 1.5}, "sft.curated_harmful_ratio", r"in \[0, 1\] or null"),
     ({"sft.sl_share": -0.1}, "sft.sl_share", r"in \[0, 1\] or null"),
