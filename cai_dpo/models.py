@@ -215,12 +215,19 @@ def quantization_config(spec: ModelSpec) -> Any:
 
 
 def pick_device(spec: ModelSpec) -> str:
-    """``cuda`` when available and not overridden, else ``cpu``."""
-    if spec.device != "auto":
-        return spec.device
+    """``cuda`` when available and not overridden, else ``cpu``. Raises ModelLoadError for a
+    ``cuda``/``mps`` device this machine's torch does not have, or a GPU index beyond its count."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = spec.device.partition(":")
+    if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ModelLoadError(f"model '{spec.name}': device '{spec.device}', but torch sees {found}; use auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"model '{spec.name}': device 'mps', but torch has no MPS backend here; use auto or cpu")
+    return spec.device
 
 
 def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:

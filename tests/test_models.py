@@ -117,3 +117,15 @@ def test_lora_layers_to_transform_adapts_only_those_layers(tiny_path):
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert layers == {top}
     assert LoraSection(layers_to_transform=[-1]).problems() and not LoraSection(layers_to_transform=[0, 1]).problems()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA device this machine does not have")
+def test_a_cuda_device_without_cuda_is_a_clear_error():
+    """``device: cuda:7`` on a CPU-only torch ended in torch's 'Torch not compiled with CUDA enabled' assertion."""
+    from cai_dpo.models import pick_device
+
+    for device in ("cuda", "cuda:7"):
+        with pytest.raises(ModelLoadError, match=f"device '{device}', but torch sees no CUDA device"):
+            load_model(ModelSpec(name="tiny", device=device))
+    assert pick_device(ModelSpec(name="tiny", device="cpu")) == "cpu"
+    assert pick_device(ModelSpec(name="tiny")) == "cpu"
