@@ -39,7 +39,7 @@ class ConfigError(CaiDpoInputError):
 
 
 #: A run id is one folder name: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot or dash
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # at most 128: file systems cap a name at 255 bytes
 
 Problems = list[tuple[str, str]]
 
@@ -1666,8 +1666,8 @@ class RunConfig:
             (
                 "run_id",
                 isinstance(self.run_id, str) and bool(RUN_ID_RE.match(self.run_id)),
-                "must be one folder name: letters, digits, '.', '_' or '-', starting with a letter or "
-                "digit (no spaces, '/', '..' or absolute paths)",
+                "must be one folder name of at most 128 characters: letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit (no spaces, '/', '..' or absolute paths)",
             ),
             ("runs_dir", bool(str(self.runs_dir).strip()), "must not be empty"),
             ("seed", self.seed >= 0, "must be >= 0"),

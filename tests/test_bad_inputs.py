@@ -146,6 +146,7 @@ _config_case(
 _config_case("config_run_id_parent_dir", "run_id: ..\n", "run_id")
 _config_case("config_run_id_absolute", "run_id: /tmp/elsewhere\n", "run_id")
 _config_case("config_run_id_nested", "run_id: a/../../b\n", "run_id")
+_config_case("config_run_id_too_long", f"run_id: {'a' * 300}\n", "run_id", "at most 128")
 _config_case("config_top_p_out_of_range", "pairs: {sampling: {top_p: 1.5}}\n", "pairs.sampling.top_p")
 _config_case("config_lora_dropout_one", "sft: {lora: {dropout: 1.0}}\n", "sft.lora.dropout")
 _config_case("config_samples_per_prompt_one", "pairs: {samples_per_prompt: 1}\n", "pairs.samples_per_prompt")
