@@ -307,6 +307,8 @@ class LabelQueue:
         if read_only:
             self._conn = self._open_read_only()
             return
+        if self.path.is_dir():
+            raise LabelQueueError(f"{self.path}: a folder, not a label database; name a .sqlite file (--db)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
@@ -728,12 +730,34 @@ def _timestamp(value: Any, where: str, key: str) -> str:
             parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise LabelQueueError(
-            f"{where}: field '{key}' must be an ISO-8601 date-time with a time zone, "
-            f"e.g. 2026-01-31T12:00:00+00:00; got {value!r}"
-        )
-    return parsed.astimezone(_dt.UTC).isoformat(timespec="microseconds")
+    try:
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed.astimezone(_dt.UTC).isoformat(timespec="microseconds")
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
+        pass
+    raise LabelQueueError(
+        f"{where}: field '{key}' must be an ISO-8601 date-time with a time zone (in years 1 to 9999 UTC), "
+        f"e.g. 2026-01-31T12:00:00+00:00; got {value!r}"
+    )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as null, at any depth (JSON has no NaN: an export
+    holding one would not load)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _optional_text(value: Any, where: str, key: str) -> str | None:
+    """A string or null (``source``, ``category``)."""
+    if value is not None and not isinstance(value, str):
+        raise LabelQueueError(f"{where}: field '{key}' must be a string or null, got {value!r}")
+    return value
 
 
 def _pair_values(pair: dict[str, Any], where: str) -> tuple[Any, ...]:
@@ -760,9 +784,9 @@ def _pair_values(pair: dict[str, Any], where: str) -> tuple[Any, ...]:
         _num(p),
         json.dumps(_str_list(pair.get("principle_ids"), where, "principle_ids")),
         json.dumps(_str_list(pair.get("reasons"), where, "reasons")),
-        pair.get("source"),
-        pair.get("category"),
-        json.dumps(extra, default=str),
+        _optional_text(pair.get("source"), where, "source"),
+        _optional_text(pair.get("category"), where, "category"),
+        json.dumps(_finite(extra), default=str, allow_nan=False),
         _timestamp(enqueued, where, "enqueued_at") if enqueued is not None else _now(),
     )
 

@@ -467,9 +467,70 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
             "tiny",
             "--db",
             str(c.db),
-            str(c.export([pair("p8", prompt="hi\ud800")])),
+            str(c.export([pair("p8", kind="pair", prompt="hi\ud800")])),
         ],
         ["labels.jsonl", "line 2", "lone UTF-16 surrogate"],
+    ),
+    # label-import values the field checks missed: SQLite, datetime or the OS raised a traceback
+    "labels_import_source_list": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", kind="pair", source=["x"])])),
+        ],
+        ["labels.jsonl", "line 2", "'source'", "string or null"],
+    ),
+    "labels_import_category_object": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", kind="pair", category={"a": 1})])),
+        ],
+        ["labels.jsonl", "line 2", "'category'"],
+    ),
+    "labels_import_huge_int_source": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", kind="pair", source=2**63)])),
+        ],
+        ["labels.jsonl", "line 2", "'source'"],
+    ),
+    "labels_import_date_past_9999": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", kind="pair", enqueued_at="9999-12-31T23:59:59-14:00")])),
+        ],
+        ["labels.jsonl", "line 2", "'enqueued_at'", "9999"],
+    ),
+    "labels_import_db_is_a_folder": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.run_dir),
+            str(c.export([pair("p8", kind="pair")])),
+        ],
+        ["a folder, not a label database"],
     ),
     "constitution_import_lone_surrogate": (
         lambda c: [

@@ -288,6 +288,21 @@ def test_export_import_round_trip(tmp_path):
         fresh.import_jsonl(bad)
 
 
+def test_non_finite_extra_values_export_as_valid_json(tmp_path):
+    """``extra: {"x": NaN}`` (from an import or a judge score) was exported as ``NaN``, which no JSON reader loads."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"kind": "meta", "schema_version": 1}\n'
+        '{"kind": "pair", "pair_id": "p1", "prompt": "q", "response_a": "a", "response_b": "b", '
+        '"extra": {"x": NaN, "y": [1.5, Infinity], "z": "kept"}}\n'
+    )
+    q = LabelQueue(tmp_path / "q.sqlite")
+    q.import_jsonl(src)
+    out = q.export_jsonl(tmp_path / "out.jsonl")
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the export")) for line in open(out)]
+    assert rows[1]["extra"] == {"x": None, "y": [1.5, None], "z": "kept"}
+
+
 def test_run_labels_routes_merges_and_reruns(tmp_cfg_path):
     cfg, run = tmp_cfg_path
     rows = [make_row("a", 0.55), make_row("b", 0.95, ab=0.9, ba=0.2), make_row("c", 0.95)]
