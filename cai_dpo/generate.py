@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -15,9 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model: str | None = None) -> Path:
-    """Answer every prompt in ``prompts`` with ``n`` samples from the policy (or ``model``)."""
+    """Answer every prompt in ``prompts`` with ``n`` samples from the policy (or ``model``); write
+    them to ``output`` (JSON lines). Raises IsADirectoryError before generating when ``output`` is a folder."""
     from cai_dpo.data import load_prompts, name_prompt_error
 
+    if Path(output).is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is there; name the output .jsonl file", str(output))
     items = load_prompts(str(prompts))
     spec = ModelSpec.from_text(model) if model else cfg.policy
     set_threads(cfg.threads)

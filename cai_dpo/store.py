@@ -38,8 +38,11 @@ TRACKED_PACKAGES = ("cai-dpo", "torch", "transformers", "trl", "peft", "datasets
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename. Raises
+    IsADirectoryError naming ``path`` when a folder is there (the rename would name the temp file)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is there; name a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -471,6 +471,17 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
         ],
         ["labels.jsonl", "line 2", "lone UTF-16 surrogate"],
     ),
+    # an output path that is a folder: the error named the writer's temp file, and came after generating
+    "generate_output_is_a_folder": (
+        lambda c: [
+            "generate",
+            "--profile",
+            "tiny",
+            str(c.write("p.jsonl", '{"id": "a", "text": "hi"}\n')),
+            str(c.run_dir),
+        ],
+        ["a folder is there", "name the output .jsonl file"],
+    ),
     # label-import values the field checks missed: SQLite, datetime or the OS raised a traceback
     "labels_import_source_list": (
         lambda c: [
@@ -954,3 +965,15 @@ def test_generate_count_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--profile", "tiny", "p.jsonl", "out.jsonl", "-n", "0"])
     assert exc.value.code == 2 and "argument -n: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_every_atomic_writer_names_a_folder_in_the_way(tmp_path):
+    """A folder at an output path: the error named the writer's temp file (``.out.1234.tmp: Is a directory``)."""
+    from cai_dpo.store import atomic_write_json, write_jsonl
+
+    (tmp_path / "out").mkdir()
+    for write in (lambda p: atomic_write_json(p, {}), lambda p: write_jsonl(p, [{}])):
+        with pytest.raises(IsADirectoryError) as exc:
+            write(tmp_path / "out")
+        assert exc.value.filename == str(tmp_path / "out") and "a folder is there" in str(exc.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp file left
