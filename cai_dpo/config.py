@@ -1985,14 +1985,20 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 
 def load_config(profile: str = "cpu-demo", overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
-    """Load a profile (name or YAML path) and apply ``key.sub=value`` overrides."""
+    """Load a profile (name or YAML path) and apply ``key.sub=value`` overrides.
+
+    Raises ConfigError naming the profile file for its own faults, and the file with the overriding
+    keys (``tiny.yaml with -o dpo.beta``) for a fault an override brings in."""
     path = profile_path(profile)
     raw = _resolve_raw(path)
     raw.setdefault("profile", path.stem)
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or []))
+    if not items:
+        return from_dict(RunConfig, raw, source=str(path))
+    from_dict(RunConfig, raw, source=str(path))  # the file's own faults name the file alone
     for key, value in items:
         raw = _deep_merge(raw, _nest(key, value))
-    return from_dict(RunConfig, raw, source=str(path))
+    return from_dict(RunConfig, raw, source=f"{path} with -o {', '.join(k for k, _ in items)}")
 
 
 def apply_overrides(cfg: RunConfig, items: dict[str, Any], source: str = "<overrides>") -> RunConfig:

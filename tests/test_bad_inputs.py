@@ -168,6 +168,16 @@ _config_case("config_served_retries_negative", "policy: {max_retries: -1}\n", "p
 _config_case("config_served_top_logprobs_zero", "policy: {top_logprobs: 0}\n", "policy.top_logprobs")
 
 
+def test_an_override_fault_names_the_override_and_a_file_fault_the_file(ctx):
+    """Faults an ``-o`` or ``--run-id`` brought in were blamed on the profile file alone."""
+    with pytest.raises(ConfigError, match=r"tiny\.yaml with -o dpo\.beta, nosuch\.key: unknown key 'nosuch'"):
+        load_config("tiny", ["dpo.beta=0.2", "nosuch.key=1"])
+    path = ctx.config("sl: {roundz: 2}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path), ["dpo.beta=0.2"])
+    assert str(exc.value).startswith(f"{path}: ") and "sl.roundz" in str(exc.value)
+
+
 @case
 def override_learning_rate_overflows_to_inf(ctx):
     return (lambda: load_config("tiny", ["sft.learning_rate=1e999"])), ["sft.learning_rate", "finite"]

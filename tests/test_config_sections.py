@@ -246,7 +246,7 @@ LOAD_CHECKS = [
 
 @pytest.mark.parametrize(("overrides", "key", "requirement"), LOAD_CHECKS, ids=[c[1] for c in LOAD_CHECKS])
 def test_section_checks_fail_at_load_naming_file_and_key(overrides, key, requirement, tmp_path):
-    with pytest.raises(ConfigError, match=rf"tiny\.yaml: key '{key}' is .*{requirement}"):
+    with pytest.raises(ConfigError, match=rf"tiny\.yaml with -o [^:]*: key '{key}' is .*{requirement}"):
         load_config("tiny", overrides)
     raw = to_dict(load_config("tiny"))
     for dotted, value in overrides.items():
