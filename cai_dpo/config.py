@@ -1891,7 +1891,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config and merge it over the profile it names under ``base:``."""
-    if path in seen:
+    if path.resolve() in {p.resolve() for p in seen}:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     data = _read_yaml(path)
     base = data.pop("base", None)
@@ -1899,6 +1899,9 @@ def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: key 'base' must be a profile name or a path")
+    beside = path.parent / base  # a relative base file is read beside the file that names it
+    if Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute() and beside.exists():
+        base = str(beside)
     return _deep_merge(_resolve_raw(profile_path(base), seen + (path,)), data)
 
 

@@ -56,6 +56,21 @@ def test_user_file_extends_profile(tmp_path):
     assert cfg.sl.sampling.max_new_tokens == load_config("cpu-demo").sl.sampling.max_new_tokens
 
 
+def test_a_relative_base_file_is_read_beside_the_file_naming_it(tmp_path, monkeypatch):
+    """``base: common.yaml`` was looked up in the working folder, not beside the file (alignment-handbook style
+    recipes keep a shared base next to them); a loop through relative names is still found."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "common.yaml").write_text("base: tiny\nsl: {rounds: 3}\n")
+    (recipes / "mine.yaml").write_text("base: common.yaml\nrun_id: mine\n")
+    monkeypatch.chdir(tmp_path)  # common.yaml is not in the working folder
+    cfg = load_config(str(recipes / "mine.yaml"))
+    assert (cfg.run_id, cfg.sl.rounds) == ("mine", 3)
+    (recipes / "common.yaml").write_text("base: mine.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config("recipes/mine.yaml")
+
+
 def test_mappings_of_weights_and_shares(tmp_path):
     cfg = load_config(
         "tiny", {"pairs.mix": {"curated": 3, "revision_vs_original": 1}, "sft.principle_weights": {"harm-physical": 2}}
