@@ -24,7 +24,23 @@ _FLOAT_RE = re.compile(
 
 
 class Yaml12SafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also resolves YAML 1.2 floats such as ``5e-5``."""
+    """``yaml.SafeLoader`` that also resolves YAML 1.2 floats such as ``5e-5`` and refuses a key
+    given twice in one mapping (YAML forbids it; PyYAML kept the last, so a second ``dpo:`` section
+    silently replaced the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merge keys may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"key {key!r} given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 Yaml12SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))

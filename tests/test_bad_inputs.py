@@ -159,6 +159,7 @@ _config_case("config_quantization_choice", "policy: {quantization: 3bit}\n", "po
 _config_case("config_sft_learning_rate_zero", "sft: {learning_rate: 0}\n", "sft.learning_rate")
 _config_case("config_threads_zero", "threads: 0\n", "threads")
 _config_case("config_top_level_list", "- a\n- b\n", "mapping")
+_config_case("config_section_twice", "dpo: {beta: 0.2}\nsl: {rounds: 1}\ndpo: {beta: 0.3}\n", "'dpo' given twice")
 # inf passed every "> 0" check (NaN fails them); served-model fields and the device had no range check
 _config_case("config_beta_infinite", "dpo: {beta: .inf}\n", "dpo.beta", "finite")
 _config_case("config_policy_device_unknown", "policy: {device: banana}\n", "policy.device", "cuda:<index>")
