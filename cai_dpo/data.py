@@ -412,8 +412,13 @@ def load_csv(
     text = _read_text(path)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = reader.fieldnames or []
+    # strict: a quote left open swallowed the rest of the file into one cell
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = reader.fieldnames or []
+        rows = list(reader)
+    except csv.Error as exc:
+        raise PromptFileError(f"not valid CSV ({exc})", file=path, line=reader.line_num + 1, row_kind="row") from exc
     fields = (text_field,) if text_field else TEXT_FIELDS
     if not any(f in header for f in fields):
         raise PromptFileError(
@@ -424,7 +429,7 @@ def load_csv(
             row_kind="row",
         )
     out = []
-    for i, row in enumerate(reader, 2):
+    for i, row in enumerate(rows, 2):
         if None in row:
             raise PromptFileError(f"more cells than header columns ({len(header)})", file=path, line=i, row_kind="row")
         if all(not (v or "").strip() for v in row.values()):

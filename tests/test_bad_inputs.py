@@ -95,8 +95,9 @@ class Ctx:
         return path
 
     def config(self, body: str, name: str = "cfg.yaml") -> Path:
-        """A user config over the tiny profile, writing under this temp folder."""
-        return self.write(name, f"base: tiny\nruns_dir: {self.runs}\nrun_id: r1\n{body}")
+        """A user config over the tiny profile, writing under this temp folder (run id r1 unless ``body`` sets one)."""
+        run_id = "" if body.startswith("run_id:") or "\nrun_id:" in body else "run_id: r1\n"
+        return self.write(name, f"base: tiny\nruns_dir: {self.runs}\n{run_id}{body}")
 
     def export(self, rows: list[dict[str, Any]], name: str = "labels.jsonl") -> Path:
         return self.write(name, "".join(json.dumps(r) + "\n" for r in [{"kind": "meta", "schema_version": 1}] + rows))
@@ -749,6 +750,23 @@ def test_tsv_splits_on_tabs(tmp_path):
         ("x1", "Hello, how are you?", "chat"),
         ("x2", "Name a colour.", "general"),
     ]
+
+
+@pytest.mark.parametrize(
+    "body,line,problem",
+    [
+        ('text,id\nhi,a\n"unterminated,b\nmore,c\n', 3, "unexpected end of data"),
+        ('text,id\nok,a\n"bad"x,b\n', 3, "expected"),
+    ],
+)
+def test_csv_quote_errors_name_the_row(tmp_path, body, line, problem):
+    """A quote left open swallowed the rest of the file into one prompt, silently."""
+    from cai_dpo.data import PromptFileError, load_prompts
+
+    path = tmp_path / "p.csv"
+    path.write_text(body)
+    with pytest.raises(PromptFileError, match=f"p.csv: row {line}: not valid CSV .*{problem}"):
+        load_prompts(path)
 
 
 def test_csv_quoted_cell_keeps_its_newline(tmp_path):
