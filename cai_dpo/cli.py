@@ -121,6 +121,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from cai_dpo.generate import generate_file
 
     cfg = config_from_args(args)
+    if args.model is not None and not args.model.strip():
+        raise InputError("--model is empty; name a model spec or leave --model out for the profile's policy")
     out = generate_file(cfg, Path(args.prompts), Path(args.output), n=args.n, model=args.model)
     print(f"wrote {out}")
     return 0
@@ -705,10 +707,11 @@ def _add_pipeline_commands(sub: Any) -> None:
     p = sub.add_parser("run", help="execute the stage notebooks in order with papermill (the whole pipeline)")
     _config_args(p)
     names = ", ".join(stage_names())
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()  # --only with --from: --from was ignored
+    which.add_argument(
         "--from", dest="from_stage", type=_stage_arg, metavar="STAGE", help=f"rerun from this stage on: {names}"
     )
-    p.add_argument("--only", type=_stage_arg, metavar="STAGE", help=f"rerun just this stage: {names}")
+    which.add_argument("--only", type=_stage_arg, metavar="STAGE", help=f"rerun just this stage: {names}")
     p.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel (default: this environment's python3)")
     p.set_defaults(func=_cmd_run)

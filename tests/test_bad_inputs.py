@@ -494,6 +494,18 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
         ],
         ["a folder is there", "name the output .jsonl file"],
     ),
+    "generate_empty_model": (  # it silently used the profile's policy
+        lambda c: [
+            "generate",
+            "--profile",
+            "tiny",
+            str(c.write("p.jsonl", '{"id": "a", "text": "hi"}\n')),
+            "o.jsonl",
+            "--model",
+            " ",
+        ],
+        ["--model is empty"],
+    ),
     # label-import values the field checks missed: SQLite, datetime or the OS raised a traceback
     "labels_import_source_list": (
         lambda c: [
@@ -1006,3 +1018,12 @@ def test_every_atomic_writer_names_a_folder_in_the_way(tmp_path):
             write(tmp_path / "out")
         assert exc.value.filename == str(tmp_path / "out") and "a folder is there" in str(exc.value)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp file left
+
+
+def test_run_only_and_from_together_is_refused(capsys):
+    """``run --only sft --from dpo`` ran sft alone: --from was silently ignored."""
+    from cai_dpo.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--profile", "tiny", "--only", "sft", "--from", "dpo"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
