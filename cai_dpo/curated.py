@@ -100,8 +100,10 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> CuratedExample:
             "must be [{role: user, content}, {role: assistant, content}]", file=path, line=line, field="messages"
         )
     for i, m in enumerate(msgs):
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise PromptFileError("empty content", file=path, line=line, field=f"messages[{i}].content")
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            problem = "empty" if isinstance(content, str) else f"must be text, got {content!r}"
+            raise PromptFileError(problem, file=path, line=line, field=f"messages[{i}].content")
     pids = row.get("principle_ids", [])
     if not isinstance(pids, list) or not all(isinstance(p, str) and p for p in pids):
         raise PromptFileError("must be a list of principle id strings", file=path, line=line, field="principle_ids")

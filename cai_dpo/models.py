@@ -188,6 +188,8 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     if name == "tiny":
         return str(prepare_tiny())
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"model '{name}': a file, not a model folder; point to a Hugging Face model folder")
     if path.exists():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelLoadError(f"model '{name}': folder has no config.json; point to a Hugging Face model folder")

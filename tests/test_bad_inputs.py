@@ -237,6 +237,28 @@ def curated_lone_surrogate(ctx):
 
 
 @case
+def curated_content_not_text(ctx):  # it said "empty content"
+    from cai_dpo.curated import load_curated
+
+    row = {
+        "id": "h1",
+        "kind": "harmful",
+        "split": "train",
+        "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}],
+    }
+    path = ctx.write("cur.jsonl", json.dumps(row) + "\n")
+    return (lambda: load_curated(str(path))), [str(path), "messages[0].content", "must be text, got 5"]
+
+
+@case
+def model_path_is_a_file(ctx):  # it said "folder has no config.json"
+    from cai_dpo.models import resolve_model_path
+
+    path = ctx.write("prompts.jsonl", "{}\n")
+    return (lambda: resolve_model_path(str(path))), [str(path), "a file, not a model folder"]
+
+
+@case
 def jsonl_record_lone_surrogate(ctx):
     from cai_dpo.store import read_jsonl
 
