@@ -62,12 +62,24 @@ def test_whole_pipeline_on_tiny_then_rerun_skips(tmp_path, monkeypatch, tiny_pat
 
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch, tiny_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PipelineError, match=r"00_setup.ipynb, cell \d+.*constitution") as err:
+    # a constitution that loads (the pipeline checks that before it saves the config) whose edge-case
+    # file beside it does not: that fails inside the setup notebook
+    (tmp_path / "mine.yaml").write_text((NOTEBOOKS_DIR.parent / "constitutions" / "default.yaml").read_text())
+    (tmp_path / "mine_cases.yaml").write_text("cases: [\n")
+    with pytest.raises(PipelineError, match=r"00_setup.ipynb, cell \d+.*mine_cases.yaml") as err:
         run_pipeline(
             "tiny",
-            [f"runs_dir={tmp_path / 'runs'}", "constitution=missing.yaml"],
+            [f"runs_dir={tmp_path / 'runs'}", f"constitution={tmp_path / 'mine.yaml'}"],
             only="setup",
             echo=lambda s: None,
         )
     kept = Path(str(err.value).rsplit("kept at ", 1)[1].strip())
     assert kept.exists()
+
+
+def test_a_missing_constitution_fails_before_the_run_config_is_saved(tmp_path, monkeypatch):
+    """The pipeline saved the config naming the missing file, then failed in the setup notebook."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml: constitution file not found"):
+        run_pipeline("tiny", [f"runs_dir={tmp_path / 'runs'}", "constitution=missing.yaml"], echo=lambda s: None)
+    assert not list((tmp_path / "runs").rglob("config.yaml"))
