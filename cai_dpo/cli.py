@@ -121,8 +121,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from cai_dpo.generate import generate_file
 
     cfg = config_from_args(args)
-    if args.model is not None and not args.model.strip():
-        raise InputError("--model is empty; name a model spec or leave --model out for the profile's policy")
     out = generate_file(cfg, Path(args.prompts), Path(args.output), n=args.n, model=args.model)
     print(f"wrote {out}")
     return 0

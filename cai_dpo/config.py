@@ -39,7 +39,7 @@ class ConfigError(CaiDpoInputError):
 
 
 #: A run id is one folder name: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot or dash
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # at most 128: file systems cap a name at 255 bytes
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # at most 200: file systems cap a name at 255 bytes
 
 Problems = list[tuple[str, str]]
 
@@ -57,8 +57,18 @@ def _failed(*checks: tuple[str, bool, str]) -> Problems:
     return [(key, message) for key, ok, message in checks if not ok]
 
 
-#: torch device strings a model spec accepts (``auto``: cuda when available, else cpu)
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+def _is_device(text: str) -> bool:
+    """``auto`` or a device string torch parses (``cpu``, ``cuda:1``, ``mps``, ``xpu``, ...); torch is
+    imported only for a form other than auto, cpu and cuda[:N]."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return True
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _optional_at_least(value: int | float | None, low: float) -> bool:
@@ -262,7 +272,7 @@ class ModelSpec:
 
         vllm = self.backend == "vllm"
         return _failed(
-            ("device", _DEVICE_RE.match(self.device) is not None, "must be auto, cpu, mps, cuda or cuda:<index>"),
+            ("device", _is_device(self.device), "must be auto or a torch device such as cpu, cuda, cuda:1, mps, xpu"),
             ("concurrency", self.concurrency >= 1, "must be >= 1"),
             ("timeout", self.timeout > 0, "must be > 0 (seconds)"),
             ("max_retries", self.max_retries >= 0, "must be >= 0"),
@@ -1666,7 +1676,7 @@ class RunConfig:
             (
                 "run_id",
                 isinstance(self.run_id, str) and bool(RUN_ID_RE.match(self.run_id)),
-                "must be one folder name of at most 128 characters: letters, digits, '.', '_' or '-', starting "
+                "must be one folder name of at most 200 characters: letters, digits, '.', '_' or '-', starting "
                 "with a letter or digit (no spaces, '/', '..' or absolute paths)",
             ),
             ("runs_dir", bool(str(self.runs_dir).strip()), "must not be empty"),
@@ -1779,9 +1789,13 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
-        if math.isinf(value):  # every range check passes inf (NaN fails them)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # a range check passes inf, and NaN where it short-circuits
             raise ConfigError(f"{source}: key '{key}' is {value!r}; must be a finite number")
-        return float(value)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
@@ -1998,10 +2012,14 @@ def load_config(profile: str = "cpu-demo", overrides: dict[str, Any] | list[str]
     items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or []))
     if not items:
         return from_dict(RunConfig, raw, source=str(path))
-    from_dict(RunConfig, raw, source=str(path))  # the file's own faults name the file alone
+    merged = raw
     for key, value in items:
-        raw = _deep_merge(raw, _nest(key, value))
-    return from_dict(RunConfig, raw, source=f"{path} with -o {', '.join(k for k, _ in items)}")
+        merged = _deep_merge(merged, _nest(key, value))
+    try:
+        return from_dict(RunConfig, merged, source=f"{path} with -o {', '.join(k for k, _ in items)}")
+    except ConfigError:
+        from_dict(RunConfig, raw, source=str(path))  # a fault of the file itself names the file alone
+        raise
 
 
 def apply_overrides(cfg: RunConfig, items: dict[str, Any], source: str = "<overrides>") -> RunConfig:

@@ -414,11 +414,17 @@ def load_csv(
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     # strict: a quote left open swallowed the rest of the file into one cell
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[dict[str, Any]] = []
     try:
         header = reader.fieldnames or []
-        rows = list(reader)
-    except csv.Error as exc:
-        raise PromptFileError(f"not valid CSV ({exc})", file=path, line=reader.line_num + 1, row_kind="row") from exc
+        rows.extend(reader)
+    except csv.Error as exc:  # rows are numbered by record, the header being row 1
+        raise PromptFileError(
+            f"not valid CSV ({exc}); a cell that starts with a quote must be quoted whole, inner quotes doubled",
+            file=path,
+            line=len(rows) + (2 if reader.fieldnames is not None else 1),
+            row_kind="row",
+        ) from exc
     fields = (text_field,) if text_field else TEXT_FIELDS
     if not any(f in header for f in fields):
         raise PromptFileError(

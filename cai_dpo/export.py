@@ -284,10 +284,12 @@ def check_export_folder(folder: Path) -> None:
     run's own folder or its adapter. Raises ExportError naming the folder."""
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"--output {folder}: a file is there; name a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_NOTE).exists():
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if found and EXPORT_NOTE not in found:
         raise ExportError(
-            f"--output {folder}: the folder holds files that are not an export (no {EXPORT_NOTE}), "
-            "which the export would delete; name a new folder or an earlier export"
+            f"--output {folder}: the folder holds files that are not an export ({', '.join(found[:3])}"
+            f"{', …' if len(found) > 3 else ''}; no {EXPORT_NOTE}), which the export would delete; name a new "
+            "folder or an earlier export"
         )
 
 

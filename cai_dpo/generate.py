@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cai_dpo.config import ModelSpec, RunConfig
 from cai_dpo.engine import set_threads
-from cai_dpo.errors import ContextLengthError
+from cai_dpo.errors import ContextLengthError, InputError
 from cai_dpo.models import describe, load_engine
 from cai_dpo.store import write_jsonl
 
@@ -20,10 +20,12 @@ def generate_file(cfg: RunConfig, prompts: Path, output: Path, n: int = 1, model
     them to ``output`` (JSON lines). Raises IsADirectoryError before generating when ``output`` is a folder."""
     from cai_dpo.data import load_prompts, name_prompt_error
 
+    if model is not None and not model.strip():
+        raise InputError("--model is empty; name a model spec or leave --model out for the profile's policy")
     if Path(output).is_dir():
         raise IsADirectoryError(errno.EISDIR, "a folder is there; name the output .jsonl file", str(output))
     items = load_prompts(str(prompts))
-    spec = ModelSpec.from_text(model) if model else cfg.policy
+    spec = ModelSpec.from_text(model) if model is not None else cfg.policy
     set_threads(cfg.threads)
     engine = load_engine(spec, batch_size=cfg.sl.sampling.batch_size)
     try:

@@ -224,17 +224,41 @@ def check_stage_name(name: str) -> str:
     raise ValueError(f"unknown stage '{name}'; stages: {', '.join(stage_names())}")
 
 
-def check_named_files(cfg: RunConfig) -> None:
-    """Before a config is saved over a run's ``config.yaml``: the constitution it names must load and
-    each model it names by a local path (``policy``, ``judge.model``, ``sl.teacher``) must exist, so a
-    mistyped value fails without replacing the run's working config. Raises InputError naming the key."""
+def check_named_files(cfg: RunConfig, saved: Path) -> None:
+    """Before ``cfg`` is saved over ``saved`` (a run's ``config.yaml``): a constitution, or a model named
+    by a local path (``policy``, ``judge.model``, ``sl.teacher``), that differs from the saved config's
+    must exist, so a mistyped value fails without replacing the run's working config. Values the saved
+    config already holds are not checked again (a teacher folder removed after SL still lets later
+    stages run), nor paths inside the run folder, which its stages write.
+
+    Raises FileNotFoundError or ConstitutionError for the constitution, InputError naming the key for a
+    model path.
+    """
     from cai_dpo.constitution import load_constitution
 
-    load_constitution(cfg.constitution_path())
-    for key, spec in (("policy", cfg.policy), ("judge.model", cfg.judge.model), ("sl.teacher", cfg.sl.teacher)):
-        name = spec.name if spec is not None else ""
-        if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+    before = None
+    if saved.exists():
+        try:
+            before = config_from_yaml_text(saved.read_text(encoding="utf-8"), source=str(saved))
+        except (ValueError, OSError):  # a damaged saved config is replaced: check every value
+            before = None
+    if before is None or before.constitution != cfg.constitution:
+        load_constitution(cfg.constitution_path())
+    run_dir = cfg.run_dir.resolve()
+    for key in ("policy", "judge.model", "sl.teacher"):
+        name = _model_name(cfg, key)
+        path = Path(name).expanduser()
+        if not name.startswith((".", "/", "~")) or path.exists() or path.resolve().is_relative_to(run_dir):
+            continue
+        if before is None or _model_name(before, key) != name:
             raise InputError(f"key '{key}.name': '{name}': no such folder")
+
+
+def _model_name(cfg: RunConfig, key: str) -> str:
+    """``name`` of the model spec at dotted ``key`` (empty when the spec is null)."""
+    section, _, field_name = key.rpartition(".")
+    spec = getattr(getattr(cfg, section) if section else cfg, field_name)
+    return spec.name if spec is not None else ""
 
 
 def open_run(
@@ -280,7 +304,7 @@ def open_run(
     else:
         cfg = load_config(profile, extra_items)
     if not config_path or extra_items:
-        check_named_files(cfg)
+        check_named_files(cfg, RunLayout(cfg.run_dir).config_file)
     run = RunStore(cfg.run_dir)
     if not config_path or extra_items:
         save_config(cfg, run.config_file)
@@ -440,6 +464,8 @@ def _is_fresh(stage: Stage, fingerprint: str, run: RunStore, cfg: RunConfig | No
 def select_stages(from_stage: str | None = None, only: str | None = None) -> list[Stage]:
     """The stages to consider, in order, after ``--from`` / ``--only``."""
     names = stage_names()
+    if from_stage is not None and only is not None:
+        raise ValueError(f"give --from ({from_stage}) or --only ({only}), not both")
     for given in (from_stage, only):
         if given is not None:
             check_stage_name(given)
@@ -613,7 +639,7 @@ def _run_stages(
     on_progress: Callable[[dict[str, Any]], None],
 ) -> tuple[RunConfig, list[StageResult]]:
     config_path = run.config_file
-    check_named_files(cfg)
+    check_named_files(cfg, config_path)
     save_config(cfg, config_path)
     os.environ[UNATTENDED_ENV] = "1"
     stages = select_stages(from_stage, only)

@@ -132,7 +132,8 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
             yield i, line
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# a \uD800-\uDFFF escape, not preceded by an escaped backslash ("C:\\ud800" is text)
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 def loads_json(text: str) -> Any:
@@ -147,14 +148,14 @@ def loads_json(text: str) -> Any:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         matches = list(_SURROGATE_ESCAPE.finditer(text))
-        codes = [int(m.group()[2:], 16) for m in matches]
-        pos, i = matches[0].start(), 0
+        codes = [int(m.group(1)[2:], 16) for m in matches]
+        pos, i = matches[0].start(1), 0
         while i < len(matches):  # skip high + low pairs; the first other escape is the lone one
-            pair = i + 1 < len(matches) and matches[i + 1].start() == matches[i].end()
+            pair = i + 1 < len(matches) and matches[i + 1].start(1) == matches[i].end(1)
             if pair and codes[i] < 0xDC00 <= codes[i + 1]:
                 i += 2
                 continue
-            pos = matches[i].start()
+            pos = matches[i].start(1)
             break
         raise json.JSONDecodeError(
             f"a lone UTF-16 surrogate escape ({text[pos : pos + 6]}) is not text", text, pos

@@ -147,7 +147,7 @@ _config_case(
 _config_case("config_run_id_parent_dir", "run_id: ..\n", "run_id")
 _config_case("config_run_id_absolute", "run_id: /tmp/elsewhere\n", "run_id")
 _config_case("config_run_id_nested", "run_id: a/../../b\n", "run_id")
-_config_case("config_run_id_too_long", f"run_id: {'a' * 300}\n", "run_id", "at most 128")
+_config_case("config_run_id_too_long", f"run_id: {'a' * 300}\n", "run_id", "at most 200")
 _config_case("config_top_p_out_of_range", "pairs: {sampling: {top_p: 1.5}}\n", "pairs.sampling.top_p")
 _config_case("config_lora_dropout_one", "sft: {lora: {dropout: 1.0}}\n", "sft.lora.dropout")
 _config_case("config_samples_per_prompt_one", "pairs: {samples_per_prompt: 1}\n", "pairs.samples_per_prompt")
@@ -163,7 +163,7 @@ _config_case("config_top_level_list", "- a\n- b\n", "mapping")
 _config_case("config_section_twice", "dpo: {beta: 0.2}\nsl: {rounds: 1}\ndpo: {beta: 0.3}\n", "'dpo' given twice")
 # inf passed every "> 0" check (NaN fails them); served-model fields and the device had no range check
 _config_case("config_beta_infinite", "dpo: {beta: .inf}\n", "dpo.beta", "finite")
-_config_case("config_policy_device_unknown", "policy: {device: banana}\n", "policy.device", "cuda:<index>")
+_config_case("config_policy_device_unknown", "policy: {device: banana}\n", "policy.device", "a torch device")
 _config_case("config_served_concurrency_zero", "policy: {concurrency: 0}\n", "policy.concurrency", ">= 1")
 _config_case("config_served_timeout_negative", "judge: {model: {name: embedded, timeout: -5}}\n", "judge.model.timeout")
 _config_case("config_served_retries_negative", "policy: {max_retries: -1}\n", "policy.max_retries")
@@ -791,6 +791,7 @@ def test_tsv_splits_on_tabs(tmp_path):
     [
         ('text,id\nhi,a\n"unterminated,b\nmore,c\n', 3, "unexpected end of data"),
         ('text,id\nok,a\n"bad"x,b\n', 3, "expected"),
+        ('text,id\n"two\nlines",a\nok,b\n"bad"x,c\n', 4, "expected"),  # rows count records, not lines
     ],
 )
 def test_csv_quote_errors_name_the_row(tmp_path, body, line, problem):
@@ -1049,3 +1050,26 @@ def test_run_only_and_from_together_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--profile", "tiny", "--only", "sft", "--from", "dpo"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    from cai_dpo.pipeline import select_stages
+
+    with pytest.raises(ValueError, match="not both"):  # the library and the notebooks, too
+        select_stages(from_stage="dpo", only="sft")
+
+
+def test_a_model_folder_removed_after_use_does_not_block_the_run(ctx):
+    """Only values that differ from the saved config are checked: a teacher folder deleted after SL (or a
+    judge adapter inside the run folder that a stage writes later) must not stop later stages."""
+    import dataclasses
+
+    from cai_dpo.config import ModelSpec
+    from cai_dpo.pipeline import open_run
+
+    cfg = load_config("tiny", {"runs_dir": str(ctx.runs), "run_id": "r1"})
+    cfg = dataclasses.replace(cfg, sl=dataclasses.replace(cfg.sl, teacher=ModelSpec(name="/gone/teacher")))
+    save_config(cfg, ctx.run_dir / "config.yaml")
+    reopened, _ = open_run("tiny", "r1", [f"runs_dir={ctx.runs}"], knobs={"sft.max_steps": 3}, create=False)
+    assert reopened.sl.teacher.name == "/gone/teacher" and reopened.sft.max_steps == 3
+    inside = str(ctx.runs / "r2" / "models" / "sft")  # written by r2 itself later
+    open_run("tiny", "r2", [f"runs_dir={ctx.runs}", f"judge.model={{name: {inside}}}"], create=True)
+    with pytest.raises(CaiDpoInputError, match="'sl.teacher.name': '/other/teacher'"):
+        open_run("tiny", "r1", [f"runs_dir={ctx.runs}", "sl.teacher={name: /other/teacher}"], create=False)

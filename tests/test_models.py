@@ -119,13 +119,23 @@ def test_lora_layers_to_transform_adapts_only_those_layers(tiny_path):
     assert LoraSection(layers_to_transform=[-1]).problems() and not LoraSection(layers_to_transform=[0, 1]).problems()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA device this machine does not have")
-def test_a_cuda_device_without_cuda_is_a_clear_error():
-    """``device: cuda:7`` on a CPU-only torch ended in torch's 'Torch not compiled with CUDA enabled' assertion."""
+def test_a_device_this_torch_lacks_is_a_clear_error(monkeypatch):
+    """``device: cuda:7`` on a CPU-only torch ended in torch's 'Torch not compiled with CUDA enabled' assertion.
+    The CUDA count and MPS backend are patched, so every branch runs on any machine."""
     from cai_dpo.models import pick_device
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cuda", "cuda:7"):
         with pytest.raises(ModelLoadError, match=f"device '{device}', but torch sees no CUDA device"):
             load_model(ModelSpec(name="tiny", device=device))
-    assert pick_device(ModelSpec(name="tiny", device="cpu")) == "cpu"
     assert pick_device(ModelSpec(name="tiny")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device(ModelSpec(name="tiny")) == "cuda"
+    assert pick_device(ModelSpec(name="tiny", device="cuda:1")) == "cuda:1"
+    with pytest.raises(ModelLoadError, match="device 'cuda:2', but torch sees 2 CUDA device"):
+        pick_device(ModelSpec(name="tiny", device="cuda:2"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="no MPS backend"):
+        pick_device(ModelSpec(name="tiny", device="mps"))
+    assert pick_device(ModelSpec(name="tiny", device="cpu")) == "cpu"
