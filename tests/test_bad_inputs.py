@@ -178,6 +178,9 @@ def test_an_override_fault_names_the_override_and_a_file_fault_the_file(ctx):
     with pytest.raises(ConfigError) as exc:
         load_config(str(path), ["dpo.beta=0.2"])
     assert str(exc.value).startswith(f"{path}: ") and "sl.roundz" in str(exc.value)
+    fixed = ctx.config("dpo: {beta: .inf}\nrun_id: CHANGE ME\n", name="template.yaml")
+    cfg = load_config(str(fixed), {"dpo.beta": 0.1, "run_id": "mine"})  # the overrides mend the file
+    assert (cfg.dpo.beta, cfg.run_id) == (0.1, "mine")
 
 
 @case
