@@ -414,15 +414,16 @@ def load_csv(
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     # strict: a quote left open swallowed the rest of the file into one cell
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
     rows: list[dict[str, Any]] = []
     try:
-        header = reader.fieldnames or []
+        header = list(reader.fieldnames or [])
         rows.extend(reader)
     except csv.Error as exc:  # rows are numbered by record, the header being row 1
         raise PromptFileError(
             f"not valid CSV ({exc}); a cell that starts with a quote must be quoted whole, inner quotes doubled",
             file=path,
-            line=len(rows) + (2 if reader.fieldnames is not None else 1),
+            line=len(rows) + (1 if header is None else 2),
             row_kind="row",
         ) from exc
     fields = (text_field,) if text_field else TEXT_FIELDS

@@ -795,6 +795,7 @@ def test_tsv_splits_on_tabs(tmp_path):
         ('text,id\nhi,a\n"unterminated,b\nmore,c\n', 3, "unexpected end of data"),
         ('text,id\nok,a\n"bad"x,b\n', 3, "expected"),
         ('text,id\n"two\nlines",a\nok,b\n"bad"x,c\n', 4, "expected"),  # rows count records, not lines
+        ('"text,id\nhi,a\n', 1, "unexpected end of data"),  # the header itself
     ],
 )
 def test_csv_quote_errors_name_the_row(tmp_path, body, line, problem):
