@@ -436,6 +436,23 @@ def test_bad_input_names_file_and_field_and_damages_nothing(name, ctx):
 
 # --------------------------------------------------------------------------- command line
 
+
+def _import_pair(c: Ctx, db: Path | None = None, **fields: Any) -> list[str]:
+    """``labels import`` of one pair (``fields`` over a valid one) into ``db`` (default: the run's queue)."""
+    rows = [pair("p8", kind="pair", **fields)]
+    return ["labels", "import", "--profile", "tiny", "--db", str(db or c.db), str(c.export(rows))]
+
+
+def _generate(c: Ctx, prompts: str, output: str, *more: str) -> list[str]:
+    """``generate`` of a prompt file with body ``prompts``."""
+    return ["generate", "--profile", "tiny", str(c.write("p.jsonl", prompts)), output, *more]
+
+
+def _setup_r1(c: Ctx, override: str) -> list[str]:
+    """``setup`` of the existing run r1 with one ``-o`` override."""
+    return ["setup", "--profile", "tiny", "--run-id", "r1", "-o", f"runs_dir={c.runs}", "-o", override]
+
+
 #: name -> (argv builder, strings stderr must contain)
 CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     "run_id_with_hash": (
@@ -487,109 +504,41 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     # a lone UTF-16 surrogate escape ("\ud800") is valid JSON but no text: tokenizers, SQLite and hashing failed on
     # it with a traceback; every JSON reader (data.py, store.read_jsonl, labels, constitution import) now refuses it
     "generate_lone_surrogate": (
-        lambda c: [
-            "generate",
-            "--profile",
-            "tiny",
-            str(c.write("p.jsonl", json.dumps({"id": "a", "text": "hi\ud800"}) + "\n")),
-            str(c.root / "out.jsonl"),
-        ],
+        lambda c: _generate(c, json.dumps({"id": "a", "text": "hi\ud800"}) + "\n", str(c.root / "out.jsonl")),
         ["p.jsonl", "line 1", "lone UTF-16 surrogate"],
     ),
     "labels_import_lone_surrogate": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair", prompt="hi\ud800")])),
-        ],
+        lambda c: _import_pair(c, prompt="hi\ud800"),
         ["labels.jsonl", "line 2", "lone UTF-16 surrogate"],
     ),
     # an output path that is a folder: the error named the writer's temp file, and came after generating
     "generate_output_is_a_folder": (
-        lambda c: [
-            "generate",
-            "--profile",
-            "tiny",
-            str(c.write("p.jsonl", '{"id": "a", "text": "hi"}\n')),
-            str(c.run_dir),
-        ],
+        lambda c: _generate(c, '{"id": "a", "text": "hi"}\n', str(c.run_dir)),
         ["a folder is there", "name the output .jsonl file"],
     ),
     "generate_empty_model": (  # it silently used the profile's policy
-        lambda c: [
-            "generate",
-            "--profile",
-            "tiny",
-            str(c.write("p.jsonl", '{"id": "a", "text": "hi"}\n')),
-            "o.jsonl",
-            "--model",
-            " ",
-        ],
+        lambda c: _generate(c, '{"id": "a", "text": "hi"}\n', "o.jsonl", "--model", " "),
         ["--model is empty"],
     ),
     # label-import values the field checks missed: SQLite, datetime or the OS raised a traceback
     "labels_import_source_list": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair", source=["x"])])),
-        ],
+        lambda c: _import_pair(c, source=["x"]),
         ["labels.jsonl", "line 2", "'source'", "string or null"],
     ),
     "labels_import_category_object": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair", category={"a": 1})])),
-        ],
+        lambda c: _import_pair(c, category={"a": 1}),
         ["labels.jsonl", "line 2", "'category'"],
     ),
     "labels_import_huge_int_source": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair", source=2**63)])),
-        ],
+        lambda c: _import_pair(c, source=2**63),
         ["labels.jsonl", "line 2", "'source'"],
     ),
     "labels_import_date_past_9999": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair", enqueued_at="9999-12-31T23:59:59-14:00")])),
-        ],
+        lambda c: _import_pair(c, enqueued_at="9999-12-31T23:59:59-14:00"),
         ["labels.jsonl", "line 2", "'enqueued_at'", "9999"],
     ),
     "labels_import_db_is_a_folder": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.run_dir),
-            str(c.export([pair("p8", kind="pair")])),
-        ],
+        lambda c: _import_pair(c, db=c.run_dir),
         ["a folder, not a label database"],
     ),
     "constitution_import_lone_surrogate": (
@@ -603,31 +552,11 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     ),
     # a failed setup replaced the run's config.yaml with the bad value (snapshot: the run is unchanged)
     "setup_missing_constitution": (
-        lambda c: [
-            "setup",
-            "--profile",
-            "tiny",
-            "--run-id",
-            "r1",
-            "-o",
-            f"runs_dir={c.runs}",
-            "-o",
-            "constitution=/no.yaml",
-        ],
+        lambda c: _setup_r1(c, "constitution=/no.yaml"),
         ["/no.yaml", "not found"],
     ),
     "setup_missing_policy_folder": (
-        lambda c: [
-            "setup",
-            "--profile",
-            "tiny",
-            "--run-id",
-            "r1",
-            "-o",
-            f"runs_dir={c.runs}",
-            "-o",
-            "policy.name=/no/dir",
-        ],
+        lambda c: _setup_r1(c, "policy.name=/no/dir"),
         ["'policy.name'", "/no/dir", "no such folder"],
     ),
     "generate_bad_tsv": (
