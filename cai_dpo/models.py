@@ -181,6 +181,12 @@ def prepare_tiny(seed: int = 0) -> Path:
     return _publish_dir(build, final)
 
 
+def names_a_folder(name: str) -> bool:
+    """Whether a model name can only be a local folder: it starts with ``.``, ``/`` or ``~``, or has
+    more path parts than a hub id (``org/model``)."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
+
+
 def resolve_model_path(name: str, revision: str | None = None) -> str:
     """Turn a spec name into something ``from_pretrained`` accepts (folder or hub id)."""
     if name == "embedded":
@@ -194,7 +200,7 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelLoadError(f"model '{name}': folder has no config.json; point to a Hugging Face model folder")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if names_a_folder(name):
         raise ModelLoadError(f"model '{name}': no such folder")
     return name
 

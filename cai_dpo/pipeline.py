@@ -235,6 +235,7 @@ def check_named_files(cfg: RunConfig, saved: Path) -> None:
     model path.
     """
     from cai_dpo.constitution import load_constitution
+    from cai_dpo.models import names_a_folder
 
     before = None
     if saved.exists():
@@ -248,7 +249,7 @@ def check_named_files(cfg: RunConfig, saved: Path) -> None:
     for key in ("policy", "judge.model", "sl.teacher"):
         name = _model_name(cfg, key)
         path = Path(name).expanduser()
-        if not name.startswith((".", "/", "~")) or path.exists() or path.resolve().is_relative_to(run_dir):
+        if not names_a_folder(name) or path.exists() or path.resolve().is_relative_to(run_dir):
             continue
         if before is None or _model_name(before, key) != name:
             raise InputError(f"key '{key}.name': '{name}': no such folder")
@@ -303,10 +304,11 @@ def open_run(
             cfg = apply_overrides(cfg, extra_items, source=str(path))
     else:
         cfg = load_config(profile, extra_items)
-    if not config_path or extra_items:
-        check_named_files(cfg, RunLayout(cfg.run_dir).config_file)
+    saves = not config_path or bool(extra_items)
+    if saves:
+        check_named_files(cfg, RunLayout(cfg.run_dir).config_file)  # before RunStore makes the folder
     run = RunStore(cfg.run_dir)
-    if not config_path or extra_items:
+    if saves:
         save_config(cfg, run.config_file)
     return cfg, run
 

@@ -629,6 +629,13 @@ def _yerr(point: float, lo: Any, hi: Any) -> list[list[float]]:
 LABEL_OFFSETS = ((6, 6), (-6, 6), (6, -14), (-6, -14), (6, 18), (-6, 18), (6, -26), (-6, -26))
 
 
+def _annotate(ax: Any, name: str, point: tuple[float, float], offset: tuple[int, int]) -> Any:
+    """``name`` at ``offset`` points from ``point``, on the side the offset points to."""
+    return ax.annotate(
+        name, point, textcoords="offset points", xytext=offset, fontsize=9, ha="left" if offset[0] > 0 else "right"
+    )
+
+
 def _place_labels(ax: Any, points: list[tuple[str, float, float]]) -> list[Any]:
     """Annotate each (name, x, y) at the first of :data:`LABEL_OFFSETS` where its text stays inside
     the axes and clear of the legend and of the labels placed before it (else at the first offset);
@@ -639,23 +646,16 @@ def _place_labels(ax: Any, points: list[tuple[str, float, float]]) -> list[Any]:
     obstacles = [legend.get_window_extent(renderer)] if legend is not None else []
     placed: list[Any] = []
     for name, x, y in points:
-        text = None
         for dx, dy in LABEL_OFFSETS:
-            if text is not None:
-                text.remove()
-            text = ax.annotate(
-                name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9, ha="left" if dx > 0 else "right"
-            )
+            text = _annotate(ax, name, (x, y), (dx, dy))
             box = text.get_window_extent(renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(
-                box.overlaps(o) for o in [*obstacles, *(t.get_window_extent(renderer) for t in placed)]
-            ):
+            others = [*obstacles, *(t.get_window_extent(renderer) for t in placed)]
+            if inside and not any(box.overlaps(o) for o in others):
                 break
-        else:
             text.remove()
-            dx, dy = LABEL_OFFSETS[0]
-            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9)
+        else:
+            text = _annotate(ax, name, (x, y), LABEL_OFFSETS[0])
         placed.append(text)
     return placed
 
