@@ -1289,6 +1289,14 @@ class PPOSection:
         default=6.0,
         metadata={"help": "adaptive_kl: the KL per response (nats, summed over its tokens) aimed for (> 0)"},
     )
+    advantage: Literal["gae", "leave_one_out"] = field(
+        default="gae",
+        metadata={
+            "help": "mode ppo: gae (GAE(γ, λ) against the value model) or leave_one_out (rloo_k responses per "
+            "prompt; each response's return, score - β·KL, minus the mean return of the other rloo_k - 1 responses "
+            "to its prompt, on every token, as RLOO does; no value model)"
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "GAE discount γ, in [0, 1]"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ, in [0, 1]"})
     clip_range: float = field(
@@ -1343,7 +1351,18 @@ class PPOSection:
     )
     rloo_k: int = field(
         default=2,
-        metadata={"help": "mode rloo: completions per prompt for the leave-one-out baseline (>= 2)"},
+        metadata={
+            "help": "Completions per prompt for the leave-one-out baseline (>= 2), in mode rloo and with "
+            "advantage leave_one_out"
+        },
+    )
+    benign_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Benign train prompts of pairs.curated added to the preference data's prompts (>= 0; a seeded "
+            "sample, all when there are fewer). Their reward is the preference score negated: the preference model "
+            "scores declining, which is right after a harmful request and wrong after a benign one. 0: none"
+        },
     )
     save_steps: int = field(
         default=4,
@@ -1385,26 +1404,34 @@ class PPOSection:
                     "must be >= 2: RLOO's leave-one-out baseline needs at least 2 completions per prompt; set "
                     "ppo.rloo_k=2 or more",
                 ),
+                ("benign_prompts", self.benign_prompts >= 0, "must be >= 0"),
                 ("save_steps", self.save_steps >= 1, "must be >= 1"),
             )
             + self._rloo_problems()
         )
 
+    @property
+    def grouped(self) -> bool:
+        """True when each step samples ``rloo_k`` responses per prompt (mode rloo, or advantage leave_one_out)."""
+        return self.mode == "rloo" or self.advantage == "leave_one_out"
+
     def _rloo_problems(self) -> Problems:
-        """In mode rloo: ``rollout_batch`` must split into groups of ``rloo_k`` and into minibatches."""
-        if self.mode != "rloo" or self.rloo_k < 2 or self.minibatch < 1:
+        """With ``rloo_k`` responses per prompt: ``rollout_batch`` must split into groups of ``rloo_k``, and in
+        mode rloo into minibatches."""
+        if not self.grouped or self.rloo_k < 2 or self.minibatch < 1:
             return []  # the ranges themselves are checked by problems()
         fit = self.rloo_k * max(1, self.rollout_batch // self.rloo_k)
+        where = "in mode rloo" if self.mode == "rloo" else "with ppo.advantage leave_one_out"
         return _failed(
             (
                 "rollout_batch",
                 self.rollout_batch % self.rloo_k == 0,
-                f"must be a multiple of ppo.rloo_k in mode rloo: ppo.rollout_batch ({self.rollout_batch}) is not a "
+                f"must be a multiple of ppo.rloo_k {where}: ppo.rollout_batch ({self.rollout_batch}) is not a "
                 f"multiple of ppo.rloo_k ({self.rloo_k}); set ppo.rollout_batch={fit}",
             ),
             (
                 "rollout_batch",
-                self.rollout_batch % self.minibatch == 0,
+                self.mode != "rloo" or self.rollout_batch % self.minibatch == 0,
                 f"must be a multiple of ppo.minibatch in mode rloo: ppo.rollout_batch ({self.rollout_batch}) is not a "
                 f"multiple of ppo.minibatch ({self.minibatch})",
             ),

@@ -240,6 +240,13 @@ def check_processes(stage: str, cfg: Any, n: int | None) -> None:
                     f"ppo.{key} is {value}: PPO splits it over the {n} processes, so it must be a "
                     f"multiple of {n}; set ppo.{key}={n * max(1, round(value / n))}"
                 )
+        k = cfg.ppo.rloo_k
+        if cfg.ppo.advantage == "leave_one_out" and (cfg.ppo.rollout_batch // n) % k:
+            raise ConfigError(
+                f"ppo.rollout_batch is {cfg.ppo.rollout_batch}: with ppo.advantage leave_one_out each of the {n} "
+                f"processes samples whole groups of ppo.rloo_k ({k}) responses, so it must be a multiple of {n * k}; "
+                f"set ppo.rollout_batch={n * k * max(1, round(cfg.ppo.rollout_batch / (n * k)))}"
+            )
 
 
 def _free_port() -> int:

@@ -371,6 +371,15 @@ def test_settings_that_cannot_be_split_are_refused_before_launching(tmp_path):
     with pytest.raises(ConfigError, match="dpo.rounds is 2"):
         check_processes("dpo", load_config("tiny", {"dpo.rounds": 2}), 2)
     check_processes("dpo", load_config("tiny", {"dpo.rounds": 2}), 1)
+    # leave-one-out: every process samples whole groups of rloo_k responses to one prompt
+    loo = load_config(
+        "tiny", {"ppo.advantage": "leave_one_out", "ppo.rloo_k": 4, "ppo.rollout_batch": 12, "ppo.minibatch": 6}
+    )
+    check_processes("ppo", loo, 3)
+    with pytest.raises(
+        ConfigError, match=r"rloo_k \(4\) responses, so it must be a multiple of 8; set ppo.rollout_batch=16"
+    ):
+        check_processes("ppo", loo, 2)
 
 
 def test_ranks_other_than_zero_take_no_lock_and_report_no_progress(tmp_path, monkeypatch):

@@ -234,6 +234,12 @@ LOAD_CHECKS = [
         r"ppo.minibatch \(4\)",
     ),
     ({"ppo.rloo_k": 1}, "ppo.rloo_k", "rloo_k=2 or more"),
+    (
+        {"ppo.advantage": "leave_one_out", "ppo.rloo_k": 3, "ppo.rollout_batch": 4},
+        "ppo.rollout_batch",
+        r"with ppo.advantage leave_one_out: ppo.rollout_batch \(4\) is not a multiple of ppo.rloo_k \(3\)",
+    ),
+    ({"ppo.benign_prompts": -1}, "ppo.benign_prompts", ">= 0"),
     ({"pairs.curated_kinds": ["harmful", "evil"]}, "pairs.curated_kinds", "harmful, benign"),
     ({"pairs.curated_kinds": []}, "pairs.curated_kinds", "non-empty"),
     ({"pairs.curated_limit": 0}, "pairs.curated_limit", ">= 1 or null"),

@@ -16,7 +16,15 @@ from cai_dpo.store import RunStore, read_manifest
 sys.path.insert(0, str(Path(__file__).parent))
 from wordlevel_models import build_word_encoder, build_word_policy  # noqa: E402
 
-from cai_dpo.rl.ppo_math import KLController, compute_gae, kl_penalty_rewards, policy_loss, value_loss, whiten  # noqa: E402
+from cai_dpo.rl.ppo_math import (  # noqa: E402
+    KLController,
+    compute_gae,
+    kl_penalty_rewards,
+    leave_one_out_advantages,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 from cai_dpo.rl.ppo_trainer import CaiPPOTrainer, load_optimizer, save_optimizer  # noqa: E402
 from cai_dpo.rl.rollout import build_batch  # noqa: E402
 from cai_dpo.stages.ppo import load_policy, load_value_model, read_log, run_ppo  # noqa: E402
@@ -55,6 +63,21 @@ def test_whiten_hand_computed():
     assert torch.allclose(whiten(x, mask, shift_mean=False), torch.tensor([1.0, 2.0, 3.0, 0.0]), atol=1e-4)
     w = whiten(torch.tensor([2.0, 4.0, 6.0, 8.0]))
     assert abs(float(w.mean())) < 1e-6 and float(w.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_leave_one_out_advantages_hand_computed():
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # k=2: each response against the other one of its pair
+    assert leave_one_out_advantages(returns, 2).tolist() == [-1.0, 1.0, -3.0, 3.0]
+    # k=4: 1 - (2+3+6)/3, 2 - (1+3+6)/3, 3 - (1+2+6)/3, 6 - (1+2+3)/3
+    adv = leave_one_out_advantages(returns, 4)
+    assert torch.allclose(adv, torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+    assert float(adv.sum()) == pytest.approx(0.0, abs=1e-6)
+    # a prompt whose responses all score alike teaches nothing, however high the score
+    assert leave_one_out_advantages(torch.tensor([5.0, 5.0, -1.0, 1.0]), 2).tolist() == [0.0, 0.0, -2.0, 2.0]
+    for bad_k, n in ((1, 4), (3, 4)):
+        with pytest.raises(ValueError, match="multiple of k"):
+            leave_one_out_advantages(torch.zeros(n), bad_k)
 
 
 def test_policy_and_value_losses_hand_computed():
@@ -232,6 +255,88 @@ def test_ppo_raises_programmatic_reward_within_kl_bound(tmp_path):
     assert (cfg.run_dir / "metrics" / "ppo" / "reward_kl.png").stat().st_size > 1000
     manifest = read_manifest(out)
     assert manifest["metrics"]["score_last_quarter"] > manifest["metrics"]["score_first_quarter"]
+
+
+def test_leave_one_out_ppo_learns_without_a_value_model(tmp_path):
+    """advantage leave_one_out: rloo_k responses per prompt in a row, no value model loaded or saved, and the
+    programmatic reward still rises."""
+    pol = build_word_policy(tmp_path / "policy")
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "policy.name": str(pol),
+            "ppo.advantage": "leave_one_out",
+            "ppo.rloo_k": 4,
+            "ppo.steps": 12,
+            "ppo.save_steps": 6,
+            "ppo.rollout_batch": 16,
+            "ppo.minibatch": 8,
+            "ppo.ppo_epochs": 2,
+            "ppo.learning_rate": 1e-2,
+            "ppo.missing_eos_penalty": 0.0,
+            "ppo.sampling.max_new_tokens": 6,
+            "ppo.lora": {
+                "r": 8,
+                "alpha": 16,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            },
+        },
+    )
+    policy, tok, _ = load_policy(cfg, RunStore(cfg.run_dir))
+    trainer = CaiPPOTrainer(cfg, policy, tok, None, good_share, PROMPTS, progress=False)
+    batch = trainer.batch_prompts(1)
+    assert len(batch) == 16 and all(batch[i] == batch[i - i % 4] for i in range(16))  # 4 groups of 4
+    assert len({json.dumps(p) for p in batch}) == 4
+    with pytest.raises(ValueError, match="needs a value model"):
+        CaiPPOTrainer(_cfg(tmp_path, **{"policy.name": str(pol)}), policy, tok, None, good_share, PROMPTS)
+    del trainer, policy
+
+    out = run_ppo(cfg, reward_fn=good_share, prompts=PROMPTS, progress=False)
+    rows = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")
+    first = sum(r["score"] for r in rows[:2]) / 2
+    last = sum(r["score"] for r in rows[-3:]) / 3
+    assert last > first + 0.15, [round(r["score"], 3) for r in rows]
+    assert all(math.isnan(r.get("vf_loss", math.nan)) for r in rows)  # no value loss
+    manifest = read_manifest(out)
+    assert any("no value model" in n for n in manifest["notes"])
+    ckpt = cfg.run_dir / "checkpoints" / "ppo" / "step-000012"
+    assert (ckpt / "policy").is_dir() and not (ckpt / "value").exists()
+
+
+def test_benign_prompts_join_with_the_reward_negated(tmp_path, tiny_path):
+    """ppo.benign_prompts adds that many benign curated train prompts (seeded); the reward after them is negated."""
+    from cai_dpo.curated import load_curated
+    from cai_dpo.stages.ppo import benign_prompts, signed_reward
+
+    cfg = _cfg(tmp_path, **{"ppo.benign_prompts": 5, "ppo.steps": 1, "ppo.rollout_batch": 12, "ppo.minibatch": 4})
+    chosen = benign_prompts(cfg)
+    train = {e.prompt for e in load_curated(kind="benign", split="train")}
+    assert len(chosen) == 5 and all(c[0]["role"] == "user" and c[0]["content"] in train for c in chosen)
+    assert benign_prompts(cfg) == chosen
+    assert benign_prompts(_cfg(tmp_path, seed=7, **{"ppo.benign_prompts": 5})) != chosen
+    assert benign_prompts(_cfg(tmp_path)) == []
+    assert len(benign_prompts(_cfg(tmp_path, **{"ppo.benign_prompts": 10_000}))) == len(train)
+
+    score = signed_reward(lambda p, r: [float(len(x)) for x in r], chosen[:1])
+    assert score([chosen[0], PROMPTS[0], chosen[0]], ["abc", "abc", "de"]) == [-3.0, 3.0, -2.0]
+
+    seen: list[str] = []
+
+    def reward(prompts, responses):
+        seen.extend(prompts)
+        return [1.0] * len(responses)
+
+    out = run_ppo(cfg, reward_fn=reward, progress=False)
+    manifest = read_manifest(out)
+    assert manifest["counts"]["benign_prompts"] == 5
+    assert any("5 benign curated train prompts" in n for n in manifest["notes"])
+    # the run's own prompts (the tiny profile's red-team and helpful train prompts) and the benign ones
+    assert int(manifest["inputs"]["prompts"]) > 5
+    rows = read_log(cfg.run_dir / "metrics" / "ppo" / "log.csv")
+    benign_seen = sum(p in {c[0]["content"] for c in chosen} for p in seen)
+    assert len(seen) == 12 and benign_seen > 0
+    # the logged score is the mean reward: 1 after the run's prompts, -1 after the benign ones
+    assert rows[0]["score"] == pytest.approx((len(seen) - 2 * benign_seen) / len(seen), abs=1e-5)  # 6 digits
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):

@@ -400,8 +400,9 @@ in the next notebook (`09_ppo`).""",
 
 **PPO** samples from the policy, scores each answer with the preference model of `08_rm`, subtracts a
 per-token KL penalty to the SL-CAI model, and updates with clipped policy and value losses over GAE
-advantages. DPO (`07_dpo`) gets there without the reward model and the sampling loop; these notebooks
-let you compare the two.""",
+advantages (with `ppo.advantage: leave_one_out`, each answer against the other answers to its prompt,
+and no value model). DPO (`07_dpo`) gets there without the reward model and the sampling loop; these
+notebooks let you compare the two.""",
         {"ppo_steps": "ppo.steps  (PPO iterations)", "kl_coef": "ppo.kl_coef  (KL penalty)"},
         [
             (

@@ -9,7 +9,8 @@ with a 0/1 ``mask`` over the positions that hold a response token. The trainer
 - per-token reward ``r_t = -β·(log π(a_t) - log π_ref(a_t))``, plus the score on the last
   response token (:func:`kl_penalty_rewards`);
 - GAE(γ, λ) advantages, whitened over the batch's response tokens, returns = A + V
-  (:func:`compute_gae`, :func:`whiten`);
+  (:func:`compute_gae`, :func:`whiten`); or, with no value model, RLOO's leave-one-out
+  advantages over the ``k`` responses to each prompt (:func:`leave_one_out_advantages`);
 - clipped policy and value losses (:func:`policy_loss`, :func:`value_loss`).
 
 torch is imported inside the functions, so importing this module stays cheap.
@@ -106,6 +107,25 @@ def compute_gae(
         last = (delta + gamma * lam * last) * mask[:, t]
         adv[:, t] = last
     return adv, (adv + values) * mask
+
+
+def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Each response's return minus the mean return of the other ``k - 1`` responses to its prompt.
+
+    ``returns``: ``[B]``, the ``k`` responses to one prompt contiguous (``B = groups·k``); the
+    result is ``[B]`` and sums to 0 within each group, so a prompt whose responses all score
+    alike teaches nothing, whatever its score. RLOO's baseline (Ahmadian et al. 2024, "Back to
+    Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+    eq. 6); it replaces the value model. Raises ``ValueError`` when ``k < 2`` or ``B`` is not a
+    multiple of ``k``.
+    """
+    if k < 2 or returns.shape[0] % k:
+        raise ValueError(
+            f"leave-one-out needs k >= 2 responses per prompt and B a multiple of k (k={k}, B={returns.shape[0]})"
+        )
+    groups = returns.reshape(-1, k)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    return (groups - others).reshape(-1)
 
 
 def policy_loss(

@@ -5,10 +5,11 @@ is in :mod:`cai_dpo.rl.ppo_math`, the batch layout in :mod:`cai_dpo.rl.rollout`.
 models and running the stage is :mod:`cai_dpo.stages.ppo`.
 
 One step
-    1. rollout: ``rollout_batch`` prompts, one sample each, through :class:`~cai_dpo.engine.Engine`
-       on the policy. The engine returns the sampled token ids, which are trained on as they
-       are (EOS appended when the sample ended with EOS); log-probs are recomputed on those
-       ids, so the ratio at the first epoch is exactly 1.
+    1. rollout: ``rollout_batch`` prompts, one sample each (with ``advantage: leave_one_out``,
+       ``rollout_batch / rloo_k`` prompts, ``rloo_k`` samples each), through
+       :class:`~cai_dpo.engine.Engine` on the policy. The engine returns the sampled token ids,
+       which are trained on as they are (EOS appended when the sample ended with EOS); log-probs
+       are recomputed on those ids, so the ratio at the first epoch is exactly 1.
     2. score: the preference model's score of (prompt, response), the response being the
        decoded sampled ids (not stripped, not truncated) — or an injected
        ``reward_fn(prompts, responses)`` — minus ``missing_eos_penalty`` for responses that
@@ -16,7 +17,10 @@ One step
     3. per-token reward ``r_t = -β·(log π(a_t) - log π_ref(a_t))``, plus the score on the
        last response token; β is ``kl_coef``, or adapted toward ``target_kl`` (Ziegler et al.)
        when ``adaptive_kl``;
-    4. GAE(γ, λ) advantages (whitened over the batch's response tokens), returns = A + V;
+    4. GAE(γ, λ) advantages (whitened over the batch's response tokens), returns = A + V; with
+       ``advantage: leave_one_out`` instead each response's return ``score - β·Σ KL`` minus the
+       mean return of the other responses to its prompt, on every token (whitened likewise), and
+       no value model (``value_model=None``, no value loss);
     5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value
        loss, optional pretraining-mix term, one AdamW step with gradient-norm clipping.
 
@@ -49,6 +53,7 @@ from cai_dpo.rl.ppo_math import (
     compute_gae,
     entropy_from_logits,
     kl_penalty_rewards,
+    leave_one_out_advantages,
     masked_mean,
     policy_loss,
     token_logprobs,
@@ -132,7 +137,7 @@ class CaiPPOTrainer:
         cfg: RunConfig,
         policy: Any,
         tokenizer: Any,
-        value_model: Any,
+        value_model: Any | None,
         reward: RewardFn,
         prompts: list[Conversation],
         *,
@@ -155,7 +160,10 @@ class CaiPPOTrainer:
         self.progress = progress
         self.engine = Engine(policy, tokenizer, batch_size=self.pc.sampling.batch_size, progress=False)
         self.eos_id = tokenizer.eos_token_id
-        self.params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
+        if value_model is None and self.pc.advantage == "gae":
+            raise ValueError("PPO: advantage 'gae' needs a value model")
+        value_params = list(value_model.parameters()) if value_model is not None else []
+        self.params = [p for p in list(policy.parameters()) + value_params if p.requires_grad]
         if not self.params:
             raise ValueError("PPO: no trainable parameters (is the LoRA adapter attached?)")
         self.dp = DataParallel()
@@ -176,8 +184,13 @@ class CaiPPOTrainer:
     # ---------------------------------------------------------------- rollout
 
     def batch_prompts(self, step: int) -> list[Conversation]:
-        """The prompts of step ``step`` (1-based); see :func:`~cai_dpo.rl.rollout.step_prompts`."""
-        return step_prompts(self.prompts, step, self.pc.rollout_batch, self.cfg.seed)
+        """The prompts of step ``step`` (1-based); see :func:`~cai_dpo.rl.rollout.step_prompts`. With
+        ``advantage: leave_one_out`` each prompt comes ``rloo_k`` times in a row (one group)."""
+        if self.pc.advantage != "leave_one_out":
+            return step_prompts(self.prompts, step, self.pc.rollout_batch, self.cfg.seed)
+        k = self.pc.rloo_k
+        groups = step_prompts(self.prompts, step, self.pc.rollout_batch // k, self.cfg.seed)
+        return [p for p in groups for _ in range(k)]
 
     def response_ids(self, gens: list[Any]) -> list[list[int]]:
         """The sampled token ids of each generation; see :func:`~cai_dpo.rl.rollout.sampled_ids`."""
@@ -239,7 +252,7 @@ class CaiPPOTrainer:
                     ref_logits = response_logits(self.policy, *args, P, T)
                 refs.append(token_logprobs(ref_logits, ro.input_ids[sl], P))
                 del ref_logits
-                vals.append(token_values(self.value_model, *args, P))
+                vals.append(self._values(*args, P))
         ro.logprobs = torch.cat(logps) * mask
         ro.ref_logprobs = torch.cat(refs) * mask
         ro.entropy = torch.cat(ents)
@@ -250,8 +263,21 @@ class CaiPPOTrainer:
         ro.rewards, ro.kl = kl_penalty_rewards(
             ro.logprobs, ro.ref_logprobs, mask, scores, ro.lengths, self.kl_ctl.value
         )
-        adv, ro.returns = compute_gae(ro.rewards, ro.values, mask, self.pc.gamma, self.pc.lam)
+        if self.pc.advantage == "leave_one_out":
+            returns = scores - self.kl_ctl.value * ro.kl.sum(-1)  # the sum of the per-token rewards
+            adv = leave_one_out_advantages(returns, self.pc.rloo_k)[:, None] * mask
+            ro.returns = torch.zeros_like(adv)
+        else:
+            adv, ro.returns = compute_gae(ro.rewards, ro.values, mask, self.pc.gamma, self.pc.lam)
         ro.advantages = whiten(adv, mask, all_sum=self._all_sum)
+
+    def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, P: int) -> Any:
+        """Per-token values ``[B, R]`` of the value model; zeros when there is none (leave_one_out)."""
+        import torch
+
+        if self.value_model is None:
+            return torch.zeros(input_ids.shape[0], input_ids.shape[1] - P, device=input_ids.device)
+        return token_values(self.value_model, input_ids, attention_mask, position_ids, P)
 
     @property
     def _all_sum(self) -> Any:
@@ -272,7 +298,8 @@ class CaiPPOTrainer:
             k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "ratio", "ptx_loss")
         }
         self.policy.eval()  # dropout stays off: ratios must compare like with like
-        self.value_model.eval()
+        if self.value_model is not None:
+            self.value_model.eval()
         for _ in range(self.pc.ppo_epochs):
             perm = rng.permutation(B)
             for s in range(0, B, self.minibatch):
@@ -282,9 +309,15 @@ class CaiPPOTrainer:
                 logp = token_logprobs(logits, m["input_ids"], P)
                 del logits
                 pg, pg_stats = policy_loss(logp, m["logprobs"], m["advantages"], m["response_mask"], self.pc.clip_range)
-                v = token_values(self.value_model, m["input_ids"], m["attention_mask"], m["position_ids"], P)
-                vf, vf_stats = value_loss(v, m["values"], m["returns"], m["response_mask"], self.pc.clip_range_value)
-                loss = pg + self.pc.vf_coef * vf
+                loss = pg
+                if self.value_model is not None:
+                    v = token_values(self.value_model, m["input_ids"], m["attention_mask"], m["position_ids"], P)
+                    vf, vf_stats = value_loss(
+                        v, m["values"], m["returns"], m["response_mask"], self.pc.clip_range_value
+                    )
+                    loss = loss + self.pc.vf_coef * vf
+                    stats["vf_loss"].append(vf.item())
+                    stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"])
                 if self.ptx is not None and self.pc.ptx_coef > 0:
                     lm = self.policy(**self.ptx.next(self.device), use_cache=False).loss
                     loss = loss + self.pc.ptx_coef * lm
@@ -295,8 +328,7 @@ class CaiPPOTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.pc.max_grad_norm)
                 self.optimizer.step()
                 stats["pg_loss"].append(pg.item())
-                stats["vf_loss"].append(vf.item())
-                for k, val in {**pg_stats, **vf_stats}.items():
+                for k, val in pg_stats.items():
                     stats[k].append(val)
         return {k: self.dp.mean(np.mean(v)) if v else float("nan") for k, v in stats.items()}
 
@@ -349,10 +381,12 @@ class CaiPPOTrainer:
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, folder: Path) -> Path:
-        """Policy and value adapters, optimizer, step and KL controller, atomically in ``folder``."""
+        """Policy and value adapters (no value adapter with leave_one_out), optimizer, step and KL controller,
+        atomically in ``folder``."""
         with atomic_dir(folder) as tmp:
             self.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-            self.value_model.save_pretrained(tmp / "value", safe_serialization=True)
+            if self.value_model is not None:
+                self.value_model.save_pretrained(tmp / "value", safe_serialization=True)
             save_optimizer(self.optimizer, tmp)
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "kl_ctl": self.kl_ctl.state_dict()}))
         return folder
@@ -364,6 +398,8 @@ class CaiPPOTrainer:
 
         try:
             for name, model in (("policy", self.policy), ("value", self.value_model)):
+                if model is None:
+                    continue
                 weights = load_file(str(folder / name / "adapter_model.safetensors"), device=str(self.device))
                 result = set_peft_model_state_dict(model, weights)
                 unexpected = getattr(result, "unexpected_keys", [])

@@ -126,6 +126,33 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     return list(seen.values())
 
 
+def benign_prompts(cfg: RunConfig) -> list[Conversation]:
+    """``ppo.benign_prompts`` benign train prompts of ``pairs.curated`` (a sample seeded by the run's
+    seed; all of them when there are fewer), as conversations; none when the setting is 0."""
+    if cfg.ppo.benign_prompts <= 0:
+        return []
+    from cai_dpo.curated import load_curated
+
+    examples = load_curated(cfg.pairs.curated, kind="benign", split="train")
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))[: cfg.ppo.benign_prompts]
+    return [as_conversation(examples[int(i)].prompt) for i in sorted(order)]
+
+
+def signed_reward(
+    reward: Callable[[list[Conversation], list[str]], Sequence[float]], benign: Sequence[Conversation]
+) -> Callable[[list[Conversation], list[str]], list[float]]:
+    """``reward`` with its score negated after the ``benign`` prompts (Llama 2 picks the reward by the
+    prompt's kind too; Touvron et al. 2023, sec. 3.2.2). The preference model of harmful-prompt pairs
+    scores declining, so its negation pays for answering a benign request."""
+    keys = {json.dumps(p, sort_keys=True) for p in benign}
+
+    def score(prompts: list[Conversation], responses: list[str]) -> list[float]:
+        raw = reward(prompts, responses)
+        return [-float(r) if json.dumps(p, sort_keys=True) in keys else float(r) for p, r in zip(prompts, raw)]
+
+    return score
+
+
 def ptx_rows(cfg: RunConfig, run: RunStore) -> Any:
     """Rows (``messages``) of the pretraining-mix term for ``ppo.ptx_data``: ``data/sl``, or the SFT
     stage's training rows (:func:`cai_dpo.sft_rows.build_rows`).
@@ -318,9 +345,10 @@ def run_ppo(
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
-    prompts = prompts or ppo_prompts(cfg, run)
+    benign = [] if prompts else benign_prompts(cfg)
+    prompts = prompts or ppo_prompts(cfg, run) + benign
     if cfg.ppo.mode == "rloo":
-        return run_rloo(cfg, run, reward_fn, prompts, resume=resume)
+        return run_rloo(cfg, run, reward_fn, prompts, resume=resume, benign=benign)
     rm_dir = None if reward_fn is not None else reward_model_dir(run)
     merge = [sft_adapter(run)] if sft_adapter(run) else []
     note, target = training_note(cfg, run, prompts, rm_dir, merge, "ppo")
@@ -330,12 +358,17 @@ def run_ppo(
         return out_dir
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
     reward = _reward_adapter(reward_fn, scorer)
+    if benign:
+        reward = signed_reward(reward, benign)
 
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     with Timer() as t_load:
         policy, tok, merge = load_policy(cfg, run)
-        value_model, value_note = load_value_model(cfg, run, tok, merge, rm_dir if rm_dir else run.preference_model)
+        if cfg.ppo.advantage == "gae":
+            value_model, value_note = load_value_model(cfg, run, tok, merge, rm_dir or run.preference_model)
+        else:
+            value_model, value_note = None, f"no value model: leave-one-out advantages over ppo.rloo_k={cfg.ppo.rloo_k}"
     timings["load_s"] = t_load.seconds
     ptx = None
     if cfg.ppo.ptx_coef > 0:
@@ -432,6 +465,7 @@ def run_ppo(
             "steps": trainer.step,
             "resumed_from": resumed_from or 0,
             "rollouts": trainer.step * cfg.ppo.rollout_batch,
+            "benign_prompts": len(benign),
         },
         timings=timings,
         metrics=metrics,
@@ -440,8 +474,14 @@ def run_ppo(
             "reference = policy with its LoRA adapter disabled; "
             "KL per token = log pi - log pi_ref (k1), summed per response",
             "loss = L_pg + vf_coef*L_vf + ptx_coef*L_LM "
-            "(paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)",
+            "(paper's L_LM + lambda*L_RL with lambda = 1/ptx_coef, rescaled)"
+            + ("; no L_vf with leave-one-out advantages" if value_model is None else ""),
             "trained on the sampled token ids; the reward scores the decoded text of exactly those ids",
+            *(
+                [f"{len(benign)} benign curated train prompts added; their reward is the preference score negated"]
+                if benign
+                else []
+            ),
         ],
     )
     with atomic_dir(out_dir) as tmp:  # adapter and manifest in one atomic step
@@ -491,7 +531,13 @@ def rloo_rewards_inputs(
 
 
 def run_rloo(
-    cfg: RunConfig, run: RunStore, reward_fn: RewardFn | None, prompts: list[Conversation], *, resume: bool = True
+    cfg: RunConfig,
+    run: RunStore,
+    reward_fn: RewardFn | None,
+    prompts: list[Conversation],
+    *,
+    resume: bool = True,
+    benign: Sequence[Conversation] = (),
 ) -> Path:
     """RLOO (TRL's ``RLOOTrainer``) on the same policy, reference and reward, for comparison with PPO.
 
@@ -500,7 +546,8 @@ def run_rloo(
     for completions without EOS, as in PPO. Mapping: one PPO step = one generation batch of
     ``rollout_batch`` completions (``rloo_k`` per prompt), ``ppo_epochs`` passes in
     minibatches of ``minibatch``;
-    ``beta = kl_coef``, ``epsilon = clip_range``.
+    ``beta = kl_coef``, ``epsilon = clip_range``. The reward is negated after the ``benign`` prompts
+    (:func:`signed_reward`).
     """
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
@@ -529,6 +576,8 @@ def run_rloo(
         return out_dir
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
     reward = _reward_adapter(reward_fn, scorer)
+    if benign:
+        reward = signed_reward(reward, benign)
     steps_per_gen = pc.rollout_batch // pc.minibatch
     seed_everything(cfg.seed)  # before RLOOTrainer wraps the peft_config adapter
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
@@ -599,7 +648,11 @@ def run_rloo(
             "merged_first": ", ".join(str(m) for m in merge) or "none",
             "reward": str(rm_dir) if rm_dir else "reward_fn (programmatic)",
         },
-        counts={"optimizer_steps": int(trainer.state.global_step), "resumed_from_step": resumed_step},
+        counts={
+            "optimizer_steps": int(trainer.state.global_step),
+            "resumed_from_step": resumed_step,
+            "benign_prompts": len(benign),
+        },
         timings={"train_s": t.seconds},
         notes=[
             "mode rloo: TRL RLOOTrainer, k completions per prompt, leave-one-out baseline; "
