@@ -1360,8 +1360,9 @@ class PPOSection:
         default=0,
         metadata={
             "help": "Benign train prompts of pairs.curated added to the preference data's prompts (>= 0; a seeded "
-            "sample, all when there are fewer). Their reward is the preference score negated: the preference model "
-            "scores declining, which is right after a harmful request and wrong after a benign one. 0: none"
+            "sample, all when there are fewer; none the preference data already has). Their reward is the preference "
+            "score negated: the preference model scores declining, which is right after a harmful request and wrong "
+            "after a benign one. 0: none"
         },
     )
     save_steps: int = field(

@@ -339,6 +339,38 @@ def test_benign_prompts_join_with_the_reward_negated(tmp_path, tiny_path):
     assert rows[0]["score"] == pytest.approx((len(seen) - 2 * benign_seen) / len(seen), abs=1e-5)  # 6 digits
 
 
+def test_a_benign_prompt_of_the_preference_data_keeps_its_sign(tmp_path, tiny_path, monkeypatch):
+    """Pairs on a benign prompt taught the preference model that prompt already: it is not added, nor negated."""
+    import cai_dpo.stages.ppo as ppo_stage
+
+    cfg = _cfg(tmp_path, **{"ppo.benign_prompts": 3, "ppo.steps": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 4})
+    chosen = ppo_stage.benign_prompts(cfg)
+    monkeypatch.setattr(ppo_stage, "ppo_prompts", lambda cfg, run: [chosen[0]])
+    scores: dict[str, float] = {}
+
+    def reward(prompts, responses):
+        return [1.0] * len(responses)
+
+    real = ppo_stage.signed_reward
+
+    def spy(reward_fn, benign):
+        signed = real(reward_fn, benign)
+
+        def score(prompts, responses):
+            out = signed(prompts, responses)
+            scores.update({p[-1]["content"]: s for p, s in zip(prompts, out)})
+            return out
+
+        return score
+
+    monkeypatch.setattr(ppo_stage, "signed_reward", spy)
+    out = run_ppo(cfg, reward_fn=reward, progress=False)
+    manifest = read_manifest(out)
+    assert manifest["counts"]["benign_prompts"] == 2 and manifest["inputs"]["prompts"] == "3"
+    assert scores.get(chosen[0][0]["content"]) == 1.0, scores  # the preference data's own prompt: not negated
+    assert all(scores[c[0]["content"]] == -1.0 for c in chosen[1:] if c[0]["content"] in scores)
+
+
 def test_checkpoint_resume_continues_exactly(tmp_path, tiny_path):
     over = {
         "ppo.rollout_batch": 4,

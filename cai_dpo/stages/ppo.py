@@ -90,6 +90,11 @@ LOG_COLUMNS = [
 # --------------------------------------------------------------------------- prompts and data
 
 
+def conversation_key(conv: Conversation) -> str:
+    """A conversation as one string, for sets and dict keys."""
+    return json.dumps(conv, sort_keys=True)
+
+
 def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     """Training prompts: those of the preference data, else of ``data/sl``, else the
     configured prompt sets (train split)."""
@@ -108,11 +113,11 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
             )
         for p in ds["prompt"]:
             conv = as_conversation(p)
-            seen.setdefault(json.dumps(conv, sort_keys=True), conv)
+            seen.setdefault(conversation_key(conv), conv)
     elif run.sl_data.exists():
         for msgs in load_from_disk(str(run.sl_data))["messages"]:
             conv = as_conversation([m for m in msgs[:-1]])
-            seen.setdefault(json.dumps(conv, sort_keys=True), conv)
+            seen.setdefault(conversation_key(conv), conv)
     else:
         from cai_dpo.data import load_prompts, split_prompts
 
@@ -120,7 +125,7 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
             prompts = split_prompts(load_prompts(spec), "train")[: limit or None]
             for p in prompts:
                 conv = as_conversation(p.text)
-                seen.setdefault(json.dumps(conv, sort_keys=True), conv)
+                seen.setdefault(conversation_key(conv), conv)
     if not seen:
         raise InputError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")
     return list(seen.values())
@@ -144,11 +149,11 @@ def signed_reward(
     """``reward`` with its score negated after the ``benign`` prompts (Llama 2 picks the reward by the
     prompt's kind too; Touvron et al. 2023, sec. 3.2.2). The preference model of harmful-prompt pairs
     scores declining, so its negation pays for answering a benign request."""
-    keys = {json.dumps(p, sort_keys=True) for p in benign}
+    keys = {conversation_key(p) for p in benign}
 
     def score(prompts: list[Conversation], responses: list[str]) -> list[float]:
         raw = reward(prompts, responses)
-        return [-float(r) if json.dumps(p, sort_keys=True) in keys else float(r) for p, r in zip(prompts, raw)]
+        return [-float(r) if conversation_key(p) in keys else float(r) for p, r in zip(prompts, raw)]
 
     return score
 
@@ -345,8 +350,13 @@ def run_ppo(
 
     run = run or RunStore(cfg.run_dir)
     set_threads(cfg.threads)
-    benign = [] if prompts else benign_prompts(cfg)
-    prompts = prompts or ppo_prompts(cfg, run) + benign
+    benign: list[Conversation] = []
+    if not prompts:
+        prompts = ppo_prompts(cfg, run)
+        # a benign prompt the preference data already has keeps its score's sign: its pairs taught it
+        known = {conversation_key(p) for p in prompts}
+        benign = [b for b in benign_prompts(cfg) if conversation_key(b) not in known]
+        prompts = prompts + benign
     if cfg.ppo.mode == "rloo":
         return run_rloo(cfg, run, reward_fn, prompts, resume=resume, benign=benign)
     rm_dir = None if reward_fn is not None else reward_model_dir(run)
