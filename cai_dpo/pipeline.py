@@ -101,6 +101,10 @@ def _ppo_ptx(cfg: RunConfig) -> bool:
     return cfg.ppo.ptx_coef > 0
 
 
+def _ppo_benign(cfg: RunConfig) -> bool:
+    return cfg.ppo.benign_prompts > 0
+
+
 def _rm_helpful_mix(cfg: RunConfig) -> bool:
     return cfg.rm.helpful_mix is not None  # helpful rows: prompts of data.helpful and pairs.curated's benign ones
 
@@ -187,8 +191,9 @@ STAGES: tuple[Stage, ...] = (
         (_m("rl_adapter"),),
         (_m("preference_model"), _m("preferences_merged"), _m("sft_adapter")),
         sections=("ppo", "train", "data", *_MODEL),
-        conditional=((_ppo_ptx, ("sft",)),),
-        files=("prompts", "curated"),  # with ptx_data sft, the SFT rows come from sft.curated
+        conditional=((_ppo_ptx, ("sft",)), (_ppo_benign, ("pairs",))),
+        # with ptx_data sft, the SFT rows come from sft.curated; benign prompts from pairs.curated
+        files=("prompts", "curated"),
     ),
     Stage(
         "eval",

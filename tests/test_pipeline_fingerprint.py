@@ -72,6 +72,15 @@ def test_iterative_dpo_and_ptx_read_more_sections(setup, tmp_path):
     ptx = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.ptx_coef": 0.1})
     ptx2 = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.ptx_coef": 0.1, "sft.max_length": 99})
     assert changed(prints(ptx, run), prints(ptx2, run)) == {"sft", "ppo"}
+    # benign prompts come from pairs.curated: a pairs setting then reaches PPO directly
+    benign = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.benign_prompts": 4})
+    benign2 = load_config(
+        "tiny", {"runs_dir": str(tmp_path / "runs"), "ppo.benign_prompts": 4, "pairs.curated_limit": 3}
+    )
+    assert "ppo" in changed(prints(benign, run), prints(benign2, run))
+    plain = load_config("tiny", {"runs_dir": str(tmp_path / "runs")})
+    plain2 = load_config("tiny", {"runs_dir": str(tmp_path / "runs"), "pairs.curated_limit": 3})
+    assert "ppo" not in changed(prints(plain, run), prints(plain2, run))
 
 
 def test_input_file_contents_are_hashed(setup, tmp_path):
