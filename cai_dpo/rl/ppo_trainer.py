@@ -362,7 +362,9 @@ class CaiPPOTrainer:
             "kl": float(kl_seq.mean()),
             "kl_coef": self.kl_ctl.value,
             "entropy": float(masked_mean(ro.entropy, mask, self._all_sum)),
-            "value_mean": float(masked_mean(ro.values, mask, self._all_sum)),
+            "value_mean": (
+                float(masked_mean(ro.values, mask, self._all_sum)) if self.value_model is not None else float("nan")
+            ),
             "response_length": float(lengths.mean()),
             "eos_frac": float(finished.mean()),
             "rollout_s": rollout_s,
