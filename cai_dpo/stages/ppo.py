@@ -147,7 +147,7 @@ def signed_reward(
     reward: Callable[[list[Conversation], list[str]], Sequence[float]], benign: Sequence[Conversation]
 ) -> Callable[[list[Conversation], list[str]], list[float]]:
     """``reward`` with its score negated after the ``benign`` prompts (Llama 2 picks the reward by the
-    prompt's kind too; Touvron et al. 2023, sec. 3.2.2). The preference model of harmful-prompt pairs
+    prompt's kind too; Touvron et al. 2023). The preference model of harmful-prompt pairs
     scores declining, so its negation pays for answering a benign request."""
     keys = {conversation_key(p) for p in benign}
 
