@@ -1915,9 +1915,11 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 def _parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
     """A YAML mapping from ``text`` (YAML 1.2 floats); malformed text raises ConfigError naming ``source``."""
     try:
-        data = load_yaml(text) or {}
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from exc
+    if data is None:  # an empty file (or comments only) is a mistake, not "every default" under run id demo
+        raise ConfigError(f"{source}: file is empty; a config sets at least run_id or a base profile (base: cpu-demo)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of keys to values")
     return data

@@ -671,7 +671,7 @@ def _read_json(path: Path) -> Any:
             "CritiqueRevisionInstructions.json and RLMadisonInstructions.json"
         )
     try:
-        return loads_json(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ConstitutionError(f"not valid JSON ({exc.msg}, line {exc.lineno})", file=path) from exc
 
@@ -688,6 +688,8 @@ def import_anthropic(
     with CritiqueRequest/Critique/RevisionRequest/Revision) and ``RLMadisonFewShotPrompts.json``
     (``{prompt, corrects, incorrects}``). Categories are inferred from keywords.
     """
+    if not name.strip():  # checked here, not as a field of the first JSON file it would be blamed on
+        raise ConstitutionError("the constitution's name is empty; give one (constitution import --name NAME)")
     d = Path(prompts_dir)
     crit_path = d / "CritiqueRevisionInstructions.json"
     cmp_path = d / "RLMadisonInstructions.json"

@@ -650,10 +650,24 @@ class LabelQueue:
         if not path.exists():
             raise FileNotFoundError(f"{path}: label export not found")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is no text
         except UnicodeDecodeError as exc:
             raise LabelQueueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         pair_rows, labels, label_lines, revisions = [], [], {}, []
+        first: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (id field, id) -> (line, row)
+
+        def unique(row: dict[str, Any], field: str, line: int) -> bool:
+            """False for an exact repeat of an earlier row (skipped); a repeat of its id that differs raises."""
+            seen = first.setdefault((field, row[field]), (line, row))
+            if seen[0] == line:
+                return True
+            if seen[1] != row:
+                raise LabelQueueError(
+                    f"{path}: line {line}: field '{field}' {row[field]!r} is already on line {seen[0]} with other "
+                    "content; give each its own id or remove one; nothing was imported"
+                )
+            return False
+
         for i, line in jsonl_lines(text):
             try:
                 row = loads_json(line)
@@ -671,12 +685,18 @@ class LabelQueue:
                         f"this cai-dpo reads ({SCHEMA_VERSION}); upgrade cai-dpo"
                     )
             elif kind == "pair":
-                pair_rows.append(_pair_values(row, where))
+                values = _pair_values(row, where)
+                if unique(row, "pair_id", i):
+                    pair_rows.append(values)
             elif kind == "label":
-                labels.append(_label_values(row, where))
-                label_lines[labels[-1][1]] = i
+                values = _label_values(row, where)
+                if unique(row, "label_id", i):
+                    labels.append(values)
+                    label_lines[values[1]] = i
             elif kind == "revision":
-                revisions.append(_revision_values(row, where))
+                values = _revision_values(row, where)
+                if unique(row, "revision_id", i):
+                    revisions.append(values)
             else:
                 raise LabelQueueError(f"{where}: field 'kind' must be meta, pair, label or revision, got {kind!r}")
         with self._write() as db:

@@ -136,12 +136,33 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
 _SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object (raised inside ``json.loads``; see :func:`loads_json`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def loads_json(text: str) -> Any:
-    """``json.loads`` for input files, refusing a lone UTF-16 surrogate escape (``"\\ud800"``
-    without its pair): JSON's grammar allows one, but it is no text (UTF-8 cannot encode it, and
-    tokenizers, SQLite and hashing fail on it later, with a traceback). Raises
-    ``json.JSONDecodeError``, for the lone surrogate at the column of its escape."""
-    obj = json.loads(text)
+    """``json.loads`` for input files, refusing what JSON's grammar allows but no writer means:
+    a key given twice in one object (``json.loads`` keeps the last, so a second ``"response"``
+    silently replaced the first), and a lone UTF-16 surrogate escape (``"\\ud800"`` without its
+    pair), which is no text (UTF-8 cannot encode it, and tokenizers, SQLite and hashing fail on it
+    later, with a traceback). Raises ``json.JSONDecodeError`` at the column of the second key or of
+    the escape."""
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        key = exc.args[0]
+        found = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+        pos = found[1].start() if len(found) > 1 else 0  # 0 where the key is written with escapes
+        raise json.JSONDecodeError(f"key {key!r} given twice in one object", text, pos) from None
     if _SURROGATE_ESCAPE.search(text) is None:
         return obj
     try:
@@ -314,7 +335,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     rows = []
@@ -810,6 +831,7 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
             if not _held[key]:
                 del _held[key]
         return
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / LOCK_FILE), timeout=0)
     try:
@@ -845,7 +867,18 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
             os.environ[LOCK_ENV] = previous_env
         with contextlib.suppress(OSError):
             (root / LOCK_INFO).unlink()
+        if created:
+            _remove_if_only_lock(root)
         lock.release()
+
+
+def _remove_if_only_lock(root: Path) -> None:
+    """Remove a run folder this lock created when it holds no file but the lock (empty subfolders
+    aside): a command that failed before writing anything leaves no run behind. Called while the
+    lock is held, so no other process can have started in it."""
+    with contextlib.suppress(OSError):
+        if all(p.is_dir() or p == root / LOCK_FILE for p in root.rglob("*")):
+            shutil.rmtree(root)
 
 
 def locked_stage(func: Any) -> Any:

@@ -269,6 +269,50 @@ def jsonl_record_lone_surrogate(ctx):
     return (lambda: read_jsonl(path)), [str(path), "line 2", "lone UTF-16 surrogate", "column 11"]
 
 
+# json.loads keeps the last of a key given twice, so a second "text" or "response" silently replaced the first;
+# every JSON reader (store.read_jsonl, prompt and curated files, label imports, constitution import) refuses it
+@case
+def jsonl_record_duplicate_key(ctx):
+    path = ctx.write("rows.jsonl", '{"ok": 1}\n{"a": {"b": 1, "b" : 2}}\n')
+    return (lambda: read_jsonl(path)), [str(path), "line 2", "key 'b' given twice", "column 16"]
+
+
+@case
+def prompt_file_duplicate_key(ctx):
+    from cai_dpo.data import load_prompts
+
+    path = ctx.write("p.jsonl", '{"id": "a", "text": "first", "text": "second"}\n')
+    return (lambda: load_prompts(path)), [str(path), "line 1", "key 'text' given twice"]
+
+
+@case
+def curated_duplicate_key(ctx):
+    from cai_dpo.curated import load_curated
+
+    path = ctx.write("cur.jsonl", '{"id": "h1", "kind": "harmful", "kind": "benign", "messages": []}\n')
+    return (lambda: load_curated(str(path))), [str(path), "line 1", "key 'kind' given twice"]
+
+
+@case
+def constitution_import_duplicate_key(ctx):
+    from cai_dpo.constitution import import_anthropic
+
+    ctx.write(
+        "paper/CritiqueRevisionInstructions.json", '{"h0": {"prompt": ["a"], "prompt": ["b"], "edit_request": "e"}}'
+    )
+    ctx.write("paper/RLMadisonInstructions.json", '["Which is better?"]')
+    return (lambda: import_anthropic(ctx.root / "inputs" / "paper")), [
+        "CritiqueRevisionInstructions.json",
+        "key 'prompt' given twice",
+    ]
+
+
+@case
+def config_file_empty(ctx):  # it loaded as every default under run id "demo"
+    path = ctx.write("empty.yaml", "# nothing yet\n")
+    return (lambda: load_config(str(path))), [str(path), "file is empty"]
+
+
 @case
 def saved_run_config_malformed(ctx):
     path = ctx.write("saved/config.yaml", "run_id: r1\nsl: [unclosed\n")
@@ -443,6 +487,12 @@ def _import_pair(c: Ctx, db: Path | None = None, **fields: Any) -> list[str]:
     return ["labels", "import", "--profile", "tiny", "--db", str(db or c.db), str(c.export(rows))]
 
 
+def _import_text(c: Ctx, line: str) -> list[str]:
+    """``labels import`` of a file whose second line (after the meta line) is ``line``, verbatim."""
+    path = c.write("labels.jsonl", '{"kind": "meta", "schema_version": 1}\n' + line + "\n")
+    return ["labels", "import", "--profile", "tiny", "--db", str(c.db), str(path)]
+
+
 def _generate(c: Ctx, prompts: str, output: str, *more: str) -> list[str]:
     """``generate`` of a prompt file with body ``prompts``."""
     return ["generate", "--profile", "tiny", str(c.write("p.jsonl", prompts)), output, *more]
@@ -510,6 +560,47 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     "labels_import_lone_surrogate": (
         lambda c: _import_pair(c, prompt="hi\ud800"),
         ["labels.jsonl", "line 2", "lone UTF-16 surrogate"],
+    ),
+    "labels_import_duplicate_key": (
+        lambda c: _import_text(c, '{"kind": "pair", "pair_id": "p8", "response_a": "a", "response_a": "b"}'),
+        ["labels.jsonl", "line 2", "key 'response_a' given twice"],
+    ),
+    # it blamed the first JSON file for the empty name
+    "constitution_import_empty_name": (
+        lambda c: [
+            "constitution",
+            "import",
+            str(c.write("paper/RLMadisonInstructions.json", "[]").parent),
+            str(c.root / "out.yaml"),
+            "--name",
+            " ",
+        ],
+        ["constitution's name is empty", "--name"],
+    ),
+    # two pairs with one pair_id: the first was kept silently
+    "labels_import_pair_id_repeats_with_other_content": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p8", kind="pair"), pair("p8", kind="pair", prompt="another prompt")])),
+        ],
+        ["labels.jsonl", "line 3", "'pair_id' 'p8' is already on line 2", "nothing was imported"],
+    ),
+    "labels_import_label_id_repeats_with_other_content": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([label("p2"), label("p2", choice="B")])),
+        ],
+        ["labels.jsonl", "line 3", "'label_id' 'l-p2' is already on line 2"],
     ),
     # an output path that is a folder: the error named the writer's temp file, and came after generating
     "generate_output_is_a_folder": (
@@ -1006,3 +1097,72 @@ def test_a_model_folder_removed_after_use_does_not_block_the_run(ctx):
     open_run("tiny", "r2", [f"runs_dir={ctx.runs}", f"judge.model={{name: {inside}}}"], create=True)
     with pytest.raises(CaiDpoInputError, match="'sl.teacher.name': '/other/teacher'"):
         open_run("tiny", "r1", [f"runs_dir={ctx.runs}", "sl.teacher={name: /other/teacher}"], create=False)
+
+
+# --------------------------------------------------------------------------- 11: byte-order marks, repeated ids
+
+
+BOM = "\ufeff"
+
+
+def test_every_json_reader_reads_a_file_with_a_byte_order_mark(ctx):
+    """Some editors (Notepad, Excel's UTF-8 export) start a file with U+FEFF; the prompt reader skipped it, the
+    label import, read_jsonl and the constitution import refused line 1 as not JSON."""
+    from cai_dpo.constitution import import_anthropic
+    from cai_dpo.data import load_prompts
+
+    rows = ctx.write("rows.jsonl", BOM + '{"a": 1}\n{"a": 2}\n')
+    assert read_jsonl(rows) == [{"a": 1}, {"a": 2}]
+    prompts = ctx.write("p.jsonl", BOM + '{"id": "x", "text": "hello"}\n')
+    assert [p.text for p in load_prompts(prompts)] == ["hello"]
+    export = ctx.write("bom.jsonl", BOM + json.dumps({"kind": "meta", "schema_version": 1}) + "\n")
+    ctx.write("bom.jsonl", export.read_text(encoding="utf-8") + json.dumps({"kind": "pair", **pair("p9")}) + "\n")
+    with LabelQueue(ctx.db) as q:
+        assert q.import_jsonl(export) == {"pairs": 1, "labels": 0, "revisions": 0}
+        assert q.pair("p9")["prompt"] == "prompt p9"
+    crit = {"h0": {"prompt": ["Point out harm."], "edit_request": "Remove the harm."}}
+    ctx.write("paper/CritiqueRevisionInstructions.json", BOM + json.dumps(crit))
+    ctx.write("paper/RLMadisonInstructions.json", BOM + json.dumps(["Which is less harmful?"]))
+    c = import_anthropic(ctx.root / "inputs" / "paper")
+    assert [p.critique for p in c.principles] == ["Point out harm."]
+    cfg = ctx.write("bom.yaml", BOM + f"base: tiny\nruns_dir: {ctx.runs}\nrun_id: bom\n")
+    assert load_config(str(cfg)).run_id == "bom"
+
+
+def test_json_objects_keep_distinct_keys_and_nested_repeats():
+    """Only a key repeated within one object is refused; the same key in sibling or nested objects is fine."""
+    from cai_dpo.store import loads_json
+
+    text = '{"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}], "c": "\\"a\\": 3"}'
+    assert loads_json(text) == {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}], "c": '"a": 3'}
+
+
+def test_label_import_skips_an_exact_repeat_and_imports_it_once(ctx):
+    """A file holding the same pair and label twice (two exports joined) imports each once."""
+    rows = [pair("p8", kind="pair"), label("p8"), pair("p8", kind="pair"), label("p8")]
+    with LabelQueue(ctx.db) as q:
+        assert q.import_jsonl(ctx.export(rows)) == {"pairs": 1, "labels": 1, "revisions": 0}
+        assert [lab["label_id"] for lab in q.labels() if lab["pair_id"] == "p8"] == ["l-p8"]
+
+
+def test_a_command_that_fails_on_a_new_run_leaves_no_run_folder(ctx, capsys):
+    """A failed first command on a new run id left ``runs/<id>/`` holding only its ``.lock``; the next
+    ``cai-dpo`` listing or ``--from`` saw a run that never was. A folder with anything else in it stays."""
+    from cai_dpo.cli import main
+    from cai_dpo.store import run_lock
+
+    new = ctx.runs / "fresh"
+    with pytest.raises(RuntimeError), run_lock(new):
+        raise RuntimeError("stage failed")
+    assert not new.exists()
+    with run_lock(new):
+        (new / "config.yaml").write_text("run_id: fresh\n")
+    assert sorted(p.name for p in new.iterdir()) == [".lock", "config.yaml"]
+    empty = ctx.runs / "made-by-hand"
+    empty.mkdir()
+    with run_lock(empty):
+        pass
+    assert empty.is_dir()  # not created by the lock: left as it was
+    rc = main(["ppo", "--profile", "tiny", "-o", f"runs_dir={ctx.runs}", "--run-id", "never"])
+    assert rc != 0 and "error: " in capsys.readouterr().err
+    assert not (ctx.runs / "never").exists()

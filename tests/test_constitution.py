@@ -177,6 +177,21 @@ def test_empty_and_malformed_files(tmp_path):
         load_constitution(tmp_path / "missing.yaml")
 
 
+def test_validate_command_reports_each_file_and_exits_one(tmp_path, capsys):
+    """``constitution validate`` checks every file it is given: a folder or a missing file is one more
+    invalid argument (exit 1, like a malformed file), not a different exit code that stops at it."""
+    from cai_dpo.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert main(["constitution", "validate", "default"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    assert main(["constitution", "validate", str(tmp_path), "default", str(tmp_path / "gone.yaml"), str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("ok: ") == 1 and err.count("invalid: ") == 3 and "Traceback" not in err
+    assert str(tmp_path) in err and "gone.yaml" in err and "bad.yaml" in err
+
+
 # --------------------------------------------------------------------------- sampling
 
 
