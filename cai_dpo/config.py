@@ -1918,8 +1918,8 @@ def _parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {describe_yaml_error(exc)}") from exc
-    if data is None:  # an empty file (or comments only) is a mistake, not "every default" under run id demo
-        raise ConfigError(f"{source}: file is empty; a config sets at least run_id or a base profile (base: cpu-demo)")
+    if data is None:  # empty, comments only or null: a mistake, not "every default" under run id demo
+        raise ConfigError(f"{source}: no settings (the file is empty or null); a config sets at least run_id or base")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of keys to values")
     return data

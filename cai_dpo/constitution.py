@@ -674,6 +674,8 @@ def _read_json(path: Path) -> Any:
         return loads_json(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ConstitutionError(f"not valid JSON ({exc.msg}, line {exc.lineno})", file=path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConstitutionError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from exc
 
 
 def import_anthropic(

@@ -568,7 +568,7 @@ def load_prompts(
             prompts = load_dataset_dir(path, source, text_field)
         else:
             suffix = path.suffix.lower()
-            if suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+            if suffix == ".json" and _read_text(path).lstrip().startswith("["):  # _read_text: errors name the file
                 prompts = load_json_array(path, source, text_field)
             elif suffix in (".jsonl", ".json", ".ndjson"):
                 prompts = load_jsonl(path, source, text_field)

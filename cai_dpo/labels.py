@@ -653,20 +653,19 @@ class LabelQueue:
             text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is no text
         except UnicodeDecodeError as exc:
             raise LabelQueueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        pair_rows, labels, label_lines, revisions = [], [], {}, []
-        first: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (id field, id) -> (line, row)
+        pair_rows, labels, label_lines, revisions, pair_lines = [], [], {}, [], {}
+        first: dict[tuple[str, str], tuple[int, tuple[Any, ...]]] = {}  # (id field, id) -> (line, what must agree)
 
-        def unique(row: dict[str, Any], field: str, line: int) -> bool:
-            """False for an exact repeat of an earlier row (skipped); a repeat of its id that differs raises."""
-            seen = first.setdefault((field, row[field]), (line, row))
-            if seen[0] == line:
-                return True
-            if seen[1] != row:
+        def new_id(field: str, agree: tuple[Any, ...], line: int) -> bool:
+            """True for the first row with id ``agree[0]``; False for a repeat (skipped, as a queued id is) when
+            ``agree`` matches the first row's; a repeat that differs raises."""
+            seen = first.setdefault((field, agree[0]), (line, agree))
+            if seen[0] != line and seen[1] != agree:
                 raise LabelQueueError(
-                    f"{path}: line {line}: field '{field}' {row[field]!r} is already on line {seen[0]} with other "
+                    f"{path}: line {line}: field '{field}' {agree[0]!r} is already on line {seen[0]} with other "
                     "content; give each its own id or remove one; nothing was imported"
                 )
-            return False
+            return seen[0] == line
 
         for i, line in jsonl_lines(text):
             try:
@@ -686,20 +685,28 @@ class LabelQueue:
                     )
             elif kind == "pair":
                 values = _pair_values(row, where)
-                if unique(row, "pair_id", i):
+                if new_id("pair_id", values[:4], i):  # a pair is its prompt and responses (not when it was queued)
                     pair_rows.append(values)
+                    pair_lines[values[0]] = i
             elif kind == "label":
                 values = _label_values(row, where)
-                if unique(row, "label_id", i):
+                if new_id("label_id", values, i):
                     labels.append(values)
                     label_lines[values[1]] = i
             elif kind == "revision":
                 values = _revision_values(row, where)
-                if unique(row, "revision_id", i):
+                if new_id("revision_id", values, i):
                     revisions.append(values)
             else:
                 raise LabelQueueError(f"{where}: field 'kind' must be meta, pair, label or revision, got {kind!r}")
         with self._write() as db:
+            queued = {r[0]: tuple(r) for r in db.execute("SELECT pair_id, prompt, response_a, response_b FROM pairs")}
+            for values in pair_rows:
+                if values[0] in queued and queued[values[0]] != values[:4]:
+                    raise LabelQueueError(
+                        f"{path}: line {pair_lines[values[0]]}: field 'pair_id' {values[0]!r} is queued in {self.path} "
+                        "with another prompt or responses (labels would apply to other answers); nothing was imported"
+                    )
             added_pairs = _insert_pairs(db, pair_rows)
             known = {r[0] for r in db.execute("SELECT pair_id FROM pairs")}
             orphans = sorted({lab[1] for lab in labels} - known)

@@ -149,6 +149,26 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+#: a JSON string (``group(1)``: the colon after it, when it is a key) or a brace
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"(\s*:)?|[{}]')
+
+
+def _repeat_at(text: str, key: str) -> int:
+    """Index in valid JSON ``text`` of the first key ``key`` that its object already has (0 if none)."""
+    keys: list[set[str]] = []  # one set per open object
+    for m in _JSON_TOKEN.finditer(text):
+        if m.group(0) == "{":
+            keys.append(set())
+        elif m.group(0) == "}":
+            keys.pop()
+        elif m.group(1) and keys:
+            name = json.loads(text[m.start() : m.start(1)])
+            if name == key and name in keys[-1]:
+                return m.start()
+            keys[-1].add(name)
+    return 0
+
+
 def loads_json(text: str) -> Any:
     """``json.loads`` for input files, refusing what JSON's grammar allows but no writer means:
     a key given twice in one object (``json.loads`` keeps the last, so a second ``"response"``
@@ -160,9 +180,7 @@ def loads_json(text: str) -> Any:
         obj = json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         key = exc.args[0]
-        found = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
-        pos = found[1].start() if len(found) > 1 else 0  # 0 where the key is written with escapes
-        raise json.JSONDecodeError(f"key {key!r} given twice in one object", text, pos) from None
+        raise json.JSONDecodeError(f"key {key!r} given twice in one object", text, _repeat_at(text, key)) from None
     if _SURROGATE_ESCAPE.search(text) is None:
         return obj
     try:
@@ -876,9 +894,12 @@ def _remove_if_only_lock(root: Path) -> None:
     """Remove a run folder this lock created when it holds no file but the lock (empty subfolders
     aside): a command that failed before writing anything leaves no run behind. Called while the
     lock is held, so no other process can have started in it."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a folder that holds a file refuses rmdir: nothing is ever lost
         if all(p.is_dir() or p == root / LOCK_FILE for p in root.rglob("*")):
-            shutil.rmtree(root)
+            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                folder.rmdir()
+            (root / LOCK_FILE).unlink()
+            root.rmdir()
 
 
 def locked_stage(func: Any) -> Any:

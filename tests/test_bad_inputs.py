@@ -273,8 +273,31 @@ def jsonl_record_lone_surrogate(ctx):
 # every JSON reader (store.read_jsonl, prompt and curated files, label imports, constitution import) refuses it
 @case
 def jsonl_record_duplicate_key(ctx):
-    path = ctx.write("rows.jsonl", '{"ok": 1}\n{"a": {"b": 1, "b" : 2}}\n')
-    return (lambda: read_jsonl(path)), [str(path), "line 2", "key 'b' given twice", "column 16"]
+    path = ctx.write("rows.jsonl", '{"ok": 1}\n{"x": {"b": 1}, "y": {"b": 1, "b" : 2}}\n')
+    return (lambda: read_jsonl(path)), [str(path), "line 2", "key 'b' given twice", "column 31"]
+
+
+@case
+def jsonl_record_duplicate_escaped_key(ctx):  # the position is where the object repeats the key, however written
+    path = ctx.write("rows.jsonl", r'{"\u00e9": 1, "é": 2}' + "\n")
+    return (lambda: read_jsonl(path)), [str(path), "line 1", "key 'é' given twice", "column 15"]
+
+
+@case
+def prompt_json_not_utf8(ctx):  # the .json sniff read the file before the reader that names it
+    from cai_dpo.data import load_prompts
+
+    path = ctx.write("p.json", b'[{"text": "caf\xe9"}]')
+    return (lambda: load_prompts(path)), [str(path), "not UTF-8"]
+
+
+@case
+def constitution_import_not_utf8(ctx):  # it was a UnicodeDecodeError traceback
+    from cai_dpo.constitution import import_anthropic
+
+    ctx.write("latin/CritiqueRevisionInstructions.json", b'{"h0": {"prompt": ["caf\xe9"], "edit_request": "e"}}')
+    ctx.write("latin/RLMadisonInstructions.json", '["Which is better?"]')
+    return (lambda: import_anthropic(ctx.root / "inputs" / "latin")), ["CritiqueRevisionInstructions.json", "UTF-8"]
 
 
 @case
@@ -310,7 +333,7 @@ def constitution_import_duplicate_key(ctx):
 @case
 def config_file_empty(ctx):  # it loaded as every default under run id "demo"
     path = ctx.write("empty.yaml", "# nothing yet\n")
-    return (lambda: load_config(str(path))), [str(path), "file is empty"]
+    return (lambda: load_config(str(path))), [str(path), "no settings"]
 
 
 @case
@@ -589,6 +612,19 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
             str(c.export([pair("p8", kind="pair"), pair("p8", kind="pair", prompt="another prompt")])),
         ],
         ["labels.jsonl", "line 3", "'pair_id' 'p8' is already on line 2", "nothing was imported"],
+    ),
+    # a pair queued with other responses: the file's labels were applied to the queued answers
+    "labels_import_pair_queued_with_other_responses": (
+        lambda c: [
+            "labels",
+            "import",
+            "--profile",
+            "tiny",
+            "--db",
+            str(c.db),
+            str(c.export([pair("p1", kind="pair", response_b="x")])),
+        ],
+        ["labels.jsonl", "line 2", "'pair_id' 'p1' is queued in", "another prompt or responses"],
     ),
     "labels_import_label_id_repeats_with_other_content": (
         lambda c: [
@@ -1115,8 +1151,8 @@ def test_every_json_reader_reads_a_file_with_a_byte_order_mark(ctx):
     assert read_jsonl(rows) == [{"a": 1}, {"a": 2}]
     prompts = ctx.write("p.jsonl", BOM + '{"id": "x", "text": "hello"}\n')
     assert [p.text for p in load_prompts(prompts)] == ["hello"]
-    export = ctx.write("bom.jsonl", BOM + json.dumps({"kind": "meta", "schema_version": 1}) + "\n")
-    ctx.write("bom.jsonl", export.read_text(encoding="utf-8") + json.dumps({"kind": "pair", **pair("p9")}) + "\n")
+    meta = {"kind": "meta", "schema_version": 1}
+    export = ctx.write("bom.jsonl", BOM + json.dumps(meta) + "\n" + json.dumps({"kind": "pair", **pair("p9")}) + "\n")
     with LabelQueue(ctx.db) as q:
         assert q.import_jsonl(export) == {"pairs": 1, "labels": 0, "revisions": 0}
         assert q.pair("p9")["prompt"] == "prompt p9"
@@ -1137,12 +1173,21 @@ def test_json_objects_keep_distinct_keys_and_nested_repeats():
     assert loads_json(text) == {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}], "c": '"a": 3'}
 
 
-def test_label_import_skips_an_exact_repeat_and_imports_it_once(ctx):
-    """A file holding the same pair and label twice (two exports joined) imports each once."""
-    rows = [pair("p8", kind="pair"), label("p8"), pair("p8", kind="pair"), label("p8")]
+def test_label_import_takes_a_repeat_once(ctx):
+    """Two exports joined hold the same pair twice, queued at different times (each queue stamps its own
+    ``enqueued_at``), and the same label with its time written two ways: each is imported once. A pair the
+    queue has with the same prompt and responses is skipped, whatever its other fields."""
+    rows = [
+        pair("p8", kind="pair", enqueued_at="2026-01-31T09:00:00+00:00"),
+        label("p8", created_at="2026-01-31T12:00:00Z"),
+        pair("p8", kind="pair", enqueued_at="2026-02-02T10:30:00+00:00", p_chosen=0.6),
+        label("p8", created_at="2026-01-31T12:00:00+00:00"),
+        pair("p1", kind="pair", p_chosen=0.4),  # queued already (p_chosen 0.55): same prompt and responses
+    ]
     with LabelQueue(ctx.db) as q:
         assert q.import_jsonl(ctx.export(rows)) == {"pairs": 1, "labels": 1, "revisions": 0}
         assert [lab["label_id"] for lab in q.labels() if lab["pair_id"] == "p8"] == ["l-p8"]
+        assert q.pair("p8")["p_chosen"] == 0.55 and q.pair("p1")["p_chosen"] == 0.55
 
 
 def test_a_command_that_fails_on_a_new_run_leaves_no_run_folder(ctx, capsys):
