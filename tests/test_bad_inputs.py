@@ -504,10 +504,14 @@ def test_bad_input_names_file_and_field_and_damages_nothing(name, ctx):
 # --------------------------------------------------------------------------- command line
 
 
+def _import_rows(c: Ctx, rows: list[dict[str, Any]], db: Path | None = None) -> list[str]:
+    """``labels import`` of an export holding ``rows`` into ``db`` (default: the run's queue)."""
+    return ["labels", "import", "--profile", "tiny", "--db", str(db or c.db), str(c.export(rows))]
+
+
 def _import_pair(c: Ctx, db: Path | None = None, **fields: Any) -> list[str]:
     """``labels import`` of one pair (``fields`` over a valid one) into ``db`` (default: the run's queue)."""
-    rows = [pair("p8", kind="pair", **fields)]
-    return ["labels", "import", "--profile", "tiny", "--db", str(db or c.db), str(c.export(rows))]
+    return _import_rows(c, [pair("p8", kind="pair", **fields)], db)
 
 
 def _import_text(c: Ctx, line: str) -> list[str]:
@@ -602,40 +606,16 @@ CLI_CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     ),
     # two pairs with one pair_id: the first was kept silently
     "labels_import_pair_id_repeats_with_other_content": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p8", kind="pair"), pair("p8", kind="pair", prompt="another prompt")])),
-        ],
+        lambda c: _import_rows(c, [pair("p8", kind="pair"), pair("p8", kind="pair", prompt="another prompt")]),
         ["labels.jsonl", "line 3", "'pair_id' 'p8' is already on line 2", "nothing was imported"],
     ),
     # a pair queued with other responses: the file's labels were applied to the queued answers
     "labels_import_pair_queued_with_other_responses": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([pair("p1", kind="pair", response_b="x")])),
-        ],
+        lambda c: _import_rows(c, [pair("p1", kind="pair", response_b="x")]),
         ["labels.jsonl", "line 2", "'pair_id' 'p1' is queued in", "another prompt or responses"],
     ),
     "labels_import_label_id_repeats_with_other_content": (
-        lambda c: [
-            "labels",
-            "import",
-            "--profile",
-            "tiny",
-            "--db",
-            str(c.db),
-            str(c.export([label("p2"), label("p2", choice="B")])),
-        ],
+        lambda c: _import_rows(c, [label("p2"), label("p2", choice="B")]),
         ["labels.jsonl", "line 3", "'label_id' 'l-p2' is already on line 2"],
     ),
     # an output path that is a folder: the error named the writer's temp file, and came after generating
