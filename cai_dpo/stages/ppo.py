@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import re
@@ -51,6 +50,7 @@ from cai_dpo.rl.reward import RewardFn, RewardScorer, prompt_text, rm_spec, sft_
 from cai_dpo.rl.rollout import PtxBatches
 from cai_dpo.schema import Conversation, as_conversation
 from cai_dpo.sft_rows import build_rows
+from cai_dpo.splits import prompt_key
 from cai_dpo.store import (
     Manifest,
     RunStore,
@@ -90,11 +90,6 @@ LOG_COLUMNS = [
 # --------------------------------------------------------------------------- prompts and data
 
 
-def conversation_key(conv: Conversation) -> str:
-    """A conversation as one string, for sets and dict keys."""
-    return json.dumps(conv, sort_keys=True)
-
-
 def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
     """Training prompts: those of the preference data, else of ``data/sl``, else the
     configured prompt sets (train split)."""
@@ -113,11 +108,11 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
             )
         for p in ds["prompt"]:
             conv = as_conversation(p)
-            seen.setdefault(conversation_key(conv), conv)
+            seen.setdefault(prompt_key(conv), conv)
     elif run.sl_data.exists():
         for msgs in load_from_disk(str(run.sl_data))["messages"]:
             conv = as_conversation([m for m in msgs[:-1]])
-            seen.setdefault(conversation_key(conv), conv)
+            seen.setdefault(prompt_key(conv), conv)
     else:
         from cai_dpo.data import load_prompts, split_prompts
 
@@ -125,7 +120,7 @@ def ppo_prompts(cfg: RunConfig, run: RunStore) -> list[Conversation]:
             prompts = split_prompts(load_prompts(spec), "train")[: limit or None]
             for p in prompts:
                 conv = as_conversation(p.text)
-                seen.setdefault(conversation_key(conv), conv)
+                seen.setdefault(prompt_key(conv), conv)
     if not seen:
         raise InputError(f"{run.root}: no prompts for PPO (data/preferences, data/sl and the prompt sets are empty)")
     return list(seen.values())
@@ -145,15 +140,18 @@ def benign_prompts(cfg: RunConfig) -> list[Conversation]:
 
 def signed_reward(
     reward: Callable[[list[Conversation], list[str]], Sequence[float]], benign: Sequence[Conversation]
-) -> Callable[[list[Conversation], list[str]], list[float]]:
+) -> Callable[[list[Conversation], list[str]], Sequence[float]]:
     """``reward`` with its score negated after the ``benign`` prompts (Llama 2 picks the reward by the
     prompt's kind too; Touvron et al. 2023). The preference model of harmful-prompt pairs
-    scores declining, so its negation pays for answering a benign request."""
-    keys = {conversation_key(p) for p in benign}
+    scores declining, so its negation pays for answering a benign request. ``reward`` itself when
+    there are no benign prompts."""
+    if not benign:
+        return reward
+    keys = {prompt_key(p) for p in benign}
 
     def score(prompts: list[Conversation], responses: list[str]) -> list[float]:
         raw = reward(prompts, responses)
-        return [-float(r) if conversation_key(p) in keys else float(r) for p, r in zip(prompts, raw)]
+        return [-float(r) if prompt_key(p) in keys else float(r) for p, r in zip(prompts, raw)]
 
     return score
 
@@ -354,8 +352,8 @@ def run_ppo(
     if not prompts:
         prompts = ppo_prompts(cfg, run)
         # a benign prompt the preference data already has keeps its score's sign: its pairs taught it
-        known = {conversation_key(p) for p in prompts}
-        benign = [b for b in benign_prompts(cfg) if conversation_key(b) not in known]
+        known = {prompt_key(p) for p in prompts}
+        benign = [b for b in benign_prompts(cfg) if prompt_key(b) not in known]
         prompts = prompts + benign
     if cfg.ppo.mode == "rloo":
         return run_rloo(cfg, run, reward_fn, prompts, resume=resume, benign=benign)
@@ -367,9 +365,7 @@ def run_ppo(
         log.info("PPO adapter in %s is up to date (same prompts, preference model, SFT adapter and settings)", out_dir)
         return out_dir
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
-    reward = _reward_adapter(reward_fn, scorer)
-    if benign:
-        reward = signed_reward(reward, benign)
+    reward = signed_reward(_reward_adapter(reward_fn, scorer), benign)
 
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
@@ -585,9 +581,7 @@ def run_rloo(
         log.info("RLOO adapter in %s is up to date; nothing to train", out_dir)
         return out_dir
     scorer = None if reward_fn is not None else default_reward(run, cfg)[0]
-    reward = _reward_adapter(reward_fn, scorer)
-    if benign:
-        reward = signed_reward(reward, benign)
+    reward = signed_reward(_reward_adapter(reward_fn, scorer), benign)
     steps_per_gen = pc.rollout_batch // pc.minibatch
     seed_everything(cfg.seed)  # before RLOOTrainer wraps the peft_config adapter
     model, tok = load_model(cfg.policy, trainable=True, merge_first=merge)
