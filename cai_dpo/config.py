@@ -604,6 +604,8 @@ TRAINER_OPTION_FIELDS: dict[str, tuple[str, bool]] = {
     "seed": ("seed", False),
     "data_seed": ("seed", False),
     "report_to": ("train.report_to", False),
+    "gradient_checkpointing": ("train.gradient_checkpointing", False),
+    "activation_checkpointing": ("train.gradient_checkpointing", False),
 }
 
 
@@ -1608,6 +1610,13 @@ class TrainSection:
     timeout_s: float = field(
         default=300.0,
         metadata={"help": "Seconds a process waits for the others in a collective before the run fails (> 0)"},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass of the TRL trainers (sft, dpo, rm, ppo.mode rloo): "
+            "less activation memory for about a third more compute. null: on with a GPU, off on the CPU"
+        },
     )
 
     def problems(self) -> Problems:

@@ -2,7 +2,8 @@
 
 - :func:`common_training_args` — the keyword arguments every TRL config needs here:
   fp32 on CPU (``bf16=False``, ``use_cpu`` without a GPU), bf16 on a GPU that has it,
-  step-based logging/saving/evaluation, no hub, no gradient checkpointing on CPU.
+  step-based logging/saving/evaluation, no hub, gradient checkpointing only on a GPU
+  unless ``train.gradient_checkpointing`` says otherwise (TRL's configs default it to on).
 - :func:`trl_config` — ``SFTConfig``/``DPOConfig``/``RewardConfig`` from those, the stage's own keys
   and the section's checked ``trainer_kwargs``.
 - :func:`training_callbacks` — a :class:`CsvMetricsCallback` writing ``log.csv`` into a
@@ -47,6 +48,8 @@ from cai_dpo.store import atomic_write_text
 if TYPE_CHECKING:
     import torch
 
+    from cai_dpo.config import TrainSection
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NOTE = "cai_dpo_inputs.json"
@@ -86,13 +89,17 @@ def common_training_args(
     save_steps: int | None = None,
     logging_steps: int = 1,
     save_total_limit: int = 2,
+    gradient_checkpointing: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for a TRL ``*Config`` from a stage's config section.
 
     ``section`` may carry ``learning_rate``, ``epochs``, ``max_steps``, ``batch_size``,
     ``grad_accum`` and ``save_steps`` (missing ones get defaults). ``has_eval`` turns on
-    step-based evaluation at the save interval. ``overrides`` replace any key.
+    step-based evaluation at the save interval. ``gradient_checkpointing`` (``train.gradient_checkpointing``):
+    None turns it on with a GPU (activation memory at 7B) and off on the CPU, where memory is
+    plentiful and recomputing each forward pass makes a training step about a third slower.
+    ``overrides`` replace any key.
     """
     gpu = has_gpu()
     bf16 = False
@@ -121,6 +128,8 @@ def common_training_args(
         "bf16": bf16,
         "fp16": False,
         "use_cpu": not gpu,
+        # transformers 5's name for gradient checkpointing; TRL's configs still default the old name to on
+        "activation_checkpointing": gpu if gradient_checkpointing is None else gradient_checkpointing,
         "report_to": "none",
         "seed": seed,
         "data_seed": seed,
@@ -141,18 +150,22 @@ def trl_config(
     *,
     seed: int = 0,
     has_eval: bool = False,
+    gradient_checkpointing: bool | None = None,
     **stage_args: Any,
 ) -> Any:
     """The TRL config ``config_cls`` of a training section (:class:`cai_dpo.config.TrainingSection`).
 
-    Its arguments: :func:`common_training_args`, the stage's own ``stage_args``, then the
-    section's ``trainer_kwargs``. A ``trainer_kwargs`` key that ``config_cls`` does not accept,
+    Its arguments: :func:`common_training_args` (with ``gradient_checkpointing``), the stage's own
+    ``stage_args``, then the section's ``trainer_kwargs``. A ``trainer_kwargs`` key that ``config_cls`` does not accept,
     that cai-dpo sets from one of its fields, or that the project or the stage sets here raises
     ConfigError naming ``<section>.trainer_kwargs.<key>``.
     """
     from cai_dpo.config import ConfigError, trainer_option_problem
 
-    args = {**common_training_args(section, output_dir, seed=seed, has_eval=has_eval), **stage_args}
+    common = common_training_args(
+        section, output_dir, seed=seed, has_eval=has_eval, gradient_checkpointing=gradient_checkpointing
+    )
+    args = {**common, **stage_args}
     extra = dict(getattr(section, "trainer_kwargs", None) or {})
     options = frozenset(f.name for f in dataclasses.fields(config_cls) if f.init)
     name = getattr(section, "section_key", "") or type(section).__name__
@@ -220,18 +233,26 @@ def trainer_setup(
     *,
     seed: int,
     has_eval: bool,
-    report_to: str | list[str] | None,
+    train: TrainSection,
     **stage_args: Any,
 ) -> TrainerSetup:
     """The checkpoint to resume from (stale ones cleared), the TRL config and the callbacks of a TRL stage.
 
     ``note`` describes the inputs (see :func:`clear_stale_checkpoints`); ``stage_args`` go to
-    :func:`trl_config`, ``report_to`` (``train.report_to``) to :func:`training_callbacks`. Raises
-    ConfigError for a refused ``trainer_kwargs`` key or an unknown tracker.
+    :func:`trl_config`, with ``train.gradient_checkpointing``; ``train.report_to`` goes to
+    :func:`training_callbacks`. Raises ConfigError for a refused ``trainer_kwargs`` key or an unknown tracker.
     """
     resume = resume_checkpoint(checkpoint_dir, note)
-    args = trl_config(config_cls, section, checkpoint_dir, seed=seed, has_eval=has_eval, **stage_args)
-    return TrainerSetup(args, resume, training_callbacks(metrics_dir, report_to))
+    args = trl_config(
+        config_cls,
+        section,
+        checkpoint_dir,
+        seed=seed,
+        has_eval=has_eval,
+        gradient_checkpointing=train.gradient_checkpointing,
+        **stage_args,
+    )
+    return TrainerSetup(args, resume, training_callbacks(metrics_dir, train.report_to))
 
 
 def resume_checkpoint(folder: str | Path, note: dict[str, Any]) -> str | None:

@@ -161,6 +161,8 @@ def test_unknown_trainer_option_fails_at_load_naming_the_key(key, tmp_path):
         ("rm", "center_rewards_coefficient", "rm.center_rewards_coefficient"),
         ("sft", "seed", "seed"),
         ("rm", "report_to", "train.report_to"),
+        ("dpo", "gradient_checkpointing", "train.gradient_checkpointing"),
+        ("sft", "activation_checkpointing", "train.gradient_checkpointing"),
     ],
 )
 def test_trainer_option_shadowing_a_project_field_fails_at_load(key, option, field, tmp_path):

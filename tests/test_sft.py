@@ -50,6 +50,19 @@ def test_common_training_args_cpu(tiny_cfg, tmp_path):
     SFTConfig(**args)  # accepted by a TRL config
 
 
+@pytest.mark.parametrize("config_name", ["SFTConfig", "DPOConfig", "RewardConfig", "RLOOConfig"])
+def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked(config_name, tiny_cfg, tmp_path):
+    # TRL's configs default it to on; on the CPU it only adds a third to each training step
+    import trl
+
+    config_cls = getattr(trl, config_name)
+    args = common_training_args(tiny_cfg.sft, tmp_path / "ck")
+    off = config_cls(**args)
+    assert off.gradient_checkpointing is False and off.activation_checkpointing is False
+    on = config_cls(**common_training_args(tiny_cfg.sft, tmp_path / "ck", gradient_checkpointing=True))
+    assert on.gradient_checkpointing is True and on.activation_checkpointing is True
+
+
 def test_last_checkpoint(tmp_path):
     assert last_checkpoint(tmp_path / "missing") is None
     for step in (2, 10, 4):

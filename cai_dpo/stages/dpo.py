@@ -441,7 +441,7 @@ def run_dpo(
         note,
         seed=cfg.seed,
         has_eval=bool(eval_rows),
-        report_to=cfg.train.report_to,
+        train=cfg.train,
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,

@@ -613,6 +613,7 @@ def run_rloo(
             per_device_train_batch_size=pc.minibatch,
             max_steps=max_steps,
             num_train_epochs=1.0,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         ),
         num_generations=k,
         generation_batch_size=pc.rollout_batch,

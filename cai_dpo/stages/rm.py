@@ -354,7 +354,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         note,
         seed=cfg.seed,
         has_eval=has_eval,
-        report_to=cfg.train.report_to,
+        train=cfg.train,
         max_length=None,
         disable_dropout=True,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,

@@ -129,7 +129,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         note,
         seed=cfg.seed,
         has_eval=eval_ds is not None,
-        report_to=cfg.train.report_to,
+        train=cfg.train,
         max_length=cfg.sft.max_length,
         packing=False,
         completion_only_loss=True if loss_mode == "completion_only" else None,
