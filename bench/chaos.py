@@ -105,7 +105,7 @@ def _child(stage: str, run_dir: str, log_path: str, result_path: str | None) -> 
         if result_path and stage in TRAINED:
             result["loadable"] = _loadable(stage, Path(run_dir) / TRAINED[stage])
         if result_path:
-            Path(result_path).write_text(json.dumps(result))
+            Path(result_path).write_text(json.dumps(result), encoding="utf-8")
     except BaseException:  # noqa: BLE001 - reported to the parent through the exit code and log
         traceback.print_exc()
         sys.stderr.flush()
@@ -221,7 +221,7 @@ def raw_records(folder: Path) -> list[dict[str, Any]]:
     """Every record line of a record store's shards (duplicates kept)."""
     rows = []
     for shard in sorted(folder.glob("shard-*.jsonl")):
-        rows.extend(json.loads(line) for line in shard.read_text().splitlines() if line.strip())
+        rows.extend(json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line.strip())
     return rows
 
 
@@ -243,7 +243,9 @@ def _rows(run: Path, kind: str, where: str) -> list[bytes]:
     if not path.exists():
         return []
     if kind == "jsonl":
-        return sorted(_canonical(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
+        return sorted(
+            _canonical(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        )
     import datasets
 
     return sorted(_canonical(r) for r in datasets.load_from_disk(str(path)).to_list())
@@ -294,7 +296,7 @@ def manifest_mismatches(run: Path) -> list[str]:
     for path in sorted(run.rglob("manifest.json")):
         if "checkpoints" in path.parts or any(p.startswith(".") for p in path.relative_to(run).parts):
             continue
-        body = json.loads(path.read_text())
+        body = json.loads(path.read_text(encoding="utf-8"))
         inputs = body.get("inputs") or {}
         for key, value in inputs.items():
             found = _expected_hash(run, key, str(value), inputs, body.get("stage", ""))
@@ -328,7 +330,7 @@ def trained_steps(stage: str, run: Path) -> tuple[int | None, int]:
     manifest_path = run / TRAINED[stage] / "manifest.json"
     if not manifest_path.exists():
         return None, 0
-    body = json.loads(manifest_path.read_text())
+    body = json.loads(manifest_path.read_text(encoding="utf-8"))
     if stage == "rm":
         return body["metrics"].get("steps"), cfg.rm.max_steps
     if stage == "ppo":
@@ -370,10 +372,10 @@ def trial(
     found["leftovers"] = leftovers(live)
     if stage in TRAINED:
         steps, target = trained_steps(stage, live)
-        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else {}
         found.update({"steps": steps, "target_steps": target, "loadable": bool(result.get("loadable"))})
     if code != 0:
-        found["error"] = (logs / f"{stage}-{n}-rerun.log").read_text()[-600:]
+        found["error"] = (logs / f"{stage}-{n}-rerun.log").read_text(encoding="utf-8")[-600:]
     return found
 
 

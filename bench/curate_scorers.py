@@ -53,7 +53,7 @@ def _per_kind(examples: list[Any], n: int | None) -> list[Any]:
 
 def _dump(out: dict[str, Any], path: str | None) -> None:
     if path:
-        Path(path).write_text(json.dumps(out, indent=2, default=str))
+        Path(path).write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(cfg.policy, adapter=None)
     cache = work / f"base-{content_hash(describe(spec), prompts, args.max_new_tokens)}.json"
     if cache.exists():
-        base, base_seconds = json.loads(cache.read_text()), None
+        base, base_seconds = json.loads(cache.read_text(encoding="utf-8")), None
     else:
         base, base_seconds = answer(spec, None, prompts, args.max_new_tokens, args.batch_size)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(base))
+        cache.write_text(json.dumps(base), encoding="utf-8")
     n_h = len(harmful)
     if args.base_only:
         json.dump(
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     adapter = run_sft(cfg, RunStore(cfg.run_dir))
     sft_seconds = time.perf_counter() - t0
-    manifest = json.loads((adapter / "manifest.json").read_text())
+    manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
     tuned, tuned_seconds = answer(spec, str(adapter), prompts, args.max_new_tokens, args.batch_size)
 
     out: dict[str, Any] = {

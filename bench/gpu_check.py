@@ -119,12 +119,12 @@ def vllm_vs_local() -> dict[str, Any]:
 
 
 def _tail(path: Path, lines: int = 12) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+    return "\n".join(path.read_text(errors="replace", encoding="utf-8").splitlines()[-lines:]) if path.exists() else ""
 
 
 def _rc(folder: Path, part: str) -> int | None:
     path = folder / f"{part}.rc"
-    return int(path.read_text().strip() or -1) if path.exists() else None
+    return int(path.read_text(encoding="utf-8").strip() or -1) if path.exists() else None
 
 
 def _tests(folder: Path) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def _pipeline(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": rc == 0, "rc": rc, "profile": "tiny", "device": "cuda", "dtype": "bfloat16"}
     timings = folder / "tiny_pipeline.seconds"
     if timings.exists():
-        out["seconds"] = float(timings.read_text())
+        out["seconds"] = float(timings.read_text(encoding="utf-8"))
     if rc != 0:
         out["log"] = _tail(folder / "tiny_pipeline.log")
     return out
@@ -163,7 +163,7 @@ def _pipeline(folder: Path) -> dict[str, Any]:
 def _json_part(folder: Path, part: str) -> dict[str, Any]:
     rc = _rc(folder, part)
     try:
-        data = json.loads((folder / f"{part}.json").read_text())
+        data = json.loads((folder / f"{part}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {"ok": False, "rc": rc, "log": _tail(folder / f"{part}.log")}
     if "skipped" in data:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "why-skip":
         print(why_skip())
     elif args.cmd == "vllm":  # to a file: vLLM logs to stdout
-        args.out.write_text(json.dumps(vllm_vs_local()))
+        args.out.write_text(json.dumps(vllm_vs_local()), encoding="utf-8")
     else:
         print(json.dumps(report(args.folder, args.skip, args.seconds), indent=2))
     return 0

@@ -192,7 +192,9 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     print(f"run folder: {run.root}")
     print(f"constitution: {out} ({read_manifest(out)['counts']['principles']} principles)")
     cases = out / "cases.txt"
-    print(cases.read_text().rstrip() if cases.exists() else "no edge-case file beside this constitution")
+    print(
+        cases.read_text(encoding="utf-8").rstrip() if cases.exists() else "no edge-case file beside this constitution"
+    )
     return 0
 
 

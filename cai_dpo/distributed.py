@@ -332,7 +332,7 @@ def launch_stage(stage: str, cfg: Any, **options: Any) -> Path:
                 f"{code}: a process raised, died or timed out (the report above names the rank and its error). "
                 f"Checkpoints are kept in {RunLayout(cfg.run_dir).checkpoints}: rerun the same command to resume."
             )
-        return Path(json.loads(result.read_text())["artifact"])
+        return Path(json.loads(result.read_text(encoding="utf-8"))["artifact"])
 
 
 def run_stage(stage: str, cfg: Any, run: Any = None, **options: Any) -> Path:

@@ -71,7 +71,7 @@ def choose_model(run_root: Path, available: list[str] | None = None) -> tuple[st
     )
     path = layout.eval_results
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return DEFAULT_MODEL, f"no readable {path}; defaulting to {DEFAULT_MODEL}"
     figures = {m: f for m, f in selection_figures(results).items() if m in available}
@@ -203,7 +203,7 @@ def model_card_text(cfg: RunConfig, run_root: Path, model: str, why: str, chain:
             + ", ".join(f"{k} {v:.1f}" for k, v in trained["timings"].items() if isinstance(v, (int, float)))
         )
     report = RunLayout(run_root).report_file
-    table = _headline_table(report.read_text()) if report.exists() else None
+    table = _headline_table(report.read_text(encoding="utf-8")) if report.exists() else None
     eval_text = (
         f"From the run's evaluation report (`report/report.md`); "
         f"rates as value [95 % interval] n=sample size:\n\n{table}"
@@ -326,7 +326,7 @@ def export_model(
     with atomic_dir(folder) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         (tmp / EXPORT_NOTE).write_text(
             json.dumps(
                 {
@@ -339,7 +339,8 @@ def export_model(
                     "config": {"policy": to_dict(cfg.policy)},
                 },
                 indent=2,
-            )
+            ),
+            encoding="utf-8",
         )
     files = sorted(p.name for p in folder.iterdir())
     log.info("exported %s of run %s to %s (%s)", model, cfg.run_id, folder, why)

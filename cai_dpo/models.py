@@ -138,7 +138,9 @@ def prepare_embedded() -> Path:
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cai_dpo_source.json").write_text(json.dumps({"source": EMBEDDED_ID, "gguf": str(gguf)}))
+        (tmp / "cai_dpo_source.json").write_text(
+            json.dumps({"source": EMBEDDED_ID, "gguf": str(gguf)}), encoding="utf-8"
+        )
 
     return _publish_dir(build, final)
 
@@ -358,8 +360,8 @@ def _adapter_base(adapter_dir: Path) -> str:
     """The base model a saved adapter was trained on (from cai-dpo's note or peft's config)."""
     note = adapter_dir / "cai_dpo_base.json"
     if note.exists():
-        return json.loads(note.read_text())["base"]
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        return json.loads(note.read_text(encoding="utf-8"))["base"]
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{adapter_dir}/adapter_config.json: field 'base_model_name_or_path' is empty")
@@ -375,7 +377,7 @@ def adapter_merge_first(adapter_dir: Path) -> list[Path]:
     if not note.exists():
         return []
     out = []
-    for entry in json.loads(note.read_text()).get("merge_first") or []:
+    for entry in json.loads(note.read_text(encoding="utf-8")).get("merge_first") or []:
         path = Path(entry)
         path = path if path.is_absolute() else (Path(adapter_dir) / path).resolve()
         if not (path / "adapter_config.json").exists():
@@ -560,7 +562,7 @@ def write_adapter(
         own["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **own)
     tokenizer.save_pretrained(folder)
-    (folder / "cai_dpo_base.json").write_text(json.dumps(note))
+    (folder / "cai_dpo_base.json").write_text(json.dumps(note), encoding="utf-8")
     return folder
 
 

@@ -537,7 +537,7 @@ def _execute(
     watcher = None
     if tail is not None:
         progress_file.parent.mkdir(parents=True, exist_ok=True)
-        progress_file.write_text("")
+        progress_file.write_text("", encoding="utf-8")
         os.environ[PROGRESS_ENV] = str(progress_file)
 
         def watch() -> None:

@@ -89,7 +89,7 @@ def load_results(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: evaluation results not found; run `cai-dpo eval` first")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON ({exc.msg}); rerun `cai-dpo eval`") from exc
     if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
@@ -553,7 +553,7 @@ def preference_notes(run_dir: Path) -> str:
             "the pair source and judge gate are not recorded for this run."
         )
     try:
-        man = json.loads(path.read_text())
+        man = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return f"`{path.relative_to(run_dir)}` is not valid JSON; the notes are skipped."
     lines = []
@@ -830,7 +830,7 @@ def render_report(run_dir: Path | str) -> Path:
             ("elo.csv", elo_csv),
             ("cost.csv", cost_csv),
         ):
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8")
         sampling = s.get("sampling") or {}
         header = [
             f"# Evaluation report: run `{results.get('run_id', run_dir.name)}`",
@@ -874,6 +874,6 @@ def render_report(run_dir: Path | str) -> Path:
             "## Definitions",
             _definitions(results),
         ]
-        (tmp / "report.md").write_text("\n".join(header) + "\n\n" + "\n\n".join(body) + "\n")
+        (tmp / "report.md").write_text("\n".join(header) + "\n\n" + "\n\n".join(body) + "\n", encoding="utf-8")
     log.info("report written to %s (%d figures)", final, len(figures))
     return final / "report.md"

@@ -307,7 +307,7 @@ class ProbeScorer:
             "probes": sorted(named),
             **self.meta,
         }
-        (folder / PROBE_META).write_text(json.dumps(meta, indent=2, default=str))
+        (folder / PROBE_META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         return folder
 
     @classmethod
@@ -320,7 +320,7 @@ class ProbeScorer:
         if not meta_path.exists() or not weights.exists():
             raise FileNotFoundError(f"{folder}: no saved probe ({PROBE_META} and {PROBE_FILE}); run the curate stage")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             names = list(meta["probes"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{meta_path}: not a probe description (field 'probes'): {exc}") from exc

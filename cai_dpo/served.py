@@ -574,7 +574,7 @@ def llama_cpp_server(
             if proc.poll() is not None:
                 raise ServedModelError(
                     f"llama.cpp server on {url} exited with {proc.returncode}: "
-                    f"{log_file.read_text(errors='replace')[-1500:]}"
+                    f"{log_file.read_text(errors='replace', encoding='utf-8')[-1500:]}"
                 )
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
@@ -584,7 +584,7 @@ def llama_cpp_server(
             if time.monotonic() > deadline:
                 raise ServedModelError(
                     f"llama.cpp server on {url} not ready after {ready_timeout:.0f} s: "
-                    f"{log_file.read_text(errors='replace')[-1500:]}"
+                    f"{log_file.read_text(errors='replace', encoding='utf-8')[-1500:]}"
                 )
             time.sleep(0.5)
         log.info("llama.cpp server for %s on %s (log %s)", model_path, url, log_file)

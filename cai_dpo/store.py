@@ -520,7 +520,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         path = path / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: manifest not found; has the stage that writes it run?")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- runs
@@ -805,7 +805,7 @@ def _inherited_tokens() -> dict[str, str]:
 
 def _lock_info(root: Path) -> dict[str, Any]:
     try:
-        info = json.loads((root / LOCK_INFO).read_text())
+        info = json.loads((root / LOCK_INFO).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
     return info if isinstance(info, dict) else {}

@@ -55,7 +55,7 @@ class Lab:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}?token={TOKEN}"
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+        return self.log.read_text(errors="replace", encoding="utf-8")[-chars:] if self.log.exists() else "(no log)"
 
 
 def free_port() -> int:
@@ -109,7 +109,8 @@ def jupyter_lab(
                 "display_name": "cai-dpo",
                 "language": "python",
             }
-        )
+        ),
+        encoding="utf-8",
     )
     root = workdir / "notebooks"
     root.mkdir(exist_ok=True)
@@ -126,7 +127,7 @@ def jupyter_lab(
         OMP_NUM_THREADS="1",
     )
     lab = Lab(free_port(), root, workdir / "lab.log")
-    with open(lab.log, "w") as fh:
+    with open(lab.log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -189,7 +190,7 @@ def open_notebook(page: Any, lab: Lab, name: str, timeout: float = 30.0) -> Any:
     kernel is connected and idle (a cell run before that is silently dropped) and every code cell
     of the file is rendered (JupyterLab adds them to the page one by one). Returns the locator of
     its code cells."""
-    expected = sum(c["cell_type"] == "code" for c in json.loads((lab.root / name).read_text())["cells"])
+    expected = sum(c["cell_type"] == "code" for c in json.loads((lab.root / name).read_text(encoding="utf-8"))["cells"])
     channels: list[str] = []
     page.on("websocket", lambda ws: channels.append(ws.url) if "/api/kernels/" in ws.url else None)
     page.goto(lab.url(f"lab/tree/{name}"), timeout=timeout * 1000)

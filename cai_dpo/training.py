@@ -197,7 +197,7 @@ def clear_stale_checkpoints(folder: str | Path, note: dict[str, Any]) -> bool:
     cleared = False
     if is_main_process():  # several processes: rank 0 clears and writes, the others wait for it
         if folder.is_dir() and any(folder.iterdir()):
-            if not path.exists() or json.loads(path.read_text()) != wanted:
+            if not path.exists() or json.loads(path.read_text(encoding="utf-8")) != wanted:
                 log.info("inputs changed since the checkpoints in %s were written; starting over", folder)
                 shutil.rmtree(folder)
                 cleared = True
@@ -303,7 +303,7 @@ def artifact_current(
     if not (out_dir / weights).exists() or not path.exists():
         return False
     try:
-        inputs = json.loads(path.read_text()).get("inputs", {})
+        inputs = json.loads(path.read_text(encoding="utf-8")).get("inputs", {})
     except (OSError, ValueError):
         return False
     want = training_inputs(note, target)
@@ -316,7 +316,7 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
 
     if not checkpoint:
         return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
 
 
 def load_checkpoint_adapter(model: Any, checkpoint: str | Path) -> None:
@@ -380,7 +380,7 @@ class CsvMetricsCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rows = []
         if self.path.exists() and state.global_step > 0:
-            with open(self.path, newline="") as fh:
+            with open(self.path, newline="", encoding="utf-8") as fh:
                 self.rows = [r for r in csv.DictReader(fh) if _num(r.get("step")) <= state.global_step]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -511,7 +511,7 @@ class StepLogger:
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     """Rows of a metrics CSV with numbers parsed (empty cells dropped)."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(fh)]
 
 

@@ -94,7 +94,7 @@ def adapter_rank(adapter: Path) -> int:
             f"adapter '{adapter}' was trained on top of {', '.join(map(str, stacked))}; vLLM applies one adapter per "
             "request: export the merged model (cai-dpo export) and name its folder, or use backend: local"
         )
-    r = int(json.loads(config.read_text()).get("r", 8))
+    r = int(json.loads(config.read_text(encoding="utf-8")).get("r", 8))
     fits = [x for x in LORA_RANKS if x >= r]
     if not fits:
         raise ModelLoadError(f"adapter '{adapter}': LoRA rank {r} is above vLLM's largest ({LORA_RANKS[-1]})")

@@ -95,7 +95,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 scalars[f"{pid}.{k}"] = v
     save_file(tensors, str(folder / "optimizer.safetensors"))
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}), encoding="utf-8")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -103,7 +103,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    meta = json.loads((folder / "optimizer.json").read_text())
+    meta = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
@@ -390,7 +390,9 @@ class CaiPPOTrainer:
             if self.value_model is not None:
                 self.value_model.save_pretrained(tmp / "value", safe_serialization=True)
             save_optimizer(self.optimizer, tmp)
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "kl_ctl": self.kl_ctl.state_dict()}))
+            (tmp / "state.json").write_text(
+                json.dumps({"step": self.step, "kl_ctl": self.kl_ctl.state_dict()}), encoding="utf-8"
+            )
         return folder
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -413,7 +415,7 @@ class CaiPPOTrainer:
                 f"{folder}: checkpoint does not match the current PPO setup ({exc}); "
                 f"delete {folder.parent} to start PPO over"
             ) from exc
-        state = json.loads((folder / "state.json").read_text())
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 

@@ -117,7 +117,7 @@ def sft_adapter(run: RunStore) -> Path | None:
 def rm_spec(source: str | Path, device: str | None = None) -> ModelSpec:
     """Model spec for loading a saved preference model, with the precision/quantization it was trained in."""
     note = Path(source) / SCORER_NOTE
-    saved = json.loads(note.read_text()).get("spec", {}) if note.exists() else {}
+    saved = json.loads(note.read_text(encoding="utf-8")).get("spec", {}) if note.exists() else {}
     fields = {k: saved[k] for k in ("quantization", "dtype", "compute_dtype") if k in saved}
     return ModelSpec(name=str(source), device=device or saved.get("device", "auto"), **fields)
 
@@ -145,7 +145,7 @@ class RewardScorer:
         if model is None:
             model, tokenizer = load_model(rm_spec(self.source, device), task="seq_cls")
         note = Path(self.source) / SCORER_NOTE
-        saved = json.loads(note.read_text()) if note.exists() else {}
+        saved = json.loads(note.read_text(encoding="utf-8")) if note.exists() else {}
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size

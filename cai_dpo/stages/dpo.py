@@ -290,7 +290,7 @@ def prepare_policy(cfg: RunConfig, start_adapter: Path | None) -> StartPoint:
 def _read_note(adapter_dir: Path) -> dict[str, Any]:
     """An adapter's ``cai_dpo_base.json`` (base model and merge chain), or {} when it has none."""
     note = Path(adapter_dir) / "cai_dpo_base.json"
-    return json.loads(note.read_text()) if note.exists() else {}
+    return json.loads(note.read_text(encoding="utf-8")) if note.exists() else {}
 
 
 def _copy_adapter(src: Path, dst: Path) -> Path:
@@ -313,7 +313,7 @@ def _copy_adapter_into(src: Path, tmp: Path, dst: Path) -> None:
     if chain:
         note["merge_first"] = [os.path.relpath(p, Path(dst).resolve()) for p in chain]
     if note:
-        (tmp / "cai_dpo_base.json").write_text(json.dumps(note))
+        (tmp / "cai_dpo_base.json").write_text(json.dumps(note), encoding="utf-8")
 
 
 def save_merged(adapter_dir: Path, out_dir: Path, source: Path | None = None) -> Path:
@@ -328,7 +328,7 @@ def save_merged(adapter_dir: Path, out_dir: Path, source: Path | None = None) ->
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "cai_dpo_source.json").write_text(
-            json.dumps({"source": "DPO adapter merged", "adapter": str(source or adapter_dir)})
+            json.dumps({"source": "DPO adapter merged", "adapter": str(source or adapter_dir)}), encoding="utf-8"
         )
     return out_dir
 

@@ -484,7 +484,7 @@ def eval_gate(cfg: RunConfig, run: RunStore) -> dict[str, Any]:
     man_path = run.preferences / MANIFEST
     if man_path.exists():
         try:
-            man = json.loads(man_path.read_text())
+            man = json.loads(man_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             man = {}
         gate = (man.get("metrics") or {}).get("judge_gate") or {}

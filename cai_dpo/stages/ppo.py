@@ -191,7 +191,7 @@ def read_log(path: Path) -> list[dict[str, float]]:
     """Rows of ``log.csv`` with numbers parsed."""
     if not path.exists():
         return []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(fh)]
 
 

@@ -50,7 +50,7 @@ def run_setup(cfg: RunConfig, run: RunStore | None = None, *, engine: Any = None
         timings["model_prepare_s"] = round(t.seconds, 2)
         path = cfg.constitution_path()
         constitution = load_constitution(path)
-        atomic_write_text(out / "constitution.yaml", Path(constitution.path or path).read_text())
+        atomic_write_text(out / "constitution.yaml", Path(constitution.path or path).read_text(encoding="utf-8"))
         counts: dict[str, Any] = {"principles": len(constitution.principles)}
         counts.update({f"category_{c}": len(constitution.by_category(c)) for c in constitution.categories()})
         metrics: dict[str, Any] = {}

@@ -229,6 +229,7 @@ def _save_merged(
                     "adapter": str(adapter_dir),
                     "hash": content_hash(str(adapter_dir)),
                 }
-            )
+            ),
+            encoding="utf-8",
         )
     return out
