@@ -96,10 +96,10 @@ def common_training_args(
 
     ``section`` may carry ``learning_rate``, ``epochs``, ``max_steps``, ``batch_size``,
     ``grad_accum`` and ``save_steps`` (missing ones get defaults). ``has_eval`` turns on
-    step-based evaluation at the save interval. ``gradient_checkpointing`` (``train.gradient_checkpointing``):
-    None turns it on with a GPU (activation memory at 7B) and off on the CPU, where memory is
-    plentiful and recomputing each forward pass makes a training step about a third slower.
-    ``overrides`` replace any key.
+    step-based evaluation at the save interval. ``gradient_checkpointing``
+    (``train.gradient_checkpointing``): None turns it on with a GPU (activation memory at 7B) and
+    off on the CPU, where memory is plentiful and recomputing each forward pass made the
+    ``cpu-demo`` training steps a fifth to a half slower. ``overrides`` replace any key.
     """
     gpu = has_gpu()
     bf16 = False
@@ -156,9 +156,9 @@ def trl_config(
     """The TRL config ``config_cls`` of a training section (:class:`cai_dpo.config.TrainingSection`).
 
     Its arguments: :func:`common_training_args` (with ``gradient_checkpointing``), the stage's own
-    ``stage_args``, then the section's ``trainer_kwargs``. A ``trainer_kwargs`` key that ``config_cls`` does not accept,
-    that cai-dpo sets from one of its fields, or that the project or the stage sets here raises
-    ConfigError naming ``<section>.trainer_kwargs.<key>``.
+    ``stage_args``, then the section's ``trainer_kwargs``. A ``trainer_kwargs`` key that
+    ``config_cls`` does not accept, that cai-dpo sets from one of its fields, or that the project or
+    the stage sets here raises ConfigError naming ``<section>.trainer_kwargs.<key>``.
     """
     from cai_dpo.config import ConfigError, trainer_option_problem
 
