@@ -8,6 +8,7 @@ writing a function and registering it.
     python bench/bench_train.py --only dpo --steps 4 --model tiny
     python bench/bench_train.py --only dpo_8bit --only ppo_4bit --model tiny --dtype bfloat16   # QLoRA on a GPU
     python bench/bench_train.py --only processes --model tiny --steps 6   # 1 vs 2 processes (accelerate launch)
+    python bench/bench_train.py --only checkpointing --steps 4   # DPO with gradient checkpointing off vs on
 
 Figures: seconds per optimizer step (first step reported apart as warm-up), peak RSS of the
 process (and CUDA max allocated on a GPU), with the batch size and lengths stated. ``processes``:
@@ -83,8 +84,8 @@ def _step_timer() -> Any:
     return StepTimer()
 
 
-def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
-    """DPO steps from a (random) SL-CAI adapter on synthetic pairs, cpu-demo lengths."""
+def _dpo(args: argparse.Namespace, quantization: str, **overrides: Any) -> dict[str, Any]:
+    """DPO steps from a (random) SL-CAI adapter on synthetic pairs, cpu-demo lengths; ``overrides`` are config keys."""
     import torch
 
     from cai_dpo.config import load_config
@@ -106,6 +107,7 @@ def _dpo(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
                 "dpo.eval_fraction": 0.0,
                 "dpo.save_steps": 10_000,
                 "threads": args.threads,
+                **overrides,
             },
         )
         run = RunStore(cfg.run_dir)
@@ -162,6 +164,19 @@ def bench_dpo_4bit(args: argparse.Namespace) -> dict[str, Any]:
 def bench_dpo_8bit(args: argparse.Namespace) -> dict[str, Any]:
     """DPO with the policy in 8-bit (bitsandbytes LLM.int8; SFT adapter trained on, frozen copy as reference)."""
     return _dpo(args, "8bit")
+
+
+def bench_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO steps with gradient checkpointing off and on (``train.gradient_checkpointing``), in one process.
+
+    ``ratio_on_over_off``: seconds per step with it on over off, the cost of recomputing the
+    forward pass in the backward one (TRL's configs turn it on by default; cai-dpo only on a GPU).
+    Peak memory is the process's, so the second run's figure is the larger of the two.
+    """
+    off = _dpo(args, "none", **{"train.gradient_checkpointing": False})
+    on = _dpo(args, "none", **{"train.gradient_checkpointing": True})
+    ratio = on["seconds_per_step"] / off["seconds_per_step"] if off["seconds_per_step"] else None
+    return {"off": off, "on": on, "ratio_on_over_off": round(ratio, 2) if ratio else None}
 
 
 def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
@@ -350,6 +365,7 @@ MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "ppo_4bit": bench_ppo_4bit,
     "ppo_8bit": bench_ppo_8bit,
     "processes": bench_processes,
+    "checkpointing": bench_checkpointing,
 }
 DEFAULT = ("dpo", "dpo_4bit", "ppo")  # what a run without --only measures (the CPU figures in the README)
 

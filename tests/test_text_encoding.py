@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: modules whose ``open`` reads no text and takes no ``encoding``: a file descriptor, an image (PIL)
+NOT_TEXT = {"os", "Image"}
 SOURCES = sorted(p for folder in ("cai_dpo", "bench", "tools") for p in (ROOT / folder).rglob("*.py"))
 
 
@@ -36,8 +38,8 @@ def unspecified_encoding(source: str) -> list[tuple[int, str]]:
         if not isinstance(node, ast.Call) or any(kw.arg == "encoding" for kw in node.keywords):
             continue
         fn = node.func
-        if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) and fn.value.id == "os":
-            continue  # os.open: a file descriptor, no text
+        if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) and fn.value.id in NOT_TEXT:
+            continue
         name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
         if name in ("read_text", "write_text") or (name == "open" and "b" not in (_mode(node) or "")):
             found.append((node.lineno, name))
@@ -47,7 +49,7 @@ def unspecified_encoding(source: str) -> list[tuple[int, str]]:
 def test_the_scan_finds_what_it_looks_for():
     src = (
         "p.read_text()\np.write_text(s)\nopen(f)\nopen(f, 'w')\np.open()\n"
-        "p.read_text(encoding='utf-8')\nopen(f, 'rb')\np.open('wb')\nos.open(f, 0)\n"
+        "p.read_text(encoding='utf-8')\nopen(f, 'rb')\np.open('wb')\nos.open(f, 0)\nImage.open(f)\n"
     )
     assert [line for line, _ in unspecified_encoding(src)] == [1, 2, 3, 4, 5]
 

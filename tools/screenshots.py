@@ -107,7 +107,7 @@ def shrink_png(path: Path) -> int:
     """Re-encode ``path`` with a 256-colour palette when that is smaller; return its size in bytes."""
     from PIL import Image
 
-    with Image.open(path, encoding="utf-8") as img:
+    with Image.open(path) as img:
         small = img.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
     tmp = path.with_suffix(".tmp.png")
     small.save(tmp, optimize=True)
@@ -167,9 +167,7 @@ def widget_screenshot(workdir: Path, runs: Path, out: Path, width: int) -> Path:
             browser.close()
     from PIL import Image, ImageOps
 
-    with Image.open(
-        target, encoding="utf-8"
-    ) as img:  # a white margin, so the widget's edges do not touch the picture's
+    with Image.open(target) as img:  # a white margin, so the widget's edges do not touch the picture's
         ImageOps.expand(img.convert("RGB"), border=MARGIN, fill="white").save(target)
     return target
 
