@@ -1615,8 +1615,8 @@ class TrainSection:
         default=None,
         metadata={
             "help": "Recompute activations in the backward pass of the TRL trainers (sft, dpo, rm, ppo.mode rloo): "
-            "less activation memory for more compute (a fifth to a half more time a step on the CPU). null: on with "
-            "a GPU, off on the CPU"
+            "less activation memory for more compute (on the CPU up to 40 % more time a step). null: on with a GPU, "
+            "off on the CPU"
         },
     )
 
