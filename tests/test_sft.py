@@ -51,9 +51,11 @@ def test_common_training_args_cpu(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("config_name", ["SFTConfig", "DPOConfig", "RewardConfig", "RLOOConfig"])
-def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked(config_name, tiny_cfg, tmp_path):
+def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked(config_name, tiny_cfg, tmp_path, monkeypatch):
     # TRL's configs default it to on; on the CPU it only costs time (the preference model's steps 40 % more)
     import trl
+
+    monkeypatch.setattr("cai_dpo.training.has_gpu", lambda: False)  # the CPU's default, on any machine
 
     config_cls = getattr(trl, config_name)
     args = common_training_args(tiny_cfg.sft, tmp_path / "ck")
@@ -64,10 +66,12 @@ def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked(config_name, tiny
 
 
 @pytest.mark.parametrize("wanted", [None, True, False])
-def test_trainer_setup_takes_gradient_checkpointing_from_the_train_section(wanted, tiny_cfg, tmp_path):
+def test_trainer_setup_takes_gradient_checkpointing_from_the_train_section(wanted, tiny_cfg, tmp_path, monkeypatch):
     from trl import SFTConfig
 
     from cai_dpo.training import trainer_setup
+
+    monkeypatch.setattr("cai_dpo.training.has_gpu", lambda: False)  # null means off on the CPU
 
     train = replace(tiny_cfg.train, gradient_checkpointing=wanted)
     setup = trainer_setup(
