@@ -9,6 +9,8 @@ writing a function and registering it.
     python bench/bench_train.py --only dpo_8bit --only ppo_4bit --model tiny --dtype bfloat16   # QLoRA on a GPU
     python bench/bench_train.py --only processes --model tiny --steps 6   # 1 vs 2 processes (accelerate launch)
     python bench/bench_train.py --only checkpointing --steps 4   # DPO with gradient checkpointing off vs on
+    python bench/bench_train.py --only precision --steps 4   # DPO in fp32 vs under bf16 autocast
+    python bench/bench_train.py --only labelled_positions --steps 4   # TRL's fused LM head: every vs labelled
 
 Figures: seconds per optimizer step (first step reported apart as warm-up), peak RSS of the
 process (and CUDA max allocated on a GPU), with the batch size and lengths stated. ``processes``:
@@ -89,7 +91,7 @@ def _dpo(args: argparse.Namespace, quantization: str, **overrides: Any) -> dict[
     import torch
 
     from cai_dpo.config import load_config
-    from cai_dpo.models import attach_lora, load_model, save_adapter
+    from cai_dpo.models import attach_lora, autocast_dtype, load_model, save_adapter
     from cai_dpo.stages.dpo import run_dpo
     from cai_dpo.store import RunStore, read_manifest
 
@@ -126,6 +128,7 @@ def _dpo(args: argparse.Namespace, quantization: str, **overrides: Any) -> dict[
         "model": args.model,
         "quantization": quantization,
         "dtype": cfg.policy.dtype,
+        "bf16_autocast": autocast_dtype(cfg.policy) is not None,
         "adapter_mode": manifest["models"]["adapter_mode"],
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
@@ -177,6 +180,36 @@ def bench_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
     on = _dpo(args, "none", **{"train.gradient_checkpointing": True})
     ratio = on["seconds_per_step"] / off["seconds_per_step"] if off["seconds_per_step"] else None
     return {"off": off, "on": on, "ratio_on_over_off": round(ratio, 2) if ratio else None}
+
+
+def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO steps in fp32 and under bf16 autocast (``policy.autocast: none`` and ``bfloat16``), in one process.
+
+    ``ratio_bf16_over_fp32``: seconds per step with bf16 over fp32. Below 1 where the CPU or GPU computes bf16
+    natively (``policy.autocast: auto`` then picks it); well above 1 where bf16 is emulated.
+    """
+    fp32 = _dpo(args, "none", **{"policy.autocast": "none"})
+    bf16 = _dpo(args, "none", **{"policy.autocast": "bfloat16"})
+    ratio = bf16["seconds_per_step"] / fp32["seconds_per_step"] if fp32["seconds_per_step"] else None
+    return {"fp32": fp32, "bf16": bf16, "ratio_bf16_over_fp32": round(ratio, 2) if ratio else None}
+
+
+def bench_labelled_positions(args: argparse.Namespace) -> dict[str, Any]:
+    """DPO steps with TRL's fused LM head projecting every position (TRL's own choice on the CPU) and only the
+    labelled ones (:func:`cai_dpo.trl_trainers.score_labelled_positions_on_cpu`), in one process.
+
+    ``ratio_labelled_over_every``: seconds per step scoring the labelled positions over every position.
+    """
+    import trl.kernels.chunked_logprob as trl_kernels
+    import trl.trainer.utils as trl_utils
+
+    import cai_dpo.trl_trainers  # noqa: F401  (imports switch the fused head to the labelled positions)
+
+    labelled = _dpo(args, "none")
+    trl_utils._use_triton = trl_kernels._use_triton  # TRL's own: every position off Triton devices
+    every = _dpo(args, "none")
+    ratio = labelled["seconds_per_step"] / every["seconds_per_step"] if every["seconds_per_step"] else None
+    return {"labelled": labelled, "every": every, "ratio_labelled_over_every": round(ratio, 2) if ratio else None}
 
 
 def bench_ppo(args: argparse.Namespace) -> dict[str, Any]:
@@ -366,6 +399,8 @@ MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "ppo_8bit": bench_ppo_8bit,
     "processes": bench_processes,
     "checkpointing": bench_checkpointing,
+    "precision": bench_precision,
+    "labelled_positions": bench_labelled_positions,
 }
 DEFAULT = ("dpo", "dpo_4bit", "ppo")  # what a run without --only measures (the CPU figures in the README)
 

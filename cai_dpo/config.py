@@ -169,6 +169,15 @@ class ModelSpec:
         default="float32",
         metadata={"help": "Dtype the weights are loaded in (transformers and vLLM): float32, bfloat16 or float16"},
     )
+    autocast: Literal["auto", "none", "bfloat16"] = field(
+        default="auto",
+        metadata={
+            "help": "Mixed precision of this model's local forward passes (generation, scoring, training: TRL's "
+            "bf16, torch.autocast in PPO): bfloat16 runs matrix products in bf16 over the loaded weights, none "
+            "keeps the weights' dtype; auto: bfloat16 on a GPU that has it or a CPU with native bf16 "
+            "instructions (AVX512-BF16, AMX), none elsewhere (where bf16 is emulated it is slower than fp32)"
+        },
+    )
     device: str = field(
         default="auto",
         metadata={

@@ -184,7 +184,11 @@ class EngineBase:
 
 
 class Engine(EngineBase):
-    """Generation and scoring for one model + tokenizer pair."""
+    """Generation and scoring for one model + tokenizer pair.
+
+    ``autocast``: a dtype (``torch.bfloat16``) every forward pass runs in under ``torch.autocast``, or None
+    for the weights' own (see :func:`cai_dpo.models.autocast_dtype`); logits come back as float32 either way.
+    """
 
     def __init__(
         self,
@@ -195,8 +199,10 @@ class Engine(EngineBase):
         progress: bool = True,
         max_length: int | None = None,
         max_batch_tokens: int | None = None,
+        autocast: torch.dtype | None = None,
     ):
         self.model = model
+        self.autocast = autocast
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
@@ -228,7 +234,10 @@ class Engine(EngineBase):
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int
     ) -> tuple[torch.Tensor, Any]:
-        """Logits of the last ``keep`` positions and the (extended) key/value cache."""
+        """Logits (float32) of the last ``keep`` positions and the (extended) key/value cache; under
+        ``torch.autocast`` in :attr:`autocast` when that is set."""
+        import torch
+
         kwargs: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -238,8 +247,9 @@ class Engine(EngineBase):
         }
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
-        out = self.model(**kwargs)
-        return out.logits, returned_cache(out)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model(**kwargs)
+        return out.logits.float(), returned_cache(out)
 
     @property
     def _branching_masks(self) -> bool:

@@ -23,10 +23,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai_dpo.config import LoraSection, ModelSpec
 from cai_dpo.errors import CaiDpoInputError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,37 @@ def pick_device(spec: ModelSpec) -> str:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError(f"model '{spec.name}': device 'mps', but torch has no MPS backend here; use auto or cpu")
     return spec.device
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matrix products natively: a CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX tiles (oneDNN's fast paths). Elsewhere torch emulates bf16, slower than fp32."""
+    import torch
+
+    kind = device.partition(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def autocast_dtype(spec: ModelSpec) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs the spec's local forward passes in, or None for the weights' own.
+
+    ``spec.autocast``: ``none`` → None; ``bfloat16`` → ``torch.bfloat16``; ``auto`` → bf16 where the spec's
+    device has it natively (:func:`native_bf16`). Served and vLLM models → None (their servers choose).
+    """
+    import torch
+
+    if spec.autocast == "none" or spec.backend == "vllm" or _is_served(spec):
+        return None
+    if spec.autocast == "bfloat16":
+        return torch.bfloat16
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else spec.device
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def load_tokenizer(spec: ModelSpec | str, padding_side: str = "left") -> Any:
@@ -580,6 +614,8 @@ def describe(spec: ModelSpec) -> str:
         parts.append(spec.quantization)
     if spec.adapter:
         parts.append(f"adapter={spec.adapter}")
+    if spec.backend == "local" and autocast_dtype(spec) is not None:
+        parts.append("bf16-autocast")  # its outputs differ from fp32's: records must not mix them
     return " ".join(parts)
 
 
@@ -611,4 +647,4 @@ def load_engine(
 
         return VLLMEngine(spec, adapter=adapter, progress=progress)
     model, tokenizer = load_model(spec, adapter=adapter)
-    return Engine(model, tokenizer, batch_size=batch_size, progress=progress)
+    return Engine(model, tokenizer, batch_size=batch_size, progress=progress, autocast=autocast_dtype(spec))

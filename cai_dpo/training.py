@@ -1,7 +1,8 @@
 """Shared pieces of every TRL training stage (SFT, DPO, preference model).
 
 - :func:`common_training_args` — the keyword arguments every TRL config needs here:
-  fp32 on CPU (``bf16=False``, ``use_cpu`` without a GPU), bf16 on a GPU that has it,
+  mixed precision (``bf16``) where the policy's ``autocast`` resolves to bf16 (a GPU or CPU that has it),
+  fp32 otherwise (``use_cpu`` without a GPU),
   step-based logging/saving/evaluation, no hub, gradient checkpointing only on a GPU
   unless ``train.gradient_checkpointing`` says otherwise (TRL's configs default it to on).
 - :func:`trl_config` — ``SFTConfig``/``DPOConfig``/``RewardConfig`` from those, the stage's own keys
@@ -90,6 +91,7 @@ def common_training_args(
     logging_steps: int = 1,
     save_total_limit: int = 2,
     gradient_checkpointing: bool | None = None,
+    bf16: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for a TRL ``*Config`` from a stage's config section.
@@ -99,14 +101,18 @@ def common_training_args(
     step-based evaluation at the save interval. ``gradient_checkpointing``
     (``train.gradient_checkpointing``): None turns it on with a GPU (activation memory at 7B) and
     off on the CPU, where memory is plentiful and recomputing the forward pass only costs time
-    (``cpu-demo``: the preference model's steps 40 % slower, SFT's 3 %). ``overrides`` replace any key.
+    (``cpu-demo``: the preference model's steps 40 % slower, SFT's 3 %). ``bf16``: mixed precision
+    (TRL's ``bf16``: autocast over fp32 weights and adapters), from the policy's ``autocast``
+    (:func:`cai_dpo.models.autocast_dtype`); None: on with a GPU that has bf16, off on the CPU.
+    ``overrides`` replace any key.
     """
     gpu = has_gpu()
-    bf16 = False
-    if gpu:
-        import torch
+    if bf16 is None:
+        bf16 = False
+        if gpu:
+            import torch
 
-        bf16 = bool(torch.cuda.is_bf16_supported())
+            bf16 = bool(torch.cuda.is_bf16_supported())
     steps = save_steps or getattr(section, "save_steps", None) or 50
     batch = int(getattr(section, "batch_size", 4))
     args: dict[str, Any] = {
@@ -151,11 +157,12 @@ def trl_config(
     seed: int = 0,
     has_eval: bool = False,
     gradient_checkpointing: bool | None = None,
+    bf16: bool | None = None,
     **stage_args: Any,
 ) -> Any:
     """The TRL config ``config_cls`` of a training section (:class:`cai_dpo.config.TrainingSection`).
 
-    Its arguments: :func:`common_training_args` (with ``gradient_checkpointing``), the stage's own
+    Its arguments: :func:`common_training_args` (with ``gradient_checkpointing`` and ``bf16``), the stage's own
     ``stage_args``, then the section's ``trainer_kwargs``. A ``trainer_kwargs`` key that
     ``config_cls`` does not accept, that cai-dpo sets from one of its fields, or that the project or
     the stage sets here raises ConfigError naming ``<section>.trainer_kwargs.<key>``.
@@ -163,7 +170,7 @@ def trl_config(
     from cai_dpo.config import ConfigError, trainer_option_problem
 
     common = common_training_args(
-        section, output_dir, seed=seed, has_eval=has_eval, gradient_checkpointing=gradient_checkpointing
+        section, output_dir, seed=seed, has_eval=has_eval, gradient_checkpointing=gradient_checkpointing, bf16=bf16
     )
     args = {**common, **stage_args}
     extra = dict(getattr(section, "trainer_kwargs", None) or {})
@@ -234,12 +241,14 @@ def trainer_setup(
     seed: int,
     has_eval: bool,
     train: TrainSection,
+    bf16: bool | None = None,
     **stage_args: Any,
 ) -> TrainerSetup:
     """The checkpoint to resume from (stale ones cleared), the TRL config and the callbacks of a TRL stage.
 
     ``note`` describes the inputs (see :func:`clear_stale_checkpoints`); ``stage_args`` go to
-    :func:`trl_config`, with ``train.gradient_checkpointing``; ``train.report_to`` goes to
+    :func:`trl_config`, with ``train.gradient_checkpointing`` and ``bf16`` (mixed precision, from the
+    policy's ``autocast``); ``train.report_to`` goes to
     :func:`training_callbacks`. Raises ConfigError for a refused ``trainer_kwargs`` key or an unknown tracker.
     """
     resume = resume_checkpoint(checkpoint_dir, note)
@@ -250,6 +259,7 @@ def trainer_setup(
         seed=seed,
         has_eval=has_eval,
         gradient_checkpointing=train.gradient_checkpointing,
+        bf16=bf16,
         **stage_args,
     )
     return TrainerSetup(args, resume, training_callbacks(metrics_dir, train.report_to))

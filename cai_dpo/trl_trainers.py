@@ -37,6 +37,37 @@ ItemCount = torch.Tensor | int | None
 DPO_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen", "weight"})
 
 
+def score_labelled_positions_on_cpu() -> bool:
+    """Make TRL's fused LM head (``fused_lm_head=True``: the SFT and DPO log-probs) score only the positions that
+    have a label on the CPU too. Returns whether it is in effect.
+
+    TRL 1.16 projects only the labelled positions onto the vocabulary where Triton runs (CUDA, XPU) and every
+    position elsewhere, so that compiled tile shapes stay fixed on devices such as Neuron. On the CPU nothing is
+    compiled, and prompt and padding positions are about 45 % of a ``cpu-demo`` SFT batch: the projection (three
+    matrix products a position against the 49k-token vocabulary, in fp32) is then nearly half wasted. The
+    log-probs of the labelled positions are the same either way. The switch is TRL's module-level
+    ``_use_triton`` as read by ``trl.trainer.utils`` for this one decision (the kernels read their own);
+    where a TRL version has no such name, nothing changes.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        return False
+    if getattr(original, "cai_dpo_compact", False):
+        return True
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.cai_dpo_compact = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
+
+
+score_labelled_positions_on_cpu()
+
+
 class FloatColumns:
     """Collator mixin: the examples' ``float_columns`` added to TRL's batch as float32 tensors of shape [B].
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cai_dpo.config import ModelSpec
 from cai_dpo.constitution import ConstitutionCase, load_constitution
 from cai_dpo.engine import Engine, naive_option_probs
 from cai_dpo.judge import (
@@ -22,6 +23,7 @@ from cai_dpo.judge import (
     parse_hhh,
     wilson_interval,
 )
+from cai_dpo.models import describe
 from cai_dpo.store import RecordStore, RunStore, read_manifest, write_jsonl
 
 
@@ -456,7 +458,7 @@ def test_run_judge_on_the_tiny_model(tiny_cfg, tmp_path):
     smp = [r for r in ds.to_list() if r["source"] == "judged_samples"]
     assert all(0.5 <= r["p_chosen"] <= 1.0 and len(r["per_principle"]) == 1 for r in smp)
     m = read_manifest(out)
-    assert m["models"]["judge"] == "tiny" and m["metrics"]["calibration"]["prior"]
+    assert m["models"]["judge"] == describe(ModelSpec(name="tiny")) and m["metrics"]["calibration"]["prior"]
 
 
 # --------------------------------------------------------------------------- constitution tests, HHH

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
+from cai_dpo.config import ModelSpec
 from cai_dpo.engine import Generation
+from cai_dpo.models import describe
 from cai_dpo.pairs_io import load_pairs
 from cai_dpo.stages.pairs import (
     dedupe_samples,
@@ -138,7 +140,7 @@ def test_sampling_on_the_tiny_model_and_resume(tiny_cfg):
         assert " ".join(p["response_a"].lower().split()) != " ".join(p["response_b"].lower().split())
         assert p["meta"]["temperatures"][0] != p["meta"]["temperatures"][1]  # mixed-temperature pairs first
     m = read_manifest(out)
-    assert m["counts"]["samples"] == 15 and m["models"]["policy"] == "tiny"
+    assert m["counts"]["samples"] == 15 and m["models"]["policy"] == describe(ModelSpec(name="tiny"))
     shards = sorted((run.root / "records" / "pairs").glob("shard-*.jsonl"))
     run_pairs(cfg, run, engine=Exploding())
     assert sorted((run.root / "records" / "pairs").glob("shard-*.jsonl")) == shards

@@ -129,6 +129,31 @@ def test_kl_rewards_and_controller():
     assert clone.value == ctl.value and clone.target == 6.0
 
 
+def test_response_logits_are_the_full_forward_pass_at_the_response_positions(tiny_model):
+    """Only the response positions go through the LM head; their logits are the full pass's, temperature applied."""
+    from cai_dpo.rl.rollout import response_logits
+
+    model, tok = tiny_model
+    b = build_batch(
+        [
+            tok("Hello there, how", add_special_tokens=False)["input_ids"],
+            tok("Hi", add_special_tokens=False)["input_ids"],
+        ],
+        [
+            tok(" are you?", add_special_tokens=False)["input_ids"],
+            tok(" there friend", add_special_tokens=False)["input_ids"],
+        ],
+        tok.pad_token_id,
+    )
+    args = (b["input_ids"], b["attention_mask"], b["position_ids"])
+    P = b["query_width"]
+    with torch.no_grad():
+        full = model(input_ids=args[0], attention_mask=args[1], position_ids=args[2]).logits
+        got = response_logits(model, *args, P, 0.5)
+    assert got.shape == (2, b["input_ids"].shape[1] - P, full.shape[-1])
+    torch.testing.assert_close(got, full[:, P - 1 : -1].float() / 0.5, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_layout():
     b = build_batch([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]

@@ -129,3 +129,39 @@ def test_trainer_constructors_take_the_stages_keywords(trainers, base_name):
 def test_collators_take_the_stages_fields(trainers, name):
     fields = {f.name for f in dataclasses.fields(getattr(trainers, name))}
     assert COLLATOR_FIELDS[name] <= fields
+
+
+def test_the_fused_lm_head_scores_only_labelled_positions_on_the_cpu(tiny_path, monkeypatch):
+    """SFT and DPO log-probs (TRL's fused LM head) project only the labelled positions on the CPU, with the
+    log-probs TRL computes over every position; a TRL without the switch would make this test fail."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from cai_dpo.trl_trainers import score_labelled_positions_on_cpu
+
+    assert score_labelled_positions_on_cpu() and trl_utils._use_triton(torch.device("cpu")) is True
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    trl_utils.add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[2, 9:] = -100  # padding
+    rows: list[int] = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, *args, **kwargs):
+        rows.append(a.shape[0])
+        return real_mm(a, b, *args, **kwargs)
+
+    with torch.no_grad():
+        monkeypatch.setattr(torch, "mm", counting_mm)
+        compact = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        compact_rows = list(rows)
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's own choice on the CPU
+        rows.clear()
+        every = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert compact_rows and max(compact_rows) == int((labels[:, 1:] != -100).sum()) < max(rows) == 3 * 11
+    torch.testing.assert_close(compact.log_probs, every.log_probs)
+    assert float(compact.loss) == pytest.approx(float(every.loss), rel=1e-6)

@@ -221,7 +221,7 @@ def test_config_validates_vllm_fields(tmp_path):
         {"policy.backend": "vllm", "policy.tensor_parallel_size": 2, "policy.vllm_args": {"max_model_len": 4096}},
     )
     assert cfg.policy.tensor_parallel_size == 2 and cfg.policy.vllm_args == {"max_model_len": 4096}
-    assert describe(cfg.policy) == "vllm:tiny" and describe(ModelSpec(name="tiny")) == "tiny"
+    assert describe(cfg.policy) == "vllm:tiny" and describe(ModelSpec(name="tiny", autocast="none")) == "tiny"
     bad = [
         ({"policy.backend": "vllm", "policy.tensor_parallel_size": 0}, "policy.tensor_parallel_size.*>= 1"),
         ({"policy.tensor_parallel_size": 2}, "policy.tensor_parallel_size.*backend: vllm only"),

@@ -148,6 +148,7 @@ class CaiPPOTrainer:
 
         from cai_dpo.distributed import DataParallel, check_processes
         from cai_dpo.engine import Engine
+        from cai_dpo.models import autocast_dtype
 
         self.cfg = cfg
         self.pc = cfg.ppo
@@ -158,7 +159,10 @@ class CaiPPOTrainer:
         self.prompts = prompts
         self.ptx = ptx
         self.progress = progress
-        self.engine = Engine(policy, tokenizer, batch_size=self.pc.sampling.batch_size, progress=False)
+        self.autocast = autocast_dtype(cfg.policy)
+        self.engine = Engine(
+            policy, tokenizer, batch_size=self.pc.sampling.batch_size, progress=False, autocast=self.autocast
+        )
         self.eos_id = tokenizer.eos_token_id
         if value_model is None and self.pc.advantage == "gae":
             raise ValueError("PPO: advantage 'gae' needs a value model")
@@ -180,6 +184,13 @@ class CaiPPOTrainer:
     @property
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
+
+    def _mixed_precision(self) -> Any:
+        """``torch.autocast`` in the policy's autocast dtype (``policy.autocast``) for forward passes; a no-op
+        context when it is None. Backward passes run outside it, as torch's mixed-precision recipe says."""
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     # ---------------------------------------------------------------- rollout
 
@@ -240,7 +251,7 @@ class CaiPPOTrainer:
         P, mask = ro.query_width, ro.response_mask
         logps, refs, ents, vals = [], [], [], []
         mb = self.minibatch
-        with torch.no_grad():
+        with torch.no_grad(), self._mixed_precision():
             for s in range(0, ro.input_ids.shape[0], mb):
                 sl = slice(s, s + mb)
                 args = (ro.input_ids[sl], ro.attention_mask[sl], ro.position_ids[sl])
@@ -305,23 +316,27 @@ class CaiPPOTrainer:
             for s in range(0, B, self.minibatch):
                 idx = torch.as_tensor(perm[s : s + self.minibatch], device=self.device)
                 m = ro.select(idx)
-                logits = response_logits(self.policy, m["input_ids"], m["attention_mask"], m["position_ids"], P, T)
-                logp = token_logprobs(logits, m["input_ids"], P)
-                del logits
-                pg, pg_stats = policy_loss(logp, m["logprobs"], m["advantages"], m["response_mask"], self.pc.clip_range)
-                loss = pg
-                if self.value_model is not None:
-                    v = token_values(self.value_model, m["input_ids"], m["attention_mask"], m["position_ids"], P)
-                    vf, vf_stats = value_loss(
-                        v, m["values"], m["returns"], m["response_mask"], self.pc.clip_range_value
+                with self._mixed_precision():
+                    args = (m["input_ids"], m["attention_mask"], m["position_ids"])
+                    logits = response_logits(self.policy, *args, P, T)
+                    logp = token_logprobs(logits, m["input_ids"], P)
+                    del logits
+                    pg, pg_stats = policy_loss(
+                        logp, m["logprobs"], m["advantages"], m["response_mask"], self.pc.clip_range
                     )
-                    loss = loss + self.pc.vf_coef * vf
-                    stats["vf_loss"].append(vf.item())
-                    stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"])
-                if self.ptx is not None and self.pc.ptx_coef > 0:
-                    lm = self.policy(**self.ptx.next(self.device), use_cache=False).loss
-                    loss = loss + self.pc.ptx_coef * lm
-                    stats["ptx_loss"].append(lm.item())
+                    loss = pg
+                    if self.value_model is not None:
+                        v = token_values(self.value_model, *args, P)
+                        vf, vf_stats = value_loss(
+                            v, m["values"], m["returns"], m["response_mask"], self.pc.clip_range_value
+                        )
+                        loss = loss + self.pc.vf_coef * vf
+                        stats["vf_loss"].append(vf.item())
+                        stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"])
+                    if self.ptx is not None and self.pc.ptx_coef > 0:
+                        lm = self.policy(**self.ptx.next(self.device), use_cache=False).loss
+                        loss = loss + self.pc.ptx_coef * lm
+                        stats["ptx_loss"].append(lm.item())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.dp.average_gradients(self.params)

@@ -102,9 +102,18 @@ def response_logits(
     P: int,
     temperature: float,
 ) -> torch.Tensor:
-    """Logits ``[B, R, V]`` predicting each response token (divided by the sampling temperature)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logits = out.logits[:, P - 1 : -1].float()
+    """Logits ``[B, R, V]`` predicting each response token (divided by the sampling temperature).
+
+    Only positions ``P - 1`` onwards go through the LM head (``logits_to_keep``): the prompt's would be dropped.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=input_ids.shape[1] - P + 1,
+    )
+    logits = out.logits[:, :-1].float()
     return logits / max(temperature, 1e-6)
 
 

@@ -281,11 +281,11 @@ class _Models:
 
     def _load(self, spec: Any) -> Any:
         from cai_dpo.engine import Engine
-        from cai_dpo.models import load_model
+        from cai_dpo.models import autocast_dtype, load_model
 
         with Timer() as t:
             model, tok = load_model(spec)
-            engine = Engine(model, tok, batch_size=self.cfg.curate.sampling.batch_size)
+            engine = Engine(model, tok, batch_size=self.cfg.curate.sampling.batch_size, autocast=autocast_dtype(spec))
         self.load_seconds += t.seconds
         return engine
 

@@ -76,6 +76,7 @@ from cai_dpo.labels import queue_path
 from cai_dpo.models import (
     ModelLoadError,
     adapter_merge_first,
+    autocast_dtype,
     describe,
     load_adapter,
     load_model,
@@ -415,6 +416,7 @@ def run_dpo(
         "preferences": pref_hash,
         "start_adapter": start_hash,
         "policy": to_dict(cfg.policy),
+        "bf16": autocast_dtype(cfg.policy) is not None,  # mixed precision
         "seed": cfg.seed,
         "dpo": {k: v for k, v in to_dict(cfg.dpo).items() if k not in _LENGTH_KEYS},
         "mode": resolve_adapter_mode(cfg),
@@ -442,6 +444,7 @@ def run_dpo(
         seed=cfg.seed,
         has_eval=bool(eval_rows),
         train=cfg.train,
+        bf16=note["bf16"],
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,

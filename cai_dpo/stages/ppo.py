@@ -300,10 +300,11 @@ def training_note(
     """(inputs note, length target) of a PPO or RLOO run, for checkpoint resumption and skipping.
 
     The note holds every input the weights depend on: the ``ppo`` settings (less
-    ``steps``/``save_steps``), the policy spec, the seed, the prompts, the SFT adapter, the
+    ``steps``/``save_steps``), the policy spec and its mixed precision, the seed, the prompts, the SFT adapter, the
     preference model (``"programmatic"`` for an injected ``reward_fn``) and, with a
     pretraining mix, its rows (``ppo.ptx_data``).
     """
+    from cai_dpo.models import autocast_dtype
     from cai_dpo.training import artifact_hash
 
     settings = {k: v for k, v in to_dict(cfg.ppo).items() if k not in _LENGTH_KEYS}
@@ -311,6 +312,7 @@ def training_note(
         "mode": mode,
         "ppo": settings,
         "policy": to_dict(cfg.policy),
+        "bf16": autocast_dtype(cfg.policy) is not None,
         "seed": cfg.seed,
         "prompts": content_hash(prompts),
         "sft_adapter": [artifact_hash(m) for m in merge],
@@ -614,6 +616,7 @@ def run_rloo(
             max_steps=max_steps,
             num_train_epochs=1.0,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
+            bf16=note["bf16"],
         ),
         num_generations=k,
         generation_batch_size=pc.rollout_batch,

@@ -35,6 +35,7 @@ import numpy as np
 
 from cai_dpo.config import LoraSection, ModelSpec, RunConfig, to_dict
 from cai_dpo.errors import InputError
+from cai_dpo.models import autocast_dtype
 from cai_dpo.preferences import check_preference_rows, load_preferences
 from cai_dpo.rl.reward import (
     SCORER_NOTE,
@@ -304,6 +305,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         "helpful_prompts": content_hash(sorted(helpful_texts)) if cfg.rm.helpful_mix is not None else "",
         "rm": {k: v for k, v in to_dict(cfg.rm).items() if k not in _LENGTH_KEYS},
         "policy": to_dict(cfg.policy),
+        "bf16": autocast_dtype(cfg.policy) is not None,  # mixed precision
         "seed": cfg.seed,
     }
     target = {k: getattr(cfg.rm, k) for k in _LENGTH_KEYS}
@@ -355,6 +357,7 @@ def run_rm(cfg: RunConfig, run: RunStore | None = None, preferences: Any = None)
         seed=cfg.seed,
         has_eval=has_eval,
         train=cfg.train,
+        bf16=note["bf16"],
         max_length=None,
         disable_dropout=True,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,

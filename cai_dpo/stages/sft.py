@@ -37,7 +37,7 @@ from cai_dpo.config import RunConfig, to_dict
 from cai_dpo.distributed import is_main_process, sharded_state_dict
 from cai_dpo.engine import set_threads
 from cai_dpo.errors import InputError
-from cai_dpo.models import attach_lora, describe, load_model, merge_adapter, write_adapter
+from cai_dpo.models import attach_lora, autocast_dtype, describe, load_model, merge_adapter, write_adapter
 from cai_dpo.sft_rows import build_rows
 from cai_dpo.splits import split_indices_by_prompt
 from cai_dpo.store import Manifest, RunStore, Timer, atomic_dir, content_hash, locked_stage
@@ -102,7 +102,8 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
     spec = dataclasses.replace(cfg.policy, adapter=None)
     # what the checkpoints depend on; training longer (max_steps, epochs) may continue from them
     settings = {k: v for k, v in to_dict(cfg.sft).items() if k not in ("max_steps", "epochs", "save_steps", "merge")}
-    note = {"data": data_hash, "sft": settings, "policy": to_dict(spec), "seed": cfg.seed}
+    bf16 = autocast_dtype(spec) is not None  # mixed precision: a changed precision trains afresh
+    note = {"data": data_hash, "sft": settings, "policy": to_dict(spec), "bf16": bf16, "seed": cfg.seed}
     target = {"max_steps": cfg.sft.max_steps, "epochs": cfg.sft.epochs, "merge": cfg.sft.merge}
     out = run.sft_adapter
     if artifact_current(out, note, target):
@@ -130,6 +131,7 @@ def run_sft(cfg: RunConfig, run: RunStore | None = None) -> Path:
         seed=cfg.seed,
         has_eval=eval_ds is not None,
         train=cfg.train,
+        bf16=bf16,
         max_length=cfg.sft.max_length,
         packing=False,
         completion_only_loss=True if loss_mode == "completion_only" else None,
