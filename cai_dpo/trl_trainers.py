@@ -44,7 +44,8 @@ def score_labelled_positions_on_cpu() -> bool:
     TRL 1.16 projects only the labelled positions onto the vocabulary where Triton runs (CUDA, XPU) and every
     position elsewhere, so that compiled tile shapes stay fixed on devices such as Neuron. On the CPU nothing is
     compiled, and prompt and padding positions are about 45 % of a ``cpu-demo`` SFT batch: the projection (three
-    matrix products a position against the 49k-token vocabulary, in fp32) is then nearly half wasted. The
+    matrix products a position against the 49k-token vocabulary, the backward ones in fp32) is then nearly half
+    wasted. The
     log-probs of the labelled positions are the same either way. The switch is TRL's module-level
     ``_use_triton`` as read by ``trl.trainer.utils`` for this one decision (the kernels read their own);
     where a TRL version has no such name, nothing changes.
