@@ -3,6 +3,7 @@ trainer takes it (the engine's generation and scoring, TRL's ``bf16``, the PPO l
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -139,5 +140,6 @@ def test_ppo_rollouts_and_updates_run_in_the_policy_precision(tmp_path, tiny_pat
         stats = trainer.update(ro, seed=1)
     finally:
         hook.remove()
-    assert seen and set(seen) == {torch.bfloat16} and stats["ptx_loss"] == stats["ptx_loss"]  # policy and ptx
+    assert seen and set(seen) == {torch.bfloat16}  # the policy's passes and the ptx term's
+    assert math.isfinite(stats["ptx_loss"])  # NaN when the ptx term did not run
     assert all(p.dtype == torch.float32 for p in trainer.params)  # the adapters and the value head stay fp32
